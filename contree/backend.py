@@ -1,0 +1,99 @@
+"""The Backend interface: what the MCP tools need from a Contree engine.
+
+`LocalEngine` (embedded crun+overlayfs engine) and `RemoteBackend` (the Contree REST API over aiohttp)
+implement it; the REST server exposes any Backend at `/v1`. Methods mirror the REST endpoints of
+`shared/reference/contree-openapi.yaml` one to one and raise `contree.errors.BackendError` subclasses
+with the status the API uses. Image arguments are UUID strings; tag resolution is `resolve_tag`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from contree import api
+
+
+class ImageQuery(msgspec.Struct, kw_only=True):
+    limit: int = 100
+    offset: int = 0
+    tagged: bool = False
+    tag: str | None = None  # prefix; implies tagged
+    uuid: str | None = None
+    since: str | None = None  # ISO 8601, unix seconds or interval (600s, 15m, 2h, 3d, 1w)
+    until: str | None = None
+    kind: int | None = None  # undocumented: 0 = instance results, 1 = imported
+
+
+class OperationQuery(msgspec.Struct, kw_only=True):
+    limit: int = 100
+    offset: int = 0
+    status: str | None = None
+    kind: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+
+class FileQuery(msgspec.Struct, kw_only=True):
+    limit: int = 100
+    offset: int = 0
+    since: str | None = None
+    until: str | None = None
+
+
+class GrepQuery(msgspec.Struct, kw_only=True):
+    pattern: list[str]
+    path: list[str] = msgspec.field(default_factory=lambda: ["/"])
+    glob: list[str] = msgspec.field(default_factory=list)
+    max_count: int | None = None
+    max_total: int = 1000
+    case: str = "sensitive"  # sensitive | insensitive | smart
+    before: int = 0
+    after: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One Contree namespace. Every method may raise BackendError subclasses."""
+
+    # images and tags
+    async def list_images(self, query: ImageQuery) -> list[api.Image]: ...
+    async def get_image(self, image_uuid: str) -> api.Image: ...
+    async def resolve_tag(self, tag: str) -> str: ...  # tag without the "tag:" prefix → image UUID
+    async def set_tag(self, image_uuid: str, tag: str) -> api.Image: ...
+    async def delete_tag(self, image_uuid: str, tag: str | None = None) -> None: ...
+    async def import_image(self, request: api.ImageImportRequest) -> str: ...  # operation UUID
+
+    # files (content-addressed blobs)
+    async def upload_file(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse: ...
+    async def get_file(self, sha256: str) -> api.File: ...
+    async def list_files(self, query: FileQuery) -> list[api.File]: ...
+
+    # instances and operations
+    async def spawn(self, request: api.InstanceSpawnRequest) -> api.InstanceSpawnResponse: ...
+    async def list_operations(self, query: OperationQuery) -> list[api.OperationSummary]: ...
+    async def get_operation(self, operation_id: str, *, inflight: bool = False) -> api.OperationResponse: ...
+    async def cancel_operation(self, operation_id: str) -> None: ...
+    def events(
+        self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent]: ...
+
+    # subprocesses of a running instance
+    async def create_subprocess(self, operation_id: str, spec: api.ExecSpec) -> int: ...
+    async def get_subprocess(self, operation_id: str, spid: int) -> api.InstanceResult: ...
+    async def kill_subprocess(self, operation_id: str, spid: int, signal: str | int | None = None) -> None: ...
+    async def write_stdin(self, operation_id: str, spid: int, chunk: api.ClosableStreamRepr) -> None: ...
+
+    # inspect (no sandbox)
+    async def list_directory(self, image_uuid: str, path: str) -> api.DirectoryList: ...
+    async def list_directory_text(self, image_uuid: str, path: str) -> str: ...
+    def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]: ...
+    async def check_file(self, image_uuid: str, path: str) -> None: ...  # HEAD download
+    def archive(self, image_uuid: str, path: str) -> AsyncIterator[bytes]: ...
+    async def check_archive(self, image_uuid: str, path: str) -> None: ...  # HEAD archive
+    async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult: ...
+
+    async def whoami(self) -> api.WhoAmIResponse: ...
+    async def close(self) -> None: ...
