@@ -1,0 +1,1 @@
+"""The embedded engine: crun + overlayfs sandboxes over an immutable layer store."""

@@ -1,0 +1,180 @@
+"""Overlay mounts through the new mount API (`fsopen` + `fsconfig(lowerdir+)`), see RUNTIME §6.1.
+
+The legacy `mount(2)` option string is silently cut at one page, so a deep layer stack would mount
+only part of an image. `lowerdir+` adds one layer per call with no length limit (kernel ≥ 6.8).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+MAX_LOWERS = 500  # the kernel's hard limit (`overlayfs: too many lower directories`)
+
+# Syscall numbers are shared by every architecture for these (unified table since 5.x).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 0x1
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class OverlayError(OSError):
+    """A mount or unmount failed; the message carries the kernel's own explanation when it gave one."""
+
+
+_empty: Path | None = None
+
+
+def _empty_dir() -> Path:
+    global _empty
+    if _empty is None or not _empty.is_dir():
+        _empty = Path(tempfile.mkdtemp(prefix="contree-empty-lower-"))
+        _empty.chmod(0o555)
+    return _empty
+
+
+def _call(nr: int, *args: object) -> int:
+    res = int(_libc.syscall(ctypes.c_long(nr), *args))
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+def _kernel_messages(fsfd: int) -> str:
+    """Drain the fs context's log: overlayfs explains EINVAL there (e.g. the 500-layer limit)."""
+    lines = []
+    while True:
+        try:
+            msg = os.read(fsfd, 1024)
+        except OSError:
+            break
+        if not msg:
+            break
+        lines.append(msg.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+def _set_string(fsfd: int, key: str, value: str) -> None:
+    _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_SET_STRING), key.encode(),
+          value.encode(), ctypes.c_int(0))
+
+
+def mount_overlay(
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    target: Path,
+    *,
+    readonly: bool = False,
+) -> None:
+    """Mount an overlay of `lowers` (top layer first) with an optional upper/work pair on `target`.
+
+    Always `nodev` (device nodes in an image never reach host devices). Without an upper the mount is
+    read-only. A single lower without an upper gets an empty second lower, because overlayfs refuses a
+    read-only mount of one layer ("at least 2 lowerdir are needed").
+    """
+    if not lowers:
+        raise OverlayError(errno.EINVAL, "an overlay needs at least one lower layer")
+    if len(lowers) > MAX_LOWERS:
+        raise OverlayError(errno.EINVAL, f"{len(lowers)} lower layers exceed the kernel limit of "
+                           f"{MAX_LOWERS}; squash the image first")
+    if (upper is None) != (work is None):
+        raise OverlayError(errno.EINVAL, "upper and work must be given together")
+    if upper is None:
+        readonly = True
+        if len(lowers) == 1:
+            lowers = [lowers[0], _empty_dir()]
+    try:
+        fsfd = _call(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    except OSError as exc:
+        raise OverlayError(exc.errno, f"fsopen(overlay) failed: {exc.strerror} "
+                           "(needs kernel ≥ 6.8 and root)") from exc
+    try:
+        try:
+            for layer in lowers:
+                _set_string(fsfd, "lowerdir+", os.fspath(layer))
+            if upper is not None and work is not None:
+                _set_string(fsfd, "upperdir", os.fspath(upper))
+                _set_string(fsfd, "workdir", os.fspath(work))
+            _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None,
+                  ctypes.c_int(0))
+        except OSError as exc:
+            detail = _kernel_messages(fsfd)
+            raise OverlayError(exc.errno, f"overlay mount on {target} failed: {exc.strerror}"
+                               + (f" ({detail})" if detail else "")) from exc
+        attrs = _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+        try:
+            mfd = _call(_SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                        ctypes.c_uint(attrs))
+        except OSError as exc:
+            raise OverlayError(exc.errno, f"fsmount failed: {exc.strerror}") from exc
+    finally:
+        os.close(fsfd)
+    try:
+        _call(_SYS_MOVE_MOUNT, ctypes.c_int(mfd), b"", ctypes.c_int(-100), os.fsencode(target),
+              ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
+    except OSError as exc:
+        raise OverlayError(exc.errno, f"move_mount to {target} failed: {exc.strerror}") from exc
+    finally:
+        os.close(mfd)
+
+
+def unmount(target: Path) -> None:
+    """Unmount `target`; when it is busy, detach it lazily so the caller can go on."""
+    path = os.fsencode(target)
+    if _libc.umount2(path, 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EINVAL and not is_mountpoint(target):
+        return
+    if err == errno.EBUSY and _libc.umount2(path, _MNT_DETACH) == 0:
+        return
+    err = ctypes.get_errno()
+    raise OverlayError(err, f"umount {target} failed: {os.strerror(err)}")
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points at or below `root`, deepest first (so they can be unmounted in order)."""
+    prefix = os.path.realpath(root)
+    found: list[Path] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            point = _unescape(fields[4])
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                found.append(Path(point))
+    found.sort(key=lambda p: len(p.parts), reverse=True)
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mountpoint(path: Path) -> bool:
+    return Path(os.path.realpath(path)) in mounts_under(path)
