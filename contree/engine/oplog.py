@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ import msgspec
 
 from contree import api
 from contree.errors import BadRequest, NotFound
+from contree.timeparse import parse_timestamp
 
 Event = api.OperationEvent
 
@@ -56,30 +56,12 @@ def mask_env(env: dict[str, str]) -> dict[str, str]:
     return {k: ("<MASKED>" if k.upper().endswith(_SECRET_SUFFIXES) else v) for k, v in env.items()}
 
 
-_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_instant(value: str, *, now: float | None = None) -> float:
-    """A `since`/`until` value as unix seconds: ISO 8601, unix seconds, or an interval ago (600s, 2h, 1w)."""
-    text = value.strip()
-    current = time.time() if now is None else now
-    match = _INTERVAL.match(text)
-    if match:
-        return current - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    """A `since`/`until` value as unix seconds (ISO 8601, unix seconds or an interval ago); 400 if invalid."""
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    except ValueError:
-        raise BadRequest(
-            f"invalid time {value!r}: use ISO 8601, unix seconds or an interval like 600s, 15m, 2h, 3d, 1w"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return parse_timestamp(value, now=None if now is None else datetime.fromtimestamp(now, UTC))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- records
