@@ -1,0 +1,198 @@
+"""Spawn semantics of CONTREE-API §8: from a request and the image config to the process to start.
+
+Pure functions, no I/O: validation (400 on anything the API forbids), the argv/env/cwd rules for
+`shell` true/false, `preserve_env` / `preserve_cwd` results, and injected-file modes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping
+
+import msgspec
+
+from contree import api
+from contree.errors import BadRequest
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_TIMEOUT = 60
+DEFAULT_SHELL = "/bin/sh"
+_UUID = re.compile(api.UUID_PATTERN)
+_TAG_SOURCE = re.compile(api.TAG_SOURCE_PATTERN)
+_ENV_NAME = re.compile(r"^[^=\x00]+$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+
+
+class ProcessPlan(msgspec.Struct, kw_only=True):
+    """What actually runs: the argv (shell already wrapped), the full env, the resolved cwd and identity."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    shell: bool
+    command: str
+    args: list[str]
+
+
+def resolve_timeout(requested: int | None, max_timeout: int) -> int:
+    if requested is None:
+        return min(DEFAULT_TIMEOUT, max_timeout)
+    if requested < 1:
+        raise BadRequest(f"timeout must be at least 1 second, got {requested}")
+    return min(requested, max_timeout)
+
+
+def check_truncate(value: int) -> int:
+    if not 1 <= value <= api.MAX_TRUNCATE_OUTPUT_AT:
+        limit = api.MAX_TRUNCATE_OUTPUT_AT
+        raise BadRequest(f"truncate_output_at must be between 1 and {limit}, got {value}")
+    return value
+
+
+def check_image_source(image: str) -> None:
+    if _UUID.match(image) or _TAG_SOURCE.match(image):
+        return
+    raise BadRequest(f"invalid image {image!r}: expected a UUID or tag:<name>")
+
+
+def check_cwd(cwd: str) -> None:
+    if cwd and (not cwd.startswith("/") or "\x00" in cwd):
+        raise BadRequest(f"cwd must be an absolute path or empty, got {cwd!r}")
+
+
+def check_env(env: Mapping[str, str | None] | None) -> None:
+    for key in env or {}:
+        if not _ENV_NAME.match(key):
+            raise BadRequest(f"invalid environment variable name {key!r}")
+
+
+def check_hostname(hostname: str) -> None:
+    if not _HOSTNAME.match(hostname):
+        raise BadRequest(f"invalid hostname {hostname!r}")
+
+
+def parse_mode(mode: str | None) -> int:
+    """Permission bits from "0644", "644" or Python's oct() form "0o100644" (file-type bits dropped)."""
+    if mode is None or mode == "":
+        return 0o644
+    text = mode.strip().lower()
+    if text.startswith("0o"):
+        text = text[2:]
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise BadRequest(f"invalid file mode {mode!r}: expected an octal string like \"0644\"") from None
+    if value < 0:
+        raise BadRequest(f"invalid file mode {mode!r}")
+    return value & 0o7777
+
+
+def check_file_path(path: str) -> str:
+    if not path.startswith("/") or "\x00" in path:
+        raise BadRequest(f"file path must be absolute, got {path!r}")
+    norm = posixpath.normpath(path)
+    if norm == "/":
+        raise BadRequest(f"file path {path!r} names the root directory")
+    return norm
+
+
+def validate_request(request: api.InstanceSpawnRequest) -> None:
+    """Everything about a spawn request that can be rejected before looking at images."""
+    if not request.command:
+        raise BadRequest("command must not be empty")
+    check_image_source(request.image)
+    check_cwd(request.cwd)
+    check_env(request.env)
+    check_hostname(request.hostname)
+    check_truncate(request.truncate_output_at)
+    if request.uid < 0 or request.gid < 0:
+        raise BadRequest("uid and gid must be >= 0")
+    if request.resources_limits is not None and request.resources_limits.max_layer_bytes < 1:
+        raise BadRequest("resources_limits.max_layer_bytes must be >= 1")
+    for path, entry in (request.files or {}).items():
+        check_file_path(path)
+        parse_mode(entry.mode)
+        if not _UUID.match(entry.uuid) and not re.fullmatch(r"[0-9a-f]{64}", entry.uuid):
+            raise BadRequest(f"files[{path!r}].uuid must be a file UUID, got {entry.uuid!r}")
+        if entry.uid < 0 or entry.gid < 0:
+            raise BadRequest(f"files[{path!r}]: uid and gid must be >= 0")
+    if request.stdin is not None:
+        try:
+            api.decode_stream(request.stdin)
+        except ValueError as exc:
+            raise BadRequest(f"stdin: {exc}") from None
+
+
+def validate_exec(spec: api.ExecSpec) -> None:
+    if not spec.command:
+        raise BadRequest("command must not be empty")
+    check_cwd(spec.cwd)
+    check_env(spec.env)
+    check_truncate(spec.truncate_output_at)
+    if spec.stdin is not None:
+        try:
+            api.decode_stream(spec.stdin)
+        except ValueError as exc:
+            raise BadRequest(f"stdin: {exc}") from None
+
+
+def merge_env(base: Mapping[str, str], overlay: Mapping[str, str | None] | None) -> dict[str, str]:
+    """`overlay` over `base`; a null value removes the variable."""
+    merged = dict(base)
+    for key, value in (overlay or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preserved_env(
+    image_env: Mapping[str, str], request_env: Mapping[str, str | None] | None
+) -> dict[str, str]:
+    """The env written into the result image for `preserve_env`: empty strings and nulls remove."""
+    merged = dict(image_env)
+    for key, value in (request_env or {}).items():
+        if value is None or value == "":
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_cwd(cwd: str, image_cwd: str | None) -> str:
+    if cwd:
+        return posixpath.normpath(cwd) if cwd != "/" else "/"
+    return image_cwd or "/"
+
+
+def plan_process(
+    *,
+    command: str,
+    args: list[str],
+    shell: bool,
+    env: Mapping[str, str | None] | None,
+    cwd: str,
+    uid: int,
+    gid: int,
+    image_env: Mapping[str, str],
+    image_cwd: str | None,
+) -> ProcessPlan:
+    """`shell=true`: `<SHELL or /bin/sh> -c command` with the image ENV under the request env.
+    `shell=false`: `command args…` with only the request env (PATH defaulted)."""
+    if shell:
+        full_env = merge_env(image_env, env)
+        full_env.setdefault("PATH", DEFAULT_PATH)
+        shell_path = full_env.get("SHELL") or DEFAULT_SHELL
+        argv = [shell_path, "-c", command]
+    else:
+        full_env = merge_env({}, env)
+        full_env.setdefault("PATH", DEFAULT_PATH)
+        argv = [command, *args]
+    return ProcessPlan(
+        argv=argv, env=full_env, cwd=resolve_cwd(cwd, image_cwd), uid=uid, gid=gid,
+        shell=shell, command=argv[0], args=argv[1:],
+    )
