@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from contree.engine.bootstrap import build_busybox_rootfs
-from contree.engine.overlay import mounts_under, unmount
+from contree.engine.overlay import mount_overlay, mounts_under, unmount
+from contree.engine.store import ImageConfig, ImageRecord, Store
 
 
 def require_root() -> None:
@@ -43,3 +46,44 @@ def mount_guard(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     for point in mounts_under(tmp_path):
         unmount(point)
+
+
+@pytest.fixture
+def store(mount_guard: Path) -> Iterator[Store]:
+    """An empty store under `tmp_path/home` (closed and unmounted at teardown)."""
+    s = Store(mount_guard / "home")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def busybox_image(store: Store, busybox_rootfs: Path) -> ImageRecord:
+    """`busybox:latest` in the `store` fixture, built from the session's busybox rootfs."""
+    stage = store.staging_dir("busybox")
+    subprocess.run(["cp", "-a", f"{busybox_rootfs}/.", str(stage)], check=True)
+    return store.create_image_from_layer_dir(stage, tag="busybox:latest",
+                                             config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]))
+
+
+Mutation = Callable[[Path], object]
+
+
+@pytest.fixture
+def mutate() -> Callable[[Store, ImageRecord, Mutation], Path]:
+    """Mount `image` with a fresh upper in the store's sandbox area, apply `fn(merged_root)` as root,
+    unmount, delete work/ and return the upper dir (ready for `Store.commit_upper`)."""
+
+    def run(store: Store, image: ImageRecord, fn: Mutation) -> Path:
+        box = store.sandboxes_dir / uuid.uuid4().hex
+        upper, work, merged = box / "upper", box / "work", box / "rootfs"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True)
+        mount_overlay(store.layer_paths(image), upper, work, merged)
+        try:
+            fn(merged)
+        finally:
+            unmount(merged)
+        shutil.rmtree(work)
+        return upper
+
+    return run

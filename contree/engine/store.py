@@ -1,0 +1,646 @@
+"""The image store: immutable overlay layers plus image records in SQLite (RUNTIME §7, §15.1).
+
+Layout under `home` (one filesystem, so a commit is a rename):
+
+    layers/<id>/        overlay-format tree, immutable (whiteouts c 0:0, `trusted.overlay.opaque`)
+    layers/<id>.json    {size, created, source}, written atomically beside the tree
+    images.db           SQLite (WAL): images, layers
+    blobs/              uploaded files and sync chunks (`blobs.py`)
+    tmp/                staging; everything is renamed into place when complete
+    sandboxes/          scratch area of running sandboxes (upper/, work/, rootfs/)
+
+Crash safety: a layer is renamed into `layers/` before its database row exists and the row is written
+in the same transaction as the image that references it, so a crash leaves at worst an unreferenced
+directory, which `recover()` removes. Data of committed files is not fsynced (a SIGKILL of the engine
+keeps the page cache; only power loss could lose it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contree import api
+from contree.backend import ImageQuery
+from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
+from contree.errors import BadRequest, NotFound, Unprocessable
+from contree.timeparse import isoformat, parse_timestamp
+
+MAX_DEPTH = 64  # squash beyond this (RUNTIME §6.2); the kernel's own limit is 500
+KIND_INSTANCE = 0
+KIND_IMPORTED = 1
+_OPAQUE = "trusted.overlay.opaque"
+_OVERLAY_XATTR = "trusted.overlay."
+
+
+class LayerTooLarge(Unprocessable):
+    """The run's filesystem changes exceed `max_layer_bytes`."""
+
+
+class ImageConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    env: list[str] = msgspec.field(default_factory=list)  # KEY=VALUE, applied only with shell=true
+    cwd: str = "/"
+    user: str = ""
+    entrypoint: list[str] | None = None  # kept for information only (the API drops them)
+    cmd: list[str] | None = None
+    labels: dict[str, str] | None = None
+
+
+class ImageRecord(msgspec.Struct, kw_only=True, frozen=True):
+    uuid: str
+    layers: list[str]  # top first
+    config: ImageConfig
+    created_at: float
+    kind: int
+    tag: str | None = None
+    parent: str | None = None
+    operation_uuid: str | None = None
+    size: int = 0  # bytes of the image's own (top) layer
+    total_size: int = 0  # bytes of all its layers
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def to_api(self) -> api.Image:
+        return api.Image(uuid=self.uuid, tag=self.tag, created_at=isoformat(self.created_at),
+                         operation_uuid=self.operation_uuid)
+
+
+class LayerMeta(msgspec.Struct, kw_only=True):
+    size: int
+    created: float
+    source: str  # run | oci(sha256:…) | bootstrap | squash
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL, source TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    uuid TEXT PRIMARY KEY, tag TEXT UNIQUE, parent TEXT, layers TEXT NOT NULL, config TEXT NOT NULL,
+    operation_uuid TEXT, created_at REAL NOT NULL, size INTEGER NOT NULL, total_size INTEGER NOT NULL,
+    kind INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS images_created ON images(created_at);
+CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
+"""
+_COLUMNS = "uuid, tag, parent, layers, config, operation_uuid, created_at, size, total_size, kind"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{uuidlib.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """`rm -rf` that refuses to descend into a mount (it would delete the lower layers' content)."""
+    if not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        if mounts_under(path):
+            raise OSError(errno.EBUSY, f"refusing to delete {path}: a filesystem is still mounted below it")
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _walk(root: Path) -> Iterator[os.DirEntry[str]]:
+    stack = [os.fspath(root)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                yield entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def tree_size(root: Path) -> int:
+    """Bytes of regular files below `root`, hardlinked files counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for entry in _walk(root):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            total += st.st_size
+        elif stat.S_ISLNK(st.st_mode):
+            total += st.st_size
+    return total
+
+
+def clean_upper(upper: Path) -> int:
+    """Strip overlay bookkeeping xattrs except `opaque` (RUNTIME §7); returns the number of entries."""
+    count = 0
+    for path in [os.fspath(upper)] + [e.path for e in _walk(upper)]:
+        count += 1
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                continue
+            raise
+        for name in names:
+            if name.startswith(_OVERLAY_XATTR) and name != _OPAQUE:
+                os.removexattr(path, name, follow_symlinks=False)
+    return count - 1
+
+
+class Store:
+    """Images and layers of one engine home. Thread-safe (one SQLite connection behind a lock)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.layers_dir = self.home / "layers"
+        self.tmp_dir = self.home / "tmp"
+        self.blobs_dir = self.home / "blobs"
+        self.sandboxes_dir = self.home / "sandboxes"
+        for d in (self.home, self.layers_dir, self.tmp_dir, self.blobs_dir, self.sandboxes_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._pins: Counter[str] = Counter()
+        self._db = sqlite3.connect(self.home / "images.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- paths and staging -------------------------------------------------------------------------
+
+    def layer_path(self, layer_id: str) -> Path:
+        return self.layers_dir / layer_id
+
+    def layer_paths(self, image: ImageRecord) -> list[Path]:
+        """The image's layer directories, top first (what `mount_overlay` takes)."""
+        return [self.layers_dir / lid for lid in image.layers]
+
+    def staging_dir(self, prefix: str = "stage") -> Path:
+        """A fresh empty directory under `tmp/` (same filesystem as the layers, so it can be renamed in)."""
+        path = self.tmp_dir / f"{prefix}-{uuidlib.uuid4().hex}"
+        path.mkdir(mode=0o755)
+        return path
+
+    # ---- records -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> ImageRecord:
+        uuid, tag, parent, layers, config, op, created, size, total, kind = row
+        return ImageRecord(uuid=uuid, tag=tag, parent=parent, layers=json.loads(layers),
+                           config=msgspec.json.decode(config, type=ImageConfig), operation_uuid=op,
+                           created_at=created, size=size, total_size=total, kind=kind)
+
+    def find(self, image_uuid: str) -> ImageRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE uuid = ?", (image_uuid,)).fetchone()
+        return None if row is None else self._row(row)
+
+    def get(self, image_uuid: str) -> ImageRecord:
+        record = self.find(image_uuid)
+        if record is None:
+            raise NotFound(f"image {image_uuid} not found")
+        return record
+
+    def list_images(self, query: ImageQuery | None = None) -> list[ImageRecord]:
+        """Newest first, with the filters of `GET /images` (tag is a prefix and implies tagged)."""
+        q = query or ImageQuery()
+        if not 1 <= q.limit <= 1000 or q.offset < 0:
+            raise BadRequest("limit must be 1..1000 and offset ≥ 0")
+        where: list[str] = []
+        args: list[object] = []
+        if q.tagged or q.tag is not None:
+            where.append("tag IS NOT NULL")
+        if q.tag:
+            where.append("substr(tag, 1, ?) = ?")
+            args += [len(q.tag), q.tag]
+        if q.uuid:
+            where.append("substr(uuid, 1, ?) = ?")
+            args += [len(q.uuid), q.uuid.lower()]
+        for value, op in ((q.since, ">="), (q.until, "<=")):
+            if value:
+                try:
+                    args.append(parse_timestamp(value))
+                except ValueError as exc:
+                    raise BadRequest(str(exc)) from None
+                where.append(f"created_at {op} ?")
+        if q.kind is not None:
+            where.append("kind = ?")
+            args.append(q.kind)
+        sql = f"SELECT {_COLUMNS} FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, uuid LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(sql, [*args, q.limit, q.offset]).fetchall()
+        return [self._row(r) for r in rows]
+
+    def children(self, image_uuid: str) -> list[ImageRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE parent = ? ORDER BY created_at",
+                                    (image_uuid,)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def parent(self, image_uuid: str) -> ImageRecord | None:
+        parent = self.get(image_uuid).parent
+        return None if parent is None else self.find(parent)
+
+    def lineage(self, image_uuid: str) -> list[ImageRecord]:
+        """The image and its ancestors, nearest first."""
+        out: list[ImageRecord] = []
+        record: ImageRecord | None = self.get(image_uuid)
+        while record is not None and len(out) <= MAX_LOWERS * 2:
+            out.append(record)
+            record = self.find(record.parent) if record.parent else None
+        return out
+
+    # ---- tags ------------------------------------------------------------------------------------------
+
+    def resolve_tag(self, tag: str) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT uuid FROM images WHERE tag = ?", (tag,)).fetchone()
+        if row is None:
+            raise NotFound(f"tag {tag!r} not found")
+        return str(row[0])
+
+    def set_tag(self, image_uuid: str, tag: str) -> ImageRecord:
+        """Tag the image; a tag is unique, so it moves from whichever image held it."""
+        tag = tag.strip()
+        if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
+            raise BadRequest(f"invalid tag {tag!r}: 1..255 characters without whitespace")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM images WHERE uuid = ?", (image_uuid,)).fetchone() is None:
+                raise NotFound(f"image {image_uuid} not found")
+            db.execute("UPDATE images SET tag = NULL WHERE tag = ?", (tag,))
+            db.execute("UPDATE images SET tag = ? WHERE uuid = ?", (tag, image_uuid))
+        return self.get(image_uuid)
+
+    def delete_tag(self, image_uuid: str, tag: str | None = None) -> None:
+        """Remove the image's tag (`tag` given: only if it is that tag, else NotFound)."""
+        with self._tx() as db:
+            row = db.execute("SELECT tag FROM images WHERE uuid = ?", (image_uuid,)).fetchone()
+            if row is None:
+                raise NotFound(f"image {image_uuid} not found")
+            if tag is not None and row[0] != tag:
+                raise NotFound(f"image {image_uuid} has no tag {tag!r}")
+            db.execute("UPDATE images SET tag = NULL WHERE uuid = ?", (image_uuid,))
+
+    # ---- creating images ---------------------------------------------------------------------------------
+
+    def has_layer(self, layer_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone() is not None
+
+    def _place_layer(self, directory: Path, layer_id: str, source: str) -> LayerMeta:
+        """Rename a finished tree into `layers/` and write its metadata; the DB row comes later."""
+        size = tree_size(directory)
+        meta = LayerMeta(size=size, created=time.time(), source=source)
+        dest = self.layers_dir / layer_id
+        try:
+            os.rename(directory, dest)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise OSError(exc.errno, f"{directory} is not on the store's filesystem ({self.home}); "
+                              "stage layers with Store.staging_dir()") from exc
+            raise
+        atomic_write(self.layers_dir / f"{layer_id}.json", msgspec.json.encode(meta))
+        fsync_dir(self.layers_dir)
+        return meta
+
+    def _insert_image(self, db: sqlite3.Connection, rec: ImageRecord) -> None:
+        if rec.tag is not None:
+            db.execute("UPDATE images SET tag = NULL WHERE tag = ?", (rec.tag,))
+        db.execute(f"INSERT INTO images ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (rec.uuid, rec.tag, rec.parent, json.dumps(rec.layers), msgspec.json.encode(rec.config),
+                    rec.operation_uuid, rec.created_at, rec.size, rec.total_size, rec.kind))
+
+    def _sizes(self, db: sqlite3.Connection, layers: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lid in layers:
+            row = db.execute("SELECT size FROM layers WHERE id = ?", (lid,)).fetchone()
+            if row is None:
+                raise NotFound(f"layer {lid} not found")
+            out[lid] = int(row[0])
+        return out
+
+    def create_image_from_layer_dirs(
+        self,
+        layer_dirs: Sequence[Path | str],
+        *,
+        config: ImageConfig | None = None,
+        tag: str | None = None,
+        kind: int = KIND_IMPORTED,
+        source: str = "bootstrap",
+        operation_id: str | None = None,
+        parent: ImageRecord | None = None,
+        image_uuid: str | None = None,
+    ) -> ImageRecord:
+        """Register an image made of finished layer trees (top first) on top of `parent`'s layers.
+
+        A `Path` is a staged tree (see `staging_dir`) that is moved into the store; a `str` is the id of a
+        layer already stored (shared layers, e.g. OCI digests). With `image_uuid` given and already
+        present, the existing record is returned (idempotent import) and only the tag is moved.
+        """
+        if image_uuid is not None and (existing := self.find(image_uuid)) is not None:
+            return self.set_tag(existing.uuid, tag) if tag else existing
+        ids: list[str] = []
+        for item in layer_dirs:
+            if isinstance(item, str):
+                if not self.has_layer(item):
+                    raise NotFound(f"layer {item} not found")
+                ids.append(item)
+            else:
+                lid = uuidlib.uuid4().hex
+                self._place_layer(Path(item), lid, source)
+                ids.append(lid)
+        return self._register(ids, config=config or (parent.config if parent else ImageConfig()), tag=tag,
+                              kind=kind, source=source, operation_id=operation_id, parent=parent,
+                              image_uuid=image_uuid)
+
+    def create_image_from_layer_dir(self, layer_dir: Path, **kwargs: Any) -> ImageRecord:
+        """`create_image_from_layer_dirs` for one staged tree."""
+        return self.create_image_from_layer_dirs([layer_dir], **kwargs)
+
+    def add_layer(self, directory: Path, *, layer_id: str, source: str) -> str:
+        """Store one shared layer under a chosen id (e.g. `sha256-<digest>`); a no-op when present.
+
+        Reference it from an image within `gc(min_age)` seconds (or hold `pinned([layer_id])`).
+        """
+        if self.has_layer(layer_id):
+            remove_tree(directory)
+            return layer_id
+        if os.path.lexists(self.layers_dir / layer_id):
+            remove_tree(self.layers_dir / layer_id)  # a leftover of an interrupted add
+        meta = self._place_layer(directory, layer_id, source)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO layers (id, size, created, source) VALUES (?,?,?,?)",
+                       (layer_id, meta.size, meta.created, meta.source))
+        return layer_id
+
+    def _register(self, ids: list[str], *, config: ImageConfig, tag: str | None, kind: int, source: str,
+                  operation_id: str | None, parent: ImageRecord | None,
+                  image_uuid: str | None) -> ImageRecord:
+        layers = ids + (list(parent.layers) if parent else [])
+        if not layers:
+            raise BadRequest("an image needs at least one layer")
+        with self._tx() as db:
+            for lid in ids:
+                meta_path = self.layers_dir / f"{lid}.json"
+                if db.execute("SELECT 1 FROM layers WHERE id = ?", (lid,)).fetchone() is None:
+                    meta = msgspec.json.decode(meta_path.read_bytes(), type=LayerMeta)
+                    db.execute("INSERT INTO layers (id, size, created, source) VALUES (?,?,?,?)",
+                               (lid, meta.size, meta.created, meta.source))
+            sizes = self._sizes(db, layers)
+            rec = ImageRecord(uuid=image_uuid or str(uuidlib.uuid4()), tag=tag,
+                              parent=parent.uuid if parent else None, layers=layers, config=config,
+                              operation_uuid=operation_id, created_at=time.time(),
+                              size=sizes[layers[0]] if ids else 0, total_size=sum(sizes.values()), kind=kind)
+            self._insert_image(db, rec)
+        return rec
+
+    def commit_upper(
+        self,
+        upper: Path,
+        parent: ImageRecord,
+        operation_id: str | None,
+        max_layer_bytes: int | None = None,
+        config_override: ImageConfig | None = None,
+    ) -> ImageRecord | None:
+        """Turn a sandbox's upper dir (already unmounted, work dir deleted) into a child image of `parent`.
+
+        Returns None when the upper holds nothing ("unchanged": the result is the parent itself). Raises
+        `LayerTooLarge` (the upper is left in place for the caller to delete) above `max_layer_bytes`.
+        """
+        if not any(os.scandir(upper)):
+            return None
+        clean_upper(upper)
+        size = tree_size(upper)
+        if max_layer_bytes is not None and size > max_layer_bytes:
+            raise LayerTooLarge(f"the run changed {size} bytes, above max_layer_bytes={max_layer_bytes}")
+        lid = uuidlib.uuid4().hex
+        self._place_layer(upper, lid, "run")
+        return self._register([lid], config=config_override or parent.config, tag=None, kind=KIND_INSTANCE,
+                              source="run", operation_id=operation_id, parent=parent, image_uuid=None)
+
+    # ---- pins, squash, gc ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, layers: Iterable[str]) -> Iterator[None]:
+        """Keep these layers from `gc()` while a sandbox or reader uses them."""
+        ids = list(layers)
+        with self._lock:
+            self._pins.update(ids)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(ids)
+                for lid in ids:
+                    if self._pins[lid] <= 0:
+                        del self._pins[lid]
+
+    def squash_if_deep(self, image: ImageRecord, max_depth: int = MAX_DEPTH) -> ImageRecord | None:
+        """Flatten a deep image into one layer (same UUID, same content); None when not deep.
+
+        Blocking and slow (a full copy): run it with `asyncio.to_thread`. Children keep their old lists.
+        """
+        if image.depth <= max_depth:
+            return None
+        return self.squash(image)
+
+    def squash(self, image: ImageRecord) -> ImageRecord:
+        stage = self.staging_dir("squash")
+        merged = self.staging_dir("squash-mnt")
+        tree = stage / "tree"
+        try:
+            with self.pinned(image.layers):
+                mount_overlay(self.layer_paths(image), None, None, merged, readonly=True)
+                try:
+                    # cp -a keeps owners, modes, xattrs, hardlinks, device nodes and fifos; the merged
+                    # view already applied every whiteout and opaque dir, so the copy is a flat rootfs.
+                    res = subprocess.run(["cp", "-a", "--preserve=all", "--no-target-directory",
+                                          f"{merged}/", os.fspath(tree)], capture_output=True, text=True)
+                finally:
+                    unmount(merged)
+                if res.returncode != 0:
+                    raise OSError(errno.EIO, f"squash copy failed: {res.stderr.strip()}")
+                lid = uuidlib.uuid4().hex
+                meta = self._place_layer(tree, lid, "squash")
+            with self._tx() as db:
+                db.execute("INSERT INTO layers (id, size, created, source) VALUES (?,?,?,?)",
+                           (lid, meta.size, meta.created, meta.source))
+                cur = db.execute("UPDATE images SET layers = ?, total_size = ? WHERE uuid = ? AND layers = ?",
+                                 (json.dumps([lid]), meta.size, image.uuid, json.dumps(image.layers)))
+                if cur.rowcount != 1:
+                    raise OSError(errno.ESTALE, f"image {image.uuid} changed during the squash")
+        finally:
+            remove_tree(stage)
+            remove_tree(merged)
+        return self.get(image.uuid)
+
+    def referenced_layers(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT layers FROM images").fetchall()
+        return {lid for (layers,) in rows for lid in json.loads(layers)}
+
+    def gc(self, min_age: float = 300.0) -> list[str]:
+        """Delete registered layers that no image references, no one pins and are older than `min_age`
+        seconds (a fresh `add_layer` is about to be referenced); returns the deleted ids.
+
+        Images themselves are never deleted, so tagged images and their ancestors keep every layer.
+        Unregistered directories are left to `recover()` (they may be a commit in progress).
+        """
+        cutoff = time.time() - min_age
+        with self._tx() as db:
+            referenced = {lid for (layers,) in db.execute("SELECT layers FROM images") for lid in
+                          json.loads(layers)}
+            rows = db.execute("SELECT id, created FROM layers").fetchall()
+            doomed = [lid for lid, created in rows
+                      if lid not in referenced and lid not in self._pins and created <= cutoff]
+            for lid in doomed:
+                db.execute("DELETE FROM layers WHERE id = ?", (lid,))
+        for lid in doomed:
+            # Rename first so a crash mid-delete never leaves a half-deleted tree under its real name.
+            trash = self.tmp_dir / f"gc-{lid}-{uuidlib.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.layers_dir / lid, trash)
+            remove_tree(trash)
+            with contextlib.suppress(FileNotFoundError):
+                (self.layers_dir / f"{lid}.json").unlink()
+        return doomed
+
+    # ---- recovery and checks ----------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Start-up repair: unmount leftovers, empty tmp/ and sandboxes/, drop half-written layers."""
+        actions: list[str] = []
+        for point in mounts_under(self.home):
+            unmount(point)
+            actions.append(f"unmounted {point}")
+        for area in (self.tmp_dir, self.sandboxes_dir):
+            for entry in area.iterdir():
+                remove_tree(entry)
+                actions.append(f"removed {entry}")
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT id FROM layers")}
+        for entry in self.layers_dir.iterdir():
+            name = entry.name.removesuffix(".json")
+            if name.startswith(".") or name not in known:
+                remove_tree(entry)
+                actions.append(f"removed unregistered layer {entry.name}")
+        return actions
+
+    def check(self) -> list[str]:
+        """Consistency problems of the store (empty list = healthy)."""
+        problems: list[str] = []
+        with self._lock:
+            status = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+            layer_rows = {r[0]: r[1] for r in self._db.execute("SELECT id, size FROM layers")}
+            images = [self._row(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM images")]
+        if status != "ok":
+            problems.append(f"database integrity: {status}")
+        uuids = {i.uuid for i in images}
+        for img in images:
+            if img.parent is not None and img.parent not in uuids:
+                problems.append(f"image {img.uuid}: parent {img.parent} missing")
+            if not 1 <= img.depth <= MAX_LOWERS:
+                problems.append(f"image {img.uuid}: {img.depth} layers (allowed 1..{MAX_LOWERS})")
+            for lid in img.layers:
+                if lid not in layer_rows:
+                    problems.append(f"image {img.uuid}: layer {lid} not registered")
+                elif not (self.layers_dir / lid).is_dir():
+                    problems.append(f"image {img.uuid}: layer directory {lid} missing")
+        for lid in layer_rows:
+            if not (self.layers_dir / lid).is_dir():
+                problems.append(f"layer {lid}: directory missing")
+            if not (self.layers_dir / f"{lid}.json").is_file():
+                problems.append(f"layer {lid}: metadata file missing")
+        for entry in self.layers_dir.iterdir():
+            if entry.is_dir() and entry.name not in layer_rows:
+                problems.append(f"layer directory {entry.name}: not registered (run recover)")
+        for point in mounts_under(self.home):
+            problems.append(f"stray mount {point}")
+        leftovers = sorted(p.name for p in self.tmp_dir.iterdir())
+        if leftovers:
+            problems.append(f"tmp/ holds {len(leftovers)} leftover entries (run recover)")
+        return problems
+
+    list = list_images  # the brief's name; bound last so annotations above still mean the builtin
+
+
+def check_main(argv: Sequence[str] | None = None) -> int:
+    """`contree-mcp engine check --home DIR`: print the store's problems; exit 1 when there are any."""
+    parser = argparse.ArgumentParser(prog="contree-mcp engine check", description=check_main.__doc__)
+    parser.add_argument("--home", type=Path, default=default_home(), help="engine state directory")
+    parser.add_argument("--repair", action="store_true", help="run start-up recovery first (engine stopped)")
+    args = parser.parse_args(argv)
+    if not (args.home / "images.db").exists():
+        print(f"no engine store at {args.home}", file=sys.stderr)
+        return 1
+    store = Store(args.home)
+    try:
+        if args.repair:
+            for action in store.recover():
+                print(f"repaired: {action}")
+        problems = store.check()
+    finally:
+        store.close()
+    for p in problems:
+        print(p)
+    if not problems:
+        print(f"store at {args.home}: ok")
+    return 1 if problems else 0
+
+
+def default_home() -> Path:
+    env = os.environ.get("CONTREE_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "contree-mcp"
