@@ -1,0 +1,138 @@
+"""stdio transport: NDJSON on stdin/stdout, one writer, many requests in flight, exit on EOF."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any, Protocol
+
+from protocol.errors import PARSE_ERROR
+from protocol.messages import Request, encode_error
+from protocol.server import Server
+from protocol.session import ASYNC_METHODS
+
+log = logging.getLogger("protocol.stdio")
+
+LINE_LIMIT = 64 * 1024 * 1024
+_PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> Any: ...
+    async def drain(self) -> None: ...
+
+
+class _FdWriter:
+    """Blocking writes for a stdout that is a regular file (pipe transports refuse those)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    async def drain(self) -> None:
+        return None
+
+
+async def _stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    except ValueError:  # a regular file: feed it from a thread
+        data = await asyncio.to_thread(sys.stdin.buffer.read)
+        reader.feed_data(data)
+        reader.feed_eof()
+    return reader
+
+
+async def _stdout_writer() -> Writer:
+    loop = asyncio.get_running_loop()
+    fd = os.dup(sys.stdout.fileno())
+    # Anything else printed by mistake goes to stderr: stdout carries only protocol.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    try:
+        pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, pipe)
+    except ValueError:
+        return _FdWriter(fd)
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def serve_stdio(
+    server: Server,
+    reader: asyncio.StreamReader | None = None,
+    writer: Writer | None = None,
+    *,
+    eof_grace: float = 0.5,
+) -> None:
+    """Serve one session until EOF; in-flight work gets `eof_grace` seconds, then is cancelled."""
+    if reader is None:
+        reader = await _stdin_reader()
+    if writer is None:
+        writer = await _stdout_writer()
+    out = writer
+
+    async def sink(data: bytes) -> None:
+        # One write call per message keeps lines whole; drain gives back-pressure.
+        out.write(data + b"\n")
+        await out.drain()
+
+    session = server.create_session(transport="stdio")
+    session.set_default_sink(sink)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(frame: Any) -> None:
+        try:
+            await session.dispatch(frame, sink)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dispatch failed")
+
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # longer than LINE_LIMIT
+            await sink(_PARSE_ERROR)
+            continue
+        except (ConnectionError, OSError):
+            break
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        frame = session.parse(line)
+        if any(type(m) is Request and m.method in ASYNC_METHODS for m in frame.messages):
+            task = asyncio.get_running_loop().create_task(run(frame))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        else:
+            # Quick methods, notifications (cancel!) and client responses are handled in line order.
+            await run(frame)
+    if tasks:
+        _done, pending = await asyncio.wait(list(tasks), timeout=eof_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    await session.close()
+    try:
+        await out.drain()
+    except (ConnectionError, OSError):
+        pass
+
+
+def run_stdio(server: Server) -> int:
+    try:
+        asyncio.run(serve_stdio(server))
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+    return 0
