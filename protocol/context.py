@@ -99,6 +99,16 @@ class RequestContext:
         """A server→client request (sampling/elicitation/roots) sent on this request's stream."""
         return await self._session.client_request(method, params, timeout, self._sink)
 
+    async def close_stream(self, retry_ms: int = 100) -> bool:
+        """SSE polling (SEP-1699): ask the transport to end this request's stream now; the client resumes
+        with GET + Last-Event-ID and gets the rest. False when the transport cannot (stdio, JSON replies).
+        A transport opts in by giving its sink an async `close_stream(retry_ms)` method."""
+        closer = getattr(self._sink, "close_stream", None)
+        if closer is None or self.done:
+            return False
+        await closer(retry_ms)
+        return True
+
     async def notify_resource_updated(self, uri: str) -> None:
         await self._session.server.resource_updated(uri)
 
