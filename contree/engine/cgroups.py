@@ -1,0 +1,272 @@
+"""cgroup placement, limits, statistics and kill-all for sandboxes (RUNTIME §5), v1/hybrid and v2.
+
+Layout: `<parent>/<sandbox>/` is ours (limits + statistics); the OCI runtime is given
+`<parent>/<sandbox>/ctr` as its absolute cgroupsPath. crun removes its own leaf when the container ends,
+so the sandbox's peak memory and CPU time are read from our directory, whose counters are hierarchical
+and outlive the leaf. The parent carries the operator's total budget.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgspec
+
+from contree.engine.hostcheck import CGROUP_ROOT, CgroupMode, HostInfo
+
+log = logging.getLogger(__name__)
+
+CPU_PERIOD_US = 100_000
+RUNTIME_LEAF = "ctr"
+
+
+class CgroupLimits(msgspec.Struct, kw_only=True):
+    memory_bytes: int | None = None
+    pids: int | None = None
+    cpu_quota: float | None = None  # cores
+
+
+class CgroupStats(msgspec.Struct, kw_only=True):
+    memory_peak_bytes: int | None = None
+    cpu_usage_ns: int | None = None
+    oom_kills: int | None = None
+
+
+class CgroupError(OSError):
+    pass
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(value)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path, key: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _rmdir_tree(path: Path) -> None:
+    """Remove a cgroup directory and its sub-cgroups, deepest first (cgroupfs has no recursive rmdir)."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            _rmdir_tree(child)
+    path.rmdir()
+
+
+class CgroupManager:
+    """Owns `<parent>` (e.g. `/contree-engine/<engine-id>`) in every hierarchy of this host."""
+
+    def __init__(self, info: HostInfo, parent: str) -> None:
+        if not parent.startswith("/"):
+            raise ValueError("the cgroup parent must be an absolute path (RUNTIME §5.2)")
+        self.info = info
+        self.parent = parent.rstrip("/")
+        self.v2 = info.cgroup_mode is CgroupMode.V2
+
+    # ---- paths ----
+
+    def _rel(self, name: str | None = None) -> str:
+        rel = self.parent.lstrip("/")
+        return f"{rel}/{name}" if name else rel
+
+    def _v1(self, ctrl: str, name: str | None = None) -> Path | None:
+        mount = self.info.v1_controllers.get(ctrl)
+        return mount / self._rel(name) if mount else None
+
+    def _v2(self, name: str | None = None) -> Path:
+        return CGROUP_ROOT / self._rel(name)
+
+    def _all_dirs(self, name: str | None = None) -> list[Path]:
+        if self.v2:
+            return [self._v2(name)]
+        mounts = sorted(set(self.info.v1_controllers.values()))
+        dirs = [m / self._rel(name) for m in mounts]
+        # A hybrid host's unified hierarchy gets the runtime's directories too.
+        if self.info.unified_root is not None:
+            dirs.append(self.info.unified_root / self._rel(name))
+        return dirs
+
+    def runtime_path(self, name: str) -> str:
+        """The absolute cgroupsPath to put in the OCI config of sandbox `name`."""
+        return f"{self.parent}/{name}/{RUNTIME_LEAF}"
+
+    # ---- creation and limits ----
+
+    def _enable_v2_controllers(self, path: Path) -> None:
+        chain = [CGROUP_ROOT, *[p for p in reversed(path.parents) if CGROUP_ROOT in p.parents], path]
+        for node in chain[:-1]:
+            try:
+                avail = set((node / "cgroup.controllers").read_text().split())
+                wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in avail)
+                if wanted:
+                    _write(node / "cgroup.subtree_control", wanted)
+            except OSError as exc:
+                raise CgroupError(exc.errno, f"cannot enable controllers in {node}: {exc.strerror}") from exc
+
+    def _mkdirs(self, name: str | None) -> None:
+        if self.v2:
+            path = self._v2(name)
+            path.mkdir(parents=True, exist_ok=True)
+            self._enable_v2_controllers(path / "x")
+            return
+        for ctrl in ("memory", "pids", "cpu", "cpuacct", "freezer"):
+            p = self._v1(ctrl, name)
+            if p is not None:
+                p.mkdir(parents=True, exist_ok=True)
+
+    def _apply(self, name: str | None, limits: CgroupLimits) -> None:
+        if self.v2:
+            path = self._v2(name)
+            if limits.memory_bytes is not None:
+                _write(path / "memory.max", str(limits.memory_bytes))
+                if (path / "memory.swap.max").exists():
+                    _write(path / "memory.swap.max", "0")
+            if limits.pids is not None:
+                _write(path / "pids.max", str(limits.pids))
+            if limits.cpu_quota is not None:
+                _write(path / "cpu.max", f"{int(limits.cpu_quota * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+            return
+        mem = self._v1("memory", name)
+        if limits.memory_bytes is not None and mem is not None:
+            _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        pids = self._v1("pids", name)
+        if limits.pids is not None and pids is not None:
+            _write(pids / "pids.max", str(limits.pids))
+        cpu = self._v1("cpu", name)
+        if limits.cpu_quota is not None and cpu is not None:
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(int(limits.cpu_quota * CPU_PERIOD_US)))
+
+    def setup_parent(self, budget: CgroupLimits | None = None) -> None:
+        self._mkdirs(None)
+        if budget is not None:
+            self._apply(None, budget)
+
+    def create(self, name: str, limits: CgroupLimits) -> None:
+        self._mkdirs(name)
+        self._apply(name, limits)
+
+    # ---- results ----
+
+    def stats(self, name: str) -> CgroupStats:
+        if self.v2:
+            path = self._v2(name)
+            usage = _read_keyed(path / "cpu.stat", "usage_usec")
+            return CgroupStats(memory_peak_bytes=_read_int(path / "memory.peak"),
+                               cpu_usage_ns=usage * 1000 if usage is not None else None,
+                               oom_kills=_read_keyed(path / "memory.events", "oom_kill"))
+        mem = self._v1("memory", name)
+        acct = self._v1("cpuacct", name)
+        return CgroupStats(
+            memory_peak_bytes=_read_int(mem / "memory.max_usage_in_bytes") if mem else None,
+            cpu_usage_ns=_read_int(acct / "cpuacct.usage") if acct else None,
+            oom_kills=self._v1_oom_kills(mem) if mem else None,
+        )
+
+    @staticmethod
+    def _v1_oom_kills(mem: Path) -> int | None:
+        total = None
+        for d in [mem, *[p for p in mem.rglob("*") if p.is_dir()]] if mem.is_dir() else []:
+            n = _read_keyed(d / "memory.oom_control", "oom_kill")
+            if n is not None:
+                total = (total or 0) + n
+        return total
+
+    def procs(self, name: str) -> list[int]:
+        root = self._v2(name) if self.v2 else self._v1("pids", name) or self._v1("memory", name)
+        if root is None or not root.is_dir():
+            return []
+        pids: list[int] = []
+        for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+            try:
+                pids.extend(int(x) for x in (d / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                continue
+        return pids
+
+    def kill_all(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of the sandbox, including ones a runtime lost track of."""
+        if self.v2 and sig == signal.SIGKILL and (self._v2(name) / "cgroup.kill").exists():
+            try:
+                _write(self._v2(name) / "cgroup.kill", "1")
+                return
+            except OSError:
+                pass
+        freezer = None if self.v2 else self._v1("freezer", name)
+        frozen = False
+        if freezer is not None and (freezer / "freezer.state").exists():
+            try:
+                _write(freezer / "freezer.state", "FROZEN")
+                frozen = True
+            except OSError:
+                pass
+        try:
+            for _ in range(20):
+                pids = self.procs(name)
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                if sig != signal.SIGKILL:
+                    break
+                if frozen:
+                    break  # frozen tasks cannot fork; the kill is queued for all of them
+        finally:
+            if frozen and freezer is not None:
+                try:
+                    _write(freezer / "freezer.state", "THAWED")
+                except OSError:
+                    pass
+
+    # ---- removal ----
+
+    def remove(self, name: str | None, *, timeout: float = 5.0) -> None:
+        """Remove the cgroup in every hierarchy, killing stragglers; retries while tasks drain."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leftovers: list[tuple[Path, OSError]] = []
+            for d in self._all_dirs(name):
+                try:
+                    _rmdir_tree(d)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    leftovers.append((d, exc))
+            if not leftovers:
+                return
+            if time.monotonic() > deadline:
+                where, first = leftovers[0]
+                raise CgroupError(first.errno or errno.EBUSY,
+                                  f"cannot remove cgroup {where}: {first.strerror}")
+            if name is not None:
+                self.kill_all(name)
+            time.sleep(0.02)
+
+    def exists(self, name: str | None = None) -> bool:
+        return any(d.exists() for d in self._all_dirs(name))

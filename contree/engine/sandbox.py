@@ -1,0 +1,529 @@
+"""Sandboxes: one OCI bundle + cgroup + network namespace per run, driven through crun (or runc/runsc).
+
+The caller mounts the rootfs (overlay) and unmounts it afterwards; this module does everything between:
+`SandboxRuntime.start(spec)` → `RunningSandbox` (pipes, `wait`, `kill`, `exec`) → `cleanup`.
+
+The runtime process is spawned with `posix_spawn` and reaped with `os.wait4` once its pidfd is readable,
+so the result carries the kernel's rusage for the whole tree the runtime waited for; asyncio's child
+watcher never sees these pids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal as _signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contree.engine import hostcheck, oci_config, seccomp
+from contree.engine.cgroups import CgroupLimits, CgroupManager
+from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
+from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NoRuntimeAvailable", "ProcessExit", "RunningProcess", "RunningSandbox", "RuntimeConfig", "SandboxExit",
+    "SandboxRuntime", "SandboxSpec",
+]
+
+RUN_DIR = Path("/run/contree-engine")
+_SPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+class SandboxSpec(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    rootfs: Path  # an already-mounted merged dir; the caller mounts and unmounts it
+    argv: list[str]
+    env: list[str] = msgspec.field(default_factory=list)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    hostname: str = "linuxkit"
+    networking: bool = True
+    memory_bytes: int | None = None
+    pids_limit: int = 256
+    cpu_quota: float | None = None  # cores
+    stdin: bool = True  # a pipe; False = /dev/null. Output always goes through pipes.
+
+
+class RuntimeConfig(msgspec.Struct, kw_only=True):
+    state_dir: Path  # bundles live here
+    runtime: str = "auto"  # auto | crun | runc | runsc
+    network_mode: str = "auto"  # auto | nat | slirp | none
+    engine_id: str | None = None
+    cgroup_parent: str | None = None  # default /contree-engine/<engine-id>
+    userns: bool = False
+    subnet: str = DEFAULT_SUBNET
+    ipam_dir: Path = IPAM_DIR
+    seccomp: bool = True
+    # Total budget for all sandboxes of this engine (None = unlimited).
+    budget_memory_bytes: int | None = None
+    budget_pids: int | None = None
+    budget_cpus: float | None = None
+
+
+class SandboxExit(msgspec.Struct, kw_only=True):
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None = None
+    core_dump: bool = False
+    oom_killed: bool = False
+    user_time: float = 0.0  # seconds (rusage of the runtime process and what it reaped)
+    system_time: float = 0.0
+    max_rss_kb: int = 0
+    minor_faults: int = 0
+    major_faults: int = 0
+    inblock: int = 0
+    oublock: int = 0
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
+    memory_peak_bytes: int | None = None  # from the sandbox cgroup
+    cpu_usage_ns: int | None = None
+    duration: float = 0.0  # seconds, spawn to exit
+
+
+class ProcessExit(msgspec.Struct, kw_only=True):
+    exit_code: int | None
+    signal: int | None = None
+
+
+def _decode_status(status: int) -> tuple[int | None, int | None, bool]:
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status), os.WCOREDUMP(status)
+    code = os.WEXITSTATUS(status)
+    # OCI runtimes report a container killed by signal N as exit status 128+N.
+    if code > 128 and code - 128 < 65:
+        return code, code - 128, False
+    return code, None, False
+
+
+# ---- asyncio plumbing for raw pipes and pids ----
+
+class _WriteProtocol(asyncio.streams.FlowControlMixin):
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+
+async def _reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    return reader
+
+
+async def _writer(fd: int) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.connect_write_pipe(_WriteProtocol, os.fdopen(fd, "wb", 0))
+    return asyncio.StreamWriter(transport, proto, None, loop)
+
+
+class _Child:
+    """A posix_spawn'ed process with pipes, reaped through its pidfd with wait4."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.started = time.monotonic()
+        self._reaped: asyncio.Future[tuple[int, Any, float]] | None = None
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader
+        self.stderr: asyncio.StreamReader
+
+    @classmethod
+    async def spawn(cls, argv: list[str], *, stdin: bool) -> _Child:
+        pipes = {}
+        fds_to_close = []
+        try:
+            if stdin:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                pipes[0] = (r, w)
+            for n in (1, 2):
+                r, w = os.pipe2(os.O_CLOEXEC)
+                pipes[n] = (r, w)
+            actions: list[tuple[Any, ...]] = []
+            if stdin:
+                actions.append((os.POSIX_SPAWN_DUP2, pipes[0][0], 0))
+            else:
+                actions.append((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0))
+            actions.append((os.POSIX_SPAWN_DUP2, pipes[1][1], 1))
+            actions.append((os.POSIX_SPAWN_DUP2, pipes[2][1], 2))
+            # posix_spawn is vfork+exec: it returns as soon as the child execs, so it does not block.
+            pid = os.posix_spawn(  # noqa: ASYNC221
+                argv[0], argv, _SPAWN_ENV, file_actions=actions, setsid=True, setsigmask=(),
+                setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
+        except BaseException:
+            for pair in pipes.values():
+                for fd in pair:
+                    os.close(fd)
+            raise
+        child = cls(pid)
+        # Close the child's ends in the parent so EOF arrives when the sandbox closes its streams.
+        if stdin:
+            os.close(pipes[0][0])
+            fds_to_close.append(pipes[0][1])
+        os.close(pipes[1][1])
+        os.close(pipes[2][1])
+        try:
+            if stdin:
+                child.stdin = await _writer(pipes[0][1])
+            child.stdout = await _reader(pipes[1][0])
+            child.stderr = await _reader(pipes[2][0])
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, _signal.SIGKILL)
+            raise
+        child._start_reaper()
+        return child
+
+    def _start_reaper(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, Any, float]] = loop.create_future()
+        self._reaped = fut
+        pidfd = os.pidfd_open(self.pid)
+
+        def ready() -> None:
+            try:
+                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+            except ChildProcessError as exc:  # someone else reaped it: report what we can
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            if pid == 0:
+                return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not fut.done():
+                fut.set_result((status, ru, time.monotonic() - self.started))
+
+        loop.add_reader(pidfd, ready)
+
+    @property
+    def returncode_known(self) -> bool:
+        return self._reaped is not None and self._reaped.done()
+
+    async def reaped(self) -> tuple[int, Any, float]:
+        assert self._reaped is not None
+        return await asyncio.shield(self._reaped)
+
+    def killpg(self, sig: int) -> None:
+        if self.returncode_known:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+
+class RunningProcess:
+    """A process started inside a running sandbox with `exec` (spid ≥ 2)."""
+
+    def __init__(self, child: _Child, pid_file: Path) -> None:
+        self._child = child
+        self.pid_file = pid_file
+        self.stdin = child.stdin
+        self.stdout = child.stdout
+        self.stderr = child.stderr
+
+    @property
+    def host_pid(self) -> int | None:
+        """The process's pid on the host, once the runtime has started it."""
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    async def wait(self) -> ProcessExit:
+        status, _ru, _dur = await self._child.reaped()
+        code, sig, _core = _decode_status(status)
+        return ProcessExit(exit_code=code, signal=sig)
+
+    def signal(self, sig: int) -> None:
+        """Signal the process group: the runtime's exec helper and the process it started share it."""
+        pid = self.host_pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        self._child.killpg(sig)
+
+
+class RunningSandbox:
+    def __init__(self, runtime: SandboxRuntime, spec: SandboxSpec, child: _Child, bundle: Path,
+                 net: SandboxNetwork) -> None:
+        self._rt = runtime
+        self.spec = spec
+        self.sandbox_id = spec.sandbox_id
+        self._child = child
+        self.bundle = bundle
+        self._net = net
+        self.stdin = child.stdin
+        self.stdout = child.stdout
+        self.stderr = child.stderr
+        self._exit: SandboxExit | None = None
+        self._killed_with: int | None = None
+        self._cleaned = False
+        self._exec_seq = 0
+
+    @property
+    def network(self) -> NetworkInfo:
+        if not self._cleaned and self._net.host_if:
+            self._net.info.interfaces = self._rt.network.counters(self._net)
+        return self._net.info
+
+    async def wait(self) -> SandboxExit:
+        if self._exit is not None:
+            return self._exit
+        status, ru, duration = await self._child.reaped()
+        code, sig, core = _decode_status(status)
+        stats = self._rt.cgroups.stats(self.sandbox_id)
+        # The runtime itself was SIGKILLed (by `kill`): report the signal the sandbox got.
+        oom = bool(stats.oom_kills)
+        if code is None and sig is not None and self._killed_with is not None:
+            sig = int(self._killed_with)
+        self._exit = SandboxExit(
+            exit_code=code, signal=sig, core_dump=core, oom_killed=oom,
+            user_time=ru.ru_utime, system_time=ru.ru_stime, max_rss_kb=ru.ru_maxrss,
+            minor_faults=ru.ru_minflt, major_faults=ru.ru_majflt, inblock=ru.ru_inblock,
+            oublock=ru.ru_oublock, voluntary_switches=ru.ru_nvcsw, involuntary_switches=ru.ru_nivcsw,
+            memory_peak_bytes=stats.memory_peak_bytes, cpu_usage_ns=stats.cpu_usage_ns, duration=duration)
+        if self._net.host_if:
+            self._net.info.interfaces = self._rt.network.counters(self._net)
+        return self._exit
+
+    async def kill(self, sig: int = _signal.SIGKILL) -> None:
+        """Signal every process of the sandbox. SIGKILL also ends the runtime process."""
+        if self._child.returncode_known:
+            return
+        self._killed_with = int(sig)
+        if sig == _signal.SIGKILL:
+            self._child.killpg(sig)
+        self._rt.cgroups.kill_all(self.sandbox_id, sig)
+
+    async def exec(self, argv: list[str], env: list[str] | None = None, cwd: str = "/", uid: int = 0,
+                   gid: int = 0, stdin: bool = True) -> RunningProcess:
+        if self._child.returncode_known or self._cleaned:
+            raise RuntimeError(f"sandbox {self.sandbox_id} is not running")
+        self._exec_seq += 1
+        proc = oci_config.process_section(argv, list(env or []), cwd, uid, gid, self._rt.rlimits)
+        proc_file = self.bundle / f"exec-{self._exec_seq}.json"
+        pid_file = self.bundle / f"exec-{self._exec_seq}.pid"
+        proc_file.write_text(json.dumps(proc))
+        child = await _Child.spawn(
+            [*self._rt.runtime_argv(), "exec", "--process", str(proc_file), "--pid-file", str(pid_file),
+             self.sandbox_id], stdin=stdin)
+        return RunningProcess(child, pid_file)
+
+    async def cleanup(self) -> None:
+        """Remove the runtime state, cgroups, netns and bundle. Idempotent; never leaves processes."""
+        if self._cleaned:
+            return
+        if not self._child.returncode_known:
+            await self.kill(_signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._child.reaped(), 10)
+        errors: list[str] = []
+        try:
+            await self._rt.delete_container(self.sandbox_id)
+        except Exception as exc:  # keep going: the rest must be cleaned regardless
+            errors.append(f"runtime delete: {exc}")
+        try:
+            await asyncio.to_thread(self._rt.cgroups.remove, self.sandbox_id)
+        except Exception as exc:
+            errors.append(f"cgroup: {exc}")
+        try:
+            await self._rt.network.teardown(self._net)
+        except Exception as exc:
+            errors.append(f"network: {exc}")
+        shutil.rmtree(self.bundle, ignore_errors=True)
+        self._cleaned = True
+        self._rt._active.pop(self.sandbox_id, None)
+        if errors:
+            raise RuntimeError(f"cleanup of sandbox {self.sandbox_id}: " + "; ".join(errors))
+
+
+class SandboxRuntime:
+    def __init__(self, config: RuntimeConfig, info: HostInfo, runtime: str, binary: str,
+                 cgroups: CgroupManager, network: NetworkManager, engine_id: str) -> None:
+        self.config = config
+        self.info = info
+        self.runtime = runtime
+        self.binary = binary
+        self.cgroups = cgroups
+        self.network = network
+        self.engine_id = engine_id
+        self.root_dir = RUN_DIR / f"{runtime}-{engine_id}"
+        self.bundles = config.state_dir / "bundles"
+        self.rlimits = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
+        self._seccomp_b64: str | None = None
+        self._active: dict[str, RunningSandbox] = {}
+
+    @classmethod
+    async def create(cls, config: RuntimeConfig) -> SandboxRuntime:
+        info = hostcheck.detect()
+        problems = hostcheck.check_requirements(info)
+        if problems:
+            raise NoRuntimeAvailable("; ".join(problems))
+        runtime, binary = select_runtime(info, config.runtime)
+        engine_id = config.engine_id or secrets.token_hex(4)
+        parent = config.cgroup_parent or f"/contree-engine/{engine_id}"
+        cgroups = CgroupManager(info, parent)
+        cgroups.setup_parent(CgroupLimits(memory_bytes=config.budget_memory_bytes, pids=config.budget_pids,
+                                          cpu_quota=config.budget_cpus))
+        try:
+            network = await NetworkManager.create(config.network_mode, subnet=config.subnet,
+                                                  ipam_dir=config.ipam_dir)
+        except BaseException:
+            cgroups.remove(None)
+            raise
+        rt = cls(config, info, runtime, binary, cgroups, network, engine_id)
+        rt.root_dir.mkdir(parents=True, exist_ok=True)
+        rt.bundles.mkdir(parents=True, exist_ok=True)
+        if config.seccomp and runtime == "crun":
+            try:
+                rt._seccomp_b64 = seccomp.compiled_bpf_b64()
+            except seccomp.SeccompUnavailable as exc:
+                log.warning("seccomp precompile unavailable, crun compiles the profile per start: %s", exc)
+        log.info("sandbox runtime %s (%s), cgroups %s under %s, network %s%s", runtime, binary,
+                 info.cgroup_mode.value, parent, network.mode,
+                 f" ({network.error})" if network.error else "")
+        return rt
+
+    def runtime_argv(self) -> list[str]:
+        argv = [self.binary, "--root", str(self.root_dir)]
+        if self.runtime == "runsc":
+            argv += ["--platform=ptrace"]
+        return argv
+
+    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
+        """Bind per-sandbox resolv.conf/hosts/hostname over the image's files (never written into it)."""
+        files = {"hostname": f"{spec.hostname}\n",
+                 "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{spec.hostname}\n"}
+        if net.resolv_conf:
+            files["resolv.conf"] = net.resolv_conf
+        mounts = []
+        for name, text in files.items():
+            try:
+                st = os.lstat(spec.rootfs / "etc" / name)
+            except OSError:
+                continue  # creating a mount point would leave a file in the image's upper layer
+            if not stat.S_ISREG(st.st_mode) or not stat.S_ISDIR(os.lstat(spec.rootfs / "etc").st_mode):
+                continue
+            src = bundle / name
+            src.write_text(text)
+            mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(src),
+                           "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"]})
+        return mounts
+
+    async def start(self, spec: SandboxSpec) -> RunningSandbox:
+        sid = spec.sandbox_id
+        if sid in self._active:
+            raise ValueError(f"sandbox {sid} is already running")
+        bundle = self.bundles / sid
+        bundle.mkdir(parents=True, exist_ok=False)
+        net: SandboxNetwork | None = None
+        try:
+            self.cgroups.create(sid, CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit,
+                                                  cpu_quota=spec.cpu_quota))
+            try:
+                net = await self.network.setup(spec.networking)
+            except Exception as exc:
+                log.warning("sandbox %s runs without network: %s", sid, exc)
+                net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
+            opts = oci_config.ConfigOptions(
+                rootfs=spec.rootfs, hostname=spec.hostname, cgroups_path=self.cgroups.runtime_path(sid),
+                netns_path=net.netns_path, memory_bytes=spec.memory_bytes, pids_limit=spec.pids_limit,
+                cpu_quota=spec.cpu_quota, rlimits=self.rlimits, seccomp=self.config.seccomp,
+                seccomp_bpf_b64=self._seccomp_b64, extra_mounts=self._etc_mounts(spec, bundle, net))
+            proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
+            (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
+            argv = [*self.runtime_argv()]
+            if self.runtime == "runsc":
+                argv.append("--network=sandbox" if net.netns_path else "--network=none")
+            child = await _Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.cgroups.remove(sid)
+            if net is not None:
+                with contextlib.suppress(Exception):
+                    await self.network.teardown(net)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        sandbox = RunningSandbox(self, spec, child, bundle, net)
+        self._active[sid] = sandbox
+        return sandbox
+
+    async def delete_container(self, sid: str) -> None:
+        """`<runtime> delete -f`: a no-op when the runtime already removed its state after `run`."""
+        if not (self.root_dir / sid).exists():
+            return
+        proc = await asyncio.create_subprocess_exec(
+            *self.runtime_argv(), "delete", "-f", sid, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0 and (self.root_dir / sid).exists():
+            raise RuntimeError(err.decode(errors="replace").strip())
+
+    async def close(self) -> None:
+        """Stop every sandbox still running and remove what `create` made."""
+        for sandbox in list(self._active.values()):
+            with contextlib.suppress(Exception):
+                await sandbox.cleanup()
+        errors = []
+        try:
+            await self.network.close()
+        except Exception as exc:
+            errors.append(f"network: {exc}")
+        try:
+            await asyncio.to_thread(self.cgroups.remove, None)
+        except Exception as exc:
+            errors.append(f"cgroups: {exc}")
+        shutil.rmtree(self.root_dir, ignore_errors=True)
+        if errors:
+            raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
+
+
+def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:
+    """Pick the OCI runtime: crun, unless it cannot work here (then runc); runsc only on request."""
+    if wanted not in ("auto", "crun", "runc", "runsc"):
+        raise ValueError(f"unknown runtime {wanted!r}")
+    crun_problem = None
+    crun = hostcheck.find_binary("crun")
+    if crun is None:
+        crun_problem = "crun is not installed (Debian package crun)"
+    elif not hostcheck.apply_hugetlb_fix(info) and info.cgroup_mode is not hostcheck.CgroupMode.V2:
+        crun_problem = ("crun refuses hybrid cgroups while the unified hierarchy owns controllers, "
+                        "and they could not be moved (RUNTIME §3)")
+    if wanted in ("auto", "crun") and crun_problem is None and crun is not None:
+        return "crun", crun
+    if wanted == "crun":
+        raise NoRuntimeAvailable(crun_problem or "crun unusable")
+    if wanted in ("auto", "runc"):
+        runc = hostcheck.find_binary("runc")
+        if runc is not None:
+            if wanted == "auto":
+                log.warning("using runc: %s", crun_problem)
+            return "runc", runc
+        raise NoRuntimeAvailable(
+            f"no usable OCI runtime: {crun_problem}; runc is not installed either "
+            "(apt-get install crun runc)")
+    runsc = hostcheck.find_binary("runsc")
+    if runsc is None:
+        raise NoRuntimeAvailable("runsc (gVisor) is not installed (Debian package runsc)")
+    return "runsc", runsc
