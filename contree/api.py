@@ -616,6 +616,12 @@ class EventDataCompletion(msgspec.Struct, kw_only=True):
     image_size_bytes: int = 0
 
 
+def encode_event_stream(data: bytes) -> EventDataStream:
+    """Payload of a stdin/stdout/stderr event (same ascii/base64 rule; `truncated` is always false)."""
+    stream = encode_stream(data)
+    return EventDataStream(value=stream.value, encoding=stream.encoding)
+
+
 EventData = (
     EventDataInit
     | EventDataSpawn

@@ -1,0 +1,574 @@
+"""`RemoteBackend`: the Backend over the Contree REST API (`{base}/v1`) with one aiohttp session.
+
+Retry policy (CONTREE-API §3, COMPAT §15 #24): 425 and 429 mean the request was not processed, so any
+request is retried; connection failures before the request reached the server (connect errors) too.
+5xx, timeouts and dropped connections are retried only for idempotent requests — never for
+`POST /instances`, `POST …/subprocesses` or stdin writes, where a replay could run something twice.
+Waits grow exponentially and honour `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import platform
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from importlib import metadata
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from contree import api
+from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
+from contree.rest.sse import SseParser
+
+log = logging.getLogger("contree.client")
+
+T = TypeVar("T")
+AuthType = Literal["jwt", "iam"]
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_ALWAYS_RETRY = frozenset((425, 429))
+_IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(api.OperationEvent)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("contree-mcp")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def default_user_agent() -> str:
+    return (
+        f"contree-mcp/{_version()} aiohttp/{aiohttp.__version__} "
+        f"Python/{platform.python_version()} {platform.system()}"
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP date); None when absent or junk."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RemoteBackend:
+    """Backend over HTTP. `auth_type="iam"` sends `Project`; `"jwt"` sends the bearer token only."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None,
+        project: str | None = None,
+        auth_type: AuthType = "jwt",
+        user_agent: str | None = None,
+        timeout: float = 300.0,
+        connect_timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if auth_type not in ("jwt", "iam"):
+            raise ValueError(f"auth_type must be 'jwt' or 'iam', not {auth_type!r}")
+        if auth_type == "iam" and not project:
+            raise ValueError("IAM auth requires a project ID")
+        root = base_url.rstrip("/")
+        if not root.endswith("/v1"):
+            root += "/v1"
+        scheme = urlsplit(root).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"API URL must be http(s): {base_url!r}")
+        self.base = root
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._headers = {"User-Agent": user_agent or default_user_agent(), "Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        if auth_type == "iam" and project:
+            self._headers["Project"] = project
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never the token
+        return f"RemoteBackend({self.base!r})"
+
+    # ------------------------------------------------------------ transport
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    def _url(self, *segments: str) -> URL:
+        path = "/".join(quote(s, safe="") for s in segments)
+        return URL(f"{self.base}/{path}", encoded=True)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        base: float = min(self.max_backoff, self.backoff * (2**attempt))
+        return base * (0.5 + random.random() / 2)  # jitter so many clients do not retry in lockstep
+
+    async def _request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        idempotent: bool,
+        ok: Sequence[int] = (200,),
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send with retries; return the response for an `ok` status (caller releases it)."""
+        session = self._get_session()
+        req_headers = dict(headers or {})
+        if body is not None:
+            req_headers["Content-Type"] = content_type
+        extra: dict[str, Any] = {}
+        if stream:
+            # Streams may legitimately stay open for long; then only the idle time between chunks is bounded.
+            extra["timeout"] = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.connect_timeout, sock_read=self.timeout
+            )
+        attempt = 0
+        while True:
+            try:
+                response = await session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=req_headers,
+                    allow_redirects=False,
+                    **extra,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                # A connect error means nothing reached the server; other drops may have been processed.
+                safe = idempotent or isinstance(exc, aiohttp.ClientConnectorError)
+                if not safe or attempt >= self.retries:
+                    raise Unavailable(
+                        f"{method} {url.path}: connection failed: {exc or type(exc).__name__}"
+                    ) from None
+                await asyncio.sleep(self._delay(attempt, None))
+                attempt += 1
+                continue
+            if response.status in ok:
+                return response
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            retryable = response.status in _ALWAYS_RETRY or (
+                idempotent and response.status in _IDEMPOTENT_RETRY
+            )
+            if retryable and attempt < self.retries:
+                response.release()
+                log.debug("%s %s: %d, retrying", method, url.path, response.status)
+                await asyncio.sleep(self._delay(attempt, retry_after))
+                attempt += 1
+                continue
+            raise await self._error(method, url, response, retry_after)
+
+    async def _error(
+        self, method: str, url: URL, response: aiohttp.ClientResponse, retry_after: float | None
+    ) -> BackendError:
+        try:
+            raw = await response.content.read(64 * 1024) if method != "HEAD" else b""
+        except (aiohttp.ClientError, TimeoutError):
+            raw = b""
+        finally:
+            response.release()
+        message = ""
+        if raw:
+            try:
+                # Error.traceback is dropped here: server internals never reach the caller (§14 #20).
+                message = msgspec.json.decode(raw, type=api.Error).message()
+            except msgspec.MsgspecError:
+                message = raw.decode("utf-8", "replace").strip()[:500]
+        if not message:
+            message = f"{method} {url.path}: HTTP {response.status} {response.reason or ''}".strip()
+        return error_for_status(response.status, message, retry_after=retry_after)
+
+    async def _json(
+        self,
+        kind: type[T],
+        method: str,
+        url: URL,
+        *,
+        idempotent: bool = True,
+        ok: Sequence[int] = (200,),
+        params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+        payload: Any = None,
+    ) -> T:
+        body = _encoder.encode(payload) if payload is not None else None
+        response = await self._request(method, url, params=params, body=body, idempotent=idempotent, ok=ok)
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{method} {url.path}: reading the response failed: {exc}") from None
+        finally:
+            response.release()
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except msgspec.MsgspecError as exc:
+            raise Unavailable(f"{method} {url.path}: malformed response: {exc}") from None
+
+    async def _empty(
+        self,
+        method: str,
+        url: URL,
+        *,
+        ok: Sequence[int],
+        idempotent: bool = True,
+        params: Any = None,
+        payload: Any = None,
+    ) -> None:
+        body = _encoder.encode(payload) if payload is not None else None
+        response = await self._request(method, url, params=params, body=body, idempotent=idempotent, ok=ok)
+        response.release()
+
+    async def _stream(self, url: URL, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+        response = await self._request("GET", url, params=params, idempotent=True, stream=True)
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"GET {url.path}: stream broken: {exc or type(exc).__name__}") from None
+        finally:
+            response.release()
+
+    # ------------------------------------------------------------ argument checks
+
+    @staticmethod
+    def _image(uuid: str) -> str:
+        # Validated before it goes into a URL path (COMPAT §15 #13); a malformed UUID names no image.
+        if not _UUID_RE.match(uuid):
+            raise NotFound(f"image not found: {uuid!r} is not a UUID")
+        return uuid
+
+    @staticmethod
+    def _operation(uuid: str) -> str:
+        if not _UUID_RE.match(uuid):
+            raise NotFound(f"operation not found: {uuid!r} is not a UUID")
+        return uuid
+
+    # ------------------------------------------------------------ images and tags
+
+    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+        params: dict[str, str] = {"limit": str(query.limit), "offset": str(query.offset)}
+        if query.tagged:
+            params["tagged"] = "1"
+        for name in ("tag", "uuid", "since", "until"):
+            value = getattr(query, name)
+            if value is not None:
+                params[name] = value
+        if query.kind is not None:
+            params["kind"] = str(query.kind)
+        result = await self._json(api.ImageListResponse, "GET", self._url("images"), params=params)
+        return result.images
+
+    async def get_image(self, image_uuid: str) -> api.Image:
+        return await self._json(api.Image, "GET", self._url("inspect", self._image(image_uuid), ""))
+
+    async def resolve_tag(self, tag: str) -> str:
+        if tag.startswith("tag:"):
+            tag = tag[4:]
+        if not tag:
+            raise BadRequest("empty tag")
+        url = self._url("inspect", "")
+        response = await self._request(
+            "GET", url, params={"tag": tag}, idempotent=True, ok=(200, 301, 302, 303, 307)
+        )
+        try:
+            if response.status == 200:  # a proxy followed the redirect for us
+                return msgspec.json.decode(await response.read(), type=api.Image).uuid
+            location = response.headers.get("Location", "")
+        finally:
+            response.release()
+        segments = [s for s in URL(location).path.split("/") if s]
+        if not segments or not _UUID_RE.match(segments[-1]):
+            raise Unavailable(f"tag lookup returned an unusable Location: {location!r}")
+        return segments[-1]
+
+    async def set_tag(self, image_uuid: str, tag: str) -> api.Image:
+        url = self._url("images", self._image(image_uuid), "tag")
+        return await self._json(api.Image, "PATCH", url, payload=api.ImageTagRequest(tag=tag))
+
+    async def delete_tag(self, image_uuid: str, tag: str | None = None) -> None:
+        params = {"tag": tag} if tag else None
+        await self._empty(
+            "DELETE", self._url("images", self._image(image_uuid), "tag"), ok=(204, 200), params=params
+        )
+
+    async def import_image(self, request: api.ImageImportRequest) -> str:
+        result = await self._json(
+            api.ImageImportResponse,
+            "POST",
+            self._url("images", "import"),
+            payload=request,
+            idempotent=False,
+            ok=(201, 200),
+        )
+        return result.uuid
+
+    # ------------------------------------------------------------ files
+
+    async def upload_file(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse:
+        url = self._url("files")
+        if isinstance(data, bytes | bytearray | memoryview):
+            # Uploads are content-addressed (a replay dedups), so bytes bodies are safe to retry.
+            response = await self._request(
+                "POST",
+                url,
+                body=bytes(data),
+                content_type="application/octet-stream",
+                idempotent=True,
+                ok=(201, 200),
+            )
+        else:
+            response = await self._upload_stream(url, data)
+        try:
+            return msgspec.json.decode(await response.read(), type=api.FileResponse)
+        finally:
+            response.release()
+
+    async def _upload_stream(self, url: URL, data: AsyncIterator[bytes]) -> aiohttp.ClientResponse:
+        # A consumed iterator cannot be replayed: one attempt only.
+        session = self._get_session()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
+        try:
+            response = await session.post(
+                url,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"POST {url.path}: upload failed: {exc or type(exc).__name__}") from None
+        if response.status not in (200, 201):
+            raise await self._error(
+                "POST", url, response, parse_retry_after(response.headers.get("Retry-After"))
+            )
+        return response
+
+    async def get_file(self, sha256: str) -> api.File:
+        if not _SHA256_RE.match(sha256):
+            raise NotFound(f"file not found: {sha256!r} is not a sha256 digest")
+        return await self._json(api.File, "GET", self._url("files", sha256.lower()))
+
+    async def list_files(self, query: FileQuery) -> list[api.File]:
+        params = {"limit": str(query.limit), "offset": str(query.offset)}
+        if query.since is not None:
+            params["since"] = query.since
+        if query.until is not None:
+            params["until"] = query.until
+        return (await self._json(api.FilesListResponse, "GET", self._url("files"), params=params)).files
+
+    # ------------------------------------------------------------ instances and operations
+
+    async def spawn(self, request: api.InstanceSpawnRequest) -> api.InstanceSpawnResponse:
+        return await self._json(
+            api.InstanceSpawnResponse,
+            "POST",
+            self._url("instances"),
+            payload=request,
+            idempotent=False,
+            ok=(201, 200),
+        )
+
+    async def list_operations(self, query: OperationQuery) -> list[api.OperationSummary]:
+        params = {"limit": str(query.limit), "offset": str(query.offset)}
+        for name in ("status", "kind", "since", "until"):
+            value = getattr(query, name)
+            if value is not None:
+                params[name] = value
+        return await self._json(list[api.OperationSummary], "GET", self._url("operations"), params=params)
+
+    async def get_operation(self, operation_id: str, *, inflight: bool = False) -> api.OperationResponse:
+        params = {"inflight": "1"} if inflight else None
+        url = self._url("operations", self._operation(operation_id))
+        return await self._json(api.OperationResponse, "GET", url, params=params)
+
+    async def cancel_operation(self, operation_id: str) -> None:
+        await self._empty(
+            "DELETE", self._url("operations", self._operation(operation_id)), ok=(202, 200, 204)
+        )
+
+    def events(
+        self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent]:
+        return self._follow_events(self._operation(operation_id), follow=follow, spid=spid, since=since)
+
+    async def _follow_events(
+        self, operation_id: str, *, follow: bool, spid: int | None, since: int | None
+    ) -> AsyncIterator[api.OperationEvent]:
+        """Events with transparent resumption: reconnects from the last id after drops and `sse_error`."""
+        last_id = since
+        failures = 0
+        while True:
+            response = await self._open_event_stream(operation_id, follow=follow, spid=spid, last_id=last_id)
+            broken = completed = False
+            try:
+                parser = SseParser()
+                async for chunk in response.content.iter_any():
+                    for frame in parser.feed(chunk):
+                        if frame.event == "sse_error":
+                            log.debug("event stream of %s: server error: %s", operation_id, frame.data)
+                            broken = True
+                            continue
+                        try:
+                            event = _event_decoder.decode(frame.data)
+                        except msgspec.MsgspecError:
+                            log.debug("event stream of %s: undecodable frame skipped", operation_id)
+                            continue
+                        if last_id is not None and event.id <= last_id:
+                            continue  # a replay after reconnecting
+                        last_id = event.id
+                        failures = 0
+                        yield event
+                        completed = completed or event.type == "completion"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.debug("event stream of %s dropped: %s", operation_id, exc or type(exc).__name__)
+                broken = True
+            finally:
+                response.release()
+            if completed or (not broken and not follow):
+                return
+            if not broken:
+                # A follow stream closed without `completion` (spid filter, proxy cut): finish only once
+                # the operation is terminal, after one last non-follow read of the retained tail.
+                status = (await self.get_operation(operation_id)).status
+                if status in api.TERMINAL_STATUSES:
+                    follow = False
+                    continue
+            failures += 1
+            if failures > self.retries:
+                raise Unavailable(f"event stream of {operation_id} keeps failing; last event id {last_id}")
+            await asyncio.sleep(self._delay(failures - 1, None))
+
+    async def _open_event_stream(
+        self, operation_id: str, *, follow: bool, spid: int | None, last_id: int | None
+    ) -> aiohttp.ClientResponse:
+        """One SSE request; `_request` retries 425 and 5xx, and 410 is retried here after Retry-After."""
+        params: dict[str, str] = {}
+        if follow:
+            params["follow"] = "1"
+        if spid is not None:
+            params["spid"] = str(spid)
+        headers = {"Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-Id"] = str(last_id)
+        url = self._url("operations", operation_id, "events")
+        attempt = 0
+        while True:
+            try:
+                return await self._request(
+                    "GET", url, params=params, idempotent=True, stream=True, headers=headers
+                )
+            except BackendError as exc:
+                # 410 on events = live stream over, durable log not ready yet (§14 #19): retry later.
+                if exc.status != 410 or attempt >= self.retries:
+                    raise
+                await asyncio.sleep(self._delay(attempt, exc.retry_after))
+                attempt += 1
+
+    # ------------------------------------------------------------ subprocesses
+
+    async def create_subprocess(self, operation_id: str, spec: api.ExecSpec) -> int:
+        url = self._url("operations", self._operation(operation_id), "subprocesses")
+        result = await self._json(
+            api.SubprocessCreateResponse, "POST", url, payload=spec, idempotent=False, ok=(201, 200)
+        )
+        return result.spid
+
+    async def get_subprocess(self, operation_id: str, spid: int) -> api.InstanceResult:
+        url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid))
+        return await self._json(api.InstanceResult, "GET", url)
+
+    async def kill_subprocess(self, operation_id: str, spid: int, signal: str | int | None = None) -> None:
+        url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid))
+        params = {"signal": str(signal)} if signal is not None else None
+        await self._empty("DELETE", url, ok=(204, 200), params=params)
+
+    async def write_stdin(self, operation_id: str, spid: int, chunk: api.ClosableStreamRepr) -> None:
+        url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid), "stdin")
+        await self._empty("POST", url, ok=(204, 200), payload=chunk, idempotent=False)
+
+    # ------------------------------------------------------------ inspect
+
+    async def list_directory(self, image_uuid: str, path: str) -> api.DirectoryList:
+        url = self._url("inspect", self._image(image_uuid), "list")
+        return await self._json(api.DirectoryList, "GET", url, params={"path": path})
+
+    async def list_directory_text(self, image_uuid: str, path: str) -> str:
+        url = self._url("inspect", self._image(image_uuid), "list")
+        response = await self._request("GET", url, params={"path": path, "text": "1"}, idempotent=True)
+        try:
+            return (await response.read()).decode("utf-8", "replace")
+        finally:
+            response.release()
+
+    def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
+        return self._stream(self._url("inspect", self._image(image_uuid), "download"), {"path": path})
+
+    async def check_file(self, image_uuid: str, path: str) -> None:
+        url = self._url("inspect", self._image(image_uuid), "download")
+        await self._empty("HEAD", url, ok=(200,), params={"path": path})
+
+    def archive(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
+        return self._stream(self._url("inspect", self._image(image_uuid), "archive"), {"path": path})
+
+    async def check_archive(self, image_uuid: str, path: str) -> None:
+        url = self._url("inspect", self._image(image_uuid), "archive")
+        await self._empty("HEAD", url, ok=(200,), params={"path": path})
+
+    async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult:
+        params: list[tuple[str, str]] = [("pattern", p) for p in query.pattern]
+        params += [("path", p) for p in query.path]
+        params += [("glob", g) for g in query.glob]
+        if query.max_count is not None:
+            params.append(("max_count", str(query.max_count)))
+        params += [
+            ("max_total", str(query.max_total)),
+            ("case", query.case),
+            ("before", str(query.before)),
+            ("after", str(query.after)),
+        ]
+        url = self._url("inspect", self._image(image_uuid), "grep")
+        return await self._json(api.GrepResult, "GET", url, params=params)
+
+    async def whoami(self) -> api.WhoAmIResponse:
+        return await self._json(api.WhoAmIResponse, "GET", self._url("whoami"))

@@ -1,0 +1,5 @@
+"""The Contree REST API served over aiohttp.web for any `Backend` (`build_app`, `main`)."""
+
+from contree.rest.app import build_app
+
+__all__ = ["build_app"]
