@@ -1,0 +1,291 @@
+"""The REST server's HTTP surface: statuses, headers, bodies and SSE framing as the spec states."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import msgspec
+import pytest
+
+from contree import api
+from contree.rest.sse import SseParser
+from tests.rest.conftest import TOKEN
+from tests.rest.fake_backend import FakeBackend
+
+SPAWN = {"command": "echo hi", "image": "tag:busybox:latest"}
+
+
+async def error_of(response: aiohttp.ClientResponse) -> api.Error:
+    assert response.content_type == "application/json"
+    error = msgspec.json.decode(await response.read(), type=api.Error)
+    assert error.status == response.status and error.traceback is None
+    return error
+
+
+async def test_auth_required_both_styles(base_url: str) -> None:
+    async with aiohttp.ClientSession(base_url=base_url) as anon:
+        async with anon.get("/v1/whoami") as r:
+            assert r.status == 401
+            assert "token" in (await error_of(r)).message()
+        async with anon.get("/v1/whoami", headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with anon.get("/v1/whoami", headers={"Authorization": f"Basic {TOKEN}"}) as r:
+            assert r.status == 401
+        # JWT style: bearer only.
+        async with anon.get("/v1/whoami", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 200
+        # IAM style: bearer + Project.
+        headers = {"Authorization": f"Bearer {TOKEN}", "Project": "project-e00x"}
+        async with anon.get("/v1/whoami", headers=headers) as r:
+            assert r.status == 200
+
+
+async def test_spawn_201_location_and_unknown_fields(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        assert r.status == 201
+        body = await r.json()
+        assert r.headers["Location"] == f"/v1/operations/{body['uuid']}"
+        assert body["image"] == fake.base_uuid and body["result"] is None
+        assert "stdin" not in body and "timeout" not in body  # absent, never null (not nullable)
+    async with http.post("/v1/instances", json={**SPAWN, "bogus": 1}) as r:
+        assert r.status == 400
+        assert "bogus" in (await error_of(r)).message()
+    async with http.post("/v1/instances", json={"command": "x"}) as r:
+        assert r.status == 400 and "image" in (await error_of(r)).message()
+    async with http.post(
+        "/v1/instances", data=b"{not json", headers={"Content-Type": "application/json"}
+    ) as r:
+        assert r.status == 400
+    async with http.post("/v1/instances", json={**SPAWN, "cwd": "relative"}) as r:
+        assert r.status == 400
+    async with http.post("/v1/instances", json={**SPAWN, "truncate_output_at": 10485761}) as r:
+        assert r.status == 400
+    assert fake.spawn_calls == 1
+
+
+async def test_operation_status_retry_after_and_cancel(
+    http: aiohttp.ClientSession, fake: FakeBackend
+) -> None:
+    fake.hold.clear()
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    async with http.get(f"/v1/operations/{op}", params={"inflight": ""}) as r:
+        assert r.status == 200 and int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["status"] == "EXECUTING"
+    async with http.get(f"/v1/operations/{op}", params={"inflight": "maybe"}) as r:
+        assert r.status == 400
+    async with http.delete(f"/v1/operations/{op}") as r:
+        assert r.status == 202
+    async with http.delete(f"/v1/operations/{op}") as r:
+        assert r.status == 409
+        await error_of(r)
+    async with http.get("/v1/operations/not-a-uuid") as r:
+        assert r.status == 400
+    async with http.get("/v1/operations/11111111-2222-3333-4444-555555555555") as r:
+        assert r.status == 404
+        assert "not found" in (await error_of(r)).message()
+    async with http.get("/v1/operations", params={"status": "cancelled"}) as r:
+        assert r.status == 200
+        assert [o["uuid"] for o in await r.json()] == [op]  # bare array, lowercase accepted
+    fake.hold.set()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "0"},
+        {"limit": "1001"},
+        {"limit": "x"},
+        {"offset": "-1"},
+        {"status": "RUNNING"},
+        {"kind": "vm"},
+    ],
+)
+async def test_list_parameter_validation(http: aiohttp.ClientSession, query: dict[str, str]) -> None:
+    async with http.get("/v1/operations", params=query) as r:
+        assert r.status == 400
+        await error_of(r)
+
+
+async def test_images_flags_and_tags(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    untagged = fake.add_image(None, {})
+    async with http.get("/v1/images?tagged") as r:
+        assert [i["uuid"] for i in (await r.json())["images"]] == [fake.base_uuid]
+    async with http.get("/v1/images?tagged=0") as r:
+        assert len((await r.json())["images"]) == 2
+    async with http.get("/v1/images", params={"limit": "1000", "offset": "0", "kind": "1", "junk": "x"}) as r:
+        assert r.status == 200  # unknown parameters are ignored
+    async with http.patch(f"/v1/images/{untagged.uuid}/tag", json={"tag": "mine:1"}) as r:
+        assert r.status == 200 and (await r.json())["tag"] == "mine:1"
+    async with http.patch(f"/v1/images/{untagged.uuid}/tag", json={}) as r:
+        assert r.status == 400
+    async with http.delete(f"/v1/images/{untagged.uuid}/tag", params={"tag": "mine:1"}) as r:
+        assert r.status == 204 and await r.read() == b""
+    async with http.delete("/v1/images/garbage/tag") as r:
+        assert r.status == 404
+
+
+async def test_import_201_location(http: aiohttp.ClientSession) -> None:
+    async with http.post("/v1/images/import", json={"registry": {"url": "docker://busybox"}}) as r:
+        assert r.status == 201
+        op = (await r.json())["uuid"]
+        assert r.headers["Location"] == f"/v1/operations/{op}"
+
+
+async def test_inspect_redirects(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    async with http.get("/v1/inspect", allow_redirects=False) as r:
+        assert r.status == 307 and r.headers["Location"] == "/v1/inspect/"
+    async with http.get(f"/v1/inspect/{fake.base_uuid}", allow_redirects=False) as r:
+        assert r.status == 307 and r.headers["Location"] == f"/v1/inspect/{fake.base_uuid}/"
+    async with http.get("/v1/inspect/", params={"tag": "busybox:latest"}, allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == f"/v1/inspect/{fake.base_uuid}/"
+    async with http.get("/v1/inspect/", params={"tag": "busybox:latest"}) as r:
+        assert r.status == 200 and (await r.json())["uuid"] == fake.base_uuid
+    async with http.get("/v1/inspect/", params={"tag": "nope"}, allow_redirects=False) as r:
+        assert r.status == 404
+    async with http.get("/v1/inspect/", allow_redirects=False) as r:
+        assert r.status == 400
+
+
+async def test_inspect_download_archive_head(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    base = f"/v1/inspect/{fake.base_uuid}"
+    async with http.get(f"{base}/download", params={"path": "/etc/hosts"}) as r:
+        assert r.status == 200 and r.content_type == "application/octet-stream"
+        assert await r.read() == b"127.0.0.1 localhost\n"
+    async with http.get(f"{base}/download?path=/etc/hosts&text") as r:
+        assert r.content_type == "text/plain"
+    async with http.get(f"{base}/download", params={"path": "/etc"}) as r:
+        assert r.status == 422
+        await error_of(r)
+    async with http.get(f"{base}/download") as r:
+        assert r.status == 400
+    async with http.head(f"{base}/download", params={"path": "/etc/hosts"}) as r:
+        assert r.status == 200
+    async with http.head(f"{base}/download", params={"path": "/nope"}) as r:
+        assert r.status == 404
+    async with http.get(f"{base}/archive", params={"path": "/etc/hosts"}) as r:
+        assert r.status == 200 and r.content_type == "application/x-tar"
+        assert r.headers["Content-Disposition"] == 'attachment; filename="etc_hosts.tar"'
+    async with http.head(f"{base}/archive", params={"path": "/etc"}) as r:
+        assert r.status == 200
+    async with http.get(f"{base}/list", params={"path": "/", "text": "1"}) as r:
+        assert r.content_type == "text/plain" and (await r.text()).startswith("total")
+    async with http.get(f"{base}/list", params={"path": "/etc/hosts"}) as r:
+        assert r.status == 422
+
+
+async def test_grep_parameters(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    url = f"/v1/inspect/{fake.base_uuid}/grep"
+    async with http.get(url, params=[("pattern", "local"), ("path", "/etc")]) as r:
+        body = await r.json()
+        assert r.status == 200 and body["matches"][0]["path"] == "/etc/hosts"
+    for bad in (
+        [],
+        [("pattern", "x")] * 17,
+        [("pattern", "x"), ("before", "51")],
+        [("pattern", "x"), ("case", "up")],
+    ):
+        async with http.get(url, params=bad) as r:
+            assert r.status == 400, bad
+
+
+async def test_files_head_and_get(http: aiohttp.ClientSession) -> None:
+    async with http.post("/v1/files", data=b"abc", headers={"Content-Type": "application/octet-stream"}) as r:
+        assert r.status == 201
+        sha = (await r.json())["sha256"]
+    async with http.head(f"/v1/files/{sha}") as r:
+        assert r.status == 200
+    async with http.head(f"/v1/files/{'0' * 64}") as r:
+        assert r.status == 404
+    async with http.get(f"/v1/files/{sha}") as r:
+        assert set(await r.json()) == {"uuid", "sha256", "size", "created_at", "updated_at"}
+
+
+async def test_subprocess_routes(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    fake.hold.clear()
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    async with http.post(f"/v1/operations/{op}/subprocesses", json={"command": "ls"}) as r:
+        assert r.status == 201 and (await r.json()) == {"spid": 2}
+        assert r.headers["Location"] == f"/v1/operations/{op}/subprocesses/2"
+    async with http.post(f"/v1/operations/{op}/subprocesses", json={"command": "ls", "image": "x"}) as r:
+        assert r.status == 400  # VM-level fields are rejected on ExecSpec
+    async with http.delete(f"/v1/operations/{op}/subprocesses/2", params={"signal": "SIGTERM"}) as r:
+        assert r.status == 204
+    async with http.delete(f"/v1/operations/{op}/subprocesses/2", params={"signal": "SIGBOGUS"}) as r:
+        assert r.status == 400
+    async with http.get(f"/v1/operations/{op}/subprocesses/0") as r:
+        assert r.status == 400
+    stdin = f"/v1/operations/{op}/subprocesses/1/stdin"
+    async with http.post(stdin, json={"value": "!!", "encoding": "base64"}) as r:
+        assert r.status == 400
+    async with http.post(stdin, json={"value": "hi\n", "close": False}) as r:
+        assert r.status == 204
+    fake.hold.set()
+
+
+async def read_frames(response: aiohttp.ClientResponse) -> list[tuple[str, str | None, str]]:
+    parser = SseParser()
+    frames = []
+    async for chunk in response.content.iter_any():
+        frames += [(f.event, f.id, f.data) for f in parser.feed(chunk)]
+    return frames
+
+
+async def test_sse_frames_since_and_last_event_id(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    await asyncio.sleep(0.05)
+    async with http.get(f"/v1/operations/{op}/events") as r:
+        assert r.status == 200
+        assert r.content_type == "text/event-stream" and r.headers["Cache-Control"] == "no-cache"
+        frames = await read_frames(r)
+    assert [f[0] for f in frames] == ["init", "spawn", "stdout", "exit", "completion"]
+    for event, ident, data in frames:
+        decoded = msgspec.json.decode(data, type=api.OperationEvent)
+        assert decoded.type == event and str(decoded.id) == ident
+    async with http.get(f"/v1/operations/{op}/events", params={"since": "2"}) as r:
+        assert [f[1] for f in await read_frames(r)] == ["3", "4"]
+    async with http.get(
+        f"/v1/operations/{op}/events", params={"since": "0"}, headers={"Last-Event-Id": "3"}
+    ) as r:
+        assert [f[1] for f in await read_frames(r)] == ["4"]
+    async with http.get(f"/v1/operations/{op}/events", params={"spid": "1"}) as r:
+        assert [f[0] for f in await read_frames(r)] == ["spawn", "stdout", "exit"]
+    async with http.get(f"/v1/operations/{op}/events", params={"since": "x"}) as r:
+        assert r.status == 400
+    async with http.get(f"/v1/operations/{op}/events", headers={"Last-Event-Id": "-1"}) as r:
+        assert r.status == 400
+    async with http.get("/v1/operations/11111111-2222-3333-4444-555555555555/events") as r:
+        assert r.status == 404
+
+
+async def test_sse_follow_keepalive_then_events(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    fake.hold.clear()
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    async with http.get(f"/v1/operations/{op}/events", params={"follow": "1", "since": "1"}) as r:
+        assert r.status == 200  # headers come although no event is available yet
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+        assert first == b": keepalive\n\n"
+        fake.hold.set()
+        frames = await asyncio.wait_for(read_frames(r), 5)
+    assert [f[0] for f in frames] == ["stdout", "exit", "completion"]
+
+
+async def test_sse_too_early_keeps_its_status(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    fake.too_early.add(op)
+    async with http.get(f"/v1/operations/{op}/events") as r:
+        assert r.status == 425 and r.headers["Retry-After"] == "0"
+
+
+async def test_unknown_route_has_error_body(http: aiohttp.ClientSession) -> None:
+    async with http.get("/v1/nope") as r:
+        assert r.status == 404
+        await error_of(r)
+    async with http.put("/v1/images") as r:
+        assert r.status == 405
+        await error_of(r)
