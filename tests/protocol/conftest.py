@@ -1,0 +1,89 @@
+"""Shared helpers for the protocol tests: an in-memory harness around one ServerSession."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import pytest
+
+from protocol.conformance import build_registry
+from protocol.registry import Registry
+from protocol.server import Server, ServerSession
+
+
+class Harness:
+    """Feeds frames to one session and collects everything it sends back (decoded)."""
+
+    def __init__(self, registry: Registry | None = None, *, page_size: int = 100) -> None:
+        self.server = Server(registry or build_registry(), page_size=page_size)
+        self.session: ServerSession = self.server.create_session(transport="test")
+        self.sent: list[bytes] = []
+        self._ids = itertools.count(1)
+
+    async def sink(self, data: bytes) -> None:
+        assert b"\n" not in data, "messages must be single-line JSON"
+        self.sent.append(data)
+
+    async def send(self, message: Any) -> list[Any]:
+        """One frame (an object, a list, or raw bytes); returns the messages it caused, decoded."""
+        data = message if isinstance(message, bytes) else msgspec.json.encode(message)
+        mine: list[bytes] = []
+
+        async def sink(out: bytes) -> None:
+            await self.sink(out)
+            mine.append(out)
+
+        await self.session.dispatch(self.session.parse(data), sink)
+        return [msgspec.json.decode(b) for b in mine]
+
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """A request; returns its response (asserting exactly one response among the messages)."""
+        rid = extra.pop("id", next(self._ids))
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            msg["params"] = params
+        out = await self.send(msg)
+        responses = [m for m in out if "method" not in m]
+        assert len(responses) == 1, out
+        assert responses[0]["id"] == rid
+        return responses[0]  # type: ignore[no-any-return]
+
+    async def result(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        response = await self.request(method, params)
+        assert "result" in response, response
+        return response["result"]
+
+    async def initialize(
+        self, version: str = "2025-11-25", capabilities: dict[str, Any] | None = None
+    ) -> Any:
+        result = await self.result(
+            "initialize",
+            {
+                "protocolVersion": version,
+                "capabilities": capabilities or {},
+                "clientInfo": {"name": "pytest", "version": "1"},
+            },
+        )
+        await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return result
+
+
+def error_code(response: dict[str, Any]) -> int:
+    assert "error" in response, response
+    return response["error"]["code"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness()
+
+
+@pytest.fixture
+async def ready() -> Harness:
+    h = Harness()
+    await h.initialize()
+    return h
