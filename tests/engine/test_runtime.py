@@ -1,0 +1,197 @@
+"""SandboxRuntime: starting, feeding, waiting for, exec'ing into, killing and cleaning up sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contree.engine import hostcheck, oci_config, sandbox
+from contree.engine.hostcheck import CgroupMode, NoRuntimeAvailable
+from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture
+async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
+    async with open_runtime(mount_guard, network_mode="none") as rt:
+        yield rt
+
+
+@pytest.fixture
+def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
+    return overlay_rootfs(busybox_rootfs, mount_guard)
+
+
+# ---- host detection and config (no sandbox) ----
+
+def test_cgroup_mode_matches_the_filesystem_type() -> None:
+    mode, unified = hostcheck.cgroup_mode()
+    fstype = Path("/proc/self/mountinfo").read_text()
+    if mode is CgroupMode.V2:
+        assert unified == hostcheck.CGROUP_ROOT
+    else:
+        assert " /sys/fs/cgroup " in fstype
+        assert (unified is not None) == (mode is CgroupMode.HYBRID)
+
+
+def test_rlimits_never_exceed_the_engines_hard_limits() -> None:
+    got = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
+    assert got["RLIMIT_CORE"] == 0
+    for name, value in got.items():
+        hard = resource.getrlimit(getattr(resource, name))[1]
+        assert hard == resource.RLIM_INFINITY or value <= hard
+    assert oci_config.clamp_rlimits({"RLIMIT_NOFILE": 512})["RLIMIT_NOFILE"] == 512
+
+
+def test_config_is_hardened() -> None:
+    opts = oci_config.ConfigOptions(rootfs=Path("/r"), cgroups_path="/contree-engine/e/s/ctr",
+                                    memory_bytes=1 << 28, cpu_quota=0.5, seccomp_bpf_b64="AAAA")
+    cfg = oci_config.build_config(opts, oci_config.process_section(["true"], [], "/", 0, 0, {}))
+    caps = cfg["process"]["capabilities"]
+    assert len(caps["bounding"]) == 11 and caps["inheritable"] == caps["ambient"] == []
+    assert "CAP_SYS_ADMIN" not in caps["effective"] and "CAP_NET_RAW" not in caps["effective"]
+    assert cfg["process"]["noNewPrivileges"] is True
+    assert {n["type"] for n in cfg["linux"]["namespaces"]} == {"pid", "ipc", "uts", "mount", "cgroup",
+                                                                "network"}
+    assert cfg["linux"]["cgroupsPath"].startswith("/")
+    assert cfg["linux"]["resources"]["memory"] == {"limit": 1 << 28, "swap": 1 << 28}
+    assert cfg["linux"]["resources"]["cpu"] == {"quota": 50_000, "period": 100_000}
+    assert "/proc/sys" in cfg["linux"]["readonlyPaths"] and "/proc/kcore" in cfg["linux"]["maskedPaths"]
+    assert cfg["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert cfg["annotations"]["run.oci.seccomp_bpf_data"] == "AAAA"
+    assert next(m for m in cfg["mounts"] if m["destination"] == "/sys")["options"][-1] == "ro"
+
+
+def test_missing_runtimes_are_named_with_their_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostcheck, "find_binary", lambda name: None)
+    info = hostcheck.detect()
+    with pytest.raises(NoRuntimeAvailable, match="apt-get install crun runc"):
+        sandbox.select_runtime(info, "auto")
+    with pytest.raises(NoRuntimeAvailable, match="Debian package runsc"):
+        sandbox.select_runtime(info, "runsc")
+
+
+def test_crun_unusable_falls_back_to_runc(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = hostcheck.find_binary
+    monkeypatch.setattr(hostcheck, "find_binary", lambda name: None if name == "crun" else real(name))
+    name, binary = sandbox.select_runtime(hostcheck.detect(), "auto")
+    assert name == "runc" and binary.endswith("runc")
+
+
+# ---- running sandboxes ----
+
+async def test_echo_with_stdin_stdout_stderr_and_exit_code(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "read line; echo \"got $line\"; echo oops >&2; exit 3", stdin=b"hello\n")
+    assert r.out == "got hello\n" and r.err == "oops\n"
+    assert r.exit.exit_code == 3 and r.exit.signal is None
+
+
+async def test_env_cwd_user_and_hostname_are_applied(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, 'echo "$FOO $(pwd) $(id -u):$(id -g) $(hostname)"', env=["FOO=bar"],
+                  cwd="/tmp", uid=1000, gid=1001, hostname="box1")
+    assert r.out == "bar /tmp 1000:1001 box1\n", r.err
+
+
+async def test_resources_are_reported(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo $i")
+    assert r.out == "20000\n"
+    assert r.exit.user_time + r.exit.system_time > 0
+    assert r.exit.max_rss_kb > 0 and r.exit.duration > 0
+    assert r.exit.memory_peak_bytes and r.exit.memory_peak_bytes > 0
+    assert r.exit.cpu_usage_ns and r.exit.cpu_usage_ns > 1_000_000
+
+
+async def test_kill_ends_a_running_sandbox_with_sigkill(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "echo started; sleep 600", kill_after=0.5)
+    assert r.out == "started\n"
+    assert r.exit.signal == signal.SIGKILL and r.exit.duration < 30
+
+
+async def test_exec_runs_a_second_process_and_signals_it(runtime: SandboxRuntime, rootfs: Path) -> None:
+    sb = await runtime.start(SandboxSpec(sandbox_id="exec1", rootfs=rootfs, argv=["sleep", "600"],
+                                         stdin=False, networking=False))
+    try:
+        await asyncio.sleep(0.2)
+        p = await sb.exec(["sh", "-c", "read x; echo \"$x from $$\"; cat /proc/self/status"], env=["A=1"])
+        assert p.stdin is not None
+        p.stdin.write(b"hi\n")
+        await p.stdin.drain()
+        p.stdin.close()
+        out = (await p.stdout.read()).decode()
+        assert (await p.wait()).exit_code == 0
+        assert out.startswith("hi from ") and int(out.split()[2]) >= 2  # not the sandbox's init
+        assert "NoNewPrivs:\t1" in out and "Seccomp:\t2" in out and "CapEff:\t00000000800405fb" in out
+        q = await sb.exec(["sleep", "600"], stdin=False)
+        for _ in range(100):
+            if q.host_pid:
+                break
+            await asyncio.sleep(0.02)
+        q.signal(signal.SIGTERM)
+        res = await asyncio.wait_for(q.wait(), 10)
+        assert res.signal == signal.SIGTERM or res.exit_code == 128 + signal.SIGTERM
+    finally:
+        await sb.cleanup()
+    assert sb.bundle.exists() is False
+
+
+async def test_cleanup_is_idempotent_and_kills_a_running_sandbox(runtime: SandboxRuntime,
+                                                                  rootfs: Path) -> None:
+    sb = await runtime.start(SandboxSpec(sandbox_id="c1", rootfs=rootfs, argv=["sleep", "600"],
+                                         networking=False))
+    await asyncio.sleep(0.2)
+    assert runtime.cgroups.procs("c1")
+    await sb.cleanup()
+    await sb.cleanup()
+    assert not runtime.cgroups.exists("c1")
+    assert (await sb.wait()).signal == signal.SIGKILL
+
+
+async def test_same_sandbox_id_cannot_run_twice(runtime: SandboxRuntime, rootfs: Path) -> None:
+    sb = await runtime.start(SandboxSpec(sandbox_id="dup", rootfs=rootfs, argv=["sleep", "600"],
+                                         networking=False))
+    try:
+        with pytest.raises(ValueError, match="already running"):
+            await runtime.start(SandboxSpec(sandbox_id="dup", rootfs=rootfs, argv=["true"]))
+    finally:
+        await sb.cleanup()
+
+
+async def test_runtime_files_are_bound_not_written_into_the_image(runtime: SandboxRuntime, rootfs: Path,
+                                                                   busybox_rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "cat /etc/hostname; echo x >> /etc/hosts; echo done",
+                  hostname="h2")
+    assert r.out == "h2\ndone\n"
+    upper = rootfs.parent / "upper"
+    assert not (upper / "etc").exists(), list(upper.rglob("*"))
+
+
+async def test_runc_runs_the_same_hardened_bundle(mount_guard: Path, rootfs: Path) -> None:
+    async with open_runtime(mount_guard, runtime="runc", network_mode="none") as rt:
+        r = await run(rt, rootfs, "grep -e CapEff -e NoNewPrivs -e '^Seccomp:' /proc/self/status; exit 4")
+    assert r.exit.exit_code == 4
+    assert "CapEff:\t00000000800405fb" in r.out and "NoNewPrivs:\t1" in r.out and "Seccomp:\t2" in r.out
+
+
+async def test_parallel_sandboxes_do_not_interfere(runtime: SandboxRuntime, busybox_rootfs: Path,
+                                                   mount_guard: Path) -> None:
+    roots = [overlay_rootfs(busybox_rootfs, mount_guard) for _ in range(6)]
+    results = await asyncio.gather(*(run(runtime, r, f"echo {i} > /tmp/me; sleep 0.2; cat /tmp/me")
+                                     for i, r in enumerate(roots)))
+    assert [r.out for r in results] == [f"{i}\n" for i in range(6)]
+
+
+def test_config_json_is_valid_for_crun(tmp_path: Path) -> None:
+    opts = oci_config.ConfigOptions(rootfs=tmp_path, cgroups_path="/x/y")
+    text = json.dumps(oci_config.build_config(opts, oci_config.process_section(["a"], ["B=1"], "", 5, 6, {})))
+    cfg = json.loads(text)
+    assert cfg["process"]["cwd"] == "/" and cfg["process"]["user"] == {"uid": 5, "gid": 6,
+                                                                       "additionalGids": []}
+    assert cfg["process"]["env"][0].startswith("PATH=")

@@ -1,0 +1,111 @@
+"""Helpers shared by the runtime, isolation and network tests (no tests here).
+
+Every runtime is opened through `open_runtime`, which closes it and then asserts that nothing it created
+is left on the host: iptables chains, cgroups, network namespaces, veths, runtime state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from contree.engine.network import NETNS_DIR, NetworkInfo
+from contree.engine.overlay import mount_overlay
+from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
+from tests.engine.conftest import require_binary, require_root
+
+
+def require_runtime_prereqs() -> None:
+    require_root()
+    require_binary("crun", "crun")
+    require_binary("runc", "runc")
+    require_binary("ip", "iproute2")
+    require_binary("iptables-restore", "iptables")
+
+
+def leftovers(rt: SandboxRuntime) -> list[str]:
+    found = []
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    found += [f"iptables chain {c}" for c in rt.network.chains() if c in rules]
+    if rt.cgroups.exists(None):
+        found.append(f"cgroup {rt.cgroups.parent}")
+    if NETNS_DIR.is_dir():
+        found += [f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith(f"contree-{rt.network.tag}-")]
+    if rt.root_dir.exists():
+        found.append(f"runtime state {rt.root_dir}")
+    deadline = time.monotonic() + 3
+    while True:  # veth pairs disappear asynchronously once their namespace is freed
+        links = [n for n in os.listdir("/sys/class/net") if n.startswith(rt.network.if_prefix)]
+        if not links or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    found += [f"veth {n}" for n in links]
+    return found
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(state: Path, **config: Any) -> AsyncIterator[SandboxRuntime]:
+    require_runtime_prereqs()
+    rt = await SandboxRuntime.create(RuntimeConfig(state_dir=state / "runtime", **config))
+    try:
+        yield rt
+    finally:
+        await rt.close()
+        left = leftovers(rt)
+        assert not left, f"left behind after close: {left}"
+
+
+def overlay_rootfs(lower: Path, tmp: Path) -> Path:
+    """A writable overlay over `lower` (the caller's `mount_guard` unmounts it)."""
+    box = tmp / f"box-{uuid.uuid4().hex[:8]}"
+    upper, work, merged = box / "upper", box / "work", box / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    mount_overlay([lower], upper, work, merged)
+    return merged
+
+
+class Result(msgspec.Struct, kw_only=True):
+    exit: SandboxExit
+    out: str
+    err: str
+    network: NetworkInfo
+
+
+async def run(rt: SandboxRuntime, rootfs: Path, script: str, *, stdin: bytes | None = None,
+              kill_after: float | None = None, wait_timeout: float = 60, **spec: Any) -> Result:
+    """Run `sh -c script` to completion (or kill it after `kill_after` s) and clean the sandbox up."""
+    sandbox = await rt.start(SandboxSpec(sandbox_id=f"t{uuid.uuid4().hex[:10]}", rootfs=rootfs,
+                                         argv=["sh", "-c", script], stdin=stdin is not None, **spec))
+    try:
+        if sandbox.stdin is not None:
+            if stdin:
+                sandbox.stdin.write(stdin)
+                await sandbox.stdin.drain()
+            sandbox.stdin.close()
+        waiter = asyncio.ensure_future(asyncio.gather(sandbox.stdout.read(), sandbox.stderr.read(),
+                                                      sandbox.wait()))
+        if kill_after is not None:
+            done, _ = await asyncio.wait({waiter}, timeout=kill_after)
+            if not done:
+                await sandbox.kill()
+        out, err, exit_ = await asyncio.wait_for(waiter, wait_timeout)
+        return Result(exit=exit_, out=out.decode(errors="replace"), err=err.decode(errors="replace"),
+                      network=msgspec.structs.replace(sandbox.network))
+    finally:
+        await sandbox.cleanup()
+
+
+def fail_unless(cond: bool, message: str) -> None:
+    if not cond:
+        pytest.fail(message)
