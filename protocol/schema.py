@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 import msgspec
@@ -31,11 +33,20 @@ def output_schema(tp: Any, *, wrap: bool) -> dict[str, Any]:
     """The structuredContent schema: a Struct's own schema, or {"result": <schema>} for anything else."""
     if not wrap:
         return input_schema(tp)
-    (inner,), defs = msgspec.json.schema_components([tp], ref_template=_REF)
+    members = _union_members(tp)
+    schemas, defs = msgspec.json.schema_components(members, ref_template=_REF)
+    # msgspec refuses untagged unions of Structs, so a union is described member by member.
+    inner = schemas[0] if len(schemas) == 1 else {"anyOf": list(schemas)}
     out: dict[str, Any] = {"type": "object", "properties": {"result": inner}, "required": ["result"]}
     if defs:
         out["$defs"] = defs
     return out
+
+
+def _union_members(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return list(typing.get_args(tp))
+    return [tp]
 
 
 def _refers_to(defs: dict[str, Any], ref: str) -> bool:
