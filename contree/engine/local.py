@@ -1,0 +1,486 @@
+"""`LocalEngine`: the embedded engine behind the `Backend` interface.
+
+Wiring only: the store (images, layers), blobs (uploaded files), the operation log and queue, the
+sandbox runtime and the inspect resolver are separate modules; the life of one instance is
+`spawn_run.InstanceRun`. Everything runs on the caller's event loop; blocking filesystem work goes to
+threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contree import api
+from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.engine import spawn
+from contree.engine.operations import Job, OperationQueue
+from contree.engine.oplog import (
+    ASSIGNED,
+    CANCELLED,
+    EXECUTING,
+    FAILED,
+    SUCCESS,
+    OperationLog,
+    OpRecord,
+    completion_data,
+    fold_process,
+)
+from contree.engine.spawn_run import InstanceRun, result_from_fold
+from contree.engine.store import Store
+from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
+from contree.timeparse import isoformat
+
+log = logging.getLogger(__name__)
+
+
+class EngineLimits(msgspec.Struct, kw_only=True):
+    instance_max_timeout: int = 3600
+    instance_max_concurrency: int = max(4, 2 * (os.cpu_count() or 1))
+    images_import_max_concurrency: int = 2
+    images_import_max_timeout: int = 3600
+
+
+class LocalEngine:
+    """One Contree namespace served by crun + overlayfs on this machine."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        runtime_config: Any = None,
+        limits: EngineLimits | None = None,
+    ) -> None:
+        self.home = Path(home)
+        self.limits = limits or EngineLimits()
+        self.runtime_config = runtime_config
+        self.store: Store | None = None
+        self.oplog: OperationLog | None = None
+        self.queue: OperationQueue | None = None
+        self.runtime: Any = None
+        self.blobs: Any = None
+        self._runs: dict[str, InstanceRun] = {}
+        self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the store and the operation log, recover from a previous crash, start the runtime."""
+        from contree.engine.sandbox import SandboxRuntime
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.store = await asyncio.to_thread(Store, self.home)
+        self.oplog = OperationLog(self.home)
+        interrupted = self.oplog.recover()
+        if interrupted:
+            log.warning("marked %d interrupted operations FAILED", len(interrupted))
+        self.runtime = await SandboxRuntime.create(self._runtime_config())
+        await asyncio.to_thread(self._recover_host_state)
+        try:
+            from contree.engine.blobs import BlobStore
+        except ImportError:  # TODO(ops): blobs.py lands with the store engineer
+            self.blobs = None
+        else:
+            self.blobs = BlobStore(self.home / "blobs")
+        self.queue = OperationQueue({
+            "instance": self.limits.instance_max_concurrency,
+            "image_import": self.limits.images_import_max_concurrency,
+        })
+
+    def _runtime_config(self) -> Any:
+        from contree.engine.sandbox import RuntimeConfig
+
+        if self.runtime_config is not None:
+            return self.runtime_config
+        return RuntimeConfig(state_dir=self.home / "runtime")
+
+    def _recover_host_state(self) -> None:
+        assert self.store is not None
+        cleanup = getattr(self.runtime, "recover", None)
+        if cleanup is not None:
+            cleanup()
+        self.store.recover()
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        close_runtime = getattr(self.runtime, "close", None)
+        if close_runtime is not None:
+            res = close_runtime()
+            if asyncio.iscoroutine(res):
+                await res
+        if self.oplog is not None:
+            self.oplog.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def __aenter__(self) -> LocalEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _parts(self) -> tuple[Store, OperationLog, OperationQueue]:
+        if self.store is None or self.oplog is None or self.queue is None:
+            raise RuntimeError("LocalEngine.start() was not awaited")
+        return self.store, self.oplog, self.queue
+
+    # ------------------------------------------------------------------ images and tags
+
+    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+        store, _, _ = self._parts()
+        return [r.to_api() for r in store.list(query)]
+
+    async def get_image(self, image_uuid: str) -> api.Image:
+        store, _, _ = self._parts()
+        return store.get(_check_uuid(image_uuid, "image")).to_api()
+
+    async def resolve_tag(self, tag: str) -> str:
+        store, _, _ = self._parts()
+        return store.resolve_tag(tag.removeprefix("tag:"))
+
+    async def set_tag(self, image_uuid: str, tag: str) -> api.Image:
+        store, _, _ = self._parts()
+        return store.set_tag(_check_uuid(image_uuid, "image"), tag).to_api()
+
+    async def delete_tag(self, image_uuid: str, tag: str | None = None) -> None:
+        store, _, _ = self._parts()
+        store.delete_tag(_check_uuid(image_uuid, "image"), tag)
+
+    async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
+        """Parent, children, ancestors (nearest first), root and depth of an image (for the tools)."""
+        store, _, _ = self._parts()
+        chain = store.lineage(_check_uuid(image_uuid, "image"))
+        children = store.children(image_uuid)
+        return {
+            "uuid": image_uuid,
+            "parent": chain[1].to_api() if len(chain) > 1 else None,
+            "children": [c.to_api() for c in children],
+            "ancestors": [r.to_api() for r in chain[1:]],
+            "root": chain[-1].to_api(),
+            "depth": len(chain) - 1,
+        }
+
+    async def _resolve_source(self, source: str) -> str:
+        store, _, _ = self._parts()
+        if source.startswith("tag:"):
+            return store.resolve_tag(source[4:])
+        store.get(source)
+        return source
+
+    async def import_image(self, request: api.ImageImportRequest) -> str:
+        _, oplog, queue = self._parts()
+        if not request.registry.url:
+            raise BadRequest("registry.url is required")
+        if request.timeout < 1:
+            raise BadRequest("timeout must be at least 1 second")
+        meta = api.metadata_from(api.ImageImportMetadata.masked(request))
+        record = oplog.create("image_import", image_uuid=None, metadata=meta)
+        queue.submit(record.uuid, "image_import", lambda job: self._run_import(job, request),
+                     self._dropped)
+        return record.uuid
+
+    async def _run_import(self, job: Job, request: api.ImageImportRequest) -> None:
+        from contree.oci import importer
+
+        store, oplog, _ = self._parts()
+        record = oplog.get(job.op_uuid)
+        record.status = EXECUTING
+        record.started_at = time.time()
+        oplog.save(record)
+        events = oplog.open_log(record.uuid)
+        timeout = min(request.timeout, self.limits.images_import_max_timeout)
+        task = asyncio.create_task(importer.import_image(store, request, operation_id=record.uuid))
+        cancel = asyncio.create_task(job.cancelled.wait())
+        try:
+            done, _ = await asyncio.wait({task, cancel}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                image = task.result()
+                record.status = SUCCESS
+                record.result_image_uuid = image.uuid
+                record.result_tag = image.tag
+                record.image_size = image.total_size
+            else:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                if cancel in done:
+                    record.status, record.error = CANCELLED, "cancelled"
+                else:
+                    record.status, record.error = FAILED, f"import timed out after {timeout} s"
+        except Exception as exc:
+            record.status, record.error = FAILED, _error_text(exc)
+        finally:
+            cancel.cancel()
+            record.finished_at = time.time()
+            events.append("completion", completion_data(record))
+            oplog.save(record)
+            oplog.finish_log(record.uuid)
+
+    # ------------------------------------------------------------------ files
+
+    async def upload_file(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse:
+        self._parts()
+        result: api.FileResponse = await self.blobs.upload(data)
+        return result
+
+    async def get_file(self, sha256: str) -> api.File:
+        self._parts()
+        result: api.File = await asyncio.to_thread(self.blobs.get, sha256)
+        return result
+
+    async def list_files(self, query: FileQuery) -> list[api.File]:
+        self._parts()
+        result: list[api.File] = await asyncio.to_thread(self.blobs.list, query)
+        return result
+
+    # ------------------------------------------------------------------ instances
+
+    async def spawn(self, request: api.InstanceSpawnRequest) -> api.InstanceSpawnResponse:
+        _, oplog, queue = self._parts()
+        spawn.validate_request(request)
+        image_uuid = await self._resolve_source(request.image)
+        for path, entry in (request.files or {}).items():
+            if await asyncio.to_thread(self.blobs.path_for, entry.uuid) is None:
+                raise NotFound(f"files[{path!r}]: file {entry.uuid} not found (upload it first)")
+        timeout = spawn.resolve_timeout(request.timeout, self.limits.instance_max_timeout)
+        meta = api.metadata_from(api.OperationInstanceMetadata.from_request(request, image=image_uuid))
+        record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
+        run = InstanceRun(
+            engine=self, record=record, request=request, image_uuid=image_uuid, timeout=timeout,
+        )
+        self._runs[record.uuid] = run
+        queue.submit(record.uuid, "instance", self._run_instance, self._dropped)
+        return api.InstanceSpawnResponse.echo(request, uuid=record.uuid, image=image_uuid)
+
+    async def _run_instance(self, job: Job) -> None:
+        run = self._runs[job.op_uuid]
+        try:
+            await run.execute(job)
+        finally:
+            self._runs.pop(job.op_uuid, None)
+
+    def _dropped(self, job: Job) -> None:
+        """A job cancelled while still queued: CANCELLED without ever running."""
+        _, oplog, _ = self._parts()
+        self._runs.pop(job.op_uuid, None)
+        record = oplog.get(job.op_uuid)
+        if record.terminal:
+            return
+        record.status, record.error = CANCELLED, "cancelled before it started"
+        record.finished_at = time.time()
+        events = oplog.open_log(record.uuid)
+        events.append("completion", completion_data(record))
+        oplog.save(record)
+        oplog.finish_log(record.uuid)
+
+    # ------------------------------------------------------------------ operations
+
+    async def list_operations(self, query: OperationQuery) -> list[api.OperationSummary]:
+        _, oplog, _ = self._parts()
+        records = oplog.query(status=query.status, kind=query.kind, since=query.since, until=query.until,
+                              limit=query.limit, offset=query.offset)
+        return [_summary(r) for r in records]
+
+    async def get_operation(self, operation_id: str, *, inflight: bool = False) -> api.OperationResponse:
+        _, oplog, _ = self._parts()
+        record = oplog.get(_check_uuid(operation_id, "operation"))
+        response = _response(record)
+        if inflight and record.kind == "instance" and record.status in (ASSIGNED, EXECUTING):
+            folded = fold_process(oplog.read_events(record.uuid), 1)
+            if response.metadata is not None:
+                response.metadata["result"] = msgspec.to_builtins(result_from_fold(folded))
+        return response
+
+    async def cancel_operation(self, operation_id: str) -> None:
+        _, oplog, queue = self._parts()
+        record = oplog.get(_check_uuid(operation_id, "operation"))
+        if record.terminal:
+            raise Conflict(f"operation {operation_id} is already {record.status}")
+        if not queue.cancel(record.uuid):
+            raise Conflict(f"operation {operation_id} is not running in this engine")
+
+    async def events(
+        self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent]:
+        _, oplog, _ = self._parts()
+        _check_uuid(operation_id, "operation")
+        if spid is not None and spid < 0:
+            raise BadRequest("spid must be >= 0")
+        async for event in oplog.events(operation_id, follow=follow, spid=spid, since=since):
+            yield event
+
+    # ------------------------------------------------------------------ subprocesses
+
+    def _live_run(self, operation_id: str) -> InstanceRun:
+        _, oplog, _ = self._parts()
+        record = oplog.get(_check_uuid(operation_id, "operation"))
+        if record.kind != "instance":
+            raise Conflict(f"operation {operation_id} is not an instance")
+        if record.terminal:
+            raise Conflict(f"operation {operation_id} is {record.status}, not running")
+        run = self._runs.get(record.uuid)
+        if run is None or not run.started:
+            raise TooEarly(f"operation {operation_id} is not running yet", retry_after=1.0)
+        return run
+
+    async def create_subprocess(self, operation_id: str, spec: api.ExecSpec) -> int:
+        spawn.validate_exec(spec)
+        return await self._live_run(operation_id).exec(spec)
+
+    async def get_subprocess(self, operation_id: str, spid: int) -> api.InstanceResult:
+        _, oplog, _ = self._parts()
+        record = oplog.get(_check_uuid(operation_id, "operation"))
+        if spid < 1:
+            raise BadRequest("spid must be >= 1")
+        if record.status == CANCELLED:
+            raise NotFound(f"operation {operation_id} was cancelled; its processes are gone")
+        folded = fold_process(oplog.read_events(record.uuid), spid)
+        if not folded.spawned:
+            if record.status in ("PENDING", ASSIGNED):
+                raise TooEarly(f"operation {operation_id} has not started yet", retry_after=1.0)
+            raise NotFound(f"operation {operation_id} has no process {spid}")
+        return result_from_fold(folded)
+
+    async def kill_subprocess(self, operation_id: str, spid: int, signal: str | int | None = None) -> None:
+        await self._live_run(operation_id).kill(spid, signal)
+
+    async def write_stdin(self, operation_id: str, spid: int, chunk: api.ClosableStreamRepr) -> None:
+        _, oplog, _ = self._parts()
+        record = oplog.get(_check_uuid(operation_id, "operation"))
+        if record.terminal:
+            raise Gone(f"operation {operation_id} finished; there is no process to write to")
+        try:
+            data = api.decode_stream(chunk)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        await self._live_run(operation_id).write_stdin(spid, data, close=chunk.close)
+
+    # ------------------------------------------------------------------ inspect
+
+    def _image_for_inspect(self, image_uuid: str) -> Any:
+        store, _, _ = self._parts()
+        return store.get(_check_uuid(image_uuid, "image"))
+
+    async def list_directory(self, image_uuid: str, path: str) -> api.DirectoryList:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        result: api.DirectoryList = await asyncio.to_thread(inspect.list_directory, store, image, path)
+        return result
+
+    async def list_directory_text(self, image_uuid: str, path: str) -> str:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        result: str = await asyncio.to_thread(inspect.list_directory_text, store, image, path)
+        return result
+
+    async def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        async for chunk in inspect.read_file(store, image, path):
+            yield chunk
+
+    async def check_file(self, image_uuid: str, path: str) -> None:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        await asyncio.to_thread(inspect.check_file, store, image, path)
+
+    async def archive(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        async for chunk in inspect.archive(store, image, path):
+            yield chunk
+
+    async def check_archive(self, image_uuid: str, path: str) -> None:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        await asyncio.to_thread(inspect.check_archive, store, image, path)
+
+    async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult:
+        inspect = _inspect()
+        store, _, _ = self._parts()
+        image = self._image_for_inspect(image_uuid)
+        result: api.GrepResult = await inspect.grep(store, image, query)
+        return result
+
+    # ------------------------------------------------------------------ identity
+
+    async def whoami(self) -> api.WhoAmIResponse:
+        lim = self.limits
+        return api.WhoAmIResponse(
+            token_uuid=self._token,
+            token_expiration=None,
+            permissions={p: True for p in
+                         ("import", "spawn", "spawn_disposable", "list", "cancel", "set_image_tag")},
+            limits={
+                "instance_max_timeout": lim.instance_max_timeout,
+                "instance_max_concurrency": lim.instance_max_concurrency,
+                "images_import_max_concurrency": lim.images_import_max_concurrency,
+                "images_import_max_timeout": lim.images_import_max_timeout,
+            },
+            operations_stat={},
+        )
+
+    async def drain(self) -> None:
+        """Wait for every queued operation to finish (tests and benchmarks)."""
+        _, _, queue = self._parts()
+        await queue.drain()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _inspect() -> Any:
+    # The store engineer's inspect module; imported lazily so the engine starts without it.
+    return importlib.import_module("contree.engine.inspect")
+
+
+def _check_uuid(value: str, what: str) -> str:
+    try:
+        uuidlib.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise BadRequest(f"invalid {what} id {value!r}: expected a UUID") from None
+    return value
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, BackendError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _summary(record: OpRecord) -> api.OperationSummary:
+    return api.OperationSummary(
+        uuid=record.uuid, kind=record.kind,  # type: ignore[arg-type]
+        status=record.status,  # type: ignore[arg-type]
+        error=record.error, created_at=isoformat(record.created_at), duration=record.duration,
+        image_size=record.image_size, consumed_cpu=record.consumed_cpu,
+        consumed_memory=record.consumed_memory,
+        image_uuid=record.image_uuid, result_image_uuid=record.result_image_uuid,
+    )
+
+
+def _response(record: OpRecord) -> api.OperationResponse:
+    summary = _summary(record)
+    fields = msgspec.structs.asdict(summary)
+    result = None
+    if record.terminal:
+        result = api.OperationResult(image=record.result_image_uuid, tag=record.result_tag)
+    return api.OperationResponse(**fields, metadata=dict(record.metadata), result=result)

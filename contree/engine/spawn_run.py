@@ -1,0 +1,630 @@
+"""The life of one instance operation: prepare the rootfs, run spid 1, stream events, commit, clean up.
+
+`InstanceRun.execute()` is the queue's runner. It owns every resource it creates (overlay mount,
+sandbox, layer pins) and releases them in `finally`, whatever happened: exit, timeout, cancel or a
+failure to start. Subprocesses (spid ≥ 2) are exec'd into the running sandbox and recorded in the same
+event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import platform
+import signal as signals
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from contree import api
+from contree.engine import spawn
+from contree.engine.operations import Job
+from contree.engine.oplog import (
+    ASSIGNED,
+    CANCELLED,
+    EXECUTING,
+    FAILED,
+    SUCCESS,
+    EventLog,
+    FoldedProcess,
+    OpRecord,
+    StreamRecorder,
+    completion_data,
+    mask_env,
+    now_iso,
+)
+from contree.engine.overlay import mount_overlay, unmount
+from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree
+from contree.errors import BackendError, BadRequest, Conflict, NotFound
+
+if TYPE_CHECKING:
+    from contree.engine.local import LocalEngine
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = 65536
+PUMP_GRACE = 5.0  # seconds to drain pipes after the process exited (grandchildren may hold them)
+
+
+class SpawnFailed(Exception):
+    """The instance could not be started; the message is the operation's error."""
+
+
+@dataclass
+class Process:
+    """One process of the instance (spid 1 = main, ≥ 2 = exec'd)."""
+
+    spid: int
+    handle: Any
+    pid: int
+    started: float
+    stdout: StreamRecorder
+    stderr: StreamRecorder
+    stdin: StreamRecorder
+    stdin_open: bool
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    timed_out: bool = False
+    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class InstanceRun:
+    def __init__(
+        self,
+        *,
+        engine: LocalEngine,
+        record: OpRecord,
+        request: api.InstanceSpawnRequest,
+        image_uuid: str,
+        timeout: int,
+    ) -> None:
+        self.engine = engine
+        self.record = record
+        self.request = request
+        self.image_uuid = image_uuid
+        self.timeout = timeout
+        self.started = False
+        self.sandbox: Any = None
+        self.processes: dict[int, Process] = {}
+        self.next_spid = 2
+        self.deadline = 0.0
+        self.events: EventLog | None = None
+        self.main_cwd = "/"
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ main flow
+
+    async def execute(self, job: Job) -> None:
+        engine = self.engine
+        store, oplog = engine.store, engine.oplog
+        assert store is not None and oplog is not None
+        record = self.record
+        record.status = ASSIGNED
+        oplog.save(record)
+        events = self.events = oplog.open_log(record.uuid)
+        sandbox_dir = store.sandboxes_dir / record.uuid
+        image = store.get(self.image_uuid)
+        reason = "job_complete"
+        mounted = False
+        main: Process | None = None
+        try:
+            with store.pinned(image.layers):
+                try:
+                    plan = await asyncio.to_thread(self._prepare, image, sandbox_dir)
+                    mounted = True
+                    self.main_cwd = plan.cwd
+                    record.status = EXECUTING
+                    record.started_at = time.time()
+                    oplog.save(record)
+                    self.deadline = time.monotonic() + self.timeout
+                    main = await self._start_main(plan, sandbox_dir)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    raise SpawnFailed(_spawn_error(exc)) from exc
+                self.started = True
+                reason = await self._supervise(job, main)
+                exit_data = await self._finish_process(main)
+                await self._stop_sandbox()
+                await asyncio.to_thread(self._unmount, sandbox_dir)
+                mounted = False
+                result = result_from_exit(main, exit_data)
+                self._account(exit_data)
+                record.metadata["result"] = msgspec.to_builtins(result)
+                if job.cancelled.is_set() and reason == "signal":
+                    record.status, record.error = CANCELLED, "cancelled"
+                else:
+                    await self._commit(image, sandbox_dir, plan)
+                    record.status = SUCCESS
+        except SpawnFailed as exc:
+            reason = "spawn_failed"
+            record.status, record.error = FAILED, str(exc)
+            events.append("stderr", msgspec.to_builtins(api.encode_stream(f"{exc}\n".encode())), 0)
+        except LayerTooLarge as exc:
+            record.status, record.error = FAILED, exc.message
+        except asyncio.CancelledError:
+            record.status, record.error = CANCELLED, "cancelled"
+            raise
+        except Exception as exc:
+            log.exception("instance %s failed", record.uuid)
+            record.status, record.error = FAILED, f"engine error: {type(exc).__name__}: {exc}"
+        finally:
+            await self._release(sandbox_dir, mounted)
+            if record.status != SUCCESS:
+                record.result_image_uuid = None
+                record.image_size = None
+            record.finished_at = time.time()
+            events.append("shutdown", {"stopped_at": now_iso(), "reason": reason}, 0)
+            events.append("completion", completion_data(record))
+            oplog.save(record)
+            oplog.finish_log(record.uuid)
+
+    # ------------------------------------------------------------------ preparation (thread)
+
+    def _prepare(self, image: ImageRecord, sandbox_dir: Path) -> spawn.ProcessPlan:
+        """Mount the overlay, inject files, create the cwd; returns the main process plan."""
+        engine = self.engine
+        store = engine.store
+        assert store is not None
+        request = self.request
+        upper, work, rootfs = sandbox_dir / "upper", sandbox_dir / "work", sandbox_dir / "rootfs"
+        for d in (upper, work, rootfs):
+            d.mkdir(parents=True, exist_ok=True)
+        mount_overlay(store.layer_paths(image), upper, work, rootfs)
+        image_env = _env_dict(image.config.env)
+        plan = spawn.plan_process(
+            command=request.command, args=list(request.args), shell=request.shell, env=request.env,
+            cwd=request.cwd, uid=request.uid, gid=request.gid, image_env=image_env,
+            image_cwd=image.config.cwd or "/",
+        )
+        for path, entry in (request.files or {}).items():
+            blob = engine.blobs.path_for(entry.uuid)
+            if blob is None:
+                raise NotFound(f"file {entry.uuid} for {path} not found")
+            engine.blobs.inject_file(rootfs, spawn.check_file_path(path), blob,
+                                     mode=spawn.parse_mode(entry.mode), uid=entry.uid, gid=entry.gid)
+        _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
+        return plan
+
+    def _unmount(self, sandbox_dir: Path) -> None:
+        unmount(sandbox_dir / "rootfs")
+
+    # ------------------------------------------------------------------ running
+
+    async def _start_main(self, plan: spawn.ProcessPlan, sandbox_dir: Path) -> Process:
+        engine = self.engine
+        events = self.events
+        assert events is not None
+        request = self.request
+        networking = request.networking.enabled if request.networking is not None else True
+        stdin_data = api.decode_stream(request.stdin) if request.stdin is not None else b""
+        keep_open = request.stdin is not None and not request.stdin.close
+        from contree.engine.sandbox import SandboxSpec
+
+        spec = SandboxSpec(
+            sandbox_id=self.record.uuid, rootfs=sandbox_dir / "rootfs", argv=plan.argv,
+            env=[f"{k}={v}" for k, v in plan.env.items()], cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
+            hostname=request.hostname, networking=networking, stdin=bool(stdin_data) or keep_open,
+        )
+        self.sandbox = await engine.runtime.start(spec)
+        sb = self.sandbox
+        uname = platform.uname()
+        events.append("init", {
+            "started_at": now_iso(self.record.started_at), "runtime_path": str(sandbox_dir), "verbose": False,
+            "init_pid": _sandbox_pid(sb), "hostname": request.hostname,
+            "kernel": f"{uname.release} {uname.version}",
+            "machine": uname.machine, "boot_id": str(uuidlib.uuid4()),
+        }, 0)
+        if networking:
+            events.append("network", network_data(sb), 0)
+        proc = self._register(1, sb, _sandbox_pid(sb), plan, request.truncate_output_at, keep_open)
+        await self._feed_stdin(proc, stdin_data, close=not keep_open)
+        return proc
+
+    def _register(self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int,
+                  keep_open: bool) -> Process:
+        events = self.events
+        assert events is not None
+        events.append("spawn", {
+            "pid": pid, "command": plan.command, "args": plan.args, "shell": plan.shell, "cwd": plan.cwd,
+            "uid": plan.uid, "gid": plan.gid, "timeout": max(1, int(self.deadline - time.monotonic() + 0.5)),
+            "truncate_at": truncate_at, "env": mask_env(plan.env),
+        }, spid)
+        proc = Process(
+            spid=spid, handle=handle, pid=pid, started=time.monotonic(),
+            stdout=StreamRecorder(events, spid, "stdout", truncate_at),
+            stderr=StreamRecorder(events, spid, "stderr", truncate_at),
+            stdin=StreamRecorder(events, spid, "stdin", truncate_at),
+            stdin_open=handle.stdin is not None,
+        )
+        proc.pumps = [
+            asyncio.create_task(_pump(handle.stdout, proc.stdout)),
+            asyncio.create_task(_pump(handle.stderr, proc.stderr)),
+        ]
+        self.processes[spid] = proc
+        return proc
+
+    async def _feed_stdin(self, proc: Process, data: bytes, *, close: bool) -> None:
+        writer = proc.handle.stdin
+        if writer is None:
+            proc.stdin_open = False
+            return
+        async with proc.stdin_lock:
+            if data:
+                proc.stdin.feed(data)
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except (BrokenPipeError, ConnectionResetError):
+                    close = True
+            if close:
+                proc.stdin_open = False
+                proc.stdin.close()
+                with contextlib.suppress(OSError):
+                    writer.close()
+
+    async def _supervise(self, job: Job, main: Process) -> str:
+        """Wait for spid 1 to exit, the deadline or a cancel; returns the shutdown reason."""
+        waiter = asyncio.create_task(self.sandbox.wait())
+        cancel = asyncio.create_task(job.cancelled.wait())
+        try:
+            remaining = max(0.0, self.deadline - time.monotonic())
+            done, _ = await asyncio.wait({waiter, cancel}, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                return "job_complete"
+            if cancel in done:
+                await self.sandbox.kill()
+                return "signal"
+            main.timed_out = True
+            await self.sandbox.kill()
+            return "timeout"
+        finally:
+            cancel.cancel()
+            self._main_exit = waiter
+
+    async def _finish_process(self, main: Process) -> Any:
+        exit_info = await self._main_exit
+        await _drain(main)
+        data = exit_data(main, exit_info)
+        assert self.events is not None
+        self.events.append("exit", data, 1)
+        main.exited.set()
+        return exit_info
+
+    async def _stop_sandbox(self) -> None:
+        """spid 1 is gone: end every exec'd process and record their exits."""
+        for proc in list(self.processes.values()):
+            if proc.spid == 1 or proc.exited.is_set():
+                continue
+            proc.handle.signal(signals.SIGKILL)
+            await self._reap(proc)
+
+    async def _reap(self, proc: Process) -> None:
+        if proc.exited.is_set():
+            return
+        info = await proc.handle.wait()
+        await _drain(proc)
+        if proc.exited.is_set():
+            return
+        proc.exited.set()
+        assert self.events is not None
+        self.events.append("exit", exit_data(proc, info), proc.spid)
+
+    def _account(self, info: Any) -> None:
+        record = self.record
+        record.consumed_cpu = round(float(info.user_time + info.system_time), 6)
+        if info.cpu_usage_ns:
+            record.consumed_cpu = round(info.cpu_usage_ns / 1e9, 6)
+        record.consumed_memory = int(info.max_rss_kb)
+        if info.memory_peak_bytes:
+            record.consumed_memory = max(record.consumed_memory, int(info.memory_peak_bytes) // 1024)
+
+    async def _commit(self, image: ImageRecord, sandbox_dir: Path, plan: spawn.ProcessPlan) -> None:
+        """Turn the upper dir into the result image (or reuse the input image when nothing changed)."""
+        request = self.request
+        record = self.record
+        if request.disposable:
+            record.result_image_uuid = None
+            record.image_size = None
+            return
+        store = self.engine.store
+        assert store is not None
+        config = image.config
+        if request.preserve_env:
+            env = spawn.preserved_env(_env_dict(config.env), request.env)
+            config = msgspec.structs.replace(config, env=[f"{k}={v}" for k, v in env.items()])
+        if request.preserve_cwd:
+            config = msgspec.structs.replace(config, cwd=plan.cwd)
+        max_bytes = (request.resources_limits.max_layer_bytes if request.resources_limits is not None
+                     else api.DEFAULT_MAX_LAYER_BYTES)
+        upper = sandbox_dir / "upper"
+
+        def commit() -> ImageRecord | None:
+            remove_tree(sandbox_dir / "work")
+            child = store.commit_upper(upper, image, record.uuid, max_bytes,
+                                       config if config != image.config else None)
+            if child is None and config != image.config:
+                child = store.create_image_from_layer_dirs([], config=config, kind=0, source="run",
+                                                           operation_id=record.uuid, parent=image)
+            return child
+
+        child = await asyncio.to_thread(commit)
+        if child is None:
+            record.result_image_uuid = image.uuid
+            record.image_size = 0
+        else:
+            record.result_image_uuid = child.uuid
+            record.image_size = child.size
+
+    async def _release(self, sandbox_dir: Path, mounted: bool) -> None:
+        sb = self.sandbox
+        if sb is not None:
+            for proc in self.processes.values():
+                for task in proc.pumps:
+                    task.cancel()
+            try:
+                await sb.cleanup()
+            except Exception:
+                log.exception("sandbox cleanup of %s failed", self.record.uuid)
+
+        def cleanup_dirs() -> None:
+            with contextlib.suppress(OSError):
+                unmount(sandbox_dir / "rootfs")
+            try:
+                remove_tree(sandbox_dir)
+            except OSError:
+                log.exception("could not remove %s", sandbox_dir)
+
+        await asyncio.to_thread(cleanup_dirs)
+
+    # ------------------------------------------------------------------ subprocesses
+
+    async def exec(self, spec: api.ExecSpec) -> int:
+        sb = self.sandbox
+        main = self.processes.get(1)
+        if sb is None or main is None or main.exited.is_set():
+            raise Conflict(f"operation {self.record.uuid} is not running")
+        store = self.engine.store
+        assert store is not None
+        image = store.get(self.image_uuid)
+        plan = spawn.plan_process(
+            command=spec.command, args=list(spec.args), shell=spec.shell, env=spec.env, cwd=spec.cwd,
+            uid=spec.uid, gid=spec.gid, image_env=_env_dict(image.config.env),
+            image_cwd=self.main_cwd,
+        )
+        stdin_data = api.decode_stream(spec.stdin) if spec.stdin is not None else b""
+        keep_open = spec.stdin is not None and not spec.stdin.close
+        spid = self.next_spid
+        self.next_spid += 1
+        try:
+            handle = await sb.exec(argv=plan.argv, env=[f"{k}={v}" for k, v in plan.env.items()],
+                                   cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
+                                   stdin=bool(stdin_data) or keep_open)
+        except RuntimeError as exc:
+            raise Conflict(str(exc)) from None
+        pid = handle.host_pid or handle._child.pid
+        proc = self._register(spid, handle, int(pid), plan, spec.truncate_output_at, keep_open)
+        await self._feed_stdin(proc, stdin_data, close=not keep_open)
+        self._watchers.add(watcher := asyncio.create_task(self._watch(proc)))
+        watcher.add_done_callback(self._watchers.discard)
+        return spid
+
+    async def _watch(self, proc: Process) -> None:
+        try:
+            remaining = max(0.0, self.deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.handle.wait()), remaining)
+            except TimeoutError:
+                proc.timed_out = True
+                proc.handle.signal(signals.SIGKILL)
+            await self._reap(proc)
+        except Exception:
+            log.exception("subprocess %d of %s", proc.spid, self.record.uuid)
+
+    def _process(self, spid: int) -> Process:
+        proc = self.processes.get(spid)
+        if proc is None:
+            raise NotFound(f"operation {self.record.uuid} has no process {spid}")
+        return proc
+
+    async def kill(self, spid: int, sig: str | int | None) -> None:
+        number = parse_signal(sig)
+        proc = self._process(spid)
+        if proc.exited.is_set():
+            raise Conflict(f"process {spid} already exited")
+        if spid == 1:
+            await self.sandbox.kill(number)
+        else:
+            proc.handle.signal(number)
+
+    async def write_stdin(self, spid: int, data: bytes, *, close: bool) -> None:
+        proc = self._process(spid)
+        if not proc.stdin_open or proc.exited.is_set():
+            raise Conflict(f"stdin of process {spid} is closed")
+        await self._feed_stdin(proc, data, close=close)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def _pump(reader: Any, recorder: StreamRecorder) -> None:
+    if reader is None:
+        recorder.close()
+        return
+    try:
+        while True:
+            chunk = await reader.read(READ_BYTES)
+            if not chunk:
+                break
+            recorder.feed(chunk)
+    finally:
+        recorder.close()
+
+
+async def _drain(proc: Process) -> None:
+    if not proc.pumps:
+        return
+    _done, pending = await asyncio.wait(proc.pumps, timeout=PUMP_GRACE)
+    for task in pending:
+        task.cancel()
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.stdin.close()
+
+
+def _env_dict(env: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _make_dirs(rootfs: Path, path: str, *, uid: int, gid: int) -> None:
+    """mkdir -p `path` inside `rootfs` without ever following a symlink out of it."""
+    from contree.oci.openat2 import RESOLVE_IN_ROOT, openat2
+
+    parts = [p for p in path.split("/") if p and p != "."]
+    fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if part == "..":
+                raise BadRequest(f"cwd {path!r} must not contain '..'")
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                os.chown(part, uid, gid, dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            nxt = openat2(fd, part, os.O_RDONLY | os.O_DIRECTORY, RESOLVE_IN_ROOT)
+            os.close(fd)
+            fd = nxt
+    except NotADirectoryError:
+        raise SpawnFailed(f"cwd {path!r} is not a directory in the image") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise SpawnFailed(f"cwd {path!r} is not a directory in the image") from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _spawn_error(exc: BaseException) -> str:
+    if isinstance(exc, BackendError):
+        return f"spawn failed: {exc.message}"
+    if isinstance(exc, SpawnFailed):
+        return str(exc)
+    return f"spawn failed: {exc}"
+
+
+def parse_signal(sig: str | int | None) -> int:
+    """`15`, `TERM`, `SIGTERM` → 15; None → SIGKILL."""
+    if sig is None or sig == "":
+        return int(signals.SIGKILL)
+    if isinstance(sig, int) or (isinstance(sig, str) and sig.strip().isdigit()):
+        number = int(sig)
+        if number < 1 or number > 64:
+            raise BadRequest(f"invalid signal {sig!r}")
+        return number
+    name = sig.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signals.Signals[name])
+    except KeyError:
+        raise BadRequest(f"unknown signal {sig!r}") from None
+
+
+def network_data(sb: Any) -> dict[str, Any]:
+    """The `network` event payload from the runtime's NetworkInfo."""
+    info = sb.network
+    interfaces = [msgspec.convert(msgspec.to_builtins(i), api.NetworkInterface) for i in info.interfaces]
+    configured = {k: v for k, v in msgspec.to_builtins(info.configured).items() if v}
+    data: dict[str, Any] = {"interfaces": msgspec.to_builtins(interfaces), "configured": configured}
+    if info.error:
+        data["error"] = info.error
+    return data
+
+
+def _sandbox_pid(sb: Any) -> int:
+    pid = getattr(sb, "pid", None) or sb._child.pid
+    return int(pid)
+
+
+_EMPTY_RESOURCES = {
+    "user_time_us": 0, "sys_time_us": 0, "max_rss_kb": 0, "shared_memory": 0, "unshared_memory": 0,
+    "swaps": 0,
+    "minor_faults": 0, "major_faults": 0, "voluntary_ctx_switches": 0, "involuntary_ctx_switches": 0,
+    "block_input_ops": 0, "block_output_ops": 0, "ipc_msgs_sent": 0, "ipc_msgs_received": 0,
+    "signals_received": 0,
+}
+
+
+def exit_data(proc: Process, info: Any) -> dict[str, Any]:
+    """The `exit` event payload from whatever the runtime reported."""
+    code = getattr(info, "exit_code", None)
+    sig = getattr(info, "signal", None)
+    code = -1 if code is None else int(code)
+    sig = -1 if sig is None or sig <= 0 else int(sig)
+    if sig > 0:
+        code = -1
+    resources = dict(_EMPTY_RESOURCES)
+    if hasattr(info, "user_time"):  # SandboxExit (main process); exec'd processes report no rusage
+        resources.update(
+            user_time_us=int(info.user_time * 1e6), sys_time_us=int(info.system_time * 1e6),
+            max_rss_kb=int(info.max_rss_kb), minor_faults=int(info.minor_faults),
+            major_faults=int(info.major_faults), voluntary_ctx_switches=int(info.voluntary_switches),
+            involuntary_ctx_switches=int(info.involuntary_switches), block_input_ops=int(info.inblock),
+            block_output_ops=int(info.oublock),
+        )
+    return {
+        "pid": proc.pid, "code": code, "signal": sig, "core_dump": bool(getattr(info, "core_dump", False)),
+        "timed_out": proc.timed_out, "duration_ms": int((time.monotonic() - proc.started) * 1000),
+        "resources": resources,
+    }
+
+
+def result_from_exit(proc: Process, info: Any) -> api.InstanceResult:
+    data = exit_data(proc, info)
+    folded = FoldedProcess(
+        spawned=True, pid=proc.pid, stdout=bytes(proc.stdout.captured), stderr=bytes(proc.stderr.captured),
+        stdout_truncated=proc.stdout.truncated, stderr_truncated=proc.stderr.truncated, exit=data,
+    )
+    return result_from_fold(folded)
+
+
+def result_from_fold(folded: FoldedProcess) -> api.InstanceResult:
+    """`InstanceResult` of one process from its events (running processes get -1 and zero resources)."""
+    state = api.ProcessState(pid=max(folded.pid, 0))
+    resources = api.InstanceResources()
+    ex = folded.exit
+    if ex is not None:
+        state.exit_code = int(ex.get("code", -1))
+        state.signal = int(ex.get("signal", -1))
+        state.timed_out = bool(ex.get("timed_out", False))
+        state.core_dump = bool(ex.get("core_dump", False))
+        r = ex.get("resources") or {}
+        resources = api.InstanceResources(
+            block_input=r.get("block_input_ops", 0), block_output=r.get("block_output_ops", 0),
+            elapsed_time=ex.get("duration_ms", 0) / 1000,
+            involuntary_switches=r.get("involuntary_ctx_switches", 0),
+            max_rss=r.get("max_rss_kb", 0), monotonic_time=ex.get("duration_ms", 0) / 1000,
+            page_faults=r.get("minor_faults", 0), page_faults_io=r.get("major_faults", 0),
+            shared_memory=r.get("shared_memory", 0), signals=r.get("signals_received", 0),
+            swaps=r.get("swaps", 0), system_cpu_time=r.get("sys_time_us", 0) / 1e6,
+            unshared_memory=r.get("unshared_memory", 0), user_cpu_time=r.get("user_time_us", 0) / 1e6,
+            voluntary_switches=r.get("voluntary_ctx_switches", 0),
+        )
+    return api.InstanceResult(
+        resources=resources, state=state,
+        stdout=api.encode_stream(folded.stdout, folded.stdout_truncated),
+        stderr=api.encode_stream(folded.stderr, folded.stderr_truncated),
+    )

@@ -1,0 +1,117 @@
+"""The `backend` fixture of the Backend contract suite.
+
+Param "local" is a `LocalEngine` in `tmp_path`; other params (e.g. "remote" = RemoteBackend → REST
+server → LocalEngine) wrap the same engine, so every contract test runs against each. Each backend
+starts with one image tagged `busybox:latest` (`busybox` fixture = its UUID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contree import api
+from contree.backend import Backend
+from contree.engine.bootstrap import build_busybox_rootfs
+from contree.engine.local import LocalEngine
+from contree.engine.store import ImageConfig
+
+BUSYBOX_TAG = "busybox:latest"
+
+
+def require_engine_host() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the contract suite runs the embedded engine and needs root")
+    for binary, package in (("crun", "crun"), ("busybox", "busybox-static")):
+        if shutil.which(binary) is None and not Path(f"/bin/{binary}").exists():
+            pytest.fail(f"{binary} not found: install the Debian package {package}")
+
+
+@pytest.fixture(scope="session")
+def busybox_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_engine_host()
+    root = tmp_path_factory.mktemp("contract-busybox") / "rootfs"
+    build_busybox_rootfs(root)
+    return root
+
+
+def seed_busybox(engine: LocalEngine, tree: Path) -> str:
+    """Register a copy of the busybox tree as `busybox:latest` in the engine's store; returns its UUID."""
+    store = engine.store
+    assert store is not None
+    stage = store.staging_dir("seed")
+    layer = stage / "layer"
+    shutil.copytree(tree, layer, symlinks=True)
+    image = store.create_image_from_layer_dirs(
+        [layer], config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_VAR=from-image"]),
+        tag=BUSYBOX_TAG,
+    )
+    shutil.rmtree(stage, ignore_errors=True)
+    return image.uuid
+
+
+async def local_engine(home: Path, tree: Path) -> LocalEngine:
+    engine = LocalEngine(home)
+    await engine.start()
+    seed_busybox(engine, tree)
+    return engine
+
+
+@pytest.fixture(params=["local"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, busybox_tree: Path
+) -> AsyncIterator[Backend]:
+    engine = await local_engine(tmp_path / "home", busybox_tree)
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+@pytest.fixture
+async def busybox(backend: Backend) -> str:
+    return await backend.resolve_tag(BUSYBOX_TAG)
+
+
+async def wait_done(backend: Backend, op: str, limit: float = 60) -> api.OperationResponse:
+    """Follow the event log to `completion`, then read the operation."""
+
+    async def follow() -> None:
+        async for event in backend.events(op, follow=True):
+            if event.type == "completion":
+                return
+
+    await asyncio.wait_for(follow(), limit)
+    resp = await backend.get_operation(op)
+    assert resp.status in api.TERMINAL_STATUSES, resp
+    return resp
+
+
+async def run(backend: Backend, image: str, command: str, **fields: object) -> api.OperationResponse:
+    fields.setdefault("shell", True)
+    request = api.InstanceSpawnRequest(command=command, image=image, **fields)  # type: ignore[arg-type]
+    spawned = await backend.spawn(request)
+    return await wait_done(backend, spawned.uuid)
+
+
+def result_of(resp: api.OperationResponse) -> api.InstanceResult:
+    meta = resp.instance_metadata()
+    assert meta is not None and isinstance(meta.result, api.InstanceResult), resp
+    return meta.result
+
+
+def stdout_of(resp: api.OperationResponse) -> str:
+    out = result_of(resp).stdout
+    assert out is not None
+    return api.decode_stream(out).decode()
+
+
+def stderr_of(resp: api.OperationResponse) -> str:
+    err = result_of(resp).stderr
+    assert err is not None
+    return api.decode_stream(err).decode()
