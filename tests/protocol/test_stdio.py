@@ -1,0 +1,183 @@
+"""stdio transport integration (MCP-PROTOCOL.md §4.1): a real subprocess, NDJSON both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {"sampling": {}},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def write(self, *items: Any) -> None:
+        assert self.proc.stdin is not None
+        for item in items:
+            self.proc.stdin.write(item if isinstance(item, bytes) else msgspec.json.encode(item) + b"\n")
+        await self.proc.stdin.drain()
+
+    async def read(self, wait: float = 5) -> Any:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
+        assert line.endswith(b"\n"), line
+        return msgspec.json.decode(line)
+
+    async def read_until_id(self, rid: Any, wait: float = 5) -> tuple[Any, list[Any]]:
+        seen: list[Any] = []
+        while True:
+            message = await self.read(wait)
+            if message.get("id") == rid and "method" not in message:
+                return message, seen
+            seen.append(message)
+
+    async def close_stdin(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return await asyncio.wait_for(self.proc.wait(), 5)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Proc]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.protocol.stdio_app",
+        "2",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    p = Proc(proc)
+    try:
+        yield p
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _init(p: Proc) -> None:
+    await p.write(INIT, INITIALIZED)
+    reply = await p.read()
+    assert reply["result"]["protocolVersion"] == "2025-11-25"
+
+
+async def test_initialize_then_list_over_stdio(server: Proc) -> None:
+    await _init(server)
+    await server.write({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    reply = await server.read()
+    assert len(reply["result"]["tools"]) == 2 and "nextCursor" in reply["result"]
+
+
+async def test_crlf_and_blank_lines_are_tolerated(server: Proc) -> None:
+    await server.write(
+        msgspec.json.encode(INIT) + b"\r\n",
+        b"\n",
+        b"   \r\n",
+        b'{"jsonrpc":"2.0","id":1,"method":"ping"}\r\n',
+    )
+    assert (await server.read())["id"] == 0
+    assert await server.read() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+
+
+async def test_non_json_line_is_parse_error_and_serving_continues(server: Proc) -> None:
+    await server.write(b"this is not json\n", {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert await server.read() == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32700, "message": "Parse error"},
+    }
+    assert (await server.read())["id"] == 1
+
+
+async def test_stdout_carries_only_protocol_even_when_a_tool_prints(server: Proc) -> None:
+    await _init(server)
+    await server.write({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "noisy"}})
+    reply = await server.read()
+    assert reply["id"] == 1 and reply["result"]["structuredContent"] == {"result": "quiet"}
+    assert await server.close_stdin() == 0
+    assert server.proc.stdout is not None and await server.proc.stdout.read() == b""
+    assert server.proc.stderr is not None and b"stray print from a tool" in await server.proc.stderr.read()
+
+
+async def test_slow_call_does_not_block_ping(server: Proc) -> None:
+    await _init(server)
+    await server.write(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sleepy"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+    )
+    assert (await server.read(wait=2))["id"] == 2
+
+
+async def test_cancelled_call_gets_no_response(server: Proc) -> None:
+    await _init(server)
+    await server.write(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sleepy"}},
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "test_simple_text"}},
+    )
+    reply, seen = await server.read_until_id(2)
+    assert "result" in reply and seen == []
+    assert await server.close_stdin() == 0
+    assert server.proc.stdout is not None and await server.proc.stdout.read() == b""
+    assert server.proc.stderr is not None and b"sleepy cancelled" in await server.proc.stderr.read()
+
+
+async def test_eof_exits_zero_promptly_and_cancels_in_flight_work(server: Proc) -> None:
+    await _init(server)
+    await server.write({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sleepy"}})
+    await asyncio.sleep(0.1)
+    assert await server.close_stdin() == 0
+    assert server.proc.stderr is not None and b"sleepy cancelled" in await server.proc.stderr.read()
+
+
+async def test_server_to_client_request_round_trip(server: Proc) -> None:
+    await _init(server)
+    await server.write(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "test_sampling", "arguments": {"prompt": "p"}},
+        }
+    )
+    ask = await server.read()
+    assert ask["method"] == "sampling/createMessage"
+    await server.write(
+        {
+            "jsonrpc": "2.0",
+            "id": ask["id"],
+            "result": {"role": "assistant", "content": {"type": "text", "text": "A"}, "model": "m"},
+        }
+    )
+    reply = await server.read()
+    assert reply["result"]["content"][0]["text"] == "LLM response: A"
+
+
+async def test_pipelined_requests_all_answered(server: Proc) -> None:
+    await _init(server)
+    await server.write(*({"jsonrpc": "2.0", "id": i, "method": "ping"} for i in range(1, 201)))
+    ids = [(await server.read())["id"] for _ in range(200)]
+    assert ids == list(range(1, 201))
