@@ -182,8 +182,10 @@ class _Extractor:
             os.close(fd)
         self._dirfds.clear()
 
-    def _forget(self) -> None:
-        self.close()
+    def _forget(self, path: str) -> None:
+        """Drop cached fds of `path` and below (the tree is being removed)."""
+        for key in [k for k in self._dirfds if k == path or k.startswith(path + "/")]:
+            os.close(self._dirfds.pop(key))
 
     def parent_fd(self, parent: str) -> int:
         """An fd of directory `parent`, creating missing components; never through a symlink."""
@@ -235,7 +237,7 @@ class _Extractor:
 
     # ---- entries ------------------------------------------------------------------------------
 
-    def _clear(self, pfd: int, base: str, *, keep_dir: bool) -> bool:
+    def _clear(self, pfd: int, parent: str, base: str, *, keep_dir: bool) -> bool:
         """Remove an existing entry `base` (later tar entries win). → True when a dir was kept."""
         try:
             st = os.lstat(base, dir_fd=pfd)
@@ -244,8 +246,8 @@ class _Extractor:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
+            self._forget(f"{parent}/{base}" if parent else base)
             shutil.rmtree(base, dir_fd=pfd)
-            self._forget()
         else:
             os.unlink(base, dir_fd=pfd)
         return False
@@ -266,11 +268,11 @@ class _Extractor:
             return
         pfd = self.parent_fd(parent)
         if member.isdir():
-            if not self._clear(pfd, base, keep_dir=True):
+            if not self._clear(pfd, parent, base, keep_dir=True):
                 os.mkdir(base, 0o700, dir_fd=pfd)
             self._dir_meta.append((path, member))
             return
-        self._clear(pfd, base, keep_dir=False)
+        self._clear(pfd, parent, base, keep_dir=False)
         if member.isreg():
             self._file(tf, member, pfd, base)
         elif member.issym():
@@ -295,7 +297,7 @@ class _Extractor:
         target = base[len(WHITEOUT) :]
         if not target:
             raise UnsafeLayer(f"empty whiteout name under {parent!r}")
-        self._clear(pfd, target, keep_dir=False)
+        self._clear(pfd, parent, target, keep_dir=False)
         try:
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
         except PermissionError:
