@@ -1,0 +1,90 @@
+"""Wiring in one place: backend → state → registry with every tool, resource and prompt.
+
+Nothing happens at import time; `build_registry(state)` registers the 19 tools in the reference's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from contree.backend import Backend
+from protocol.registry import Registry
+from tools import (
+    image_tools,
+    info_tools,
+    inspect_tools,
+    operation_tools,
+    prompts,
+    registry_tools,
+    resources,
+    run_tool,
+    sync_tools,
+)
+from tools.credentials import CredentialStore
+from tools.dirstate import DirectoryStates
+from tools.instructions import instructions
+from tools.lineage import EdgeStore, Lineage
+from tools.state import DEFAULT_READ_MAX_BYTES, ServerState
+from tools.version import __version__
+
+
+def build_state(
+    backend: Backend,
+    backend_kind: Literal["local", "contree"],
+    *,
+    cache_dir: Path,
+    allowed_roots: list[Path],
+    files_db: Path | None = None,
+    general_db: Path | None = None,
+    read_max_bytes: int = DEFAULT_READ_MAX_BYTES,
+    http_mode: bool = False,
+    http_port: int = 9452,
+    prune_days: float = 60.0,
+) -> ServerState:
+    store = EdgeStore(general_db or cache_dir / "lineage.db")
+    store.prune(prune_days)
+    return ServerState(
+        backend=backend,
+        backend_kind=backend_kind,
+        lineage=Lineage(backend, store),
+        dirstates=DirectoryStates(files_db or cache_dir / "files.db"),
+        credentials=CredentialStore(cache_dir / "registry-credentials.json"),
+        allowed_roots=[p.resolve() for p in allowed_roots],
+        cache_dir=cache_dir,
+        read_max_bytes=read_max_bytes,
+        http_mode=http_mode,
+        http_port=http_port,
+    )
+
+
+def build_registry(state: ServerState) -> Registry:
+    registry = Registry(
+        name="contree-mcp",
+        version=__version__,
+        title="Contree sandboxes",
+        instructions=instructions(state.backend_kind),
+    )
+    # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
+    image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below
+    registry_tools.register_auth(registry, state)
+    registry_tools.register_import(registry, state)
+    run_tool.register(registry, state)
+    sync_tools.register_rsync_upload(registry, state)
+    sync_tools.register_download(registry, state)
+    operation_tools.register_get_list(registry, state)
+    operation_tools.register_wait_cancel(registry, state)
+    info_tools.register_whoami(registry, state)
+    inspect_tools.register(registry, state)
+    info_tools.register_guide(registry, state)
+    order = [
+        "list_images", "registry_token_obtain", "registry_auth", "import_image", "get_image", "set_tag", "run",
+        "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations", "cancel_operation",
+        "whoami", "list_files", "read_file", "grep", "get_guide",
+    ]  # fmt: skip
+    registry.tools = {name: registry.tools[name] for name in order}
+    resources.register_templates(registry, state)
+    resources.register_guides(registry, state)
+    prompts.register(registry, state)
+    resources.register_completions(registry, state)
+    return registry

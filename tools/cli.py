@@ -1,0 +1,243 @@
+"""`contree-mcp`: the MCP server (stdio by default) and the engine's helper subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tools import backend_config
+from tools.state import DEFAULT_READ_MAX_BYTES
+from tools.version import __version__
+
+log = logging.getLogger("contree_mcp")
+
+SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("serve-api",): ("contree.rest", "main"),
+    ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("engine", "check"): ("contree.engine.store", "check_main"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="contree-mcp",
+        description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
+        "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'engine check …'.",
+    )
+    p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
+    p.add_argument("--mode", choices=("stdio", "http"), default="stdio", help="transport (default: stdio)")
+    p.add_argument("--http-listen", default="127.0.0.1", help="HTTP listen address (default: 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=9452, help="HTTP port (default: 9452)")
+    p.add_argument(
+        "--http-token",
+        default=None,
+        help="bearer token HTTP clients must send (env CONTREE_MCP_HTTP_TOKEN); required beyond loopback",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug", "notset"),
+        default="info",
+        help="log level; logs go to stderr (default: info)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "contree"),
+        default=None,
+        help="local = embedded engine; contree = Contree API (default: contree when a token, URL "
+        "or profile is configured, else local)",
+    )
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="embedded engine state directory (default: $XDG_DATA_HOME/contree-mcp)",
+    )
+    p.add_argument(
+        "--allowed-root",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="host directory rsync/upload may read and download may write (repeatable; "
+        "default: the current directory)",
+    )
+    p.add_argument(
+        "--read-max-bytes",
+        type=int,
+        default=DEFAULT_READ_MAX_BYTES,
+        help=f"read_file cap in bytes (default: {DEFAULT_READ_MAX_BYTES})",
+    )
+    p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
+    p.add_argument(
+        "--auth-type", choices=("iam", "jwt"), default="iam", help="Contree auth type (default: iam)"
+    )
+    p.add_argument("--url", default=None, help="Contree API URL (env CONTREE_URL)")
+    p.add_argument("--token", default=None, help="Contree API token (env CONTREE_TOKEN)")
+    p.add_argument("--project", default=None, help="Nebius project id for IAM auth (env CONTREE_PROJECT)")
+    p.add_argument("--cache-files", type=Path, default=None, help="rsync state database")
+    p.add_argument("--cache-general", type=Path, default=None, help="lineage database")
+    p.add_argument("--cache-prune-days", type=float, default=60.0, help="cache retention by last use (days)")
+    p.add_argument(
+        "--conformance",
+        action="store_true",
+        help="serve the MCP conformance fixture server instead (protocol.conformance)",
+    )
+    return p
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.NOTSET if level == "notset" else getattr(logging, level.upper()))
+
+
+def _entry(module: str, attr: str) -> Callable[[list[str]], int]:
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"{module}.{attr} is not available in this build: {exc}") from None
+    return fn  # type: ignore[no-any-return]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    for words, (module, attr) in SUBCOMMANDS.items():
+        if tuple(args_list[: len(words)]) == words:
+            return int(_entry(module, attr)(args_list[len(words) :]) or 0)
+    args = build_parser().parse_args(args_list)
+    setup_logging(args.log_level)
+    if args.conformance:
+        conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
+        return int(_entry("protocol.conformance", "main")(conf) or 0)
+    args.http_token = args.http_token or os.environ.get("CONTREE_MCP_HTTP_TOKEN") or None
+    if args.mode == "http" and not is_loopback(args.http_listen) and not args.http_token:
+        log.error(
+            "refusing to listen on %s without --http-token (or CONTREE_MCP_HTTP_TOKEN)", args.http_listen
+        )
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
+    """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
+    env = backend_config.environ()
+    flags = {
+        "token": args.token,
+        "url": args.url,
+        "profile": args.profile,
+        "project": args.project,
+        "auth_type": args.auth_type,
+    }
+    kind = args.backend or ("contree" if backend_config.remote_configured(flags, env) else "local")
+    if kind == "local":
+        from contree.engine.local import LocalEngine
+
+        home = (args.home or backend_config.engine_home(env)).expanduser()
+        engine = LocalEngine(home)
+        await engine.start()
+        log.info("embedded engine at %s", home)
+        return engine, "local", home / "mcp"
+    from contree.client import RemoteBackend
+
+    remote = backend_config.resolve_remote(flags, env)
+    backend = RemoteBackend(
+        remote.url,
+        token=remote.token,
+        project=remote.project,
+        auth_type=remote.auth_type,  # type: ignore[arg-type]
+        user_agent=f"contree-mcp/{__version__}",
+    )
+    log.info("Contree API at %s", remote.url)
+    return backend, "contree", backend_config.contree_home(env) / "mcp"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from protocol.server import Server
+    from tools.app import build_registry, build_state
+
+    backend, kind, cache_dir = await open_backend(args)
+    roots = args.allowed_root or [Path.cwd()]
+    state = build_state(
+        backend,
+        kind,  # type: ignore[arg-type]
+        cache_dir=cache_dir,
+        allowed_roots=roots,
+        files_db=args.cache_files,
+        general_db=args.cache_general,
+        read_max_bytes=args.read_max_bytes,
+        http_mode=args.mode == "http",
+        http_port=args.http_port,
+        prune_days=args.cache_prune_days,
+    )
+    registry = build_registry(state)
+    server = Server(registry)
+    try:
+        if args.mode == "stdio":
+            from protocol.stdio import serve_stdio
+
+            await serve_stdio(server)
+        else:
+            await serve_http(server, registry, state, args)
+    finally:
+        await server.close()
+        await state.close()
+    return 0
+
+
+async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
+    import inspect
+
+    from tools.docs_site import docs_routes
+
+    http: Any = importlib.import_module("protocol.http")
+    fields = inspect.signature(http.HttpSettings).parameters
+    wanted = {
+        "listen": args.http_listen,
+        "host": args.http_listen,
+        "http_listen": args.http_listen,
+        "port": args.http_port,
+        "http_port": args.http_port,
+        "token": args.http_token,
+        "bearer_token": args.http_token,
+        "http_token": args.http_token,
+    }
+    settings = http.HttpSettings(**{k: v for k, v in wanted.items() if k in fields})
+    routes = docs_routes(registry, state, listen=args.http_listen, port=args.http_port)
+    if hasattr(http, "serve_http"):
+        await http.serve_http(server, settings, extra_routes=routes)
+        return
+    from aiohttp import web
+
+    app = http.build_app(server, settings, extra_routes=routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, args.http_listen, args.http_port)
+    await site.start()
+    log.info("listening on http://%s:%d/", args.http_listen, args.http_port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,236 @@
+"""rsync's directory states: immutable, content-identified manifests of a synced host directory.
+
+A state id is a random integer below 2^53 naming one manifest (path → file, mode) for one principal.
+Syncing identical content again returns the same id; changed content gets a new id and never alters
+what an old id means. Unchanged files (same size, mtime_ns, inode, mode) are not re-hashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contree import api
+from contree.backend import Backend
+from contree.errors import NotFound
+from protocol.errors import ToolError
+from tools.convert import as_dict
+from tools.excludes import Excludes
+
+CHUNK = 1024 * 1024
+MAX_ID = 2**53
+UPLOAD_CONCURRENCY = 8
+
+
+class ManifestEntry(msgspec.Struct, array_like=True):
+    path: str  # absolute path in the sandbox
+    sha256: str
+    uuid: str
+    mode: str  # "0644"
+
+
+@dataclass
+class ScanResult:
+    files: list[tuple[str, str, os.stat_result]] = field(default_factory=list)  # (host path, rel, stat)
+    skipped: list[str] = field(default_factory=list)
+
+
+def scan(source: str, excludes: Excludes) -> ScanResult:
+    """Walk `source` (a real path) without following symlinks out of it; prune excluded directories."""
+    out = ScanResult()
+    if os.path.isfile(source):
+        out.files.append((source, os.path.basename(source), os.stat(source)))
+        return out
+    base = source.rstrip("/") + "/"
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, source)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if excludes.excluded(rel_dir + d, True):
+                continue
+            if os.path.islink(full):
+                out.skipped.append(rel_dir + d + " (symlink to a directory)")
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if excludes.excluded(rel, False):
+                continue
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not target.startswith(base) or not os.path.isfile(target):
+                    out.skipped.append(rel + " (symlink leaving the source or dangling)")
+                    continue
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                raise ToolError(f"cannot read {full}: {exc.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                out.skipped.append(rel + " (not a regular file)")
+                continue
+            out.files.append((full, rel, st))
+    return out
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    except OSError as exc:
+        raise ToolError(f"cannot read {path}: {exc.strerror}") from None
+    return h.hexdigest()
+
+
+async def file_chunks(path: str) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:  # noqa: ASYNC230 - reads happen in a worker thread below
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+
+
+async def ensure_blob(
+    backend: Backend, sha256: str, path: str | None, data: bytes | None = None
+) -> tuple[str, int]:
+    """(file uuid, size): reuse the backend's blob when it has the content, else upload it."""
+    try:
+        got = as_dict(await backend.get_file(sha256))
+        return str(got["uuid"]), int(got.get("size") or 0)
+    except NotFound:
+        pass
+    if data is not None:
+        resp = as_dict(await backend.upload_file(data))
+    else:
+        assert path is not None
+        resp = as_dict(await backend.upload_file(file_chunks(path)))
+    if resp.get("sha256") and resp["sha256"] != sha256:
+        raise ToolError(f"{path or 'content'} changed while it was uploaded; try again")
+    return str(resp["uuid"]), int(resp.get("size") or 0)
+
+
+def mode_string(st_mode: int) -> str:
+    return format(stat.S_IMODE(st_mode), "04o")
+
+
+class DirectoryStates:
+    """SQLite: manifests by (principal, id), and a stat cache so unchanged files are not re-hashed."""
+
+    def __init__(self, path: Path | None) -> None:
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.executescript(
+                "CREATE TABLE IF NOT EXISTS states (principal TEXT NOT NULL, id INTEGER NOT NULL,"
+                " digest TEXT NOT NULL, manifest BLOB NOT NULL, used_at REAL NOT NULL,"
+                " PRIMARY KEY (principal, id), UNIQUE (principal, digest));"
+                "CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                " inode INTEGER, mode INTEGER, sha256 TEXT NOT NULL, used_at REAL NOT NULL);"
+            )
+            self._db.commit()
+
+    def cached_sha(self, path: str, st: os.stat_result) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM stat_cache WHERE path=? AND size=? AND mtime_ns=? AND inode=? AND mode=?",
+                (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode),
+            ).fetchone()
+        return row[0] if row else None
+
+    def remember_sha(self, path: str, st: os.stat_result, sha: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?,?,?)",
+                (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, sha, time.time()),
+            )
+            self._db.commit()
+
+    def save(self, principal: str | None, entries: list[ManifestEntry]) -> int:
+        encoded = msgspec.msgpack.encode(sorted(entries, key=lambda e: e.path))
+        digest = hashlib.sha256(encoded).hexdigest()
+        key = principal or ""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM states WHERE principal=? AND digest=?", (key, digest)
+            ).fetchone()
+            if row:
+                self._db.execute(
+                    "UPDATE states SET used_at=? WHERE principal=? AND id=?", (time.time(), key, row[0])
+                )
+                self._db.commit()
+                return int(row[0])
+            while True:
+                new_id = secrets.randbelow(MAX_ID - 1) + 1
+                try:
+                    self._db.execute(
+                        "INSERT INTO states VALUES (?,?,?,?,?)", (key, new_id, digest, encoded, time.time())
+                    )
+                    self._db.commit()
+                    return new_id
+                except sqlite3.IntegrityError:
+                    continue  # id collision (astronomically rare): draw again
+
+    def load(self, principal: str | None, state_id: int) -> list[ManifestEntry] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT manifest FROM states WHERE principal=? AND id=?", (principal or "", state_id)
+            ).fetchone()
+        if row is None:
+            return None
+        return msgspec.msgpack.decode(row[0], type=list[ManifestEntry])
+
+    async def injected_files(self, principal: str | None, state_id: int | str) -> dict[str, api.InjectedFile]:
+        try:
+            number = int(str(state_id).strip())
+        except ValueError:
+            raise ToolError(f"Directory state not found: {state_id}") from None
+        entries = self.load(principal, number)
+        if entries is None:
+            raise ToolError(f"Directory state not found: {state_id}")
+        if not entries:
+            raise ToolError(f"Directory state has no files: {state_id}")
+        return {e.path: api.InjectedFile(uuid=e.uuid, mode=e.mode) for e in entries}
+
+    async def sync(
+        self, backend: Backend, principal: str | None, source: str, destination: str, excludes: Excludes
+    ) -> tuple[int, dict[str, Any]]:
+        scanned = await asyncio.to_thread(scan, source, excludes)
+        if not scanned.files:
+            raise ToolError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
+        sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+        stats = {"files": len(scanned.files), "hashed": 0, "bytes": 0, "skipped": scanned.skipped}
+
+        async def one(full: str, rel: str, st: os.stat_result) -> ManifestEntry:
+            async with sem:
+                sha = self.cached_sha(full, st)
+                if sha is None:
+                    sha = await asyncio.to_thread(sha256_file, full)
+                    stats["hashed"] += 1
+                    self.remember_sha(full, st, sha)
+                uuid, _ = await ensure_blob(backend, sha, full)
+                stats["bytes"] += st.st_size
+                return ManifestEntry(f"{destination}/{rel}", sha, uuid, mode_string(st.st_mode))
+
+        entries = await asyncio.gather(*(one(*f) for f in scanned.files))
+        return self.save(principal, list(entries)), stats
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,86 @@
+"""whoami and get_guide."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from protocol.errors import ToolError
+from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.convert import as_dict
+from tools.errors import backend_errors
+from tools.guides import GUIDES, guide_text
+from tools.models import GuideOutput, WhoAmIOutput
+from tools.state import ServerState
+from tools.version import __version__
+
+
+class GuideParams(msgspec.Struct, kw_only=True):
+    section: Annotated[
+        str, Meta(description="One of: workflow, reference, quickstart, state, async, tagging, errors.")
+    ]
+
+
+def register_whoami(registry: Registry, state: ServerState) -> None:
+    @registry.tool(
+        name="whoami",
+        title="Who am I",
+        description="""Introspect the current API token. Free (no VM).
+
+TL;DR: PURPOSE: check permissions and limits (e.g. after a 403). COST: free.
+
+USAGE:
+- whoami(). On the embedded engine every permission is granted and the limits are the engine's own.
+
+RETURNS: {token_uuid, token_expiration, permissions, limits, operations_stat, mcp_version, mcp_upgrade, backend}
+
+GUIDES:
+- [USEFUL] contree://guide/errors""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def whoami(ctx: RequestContext) -> WhoAmIOutput:
+        with backend_errors("whoami"):
+            me = as_dict(await state.backend.whoami())
+        return WhoAmIOutput(
+            token_uuid=str(me.get("token_uuid") or ""),
+            token_expiration=me.get("token_expiration"),
+            permissions=dict(me.get("permissions") or {}),
+            limits=dict(me.get("limits") or {}),
+            operations_stat=dict(me.get("operations_stat") or {}),
+            mcp_version=__version__,
+            mcp_upgrade=None,
+            backend=state.backend_kind,
+        )
+
+
+def register_guide(registry: Registry, state: ServerState) -> None:
+    @registry.tool(
+        name="get_guide",
+        title="Read a guide",
+        description="""Get agent guide sections for Contree best practices. Free (no VM).
+
+TL;DR: PURPOSE: learn the workflow before the first run. COST: free.
+
+USAGE:
+- get_guide(section="workflow"); sections: workflow, reference, quickstart, state, async, tagging, errors.
+  The same text is at contree://guide/<section>.
+
+RETURNS: {section, content, available_sections}
+
+GUIDES:
+- [ESSENTIAL] contree://guide/workflow""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def get_guide(params: GuideParams, ctx: RequestContext) -> GuideOutput:
+        section = params.section.strip().lower()
+        if section not in GUIDES:
+            raise ToolError(
+                f"Unknown guide section '{params.section}'. Available sections: {', '.join(sorted(GUIDES))}"
+            )
+        return GuideOutput(
+            section=section,
+            content=guide_text(section, state.backend_kind),
+            available_sections=sorted(GUIDES),
+        )

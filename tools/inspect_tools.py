@@ -1,0 +1,290 @@
+"""list_files, read_file, grep: look inside an image without starting anything."""
+
+from __future__ import annotations
+
+import base64
+import posixpath
+import stat
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from contree.backend import Backend, GrepQuery
+from contree.errors import BackendError
+from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.convert import as_dict
+from tools.errors import backend_errors
+from tools.models import (
+    FileEntry,
+    FileType,
+    GrepMatchOutput,
+    GrepOutput,
+    GrepSubmatch,
+    ListFilesOutput,
+    ReadFileOutput,
+)
+from tools.refs import resolve_image
+from tools.state import ServerState
+
+IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
+
+
+class ListFilesParams(msgspec.Struct, kw_only=True):
+    image: Annotated[str, Meta(description=IMAGE_DESC)]
+    path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
+
+
+class ReadFileParams(msgspec.Struct, kw_only=True):
+    image: Annotated[str, Meta(description=IMAGE_DESC)]
+    path: Annotated[str, Meta(description="Absolute path of a regular file in the image.")]
+    offset: Annotated[
+        int, Meta(ge=0, description="Byte offset to start reading at (for paging big files).")
+    ] = 0
+    max_bytes: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Bytes to return at most (capped by the server's limit).")
+    ] = None
+
+
+class GrepParams(msgspec.Struct, kw_only=True):
+    image: Annotated[str, Meta(description=IMAGE_DESC)]
+    pattern: Annotated[str | list[str], Meta(description="Rust regex (or a list, OR-ed).")]
+    path: Annotated[
+        str | list[str] | None, Meta(description="Directory or file to search (default '/').")
+    ] = None
+    glob: Annotated[
+        str | list[str] | None, Meta(description="ripgrep glob filter, e.g. '*.py'; '!' negates.")
+    ] = None
+    max_count: Annotated[Annotated[int, Meta(ge=1, le=10000)] | None, Meta(description="Matches per file at most.")] = None
+    max_total: Annotated[
+        Annotated[int, Meta(ge=1, le=10000)] | None, Meta(description="Matches in total at most (default 1000).")
+    ] = None
+    case: Annotated[
+        Literal["sensitive", "insensitive", "smart"] | None,
+        Meta(description="Case matching (default sensitive)."),
+    ] = None
+    before: Annotated[int, Meta(ge=0, le=50, description="Context lines before each match.")] = 0
+    after: Annotated[int, Meta(ge=0, le=50, description="Context lines after each match.")] = 0
+
+
+def normalize_dir(path: str) -> str:
+    path = path.strip() or "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    norm = posixpath.normpath(path)
+    return "/" if norm in ("/.", "//") else norm
+
+
+def file_type(item: dict[str, Any]) -> FileType:
+    mode = int(item.get("mode") or 0)
+    if item.get("is_symlink") or stat.S_ISLNK(mode):
+        return "symlink"
+    if item.get("is_dir") or stat.S_ISDIR(mode):
+        return "directory"
+    if item.get("is_fifo") or stat.S_ISFIFO(mode):
+        return "fifo"
+    if item.get("is_socket") or stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char_device"
+    if stat.S_ISBLK(mode):
+        return "block_device"
+    return "file"
+
+
+def file_entry(directory: str, item: dict[str, Any]) -> FileEntry:
+    rel = str(item.get("path") or "")
+    name = rel.rstrip("/").rsplit("/", 1)[-1]
+    kind = file_type(item)
+    mode = item.get("mode")
+    return FileEntry(
+        name=name,
+        path=posixpath.join(directory, rel),
+        type=kind,
+        size=int(item.get("size") or 0),
+        mode=oct(mode) if isinstance(mode, int) else None,
+        target=(item.get("symlink_to") or None) if kind == "symlink" else None,
+    )
+
+
+async def read_bounded(
+    backend: Backend, image: str, path: str, offset: int, limit: int
+) -> tuple[bytes, bool]:
+    """Bytes [offset, offset+limit) and whether more follow; memory stays O(limit)."""
+    buf = bytearray()
+    seen = 0
+    more = False
+    stream = backend.download(image, path)
+    try:
+        async for chunk in stream:
+            start = max(0, offset - seen)
+            seen += len(chunk)
+            if start >= len(chunk):
+                continue
+            buf += chunk[start:]
+            if len(buf) > limit:
+                more = True
+                break
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+    return bytes(buf[:limit]), more
+
+
+def decode_text(data: bytes, truncated: bool) -> str | None:
+    """UTF-8 text, tolerating a character cut at the truncation point; None when binary."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if truncated and exc.start >= len(data) - 3:
+            try:
+                return data[: exc.start].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        return None
+
+
+async def file_size(backend: Backend, image: str, path: str) -> int | None:
+    parent, name = posixpath.split(path)
+    try:
+        listing = as_dict(await backend.list_directory(image, parent or "/"))
+    except BackendError:
+        return None
+    for item in listing.get("files") or []:
+        if str(item.get("path", "")).rstrip("/").rsplit("/", 1)[-1] == name:
+            return int(item.get("size") or 0)
+    return None
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def register(registry: Registry, state: ServerState) -> None:
+    ro = ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False)
+
+    @registry.tool(
+        name="list_files",
+        title="List files in an image",
+        description=f"""List files and directories in a container image. Free (no VM).
+
+TL;DR: PURPOSE: look inside an image without starting a {state.sandbox_word}. COST: free.
+
+USAGE:
+- list_files(image="busybox:latest", path="/etc"). One directory level, no recursion.
+
+RETURNS: {{path, count, files: [{{name, path, type (file, directory, symlink, fifo, socket, char_device,
+block_device), size, mode (e.g. "0o100644"), target}}]}}
+
+GUIDES:
+- [USEFUL] contree://guide/reference""",
+        annotations=ro,
+    )
+    async def list_files(params: ListFilesParams, ctx: RequestContext) -> ListFilesOutput:
+        directory = normalize_dir(params.path)
+        with backend_errors(f"{params.image}:{directory}"):
+            image = await resolve_image(state.backend, params.image)
+            listing = as_dict(await state.backend.list_directory(image, directory))
+        entries = [file_entry(directory, item) for item in listing.get("files") or []]
+        return ListFilesOutput(path=directory, count=len(entries), files=entries)
+
+    @registry.tool(
+        name="read_file",
+        title="Read a file from an image",
+        description=f"""Read a file from a container image. Free (no VM).
+
+TL;DR: PURPOSE: read a file without a {state.sandbox_word}. COST: free.
+
+USAGE:
+- read_file(image="<uuid>", path="/etc/os-release"). At most {state.read_max_bytes} bytes are returned per call:
+  'truncated' says more follows; page with offset, or copy it to the host with download.
+- Text is returned as UTF-8; binary files as base64 (encoding="base64").
+
+RETURNS: {{path, content, encoding, bytes_size, truncated, offset}}
+
+GUIDES:
+- [USEFUL] contree://guide/reference""",
+        annotations=ro,
+    )
+    async def read_file(params: ReadFileParams, ctx: RequestContext) -> ReadFileOutput:
+        path = params.path if params.path.startswith("/") else "/" + params.path
+        limit = min(params.max_bytes or state.read_max_bytes, state.read_max_bytes)
+        with backend_errors(f"{params.image}:{path}"):
+            image = await resolve_image(state.backend, params.image)
+            data, more = await read_bounded(state.backend, image, path, params.offset, limit)
+            size = params.offset + len(data)
+            if more:
+                size = await file_size(state.backend, image, path) or size
+        text = decode_text(data, more)
+        hint = None
+        if more:
+            hint = (
+                f"File is larger than {limit} bytes: call read_file again with offset={params.offset + len(data)}"
+                " or copy it with download()."
+            )
+        if text is None:
+            content, encoding = base64.b64encode(data).decode(), "base64"
+        else:
+            content, encoding = text, "utf-8"
+        return ReadFileOutput(
+            path=params.path,
+            content=content,
+            encoding=encoding,  # type: ignore[arg-type]
+            bytes_size=size,
+            truncated=more,
+            offset=params.offset,
+            hint=hint,
+        )
+
+    @registry.tool(
+        name="grep",
+        title="Search files in an image",
+        description="""Search file contents in a container image using ripgrep. Free (no VM).
+
+TL;DR: PURPOSE: find code or config inside an image. COST: free.
+
+USAGE:
+- grep(image="<uuid>", pattern="def main", path="/app", glob="*.py"). Rust regex syntax; binary files
+  skipped; symlinks not followed; hidden files searched.
+- case="insensitive" or "smart"; before/after add context lines (type="context").
+
+RETURNS: {path, patterns, truncated, matches: [{path, line_number, line_text, type, line_bytes, submatches}]}
+
+GUIDES:
+- [USEFUL] contree://guide/reference""",
+        annotations=ro,
+    )
+    async def grep(params: GrepParams, ctx: RequestContext) -> GrepOutput:
+        query = GrepQuery(
+            pattern=as_list(params.pattern),
+            path=as_list(params.path) or ["/"],
+            glob=as_list(params.glob),
+            max_count=params.max_count,
+            max_total=params.max_total or 1000,
+            case=params.case or "sensitive",
+            before=params.before,
+            after=params.after,
+        )
+        with backend_errors(f"grep in {params.image}"):
+            image = await resolve_image(state.backend, params.image)
+            result = as_dict(await state.backend.grep(image, query))
+        matches = [
+            GrepMatchOutput(
+                path=str(m.get("path", "")),
+                line_number=int(m.get("line_number") or 0),
+                line_text=str(m.get("line_text", "")),
+                type=str(m.get("type") or "match"),
+                line_bytes=m.get("line_bytes"),
+                submatches=[msgspec.convert(s, GrepSubmatch) for s in m.get("submatches") or []],
+            )
+            for m in result.get("matches") or []
+        ]
+        return GrepOutput(
+            path=str(result.get("path") or query.path[0]),
+            patterns=list(result.get("patterns") or query.pattern),
+            truncated=bool(result.get("truncated", False)),
+            matches=matches,
+        )

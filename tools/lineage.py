@@ -1,0 +1,225 @@
+"""Image lineage: which image each image was made from.
+
+The embedded engine stores `parent` with every image, so its view is authoritative
+(`LocalEngine.image_lineage`). For a remote Contree, the backend has no parent concept: we record an edge
+(result image ← source image) for every terminal operation the server learns about, in SQLite in the
+cache directory, keyed per principal. Parent links are computed at read time, so a parent recorded
+after its child is linked automatically (back-fill).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from tools.convert import as_dict
+
+MAX_WALK = 50
+
+
+class LineageView(msgspec.Struct, kw_only=True):
+    image: str
+    parent: str | None = None
+    children: list[str] = msgspec.field(default_factory=list)
+    descendants: list[str] = msgspec.field(default_factory=list)
+    ancestors: list[str] = msgspec.field(default_factory=list)
+    root: str | None = None
+    depth: int = 0
+    is_known: bool = False
+    data: dict[str, Any] | None = None
+
+
+class EdgeStore:
+    """SQLite edges `child → parent` with the creating operation; safe from any thread."""
+
+    def __init__(self, path: Path | None) -> None:
+        target = str(path) if path else ":memory:"
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(target, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS lineage (principal TEXT NOT NULL, image TEXT NOT NULL,"
+                " parent TEXT, operation_id TEXT, kind TEXT, registry_url TEXT, tag TEXT,"
+                " created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (principal, image))"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS lineage_parent ON lineage (principal, parent)")
+            self._db.commit()
+
+    def record(self, principal: str, image: str, parent: str | None, **data: str | None) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO lineage VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (principal, image) DO UPDATE SET"
+                " parent=COALESCE(excluded.parent, parent), updated_at=excluded.updated_at",
+                (
+                    principal,
+                    image,
+                    parent,
+                    data.get("operation_id"),
+                    data.get("kind"),
+                    data.get("registry_url"),
+                    data.get("tag"),
+                    now,
+                    now,
+                ),
+            )
+            self._db.commit()
+
+    def row(self, principal: str, image: str) -> dict[str, Any] | None:
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND image=?",
+                (principal, image),
+            )
+            found = cur.fetchone()
+        if found is None:
+            return None
+        keys = ("parent_image", "operation_id", "kind", "registry_url", "tag")
+        return {k: v for k, v in zip(keys, found, strict=True) if v is not None}
+
+    def children(self, principal: str, image: str) -> list[str]:
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT image FROM lineage WHERE principal=? AND parent=? ORDER BY created_at",
+                (principal, image),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def prune(self, older_than_days: float) -> None:
+        """Retention by last use (`updated_at`), as COMPAT §15.39 requires."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM lineage WHERE updated_at < ?", (time.time() - older_than_days * 86400,)
+            )
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Lineage:
+    """Lineage for the tools: the backend's own records when it has them, else recorded edges."""
+
+    def __init__(self, backend: Any, store: EdgeStore) -> None:
+        self._backend = backend
+        self._store = store
+        self._native = callable(getattr(backend, "image_lineage", None))
+
+    def observe(self, op: Any, principal: str | None = None) -> None:
+        """Record the edge a terminal operation implies (no-op when nothing new was made)."""
+        data = as_dict(op)
+        if data.get("status") != "SUCCESS":
+            return
+        result = data.get("result_image_uuid") or as_dict(data.get("result")).get("image")
+        if not result:
+            return
+        key = principal or ""
+        if data.get("kind") == "image_import":
+            meta = as_dict(data.get("metadata"))
+            registry = as_dict(meta.get("registry"))
+            self._store.record(
+                key,
+                result,
+                None,
+                operation_id=data.get("uuid"),
+                kind="image_import",
+                registry_url=registry.get("url"),
+                tag=meta.get("tag"),
+            )
+            return
+        source = data.get("image_uuid")
+        if source and source != result:
+            self._store.record(key, source, None, kind="image")
+            self._store.record(key, result, source, operation_id=data.get("uuid"), kind="instance")
+
+    async def view(self, image: str, principal: str | None = None) -> LineageView:
+        if self._native:
+            return await self._native_view(image)
+        return self._recorded_view(image, principal or "")
+
+    async def _native_view(self, image: str) -> LineageView:
+        raw = as_dict(await self._backend.image_lineage(image))
+        parent = _uuid_of(raw.get("parent"))
+        ancestors = [u for u in (_uuid_of(a) for a in raw.get("ancestors") or []) if u]
+        if parent and not ancestors:
+            ancestors = [parent]
+        children = [u for u in (_uuid_of(c) for c in raw.get("children") or []) if u]
+        descendants = [u for u in (_uuid_of(c) for c in raw.get("descendants") or []) if u]
+        if not descendants:
+            descendants = await self._walk_children(children)
+        return LineageView(
+            image=image,
+            parent=parent,
+            children=children,
+            descendants=descendants,
+            ancestors=ancestors,
+            root=_uuid_of(raw.get("root")) or (ancestors[-1] if ancestors else image),
+            depth=int(raw.get("depth", len(ancestors))),
+            is_known=bool(raw.get("is_known", True)),
+            data=None,
+        )
+
+    async def _walk_children(self, children: list[str]) -> list[str]:
+        found: list[str] = []
+        queue = list(children)
+        while queue and len(found) < MAX_WALK:
+            child = queue.pop(0)
+            if child in found:
+                continue
+            found.append(child)
+            sub = as_dict(await self._backend.image_lineage(child))
+            queue.extend(u for u in (_uuid_of(c) for c in sub.get("children") or []) if u)
+        return found
+
+    def _recorded_view(self, image: str, principal: str) -> LineageView:
+        row = self._store.row(principal, image)
+        ancestors: list[str] = []
+        seen = {image}
+        current = row.get("parent_image") if row else None
+        while current and current not in seen and len(ancestors) < MAX_WALK:
+            ancestors.append(current)
+            seen.add(current)
+            parent_row = self._store.row(principal, current)
+            current = parent_row.get("parent_image") if parent_row else None
+        children = self._store.children(principal, image)
+        descendants: list[str] = []
+        queue = list(children)
+        while queue and len(descendants) < MAX_WALK:
+            child = queue.pop(0)
+            if child in seen:
+                continue
+            seen.add(child)
+            descendants.append(child)
+            queue.extend(self._store.children(principal, child))
+        known = row is not None
+        return LineageView(
+            image=image,
+            parent=ancestors[0] if ancestors else None,
+            children=children,
+            descendants=descendants,
+            ancestors=ancestors,
+            root=ancestors[-1] if ancestors else (image if known else None),
+            depth=len(ancestors),
+            is_known=known,
+            data=row,
+        )
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _uuid_of(value: Any) -> str | None:
+    """Lineage entries may be UUID strings or image records."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return as_dict(value).get("uuid")

@@ -1,0 +1,243 @@
+"""Result shapes of the tools: the reference's fields (COMPAT §3–4) plus the superset of §14.
+
+Every field has a default so the derived `outputSchema` marks nothing required that the reference
+did not; `forbid_unknown_fields` stays off so newer clients can add fields without breaking us.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class ResultRef(msgspec.Struct, kw_only=True):
+    image: str | None = None
+    tag: str | None = None
+
+
+class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """The 16 `InstanceResult.resources` counters of the backend."""
+
+    block_input: int | None = None
+    block_output: int | None = None
+    cost: float | None = None
+    elapsed_time: float | None = None
+    involuntary_switches: int | None = None
+    max_rss: int | None = None
+    monotonic_time: float | None = None
+    page_faults: int | None = None
+    page_faults_io: int | None = None
+    shared_memory: int | None = None
+    signals: int | None = None
+    swaps: int | None = None
+    system_cpu_time: float | None = None
+    unshared_memory: int | None = None
+    user_cpu_time: float | None = None
+    voluntary_switches: int | None = None
+
+
+class OperationOutput(msgspec.Struct, kw_only=True):
+    """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command."""
+
+    uuid: str = ""
+    status: str = ""
+    kind: str = ""
+    error: str | None = None
+    created_at: str = ""
+    result: ResultRef | None = None
+    duration: float | None = None
+    image_size: int | None = None
+    consumed_cpu: float | None = None
+    consumed_memory: int | None = None
+    image_uuid: str | None = None
+    result_image_uuid: str | None = None
+    exit_code: int | None = None
+    timed_out: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    # superset (COMPAT §14)
+    operation_id: str = ""
+    state: str = ""
+    result_image: str | None = None
+    result_tag: str | None = None
+    filesystem_changed: bool | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    signal: int | None = None
+    resources: Resources | None = None
+    stdout_resource: str | None = None
+    stderr_resource: str | None = None
+
+
+class OperationRef(msgspec.Struct, kw_only=True):
+    """Returned by `wait=false`: poll it with get_operation or wait_operations."""
+
+    operation_id: str
+
+
+class ImageOutput(msgspec.Struct, kw_only=True):
+    uuid: str
+    tag: str | None = None
+    created_at: str = ""
+    operation_uuid: str | None = None
+
+
+class ImageListOutput(msgspec.Struct, kw_only=True):
+    images: list[ImageOutput]
+
+
+class TokenObtainOutput(msgspec.Struct, kw_only=True):
+    status: Literal["success", "error"]
+    registry: str
+    url: str = ""
+    message: str = ""
+    agent_instruction: str = ""
+
+
+class RegistryAuthOutput(msgspec.Struct, kw_only=True):
+    status: Literal["success", "error"]
+    registry: str
+    message: str = ""
+
+
+class UploadOutput(msgspec.Struct, kw_only=True):
+    uuid: str
+    sha256: str
+    size: int
+
+
+class DownloadSource(msgspec.Struct, kw_only=True):
+    image: str
+    path: str
+
+
+class DownloadOutput(msgspec.Struct, kw_only=True):
+    success: bool
+    source: DownloadSource
+    destination: str
+    size: int
+    executable: bool
+    sha256: str = ""
+
+
+class OperationSummaryOutput(msgspec.Struct, kw_only=True):
+    uuid: str = ""
+    kind: str = ""
+    status: str = ""
+    error: str | None = None
+    created_at: str = ""
+    duration: float | None = None
+    image_uuid: str | None = None
+    result_image_uuid: str | None = None
+    image_size: int | None = None
+    consumed_cpu: float | None = None
+    consumed_memory: int | None = None
+
+
+class OperationListOutput(msgspec.Struct, kw_only=True):
+    operations: list[OperationSummaryOutput]
+
+
+class WaitOperationsOutput(msgspec.Struct, kw_only=True):
+    results: dict[str, OperationOutput] = msgspec.field(default_factory=dict)
+    completed: list[str] = msgspec.field(default_factory=list)
+    cancelled: list[str] = msgspec.field(default_factory=list)
+    timed_out: bool = False
+    pending: list[str] = msgspec.field(default_factory=list)
+    errors: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class CancelOutput(msgspec.Struct, kw_only=True):
+    cancelled: bool
+    operation_id: str
+    status: str = ""
+
+
+class UpgradeInfo(msgspec.Struct, kw_only=True):
+    current: str
+    latest: str
+    command: str
+
+
+class WhoAmIOutput(msgspec.Struct, kw_only=True):
+    token_uuid: str
+    token_expiration: int | None = None
+    permissions: dict[str, bool] = msgspec.field(default_factory=dict)
+    limits: dict[str, int] = msgspec.field(default_factory=dict)
+    operations_stat: dict[str, int] = msgspec.field(default_factory=dict)
+    mcp_version: str = ""
+    mcp_upgrade: UpgradeInfo | None = None
+    backend: str = ""
+
+
+FileType = Literal["file", "directory", "symlink", "fifo", "socket", "char_device", "block_device"]
+
+
+class FileEntry(msgspec.Struct, kw_only=True):
+    name: str
+    path: str
+    type: FileType
+    size: int
+    mode: str | None = None
+    target: str | None = None
+
+
+class ListFilesOutput(msgspec.Struct, kw_only=True):
+    path: str
+    count: int
+    files: list[FileEntry]
+
+
+class ReadFileOutput(msgspec.Struct, kw_only=True):
+    path: str
+    content: str
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+    bytes_size: int = 0
+    truncated: bool = False
+    offset: int = 0
+    hint: str | None = None
+
+
+class GrepSubmatch(msgspec.Struct, kw_only=True):
+    text: str = ""
+    start: int = 0
+    end: int = 0
+
+
+class GrepMatchOutput(msgspec.Struct, kw_only=True):
+    path: str
+    line_number: int
+    line_text: str
+    type: str = "match"
+    line_bytes: int | None = None
+    submatches: list[GrepSubmatch] = msgspec.field(default_factory=list)
+
+
+class GrepOutput(msgspec.Struct, kw_only=True):
+    path: str
+    patterns: list[str]
+    truncated: bool = False
+    matches: list[GrepMatchOutput] = msgspec.field(default_factory=list)
+
+
+class GuideOutput(msgspec.Struct, kw_only=True):
+    section: str
+    content: str
+    available_sections: list[str]
+
+
+class SyncReport(msgspec.Struct, kw_only=True):
+    """Emitted as a log notification by rsync (the result stays the bare integer of the reference)."""
+
+    files: int = 0
+    bytes: int = 0
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    skipped: list[str] = msgspec.field(default_factory=list)
+
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+JsonObject = dict[str, Any]

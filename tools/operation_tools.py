@@ -1,0 +1,278 @@
+"""get_operation, list_operations, wait_operations, cancel_operation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from contree.backend import OperationQuery
+from contree.errors import BackendError, Conflict
+from protocol.errors import ToolError
+from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.convert import TERMINAL, as_dict, operation_output, summary_output
+from tools.errors import backend_errors
+from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
+from tools.state import ServerState
+
+POLL_INTERVAL = 0.5
+
+STATUS_ALIASES = {
+    "pending": "PENDING",
+    "queued": "PENDING",
+    "assigned": "ASSIGNED",
+    "executing": "EXECUTING",
+    "running": "EXECUTING",
+    "success": "SUCCESS",
+    "succeeded": "SUCCESS",
+    "completed": "SUCCESS",
+    "failed": "FAILED",
+    "error": "FAILED",
+    "cancelled": "CANCELLED",
+    "canceled": "CANCELLED",
+}
+KINDS = {"instance": "instance", "image_import": "image_import", "import": "image_import", "run": "instance"}
+
+
+class GetOperationParams(msgspec.Struct, kw_only=True):
+    operation_id: Annotated[str, Meta(description="Operation id from run or import_image.")]
+    inflight: Annotated[
+        bool, Meta(description="For a running instance: include the output produced so far.")
+    ] = False
+
+
+class ListOperationsParams(msgspec.Struct, kw_only=True):
+    limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of operations.")] = 100
+    status: Annotated[
+        str | None,
+        Meta(
+            description="PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED or CANCELLED (any case; 'running' = EXECUTING)."
+        ),
+    ] = None
+    type: Annotated[str | None, Meta(description="'instance' (runs) or 'image_import'.")] = None
+    since: Annotated[
+        str | None,
+        Meta(description="Created after: ISO 8601, unix seconds or an interval ago (15m, 2h, 1d)."),
+    ] = None
+    kind: Annotated[str | None, Meta(description="Alias of 'type'.")] = None
+    offset: Annotated[int, Meta(ge=0, description="Operations to skip (paging).")] = 0
+    until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
+
+
+class WaitOperationsParams(msgspec.Struct, kw_only=True):
+    operation_ids: Annotated[
+        list[str], Meta(description="Operation ids to wait for (duplicates are ignored).")
+    ]
+    timeout: Annotated[
+        float, Meta(ge=0, description="Seconds to wait in total; unfinished ids are listed in 'pending'.")
+    ] = 300.0
+    mode: Annotated[
+        Literal["all", "any"],
+        Meta(description="'all': until every operation ended; 'any': until the first one did."),
+    ] = "all"
+    cancel_pending: Annotated[
+        bool, Meta(description="Cancel the operations still running when the call returns (default: never).")
+    ] = False
+
+
+class CancelOperationParams(msgspec.Struct, kw_only=True):
+    operation_id: Annotated[str, Meta(description="Operation to cancel.")]
+
+
+def normalize_status(value: str | None) -> str | None:
+    if not value:
+        return None
+    upper = value.strip().upper()
+    if upper in TERMINAL or upper in ("PENDING", "ASSIGNED", "EXECUTING"):
+        return upper
+    alias = STATUS_ALIASES.get(value.strip().lower())
+    if alias is None:
+        raise ToolError(
+            f"Unknown status {value!r}: use PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED or CANCELLED"
+        )
+    return alias
+
+
+def normalize_kind(value: str | None) -> str | None:
+    if not value:
+        return None
+    kind = KINDS.get(value.strip().lower())
+    if kind is None:
+        raise ToolError(f"Unknown operation type {value!r}: use 'instance' or 'image_import'")
+    return kind
+
+
+async def wait_operations_impl(
+    state: ServerState, ctx: RequestContext, params: WaitOperationsParams
+) -> WaitOperationsOutput:
+    ids = list(dict.fromkeys(i.strip() for i in params.operation_ids if i.strip()))
+    out = WaitOperationsOutput()
+    if not ids:
+        return out
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + params.timeout
+    active = list(ids)
+    reported = 0.0
+
+    async def fetch(op_id: str) -> tuple[str, dict[str, Any] | BaseException]:
+        try:
+            return op_id, as_dict(await state.backend.get_operation(op_id))
+        except BackendError as exc:
+            return op_id, exc
+
+    while True:
+        for op_id, got in await asyncio.gather(*(fetch(i) for i in active)):
+            if isinstance(got, BaseException):
+                out.errors[op_id] = str(got)
+                active.remove(op_id)
+                continue
+            out.results[op_id] = operation_output(got, cap=state.cap_for(op_id))
+            if got.get("status") in TERMINAL:
+                state.lineage.observe(got, ctx.principal)
+                out.completed.append(op_id)
+                active.remove(op_id)
+        done = len(out.completed) + len(out.errors)
+        if done > reported:
+            reported = float(done)
+            await ctx.progress(
+                reported, float(len(ids)), f"{len(out.completed)}/{len(ids)} operations finished"
+            )
+        if not active or (params.mode == "any" and out.completed):
+            break
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            out.timed_out = True
+            break
+        await asyncio.sleep(min(POLL_INTERVAL, remaining))
+    out.completed = [i for i in ids if i in out.completed]
+    out.pending = [i for i in ids if i in active]
+    if params.cancel_pending:
+        for op_id in out.pending:
+            try:
+                await state.backend.cancel_operation(op_id)
+                out.cancelled.append(op_id)
+            except Conflict:
+                pass
+            except BackendError as exc:
+                out.errors[op_id] = f"cancel failed: {exc}"
+    return out
+
+
+def register_get_list(registry: Registry, state: ServerState) -> None:
+    @registry.tool(
+        name="get_operation",
+        title="Get operation",
+        description="""Get status and result of an operation. Free (no VM).
+
+TL;DR: PURPOSE: check a run or import started with wait=false. COST: free.
+
+USAGE:
+- get_operation(operation_id="<id>"); inflight=true adds the output produced so far by a running command.
+- Statuses: PENDING, ASSIGNED, EXECUTING, then SUCCESS, FAILED or CANCELLED.
+
+RETURNS: {operation_id, status, kind, exit_code, stdout, stderr, stdout_truncated, stderr_truncated, timed_out,
+result_image, filesystem_changed, error, duration, ...}
+
+GUIDES:
+- [USEFUL] contree://guide/async
+- [USEFUL] contree://guide/errors""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def get_operation(params: GetOperationParams, ctx: RequestContext) -> OperationOutput:
+        with backend_errors(f"Operation {params.operation_id!r}"):
+            op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
+        data = as_dict(op)
+        if data.get("status") in TERMINAL:
+            state.lineage.observe(data, ctx.principal)
+        return operation_output(data, cap=state.cap_for(params.operation_id.strip()))
+
+    @registry.tool(
+        name="list_operations",
+        title="List operations",
+        description="""List operations (command executions and image imports). Free (no VM).
+
+TL;DR: PURPOSE: find recent runs and imports, e.g. failures to debug. COST: free.
+
+USAGE:
+- list_operations(status="FAILED", since="1h"); statuses are case-insensitive, 'running' = EXECUTING.
+- type="instance" (runs) or "image_import" (kind= is accepted too); offset/until for paging and ranges.
+
+RETURNS: {operations: [{uuid, kind, status, error, created_at, duration, image_uuid, result_image_uuid,
+image_size, consumed_cpu, consumed_memory}]}
+
+GUIDES:
+- [USEFUL] contree://guide/async""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def list_operations(params: ListOperationsParams, ctx: RequestContext) -> OperationListOutput:
+        query = OperationQuery(
+            limit=params.limit,
+            offset=params.offset,
+            status=normalize_status(params.status),
+            kind=normalize_kind(params.type or params.kind),
+            since=params.since,
+            until=params.until,
+        )
+        with backend_errors("list_operations"):
+            ops = await state.backend.list_operations(query)
+        for op in ops:
+            state.lineage.observe(op, ctx.principal)
+        return OperationListOutput(operations=[summary_output(o) for o in ops])
+
+
+def register_wait_cancel(registry: Registry, state: ServerState) -> None:
+    @registry.tool(
+        name="wait_operations",
+        title="Wait for operations",
+        description="""Wait for multiple operations to complete. Free (no VM).
+
+TL;DR: PURPOSE: join operations started with wait=false. COST: free.
+
+USAGE:
+- wait_operations(operation_ids=[...], mode="all") returns when all ended; mode="any" on the first one that
+  reaches SUCCESS, FAILED or CANCELLED.
+- timeout bounds this call only: operations still running are listed in 'pending' with timed_out=true and keep
+  running. Nothing is cancelled unless cancel_pending=true.
+
+RETURNS: {results: {id: operation}, completed: [ids], pending: [ids], cancelled: [ids], errors: {id: message},
+timed_out}
+
+GUIDES:
+- [ESSENTIAL] contree://guide/async""",
+        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=False),
+    )
+    async def wait_operations(params: WaitOperationsParams, ctx: RequestContext) -> WaitOperationsOutput:
+        return await wait_operations_impl(state, ctx, params)
+
+    @registry.tool(
+        name="cancel_operation",
+        title="Cancel operation",
+        description="""Cancel a running operation. Free (no VM).
+
+TL;DR: PURPOSE: stop a run or import that is no longer needed. COST: free.
+
+USAGE:
+- cancel_operation(operation_id="<id>"). Cancellation is asynchronous; an operation that already finished
+  keeps its status (reported in 'status', with cancelled=false).
+
+RETURNS: {cancelled, operation_id, status}
+
+GUIDES:
+- [USEFUL] contree://guide/async""",
+        annotations=ToolAnnotations(read_only=False, destructive=True, idempotent=True, open_world=False),
+    )
+    async def cancel_operation(params: CancelOperationParams, ctx: RequestContext) -> CancelOutput:
+        op_id = params.operation_id.strip()
+        with backend_errors(f"Operation {op_id!r}"):
+            current = as_dict(await state.backend.get_operation(op_id))
+            status = str(current.get("status") or "")
+            if status in TERMINAL:
+                return CancelOutput(cancelled=status == "CANCELLED", operation_id=op_id, status=status)
+            try:
+                await state.backend.cancel_operation(op_id)
+            except Conflict:
+                pass
+            status = str(as_dict(await state.backend.get_operation(op_id)).get("status") or "")
+        return CancelOutput(cancelled=status not in ("SUCCESS", "FAILED"), operation_id=op_id, status=status)

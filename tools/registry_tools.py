@@ -1,0 +1,243 @@
+"""registry_token_obtain, registry_auth, import_image."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import webbrowser
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from contree import api
+from contree.errors import BackendError
+from contree.oci.credentials import PAT_PAGES, validate_credentials
+from contree.oci.reference import registry_host
+from protocol.errors import ToolError
+from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.convert import TERMINAL, as_dict, operation_output
+from tools.errors import backend_errors
+from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, TokenObtainOutput
+from tools.refs import validate_tag
+from tools.state import ServerState
+from tools.waiting import follow_until_terminal
+
+log = logging.getLogger(__name__)
+
+LOCAL_SOURCES = ("oci-archive:", "docker-archive:", "oci:")
+
+
+class TokenObtainParams(msgspec.Struct, kw_only=True):
+    registry_url: Annotated[
+        str, Meta(description="Registry host or image URL, e.g. 'docker.io' or 'ghcr.io'.")
+    ]
+
+
+class RegistryAuthParams(msgspec.Struct, kw_only=True):
+    registry_url: Annotated[str, Meta(description="Registry host or image URL, e.g. 'docker.io'.")]
+    username: Annotated[str, Meta(description="Registry user name.")]
+    token: Annotated[
+        str, Meta(description="Personal access token (read-only scope). Stored 0600, never echoed.")
+    ]
+
+
+class ImportImageParams(msgspec.Struct, kw_only=True):
+    registry_url: Annotated[
+        str,
+        Meta(
+            description="Image to import, e.g. 'docker://docker.io/library/alpine:latest' or 'python:3.11-slim'."
+        ),
+    ]
+    tag: Annotated[
+        str | None, Meta(description="Tag for the imported image (else reachable by UUID only).")
+    ] = None
+    wait: Annotated[bool, Meta(description="Wait for the import (false: return {operation_id} at once).")] = (
+        True
+    )
+    i_accept_that_anonymous_access_might_be_rate_limited: Annotated[
+        bool,
+        Meta(description="Import without stored registry credentials (anonymous pulls may be rate limited)."),
+    ] = False
+    timeout: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Seconds the import may take (backend default 300).")
+    ] = None
+
+
+def host_of(registry_url: str) -> str:
+    try:
+        return registry_host(registry_url)
+    except BackendError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _can_open_browser(state: ServerState) -> bool:
+    return not state.http_mode and bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+async def _open_browser(url: str) -> None:
+    try:
+        await asyncio.wait_for(asyncio.to_thread(webbrowser.open, url), timeout=3)
+    except Exception as exc:
+        log.debug("could not open a browser: %s", exc)
+
+
+def register_auth(registry: Registry, state: ServerState) -> None:
+    @registry.tool(
+        name="registry_token_obtain",
+        title="Get a registry token page",
+        description="""Open browser to create a Personal Access Token for a container registry.
+
+TL;DR: PURPOSE: first step of registry authentication; returns the page where the user creates a token.
+
+USAGE:
+- registry_token_obtain(registry_url="docker.io"), then STOP and ask the user for the username and token,
+  then registry_auth(...). In HTTP mode, or without a display, no browser is opened: show the URL to the user.
+
+RETURNS: {status, registry, url, message, agent_instruction}
+
+GUIDES:
+- [USEFUL] contree://guide/reference""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def registry_token_obtain(params: TokenObtainParams, ctx: RequestContext) -> TokenObtainOutput:
+        host = host_of(params.registry_url)
+        url = PAT_PAGES.get(host)
+        if url is None:
+            return TokenObtainOutput(
+                status="error",
+                registry=host,
+                message=f"Unknown registry '{host}'. Please consult the registry documentation for token creation.",
+            )
+        opened = _can_open_browser(state)
+        if opened:
+            asyncio.get_running_loop().create_task(_open_browser(url))
+        lead = f"Browser opened to {url}." if opened else f"Open {url} in a browser."
+        return TokenObtainOutput(
+            status="success",
+            registry=host,
+            url=url,
+            message=(
+                f"{lead} Create a read-only PAT, then provide your username and token. After receiving the token, "
+                f"call registry_auth(registry_url='{params.registry_url}', username='<username>', token='<token>')."
+            ),
+            agent_instruction=(
+                "STOP HERE. Wait for user to create PAT and provide the token. "
+                "Do not proceed until user gives you the token."
+            ),
+        )
+
+    @registry.tool(
+        name="registry_auth",
+        title="Authenticate with a registry",
+        description="""Authenticate with a container registry via Personal Access Token.
+
+TL;DR: PURPOSE: store registry credentials for import_image. COST: one request to the registry.
+
+USAGE:
+- registry_auth(registry_url="docker.io", username="me", token="<PAT>"). The token is checked against the
+  registry, stored with mode 0600 on the server host and never returned or logged.
+
+RETURNS: {status, registry, message}
+
+GUIDES:
+- [USEFUL] contree://guide/reference""",
+        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=True),
+    )
+    async def registry_auth(params: RegistryAuthParams, ctx: RequestContext) -> RegistryAuthOutput:
+        host = host_of(params.registry_url)
+        try:
+            check = await validate_credentials(host, params.username, params.token)
+        except BackendError as exc:  # e.g. credentials would travel over plain HTTP
+            raise ToolError(str(exc)) from None
+        if check.status == "unreachable":
+            raise ToolError(check.message)
+        if not check.valid:
+            return RegistryAuthOutput(status="error", registry=host, message=check.message)
+        await asyncio.to_thread(state.credentials.put, ctx.principal, host, params.username, params.token)
+        return RegistryAuthOutput(
+            status="success",
+            registry=host,
+            message=f"Authenticated with '{host}' as '{params.username}' successfully.",
+        )
+
+
+async def credentials_for(
+    state: ServerState, principal: str | None, host: str
+) -> api.RegistryCredentials | None:
+    cred = await asyncio.to_thread(state.credentials.get, principal, host)
+    if cred is None:
+        return None
+    try:
+        check = await validate_credentials(host, cred.username, cred.token)
+    except BackendError as exc:
+        raise ToolError(str(exc)) from None
+    if check.status == "unreachable":
+        log.info("keeping stored credentials for %s: %s", host, check.message)
+    elif not check.valid:
+        await asyncio.to_thread(state.credentials.delete, principal, host)
+        return None
+    return api.RegistryCredentials(username=cred.username, password=cred.token)
+
+
+def register_import(registry: Registry, state: ServerState) -> None:
+    word = state.sandbox_word
+
+    @registry.tool(
+        name="import_image",
+        title="Import an image",
+        description=f"""Import OCI container image from registry (e.g., Docker Hub). Spawns {word}.
+
+TL;DR: PURPOSE: bring a base image in when list_images has nothing suitable. COST: a download and unpack.
+
+USAGE:
+- Check list_images(tag_prefix=...) first. import_image(registry_url="docker://docker.io/library/alpine:latest",
+  tag="alpine:latest"). Docker references are normalised ('python:3.11-slim' → docker.io/library/python:3.11-slim).
+- Without stored credentials (registry_auth) pass i_accept_that_anonymous_access_might_be_rate_limited=true.
+- The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are dropped.
+
+RETURNS: {{operation_id, status, result_image, result_tag, error, ...}} or {{operation_id}} when wait=false
+
+GUIDES:
+- [USEFUL] contree://guide/reference
+- [USEFUL] contree://guide/tagging""",
+        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=True),
+    )
+    async def import_image(params: ImportImageParams, ctx: RequestContext) -> OperationOutput | OperationRef:
+        url = params.registry_url.strip()
+        tag = validate_tag(params.tag) if params.tag else None
+        credentials: api.RegistryCredentials | None = None
+        if not url.startswith(LOCAL_SOURCES):
+            host = host_of(url)
+            credentials = await credentials_for(state, ctx.principal, host)
+            if credentials is None and not params.i_accept_that_anonymous_access_might_be_rate_limited:
+                raise ToolError(
+                    f"Not authenticated with '{host}'. Run registry_token_obtain(registry_url='{host}') first to "
+                    f"open the browser, then registry_auth(registry_url='{host}', username='...', token='...') "
+                    "to authenticate. Or pass i_accept_that_anonymous_access_might_be_rate_limited=true."
+                )
+        request: dict[str, Any] = {"registry": {"url": url}, "tag": tag}
+        if credentials is not None:
+            request["registry"]["credentials"] = msgspec.to_builtins(credentials)
+        if params.timeout is not None:
+            request["timeout"] = params.timeout
+        with backend_errors("import_image"):
+            operation_id = await state.backend.import_image(msgspec.convert(request, api.ImageImportRequest))
+        if not params.wait:
+            return OperationRef(operation_id=operation_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (params.timeout or api.DEFAULT_IMPORT_TIMEOUT) + state.run_grace_seconds
+        ticks = 0
+
+        async def on_event(event: dict[str, Any]) -> None:
+            nonlocal ticks
+            ticks += 1
+            await ctx.progress(ticks, None, f"import {operation_id}: {event.get('type')}")
+
+        await ctx.progress(0, None, f"importing {url}")
+        with backend_errors(f"Operation {operation_id}"):
+            op = await follow_until_terminal(state.backend, operation_id, deadline, on_event)
+        if as_dict(op).get("status") in TERMINAL:
+            state.lineage.observe(op, ctx.principal)
+        return operation_output(op)

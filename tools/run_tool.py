@@ -1,0 +1,239 @@
+"""run: spawn a command in a sandbox, optionally wait for it with live progress."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from contree import api
+from protocol.errors import ToolError
+from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.convert import TERMINAL, decode_stream, operation_output
+from tools.errors import backend_errors
+from tools.models import OperationOutput, OperationRef
+from tools.refs import resolve_image
+from tools.state import ServerState
+from tools.waiting import OutputTail, follow_until_terminal
+
+log = logging.getLogger(__name__)
+
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
+
+
+class InjectedFileSpec(msgspec.Struct, kw_only=True):
+    uuid: Annotated[str, Meta(description="File UUID from upload().")]
+    mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3,4}$", description="Permission bits, e.g. '0755'.")] = (
+        "0644"
+    )
+    uid: Annotated[int, Meta(ge=0)] = 0
+    gid: Annotated[int, Meta(ge=0)] = 0
+
+
+class RunParams(msgspec.Struct, kw_only=True):
+    command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
+    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
+    shell: Annotated[
+        bool, Meta(description="Run through the image's shell ('sh -c'); also applies the image's ENV.")
+    ] = True
+    env: Annotated[
+        dict[str, str | None] | None,
+        Meta(description="Environment variables; a null value unsets a preserved one. Never echoed back."),
+    ] = None
+    preserve_env: Annotated[
+        bool,
+        Meta(description="Merge 'env' into the image's stored environment and keep it in the result image."),
+    ] = False
+    cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the image default.")] = ""
+    uid: Annotated[int, Meta(ge=0, description="User id of the process.")] = 0
+    gid: Annotated[int, Meta(ge=0, description="Group id of the process.")] = 0
+    timeout: Annotated[int, Meta(ge=1, description="Seconds before the command is killed.")] = 30
+    disposable: Annotated[
+        bool,
+        Meta(description="true: discard filesystem changes. false: save them as a new image (result_image)."),
+    ] = True
+    stdin: Annotated[str | None, Meta(description="Text written to the command's standard input.")] = None
+    directory_state_id: Annotated[
+        int | str | None, Meta(description="Id returned by rsync: injects that synced directory.")
+    ] = None
+    files: Annotated[
+        dict[str, str | InjectedFileSpec] | None,
+        Meta(description="{absolute_path: file_uuid} (or {uuid, mode, uid, gid}) of files from upload()."),
+    ] = None
+    wait: Annotated[
+        bool, Meta(description="true: wait and return the output. false: return {operation_id} at once.")
+    ] = True
+    truncate_output_at: Annotated[
+        int,
+        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
+    ] = 8000
+    max_layer_bytes: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Cap on bytes written to the filesystem (default 12 GiB).")
+    ] = None
+    args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
+        None
+    )
+    hostname: Annotated[str | None, Meta(description="Hostname inside the sandbox.")] = None
+    networking: Annotated[
+        bool | None, Meta(description="Give the sandbox network access (backend default: on).")
+    ] = None
+    preserve_cwd: Annotated[
+        bool,
+        Meta(description="Store the working directory as the result image's default (disposable=false)."),
+    ] = False
+
+
+def stdin_repr(text: str) -> api.ClosableStreamRepr:
+    raw = text.encode()
+    if all(b in _PRINTABLE for b in raw):
+        return api.ClosableStreamRepr(value=text, encoding="ascii", close=True)
+    return api.ClosableStreamRepr(value=base64.b64encode(raw).decode(), encoding="base64", close=True)
+
+
+async def build_request(
+    params: RunParams, state: ServerState, principal: str | None
+) -> api.InstanceSpawnRequest:
+    image = await resolve_image(state.backend, params.image)
+    files: dict[str, api.InjectedFile] = {}
+    if params.directory_state_id is not None:
+        files.update(await state.dirstates.injected_files(principal, params.directory_state_id))
+    for path, spec in (params.files or {}).items():
+        if not path.startswith("/"):
+            raise ToolError(f"files: path must be absolute, got: {path}")
+        if isinstance(spec, str):
+            files[path] = api.InjectedFile(uuid=spec, mode="0644")
+        else:
+            files[path] = api.InjectedFile(
+                uuid=spec.uuid, mode=spec.mode.rjust(4, "0"), uid=spec.uid, gid=spec.gid
+            )
+    request: dict[str, Any] = {
+        "command": params.command,
+        "image": image,
+        "shell": params.shell,
+        "preserve_env": params.preserve_env,
+        "preserve_cwd": params.preserve_cwd,
+        "cwd": params.cwd,
+        "uid": params.uid,
+        "gid": params.gid,
+        "timeout": params.timeout,
+        "disposable": params.disposable,
+        # Record (nearly) everything so the full streams stay readable as resources; the result is cut
+        # to the caller's truncate_output_at by operation_output().
+        "truncate_output_at": api.MAX_TRUNCATE_OUTPUT_AT,
+    }
+    if params.env is not None:
+        request["env"] = params.env
+    if params.args:
+        request["args"] = params.args
+    if params.hostname:
+        request["hostname"] = params.hostname
+    if params.networking is not None:
+        request["networking"] = {"enabled": params.networking}
+    if params.max_layer_bytes is not None:
+        request["resources_limits"] = {"max_layer_bytes": params.max_layer_bytes}
+    if params.stdin:
+        request["stdin"] = msgspec.to_builtins(stdin_repr(params.stdin))
+    if files:
+        request["files"] = {k: msgspec.to_builtins(v) for k, v in files.items()}
+    try:
+        return msgspec.convert(request, api.InstanceSpawnRequest)
+    except msgspec.ValidationError as exc:
+        raise ToolError(f"invalid run request: {exc}") from None
+
+
+async def wait_for_run(
+    state: ServerState, ctx: RequestContext, operation_id: str, timeout: float
+) -> dict[str, Any]:
+    """Follow a run to its end with progress; cancelling this coroutine cancels the operation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout + state.run_grace_seconds
+    tail = OutputTail()
+    counter = 0
+
+    async def on_event(event: dict[str, Any]) -> None:
+        nonlocal counter
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            text, _ = decode_stream(event.get("data"))
+            tail.feed(text)
+        elif kind not in ("spawn", "exit", "completion"):
+            return
+        counter += 1
+        message = tail.render() or f"{operation_id}: {kind}"
+        await ctx.progress(counter, None, message)
+
+    try:
+        return await follow_until_terminal(state.backend, operation_id, deadline, on_event)
+    except asyncio.CancelledError:
+        # The client gave up on a call that started this operation: stop the sandbox too (§15.22).
+        async def cancel() -> None:
+            try:
+                await state.backend.cancel_operation(operation_id)
+            except Exception as exc:
+                log.debug("cancel of %s after request cancellation failed: %s", operation_id, exc)
+
+        await asyncio.shield(loop.create_task(cancel()))
+        raise
+
+
+async def track_in_background(state: ServerState, operation_id: str, principal: str | None) -> None:
+    """Record lineage for a wait=false run once it ends (never cancels it)."""
+    loop = asyncio.get_running_loop()
+    op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
+    state.lineage.observe(op, principal)
+
+
+def register(registry: Registry, state: ServerState) -> None:
+    word = state.sandbox_word
+    cost = f"Spawns {word}."
+
+    @registry.tool(
+        name="run",
+        title="Run a command",
+        description=f"""Execute command in isolated container. {cost}
+
+TL;DR: PURPOSE: run a shell command in a fresh {word} from an immutable image. COST: one {word} per call.
+
+USAGE:
+- Prefer existing images: list_images(tag_prefix="common/") before import_image.
+- Stage local files first with rsync (directory_state_id) or upload (files={{"/app/x.py": "<file uuid>"}}).
+- disposable=true (default) discards changes; disposable=false saves them as a new image: chain by passing
+  result_image as the next 'image', and tag useful ones as {{scope}}/{{purpose}}/{{base}}.
+- wait=false returns {{operation_id}} at once; join with wait_operations.
+- Pass variables with env={{...}}, not 'export' (each run is a fresh process). cwd="" = image default.
+- Output beyond truncate_output_at bytes is cut (stdout_truncated/stderr_truncated say so); the full
+  streams stay readable at stdout_resource / stderr_resource.
+
+RETURNS: {{operation_id, status, exit_code, stdout, stderr, stdout_truncated, stderr_truncated, timed_out,
+result_image, filesystem_changed, duration, ...}} or {{operation_id}} when wait=false. status SUCCESS means it
+ran; the command's outcome is exit_code.
+
+GUIDES:
+- [ESSENTIAL] contree://guide/workflow
+- [ESSENTIAL] contree://guide/state
+- [USEFUL] contree://guide/async""",
+        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=False, open_world=True),
+    )
+    async def run(params: RunParams, ctx: RequestContext) -> OperationOutput | OperationRef:
+        with backend_errors("run"):
+            request = await build_request(params, state, ctx.principal)
+            spawned = await state.backend.spawn(request)
+        operation_id = spawned.uuid
+        state.remember_cap(operation_id, params.truncate_output_at)
+        if not params.wait:
+            state.spawn_background(
+                track_in_background(state, operation_id, ctx.principal), f"track-{operation_id}"
+            )
+            return OperationRef(operation_id=operation_id)
+        await ctx.progress(0, None, f"spawned {operation_id}")
+        with backend_errors(f"Operation {operation_id}"):
+            op = await wait_for_run(state, ctx, operation_id, params.timeout)
+        if op.get("status") in TERMINAL:
+            state.lineage.observe(op, ctx.principal)
+        else:
+            log.warning("run %s still %s after its deadline", operation_id, op.get("status"))
+        return operation_output(op, cap=params.truncate_output_at)

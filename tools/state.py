@@ -1,0 +1,74 @@
+"""What every tool needs, built once by `tools.app` and passed explicitly (no module globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from contree.backend import Backend
+
+if TYPE_CHECKING:
+    from tools.credentials import CredentialStore
+    from tools.dirstate import DirectoryStates
+    from tools.lineage import Lineage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READ_MAX_BYTES = 1024 * 1024
+DEFAULT_TRUNCATE_OUTPUT_AT = 8000
+
+
+@dataclass
+class ServerState:
+    backend: Backend
+    backend_kind: Literal["local", "contree"]
+    lineage: Lineage
+    dirstates: DirectoryStates
+    credentials: CredentialStore
+    allowed_roots: list[Path]
+    cache_dir: Path
+    read_max_bytes: int = DEFAULT_READ_MAX_BYTES
+    http_mode: bool = False
+    http_port: int = 9452
+    run_grace_seconds: float = 120.0
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _caps: dict[str, int] = field(default_factory=dict)
+
+    def remember_cap(self, operation_id: str, cap: int) -> None:
+        """The caller's truncate_output_at: the backend records more so the full output stays readable."""
+        self._caps[operation_id] = cap
+        if len(self._caps) > 10000:
+            del self._caps[next(iter(self._caps))]
+
+    def cap_for(self, operation_id: str) -> int:
+        return self._caps.get(operation_id, DEFAULT_TRUNCATE_OUTPUT_AT)
+
+    @property
+    def sandbox_word(self) -> str:
+        return "sandbox" if self.backend_kind == "local" else "microVM"
+
+    def spawn_background(self, coro: asyncio.Future[None] | asyncio.Task[None] | object, name: str) -> None:
+        """Run a best-effort task (lineage tracking) that must never take the server down."""
+
+        async def guarded() -> None:
+            try:
+                await coro  # type: ignore[misc]
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                log.debug("background task %s failed: %s", name, exc)
+
+        task = asyncio.get_running_loop().create_task(guarded(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.lineage.close()
+        await self.backend.close()
