@@ -1,0 +1,122 @@
+"""`contree-mcp serve-api`: the embedded engine as a self-hosted Contree REST API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from contree.backend import Backend
+from contree.config import engine_home
+from contree.rest.app import build_app
+
+log = logging.getLogger("contree.rest")
+
+DEFAULT_LISTEN = "127.0.0.1:9453"
+TOKEN_ENV = "CONTREE_SERVE_TOKEN"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"--listen must be HOST:PORT, not {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(
+    backend: Backend, host: str, port: int, *, token: str | None, stop: asyncio.Event, keepalive: float = 15.0
+) -> None:
+    """Serve until `stop` is set; prints the bound URL (port 0 picks a free one) on stdout."""
+    runner = web.AppRunner(build_app(backend, token=token, keepalive=keepalive), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0]
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        print(f"Contree API listening on http://{shown}:{bound[1]}/v1", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _run(host: str, port: int, home: Path, token: str | None) -> None:
+    from contree.engine.local import LocalEngine
+
+    engine = LocalEngine(home)
+    await engine.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(engine, host, port, token=token, stop=stop)
+    finally:
+        await engine.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="contree-mcp serve-api",
+        description="Serve the embedded engine as a Contree REST API at /v1 (a self-hosted Contree).",
+    )
+    parser.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to bind (default {DEFAULT_LISTEN})"
+    )
+    parser.add_argument(
+        "--home",
+        default=None,
+        help="engine state directory (default $CONTREE_ENGINE_HOME or $XDG_DATA_HOME/contree-mcp)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token clients must send (or ${TOKEN_ENV}); required when listening beyond loopback",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(levelname)s] %(message)s", stream=sys.stderr)
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if not token and not is_loopback(host):
+        print(
+            f"contree-mcp serve-api: refusing to listen on {host} without a token; "
+            f"pass --token or set {TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return 2
+    home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
+    try:
+        asyncio.run(_run(host, port, home, token))
+    except KeyboardInterrupt:
+        pass
+    return 0
