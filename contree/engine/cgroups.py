@@ -35,6 +35,7 @@ class CgroupStats(msgspec.Struct, kw_only=True):
     memory_peak_bytes: int | None = None
     cpu_usage_ns: int | None = None
     oom_kills: int | None = None
+    under_oom_events: int | None = None  # v1: OOM notifications seen for the sandbox (see `_watch_oom`)
 
 
 class CgroupError(OSError):
@@ -83,6 +84,8 @@ class CgroupManager:
         self.info = info
         self.parent = parent.rstrip("/")
         self.v2 = info.cgroup_mode is CgroupMode.V2
+        self._oom_fds: dict[str, int] = {}
+        self._oom_seen: dict[str, int] = {}
 
     # ---- paths ----
 
@@ -168,6 +171,38 @@ class CgroupManager:
     def create(self, name: str, limits: CgroupLimits) -> None:
         self._mkdirs(name)
         self._apply(name, limits)
+        if not self.v2:
+            self._watch_oom(name)
+
+    def _watch_oom(self, name: str) -> None:
+        """v1 keeps OOM-kill counts in the victim's own cgroup (the runtime's leaf, deleted at exit), but
+        notifies every cgroup in the OOMing subtree through `memory.oom_control` eventfds."""
+        mem = self._v1("memory", name)
+        if mem is None:
+            return
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            ctl = os.open(mem / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(mem / "cgroup.event_control", f"{efd} {ctl}")
+            finally:
+                os.close(ctl)
+        except OSError as exc:
+            os.close(efd)
+            log.warning("no OOM notifications for %s: %s", name, exc)
+            return
+        self._oom_fds[name] = efd
+
+    def _oom_events(self, name: str) -> int | None:
+        efd = self._oom_fds.get(name)
+        if efd is None:
+            return None
+        try:
+            n = os.eventfd_read(efd)
+        except BlockingIOError:
+            n = 0
+        self._oom_seen[name] = self._oom_seen.get(name, 0) + n  # reading resets the eventfd
+        return self._oom_seen[name]
 
     # ---- results ----
 
@@ -184,7 +219,21 @@ class CgroupManager:
             memory_peak_bytes=_read_int(mem / "memory.max_usage_in_bytes") if mem else None,
             cpu_usage_ns=_read_int(acct / "cpuacct.usage") if acct else None,
             oom_kills=self._v1_oom_kills(mem) if mem else None,
+            under_oom_events=self._oom_events(name),
         )
+
+    def pids_state(self, name: str) -> tuple[int | None, int | None]:
+        """(processes now, forks refused by the pids limit so far)."""
+        path = self._v2(name) if self.v2 else self._v1("pids", name)
+        if path is None:
+            return None, None
+        refused = None
+        # Refused forks are counted in the forking task's own cgroup (the runtime's leaf).
+        for d in [path, *[p for p in path.rglob("*") if p.is_dir()]] if path.is_dir() else []:
+            n = _read_keyed(d / "pids.events", "max")
+            if n is not None:
+                refused = (refused or 0) + n
+        return _read_int(path / "pids.current"), refused
 
     @staticmethod
     def _v1_oom_kills(mem: Path) -> int | None:
@@ -248,6 +297,9 @@ class CgroupManager:
 
     def remove(self, name: str | None, *, timeout: float = 5.0) -> None:
         """Remove the cgroup in every hierarchy, killing stragglers; retries while tasks drain."""
+        for key in [k for k in self._oom_fds if name is None or k == name]:
+            os.close(self._oom_fds.pop(key))
+            self._oom_seen.pop(key, None)
         deadline = time.monotonic() + timeout
         while True:
             leftovers: list[tuple[Path, OSError]] = []

@@ -294,9 +294,10 @@ class RunningSandbox:
         code, sig, core = _decode_status(status)
         stats = self._rt.cgroups.stats(self.sandbox_id)
         # The runtime itself was SIGKILLed (by `kill`): report the signal the sandbox got.
-        oom = bool(stats.oom_kills)
         if code is None and sig is not None and self._killed_with is not None:
             sig = int(self._killed_with)
+        oom = bool(stats.oom_kills) or (sig == _signal.SIGKILL and self._killed_with is None
+                                        and bool(stats.under_oom_events))
         self._exit = SandboxExit(
             exit_code=code, signal=sig, core_dump=core, oom_killed=oom,
             user_time=ru.ru_utime, system_time=ru.ru_stime, max_rss_kb=ru.ru_maxrss,
@@ -448,8 +449,10 @@ class SandboxRuntime:
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
             opts = oci_config.ConfigOptions(
                 rootfs=spec.rootfs, hostname=spec.hostname, cgroups_path=self.cgroups.runtime_path(sid),
-                netns_path=net.netns_path, memory_bytes=spec.memory_bytes, pids_limit=spec.pids_limit,
-                cpu_quota=spec.cpu_quota, rlimits=self.rlimits, seccomp=self.config.seccomp,
+                # Limits live on our `<parent>/<sid>` cgroup only: a limit hit there is counted there
+                # (OOM kills, refused forks), and those counters outlive the runtime's own leaf.
+                netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
+                rlimits=self.rlimits, seccomp=self.config.seccomp,
                 seccomp_bpf_b64=self._seccomp_b64, extra_mounts=self._etc_mounts(spec, bundle, net))
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
             (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))

@@ -1,0 +1,217 @@
+"""The isolation suite (issue 3, "Must show"): root inside a sandbox cannot harm the image or the host."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contree.engine import seccomp
+from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture
+async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
+    async with open_runtime(mount_guard, network_mode="none") as rt:
+        yield rt
+
+
+@pytest.fixture
+def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
+    return overlay_rootfs(busybox_rootfs, mount_guard)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_uid)
+    return out
+
+
+async def test_rm_rf_root_leaves_the_image_and_the_host_intact(runtime: SandboxRuntime, rootfs: Path,
+                                                               busybox_rootfs: Path,
+                                                               mount_guard: Path) -> None:
+    before = snapshot(busybox_rootfs)
+    sentinel = mount_guard / "host-sentinel"
+    sentinel.write_text("still here")
+    r = await run(runtime, rootfs, "rm -rf / 2>/dev/null; ls /bin/busybox 2>&1; echo done")
+    assert r.out.endswith("done\n") and "No such file" in r.out
+    assert snapshot(busybox_rootfs) == before
+    assert sentinel.read_text() == "still here"
+    upper = rootfs.parent / "upper"
+    whiteout = os.lstat(upper / "bin")  # the deleted lower directory is now a whiteout in the upper only
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+
+
+async def test_no_host_processes_are_visible(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
+    count, cmdline = r.out.splitlines()
+    assert int(count) <= 4, r.out
+    assert cmdline.startswith("sh -c ls /proc")
+
+
+async def test_host_loopback_service_is_unreachable(runtime: SandboxRuntime, rootfs: Path) -> None:
+    hits = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        r = await run(runtime, rootfs, f"nc -w 2 127.0.0.1 {port} </dev/null && echo REACHED || echo REFUSED",
+                      networking=False)
+    finally:
+        server.close()
+    assert r.out.strip() == "REFUSED" and not hits
+
+
+async def test_proc_sys_and_sys_are_read_only(runtime: SandboxRuntime, rootfs: Path) -> None:
+    script = ("for f in /proc/sys/vm/drop_caches /proc/sys/kernel/hostname /proc/sysrq-trigger; do "
+              "echo 1 > $f 2>/dev/null && echo \"WROTE $f\"; done; "
+              "mkdir /sys/fs/x 2>/dev/null && echo WROTE-SYS; "
+              "touch /sys/kernel/x 2>/dev/null && echo WROTE-SYS2; "
+              "grep -E ' /(proc/sys|sys) ' /proc/self/mounts | cut -d' ' -f2,4")
+    r = await run(runtime, rootfs, script)
+    assert "WROTE" not in r.out, r.out
+    mounts = dict(line.split(" ", 1) for line in r.out.splitlines())
+    assert mounts["/sys"].startswith("ro,") and mounts["/proc/sys"].startswith("ro,")
+
+
+@pytest.mark.parametrize(("name", "script"), [
+    ("mount", "mount -t tmpfs t /mnt"),
+    ("mount proc", "mount -t proc p /mnt"),
+    ("mknod", "mknod /tmp/blk b 8 0"),
+    ("module", "head -c 4096 /dev/urandom > /tmp/m.ko; insmod /tmp/m.ko"),
+    ("new user namespace", "unshare -U -r true"),
+    ("new mount namespace", "unshare -m true"),
+    ("new net namespace", "unshare -n true"),
+    ("sethostname", "hostname evil"),
+    ("reboot", "reboot -f"),
+])
+async def test_privileged_operations_are_refused(runtime: SandboxRuntime, rootfs: Path, name: str,
+                                                 script: str) -> None:
+    r = await run(runtime, rootfs, f"{script}; echo rc=$?")
+    assert "rc=0" not in r.out, f"{name} succeeded: {r.out} {r.err}"
+    assert "not permitted" in r.err or "ermission denied" in r.err, r.err
+
+
+async def test_fork_bomb_stops_at_the_pids_limit(runtime: SandboxRuntime, rootfs: Path) -> None:
+    sb = await runtime.start(SandboxSpec(sandbox_id="bomb", rootfs=rootfs, networking=False, stdin=False,
+                                         pids_limit=48, cpu_quota=0.5,
+                                         argv=["sh", "-c", "b() { b | b & }; b; sleep 600"]))
+    try:
+        refused = 0
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            current, refused_now = runtime.cgroups.pids_state("bomb")
+            assert current is not None and current <= 48
+            refused = refused_now or 0
+            if refused > 20:
+                break
+        assert refused > 0, "the pids limit never refused a fork"
+        await sb.kill()
+        ex = await asyncio.wait_for(sb.wait(), 30)
+        assert ex.signal == signal.SIGKILL
+    finally:
+        await sb.cleanup()
+    assert not runtime.cgroups.exists("bomb")
+
+
+async def test_memory_hog_is_oom_killed(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "exec tail /dev/zero", memory_bytes=32 << 20)
+    assert r.exit.exit_code == 137 and r.exit.signal == signal.SIGKILL
+    assert r.exit.oom_killed
+    assert r.exit.memory_peak_bytes is not None and r.exit.memory_peak_bytes <= (32 << 20) + (1 << 20)
+
+
+async def test_sleep_past_its_timeout_is_killed(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "sleep 600; echo survived", kill_after=0.3)
+    assert r.exit.signal == signal.SIGKILL and r.exit.exit_code is None
+    assert "survived" not in r.out and r.exit.duration < 10
+
+
+async def test_only_the_granted_capabilities_and_seccomp_apply(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs,
+                  "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; ls /dev")
+    assert "CapEff:\t00000000800405fb" in r.out and "CapBnd:\t00000000800405fb" in r.out
+    assert "NoNewPrivs:\t1" in r.out and "Seccomp:\t2" in r.out
+    devices = set(r.out.split("\n", 4)[4].split())
+    assert devices <= {"core", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr",
+                       "stdin", "stdout", "tty", "urandom", "zero"}, devices
+
+
+# ---- the seccomp filter itself, applied to a host child process ----
+
+_PROBE = r"""
+import ctypes, json, sys, base64
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+if sys.argv[1]:
+    prog = base64.b64decode(sys.argv[1])
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fp = Fprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    assert libc.prctl(38, 1, 0, 0, 0) == 0
+    assert libc.prctl(22, 2, ctypes.byref(fp), 0, 0) == 0, ctypes.get_errno()
+res = {}
+for name, nr, args in json.loads(sys.argv[2]):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    res[name] = 0 if r >= 0 else ctypes.get_errno()
+print(json.dumps(res))
+"""
+
+# x86_64 numbers; unshare(CLONE_NEWUSER) last because it succeeds without the filter.
+_CALLS = [
+    ("getpid", 39, []), ("bpf", 321, [0, 0, 0]), ("perf_event_open", 298, [0, 0, -1, -1, 0]),
+    ("kexec_load", 246, [0, 0, 0, 0]), ("init_module", 175, [0, 0, 0]), ("finit_module", 313, [-1, 0, 0]),
+    ("open_by_handle_at", 304, [-1, 0, 0]), ("userfaultfd", 323, [0]), ("add_key", 248, [0, 0, 0, 0, 0]),
+    ("keyctl", 250, [0, 0, 0, 0, 0]), ("io_uring_setup", 425, [1, 0]), ("mount", 165, [0, 0, 0, 0, 0]),
+    ("setns", 308, [-1, 0]), ("clone3", 435, [0, 0]), ("unshare_files", 272, [0x400]),
+    ("unshare_newuser", 272, [0x10000000]),
+]
+
+
+def _probe(prog_b64: str) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, prog_b64, json.dumps(_CALLS)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    result: dict[str, int] = json.loads(out)
+    return result
+
+
+def test_seccomp_filter_refuses_dangerous_syscalls_that_reach_the_kernel_without_it() -> None:
+    assert os.uname().machine == "x86_64", "the probe's syscall numbers are x86_64's"
+    bare = _probe("")
+    filtered = _probe(base64.b64encode(seccomp.compiled_bpf()).decode())
+    assert filtered["getpid"] == 0 and filtered["unshare_files"] == 0
+    for name in ("bpf", "perf_event_open", "kexec_load", "init_module", "finit_module", "open_by_handle_at",
+                 "userfaultfd", "add_key", "keyctl", "io_uring_setup", "mount", "setns", "unshare_newuser"):
+        assert filtered[name] == 1, f"{name}: errno {filtered[name]} (EPERM expected)"
+        assert bare[name] != 1, f"{name} is refused even without the filter: the probe proves nothing"
+    assert filtered["clone3"] == 38 and bare["clone3"] != 38  # ENOSYS: libc falls back to clone
+
+
+def test_seccomp_profile_allows_nothing_it_denies() -> None:
+    prof = seccomp.profile()
+    allowed = set(prof.syscalls[0].names)
+    assert not allowed & set(seccomp.DENIED)
+    assert not allowed & {"clone", "clone3", "unshare", "keyctl", "bpf", "mount", "personality"}
+    assert prof.defaultAction == "SCMP_ACT_ERRNO" and prof.defaultErrnoRet == 38
