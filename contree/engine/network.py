@@ -93,6 +93,10 @@ def host_resolvers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
     return found
 
 
+def missing_tools() -> list[str]:
+    return [b for b in ("ip", "iptables-restore") if shutil.which(b) is None]
+
+
 def _enable_forwarding() -> None:
     fwd = Path("/proc/sys/net/ipv4/ip_forward")
     if fwd.read_text().strip() != "1":
@@ -147,8 +151,8 @@ class NetworkManager:
                  error: str | None = None) -> None:
         self.mode = mode  # "nat" or "none"
         self.subnet = ipaddress.ip_network(subnet)
-        if self.subnet.version != 4 or self.subnet.prefixlen > 24:
-            raise ValueError("the sandbox subnet must be an IPv4 network of /24 or larger")
+        if self.subnet.version != 4 or self.subnet.prefixlen > 29:
+            raise ValueError("the sandbox subnet must be an IPv4 network of /29 or larger")
         self.ipam_dir = ipam_dir / str(self.subnet).replace("/", "_")
         self.error = error  # why networking is unavailable (mode "none" after "auto")
         self.tag = f"{random.getrandbits(16):04x}"
@@ -173,8 +177,7 @@ class NetworkManager:
         elif os.geteuid() != 0:
             problem = "veth + NAT networking needs root"
         else:
-            missing = [b for b, pkg in (("ip", "iproute2"), ("iptables-restore", "iptables"))
-                       if shutil.which(b) is None]
+            missing = missing_tools()
             if missing:
                 problem = "missing " + ", ".join(missing) + " (install the Debian packages iproute2 iptables)"
         if problem:

@@ -1,0 +1,245 @@
+"""Sandbox networking: veth + NAT reaches an "outside" host the test creates in its own network namespace,
+while the host's own services and private ranges are refused; `networking=False` gives only `lo`."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import random
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from contree.engine import network as netmod
+from contree.engine.network import NETNS_DIR, NetworkManager
+from contree.engine.sandbox import SandboxRuntime
+from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, require_runtime_prereqs, run
+
+pytestmark = pytest.mark.engine
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
+    async with open_runtime(mount_guard, network_mode="nat") as rt:
+        yield rt
+
+
+@pytest.fixture
+def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
+    return overlay_rootfs(busybox_rootfs, mount_guard)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class OutsideHost:
+    """A network namespace joined to the host by a veth pair: stands in for a machine on the internet."""
+
+    def __init__(self, prefix: str) -> None:
+        n = random.randrange(1, 63) * 4
+        self.name = f"ctest-{uuid.uuid4().hex[:8]}"
+        self.host_if = f"cto{uuid.uuid4().hex[:8]}"
+        base = prefix.rsplit(".", 1)[0]
+        self.host_ip, self.ip = f"{base}.{n + 1}", f"{base}.{n + 2}"
+        _ip("netns", "add", self.name)
+        try:
+            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.name)
+            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            _ip("link", "set", self.host_if, "up")
+            _ip("-n", self.name, "addr", "add", f"{self.ip}/30", "dev", "eth0")
+            _ip("-n", self.name, "link", "set", "eth0", "up")
+            _ip("-n", self.name, "link", "set", "lo", "up")
+            _ip("-n", self.name, "route", "add", "default", "via", self.host_ip)
+        except BaseException:
+            self.close()
+            raise
+
+    def socket(self) -> socket.socket:
+        """A listening TCP socket inside the namespace (sockets keep the netns they were made in)."""
+        result: list[socket.socket | BaseException] = []
+
+        def make() -> None:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            target = os.open(NETNS_DIR / self.name, os.O_RDONLY)
+            try:
+                if _libc.setns(target, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+                try:
+                    s = socket.socket()
+                    s.bind((self.ip, 0))
+                    s.listen()
+                    result.append(s)
+                finally:
+                    _libc.setns(own, _CLONE_NEWNET)
+            except BaseException as exc:
+                result.append(exc)
+            finally:
+                os.close(own)
+                os.close(target)
+
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+        got = result[0]
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def outside(runtime: SandboxRuntime) -> Iterator[OutsideHost]:
+    # Created after the runtime: the filter treats networks already attached to the host as the host's.
+    host = OutsideHost("198.51.100.0")
+    yield host
+    host.close()
+
+
+class Banner:
+    """A TCP server that greets and records the peer address of every connection."""
+
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def serve(self, sock: socket.socket | None = None, host: str = "127.0.0.1") -> int:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.peers.append(writer.get_extra_info("peername")[0])
+            writer.write(b"hello-from-server\n")
+            await writer.drain()
+            writer.close()
+
+        if sock is not None:
+            self.server = await asyncio.start_server(on_conn, sock=sock)
+        else:
+            self.server = await asyncio.start_server(on_conn, host, 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _probe(ip: str, port: int) -> str:
+    return f"nc -w 3 {ip} {port} </dev/null && echo \" CONNECTED\" || echo \" FAILED\""
+
+
+async def test_nat_reaches_an_outside_host_masqueraded(runtime: SandboxRuntime, rootfs: Path,
+                                                       outside: OutsideHost) -> None:
+    banner = Banner()
+    port = await banner.serve(sock=outside.socket())
+    try:
+        r = await run(runtime, rootfs, _probe(outside.ip, port))
+    finally:
+        banner.close()
+    assert "hello-from-server" in r.out and "CONNECTED" in r.out, r.out + r.err
+    assert banner.peers == [outside.host_ip]  # MASQUERADE: the outside sees the host, not 10.231.x.x
+    assert r.network.mode == "nat" and r.network.error is None
+    assert r.network.configured.ip4 and r.network.configured.ip4.startswith("10.231.")
+    eth0 = next(i for i in r.network.interfaces if i.name == "eth0")
+    assert eth0.rx_bytes > 0 and eth0.tx_bytes > 0
+
+
+async def test_host_services_are_refused(runtime: SandboxRuntime, rootfs: Path,
+                                         outside: OutsideHost) -> None:
+    loop_banner, any_banner = Banner(), Banner()
+    loop_port = await loop_banner.serve(host="127.0.0.1")
+    any_port = await any_banner.serve(host="0.0.0.0")
+    try:
+        # 127.0.0.1 is the sandbox's own loopback; the gateway and the host's other addresses hit INPUT.
+        script = "; ".join([
+            _probe("127.0.0.1", loop_port),
+            "GW=$(ip route | awk '/default/ {print $3}')", _probe("$GW", any_port),
+            _probe(outside.host_ip, any_port),
+        ])
+        r = await run(runtime, rootfs, script)
+    finally:
+        loop_banner.close()
+        any_banner.close()
+    assert r.out.count("FAILED") == 3 and "CONNECTED" not in r.out, r.out + r.err
+    assert not loop_banner.peers and not any_banner.peers
+
+
+async def test_private_ranges_are_not_forwarded(runtime: SandboxRuntime, rootfs: Path) -> None:
+    private = OutsideHost("172.31.250.0")
+    banner = Banner()
+    try:
+        port = await banner.serve(sock=private.socket())
+        r = await run(runtime, rootfs, _probe(private.ip, port))
+    finally:
+        banner.close()
+        private.close()
+    assert "FAILED" in r.out and not banner.peers, r.out + r.err
+
+
+async def test_networking_off_gives_only_loopback(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "ip -o link | cut -d: -f2", networking=False)
+    assert r.out.split() == ["lo"]
+    assert r.network.mode == "none" and r.network.error is None
+
+
+async def test_resolv_conf_points_at_the_host_resolver(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "cat /etc/resolv.conf")
+    resolvers = netmod.host_resolvers()
+    assert r.out == "".join(f"nameserver {x}\n" for x in resolvers[:3])
+    assert r.network.configured.nameserver == (resolvers[0] if resolvers else None)
+
+
+async def test_without_a_usable_network_the_run_has_lo_and_says_why(
+        mount_guard: Path, rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netmod, "missing_tools", lambda: ["iptables-restore"])
+    async with open_runtime(mount_guard, network_mode="auto") as rt:
+        r = await run(rt, rootfs, "ip -o link | cut -d: -f2")
+    assert r.out.split() == ["lo"]
+    assert r.network.error and "iptables" in r.network.error
+
+
+async def test_concurrent_managers_never_share_an_address(tmp_path: Path) -> None:
+    require_runtime_prereqs()
+    a = NetworkManager("nat", subnet="10.231.0.0/24", ipam_dir=tmp_path)
+    b = NetworkManager("nat", subnet="10.231.0.0/24", ipam_dir=tmp_path)
+    slots = []
+    for _ in range(31):
+        for mgr in (a, b):
+            slot, _stale = await mgr._acquire_slot()
+            slots.append(slot)
+    slots.append((await a._acquire_slot())[0])  # 64 /30s in a /24, minus the network's first
+    assert len({s.index for s in slots}) == 63 == len(slots)
+    with pytest.raises(netmod.NetworkError, match="no free"):
+        await a._acquire_slot()
+    slots.pop().release()
+    again, _ = await b._acquire_slot()
+    again.release()
+    for s in slots:
+        s.release()
+
+
+async def test_a_dead_owners_netns_is_removed_when_its_slot_is_reused(tmp_path: Path) -> None:
+    require_runtime_prereqs()
+    mgr = NetworkManager("nat", subnet="10.231.0.0/29", ipam_dir=tmp_path)
+    stale = f"ctest-{uuid.uuid4().hex[:8]}"
+    _ip("netns", "add", stale)
+    try:
+        (mgr.ipam_dir).mkdir(parents=True, exist_ok=True)
+        for index in range(1, 2):
+            (mgr.ipam_dir / f"{index}.lock").write_text(f"{stale} ctnoneXXXX\n")
+        slot, previous = await mgr._acquire_slot()
+        await mgr._remove_stale(previous)
+        slot.release()
+        assert not (NETNS_DIR / stale).exists()
+    finally:
+        netmod.delete_netns(stale)
