@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import logging
 import os
@@ -35,6 +36,13 @@ from contree.engine.oplog import (
     OpRecord,
     completion_data,
     fold_process,
+)
+from contree.engine.spawn_recover import (
+    engine_id_for,
+    forget_network_tag,
+    recover_host,
+    remember_network_tag,
+    remove_dead_rules,
 )
 from contree.engine.spawn_run import InstanceRun, result_from_fold
 from contree.engine.store import Store
@@ -70,6 +78,7 @@ class LocalEngine:
         self.runtime: Any = None
         self.blobs: Any = None
         self._runs: dict[str, InstanceRun] = {}
+        self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
 
     # ------------------------------------------------------------------ lifecycle
@@ -79,13 +88,24 @@ class LocalEngine:
         from contree.engine.sandbox import SandboxRuntime
 
         self.home.mkdir(parents=True, exist_ok=True)
+        self._lock_home()
+        engine_id = engine_id_for(self.home)
+        # A previous engine on this home may have died with sandboxes running: they pin mounts,
+        # cgroups and netns, so they go first, then the store can unmount and clean its scratch space.
+        actions = await asyncio.to_thread(recover_host, engine_id)
+        actions += await remove_dead_rules(self.home)
+        if actions:
+            log.warning("recovered after an unclean stop: %s", "; ".join(actions))
         self.store = await asyncio.to_thread(Store, self.home)
+        await asyncio.to_thread(self.store.recover)
         self.oplog = OperationLog(self.home)
         interrupted = self.oplog.recover()
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
-        self.runtime = await SandboxRuntime.create(self._runtime_config())
-        await asyncio.to_thread(self._recover_host_state)
+        self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
+        tag = getattr(self.runtime.network, "tag", None)
+        if tag:
+            remember_network_tag(self.home, tag)
         try:
             from contree.engine.blobs import BlobStore
         except ImportError:  # TODO(ops): blobs.py lands with the store engineer
@@ -97,19 +117,21 @@ class LocalEngine:
             "image_import": self.limits.images_import_max_concurrency,
         })
 
-    def _runtime_config(self) -> Any:
+    def _runtime_config(self, engine_id: str) -> Any:
         from contree.engine.sandbox import RuntimeConfig
 
-        if self.runtime_config is not None:
-            return self.runtime_config
-        return RuntimeConfig(state_dir=self.home / "runtime")
+        config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
+        return msgspec.structs.replace(config, engine_id=engine_id)
 
-    def _recover_host_state(self) -> None:
-        assert self.store is not None
-        cleanup = getattr(self.runtime, "recover", None)
-        if cleanup is not None:
-            cleanup()
-        self.store.recover()
+    def _lock_home(self) -> None:
+        """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'."""
+        fd = os.open(self.home / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"another engine is running on {self.home}") from None
+        self._lock_fd = fd
 
     async def close(self) -> None:
         if self.queue is not None:
@@ -119,10 +141,14 @@ class LocalEngine:
             res = close_runtime()
             if asyncio.iscoroutine(res):
                 await res
+            forget_network_tag(self.home)
         if self.oplog is not None:
             self.oplog.close()
         if self.store is not None:
             self.store.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     async def __aenter__(self) -> LocalEngine:
         await self.start()
