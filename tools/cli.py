@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tools import backend_config
+from contree.config import resolve_backend_config
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
 
@@ -143,35 +143,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
-    env = backend_config.environ()
-    flags = {
-        "token": args.token,
-        "url": args.url,
-        "profile": args.profile,
-        "project": args.project,
-        "auth_type": args.auth_type,
-    }
-    kind = args.backend or ("contree" if backend_config.remote_configured(flags, env) else "local")
-    if kind == "local":
+    flags = {"backend": args.backend, "token": args.token, "url": args.url, "profile": args.profile,
+             "project": args.project, "auth_type": args.auth_type, "home": args.home}  # fmt: skip
+    config = resolve_backend_config(flags, dict(os.environ))
+    if config.kind == "local":
         from contree.engine.local import LocalEngine
 
-        home = (args.home or backend_config.engine_home(env)).expanduser()
-        engine = LocalEngine(home)
+        engine = LocalEngine(config.home)
         await engine.start()
-        log.info("embedded engine at %s", home)
-        return engine, "local", home / "mcp"
+        log.info("embedded engine at %s", config.home)
+        return engine, "local", config.home / "mcp"
     from contree.client import RemoteBackend
 
-    remote = backend_config.resolve_remote(flags, env)
     backend = RemoteBackend(
-        remote.url,
-        token=remote.token,
-        project=remote.project,
-        auth_type=remote.auth_type,  # type: ignore[arg-type]
+        config.url or "",
+        token=config.token,
+        project=config.project,
+        auth_type=config.auth_type,
         user_agent=f"contree-mcp/{__version__}",
     )
-    log.info("Contree API at %s", remote.url)
-    return backend, "contree", backend_config.contree_home(env) / "mcp"
+    log.info("Contree API at %s (%s)", config.url, config.source)
+    return backend, "contree", config.config_home / "mcp"
 
 
 async def serve(args: argparse.Namespace) -> int:
