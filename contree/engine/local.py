@@ -25,6 +25,7 @@ import msgspec
 from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.engine import spawn
+from contree.engine.blobs import BlobStore
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -37,6 +38,7 @@ from contree.engine.oplog import (
     completion_data,
     fold_process,
 )
+from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import (
     engine_id_for,
     forget_network_tag,
@@ -76,7 +78,7 @@ class LocalEngine:
         self.oplog: OperationLog | None = None
         self.queue: OperationQueue | None = None
         self.runtime: Any = None
-        self.blobs: Any = None
+        self.blobs: BlobStore | None = None
         self._runs: dict[str, InstanceRun] = {}
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
@@ -85,8 +87,6 @@ class LocalEngine:
 
     async def start(self) -> None:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
-        from contree.engine.sandbox import SandboxRuntime
-
         self.home.mkdir(parents=True, exist_ok=True)
         self._lock_home()
         engine_id = engine_id_for(self.home)
@@ -106,20 +106,13 @@ class LocalEngine:
         tag = getattr(self.runtime.network, "tag", None)
         if tag:
             remember_network_tag(self.home, tag)
-        try:
-            from contree.engine.blobs import BlobStore
-        except ImportError:  # TODO(ops): blobs.py lands with the store engineer
-            self.blobs = None
-        else:
-            self.blobs = BlobStore(self.home / "blobs")
+        self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
             "image_import": self.limits.images_import_max_concurrency,
         })
 
     def _runtime_config(self, engine_id: str) -> Any:
-        from contree.engine.sandbox import RuntimeConfig
-
         config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
         return msgspec.structs.replace(config, engine_id=engine_id)
 
@@ -146,6 +139,8 @@ class LocalEngine:
             self.oplog.close()
         if self.store is not None:
             self.store.close()
+        if self.blobs is not None:
+            self.blobs.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -156,6 +151,11 @@ class LocalEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _blobs(self) -> BlobStore:
+        if self.blobs is None:
+            raise RuntimeError("LocalEngine.start() was not awaited")
+        return self.blobs
 
     def _parts(self) -> tuple[Store, OperationLog, OperationQueue]:
         if self.store is None or self.oplog is None or self.queue is None:
@@ -257,19 +257,13 @@ class LocalEngine:
     # ------------------------------------------------------------------ files
 
     async def upload_file(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse:
-        self._parts()
-        result: api.FileResponse = await self.blobs.upload(data)
-        return result
+        return await self._blobs().upload(data)
 
     async def get_file(self, sha256: str) -> api.File:
-        self._parts()
-        result: api.File = await asyncio.to_thread(self.blobs.get, sha256)
-        return result
+        return await asyncio.to_thread(self._blobs().get, sha256)
 
     async def list_files(self, query: FileQuery) -> list[api.File]:
-        self._parts()
-        result: list[api.File] = await asyncio.to_thread(self.blobs.list, query)
-        return result
+        return await asyncio.to_thread(self._blobs().list, query)
 
     # ------------------------------------------------------------------ instances
 
@@ -278,7 +272,7 @@ class LocalEngine:
         spawn.validate_request(request)
         image_uuid = await self._resolve_source(request.image)
         for path, entry in (request.files or {}).items():
-            if await asyncio.to_thread(self.blobs.path_for, entry.uuid) is None:
+            if await asyncio.to_thread(self._blobs().path_for, entry.uuid) is None:
                 raise NotFound(f"files[{path!r}]: file {entry.uuid} not found (upload it first)")
         timeout = spawn.resolve_timeout(request.timeout, self.limits.instance_max_timeout)
         meta = api.metadata_from(api.OperationInstanceMetadata.from_request(request, image=image_uuid))

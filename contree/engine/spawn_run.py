@@ -184,11 +184,12 @@ class InstanceRun:
             cwd=request.cwd, uid=request.uid, gid=request.gid, image_env=image_env,
             image_cwd=image.config.cwd or "/",
         )
+        blobs = engine._blobs()
         for path, entry in (request.files or {}).items():
-            blob = engine.blobs.path_for(entry.uuid)
+            blob = blobs.path_for(entry.uuid)
             if blob is None:
                 raise NotFound(f"file {entry.uuid} for {path} not found")
-            engine.blobs.inject_file(rootfs, spawn.check_file_path(path), blob,
+            blobs.inject_file(rootfs, spawn.check_file_path(path), blob,
                                      mode=spawn.parse_mode(entry.mode), uid=entry.uid, gid=entry.gid)
         _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
         return plan
