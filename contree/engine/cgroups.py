@@ -65,14 +65,23 @@ def _read_keyed(path: Path, key: str) -> int | None:
     return None
 
 
+def _tree(path: Path) -> list[Path]:
+    """`path` and its sub-cgroups, parents first (scandir's d_type spares a stat per control file)."""
+    out = [path]
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    out.extend(_tree(Path(entry.path)))
+    except FileNotFoundError:
+        return []
+    return out
+
+
 def _rmdir_tree(path: Path) -> None:
     """Remove a cgroup directory and its sub-cgroups, deepest first (cgroupfs has no recursive rmdir)."""
-    if not path.is_dir():
-        return
-    for child in path.iterdir():
-        if child.is_dir():
-            _rmdir_tree(child)
-    path.rmdir()
+    for d in reversed(_tree(path)):
+        d.rmdir()
 
 
 class CgroupManager:
@@ -229,7 +238,7 @@ class CgroupManager:
             return None, None
         refused = None
         # Refused forks are counted in the forking task's own cgroup (the runtime's leaf).
-        for d in [path, *[p for p in path.rglob("*") if p.is_dir()]] if path.is_dir() else []:
+        for d in _tree(path):
             n = _read_keyed(d / "pids.events", "max")
             if n is not None:
                 refused = (refused or 0) + n
@@ -238,7 +247,7 @@ class CgroupManager:
     @staticmethod
     def _v1_oom_kills(mem: Path) -> int | None:
         total = None
-        for d in [mem, *[p for p in mem.rglob("*") if p.is_dir()]] if mem.is_dir() else []:
+        for d in _tree(mem):
             n = _read_keyed(d / "memory.oom_control", "oom_kill")
             if n is not None:
                 total = (total or 0) + n
@@ -249,7 +258,7 @@ class CgroupManager:
         if root is None or not root.is_dir():
             return []
         pids: list[int] = []
-        for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        for d in _tree(root):
             try:
                 pids.extend(int(x) for x in (d / "cgroup.procs").read_text().split())
             except (OSError, ValueError):

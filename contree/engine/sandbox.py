@@ -345,7 +345,10 @@ class RunningSandbox:
         except Exception as exc:  # keep going: the rest must be cleaned regardless
             errors.append(f"runtime delete: {exc}")
         try:
-            await asyncio.to_thread(self._rt.cgroups.remove, self.sandbox_id)
+            try:
+                self._rt.cgroups.remove(self.sandbox_id, timeout=0)  # one quick attempt inline
+            except OSError:  # tasks still draining: retry off the event loop
+                await asyncio.to_thread(self._rt.cgroups.remove, self.sandbox_id)
         except Exception as exc:
             errors.append(f"cgroup: {exc}")
         try:
