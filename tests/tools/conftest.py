@@ -1,0 +1,85 @@
+"""Fixtures for driving `contree-mcp` through the official Python SDK client (mcp==1.30.0) on the
+embedded engine: each test gets an engine home with `busybox:latest` bootstrapped into it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+BUSYBOX_TAG = "busybox:latest"
+
+
+def require_engine_host() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the MCP tool tests run the embedded engine and need root")
+    for binary, package in (("crun", "crun"), ("busybox", "busybox-static")):
+        if shutil.which(binary) is None and not Path(f"/bin/{binary}").exists():
+            pytest.fail(f"{binary} not found: install the Debian package {package}")
+
+
+def seed_busybox(home: Path) -> str:
+    """Bootstrap busybox:latest into an engine home (what `contree-mcp images bootstrap` does)."""
+    from contree.engine.bootstrap import build_busybox_rootfs
+    from contree.engine.store import ImageConfig, Store
+
+    home.mkdir(parents=True, exist_ok=True)
+    store = Store(home)
+    try:
+        stage = store.staging_dir("seed")
+        build_busybox_rootfs(stage / "layer")
+        image = store.create_image_from_layer_dirs(
+            [stage / "layer"], config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]), tag=BUSYBOX_TAG
+        )
+        shutil.rmtree(stage, ignore_errors=True)
+        return image.uuid
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def engine_home(tmp_path: Path) -> Path:
+    require_engine_host()
+    home = tmp_path / "engine"
+    seed_busybox(home)
+    return home
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The allowed root of the server under test (its cwd)."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def server_command() -> list[str]:
+    script = Path(sys.executable).parent / "contree-mcp"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "tools"]
+
+
+@asynccontextmanager
+async def mcp_session(home: Path, cwd: Path, *extra: str) -> AsyncIterator[object]:
+    """An initialized `mcp.ClientSession` talking to `contree-mcp --backend local --home <home>` over stdio."""
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    command, *args = server_command()
+    params = StdioServerParameters(
+        command=command,
+        args=[*args, "--backend", "local", "--home", str(home), "--allowed-root", str(cwd), *extra],
+        cwd=str(cwd),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    with open(cwd.parent / "server-stderr.log", "a") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
