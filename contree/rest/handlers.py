@@ -6,6 +6,7 @@ import contextlib
 import signal as signals
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import msgspec
 from aiohttp import web
@@ -232,8 +233,8 @@ class Handlers:
         raise web.HTTPTemporaryRedirect(_with_query("/v1/inspect/", request))
 
     async def inspect_image_redirect(self, request: web.Request) -> web.StreamResponse:
-        uuid = params.image_uuid(request.match_info["uuid"])
-        raise web.HTTPTemporaryRedirect(f"/v1/inspect/{uuid}/")
+        # The spec documents only the 307 here; the target validates the UUID (400/404).
+        raise web.HTTPTemporaryRedirect(f"/v1/inspect/{quote(request.match_info['uuid'], safe='')}/")
 
     async def inspect_by_tag(self, request: web.Request) -> web.StreamResponse:
         tag = params.required(request.query, "tag")
