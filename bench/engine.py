@@ -16,8 +16,15 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from contree import api
+
+if TYPE_CHECKING:
+    from contree.engine.local import LocalEngine
+    from contree.engine.sandbox import SandboxRuntime
 
 RUNS = 20
 WARMUPS = 2
@@ -122,7 +129,168 @@ def runtime_vs_bare_crun() -> None:
 
 # ---- engine-level parts (ops engineer): append `def part() -> None` functions to PARTS ----
 
-PARTS: list[Callable[[], None]] = [runtime_vs_bare_crun]
+async def _local_engine(work: Path, concurrency: int) -> tuple[LocalEngine, str]:
+    """A LocalEngine in `work` with busybox:latest registered; returns (engine, image uuid)."""
+    from contree.engine.bootstrap import build_busybox_rootfs
+    from contree.engine.local import EngineLimits, LocalEngine
+
+    engine = LocalEngine(work / "home", limits=EngineLimits(instance_max_concurrency=concurrency))
+    await engine.start()
+    assert engine.store is not None
+    stage = engine.store.staging_dir("bench")
+    build_busybox_rootfs(stage / "layer")
+    image = engine.store.create_image_from_layer_dirs([stage / "layer"], tag="busybox:latest")
+    shutil.rmtree(stage, ignore_errors=True)
+    return engine, image.uuid
+
+
+async def _engine_run(
+    engine: LocalEngine, image: str, command: str, **fields: Any
+) -> tuple[float, api.OperationResponse]:
+    """Seconds from spawn() to the `completion` event, and the final OperationResponse."""
+    t = time.perf_counter()
+    spawned = await engine.spawn(api.InstanceSpawnRequest(
+        command=command, image=image, shell=True, **fields))
+    async for event in engine.events(spawned.uuid, follow=True):
+        if event.type == "completion":
+            break
+    took = time.perf_counter() - t
+    op = await engine.get_operation(spawned.uuid)
+    assert op.status == "SUCCESS", op
+    return took, op
+
+
+def _bare_crun_bundle(work: Path, rootfs: Path, rt: SandboxRuntime) -> Callable[[], float]:
+    """`crun run` of our hardened config for `sh -c 'echo hi'` on a plain directory; returns a timer."""
+    from contree.engine import oci_config, seccomp
+
+    bundle, root = work / "bare", work / "bare-root"
+    bundle.mkdir()
+    opts = oci_config.ConfigOptions(
+        rootfs=rootfs, cgroups_path=f"{rt.cgroups.parent}/bare/ctr", pids_limit=256,
+        rlimits=rt.rlimits, seccomp_bpf_b64=seccomp.compiled_bpf_b64())
+    proc = oci_config.process_section(["sh", "-c", "echo hi"], [], "/", 0, 0, rt.rlimits)
+    (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
+
+    def run() -> float:
+        t = time.perf_counter()
+        out = subprocess.run([rt.binary, "--root", str(root), "run", "--bundle", str(bundle),
+                              f"b{uuid.uuid4().hex[:10]}"], stdin=subprocess.DEVNULL, capture_output=True,
+                             check=True).stdout
+        assert out == b"hi\n", out
+        return time.perf_counter() - t
+
+    return run
+
+
+async def _echo_hi_engine_vs_crun(work: Path) -> None:
+    engine, image = await _local_engine(work, 4)
+    try:
+        assert engine.store is not None
+        layer = engine.store.layer_paths(engine.store.get(image))[0]
+        bare = _bare_crun_bundle(work, layer, engine.runtime)
+        samples: dict[str, list[float]] = {"bare": [], "engine": [], "engine_net": []}
+        for i in range(WARMUPS + RUNS):
+            got = {"bare": bare(),
+                   "engine": (await _engine_run(engine, image, "echo hi", disposable=True,
+                                                networking=api.InstanceNetworking(enabled=False)))[0],
+                   "engine_net": (await _engine_run(engine, image, "echo hi", disposable=True))[0]}
+            if i >= WARMUPS:
+                for k, v in got.items():
+                    samples[k].append(v)
+        base = _median_ms(samples["bare"])
+        print(_row("bare crun run, hardened bundle", samples["bare"]))
+        print(_row("LocalEngine spawn -> completion, networking off", samples["engine"], base))
+        print(_row("LocalEngine spawn -> completion, networking on", samples["engine_net"], base))
+        ratio = _median_ms(samples["engine"]) / base
+        print(f"  => full engine / bare crun = {ratio:.2f}x (target <= 1.5x): "
+              f"{'OK' if ratio <= 1.5 else 'OVER TARGET'}")
+    finally:
+        await engine.close()
+
+
+async def _commit_vs_disposable(work: Path) -> None:
+    engine, image = await _local_engine(work, 4)
+    try:
+        samples: dict[str, list[float]] = {"disposable": [], "commit": []}
+        for i in range(WARMUPS + RUNS):
+            off = api.InstanceNetworking(enabled=False)
+            d, _ = await _engine_run(engine, image, "echo x > /f", disposable=True, networking=off)
+            c, op = await _engine_run(engine, image, "echo x > /f", networking=off)
+            assert op.result_image_uuid and op.result_image_uuid != image
+            if i >= WARMUPS:
+                samples["disposable"].append(d)
+                samples["commit"].append(c)
+        base = _median_ms(samples["disposable"])
+        print(_row("one-file change, disposable=true", samples["disposable"]))
+        print(_row("one-file change, disposable=false (commit)", samples["commit"], base))
+        extra = _median_ms(samples["commit"]) - base
+        verdict = "OK" if extra <= 5 else "OVER TARGET"
+        print(f"  => commit costs {extra:+.2f} ms per run (target <= 5 ms): {verdict}")
+    finally:
+        await engine.close()
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM: the peak of this round only
+        fh.write("5")
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _parallel_branches(work: Path, n: int = 20) -> None:
+    engine, image = await _local_engine(work, n)
+    try:
+        _took, base_op = await _engine_run(engine, image, "mkdir /data && echo base > /data/f",
+                                           networking=api.InstanceNetworking(enabled=False))
+        parent = base_op.result_image_uuid
+        assert parent is not None
+        for rounds, net in ((1, False), (1, True)):
+            for _ in range(rounds):
+                _reset_peak_rss()
+                rss0 = _rss_kb("VmRSS")
+                t = time.perf_counter()
+                cmd = "echo {k} >> /data/f && head -c 4096 /dev/urandom > /data/r{k}"
+                networking = api.InstanceNetworking(enabled=net)
+                results = await asyncio.gather(*(
+                    _engine_run(engine, parent, cmd.format(k=k), networking=networking) for k in range(n)))
+                wall = time.perf_counter() - t
+                peak = _rss_kb("VmHWM")
+                children = {op.result_image_uuid for _, op in results}
+                assert len(children) == n and parent not in children
+                lat = sorted(r[0] for r in results)
+                print(f"  {n} parallel branches of one image, networking {'on ' if net else 'off'}: "
+                      f"{wall * 1000:7.1f} ms wall, {n / wall:5.1f} runs/s, latency median "
+                      f"{statistics.median(lat) * 1000:.1f} ms max {lat[-1] * 1000:.1f} ms; engine RSS "
+                      f"{rss0 / 1024:.1f} MiB -> peak {peak / 1024:.1f} MiB")
+    finally:
+        await engine.close()
+
+
+def _in_tmp(coro: Callable[[Path], Coroutine[Any, Any, None]], prefix: str) -> None:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        asyncio.run(coro(Path(tmp)))
+
+
+def echo_hi_engine_vs_crun() -> None:
+    _in_tmp(_echo_hi_engine_vs_crun, "contree-bench-engine-")
+
+
+def commit_vs_disposable() -> None:
+    _in_tmp(_commit_vs_disposable, "contree-bench-commit-")
+
+
+def parallel_branches() -> None:
+    _in_tmp(_parallel_branches, "contree-bench-parallel-")
+
+
+PARTS: list[Callable[[], None]] = [runtime_vs_bare_crun, echo_hi_engine_vs_crun, commit_vs_disposable,
+                                   parallel_branches]
 
 
 def main() -> None:
