@@ -133,7 +133,10 @@ async def read_bounded(
 
 
 def decode_text(data: bytes, truncated: bool) -> str | None:
-    """UTF-8 text, tolerating a character cut at the truncation point; None when binary."""
+    """UTF-8 text, tolerating a character cut at the truncation point; None when binary (NUL bytes, or
+    not UTF-8), like ripgrep's binary detection."""
+    if b"\x00" in data:
+        return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
