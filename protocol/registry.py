@@ -18,7 +18,7 @@ import msgspec
 from protocol import schema
 from protocol.content import Content, ResourceContents, TextContent
 from protocol.context import RequestContext
-from protocol.errors import InvalidParams, ResourceNotFound, ToolError
+from protocol.errors import InvalidParams, McpError, ResourceNotFound, ToolError
 from protocol.messages import CallToolResult, GetPromptResult, Icon, PromptMessage
 
 __all__ = [
@@ -336,7 +336,7 @@ class Registry:
                 value = await tool.fn(params, ctx)
         except msgspec.ValidationError as exc:
             return _tool_error(name, f"invalid arguments: {exc}")
-        except ToolError as exc:
+        except (ToolError, McpError) as exc:  # expected failures (incl. a client refusing a request)
             return _tool_error(name, exc.message)
         except Exception as exc:
             log.exception("tool %s failed", name)

@@ -1,0 +1,389 @@
+"""Golden transcripts: load, normalise, replay over any transport, and record from a live stdio session.
+
+Format (fixtures/transcripts/README.md): one JSON object per line, one of
+  {"meta": {"description": str, "argv": [str, ...]}}   first line; "{python}" in argv = this interpreter
+  {"send": <message>}             a client frame (object or batch array)
+  {"send_raw": "<text>"}          a client line sent verbatim (malformed input)
+  {"expect": [<message>, ...]}    the server frames caused since the last send, in order
+  {"expect_unordered": [...]}     the same, in any order (concurrent work)
+  {"sleep": <seconds>}
+Volatile values are normalised to placeholders on both sides; in a `send`, the placeholders "<cursor>" and
+"<server-id>" are replaced by the last nextCursor / server→client request id the server sent.
+
+    python -m protocol.transcript record --out F.jsonl [--description TEXT] -- <server argv>
+    python -m protocol.transcript replay F.jsonl [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+CURSOR = "<cursor>"
+SERVER_ID = "<server-id>"
+VERSION = "<version>"
+UUID = "<uuid>"
+TIMESTAMP = "<timestamp>"
+SESSION_ID = "<session-id>"
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?")
+STEP_KINDS = ("send", "send_raw", "expect", "expect_unordered", "sleep")
+
+
+class TranscriptError(Exception):
+    """A transcript file is malformed."""
+
+
+class TranscriptMismatch(AssertionError):
+    """The server did not produce what the transcript expects."""
+
+
+@dataclass
+class Step:
+    kind: str
+    value: Any
+    line: int
+
+
+@dataclass
+class Transcript:
+    path: Path
+    description: str
+    argv: list[str]
+    steps: list[Step]
+
+
+@dataclass
+class State:
+    """What the replayer or recorder learned from the server so far (for placeholders)."""
+
+    cursor: str | None = None
+    server_id: Any = None
+    literals: dict[str, str] = field(default_factory=dict)  # e.g. {session_id: "<session-id>"}
+
+
+def load(path: str | Path) -> Transcript:
+    path = Path(path)
+    description = ""
+    argv: list[str] = []
+    steps: list[Step] = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            entry = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise TranscriptError(f"{path}:{number}: not JSON: {exc}") from None
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise TranscriptError(f"{path}:{number}: each line is an object with exactly one key")
+        ((kind, value),) = entry.items()
+        if kind == "meta":
+            description = value.get("description", "")
+            argv = list(value.get("argv", []))
+        elif kind in STEP_KINDS:
+            steps.append(Step(kind, value, number))
+        else:
+            raise TranscriptError(f"{path}:{number}: unknown key {kind!r}")
+    return Transcript(path, description, argv, steps)
+
+
+def dump(transcript_lines: Sequence[dict[str, Any]]) -> str:
+    return "".join(msgspec.json.encode(line).decode() + "\n" for line in transcript_lines)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def observe(message: Any, state: State) -> None:
+    """Remember the values a later `send` may refer to by placeholder."""
+    for m in message if isinstance(message, list) else [message]:
+        if not isinstance(m, dict):
+            continue
+        result = m.get("result")
+        if isinstance(result, dict) and isinstance(result.get("nextCursor"), str):
+            state.cursor = result["nextCursor"]
+        if "method" in m and "id" in m:
+            state.server_id = m["id"]
+
+
+def normalise(message: Any, state: State) -> Any:
+    """A copy of a server message with volatile values replaced by placeholders."""
+    if isinstance(message, list):
+        return [normalise(m, state) for m in message]
+    if not isinstance(message, dict):
+        return _scrub(message, state)
+    out = {k: _scrub(v, state) for k, v in message.items()}
+    if "method" in out and "id" in out:  # a server→client request: the id is the server's choice
+        out["id"] = SERVER_ID
+    result = out.get("result")
+    if isinstance(result, dict):
+        if isinstance(result.get("nextCursor"), str):
+            result["nextCursor"] = CURSOR
+        info = result.get("serverInfo")
+        if isinstance(info, dict) and "version" in info:
+            info["version"] = VERSION
+    return out
+
+
+def _scrub(value: Any, state: State) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrub(v, state) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, state) for v in value]
+    if isinstance(value, str):
+        for literal, placeholder in state.literals.items():
+            value = value.replace(literal, placeholder)
+        return _TIME_RE.sub(TIMESTAMP, _UUID_RE.sub(UUID, value))
+    return value
+
+
+def substitute(message: Any, state: State) -> Any:
+    """A client message with "<cursor>"/"<server-id>" replaced by the values the server sent."""
+    if isinstance(message, list):
+        return [substitute(m, state) for m in message]
+    if isinstance(message, dict):
+        return {k: substitute(v, state) for k, v in message.items()}
+    if message == CURSOR and state.cursor is not None:
+        return state.cursor
+    if message == SERVER_ID and state.server_id is not None:
+        return state.server_id
+    return message
+
+
+def desubstitute(message: Any, state: State) -> Any:
+    """The recorder's inverse of `substitute`: real cursor / server ids in a client message → placeholders."""
+    if isinstance(message, list):
+        return [desubstitute(m, state) for m in message]
+    if not isinstance(message, dict):
+        return message
+    out = dict(message)
+    params = out.get("params")
+    if isinstance(params, dict) and state.cursor is not None and params.get("cursor") == state.cursor:
+        out["params"] = {**params, "cursor": CURSOR}
+    if "method" not in out and "id" in out and state.server_id is not None and out["id"] == state.server_id:
+        out["id"] = SERVER_ID
+    return out
+
+
+# ---------------------------------------------------------------- replay
+
+
+class TranscriptTransport(Protocol):
+    """What the replayer needs from a transport (stdio here; Streamable HTTP in protocol/http tests)."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def receive(self, wait: float) -> Any:
+        """The next server frame, decoded; raise TimeoutError after `wait` seconds."""
+        ...
+
+
+async def replay(
+    transcript: Transcript, transport: TranscriptTransport, *, state: State | None = None, wait: float = 10.0
+) -> None:
+    """Run the steps against `transport`; raises TranscriptMismatch at the first difference."""
+    state = state or State()
+    for step in transcript.steps:
+        where = f"{transcript.path}:{step.line}"
+        if step.kind == "send":
+            await transport.send(msgspec.json.encode(substitute(step.value, state)))
+        elif step.kind == "send_raw":
+            await transport.send(step.value.encode())
+        elif step.kind == "sleep":
+            await asyncio.sleep(float(step.value))
+        else:
+            expected = list(step.value)
+            got: list[Any] = []
+            for _ in expected:
+                try:
+                    message = await transport.receive(wait)
+                except TimeoutError:
+                    raise TranscriptMismatch(
+                        f"{where}: timed out; expected {_show(expected)}\n got {_show(got)}"
+                    ) from None
+                observe(message, state)
+                got.append(normalise(message, state))
+            if step.kind == "expect_unordered":
+                matches = _same_multiset(got, expected)
+            else:
+                matches = got == expected
+            if not matches:
+                raise TranscriptMismatch(
+                    f"{where}: mismatch\nexpected {_show(expected)}\n     got {_show(got)}"
+                )
+
+
+def _same_multiset(a: list[Any], b: list[Any]) -> bool:
+    key = msgspec.json.Encoder(order="sorted").encode
+    return sorted(map(key, a)) == sorted(map(key, b))
+
+
+def _show(messages: list[Any]) -> str:
+    return msgspec.json.format(msgspec.json.encode(messages), indent=2).decode()
+
+
+def resolve_argv(argv: Sequence[str]) -> list[str]:
+    return [sys.executable if a == "{python}" else a for a in argv]
+
+
+class StdioProcess:
+    """A server subprocess speaking NDJSON; implements TranscriptTransport."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(
+        cls, argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None
+    ) -> StdioProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *resolve_argv(argv),
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,
+        )
+        return cls(proc)
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data + b"\n")
+        await self.proc.stdin.drain()
+
+    async def receive(self, wait: float) -> Any:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
+        if not line:
+            raise TranscriptMismatch("the server closed stdout")
+        return msgspec.json.decode(line)
+
+    async def finish(self, wait: float = 5.0) -> bytes:
+        """Close stdin; returns anything the server still printed. Raises unless it exits 0."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        rest = await asyncio.wait_for(self.proc.stdout.read(), wait)
+        code = await asyncio.wait_for(self.proc.wait(), wait)
+        if code != 0:
+            raise TranscriptMismatch(f"the server exited with {code}")
+        return rest
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def replay_stdio(
+    path: str | Path, *, cwd: str | Path | None = None, env: dict[str, str] | None = None
+) -> None:
+    """Replay one transcript against a fresh server started from its `meta.argv`; nothing may follow."""
+    transcript = load(path)
+    if not transcript.argv:
+        raise TranscriptError(f"{path}: no meta.argv to start the server with")
+    proc = await StdioProcess.start(transcript.argv, cwd=cwd, env=env)
+    try:
+        await replay(transcript, proc)
+        rest = await proc.finish()
+        if rest.strip():
+            raise TranscriptMismatch(f"{path}: unexpected output after the last step: {rest[:500]!r}")
+    finally:
+        await proc.kill()
+
+
+# ---------------------------------------------------------------- record
+
+
+async def record(argv: Sequence[str], description: str = "") -> tuple[int, str]:
+    """Proxy our stdin/stdout to a server subprocess; returns its exit code and the transcript text."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    proc = await StdioProcess.start(argv)
+    state = State()
+    portable = ["{python}" if a == sys.executable else a for a in argv]
+    lines: list[dict[str, Any]] = [{"meta": {"description": description, "argv": portable}}]
+    pending: list[Any] = []
+
+    def flush() -> None:
+        if pending:
+            lines.append({"expect": list(pending)})
+            pending.clear()
+
+    async def pump_server() -> None:
+        assert proc.proc.stdout is not None
+        while line := await proc.proc.stdout.readline():
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+            try:
+                message = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                pending.append({"not-json": line.decode(errors="replace")})
+                continue
+            observe(message, state)
+            pending.append(normalise(message, state))
+
+    server_task = asyncio.create_task(pump_server())
+    assert proc.proc.stdin is not None
+    while line := await reader.readline():
+        text = line.strip()
+        if not text:
+            continue
+        flush()
+        try:
+            message = substitute(msgspec.json.decode(text), state)  # scripted clients may use placeholders
+        except msgspec.DecodeError:
+            lines.append({"send_raw": text.decode(errors="replace")})
+        else:
+            lines.append({"send": desubstitute(message, state)})
+            text = msgspec.json.encode(message)
+        proc.proc.stdin.write(text + b"\n")
+        await proc.proc.stdin.drain()
+    proc.proc.stdin.close()
+    await server_task
+    code = await proc.proc.wait()
+    flush()
+    return code, dump(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m protocol.transcript",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="proxy a live stdio session and write a transcript")
+    rec.add_argument("--out", required=True, type=Path)
+    rec.add_argument("--description", default="")
+    rec.add_argument("server", nargs="+", help="server argv (after --); use {python} for this interpreter")
+    rep = sub.add_parser("replay", help="replay transcripts over stdio")
+    rep.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        code, text = asyncio.run(record(args.server, args.description))
+        args.out.write_text(text)
+        return code
+    failed = 0
+    for path in args.files:
+        try:
+            asyncio.run(replay_stdio(path, env={**os.environ}))
+            print(f"PASS {path}")
+        except (TranscriptMismatch, TranscriptError) as exc:
+            failed += 1
+            print(f"FAIL {path}: {exc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
