@@ -8,6 +8,7 @@ starts with one image tagged `busybox:latest` (`busybox` fixture = its UUID).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -62,15 +63,37 @@ async def local_engine(home: Path, tree: Path) -> LocalEngine:
     return engine
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "remote"])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, busybox_tree: Path
 ) -> AsyncIterator[Backend]:
     engine = await local_engine(tmp_path / "home", busybox_tree)
     try:
-        yield engine
+        if request.param == "remote":
+            async with served(engine) as client:
+                yield client
+        else:
+            yield engine
     finally:
         await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def served(engine: LocalEngine) -> AsyncIterator[Backend]:
+    """RemoteBackend → REST server (loopback, token auth) → `engine`."""
+    from aiohttp.test_utils import TestServer
+
+    from contree.client import RemoteBackend
+    from contree.rest import build_app
+
+    server = TestServer(build_app(engine, token="contract-token", keepalive=1.0), host="127.0.0.1")
+    await server.start_server()
+    client = RemoteBackend(str(server.make_url("")), token="contract-token", timeout=120, backoff=0.05)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await server.close()
 
 
 @pytest.fixture
