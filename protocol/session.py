@@ -6,7 +6,8 @@ rule is unit-testable by feeding bytes and reading bytes (the h11 model).
 
 from __future__ import annotations
 
-import importlib.metadata
+import os
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -64,9 +65,28 @@ _LIST_KINDS = {
 
 
 @lru_cache(maxsize=1)
-def package_version() -> str:
+def package_version(dist: str = "contree-mcp") -> str:
+    """The installed version, read from the dist-info METADATA without importing importlib.metadata
+    (which costs tens of milliseconds of start-up)."""
+    prefix = dist.replace("-", "_") + "-"
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(prefix) and name.endswith(".dist-info"):
+                try:
+                    with open(os.path.join(entry, name, "METADATA"), encoding="utf-8") as f:
+                        for line in f:
+                            if line.startswith("Version:"):
+                                return line.split(":", 1)[1].strip()
+                except OSError:
+                    continue
+    import importlib.metadata
+
     try:
-        return importlib.metadata.version("contree-mcp")
+        return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
 
