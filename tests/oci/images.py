@@ -16,7 +16,7 @@ IMAGE_CONFIG = {
 }
 
 
-def multi_layer() -> BuiltImage:
+def multi_layer(compression: tuple[str, str, str] = ("gzip", "zstd", "none")) -> BuiltImage:
     """Three layers (gzip, zstd, plain tar): owners, modes, links, xattrs, a whiteout, an opaque dir."""
     base = [
         Entry("bin", "dir", mode=0o755),
@@ -45,7 +45,7 @@ def multi_layer() -> BuiltImage:
         Entry("srv/app/hello.txt", data=b"hello world\n"),
         Entry("srv/app/blob.bin", data=os.urandom(300_000)),
     ]
-    return build_image([base, changes, top], compression=["gzip", "zstd", "none"], config=IMAGE_CONFIG)
+    return build_image([base, changes, top], compression=list(compression), config=IMAGE_CONFIG)
 
 
 def platform_image(arch: str) -> BuiltImage:
