@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="Contree API URL (env CONTREE_URL)")
     p.add_argument("--token", default=None, help="Contree API token (env CONTREE_TOKEN)")
     p.add_argument("--project", default=None, help="Nebius project id for IAM auth (env CONTREE_PROJECT)")
-    p.add_argument("--cache-files", type=Path, default=None, help="rsync state database")
-    p.add_argument("--cache-general", type=Path, default=None, help="lineage database")
+    p.add_argument("--cache-files", type=Path, default=None, help="rsync state database (:memory: = keep nothing on disk)")
+    p.add_argument("--cache-general", type=Path, default=None, help="lineage database (:memory: = keep nothing on disk)")
     p.add_argument("--cache-prune-days", type=float, default=60.0, help="cache retention by last use (days)")
     p.add_argument(
         "--conformance",

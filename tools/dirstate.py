@@ -132,9 +132,10 @@ class DirectoryStates:
     """SQLite: manifests by (principal, id), and a stat cache so unchanged files are not re-hashed."""
 
     def __init__(self, path: Path | None) -> None:
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
+        target = str(path) if path else ":memory:"
+        if target != ":memory:":  # ":memory:" keeps nothing on disk (tests, transcripts)
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(target, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
             self._db.executescript(

@@ -39,8 +39,8 @@ class EdgeStore:
 
     def __init__(self, path: Path | None) -> None:
         target = str(path) if path else ":memory:"
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if target != ":memory:":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(target, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:

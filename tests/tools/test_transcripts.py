@@ -1,0 +1,23 @@
+"""The contree-mcp golden transcripts (fixtures/transcripts/tools_*.jsonl) replay byte-for-byte (after
+normalisation) over stdio; re-record with `python -m protocol.transcript record` when the surface changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from protocol import transcript
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES = sorted((ROOT / "fixtures" / "transcripts").glob("tools_*.jsonl"))
+
+
+def test_tool_transcripts_exist() -> None:
+    assert [p.name for p in FILES] == ["tools_calls.jsonl", "tools_surface.jsonl"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+async def test_tool_transcript_replays(path: Path) -> None:
+    await transcript.replay_stdio(path, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
