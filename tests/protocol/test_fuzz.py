@@ -183,3 +183,23 @@ def test_batches_in_2025_03_26_answer_each_request(batch: list[dict[str, Any]]) 
     assert isinstance(replies, list) and len(replies) == answers
     for reply in replies:
         _assert_well_formed(reply)
+
+
+@FUZZ
+@given(
+    st.lists(st.one_of(messages, json_values.map(msgspec.json.encode), st.binary(max_size=40)), max_size=8)
+)
+def test_message_sequences_on_one_session(frames: list[Any]) -> None:
+    """Any sequence from a fresh (uninitialized) session: each frame answered well-formed, never a crash."""
+
+    async def go() -> None:
+        h = Harness(page_size=2)
+        for frame in frames:
+            data = frame if isinstance(frame, bytes) else msgspec.json.encode(frame)
+            for reply in await h.send(data):
+                for item in reply if isinstance(reply, list) else [reply]:
+                    if "method" not in item:
+                        _assert_well_formed(item)
+        await h.session.close()
+
+    run(go())

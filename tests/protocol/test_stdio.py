@@ -181,3 +181,29 @@ async def test_pipelined_requests_all_answered(server: Proc) -> None:
     await server.write(*({"jsonrpc": "2.0", "id": i, "method": "ping"} for i in range(1, 201)))
     ids = [(await server.read())["id"] for _ in range(200)]
     assert ids == list(range(1, 201))
+
+
+async def test_serve_stdio_in_process_with_given_streams() -> None:
+    from protocol.conformance import build_registry
+    from protocol.server import Server
+    from protocol.stdio import serve_stdio
+
+    class Collect:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        async def drain(self) -> None:
+            return None
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(msgspec.json.encode(INIT) + b"\n\r\n" + b'{"jsonrpc":"2.0","id":1,"method":"ping"}\r\n')
+    reader.feed_data(b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"test_simple_text"}}\n')
+    reader.feed_eof()
+    out = Collect()
+    await asyncio.wait_for(serve_stdio(Server(build_registry()), reader, out), 5)
+    lines = out.data.split(b"\n")
+    assert lines[-1] == b""
+    assert [msgspec.json.decode(line)["id"] for line in lines[:-1]] == [0, 1, 2]
