@@ -94,7 +94,7 @@ def package_version(dist: str = "contree-mcp") -> str:
 class Frame:
     """One transport frame (one JSON value), decoded and classified."""
 
-    __slots__ = ("batch", "error_reply", "has_requests", "is_initialize", "messages")
+    __slots__ = ("batch", "error_reply", "has_async", "has_requests", "is_initialize", "messages")
 
     def __init__(
         self,
@@ -106,10 +106,20 @@ class Frame:
         self.messages = messages
         self.batch = batch
         self.error_reply = error_reply
-        # True when an answer will follow (HTTP answers 202 otherwise).
-        self.has_requests = error_reply is not None or any(
-            type(m) is Request or (type(m) is Invalid and m.reply is not None) for m in messages
-        )
+        # has_requests: an answer will follow (HTTP answers 202 otherwise).
+        # has_async: a handler task will run (stdio dispatches such frames concurrently).
+        has_requests = error_reply is not None
+        has_async = False
+        for m in messages:
+            t = type(m)
+            if t is Request:
+                has_requests = True
+                if m.method in ASYNC_METHODS:  # type: ignore[union-attr]
+                    has_async = True
+            elif t is Invalid and m.reply is not None:  # type: ignore[union-attr]
+                has_requests = True
+        self.has_requests = has_requests
+        self.has_async = has_async
         self.is_initialize = not batch and len(messages) == 1 and _is_initialize(messages[0])
 
 

@@ -9,9 +9,8 @@ import sys
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
-from protocol.messages import Request, encode_error
+from protocol.messages import encode_error
 from protocol.server import Server
-from protocol.session import ASYNC_METHODS
 
 log = logging.getLogger("protocol.stdio")
 
@@ -110,7 +109,7 @@ async def serve_stdio(
         if not line:
             continue
         frame = session.parse(line)
-        if any(type(m) is Request and m.method in ASYNC_METHODS for m in frame.messages):
+        if frame.has_async:
             task = asyncio.get_running_loop().create_task(run(frame))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
