@@ -12,7 +12,12 @@ import pytest
 from protocol import transcript as t
 
 ROOT = Path(__file__).resolve().parents[2]
-TRANSCRIPTS = sorted((ROOT / "fixtures" / "transcripts").glob("*.jsonl"))
+# The protocol-surface transcripts (the conformance registry); tests/tools replays the tools_* ones.
+TRANSCRIPTS = [
+    p
+    for p in sorted((ROOT / "fixtures" / "transcripts").glob("*.jsonl"))
+    if "protocol.conformance" in t.load(p).argv
+]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
