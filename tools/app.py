@@ -78,9 +78,9 @@ def build_registry(state: ServerState) -> Registry:
     inspect_tools.register(registry, state)
     info_tools.register_guide(registry, state)
     order = [
-        "list_images", "registry_token_obtain", "registry_auth", "import_image", "get_image", "set_tag", "run",
-        "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations", "cancel_operation",
-        "whoami", "list_files", "read_file", "grep", "get_guide",
+        "list_images", "registry_token_obtain", "registry_auth", "import_image", "get_image", "set_tag",
+        "run", "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations",
+        "cancel_operation", "whoami", "list_files", "read_file", "grep", "get_guide",
     ]  # fmt: skip
     registry.tools = {name: registry.tools[name] for name in order}
     resources.register_templates(registry, state)

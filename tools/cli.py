@@ -83,8 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="Contree API URL (env CONTREE_URL)")
     p.add_argument("--token", default=None, help="Contree API token (env CONTREE_TOKEN)")
     p.add_argument("--project", default=None, help="Nebius project id for IAM auth (env CONTREE_PROJECT)")
-    p.add_argument("--cache-files", type=Path, default=None, help="rsync state database (:memory: = keep nothing on disk)")
-    p.add_argument("--cache-general", type=Path, default=None, help="lineage database (:memory: = keep nothing on disk)")
+    p.add_argument(
+        "--cache-files",
+        type=Path,
+        default=None,
+        help="rsync state database (:memory: = keep nothing on disk)",
+    )
+    p.add_argument(
+        "--cache-general", type=Path, default=None, help="lineage database (:memory: = keep nothing on disk)"
+    )
     p.add_argument("--cache-prune-days", type=float, default=60.0, help="cache retention by last use (days)")
     p.add_argument(
         "--conformance",
@@ -107,7 +114,7 @@ def _entry(module: str, attr: str) -> Callable[[list[str]], int]:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"{module}.{attr} is not available in this build: {exc}") from None
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def is_loopback(host: str) -> bool:

@@ -142,7 +142,8 @@ class DirectoryStates:
                 "CREATE TABLE IF NOT EXISTS states (principal TEXT NOT NULL, id INTEGER NOT NULL,"
                 " digest TEXT NOT NULL, manifest BLOB NOT NULL, used_at REAL NOT NULL,"
                 " PRIMARY KEY (principal, id), UNIQUE (principal, digest));"
-                "CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                "CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns "
+                "INTEGER,"
                 " inode INTEGER, mode INTEGER, sha256 TEXT NOT NULL, used_at REAL NOT NULL);"
             )
             self._db.commit()
@@ -216,21 +217,21 @@ class DirectoryStates:
         if not scanned.files:
             raise ToolError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
         sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-        stats = {"files": len(scanned.files), "hashed": 0, "bytes": 0, "skipped": scanned.skipped}
+        counts = {"files": len(scanned.files), "hashed": 0, "bytes": 0}
 
         async def one(full: str, rel: str, st: os.stat_result) -> ManifestEntry:
             async with sem:
                 sha = self.cached_sha(full, st)
                 if sha is None:
                     sha = await asyncio.to_thread(sha256_file, full)
-                    stats["hashed"] += 1
+                    counts["hashed"] += 1
                     self.remember_sha(full, st, sha)
                 uuid, _ = await ensure_blob(backend, sha, full)
-                stats["bytes"] += st.st_size
+                counts["bytes"] += st.st_size
                 return ManifestEntry(f"{destination}/{rel}", sha, uuid, mode_string(st.st_mode))
 
         entries = await asyncio.gather(*(one(*f) for f in scanned.files))
-        return self.save(principal, list(entries)), stats
+        return self.save(principal, list(entries)), {**counts, "skipped": scanned.skipped}
 
     def close(self) -> None:
         with self._lock:

@@ -61,7 +61,8 @@ def setup_body(state: ServerState, listen: str, port: int) -> str:
         ("Claude Code (HTTP)", f"claude mcp add --transport http contree {url}"),
         (
             "Codex CLI (~/.codex/config.toml)",
-            f'[mcp_servers.contree]\ncommand = "contree-mcp"\nargs = ["{backend.split()[0]}", "{backend.split()[1]}"]',
+            f'[mcp_servers.contree]\ncommand = "contree-mcp"\nargs = ["{backend.split()[0]}", '
+            f'"{backend.split()[1]}"]',
         ),
         (
             "Claude Desktop (claude_desktop_config.json)",
@@ -76,7 +77,8 @@ def setup_body(state: ServerState, listen: str, port: int) -> str:
     ]
     parts = [
         "<p>An MCP server that gives agents isolated Linux sandboxes with immutable, branchable images. "
-        f"This instance uses the <strong>{'embedded engine' if state.backend_kind == 'local' else 'Contree API'}"
+        "This instance uses the "
+        f"<strong>{'embedded engine' if state.backend_kind == 'local' else 'Contree API'}"
         "</strong> backend.</p>",
     ]
     for title, code in snippets:
@@ -90,8 +92,10 @@ def setup_body(state: ServerState, listen: str, port: int) -> str:
         "<tr><td><code>--mode http --http-listen ADDR --http-port N</code></td><td>Streamable HTTP at "
         "<code>/mcp</code></td></tr>"
         "<tr><td><code>--http-token TOKEN</code></td><td>bearer token; required beyond loopback</td></tr>"
-        "<tr><td><code>--token / --url / --project / --profile</code></td><td>Contree API credentials</td></tr>"
-        "<tr><td><code>contree-mcp images bootstrap</code></td><td>create the base images of the engine</td></tr>"
+        "<tr><td><code>--token / --url / --project / --profile</code></td><td>Contree API "
+        "credentials</td></tr>"
+        "<tr><td><code>contree-mcp images bootstrap</code></td><td>create the base images of the "
+        "engine</td></tr>"
         "</tbody></table>"
     )
     return "".join(parts)
@@ -140,7 +144,8 @@ def tools_body(registry: Registry) -> str:
             default = "required" if pname in required else json.dumps(prop.get("default"))
             rows.append(
                 f"<tr><td><code>{html.escape(pname)}</code></td><td><code>{html.escape(_type_of(prop))}</code></td>"
-                f"<td><code>{html.escape(default)}</code></td><td>{html.escape(prop.get('description', ''))}</td></tr>"
+                f"<td><code>{html.escape(default)}</code></td>"
+                f"<td>{html.escape(prop.get('description', ''))}</td></tr>"
             )
         params = (
             "<table><thead><tr><th>Parameter</th><th>Type</th><th>Default</th><th>Description</th></tr></thead>"
@@ -152,7 +157,8 @@ def tools_body(registry: Registry) -> str:
             f'<section class=item id="{tool.name}"><h3><code>{tool.name}</code>{"".join(badges)}</h3>'
             f"<p>{html.escape(first)}</p>{params}"
             f"<p>Example:</p><pre><code>{html.escape(_example(tool.name, schema))}</code></pre>"
-            f"<details><summary>Full description</summary><pre><code>{html.escape(tool.description)}</code></pre>"
+            "<details><summary>Full "
+            f"description</summary><pre><code>{html.escape(tool.description)}</code></pre>"
             "</details></section>"
         )
     return "".join(parts)
@@ -163,7 +169,8 @@ def resources_body(registry: Registry) -> str:
     for t in registry.templates.values():
         parts.append(
             f"<section class=item><h4><code>{html.escape(t.uri_template)}</code></h4>"
-            f"<p>{html.escape(t.description or '')}</p><p>MIME type: <code>{html.escape(t.mime_type or '')}</code>"
+            f"<p>{html.escape(t.description or '')}</p><p>MIME type: "
+            f"<code>{html.escape(t.mime_type or '')}</code>"
             "</p></section>"
         )
     parts.append(
@@ -187,7 +194,8 @@ def prompts_body(registry: Registry) -> str:
             for a in p.arguments
         )
         parts.append(
-            f'<section class=item id="{p.name}"><h3><code>{p.name}</code></h3><p>{html.escape(p.description or "")}'
+            "<section class=item "
+            f'id="{p.name}"><h3><code>{p.name}</code></h3><p>{html.escape(p.description or "")}'
             "</p><table><thead><tr><th>Argument</th><th>Required</th><th>Description</th></tr></thead>"
             f"<tbody>{args}</tbody></table></section>"
         )
@@ -220,7 +228,7 @@ def render_site(registry: Registry, state: ServerState, *, listen: str, port: in
 def docs_routes(registry: Registry, state: ServerState, *, listen: str, port: int) -> list[web.RouteDef]:
     pages = render_site(registry, state, listen=listen, port=port)
 
-    def handler(path: str):  # type: ignore[no-untyped-def]
+    def handler(path: str):
         body = pages[path]
 
         async def serve(request: web.Request) -> web.Response:

@@ -34,7 +34,8 @@ TL;DR: PURPOSE: check permissions and limits (e.g. after a 403). COST: free.
 USAGE:
 - whoami(). On the embedded engine every permission is granted and the limits are the engine's own.
 
-RETURNS: {token_uuid, token_expiration, permissions, limits, operations_stat, mcp_version, mcp_upgrade, backend}
+RETURNS: {token_uuid, token_expiration, permissions, limits, operations_stat, mcp_version, mcp_upgrade,
+backend}
 
 GUIDES:
 - [USEFUL] contree://guide/errors""",

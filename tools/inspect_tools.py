@@ -42,7 +42,8 @@ class ReadFileParams(msgspec.Struct, kw_only=True):
         int, Meta(ge=0, description="Byte offset to start reading at (for paging big files).")
     ] = 0
     max_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None, Meta(description="Bytes to return at most (capped by the server's limit).")
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Bytes to return at most (capped by the server's limit)."),
     ] = None
 
 
@@ -55,9 +56,12 @@ class GrepParams(msgspec.Struct, kw_only=True):
     glob: Annotated[
         str | list[str] | None, Meta(description="ripgrep glob filter, e.g. '*.py'; '!' negates.")
     ] = None
-    max_count: Annotated[Annotated[int, Meta(ge=1, le=10000)] | None, Meta(description="Matches per file at most.")] = None
+    max_count: Annotated[
+        Annotated[int, Meta(ge=1, le=10000)] | None, Meta(description="Matches per file at most.")
+    ] = None
     max_total: Annotated[
-        Annotated[int, Meta(ge=1, le=10000)] | None, Meta(description="Matches in total at most (default 1000).")
+        Annotated[int, Meta(ge=1, le=10000)] | None,
+        Meta(description="Matches in total at most (default 1000)."),
     ] = None
     case: Annotated[
         Literal["sensitive", "insensitive", "smart"] | None,
@@ -202,7 +206,8 @@ GUIDES:
 TL;DR: PURPOSE: read a file without a {state.sandbox_word}. COST: free.
 
 USAGE:
-- read_file(image="<uuid>", path="/etc/os-release"). At most {state.read_max_bytes} bytes are returned per call:
+- read_file(image="<uuid>", path="/etc/os-release"). At most {state.read_max_bytes} bytes are returned per
+  call:
   'truncated' says more follows; page with offset, or copy it to the host with download.
 - Text is returned as UTF-8; binary files as base64 (encoding="base64").
 
@@ -225,7 +230,8 @@ GUIDES:
         hint = None
         if more:
             hint = (
-                f"File is larger than {limit} bytes: call read_file again with offset={params.offset + len(data)}"
+                f"File is larger than {limit} bytes: call read_file again with "
+                f"offset={params.offset + len(data)}"
                 " or copy it with download()."
             )
         if text is None:

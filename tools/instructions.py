@@ -39,7 +39,8 @@ is the state, and any UUID can be reused, branched or rolled back to.
 ## Quick start
 1. Search: `list_images(tag_prefix="common/")`, `list_images(tagged=true)`.
 2. Inspect for free (no {word}): `list_files`, `read_file`, `grep`.
-3. Stage files: `rsync(source="/abs/dir", destination="/app")` → `directory_state_id`; or `upload(...)` → file uuid.
+3. Stage files: `rsync(source="/abs/dir", destination="/app")` → `directory_state_id`; or `upload(...)` →
+   file uuid.
 4. One mutating step per `run` with `disposable=false`; check `exit_code` (status SUCCESS only means it ran).
 5. Tag useful results at once: `set_tag(image_uuid=<result_image>, tag="project/purpose/base:tag")`.
 

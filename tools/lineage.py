@@ -75,7 +75,8 @@ class EdgeStore:
     def row(self, principal: str, image: str) -> dict[str, Any] | None:
         with self._lock:
             cur = self._db.execute(
-                "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND image=?",
+                "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND "
+                "image=?",
                 (principal, image),
             )
             found = cur.fetchone()

@@ -1,4 +1,4 @@
-"""Result shapes of the tools: the reference's fields (COMPAT §3–4) plus the superset of §14.
+"""Result shapes of the tools: the reference's fields (COMPAT §3 and §4) plus the superset of §14.
 
 Every field has a default so the derived `outputSchema` marks nothing required that the reference
 did not; `forbid_unknown_fields` stays off so newer clients can add fields without breaking us.

@@ -48,7 +48,8 @@ class ListOperationsParams(msgspec.Struct, kw_only=True):
     status: Annotated[
         str | None,
         Meta(
-            description="PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED or CANCELLED (any case; 'running' = EXECUTING)."
+            description="PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED or CANCELLED "
+            "(any case; 'running' = EXECUTING)."
         ),
     ] = None
     type: Annotated[str | None, Meta(description="'instance' (runs) or 'image_import'.")] = None
@@ -172,8 +173,8 @@ USAGE:
 - get_operation(operation_id="<id>"); inflight=true adds the output produced so far by a running command.
 - Statuses: PENDING, ASSIGNED, EXECUTING, then SUCCESS, FAILED or CANCELLED.
 
-RETURNS: {operation_id, status, kind, exit_code, stdout, stderr, stdout_truncated, stderr_truncated, timed_out,
-result_image, filesystem_changed, error, duration, ...}
+RETURNS: {operation_id, status, kind, exit_code, stdout, stderr, stdout_truncated, stderr_truncated,
+timed_out, result_image, filesystem_changed, error, duration, ...}
 
 GUIDES:
 - [USEFUL] contree://guide/async

@@ -119,11 +119,13 @@ def prepare_environment(task: str, base: str, project: str, packages: str) -> st
 Task:
 {fence(task)}
 
-1. Look for an existing environment: list_images(tag_prefix="{scope}/"). If "{tag}" exists, use it and stop here.
+1. Look for an existing environment: list_images(tag_prefix="{scope}/"). If "{tag}" exists, use it and stop
+   here.
 2. Look for a base image: list_images(tag_prefix="{image_name(base)}") and list_images(tag_prefix="common/").
 3. If no Python image exists but an Ubuntu/Debian one does, install Python there once with disposable=false
    and tag it (e.g. "common/python/ubuntu:noble").
-4. Only as a last resort: import_image(registry_url="docker://docker.io/library/{inline(base)}", tag="{inline(base)}").
+4. Only as a last resort: import_image(registry_url="docker://docker.io/library/{inline(base)}",
+   tag="{inline(base)}").
 5. Install the packages: {install}.
    Check exit_code before going on.
 6. Tag the result: set_tag(image_uuid=<result_image>, tag="{tag}").
@@ -242,7 +244,8 @@ def multi_stage_build(
     return f"""Build in stages, keeping every stage as a rollback point.
 
 1. rsync(source={q(source)}, destination="/app") → directory_state_id.
-2. Install: run(command={q(install_cmd)}, image=<image>, directory_state_id=<id>, cwd="/app", disposable=false)
+2. Install: run(command={q(install_cmd)}, image=<image>, directory_state_id=<id>, cwd="/app",
+   disposable=false)
    → image A.
 3. Build: run(command={q(build_cmd)}, image=<A>, cwd="/app", disposable=false) → image B.
 4. Test: run(command={q(test_cmd)}, image=<B>, cwd="/app").
@@ -277,7 +280,7 @@ def register(registry: Registry, state: ServerState) -> None:
             for arg, desc, default in args
         ]
 
-        def make(prompt_name: str):  # type: ignore[no-untyped-def]
+        def make(prompt_name: str):
             async def handler(ctx: RequestContext, **kwargs: str) -> str:
                 return render(prompt_name, kwargs)
 

@@ -47,7 +47,8 @@ class ImportImageParams(msgspec.Struct, kw_only=True):
     registry_url: Annotated[
         str,
         Meta(
-            description="Image to import, e.g. 'docker://docker.io/library/alpine:latest' or 'python:3.11-slim'."
+            description="Image to import, e.g. 'docker://docker.io/library/alpine:latest' "
+            "or 'python:3.11-slim'."
         ),
     ]
     tag: Annotated[
@@ -61,7 +62,8 @@ class ImportImageParams(msgspec.Struct, kw_only=True):
         Meta(description="Import without stored registry credentials (anonymous pulls may be rate limited)."),
     ] = False
     timeout: Annotated[
-        Annotated[int, Meta(ge=1)] | None, Meta(description="Seconds the import may take (backend default 300).")
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Seconds the import may take (backend default 300)."),
     ] = None
 
 
@@ -108,7 +110,8 @@ GUIDES:
             return TokenObtainOutput(
                 status="error",
                 registry=host,
-                message=f"Unknown registry '{host}'. Please consult the registry documentation for token creation.",
+                message=f"Unknown registry '{host}'. "
+                "Please consult the registry documentation for token creation.",
             )
         opened = _can_open_browser(state)
         if opened:
@@ -119,8 +122,10 @@ GUIDES:
             registry=host,
             url=url,
             message=(
-                f"{lead} Create a read-only PAT, then provide your username and token. After receiving the token, "
-                f"call registry_auth(registry_url='{params.registry_url}', username='<username>', token='<token>')."
+                f"{lead} Create a read-only PAT, then provide your username and token. After receiving "
+                "the token, "
+                f"call registry_auth(registry_url='{params.registry_url}', username='<username>', "
+                "token='<token>')."
             ),
             agent_instruction=(
                 "STOP HERE. Wait for user to create PAT and provide the token. "
@@ -193,9 +198,11 @@ TL;DR: PURPOSE: bring a base image in when list_images has nothing suitable. COS
 
 USAGE:
 - Check list_images(tag_prefix=...) first. import_image(registry_url="docker://docker.io/library/alpine:latest",
-  tag="alpine:latest"). Docker references are normalised ('python:3.11-slim' → docker.io/library/python:3.11-slim).
+  tag="alpine:latest"). Docker references are normalised ('python:3.11-slim' →
+  docker.io/library/python:3.11-slim).
 - Without stored credentials (registry_auth) pass i_accept_that_anonymous_access_might_be_rate_limited=true.
-- The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are dropped.
+- The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are
+  dropped.
 
 RETURNS: {{operation_id, status, result_image, result_tag, error, ...}} or {{operation_id}} when wait=false
 
@@ -213,8 +220,10 @@ GUIDES:
             credentials = await credentials_for(state, ctx.principal, host)
             if credentials is None and not params.i_accept_that_anonymous_access_might_be_rate_limited:
                 raise ToolError(
-                    f"Not authenticated with '{host}'. Run registry_token_obtain(registry_url='{host}') first to "
-                    f"open the browser, then registry_auth(registry_url='{host}', username='...', token='...') "
+                    f"Not authenticated with '{host}'. Run registry_token_obtain(registry_url='{host}') "
+                    "first to "
+                    f"open the browser, then registry_auth(registry_url='{host}', username='...', "
+                    "token='...') "
                     "to authenticate. Or pass i_accept_that_anonymous_access_might_be_rate_limited=true."
                 )
         request: dict[str, Any] = {"registry": {"url": url}, "tag": tag}

@@ -76,7 +76,7 @@ async def stream_bytes(state: ServerState, operation_id: str, stream: str) -> by
 def register_guides(registry: Registry, state: ServerState) -> None:
     for section in GUIDES:
 
-        def make(name: str):  # type: ignore[no-untyped-def]
+        def make(name: str):
             async def read(ctx: RequestContext) -> str:
                 return guide_text(name, state.backend_kind)
 
@@ -97,7 +97,8 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         name="read_file",
         title="File in an image",
         description=(
-            "A file of an image (UUID, tag:<tag> or bare tag; percent-encode '/' in tags as %2F). UTF-8 files "
+            "A file of an image (UUID, tag:<tag> or bare tag; percent-encode '/' in tags as %2F). UTF-8 "
+            "files "
             f"are returned as text, others as a base64 blob (application/octet-stream). At most "
             f"{state.read_max_bytes} bytes: a larger file comes with a second text item saying so; use the "
             "read_file tool with offset, or download."
@@ -167,7 +168,8 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         name="instance_operation",
         title="A run",
         description=(
-            "JSON {state, error, result_image, result_tag, exit_code, timed_out, stdout, stderr, stdout_truncated, "
+            "JSON {state, error, result_image, result_tag, exit_code, timed_out, stdout, stderr, "
+            "stdout_truncated, "
             "stderr_truncated, resources} of a run (output as kept in the operation record)."
         ),
         mime_type="application/json",
@@ -223,8 +225,8 @@ def register_templates(registry: Registry, state: ServerState) -> None:
             data = await stream_bytes(state, operation_id, name)
         except BackendError:
             # no event log (e.g. a CANCELLED op): fall back to what the record kept
-            text, _ = decode_stream(as_dict(as_dict(op.get("metadata")).get("result")).get(name))
-            data = text.encode()
+            kept, _ = decode_stream(as_dict(as_dict(op.get("metadata")).get("result")).get(name))
+            data = kept.encode()
         page = data[offset : offset + (limit or state.read_max_bytes)]
         text = decode_text(page, True)
         if text is None:
@@ -292,7 +294,7 @@ def register_completions(registry: Registry, state: ServerState) -> None:
                 registry.completion("ref/prompt", name, arg)(image_tags)
             elif default:
 
-                def make(d: str):  # type: ignore[no-untyped-def]
+                def make(d: str):
                     async def complete(
                         ctx: RequestContext, value: str, context_args: dict[str, str]
                     ) -> list[str]:

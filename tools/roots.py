@@ -29,6 +29,7 @@ def require_inside(path: str, roots: list[Path], what: str) -> str:
     if not inside(path, roots):
         shown = ", ".join(str(r) for r in roots) or "(none)"
         raise ToolError(
-            f"{what} {path} is outside the allowed roots ({shown}); start the server with --allowed-root to allow it"
+            f"{what} {path} is outside the allowed roots ({shown}); start the server with --allowed-root "
+            "to allow it"
         )
     return os.path.realpath(path)

@@ -72,7 +72,8 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
     ] = 8000
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None, Meta(description="Cap on bytes written to the filesystem (default 12 GiB).")
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Cap on bytes written to the filesystem (default 12 GiB)."),
     ] = None
     args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
         None
@@ -146,11 +147,11 @@ async def build_request(
 
 
 async def wait_for_run(
-    state: ServerState, ctx: RequestContext, operation_id: str, timeout: float
+    state: ServerState, ctx: RequestContext, operation_id: str, seconds: float
 ) -> dict[str, Any]:
     """Follow a run to its end with progress; cancelling this coroutine cancels the operation."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout + state.run_grace_seconds
+    deadline = loop.time() + seconds + state.run_grace_seconds
     tail = OutputTail()
     counter = 0
 

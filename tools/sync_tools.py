@@ -123,7 +123,8 @@ TL;DR: PURPOSE: make a host directory available to run(). COST: free; only new c
 USAGE:
 - rsync(source="/abs/project", destination="/app") → an integer directory_state_id; then
   run(..., directory_state_id=<id>, cwd="/app").
-- The id names an immutable snapshot: re-sync after editing files to get a new id (unchanged content returns the
+- The id names an immutable snapshot: re-sync after editing files to get a new id (unchanged content
+  returns the
   same id). Works for a single file too (synced to <destination>/<name>).
 - Built-in excludes: {builtins}. 'exclude' adds gitignore-style patterns (a bare name matches at any depth,
   'dir/' only directories, '/x' anchors at the source root, '**' spans directories, '!x' re-includes).
@@ -138,7 +139,7 @@ GUIDES:
     )
     async def rsync(params: RsyncParams, ctx: RequestContext) -> int:
         source = expand(params.source, "source")
-        if not os.path.lexists(source):
+        if not await asyncio.to_thread(os.path.lexists, source):
             raise ToolError(f"source path does not exist: {source}")
         real = require_inside(source, state.allowed_roots, "source")
         destination = params.destination.strip().rstrip("/")
@@ -173,13 +174,17 @@ GUIDES:
     async def upload(params: UploadParams, ctx: RequestContext) -> UploadOutput:
         if params.path is not None:
             path = expand(params.path, "path")
-            if not os.path.isfile(path):
+            if not await asyncio.to_thread(os.path.isfile, path):
                 raise ToolError(f"File not found: {path}")
             real = require_inside(path, state.allowed_roots, "path")
             sha = await asyncio.to_thread(sha256_file, real)
             with backend_errors("upload"):
                 uuid, size = await ensure_blob(state.backend, sha, real)
-            return UploadOutput(uuid=uuid, sha256=sha, size=size if size >= 0 else os.path.getsize(real))
+            return UploadOutput(
+                uuid=uuid,
+                sha256=sha,
+                size=size if size >= 0 else await asyncio.to_thread(os.path.getsize, real),
+            )
         if params.content_base64 is not None:
             try:
                 data = base64.b64decode(params.content_base64, validate=True)

@@ -67,7 +67,7 @@ def server_command() -> list[str]:
 
 @asynccontextmanager
 async def mcp_session(home: Path, cwd: Path, *extra: str) -> AsyncIterator[object]:
-    """An initialized `mcp.ClientSession` talking to `contree-mcp --backend local --home <home>` over stdio."""
+    """An initialized `mcp.ClientSession` talking to `contree-mcp --backend local --home <home>` (stdio)."""
     from mcp import ClientSession, StdioServerParameters
     from mcp.client.stdio import stdio_client
 
@@ -78,7 +78,7 @@ async def mcp_session(home: Path, cwd: Path, *extra: str) -> AsyncIterator[objec
         cwd=str(cwd),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    with open(cwd.parent / "server-stderr.log", "a") as errlog:
+    with open(cwd.parent / "server-stderr.log", "a") as errlog:  # noqa: ASYNC230
         async with stdio_client(params, errlog=errlog) as (read, write):
             async with ClientSession(read, write) as session:
                 await session.initialize()

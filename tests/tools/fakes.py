@@ -43,7 +43,13 @@ class FakeBackend:
 
     def add_op(self, status: str, kind: str = "instance", **extra: Any) -> str:
         op_id = new_id()
-        self.ops[op_id] = {"uuid": op_id, "kind": kind, "status": status, "created_at": "2026-01-01T00:00:00", **extra}
+        self.ops[op_id] = {
+            "uuid": op_id,
+            "kind": kind,
+            "status": status,
+            "created_at": "2026-01-01T00:00:00",
+            **extra,
+        }
         return op_id
 
     # images
@@ -83,8 +89,13 @@ class FakeBackend:
     async def import_image(self, request: api.ImageImportRequest) -> str:
         self.imports.append(request)
         result = self.add_image(request.tag)
-        return self.add_op("SUCCESS", "image_import", result={"image": result, "tag": request.tag},
-                           result_image_uuid=result, metadata={"registry": {"url": request.registry.url}})
+        return self.add_op(
+            "SUCCESS",
+            "image_import",
+            result={"image": result, "tag": request.tag},
+            result_image_uuid=result,
+            metadata={"registry": {"url": request.registry.url}},
+        )
 
     # files
     async def upload_file(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse:
@@ -92,7 +103,9 @@ class FakeBackend:
             data = b"".join([c async for c in data])
         sha = hashlib.sha256(data).hexdigest()
         self.blobs[sha] = data
-        record = self.files.get(sha) or api.File(uuid=new_id(), sha256=sha, size=len(data), created_at="", updated_at="")
+        record = self.files.get(sha) or api.File(
+            uuid=new_id(), sha256=sha, size=len(data), created_at="", updated_at=""
+        )
         self.files[sha] = record
         return api.FileResponse(uuid=record.uuid, sha256=sha, size=len(data))
 
@@ -110,22 +123,37 @@ class FakeBackend:
         op_id = self.add_op("PENDING", image_uuid=request.image, metadata=msgspec.to_builtins(request))
         return api.InstanceSpawnResponse(uuid=op_id, command=request.command, image=request.image)
 
-    def finish(self, op_id: str, *, stdout: str = "", exit_code: int = 0, result_image: str | None = None,
-               status: str = "SUCCESS") -> None:
+    def finish(
+        self,
+        op_id: str,
+        *,
+        stdout: str = "",
+        exit_code: int = 0,
+        result_image: str | None = None,
+        status: str = "SUCCESS",
+    ) -> None:
         op = self.ops[op_id]
         op["status"] = status
         op["result_image_uuid"] = result_image
         op["result"] = {"image": result_image, "tag": None}
         meta = op.setdefault("metadata", {})
-        meta["result"] = {"state": {"exit_code": exit_code, "signal": -1, "timed_out": False},
-                          "stdout": {"value": stdout, "encoding": "ascii", "truncated": False},
-                          "stderr": {"value": "", "encoding": "ascii", "truncated": False}}
+        meta["result"] = {
+            "state": {"exit_code": exit_code, "signal": -1, "timed_out": False},
+            "stdout": {"value": stdout, "encoding": "ascii", "truncated": False},
+            "stderr": {"value": "", "encoding": "ascii", "truncated": False},
+        }
 
     async def list_operations(self, query: OperationQuery) -> list[api.OperationSummary]:
-        ops = [o for o in self.ops.values() if (not query.status or o["status"] == query.status)
-               and (not query.kind or o["kind"] == query.kind)]
+        ops = [
+            o
+            for o in self.ops.values()
+            if (not query.status or o["status"] == query.status)
+            and (not query.kind or o["kind"] == query.kind)
+        ]
         fields = set(api.OperationSummary.__struct_fields__)
-        return [msgspec.convert({k: v for k, v in o.items() if k in fields}, api.OperationSummary) for o in ops]
+        return [
+            msgspec.convert({k: v for k, v in o.items() if k in fields}, api.OperationSummary) for o in ops
+        ]
 
     async def get_operation(self, operation_id: str, *, inflight: bool = False) -> api.OperationResponse:
         if operation_id not in self.ops:
@@ -141,8 +169,9 @@ class FakeBackend:
         self.cancelled.append(operation_id)
         op["status"] = "CANCELLED"
 
-    async def events(self, operation_id: str, *, follow: bool = False, spid: int | None = None,
-                     since: int | None = None) -> AsyncIterator[api.OperationEvent]:
+    async def events(
+        self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent]:
         raise NotImplementedError("the fake has no event log")
         yield  # pragma: no cover
 
@@ -164,7 +193,9 @@ class FakeBackend:
         raise NotFound("fake has no grep")
 
     async def whoami(self) -> api.WhoAmIResponse:
-        return api.WhoAmIResponse(token_uuid="fake", token_expiration=None, permissions={}, operations_stat={})
+        return api.WhoAmIResponse(
+            token_uuid="fake", token_expiration=None, permissions={}, operations_stat={}
+        )
 
     async def close(self) -> None:
         pass
@@ -185,8 +216,9 @@ class FakeContext:
         self.logs.append(data)
 
 
-def make_registry(backend: Any, tmp: Path, *, roots: list[Path] | None = None,
-                  kind: str = "contree") -> tuple[Registry, ServerState]:
+def make_registry(
+    backend: Any, tmp: Path, *, roots: list[Path] | None = None, kind: str = "contree"
+) -> tuple[Registry, ServerState]:
     state = build_state(backend, kind, cache_dir=tmp / "cache", allowed_roots=roots or [tmp])  # type: ignore[arg-type]
     return build_registry(state), state
 

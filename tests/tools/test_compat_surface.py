@@ -10,7 +10,9 @@ import pytest
 
 from tests.tools.fakes import FakeBackend, make_registry
 
-SURFACE = json.loads((Path(__file__).parents[2] / "fixtures" / "compat" / "reference_surface.json").read_text())
+SURFACE = json.loads(
+    (Path(__file__).parents[2] / "fixtures" / "compat" / "reference_surface.json").read_text()
+)
 
 
 def schema_types(prop: dict[str, Any]) -> set[str]:
@@ -21,7 +23,7 @@ def schema_types(prop: dict[str, Any]) -> set[str]:
     t = prop.get("type")
     if t is None and "$ref" in prop:
         return {"object"}
-    return set(t) if isinstance(t, list) else {t}
+    return set(t) if isinstance(t, list) else {str(t)}
 
 
 def type_name(value: Any) -> str:
@@ -83,7 +85,10 @@ def test_guide_resources(registry: Any) -> None:
     for r in SURFACE["resources"]:
         res = registry.resources[r["uri"]]
         assert (res.name, res.title, res.mime_type, res.description) == (
-            r["name"], r["title"], r["mimeType"], r["description"],
+            r["name"],
+            r["title"],
+            r["mimeType"],
+            r["description"],
         )
 
 

@@ -27,9 +27,13 @@ def text_of(out: dict[str, Any]) -> str:
 
 
 def test_04_help_names_only_real_flags() -> None:
-    out = subprocess.run([sys.executable, "-m", "tools", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tools", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--http-port" in out.stdout and "--port " not in out.stdout
-    version = subprocess.run([sys.executable, "-m", "tools", "-V"], capture_output=True, text=True, check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "tools", "-V"], capture_output=True, text=True, check=True
+    )
     assert version.stdout.strip().startswith("contree-mcp/")
 
 
@@ -38,9 +42,27 @@ def test_04_help_names_only_real_flags() -> None:
 
 def test_08_http_beyond_loopback_requires_a_token() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tools", "--mode", "http", "--http-listen", "0.0.0.0", "--backend", "contree",
-         "--url", "http://127.0.0.1:9", "--token", "t", "--auth-type", "jwt"],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        [
+            sys.executable,
+            "-m",
+            "tools",
+            "--mode",
+            "http",
+            "--http-listen",
+            "0.0.0.0",
+            "--backend",
+            "contree",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--auth-type",
+            "jwt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
     )
     assert out.returncode == 2 and "--http-token" in out.stderr and out.stdout == ""
 
@@ -48,11 +70,17 @@ def test_08_http_beyond_loopback_requires_a_token() -> None:
 async def test_10_directory_states_are_scoped_per_principal(tmp_path: Path) -> None:
     reg, state = make_registry(FakeBackend(), tmp_path)
     (tmp_path / "f.txt").write_text("x")
-    sid = (await call(reg, "rsync", {"source": str(tmp_path / "f.txt"), "destination": "/d"}, FakeContext("alice")))[
-        "structuredContent"
-    ]["result"]
-    run = await call(reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid,
-                                  "wait": False}, FakeContext("mallory"))
+    sid = (
+        await call(
+            reg, "rsync", {"source": str(tmp_path / "f.txt"), "destination": "/d"}, FakeContext("alice")
+        )
+    )["structuredContent"]["result"]
+    run = await call(
+        reg,
+        "run",
+        {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False},
+        FakeContext("mallory"),
+    )
     assert run["isError"] and text_of(run).endswith(f"Directory state not found: {sid}")
     await state.close()
 
@@ -67,8 +95,12 @@ async def test_12_token_obtain_never_opens_a_browser_in_http_mode(tmp_path: Path
     await asyncio.sleep(0.1)
     assert out["status"] == "success" and out["url"].startswith("https://app.docker.com/")
     assert "Browser opened" not in out["message"] and opened == []
-    unknown = (await call(reg, "registry_token_obtain", {"registry_url": "quay.example.org"}))["structuredContent"]
-    assert unknown["status"] == "error" and unknown["message"].startswith("Unknown registry 'quay.example.org'")
+    unknown = (await call(reg, "registry_token_obtain", {"registry_url": "quay.example.org"}))[
+        "structuredContent"
+    ]
+    assert unknown["status"] == "error" and unknown["message"].startswith(
+        "Unknown registry 'quay.example.org'"
+    )
 
 
 async def test_13_ids_and_tags_are_validated_before_any_backend_call(tmp_path: Path) -> None:
@@ -96,8 +128,9 @@ async def test_21_run_wait_is_bounded_and_sends_progress(tmp_path: Path) -> None
     reg, state = make_registry(backend, tmp_path)
     state.run_grace_seconds = 0.3
     ctx = FakeContext()
-    out = await asyncio.wait_for(call(reg, "run", {"command": "sleep 1000", "image": "busybox:latest",
-                                                   "timeout": 1}, ctx), 10)
+    out = await asyncio.wait_for(
+        call(reg, "run", {"command": "sleep 1000", "image": "busybox:latest", "timeout": 1}, ctx), 10
+    )
     assert out["structuredContent"]["result"]["status"] == "PENDING"
     assert ctx.progress_calls
 
@@ -105,8 +138,10 @@ async def test_21_run_wait_is_bounded_and_sends_progress(tmp_path: Path) -> None
 async def test_22_cancelling_a_waiting_run_cancels_its_operation(tmp_path: Path) -> None:
     backend = FakeBackend()
     reg, _ = make_registry(backend, tmp_path)
-    task = asyncio.create_task(call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "timeout": 100}))
-    while not backend.spawned:
+    task = asyncio.create_task(
+        call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "timeout": 100})
+    )
+    while not backend.spawned:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
     task.cancel()
@@ -126,7 +161,9 @@ async def test_34_read_file_is_capped_and_reports_truncation(tmp_path: Path) -> 
     state.read_max_bytes = 64
     out = (await call(reg, "read_file", {"image": "big:1", "path": "/big.txt"}))["structuredContent"]
     assert out["truncated"] is True and len(out["content"]) == 64 and "offset=64" in out["hint"]
-    page = (await call(reg, "read_file", {"image": "big:1", "path": "/big.txt", "offset": 990}))["structuredContent"]
+    page = (await call(reg, "read_file", {"image": "big:1", "path": "/big.txt", "offset": 990}))[
+        "structuredContent"
+    ]
     assert page["content"] == "0123456789" and page["truncated"] is False
 
 
@@ -144,8 +181,12 @@ def test_36_list_files_reports_special_files() -> None:
 
 async def test_40_docker_references_name_the_right_registry(tmp_path: Path) -> None:
     reg, _ = make_registry(FakeBackend(), tmp_path)
-    for url, host in (("docker://python:3.11-slim", "docker.io"), ("docker://localhost:5000/img", "localhost:5000"),
-                      ("ghcr.io/x/y:1", "ghcr.io"), ("docker://pytorch/pytorch:2.0", "docker.io")):
+    for url, host in (
+        ("docker://python:3.11-slim", "docker.io"),
+        ("docker://localhost:5000/img", "localhost:5000"),
+        ("ghcr.io/x/y:1", "ghcr.io"),
+        ("docker://pytorch/pytorch:2.0", "docker.io"),
+    ):
         out = await call(reg, "import_image", {"registry_url": url})
         assert f"Not authenticated with '{host}'" in text_of(out), url
 
@@ -170,7 +211,7 @@ async def test_43_tag_prefix_really_is_a_prefix(tmp_path: Path) -> None:
 async def test_44_set_tag_can_remove_one_tag(tmp_path: Path) -> None:
     backend = FakeBackend()
     reg, _ = make_registry(backend, tmp_path)
-    out = (await call(reg, "set_tag", {"image_uuid": backend.busybox, "remove_tag": "busybox:latest"}))
+    out = await call(reg, "set_tag", {"image_uuid": backend.busybox, "remove_tag": "busybox:latest"})
     assert out["structuredContent"]["tag"] is None
     out = await call(reg, "set_tag", {"image_uuid": backend.busybox, "tag": "mine/x:1"})
     assert out["structuredContent"]["tag"] == "mine/x:1"
@@ -214,16 +255,22 @@ async def test_48_unknown_resources_are_not_found(tmp_path: Path) -> None:
     with pytest.raises(ResourceNotFound):
         await reg.read_resource("contree://nope", FakeContext())  # type: ignore[arg-type]
     with pytest.raises(ResourceNotFound):
-        await reg.read_resource("contree://operations/instance/3fa85f64-5717-4562-b3fc-2c963f66afa6",
-                                FakeContext())  # type: ignore[arg-type]
+        uri = "contree://operations/instance/3fa85f64-5717-4562-b3fc-2c963f66afa6"
+        await reg.read_resource(uri, FakeContext())  # type: ignore[arg-type]
 
 
 def test_51_prompts_survive_whitespace_and_multiline_arguments() -> None:
-    body = prompts.render("prepare-environment", {"task": "train\n  a model\n1. not a step", "packages": "   "})
+    body = prompts.render(
+        "prepare-environment", {"task": "train\n  a model\n1. not a step", "packages": "   "}
+    )
     assert "custom-env" in body
     assert "   ```\n   train\n     a model\n   1. not a step\n   ```" in body
-    assert prompts.render("prepare-environment", {"task": "t", "packages": "torch==2.1 numpy"}).count(
-        "common/torch-env/python:3.11-slim") >= 1
+    assert (
+        prompts.render("prepare-environment", {"task": "t", "packages": "torch==2.1 numpy"}).count(
+            "common/torch-env/python:3.11-slim"
+        )
+        >= 1
+    )
     sync = prompts.render("sync-and-run", {"source": "/src", "command": "make"})
     assert "no Python" in sync and "Python-ready" not in sync
 

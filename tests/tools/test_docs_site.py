@@ -52,9 +52,14 @@ async def test_docs_site_in_headless_chromium(tmp_path: Path) -> None:
     shot.parent.mkdir(exist_ok=True)
     try:
         proc = await asyncio.create_subprocess_exec(
-            str(node), str(Path(__file__).with_name("docs_site_check.mjs")), str(pw), f"http://127.0.0.1:{port}",
-            str(shot), str(tmp_path / "chromium-profile"),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            str(node),
+            str(Path(__file__).with_name("docs_site_check.mjs")),
+            str(pw),
+            f"http://127.0.0.1:{port}",
+            str(shot),
+            str(tmp_path / "chromium-profile"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
     finally:
@@ -65,7 +70,10 @@ async def test_docs_site_in_headless_chromium(tmp_path: Path) -> None:
     assert report["errors"] == [] and report["external"] == []
     setup = report["pages"]["setup"]
     assert setup["title"] == "Setup · contree-mcp"
-    assert any("claude mcp add --transport stdio contree -- contree-mcp --backend local" in s for s in setup["snippets"])
+    assert any(
+        "claude mcp add --transport stdio contree -- contree-mcp --backend local" in s
+        for s in setup["snippets"]
+    )
     assert any(f"--http-port {port}" in s for s in setup["snippets"])
     for name in ("instructions", "tools", "resources", "prompts", "guides"):
         page = report["pages"][name]

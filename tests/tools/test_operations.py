@@ -13,7 +13,12 @@ async def test_wait_empty_list_returns_empty_result(tmp_path: Path) -> None:
     out = await call(reg, "wait_operations", {"operation_ids": []})
     assert not out.get("isError")
     assert out["structuredContent"] == {
-        "results": {}, "completed": [], "cancelled": [], "timed_out": False, "pending": [], "errors": {},
+        "results": {},
+        "completed": [],
+        "cancelled": [],
+        "timed_out": False,
+        "pending": [],
+        "errors": {},
     }
 
 
@@ -45,8 +50,11 @@ async def test_wait_any_ignores_unknown_ids_and_waits_for_terminal(tmp_path: Pat
 
     task = asyncio.create_task(finish_later())
     ctx = FakeContext()
-    out = (await call(reg, "wait_operations", {"operation_ids": [unknown, running], "mode": "any", "timeout": 10},
-                      ctx))["structuredContent"]
+    out = (
+        await call(
+            reg, "wait_operations", {"operation_ids": [unknown, running], "mode": "any", "timeout": 10}, ctx
+        )
+    )["structuredContent"]
     await task
     assert out["completed"] == [running]
     assert unknown in out["errors"] and unknown not in out["results"]
@@ -61,9 +69,9 @@ async def test_wait_cancel_pending_only_when_asked(tmp_path: Path) -> None:
     a = backend.add_op("EXECUTING")
     b = backend.add_op("SUCCESS")
     reg, _ = make_registry(backend, tmp_path)
-    out = (await call(reg, "wait_operations", {"operation_ids": [a, b], "mode": "any", "cancel_pending": True}))[
-        "structuredContent"
-    ]
+    out = (
+        await call(reg, "wait_operations", {"operation_ids": [a, b], "mode": "any", "cancel_pending": True})
+    )["structuredContent"]
     assert out["completed"] == [b]
     assert out["cancelled"] == [a]
     assert backend.cancelled == [a]
@@ -122,14 +130,22 @@ async def test_run_result_never_echoes_env_and_reports_truncation(tmp_path: Path
     reg, _ = make_registry(backend, tmp_path)
 
     async def finisher() -> None:
-        while not backend.spawned:
+        while not backend.spawned:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         op_id = next(iter(o for o in backend.ops))
         backend.finish(op_id, stdout="y" * 50, result_image=None)
 
     task = asyncio.create_task(finisher())
-    out = await call(reg, "run", {"command": "yes", "image": "busybox:latest", "env": {"API_KEY": "s3cr3t-value"},
-                                  "truncate_output_at": 10})
+    out = await call(
+        reg,
+        "run",
+        {
+            "command": "yes",
+            "image": "busybox:latest",
+            "env": {"API_KEY": "s3cr3t-value"},
+            "truncate_output_at": 10,
+        },
+    )
     await task
     assert "s3cr3t-value" not in str(out)
     result = out["structuredContent"]["result"]

@@ -52,8 +52,9 @@ async def test_surface_guides_prompts_completion_and_errors(engine_home: Path, w
             {"name": "image", "value": "busy"},
         )
         assert done.completion.values == ["busybox:latest"]
-        done = await session.complete(PromptReference(type="ref/prompt", name="run-shell"),
-                                      {"name": "image", "value": "tag:b"})
+        done = await session.complete(
+            PromptReference(type="ref/prompt", name="run-shell"), {"name": "image", "value": "tag:b"}
+        )
         assert done.completion.values == ["tag:busybox:latest"]
 
         # error codes (§15.48)
@@ -78,10 +79,14 @@ async def test_server_info_and_instructions(engine_home: Path, workdir: Path) ->
     from tests.tools.conftest import server_command
 
     command, *args = server_command()
-    params = StdioServerParameters(command=command, args=[*args, "--backend", "local", "--home", str(engine_home)],
-                                   cwd=str(workdir))
-    with open(workdir.parent / "stderr.log", "w") as errlog:
-        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+    params = StdioServerParameters(
+        command=command, args=[*args, "--backend", "local", "--home", str(engine_home)], cwd=str(workdir)
+    )
+    with open(workdir.parent / "stderr.log", "w") as errlog:  # noqa: ASYNC230
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
             init = await session.initialize()
     assert init.serverInfo.name == "contree-mcp" and init.serverInfo.version == __version__
     assert init.instructions and "embedded engine" in init.instructions and "microVM" not in init.instructions

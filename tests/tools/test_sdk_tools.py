@@ -42,37 +42,61 @@ async def test_images_files_and_inspection(engine_home: Path, workdir: Path) -> 
         bad = await session.call_tool("get_guide", {"section": "nope"})
         assert bad.isError and "Available sections: async, errors" in bad.content[0].text
         token = result(await session.call_tool("registry_token_obtain", {"registry_url": "ghcr.io"}))
-        assert token["url"] == "https://github.com/settings/tokens?type=beta" and "STOP HERE" in token["agent_instruction"]
+        assert (
+            token["url"] == "https://github.com/settings/tokens?type=beta"
+            and "STOP HERE" in token["agent_instruction"]
+        )
 
         uploaded = result(await session.call_tool("upload", {"content": "echo from-upload\n"}))
-        state_id = result(await session.call_tool("rsync", {"source": str(workdir / "app"), "destination": "/app"}))
+        state_id = result(
+            await session.call_tool("rsync", {"source": str(workdir / "app"), "destination": "/app"})
+        )
         assert isinstance(state_id, int)
-        made = result(await session.call_tool("run", {
-            "command": "sh /app/main.sh; sh /opt/u.sh; ls /app; mkdir -p /data && echo payload > /data/out.txt",
-            "image": "busybox:latest", "disposable": False, "directory_state_id": state_id,
-            "files": {"/opt/u.sh": uploaded["uuid"]},
-        }))
+        made = result(
+            await session.call_tool(
+                "run",
+                {
+                    "command": "sh /app/main.sh; sh /opt/u.sh; ls /app; mkdir -p /data && echo payload > "
+                    "/data/out.txt",
+                    "image": "busybox:latest",
+                    "disposable": False,
+                    "directory_state_id": state_id,
+                    "files": {"/opt/u.sh": uploaded["uuid"]},
+                },
+            )
+        )
         assert made["exit_code"] == 0, made
         assert made["stdout"] == "from-rsync\nfrom-upload\nmain.sh\n"
         assert made["filesystem_changed"] is True and made["result_image"] and made["result_image"] != busybox
         child = made["result_image"]
 
-        tagged = result(await session.call_tool("set_tag", {"image_uuid": child, "tag": "tests/data/busybox:1"}))
+        tagged = result(
+            await session.call_tool("set_tag", {"image_uuid": child, "tag": "tests/data/busybox:1"})
+        )
         assert tagged["tag"] == "tests/data/busybox:1"
-        listing = result(await session.call_tool("list_files", {"image": "tag:tests/data/busybox:1", "path": "data"}))
+        listing = result(
+            await session.call_tool("list_files", {"image": "tag:tests/data/busybox:1", "path": "data"})
+        )
         assert listing["path"] == "/data" and [f["name"] for f in listing["files"]] == ["out.txt"]
         assert listing["files"][0]["type"] == "file" and listing["files"][0]["mode"] == "0o100644"
         text = result(await session.call_tool("read_file", {"image": child, "path": "/data/out.txt"}))
         assert text["content"] == "payload\n" and text["encoding"] == "utf-8" and text["bytes_size"] == 8
-        binfile = result(await session.call_tool("read_file", {"image": child, "path": "/bin/busybox",
-                                                               "max_bytes": 16}))
+        binfile = result(
+            await session.call_tool("read_file", {"image": child, "path": "/bin/busybox", "max_bytes": 16})
+        )
         assert binfile["encoding"] == "base64" and binfile["truncated"] is True
-        saved = result(await session.call_tool("download", {"image": child, "path": "/data/out.txt",
-                                                            "destination": str(workdir / "got" / "out.txt")}))
+        saved = result(
+            await session.call_tool(
+                "download",
+                {"image": child, "path": "/data/out.txt", "destination": str(workdir / "got" / "out.txt")},
+            )
+        )
         assert saved["size"] == 8 and (workdir / "got" / "out.txt").read_text() == "payload\n"
-        outside = await session.call_tool("download", {"image": child, "path": "/data/out.txt",
-                                                       "destination": "/tmp/contree-should-not-exist.txt"})
-        assert outside.isError and not Path("/tmp/contree-should-not-exist.txt").exists()
+        outside = await session.call_tool(
+            "download",
+            {"image": child, "path": "/data/out.txt", "destination": "/tmp/contree-should-not-exist.txt"},
+        )
+        assert outside.isError and not Path("/tmp/contree-should-not-exist.txt").exists()  # noqa: ASYNC240
 
         # resource templates
         contents = await read(session, "contree://image/tag:tests%2Fdata%2Fbusybox:1/read/data/out.txt")
@@ -83,7 +107,9 @@ async def test_images_files_and_inspection(engine_home: Path, workdir: Path) -> 
         assert ls.startswith("-rw-r--r--") and ls.endswith(" out.txt")
         root = (await read(session, f"contree://image/{child}/ls/"))[0].text
         assert " data" in root and " bin" in root
-        lineage = json.loads((await read(session, "contree://image/tag:tests%2Fdata%2Fbusybox:1/lineage"))[0].text)
+        lineage = json.loads(
+            (await read(session, "contree://image/tag:tests%2Fdata%2Fbusybox:1/lineage"))[0].text
+        )
         assert lineage["parent"] == busybox and lineage["ancestors"] == [busybox] and lineage["depth"] == 1
         assert lineage["is_known"] is True
         base = json.loads((await read(session, f"contree://image/{busybox}/lineage"))[0].text)
@@ -105,8 +131,12 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
 
         res = await session.call_tool(
             "run",
-            {"command": "for i in 1 2 3; do echo line-$i; sleep 0.3; done; head -c 20000 /dev/zero | tr '\\0' x",
-             "image": "busybox:latest", "truncate_output_at": 100},
+            {
+                "command": "for i in 1 2 3; do echo line-$i; sleep 0.3; done; head -c 20000 /dev/zero | "
+                "tr '\\0' x",
+                "image": "busybox:latest",
+                "truncate_output_at": 100,
+            },
             progress_callback=on_progress,
         )
         done = result(res)
@@ -117,7 +147,9 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
         assert full.startswith("line-1\nline-2\nline-3\n") and full.count("x") == 20000
         page = (await read(session, done["stdout_resource"] + "?offset=21&limit=10"))[0].text
         assert page == "x" * 10
-        doc = json.loads((await read(session, f"contree://operations/instance/{done['operation_id']}"))[0].text)
+        doc = json.loads(
+            (await read(session, f"contree://operations/instance/{done['operation_id']}"))[0].text
+        )
         assert doc["state"] == "SUCCESS" and doc["exit_code"] == 0 and doc["stdout_truncated"] is True
 
         started = [
@@ -127,12 +159,18 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
         ids = [r["operation_id"] for r in started]
         waited = result(await session.call_tool("wait_operations", {"operation_ids": ids[:2], "timeout": 60}))
         assert sorted(waited["completed"]) == sorted(ids[:2]) and waited["timed_out"] is False
-        assert waited["results"][ids[1]]["exit_code"] == 3 and waited["results"][ids[1]]["status"] == "SUCCESS"
-        short = result(await session.call_tool("wait_operations", {"operation_ids": [ids[2]], "timeout": 0.5}))
+        assert (
+            waited["results"][ids[1]]["exit_code"] == 3 and waited["results"][ids[1]]["status"] == "SUCCESS"
+        )
+        short = result(
+            await session.call_tool("wait_operations", {"operation_ids": [ids[2]], "timeout": 0.5})
+        )
         assert short["timed_out"] is True and short["pending"] == [ids[2]] and short["cancelled"] == []
         one = result(await session.call_tool("get_operation", {"operation_id": ids[0]}))
         assert one["stdout"] == "a\n" and one["kind"] == "instance"
-        listed = result(await session.call_tool("list_operations", {"status": "executing", "type": "instance"}))
+        listed = result(
+            await session.call_tool("list_operations", {"status": "executing", "type": "instance"})
+        )
         assert [o["uuid"] for o in listed["operations"]] == [ids[2]]
         cancel = result(await session.call_tool("cancel_operation", {"operation_id": ids[2]}))
         assert cancel["cancelled"] is True
@@ -146,12 +184,15 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
         assert again == {"cancelled": False, "operation_id": ids[0], "status": "SUCCESS"}
 
 
-async def test_cancelling_a_waiting_run_request_cancels_the_operation(engine_home: Path, workdir: Path) -> None:
+async def test_cancelling_a_waiting_run_request_cancels_the_operation(
+    engine_home: Path, workdir: Path
+) -> None:
     async with mcp_session(engine_home, workdir) as s:
         session: Any = s
         request_id = session._request_id  # the id the SDK gives the next request
-        call = asyncio.create_task(session.call_tool("run", {"command": "sleep 60", "image": "busybox:latest",
-                                                             "timeout": 120}))
+        call = asyncio.create_task(
+            session.call_tool("run", {"command": "sleep 60", "image": "busybox:latest", "timeout": 120})
+        )
         await asyncio.sleep(0.2)
         for _ in range(100):
             ops = result(await session.call_tool("list_operations", {"status": "EXECUTING"}))["operations"]
@@ -160,13 +201,20 @@ async def test_cancelling_a_waiting_run_request_cancels_the_operation(engine_hom
             await asyncio.sleep(0.1)
         assert ops, "the run never started"
         # what a client does when the user aborts: notifications/cancelled for the waiting request
-        await session.send_notification(ClientNotification(CancelledNotification(
-            params=CancelledNotificationParams(requestId=request_id, reason="user abort"))))
+        await session.send_notification(
+            ClientNotification(
+                CancelledNotification(
+                    params=CancelledNotificationParams(requestId=request_id, reason="user abort")
+                )
+            )
+        )
         call.cancel()
         with contextlib.suppress(BaseException):
             await call
         for _ in range(100):
-            status = result(await session.call_tool("get_operation", {"operation_id": ops[0]["uuid"]}))["status"]
+            status = result(await session.call_tool("get_operation", {"operation_id": ops[0]["uuid"]}))[
+                "status"
+            ]
             if status == "CANCELLED":
                 break
             await asyncio.sleep(0.1)

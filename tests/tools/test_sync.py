@@ -51,8 +51,12 @@ async def test_rsync_ids_are_immutable_content_snapshots(tmp_path: Path) -> None
     src = tmp_path / "proj"
     tree(src, {"main.py": "print(1)\n", "web/node_modules/x.js": "junk", ".git/HEAD": "ref", "a.pyc": "bin"})
     reg, state = make_registry(backend, tmp_path)
-    first = (await call(reg, "rsync", {"source": str(src), "destination": "/app/"}))["structuredContent"]["result"]
-    again = (await call(reg, "rsync", {"source": str(src), "destination": "/app"}))["structuredContent"]["result"]
+    first = (await call(reg, "rsync", {"source": str(src), "destination": "/app/"}))["structuredContent"][
+        "result"
+    ]
+    again = (await call(reg, "rsync", {"source": str(src), "destination": "/app"}))["structuredContent"][
+        "result"
+    ]
     assert isinstance(first, int) and 0 < first < 2**53 and first == again
     files = await state.dirstates.injected_files(None, first)
     assert sorted(files) == ["/app/main.py"]
@@ -60,13 +64,18 @@ async def test_rsync_ids_are_immutable_content_snapshots(tmp_path: Path) -> None
     (src / "main.py").write_text("print(2)\n")
     (src / "run.sh").write_text("echo\n")
     os.chmod(src / "run.sh", 0o755)
-    second = (await call(reg, "rsync", {"source": str(src), "destination": "/app"}))["structuredContent"]["result"]
+    second = (await call(reg, "rsync", {"source": str(src), "destination": "/app"}))["structuredContent"][
+        "result"
+    ]
     assert second != first
     assert sorted(await state.dirstates.injected_files(None, first)) == ["/app/main.py"]  # old id unchanged
     assert (await state.dirstates.injected_files(None, second))["/app/run.sh"].mode == "0755"
     # numeric strings are accepted in run
-    await call(reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": str(second),
-                            "wait": False})
+    await call(
+        reg,
+        "run",
+        {"command": "ls", "image": "busybox:latest", "directory_state_id": str(second), "wait": False},
+    )
     assert set(backend.spawned[-1].files or {}) == {"/app/main.py", "/app/run.sh"}
     await state.close()
 
@@ -94,7 +103,9 @@ async def test_rsync_refuses_outside_roots_and_skips_escaping_symlinks(tmp_path:
     assert refused["isError"] and "outside the allowed roots" in refused["content"][0]["text"]
     via_link = await call(reg, "rsync", {"source": str(root / "leakdir"), "destination": "/x"})
     assert via_link["isError"]
-    sid = (await call(reg, "rsync", {"source": str(root), "destination": "/x"}))["structuredContent"]["result"]
+    sid = (await call(reg, "rsync", {"source": str(root), "destination": "/x"}))["structuredContent"][
+        "result"
+    ]
     assert sorted(await state.dirstates.injected_files(None, sid)) == ["/x/alias.txt", "/x/ok.txt"]
     assert all(b != b"s3cr3t" for b in backend.blobs.values())
     rel = await call(reg, "rsync", {"source": "relative/dir", "destination": "/x"})
@@ -124,21 +135,30 @@ async def test_download_is_atomic_confined_and_respects_overwrite(tmp_path: Path
     root.mkdir()
     reg, _ = make_registry(backend, tmp_path, roots=[root])
     dest = root / "sub" / "tool"
-    out = (await call(reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(dest),
-                                        "executable": True}))["structuredContent"]
+    out = (
+        await call(
+            reg,
+            "download",
+            {"image": "art:1", "path": "/out/tool", "destination": str(dest), "executable": True},
+        )
+    )["structuredContent"]
     assert out["success"] and out["size"] == dest.stat().st_size and out["source"]["image"] == image
     assert dest.stat().st_mode & 0o777 == 0o755
     assert [p.name for p in dest.parent.iterdir()] == ["tool"]  # no temp file left
-    refused = await call(reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(dest),
-                                           "overwrite": False})
+    refused = await call(
+        reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(dest), "overwrite": False}
+    )
     assert refused["isError"] and "exists" in refused["content"][0]["text"]
-    outside = await call(reg, "download", {"image": "art:1", "path": "/out/tool",
-                                           "destination": str(tmp_path / "elsewhere")})
+    outside = await call(
+        reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(tmp_path / "elsewhere")}
+    )
     assert outside["isError"] and not (tmp_path / "elsewhere").exists()
     # a symlinked directory pointing out of the root is refused; a symlink at the destination is replaced,
     # never written through
     (root / "escape").symlink_to(tmp_path)
-    esc = await call(reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(root / "escape" / "x")})
+    esc = await call(
+        reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(root / "escape" / "x")}
+    )
     assert esc["isError"] and not (tmp_path / "x").exists()
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
