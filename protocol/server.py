@@ -7,9 +7,10 @@ rules live in the sans-IO `protocol.session.Session`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import logging
-import secrets
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -89,7 +90,7 @@ class ServerSession:
         self.transport = transport
         self.principal = principal
         # 192 bits from the CSPRNG; urlsafe base64 is visible ASCII (valid as Mcp-Session-Id).
-        self.session_id = secrets.token_urlsafe(24)
+        self.session_id = base64.urlsafe_b64encode(os.urandom(24)).decode()
         self.core = Session(server.registry, server.catalog)
         self.closed = False
         self._default_sink: Sink | None = None

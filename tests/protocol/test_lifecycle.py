@@ -535,3 +535,12 @@ async def test_tool_error_flag(ready: Harness) -> None:
 
 async def test_text_content_helper_is_plain() -> None:
     assert msgspec.json.encode(TextContent("x")) == b'{"type":"text","text":"x"}'
+
+
+def test_session_ids_are_long_random_visible_ascii() -> None:
+    server = Harness().server
+    ids = {server.create_session(transport="t").session_id for _ in range(200)}
+    assert len(ids) == 200
+    for sid in ids:
+        assert len(sid) * 6 >= 128 and all(0x21 <= ord(c) <= 0x7E for c in sid)
+        assert server.get_session(sid) is not None
