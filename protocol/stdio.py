@@ -77,11 +77,18 @@ async def serve_stdio(
     if writer is None:
         writer = await _stdout_writer()
     out = writer
+    broken: list[BaseException] = []
 
     async def sink(data: bytes) -> None:
-        # One write call per message keeps lines whole; drain gives back-pressure.
-        out.write(data + b"\n")
-        await out.drain()
+        if broken:
+            return  # the client stopped reading; keep consuming stdin until EOF
+        try:
+            # One write call per message keeps lines whole; drain gives back-pressure.
+            out.write(data + b"\n")
+            await out.drain()
+        except (ConnectionError, OSError) as exc:
+            broken.append(exc)
+            log.warning("stdout is closed (%s); dropping further output", exc)
 
     session = server.create_session(transport="stdio")
     session.set_default_sink(sink)

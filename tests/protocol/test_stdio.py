@@ -207,3 +207,25 @@ async def test_serve_stdio_in_process_with_given_streams() -> None:
     lines = out.data.split(b"\n")
     assert lines[-1] == b""
     assert [msgspec.json.decode(line)["id"] for line in lines[:-1]] == [0, 1, 2]
+
+
+async def test_closed_stdout_does_not_crash_the_loop() -> None:
+    from protocol.conformance import build_registry
+    from protocol.server import Server
+    from protocol.stdio import serve_stdio
+
+    class Broken:
+        writes = 0
+
+        def write(self, data: bytes) -> None:
+            Broken.writes += 1
+            raise BrokenPipeError("reader went away")
+
+        async def drain(self) -> None:
+            return None
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(msgspec.json.encode(INIT) + b"\n" + b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n' * 5)
+    reader.feed_eof()
+    await asyncio.wait_for(serve_stdio(Server(build_registry()), reader, Broken()), 5)
+    assert Broken.writes == 1
