@@ -5,7 +5,9 @@ services (INPUT is rejected for packets from our veths) nor loopback, link-local
 ranges (FORWARD rejects them), except DNS to the host's resolver.
 
 Every engine instance owns iptables chains named after its random tag (`CT-<tag>-…`), matched on its
-veth name prefix, so concurrent instances on one host never share or remove each other's rules.
+veth name prefix, so concurrent instances on one host never share or remove each other's rules. A tag is
+held through an flock under `/run/contree-engine/tags/`; chains whose tag nobody holds belong to a dead
+instance and are removed by the next instance that starts (`sweep_dead_rules`).
 Addresses are /30s of a configurable /16; a slot is owned through an flock on a lock file under
 `/run/contree-engine/ipam/`, which the kernel releases if the process dies, so concurrent instances
 never collide and a crashed instance's slots become reusable (its leftover veth/netns are removed then).
@@ -20,6 +22,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 IPAM_DIR = Path("/run/contree-engine/ipam")
+TAG_DIR = Path("/run/contree-engine/tags")
+_CHAIN_RE = re.compile(r"\bCT-([0-9a-f]{4})-(FWD|RET|IN|NAT)\b")
 DEFAULT_SUBNET = "10.231.0.0/16"
 
 # Destinations a sandbox must never reach (besides the host itself, handled by INPUT).
@@ -108,6 +113,66 @@ def _link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 
 
+def _try_lock(path: Path) -> int:
+    """An flock'ed fd on `path`, or -1 when a live process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+async def sweep_dead_rules(keep: str | None = None) -> list[str]:
+    """Remove the iptables rules and chains of engine instances that died without closing.
+
+    A tag whose lock file nobody holds has no live owner. Jumps from built-in chains are found in
+    `iptables-save` output and deleted as they were written, then the instance's own chains.
+    """
+    try:
+        saved = await _run("iptables-save")
+    except (NetworkError, OSError):
+        return []
+    tags = {m.group(1) for m in _CHAIN_RE.finditer(saved)} - {keep}
+    removed = []
+    for tag in sorted(tags):
+        fd = _try_lock(TAG_DIR / f"{tag}.lock")
+        if fd < 0:
+            continue  # alive
+        try:
+            text = _deletion_script(saved, tag)
+            try:
+                await _run("iptables-restore", "-n", stdin=text)
+                removed.append(f"removed iptables chains CT-{tag}-*")
+            except NetworkError as exc:
+                log.warning("could not remove the dead engine's chains CT-%s-*: %s", tag, exc)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("%s", "; ".join(removed))
+    return removed
+
+
+def _deletion_script(saved: str, tag: str) -> str:
+    out: list[str] = []
+    table = None
+    jumps: list[str] = []
+    chains: list[str] = []
+    for line in [*saved.splitlines(), "*end"]:
+        if line.startswith("*"):
+            if table is not None and (jumps or chains):
+                out += [f"*{table}", *jumps, *(f"-F {c}" for c in chains), *(f"-X {c}" for c in chains),
+                        "COMMIT"]
+            table, jumps, chains = line[1:], [], []
+        elif line.startswith(f":CT-{tag}-"):
+            chains.append(line[1:].split()[0])
+        elif line.startswith("-A ") and f"-j CT-{tag}-" in line and not line.startswith(f"-A CT-{tag}-"):
+            jumps.append("-D " + line[3:])
+    return "\n".join([*out, ""])
+
+
 def delete_netns(name: str) -> None:
     """`ip netns del` without a process: detach the bind mount that keeps the namespace alive."""
     path = NETNS_DIR / name
@@ -160,6 +225,7 @@ class NetworkManager:
         self.if_prefix = f"ct{self.tag}"
         self.resolvers = [r for r in host_resolvers()]
         self._rules_installed = False
+        self._tag_fd = -1
 
     # ---- engine-level setup ----
 
@@ -186,12 +252,31 @@ class NetworkManager:
             return cls("none", subnet=subnet, ipam_dir=ipam_dir, error=problem)
         mgr = cls("nat", subnet=subnet, ipam_dir=ipam_dir)
         try:
+            mgr._claim_tag()
+            await sweep_dead_rules(keep=mgr.tag)
             await mgr._install_rules()
         except (NetworkError, OSError) as exc:
+            mgr._release_tag()
             if mode == "nat":
                 raise
             return cls("none", subnet=subnet, ipam_dir=ipam_dir, error=f"NAT setup failed: {exc}")
         return mgr
+
+    def _claim_tag(self) -> None:
+        for _ in range(64):
+            fd = _try_lock(TAG_DIR / f"{self.tag}.lock")
+            if fd >= 0:
+                self._tag_fd = fd
+                self.chain, self.if_prefix = f"CT-{self.tag}", f"ct{self.tag}"
+                return
+            self.tag = f"{random.getrandbits(16):04x}"
+        raise NetworkError("no free engine network tag")
+
+    def _release_tag(self) -> None:
+        # Lock files stay: unlinking one could let two processes lock different inodes of one name.
+        if self._tag_fd >= 0:
+            os.close(self._tag_fd)
+            self._tag_fd = -1
 
     def _filter_rules(self) -> list[str]:
         c = self.chain
@@ -260,6 +345,7 @@ class NetworkManager:
         ])
         await _run("iptables-restore", "-n", stdin=text)
         self._rules_installed = False
+        self._release_tag()
 
     def chains(self) -> list[str]:
         return [f"{self.chain}-{s}" for s in ("FWD", "RET", "IN", "NAT")]

@@ -243,3 +243,25 @@ async def test_a_dead_owners_netns_is_removed_when_its_slot_is_reused(tmp_path: 
         assert not (NETNS_DIR / stale).exists()
     finally:
         netmod.delete_netns(stale)
+
+
+def _chains() -> str:
+    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+
+
+async def test_rules_of_a_dead_instance_are_swept_and_live_ones_kept() -> None:
+    require_runtime_prereqs()
+    live = await NetworkManager.create("nat")
+    dead = await NetworkManager.create("nat")
+    try:
+        os.close(dead._tag_fd)  # what the kernel does when the process dies without closing
+        dead._tag_fd = -1
+        assert f"{dead.chain}-FWD" in _chains()
+        fresh = await NetworkManager.create("nat")
+        await fresh.close()
+        rules = _chains()
+        assert f"{dead.chain}-" not in rules and f"-i {dead.if_prefix}+" not in rules
+        assert f"{live.chain}-FWD" in rules and f"{live.chain}-NAT" in rules
+    finally:
+        await live.close()
+    assert f"{live.chain}-" not in _chains()
