@@ -141,6 +141,7 @@ class DirectoryStates:
             self._db.executescript(
                 "CREATE TABLE IF NOT EXISTS states (principal TEXT NOT NULL, id INTEGER NOT NULL,"
                 " digest TEXT NOT NULL, manifest BLOB NOT NULL, used_at REAL NOT NULL,"
+                " source TEXT, destination TEXT,"
                 " PRIMARY KEY (principal, id), UNIQUE (principal, digest));"
                 "CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns "
                 "INTEGER,"
@@ -164,9 +165,17 @@ class DirectoryStates:
             )
             self._db.commit()
 
-    def save(self, principal: str | None, entries: list[ManifestEntry]) -> int:
-        encoded = msgspec.msgpack.encode(sorted(entries, key=lambda e: e.path))
-        digest = hashlib.sha256(encoded).hexdigest()
+    def save(
+        self, principal: str | None, entries: list[ManifestEntry], origin: tuple[str, str] | None = None
+    ) -> int:
+        """The id of this content for this principal; `origin` = (host source, sandbox destination)."""
+        source, destination = origin or (None, None)
+        ordered = sorted(entries, key=lambda e: e.path)
+        encoded = msgspec.msgpack.encode(ordered)
+        # Identity is the content (path, sha256, mode); the blob uuid is only where the backend keeps it.
+        digest = hashlib.sha256(
+            msgspec.msgpack.encode([(e.path, e.sha256, e.mode) for e in ordered])
+        ).hexdigest()
         key = principal or ""
         with self._lock:
             row = self._db.execute(
@@ -174,7 +183,9 @@ class DirectoryStates:
             ).fetchone()
             if row:
                 self._db.execute(
-                    "UPDATE states SET used_at=? WHERE principal=? AND id=?", (time.time(), key, row[0])
+                    "UPDATE states SET used_at=?, manifest=?, source=COALESCE(?, source),"
+                    " destination=COALESCE(?, destination) WHERE principal=? AND id=?",
+                    (time.time(), encoded, source, destination, key, row[0]),
                 )
                 self._db.commit()
                 return int(row[0])
@@ -182,12 +193,51 @@ class DirectoryStates:
                 new_id = secrets.randbelow(MAX_ID - 1) + 1
                 try:
                     self._db.execute(
-                        "INSERT INTO states VALUES (?,?,?,?,?)", (key, new_id, digest, encoded, time.time())
+                        "INSERT INTO states VALUES (?,?,?,?,?,?,?)",
+                        (key, new_id, digest, encoded, time.time(), source, destination),
                     )
                     self._db.commit()
                     return new_id
                 except sqlite3.IntegrityError:
                     continue  # id collision (astronomically rare): draw again
+
+    def origin_of(self, principal: str | None, state_id: int) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT source, destination FROM states WHERE principal=? AND id=?",
+                (principal or "", state_id),
+            ).fetchone()
+        return (row[0], row[1]) if row and row[0] and row[1] else None
+
+    async def restore_blobs(self, backend: Backend, principal: str | None, state_id: int | str) -> int:
+        """Re-upload the blobs of a state that vanished from the backend (COMPAT §15.38), from the synced
+        host files when their content is unchanged. Returns how many were uploaded."""
+        number = int(str(state_id).strip())
+        entries = self.load(principal, number)
+        origin = self.origin_of(principal, number)
+        if not entries or origin is None:
+            return 0
+        source, destination = origin
+        restored = 0
+        fixed: list[ManifestEntry] = []
+        single_file = await asyncio.to_thread(os.path.isfile, source)
+        for entry in entries:
+            try:
+                got = as_dict(await backend.get_file(entry.sha256))
+                fixed.append(ManifestEntry(entry.path, entry.sha256, str(got["uuid"]), entry.mode))
+                continue
+            except NotFound:
+                pass
+            host = source if single_file else source + "/" + entry.path[len(destination) :].lstrip("/")
+            sha = await asyncio.to_thread(sha256_file, host)
+            if sha != entry.sha256:
+                raise ToolError(f"{host} changed since rsync and its old content is gone: run rsync again")
+            uuid, _ = await ensure_blob(backend, sha, host)
+            fixed.append(ManifestEntry(entry.path, entry.sha256, uuid, entry.mode))
+            restored += 1
+        if restored:
+            self.save(principal, fixed, origin)
+        return restored
 
     def load(self, principal: str | None, state_id: int) -> list[ManifestEntry] | None:
         with self._lock:
@@ -231,7 +281,8 @@ class DirectoryStates:
                 return ManifestEntry(f"{destination}/{rel}", sha, uuid, mode_string(st.st_mode))
 
         entries = await asyncio.gather(*(one(*f) for f in scanned.files))
-        return self.save(principal, list(entries)), {**counts, "skipped": scanned.skipped}
+        state_id = self.save(principal, list(entries), (source, destination))
+        return state_id, {**counts, "skipped": scanned.skipped}
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ import msgspec
 from msgspec import Meta
 
 from contree import api
+from contree.errors import BadRequest, NotFound, Unprocessable
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.convert import TERMINAL, decode_stream, operation_output
@@ -222,7 +223,16 @@ GUIDES:
     async def run(params: RunParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         with backend_errors("run"):
             request = await build_request(params, state, ctx.principal)
-            spawned = await state.backend.spawn(request)
+            try:
+                spawned = await state.backend.spawn(request)
+            except (NotFound, BadRequest, Unprocessable):
+                # blobs of a synced directory may have been collected server-side: restore them once
+                if params.directory_state_id is None or not await state.dirstates.restore_blobs(
+                    state.backend, ctx.principal, params.directory_state_id
+                ):
+                    raise
+                request = await build_request(params, state, ctx.principal)
+                spawned = await state.backend.spawn(request)
         operation_id = spawned.uuid
         state.remember_cap(operation_id, params.truncate_output_at)
         if not params.wait:

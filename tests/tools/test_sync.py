@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from contree.errors import NotFound
 from tests.tools.fakes import FakeBackend, call, make_registry
 from tools.excludes import Excludes
 
@@ -167,3 +169,35 @@ async def test_download_is_atomic_confined_and_respects_overwrite(tmp_path: Path
     assert victim.read_text() == "keep" and not (root / "link").is_symlink()
     missing = await call(reg, "download", {"image": "art:1", "path": "/nope", "destination": str(root / "n")})
     assert missing["isError"] and [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    src = tmp_path / "proj"
+    tree(src, {"a/b.txt": "bee", "c.txt": "sea"})
+    reg, state = make_registry(backend, tmp_path)
+    sid = (await call(reg, "rsync", {"source": str(src), "destination": "/w"}))["structuredContent"]["result"]
+    backend.files.clear()  # the server garbage-collected every blob
+    backend.blobs.clear()
+
+    original_spawn = backend.spawn
+
+    async def strict_spawn(request: Any) -> Any:
+        for injected in (request.files or {}).values():
+            if not any(f.uuid == injected.uuid for f in backend.files.values()):
+                raise NotFound(f"file {injected.uuid} not found")
+        return await original_spawn(request)
+
+    backend.spawn = strict_spawn  # type: ignore[method-assign]
+    out = await call(
+        reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
+    )
+    assert not out.get("isError"), out
+    assert sorted(backend.blobs.values()) == [b"bee", b"sea"]
+    (src / "c.txt").write_text("changed")
+    backend.files.clear()
+    changed = await call(
+        reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
+    )
+    assert changed["isError"] and "run rsync again" in changed["content"][0]["text"]
+    await state.close()
