@@ -1,0 +1,153 @@
+"""Legacy HTTP+SSE transport (MCP 2024-11-05) for older clients: `GET /sse` + `POST /messages?session_id=`.
+
+The session lives as long as its `GET /sse` connection: the first event names (with a relative URL, which
+the Python SDK requires) where to POST; every answer and server message travels on that stream as
+`event: message`. Same Host/Origin/bearer checks as Streamable HTTP (`protocol.http.Guard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from protocol.http import (
+    BAD_REQUEST_CODE,
+    SESSION_NOT_FOUND_CODE,
+    SSE_HEADERS,
+    Guard,
+    HttpSettings,
+    accepts,
+    error_response,
+    sse_event,
+)
+from protocol.server import Server, ServerSession
+
+log = logging.getLogger("protocol.sse_legacy")
+
+SSE_PATH = "/sse"
+MESSAGES_PATH = "/messages"
+
+
+class _Connection:
+    """One open `GET /sse`: a single writer for the stream, and the work its POSTs started."""
+
+    def __init__(self, session: ServerSession, response: web.StreamResponse) -> None:
+        self.session = session
+        self.response = response
+        self.ended = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+
+    async def write(self, frame: bytes) -> None:
+        if self.ended.is_set():
+            raise ConnectionResetError("the SSE stream is closed")
+        async with self._lock:
+            try:
+                await self.response.write(frame)
+            except (ConnectionError, RuntimeError):
+                self.ended.set()
+                raise
+
+    async def send(self, data: bytes) -> None:
+        """The session's sink: one `message` event per JSON-RPC frame."""
+        await self.write(sse_event(None, data))
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class LegacySse:
+    def __init__(self, server: Server, settings: HttpSettings, guard: Guard) -> None:
+        self.server = server
+        self.settings = settings
+        self.guard = guard
+        self.connections: dict[str, _Connection] = {}
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_get(SSE_PATH, self.sse, allow_head=False)
+        app.router.add_post(MESSAGES_PATH, self.messages)
+        app.router.add_post(MESSAGES_PATH + "/", self.messages)
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        principal = self.guard.check(request)
+        if isinstance(principal, web.Response):
+            return principal
+        if not accepts(request.headers.get("Accept", "text/event-stream"), "text/event-stream"):
+            return error_response(406, BAD_REQUEST_CODE, "Not Acceptable: Accept must list text/event-stream")
+        if len(self.connections) >= self.settings.max_sessions:
+            return error_response(503, BAD_REQUEST_CODE, "Too many sessions", headers={"Retry-After": "5"})
+        session = self.server.create_session(transport="sse", principal=principal)
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        conn = _Connection(session, response)
+        self.connections[session.session_id] = conn
+        try:
+            await response.prepare(request)
+            endpoint = f"{MESSAGES_PATH}?session_id={session.session_id}"
+            await conn.write(b"event: endpoint\ndata: " + endpoint.encode() + b"\n\n")
+            session.set_default_sink(conn.send)
+            while not conn.ended.is_set():
+                try:
+                    await asyncio.wait_for(conn.ended.wait(), self.settings.keepalive)
+                except TimeoutError:
+                    try:
+                        await conn.write(b": keepalive\n\n")
+                    except (ConnectionError, RuntimeError):
+                        break
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            # The stream was the session: without it nobody could receive an answer.
+            self.connections.pop(session.session_id, None)
+            conn.ended.set()
+            session.set_default_sink(None)
+            await session.close()
+            for task in list(conn.tasks):
+                task.cancel()
+            if conn.tasks:
+                await asyncio.gather(*conn.tasks, return_exceptions=True)
+        try:
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    async def messages(self, request: web.Request) -> web.Response:
+        principal = self.guard.check(request)
+        if isinstance(principal, web.Response):
+            return principal
+        session_id = request.query.get("session_id")
+        if not session_id:
+            return error_response(400, BAD_REQUEST_CODE, "Bad Request: session_id is required")
+        conn = self.connections.get(session_id)
+        if conn is None or conn.ended.is_set() or conn.session.principal != principal:
+            return error_response(404, SESSION_NOT_FOUND_CODE, "Session not found")
+        if request.content_type != "application/json":
+            return error_response(415, BAD_REQUEST_CODE, "Unsupported Media Type: use application/json")
+        body = await request.read()
+        session = conn.session
+        frame = session.parse(body)
+        if not frame.messages and frame.error_reply is not None:
+            return web.Response(status=400, body=frame.error_reply, content_type="application/json")
+        if frame.has_async:
+            conn.spawn(self._dispatch(conn, frame))
+        else:
+            # Quick methods and notifications (cancellation!) keep their arrival order.
+            await self._dispatch(conn, frame)
+        return web.Response(status=202, text="Accepted")
+
+    async def _dispatch(self, conn: _Connection, frame: Any) -> None:
+        try:
+            await conn.session.dispatch(frame, conn.send)
+        except (ConnectionError, RuntimeError):
+            pass  # the stream went away; the session closes with it
+        except Exception:
+            log.exception("dispatch failed")
+
+    async def close(self) -> None:
+        for conn in list(self.connections.values()):
+            conn.ended.set()
