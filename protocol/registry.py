@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import sys
 import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -177,11 +178,13 @@ class Registry:
     ) -> Callable[[ToolFn], ToolFn]:
         if not _TOOL_NAME.fullmatch(name):
             raise ValueError(f"tool name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
+        # Types defined in the registering function (not at module level) resolve through its locals.
+        localns = dict(sys._getframe(1).f_locals)
 
         def decorate(fn: ToolFn) -> ToolFn:
             if name in self.tools:
                 raise ValueError(f"tool {name!r} registered twice")
-            hints = typing.get_type_hints(fn)
+            hints = typing.get_type_hints(fn, localns=localns)
             params = [p for p in inspect.signature(fn).parameters.values() if p.name != "ctx"]
             params_type: Any = hints.get(params[0].name, dict) if params else None
             if params_type is None:

@@ -197,3 +197,22 @@ def test_duplicate_tool_is_rejected() -> None:
 async def test_find_resource_raises_not_found() -> None:
     with pytest.raises(ResourceNotFound):
         _registry().find_resource("nothing://here")
+
+
+async def test_types_local_to_the_registering_function_resolve() -> None:
+    class LocalParams(msgspec.Struct, kw_only=True):
+        n: int
+
+    class LocalResult(msgspec.Struct):
+        doubled: int
+
+    r = Registry("t", "1")
+
+    @r.tool("double", description="doubles")
+    async def double(params: LocalParams, ctx: RequestContext) -> LocalResult:
+        return LocalResult(params.n * 2)
+
+    h = Harness(r)
+    await h.initialize()
+    result = await h.result("tools/call", {"name": "double", "arguments": {"n": 4}})
+    assert result["structuredContent"] == {"doubled": 8}
