@@ -133,8 +133,9 @@ async def _measure(work: Path, host: str, image: harness.BuiltImage) -> None:
     )
     print(f"{'import total (unpacked)':34} {import_s:8.2f} {unpacked / MB / import_s:8.1f}")
     print(f"{'re-import (unchanged image)':34} {reimport_s:8.3f} {'':>8}   downloaded {fetched} bytes")
+    ratio = import_s / (download_s + extract_par_s)
     print(
-        f"ratio import / (download + parallel extract): {import_s / (download_s + extract_par_s):.2f}; unpacked {unpacked / MB:.1f} MB, "
+        f"ratio import / (download + parallel extract): {ratio:.2f}; unpacked {unpacked / MB:.1f} MB, "
         f"{sum(s.entries for s in stats)} entries"
     )
 
