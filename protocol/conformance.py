@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import inspect
 import struct
 import zlib
 from typing import Any
@@ -370,20 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_http(server: Any, listen: str, port: int) -> int:
+    http: Any = importlib.import_module("protocol.http")  # the HTTP transport (Streamable HTTP + legacy SSE)
+    settings = http.HttpSettings(listen=listen, port=port)
+    if hasattr(http, "run_http"):
+        return int(http.run_http(server, settings))
     from aiohttp import web
 
-    http: Any = importlib.import_module("protocol.http")
-
-    fields = inspect.signature(http.HttpSettings).parameters
-    kwargs: dict[str, Any] = {}
-    for name in ("listen", "host", "http_listen"):
-        if name in fields:
-            kwargs[name] = listen
-    for name in ("port", "http_port"):
-        if name in fields:
-            kwargs[name] = port
-    app = http.build_app(server, http.HttpSettings(**kwargs))
-    web.run_app(app, host=listen, port=port, print=None)
+    web.run_app(http.build_app(server, settings), host=listen, port=port, print=None)
     return 0
 
 
