@@ -145,7 +145,7 @@ async def _local_engine(work: Path, concurrency: int) -> tuple[LocalEngine, str]
 
 
 async def _engine_run(
-    engine: LocalEngine, image: str, command: str, **fields: Any
+    engine: LocalEngine, image: str, command: str, settle: bool = True, **fields: Any
 ) -> tuple[float, api.OperationResponse]:
     """Seconds from spawn() to the `completion` event, and the final OperationResponse."""
     t = time.perf_counter()
@@ -157,6 +157,9 @@ async def _engine_run(
     took = time.perf_counter() - t
     op = await engine.get_operation(spawned.uuid)
     assert op.status == "SUCCESS", op
+    if settle:
+        # Sandbox teardown runs after `completion`; let it finish so it does not slow the next sample.
+        await engine.drain()
     return took, op
 
 
@@ -258,7 +261,9 @@ async def _parallel_branches(work: Path, n: int = 20) -> None:
                 cmd = "echo {k} >> /data/f && head -c 4096 /dev/urandom > /data/r{k}"
                 networking = api.InstanceNetworking(enabled=net)
                 results = await asyncio.gather(*(
-                    _engine_run(engine, parent, cmd.format(k=k), networking=networking) for k in range(n)))
+                    _engine_run(engine, parent, cmd.format(k=k), settle=False, networking=networking)
+                    for k in range(n)))
+                await engine.drain()
                 wall = time.perf_counter() - t
                 peak = _rss_kb("VmHWM")
                 children = {op.result_image_uuid for _, op in results}

@@ -235,7 +235,7 @@ class StreamRecorder:
         self.dropped += len(drop)
         for start in range(0, len(keep), CHUNK_BYTES):
             chunk = keep[start:start + CHUNK_BYTES]
-            self.log.append(self.stream, msgspec.to_builtins(api.encode_stream(chunk)), self.spid)
+            self.log.append(self.stream, msgspec.to_builtins(api.encode_event_stream(chunk)), self.spid)
             self.emitted += len(chunk)
             self.captured += chunk
 

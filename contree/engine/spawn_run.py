@@ -42,7 +42,7 @@ from contree.engine.oplog import (
 )
 from contree.engine.overlay import mount_overlay, unmount
 from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree
-from contree.errors import BackendError, BadRequest, Conflict, NotFound
+from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 
 if TYPE_CHECKING:
     from contree.engine.local import LocalEngine
@@ -108,45 +108,59 @@ class InstanceRun:
         record = self.record
         record.status = ASSIGNED
         oplog.save(record)
-        events = self.events = oplog.open_log(record.uuid)
+        self.events = oplog.open_log(record.uuid)
         sandbox_dir = store.sandboxes_dir / record.uuid
         image = store.get(self.image_uuid)
+        with store.pinned(image.layers):
+            mounted = True
+            try:
+                mounted = await self._run(job, image, sandbox_dir)
+            finally:
+                # The outcome is recorded and announced first; tearing the sandbox down (runtime state,
+                # cgroup, netns, scratch dirs) happens after, off the caller's latency. A crash in
+                # between leaves only what start-up recovery removes anyway.
+                await self._release(sandbox_dir, mounted)
+
+    async def _run(self, job: Job, image: ImageRecord, sandbox_dir: Path) -> bool:
+        """Everything up to the `completion` event; returns whether the rootfs is still mounted."""
+        oplog = self.engine.oplog
+        assert oplog is not None and self.events is not None
+        record, events = self.record, self.events
         reason = "job_complete"
         mounted = False
-        main: Process | None = None
         try:
-            with store.pinned(image.layers):
-                try:
-                    plan = await asyncio.to_thread(self._prepare, image, sandbox_dir)
-                    mounted = True
-                    self.main_cwd = plan.cwd
-                    record.status = EXECUTING
-                    record.started_at = time.time()
-                    oplog.save(record)
-                    self.deadline = time.monotonic() + self.timeout
-                    main = await self._start_main(plan, sandbox_dir)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    raise SpawnFailed(_spawn_error(exc)) from exc
-                self.started = True
-                reason = await self._supervise(job, main)
-                exit_data = await self._finish_process(main)
-                await self._stop_sandbox()
-                await asyncio.to_thread(self._unmount, sandbox_dir)
-                mounted = False
-                result = result_from_exit(main, exit_data)
-                self._account(exit_data)
-                record.metadata["result"] = msgspec.to_builtins(result)
-                if job.cancelled.is_set() and reason == "signal":
-                    record.status, record.error = CANCELLED, "cancelled"
-                else:
-                    await self._commit(image, sandbox_dir, plan)
-                    record.status = SUCCESS
+            try:
+                mounted = True
+                plan = await asyncio.to_thread(self._prepare, image, sandbox_dir)
+                self.main_cwd = plan.cwd
+                record.status = EXECUTING
+                record.started_at = time.time()
+                oplog.save(record)
+                self.deadline = time.monotonic() + self.timeout
+                main = await self._start_main(plan, sandbox_dir)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise SpawnFailed(_spawn_error(exc)) from exc
+            self.started = True
+            reason = await self._supervise(job, main)
+            exit_data = await self._finish_process(main)
+            await self._stop_sandbox()
+            result = result_from_exit(main, exit_data)
+            self._account(exit_data)
+            record.metadata["result"] = msgspec.to_builtins(result)
+            if job.cancelled.is_set() and reason == "signal":
+                record.status, record.error = CANCELLED, "cancelled"
+            else:
+                if not self.request.disposable:
+                    await asyncio.to_thread(self._unmount, sandbox_dir)
+                    mounted = False
+                await self._commit(image, sandbox_dir, plan)
+                record.status = SUCCESS
         except SpawnFailed as exc:
             reason = "spawn_failed"
             record.status, record.error = FAILED, str(exc)
-            events.append("stderr", msgspec.to_builtins(api.encode_stream(f"{exc}\n".encode())), 0)
+            events.append("stderr", msgspec.to_builtins(api.encode_event_stream(f"{exc}\n".encode())), 0)
         except LayerTooLarge as exc:
             record.status, record.error = FAILED, exc.message
         except asyncio.CancelledError:
@@ -156,7 +170,6 @@ class InstanceRun:
             log.exception("instance %s failed", record.uuid)
             record.status, record.error = FAILED, f"engine error: {type(exc).__name__}: {exc}"
         finally:
-            await self._release(sandbox_dir, mounted)
             if record.status != SUCCESS:
                 record.result_image_uuid = None
                 record.image_size = None
@@ -165,6 +178,7 @@ class InstanceRun:
             events.append("completion", completion_data(record))
             oplog.save(record)
             oplog.finish_log(record.uuid)
+        return mounted
 
     # ------------------------------------------------------------------ preparation (thread)
 
@@ -349,7 +363,7 @@ class InstanceRun:
         upper = sandbox_dir / "upper"
 
         def commit() -> ImageRecord | None:
-            remove_tree(sandbox_dir / "work")
+            # work/ stays behind with the rest of the sandbox dir; only upper/ becomes the layer.
             child = store.commit_upper(upper, image, record.uuid, max_bytes,
                                        config if config != image.config else None)
             if child is None and config != image.config:
@@ -403,6 +417,7 @@ class InstanceRun:
         )
         stdin_data = api.decode_stream(spec.stdin) if spec.stdin is not None else b""
         keep_open = spec.stdin is not None and not spec.stdin.close
+        await self._wait_created()
         spid = self.next_spid
         self.next_spid += 1
         try:
@@ -417,6 +432,16 @@ class InstanceRun:
         self._watchers.add(watcher := asyncio.create_task(self._watch(proc)))
         watcher.add_done_callback(self._watchers.discard)
         return spid
+
+    async def _wait_created(self, limit: float = 2.0) -> None:
+        """`crun exec` fails until `crun run` has recorded the container; 425 if that takes too long."""
+        state = Path(self.engine.runtime.root_dir) / self.record.uuid
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while not ((state / "status").exists() or (state / "state.json").exists()):
+            if loop.time() > end or self.processes[1].exited.is_set():
+                raise TooEarly(f"operation {self.record.uuid} is still starting", retry_after=1.0)
+            await asyncio.sleep(0.005)
 
     async def _watch(self, proc: Process) -> None:
         try:
