@@ -446,7 +446,12 @@ class SandboxRuntime:
             self.cgroups.create(sid, CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit,
                                                   cpu_quota=spec.cpu_quota))
             try:
-                net = await self.network.setup(spec.networking)
+                if self.runtime == "runsc" and spec.networking:
+                    # Debian's runsc (2022) refuses the prepared netns ("root network namespace").
+                    net = SandboxNetwork(info=NetworkInfo(
+                        mode="none", error="networking is not supported with the runsc runtime yet"))
+                else:
+                    net = await self.network.setup(spec.networking)
             except Exception as exc:
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
@@ -461,7 +466,7 @@ class SandboxRuntime:
             (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
             argv = [*self.runtime_argv()]
             if self.runtime == "runsc":
-                argv.append("--network=sandbox" if net.netns_path else "--network=none")
+                argv.append("--network=none")
             child = await _Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -195,3 +195,12 @@ def test_config_json_is_valid_for_crun(tmp_path: Path) -> None:
     assert cfg["process"]["cwd"] == "/" and cfg["process"]["user"] == {"uid": 5, "gid": 6,
                                                                        "additionalGids": []}
     assert cfg["process"]["env"][0].startswith("PATH=")
+
+
+@pytest.mark.slow
+async def test_runsc_is_selectable_for_strong_isolation(mount_guard: Path, rootfs: Path) -> None:
+    async with open_runtime(mount_guard, runtime="runsc", network_mode="none") as rt:
+        r = await run(rt, rootfs, "dmesg | head -1; id -u; exit 5", networking=True)
+    assert r.exit.exit_code == 5 and r.out.splitlines()[-1] == "0"
+    assert "gVisor" in r.out  # the Sentry's own kernel log, not the host's
+    assert r.network.mode == "none" and r.network.error and "runsc" in r.network.error
