@@ -207,36 +207,11 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
-    import inspect
-
+    from protocol.http import HttpSettings
+    from protocol.http import serve_http as serve
     from tools.docs_site import docs_routes
 
-    http: Any = importlib.import_module("protocol.http")
-    fields = inspect.signature(http.HttpSettings).parameters
-    wanted = {
-        "listen": args.http_listen,
-        "host": args.http_listen,
-        "http_listen": args.http_listen,
-        "port": args.http_port,
-        "http_port": args.http_port,
-        "token": args.http_token,
-        "bearer_token": args.http_token,
-        "http_token": args.http_token,
-    }
-    settings = http.HttpSettings(**{k: v for k, v in wanted.items() if k in fields})
+    settings = HttpSettings(listen=args.http_listen, port=args.http_port, auth_token=args.http_token)
     routes = docs_routes(registry, state, listen=args.http_listen, port=args.http_port)
-    if hasattr(http, "serve_http"):
-        await http.serve_http(server, settings, extra_routes=routes)
-        return
-    from aiohttp import web
-
-    app = http.build_app(server, settings, extra_routes=routes)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, args.http_listen, args.http_port)
-    await site.start()
-    log.info("listening on http://%s:%d/", args.http_listen, args.http_port)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    log.info("serving MCP at http://%s:%d/mcp (docs at /)", args.http_listen, args.http_port)
+    await serve(server, settings, extra_routes=routes)

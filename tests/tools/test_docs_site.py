@@ -11,10 +11,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
+from tests.tools.conftest import http_server
 from tests.tools.fakes import FakeBackend, make_registry
-from tools.docs_site import docs_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,18 +38,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_docs_site_in_headless_chromium(tmp_path: Path) -> None:
+async def test_docs_site_in_headless_chromium(engine_home: Path, workdir: Path, tmp_path: Path) -> None:
     node, pw = node_and_playwright()
-    registry, state = make_registry(FakeBackend(), tmp_path, kind="local")
     port = free_port()
-    app = web.Application()
-    app.add_routes(docs_routes(registry, state, listen="127.0.0.1", port=port))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     shot = ROOT / "artifacts" / "docs-site.png"
     shot.parent.mkdir(exist_ok=True)
-    try:
+    async with http_server(engine_home, workdir, port):
         proc = await asyncio.create_subprocess_exec(
             str(node),
             str(Path(__file__).with_name("docs_site_check.mjs")),
@@ -62,9 +55,8 @@ async def test_docs_site_in_headless_chromium(tmp_path: Path) -> None:
             stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
-    finally:
-        await runner.cleanup()
-        await state.close()
+    registry, state = make_registry(FakeBackend(), tmp_path, kind="local")
+    await state.close()
     assert proc.returncode == 0, err.decode()[-3000:]
     report = json.loads(out.decode().strip().splitlines()[-1])
     assert report["errors"] == [] and report["external"] == []
