@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import msgspec
 from contree import api
 from contree.backend import ImageQuery
 from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
+from contree.engine.resolver import Resolver
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.timeparse import isoformat, parse_timestamp
 
@@ -47,6 +48,7 @@ MAX_DEPTH = 64  # squash beyond this (RUNTIME §6.2); the kernel's own limit is 
 KIND_INSTANCE = 0
 KIND_IMPORTED = 1
 _OPAQUE = "trusted.overlay.opaque"
+_RESOLVER_CACHE = 64
 _OVERLAY_XATTR = "trusted.overlay."
 
 
@@ -192,6 +194,9 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._pins: Counter[str] = Counter()
+        # Open layer fds per layer list: what makes a read from a deep image cost microseconds. An evicted
+        # resolver closes its fds when its last user drops it.
+        self._resolvers: OrderedDict[tuple[str, ...], Resolver] = OrderedDict()
         self._db = sqlite3.connect(self.home / "images.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -200,7 +205,23 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._resolvers.clear()
             self._db.close()
+
+    def resolver(self, image: ImageRecord) -> Resolver:
+        """A (cached) userspace resolver over the image's layers."""
+        key = tuple(image.layers)
+        with self._lock:
+            found = self._resolvers.get(key)
+            if found is not None:
+                self._resolvers.move_to_end(key)
+                return found
+        made = Resolver(self.layer_paths(image))
+        with self._lock:
+            self._resolvers[key] = made
+            while len(self._resolvers) > _RESOLVER_CACHE:
+                self._resolvers.popitem(last=False)
+        return made
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
