@@ -85,6 +85,26 @@ async def test_images_files_and_inspection(engine_home: Path, workdir: Path) -> 
             await session.call_tool("read_file", {"image": child, "path": "/bin/busybox", "max_bytes": 16})
         )
         assert binfile["encoding"] == "base64" and binfile["truncated"] is True
+        found = result(
+            await session.call_tool(
+                "grep",
+                {
+                    "image": child,
+                    "pattern": "PAYLOAD",
+                    "path": "/data",
+                    "case": "insensitive",
+                    "glob": "*.txt",
+                },
+            )
+        )
+        assert [(m["path"], m["line_number"], m["line_text"]) for m in found["matches"]] == [
+            ("/data/out.txt", 1, "payload\n")
+        ]
+        assert found["truncated"] is False and found["patterns"] == ["PAYLOAD"]
+        nothing = result(
+            await session.call_tool("grep", {"image": child, "pattern": "payload", "path": "/etc"})
+        )
+        assert nothing["matches"] == []
         saved = result(
             await session.call_tool(
                 "download",
