@@ -56,6 +56,8 @@ SYNC_METHODS = frozenset(
 )
 # Methods that run registry handlers (awaitable, cancellable).
 ASYNC_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
+MAX_INFLIGHT = 1024
+TOO_MANY_REQUESTS = -32000  # implementation-defined range
 _LIST_KINDS = {
     "tools/list": "tools",
     "resources/list": "resources",
@@ -186,6 +188,7 @@ class Session:
         self.log_level: int | None = None
         self.subscriptions: set[str] = set()
         self.inflight: dict[RequestId, Any] = {}
+        self.max_inflight = MAX_INFLIGHT
 
     # ------------------------------------------------------------ framing
 
@@ -235,6 +238,9 @@ class Session:
             return encode_error(
                 req.id, INVALID_REQUEST, f"Invalid Request: id {req.id!r} is already in flight"
             )
+        if len(self.inflight) >= self.max_inflight and method in ASYNC_METHODS:
+            # Per-session memory stays bounded (MCP-PROTOCOL.md §7); the client may retry later.
+            return encode_error(req.id, TOO_MANY_REQUESTS, "Too many requests in flight; retry later")
         return None
 
     def handle_sync(self, req: Request) -> bytes:

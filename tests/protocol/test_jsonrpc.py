@@ -253,3 +253,23 @@ def _decode(data: bytes) -> dict[str, object]:
     import msgspec
 
     return msgspec.json.decode(data)  # type: ignore[no-any-return]
+
+
+async def test_in_flight_calls_are_bounded() -> None:
+    registry = Registry("t", "1")
+    release = asyncio.Event()
+
+    @registry.tool("wait", description="waits")
+    async def wait(ctx: RequestContext) -> int:
+        await release.wait()
+        return 1
+
+    h = Harness(registry)
+    await h.initialize()
+    h.session.core.max_inflight = 2
+    calls = [asyncio.create_task(h.request("tools/call", {"name": "wait"}, id=i)) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    assert error_code(await h.request("tools/call", {"name": "wait"}, id=3)) == -32000
+    assert (await h.request("ping", id=4))["result"] == {}
+    release.set()
+    assert all("result" in r for r in await asyncio.gather(*calls))
