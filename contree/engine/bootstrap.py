@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from contree.engine.store import KIND_IMPORTED, ImageConfig, ImageRecord, Store, default_home, remove_tree
+from contree.errors import NotFound
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -60,3 +68,85 @@ def build_busybox_rootfs(target: Path) -> None:
         p = target / name
         p.write_text(text)
         p.chmod(mode)
+
+
+BUSYBOX_TAG = "busybox:latest"
+DEBIAN_TAG = "debian:bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+KINDS = ("busybox", "debian")
+
+
+def build_debian_rootfs(target: Path, *, mirror: str = DEBIAN_MIRROR, timeout: float = 900) -> None:
+    """`mmdebstrap --variant=minbase --include=ca-certificates,python3 bookworm` into `target` (~30 s)."""
+    exe = shutil.which("mmdebstrap")
+    if exe is None:
+        raise BootstrapError("mmdebstrap not found: install the Debian package mmdebstrap")
+    cmd = [exe, "--quiet", "--variant=minbase", "--include=ca-certificates,python3", "bookworm", str(target),
+           mirror]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if res.returncode != 0:
+        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
+        raise BootstrapError(f"mmdebstrap failed (exit {res.returncode}): {tail}")
+
+
+def bootstrap_images(
+    store: Store, which: Sequence[str] = KINDS, *, mirror: str = DEBIAN_MIRROR
+) -> list[ImageRecord]:
+    """Create and tag the base images that are missing; an existing tag means nothing to do."""
+    unknown = set(which) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown base images {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    out: list[ImageRecord] = []
+    with _home_lock(store.home):
+        for kind in which:
+            tag = BUSYBOX_TAG if kind == "busybox" else DEBIAN_TAG
+            try:
+                out.append(store.get(store.resolve_tag(tag)))
+                continue
+            except NotFound:
+                pass
+            stage = store.staging_dir(f"bootstrap-{kind}")
+            try:
+                rootfs = stage / "rootfs"
+                if kind == "busybox":
+                    build_busybox_rootfs(rootfs)
+                else:
+                    build_debian_rootfs(rootfs, mirror=mirror)
+                out.append(store.create_image_from_layer_dir(
+                    rootfs, tag=tag, config=ImageConfig(env=[_PATH]), kind=KIND_IMPORTED, source="bootstrap"))
+            finally:
+                remove_tree(stage)
+    return out
+
+
+@contextlib.contextmanager
+def _home_lock(home: Path) -> Iterator[None]:
+    """One bootstrap at a time per engine home (a second caller waits, then finds the tag)."""
+    with open(home / "bootstrap.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def bootstrap_main(argv: Sequence[str] | None = None) -> int:
+    """`contree-mcp images bootstrap [--home DIR] [--only busybox|debian]`."""
+    parser = argparse.ArgumentParser(prog="contree-mcp images bootstrap",
+                                     description="Create the busybox:latest and debian:bookworm base images.")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="engine state directory (default: $CONTREE_HOME or ~/.local/share/contree-mcp)")
+    parser.add_argument("--only", choices=KINDS, action="append", help="build only this image (repeatable)")
+    parser.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for debian:bookworm")
+    args = parser.parse_args(argv)
+    store = Store(args.home or default_home())
+    try:
+        for image in bootstrap_images(store, tuple(args.only or KINDS), mirror=args.mirror):
+            print(f"{image.tag}\t{image.uuid}")
+    except BootstrapError as exc:
+        print(f"bootstrap failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0

@@ -7,6 +7,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from contree.engine.bootstrap import BUSYBOX_TAG, bootstrap_images, bootstrap_main
+from contree.engine.store import KIND_IMPORTED, Store
+
 
 def test_busybox_rootfs_layout(busybox_rootfs: Path) -> None:
     assert os.readlink(busybox_rootfs / "bin" / "sh") == "/bin/busybox"
@@ -23,3 +28,32 @@ def test_busybox_rootfs_runs_a_shell(busybox_rootfs: Path) -> None:
     out = subprocess.run(["chroot", str(busybox_rootfs), "/bin/sh", "-c", "echo hi; id -un; ls /usr/bin/env"],
                          capture_output=True, text=True, check=True, timeout=30)
     assert out.stdout.split() == ["hi", "root", "/usr/bin/env"]
+
+
+def test_bootstrap_busybox_image_is_tagged_and_idempotent(store: Store) -> None:
+    [first] = bootstrap_images(store, ("busybox",))
+    assert first.tag == BUSYBOX_TAG and first.kind == KIND_IMPORTED
+    assert any(e.startswith("PATH=") for e in first.config.env)
+    [again] = bootstrap_images(store, ("busybox",))
+    assert again.uuid == first.uuid and len(store.list()) == 1
+    r = store.resolver(first)
+    assert r.lookup("/bin/sh", follow=False).is_symlink
+    assert r.lookup("/bin/sh").is_regular
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_bootstrap_rejects_unknown_images(store: Store) -> None:
+    with pytest.raises(ValueError, match="alpine"):
+        bootstrap_images(store, ("alpine",))
+
+
+def test_bootstrap_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    assert bootstrap_main(["--home", str(home), "--only", "busybox"]) == 0
+    tag, image_uuid = capsys.readouterr().out.split()
+    assert tag == BUSYBOX_TAG
+    s = Store(home)
+    try:
+        assert s.resolve_tag(BUSYBOX_TAG) == image_uuid
+    finally:
+        s.close()
