@@ -448,7 +448,14 @@ def extract_layer(
                         tf.members.clear()  # TarFile keeps every header otherwise (millions of entries)
                         if stop is not None and stop.is_set():
                             raise ExtractionStopped("extraction stopped")
-                        extractor.entry(tf, member)
+                        try:
+                            extractor.entry(tf, member)
+                        except OSError as exc:
+                            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                                raise
+                            raise Unprocessable(
+                                f"cannot unpack layer entry {member.name!r}: {exc.strerror}"
+                            ) from None
                 reader.drain()
             except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
                 if isinstance(exc, OSError) and exc.errno is not None:
