@@ -274,6 +274,8 @@ class EventStream:
         self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=limit)
         self.complete = False  # nothing more will be sent (a POST stream whose responses all went out)
         self._writer: _Writer | None = None
+        self._attached = False
+        self._early_interrupt: int | None = None  # asked to close before its first connection attached
         self._lock = asyncio.Lock()
 
     @property
@@ -313,12 +315,17 @@ class EventStream:
             if self._writer is not None:
                 self._release(self._writer)
             self._writer = writer
+            self._attached = True
             if head:
                 await self._write(head)
             for seq, frame in list(self.buffer):
                 if seq > after:
                     await self._write(frame)
             if self.complete:
+                self._release(writer)
+            elif self._early_interrupt is not None:
+                await self._write(b"retry: %d\n\n" % self._early_interrupt)
+                self._early_interrupt = None
                 self._release(writer)
         return writer
 
@@ -329,6 +336,8 @@ class EventStream:
             if writer is not None:
                 await self._write(b"retry: %d\n\n" % retry_ms)
                 self._release(writer)
+            elif not self._attached:
+                self._early_interrupt = retry_ms
 
     async def keepalive(self, writer: _Writer) -> None:
         async with self._lock:

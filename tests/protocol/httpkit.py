@@ -1,0 +1,161 @@
+"""Helpers for the HTTP transport tests: an app on loopback, an MCP handshake, and an SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from protocol.conformance import build_registry
+from protocol.content import TextContent
+from protocol.http import HttpSettings, build_app
+from protocol.registry import Registry, RequestContext, ToolResult
+from protocol.server import Server
+
+BOTH = "application/json, text/event-stream"
+POST_HEADERS = {"Accept": BOTH, "Content-Type": "application/json"}
+
+
+class SlowParams(msgspec.Struct, kw_only=True):
+    seconds: float = 0.5
+
+
+class Probe:
+    """What the `slow` tool saw: started/finished/cancelled, so tests can tell work from its transport."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.cancelled = False
+
+
+def make_registry(probe: Probe | None = None) -> Registry:
+    """The conformance fixtures plus a `slow` tool that sleeps without sending anything."""
+    registry = build_registry()
+    seen = probe or Probe()
+
+    @registry.tool("slow", description="Sleeps for `seconds`, sending nothing, then answers.")
+    async def slow(params: SlowParams, ctx: RequestContext) -> ToolResult:
+        seen.started.set()
+        try:
+            await asyncio.sleep(params.seconds)
+        except asyncio.CancelledError:
+            seen.cancelled = True
+            raise
+        seen.finished.set()
+        return ToolResult(content=[TextContent(f"slept {params.seconds}")])
+
+    return registry
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: HttpSettings | None = None, probe: Probe | None = None
+) -> AsyncIterator[tuple[TestClient[Any, Any], Server]]:
+    server = Server(make_registry(probe))
+    app = build_app(server, settings or HttpSettings())
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client, server
+    await server.close()
+
+
+def rpc(rid: int | str | None, method: str, params: dict[str, Any] | None = None) -> bytes:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if rid is not None:
+        message["id"] = rid
+    if params is not None:
+        message["params"] = params
+    return msgspec.json.encode(message)
+
+
+def init_body(version: str = "2025-11-25", capabilities: dict[str, Any] | None = None) -> bytes:
+    return rpc(
+        0,
+        "initialize",
+        {
+            "protocolVersion": version,
+            "capabilities": capabilities or {},
+            "clientInfo": {"name": "httpkit", "version": "1"},
+        },
+    )
+
+
+async def initialize(
+    client: TestClient[Any, Any],
+    version: str = "2025-11-25",
+    headers: dict[str, str] | None = None,
+    capabilities: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Handshake; returns the headers every later request needs (session, version, auth)."""
+    base = {**POST_HEADERS, **(headers or {})}
+    resp = await client.post("/mcp", data=init_body(version, capabilities), headers=base)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["result"]["protocolVersion"] == version
+    session = {**(headers or {}), "Mcp-Session-Id": resp.headers["Mcp-Session-Id"]}
+    session["MCP-Protocol-Version"] = version
+    resp = await client.post(
+        "/mcp", data=rpc(None, "notifications/initialized"), headers={**POST_HEADERS, **session}
+    )
+    assert resp.status == 202
+    return session
+
+
+async def post(
+    client: TestClient[Any, Any], session: dict[str, str], body: bytes, **headers: str
+) -> ClientResponse:
+    return await client.post("/mcp", data=body, headers={**POST_HEADERS, **session, **headers})
+
+
+@dataclass
+class Event:
+    id: str | None = None
+    event: str | None = None
+    data: str = ""
+    retry: int | None = None
+    comment: str | None = None
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.data)
+
+
+async def events(resp: ClientResponse, *, limit: float = 10.0) -> AsyncIterator[Event]:
+    """Parse an SSE body into events (comments included) until the server ends it."""
+    current = Event()
+    has_fields = False
+    async with asyncio.timeout(limit):
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if has_fields:
+                    yield current
+                current, has_fields = Event(), False
+                continue
+            if line.startswith(":"):
+                yield Event(comment=line[1:].strip())
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            has_fields = True
+            if name == "id":
+                current.id = value
+            elif name == "event":
+                current.event = value
+            elif name == "data":
+                current.data = value if not current.data else current.data + "\n" + value
+            elif name == "retry":
+                current.retry = int(value)
+
+
+async def all_events(resp: ClientResponse, *, limit: float = 10.0) -> list[Event]:
+    return [e async for e in events(resp, limit=limit)]
+
+
+def messages(evs: list[Event]) -> list[Any]:
+    return [e.json() for e in evs if e.comment is None and e.data]
