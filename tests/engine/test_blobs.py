@@ -13,6 +13,8 @@ import xxhash
 
 from contree.backend import FileQuery
 from contree.engine.blobs import BlobStore, inject_file
+from contree.engine.overlay import mount_overlay, unmount
+from contree.engine.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
 
 
@@ -173,3 +175,29 @@ def test_inject_with_a_dirfd(image_root: Path, blob: Path) -> None:
     finally:
         os.close(fd)
     assert stat.S_IMODE((image_root / "new/file").stat().st_mode) == 0o600
+
+
+def test_inject_into_a_merged_overlay_lands_in_the_upper(store: Store, busybox_image: ImageRecord,
+                                                          blob: Path) -> None:
+    box = store.sandboxes_dir / "inject"
+    upper, work, merged = box / "upper", box / "work", box / "rootfs"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    mount_overlay(store.layer_paths(busybox_image), upper, work, merged)
+    host_hostname = Path("/etc/hostname").read_bytes()
+    try:
+        os.symlink("/etc/hostname", merged / "etc" / "evil")
+        os.symlink("/", merged / "hostroot")
+        inject_file(merged, "/etc/evil", blob, mode=0o640)
+        inject_file(merged, "/hostroot/usr/local/bin/tool", blob, mode=0o755)
+        inject_file(merged, "/bin/sh", blob)  # an applet symlink in a lower layer is replaced, not followed
+    finally:
+        unmount(merged)
+    assert Path("/etc/hostname").read_bytes() == host_hostname
+    assert not Path("/usr/local/bin/tool").exists()
+    assert (upper / "etc" / "evil").read_bytes() == b"payload"
+    assert stat.S_IMODE((upper / "etc" / "evil").stat().st_mode) == 0o640
+    assert (upper / "usr" / "local" / "bin" / "tool").read_bytes() == b"payload"
+    assert (upper / "bin" / "sh").read_bytes() == b"payload"
+    assert Path("/bin/busybox").stat().st_size > 1000  # the lower busybox binary was not touched
+    assert (store.layer_path(busybox_image.layers[0]) / "bin" / "busybox").stat().st_size > 1000
