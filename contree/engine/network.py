@@ -1,4 +1,5 @@
-"""Per-sandbox network namespaces (RUNTIME §10): veth + NAT + filter, or loopback only.
+"""Per-sandbox network namespaces (RUNTIME §10): veth + NAT + filter, slirp4netns + egress filter, or
+loopback only.
 
 Never the host network namespace. With NAT, a sandbox reaches the outside world but not the host's own
 services (INPUT is rejected for packets from our veths) nor loopback, link-local, CGNAT or private
@@ -8,6 +9,10 @@ Every engine instance owns iptables chains named after its random tag (`CT-<tag>
 veth name prefix, so concurrent instances on one host never share or remove each other's rules. A tag is
 held through an flock under `/run/contree-engine/tags/`; chains whose tag nobody holds belong to a dead
 instance and are removed by the next instance that starts (`sweep_dead_rules`).
+slirp4netns opens the sandbox's sockets as a host process, so it runs in a cgroup of its own
+(`contree-net-<tag>` in the unified hierarchy) and an OUTPUT chain matched with `-m cgroup --path` refuses
+the host itself (anything routed via `lo`) and private ranges, like the NAT filter.
+
 Addresses are /30s of a configurable /16; a slot is owned through an flock on a lock file under
 `/run/contree-engine/ipam/`, which the kernel releases if the process dies, so concurrent instances
 never collide and a crashed instance's slots become reusable (its leftover veth/netns are removed then).
@@ -16,6 +21,7 @@ never collide and a crashed instance's slots become reusable (its leftover veth/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import ipaddress
@@ -33,7 +39,8 @@ log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")
 IPAM_DIR = Path("/run/contree-engine/ipam")
 TAG_DIR = Path("/run/contree-engine/tags")
-_CHAIN_RE = re.compile(r"\bCT-([0-9a-f]{4})-(FWD|RET|IN|NAT)\b")
+_CHAIN_RE = re.compile(r"\bCT-([0-9a-f]{4})-(FWD|RET|IN|NAT|OUT)\b")
+SLIRP_CONFIG = {"ip4": "10.0.2.100/24", "gw": "10.0.2.2", "nameserver": "10.0.2.3"}
 DEFAULT_SUBNET = "10.231.0.0/16"
 
 # Destinations a sandbox must never reach (besides the host itself, handled by INPUT).
@@ -62,7 +69,7 @@ class NetConfigured(msgspec.Struct, kw_only=True):
 
 
 class NetworkInfo(msgspec.Struct, kw_only=True):
-    mode: str  # "nat" | "none"
+    mode: str  # "nat" | "slirp" | "none"
     interfaces: list[InterfaceCounters] = msgspec.field(default_factory=list)
     configured: NetConfigured = msgspec.field(default_factory=NetConfigured)
     error: str | None = None
@@ -113,6 +120,28 @@ def _link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 
 
+def _unified_root() -> Path:
+    """The cgroup2 mount: `/sys/fs/cgroup` on v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones."""
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return Path(left.split()[4])
+    raise NetworkError("no cgroup2 hierarchy is mounted: the slirp egress filter needs one")
+
+
+def _delete_netns_prefixed(prefix: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(NETNS_DIR):
+            if name.startswith(prefix):
+                delete_netns(name)
+
+
+def _rmdir_quiet(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 def _try_lock(path: Path) -> int:
     """An flock'ed fd on `path`, or -1 when a live process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +172,9 @@ async def sweep_dead_rules(keep: str | None = None) -> list[str]:
             continue  # alive
         try:
             text = _deletion_script(saved, tag)
+            _delete_netns_prefixed(f"contree-{tag}-")
+            with contextlib.suppress(NetworkError):
+                _rmdir_quiet(_unified_root() / f"contree-net-{tag}")
             try:
                 await _run("iptables-restore", "-n", stdin=text)
                 removed.append(f"removed iptables chains CT-{tag}-*")
@@ -209,12 +241,13 @@ class SandboxNetwork(msgspec.Struct, kw_only=True):
     host_if: str | None = None
     resolv_conf: str = ""
     slot: object | None = None  # Slot, kept opaque for msgspec
+    helper: object | None = None  # slirp4netns: (asyncio process, exit-fd write end)
 
 
 class NetworkManager:
     def __init__(self, mode: str, *, subnet: str = DEFAULT_SUBNET, ipam_dir: Path = IPAM_DIR,
                  error: str | None = None) -> None:
-        self.mode = mode  # "nat" or "none"
+        self.mode = mode  # "nat", "slirp" or "none"
         self.subnet = ipaddress.ip_network(subnet)
         if self.subnet.version != 4 or self.subnet.prefixlen > 29:
             raise ValueError("the sandbox subnet must be an IPv4 network of /29 or larger")
@@ -226,6 +259,8 @@ class NetworkManager:
         self.resolvers = [r for r in host_resolvers()]
         self._rules_installed = False
         self._tag_fd = -1
+        self._seq = 0
+        self.egress_cgroup: Path | None = None  # slirp mode
 
     # ---- engine-level setup ----
 
@@ -237,30 +272,36 @@ class NetworkManager:
         if mode == "none":
             return cls("none", subnet=subnet, ipam_dir=ipam_dir,
                        error="networking is disabled by the operator (--network none)")
-        problem = None
-        if mode == "slirp":
-            problem = "the slirp4netns network mode is not implemented yet; use nat"
-        elif os.geteuid() != 0:
-            problem = "veth + NAT networking needs root"
-        else:
-            missing = missing_tools()
-            if missing:
-                problem = "missing " + ", ".join(missing) + " (install the Debian packages iproute2 iptables)"
-        if problem:
-            if mode == "nat" or mode == "slirp":
-                raise NetworkError(problem)
-            return cls("none", subnet=subnet, ipam_dir=ipam_dir, error=problem)
-        mgr = cls("nat", subnet=subnet, ipam_dir=ipam_dir)
-        try:
-            mgr._claim_tag()
-            await sweep_dead_rules(keep=mgr.tag)
-            await mgr._install_rules()
-        except (NetworkError, OSError) as exc:
-            mgr._release_tag()
-            if mode == "nat":
-                raise
-            return cls("none", subnet=subnet, ipam_dir=ipam_dir, error=f"NAT setup failed: {exc}")
-        return mgr
+        errors: list[str] = []
+        for candidate in (("nat", "slirp") if mode == "auto" else (mode,)):
+            mgr = cls(candidate, subnet=subnet, ipam_dir=ipam_dir)
+            try:
+                await mgr._start()
+                if errors:
+                    log.warning("sandbox networking uses %s: %s", candidate, "; ".join(errors))
+                return mgr
+            except (NetworkError, OSError) as exc:
+                mgr._release_tag()
+                errors.append(f"{candidate}: {exc}")
+        if mode != "auto":
+            raise NetworkError(errors[0])
+        return cls("none", subnet=subnet, ipam_dir=ipam_dir,
+                   error="no sandbox network could be set up (" + "; ".join(errors) + ")")
+
+    async def _start(self) -> None:
+        if os.geteuid() != 0:
+            raise NetworkError(f"{self.mode} networking needs root (rootless mode is not implemented yet)")
+        missing = missing_tools() + (["slirp4netns"] if self.mode == "slirp" and
+                                     shutil.which("slirp4netns") is None else [])
+        if missing:
+            raise NetworkError("missing " + ", ".join(missing) +
+                               " (install the Debian packages iproute2 iptables slirp4netns)")
+        self._claim_tag()
+        await sweep_dead_rules(keep=self.tag)
+        if self.mode == "slirp":
+            self.egress_cgroup = _unified_root() / f"contree-net-{self.tag}"
+            self.egress_cgroup.mkdir(exist_ok=True)
+        await self._install_rules()
 
     def _claim_tag(self) -> None:
         for _ in range(64):
@@ -294,7 +335,23 @@ class NetworkManager:
         rules.append(f"-A {c}-IN -j REJECT --reject-with icmp-port-unreachable")
         return rules
 
+    def _egress_rules(self) -> list[str]:
+        c = self.chain
+        rules = [f":{c}-OUT - [0:0]"]
+        for r in self.resolvers:
+            for proto in ("udp", "tcp"):
+                rules.append(f"-A {c}-OUT -p {proto} -d {r}/32 --dport 53 -j ACCEPT")
+        # Every address of the host itself is routed through lo, whatever its range.
+        rules.append(f"-A {c}-OUT -o lo -p tcp -j REJECT --reject-with tcp-reset")
+        rules.append(f"-A {c}-OUT -o lo -j REJECT --reject-with icmp-port-unreachable")
+        for net in [*BLOCKED_RANGES, *self._host_subnets()]:
+            rules.append(f"-A {c}-OUT -d {net} -p tcp -j REJECT --reject-with tcp-reset")
+            rules.append(f"-A {c}-OUT -d {net} -j REJECT --reject-with icmp-net-prohibited")
+        return rules
+
     def _jumps(self, op: str) -> tuple[list[str], list[str]]:
+        if self.mode == "slirp":
+            return [f"{op} OUTPUT -m cgroup --path contree-net-{self.tag} -j {self.chain}-OUT"], []
         c, p = self.chain, self.if_prefix
         flt = [f"{op} FORWARD -i {p}+ -j {c}-FWD", f"{op} FORWARD -o {p}+ -j {c}-RET",
                f"{op} INPUT -i {p}+ -j {c}-IN"]
@@ -325,6 +382,11 @@ class NetworkManager:
         _enable_forwarding()
         flt_jumps, nat_jumps = self._jumps("-I")
         c = self.chain
+        if self.mode == "slirp":
+            await _run("iptables-restore", "-n", stdin="\n".join(
+                ["*filter", *self._egress_rules(), *flt_jumps, "COMMIT", ""]))
+            self._rules_installed = True
+            return
         text = "\n".join([
             "*filter", *self._filter_rules(), *flt_jumps, "COMMIT",
             "*nat", f":{c}-NAT - [0:0]", f"-A {c}-NAT ! -d {self.subnet} -j MASQUERADE", *nat_jumps, "COMMIT",
@@ -338,6 +400,14 @@ class NetworkManager:
             return
         flt_jumps, nat_jumps = self._jumps("-D")
         c = self.chain
+        if self.mode == "slirp":
+            await _run("iptables-restore", "-n", stdin="\n".join(
+                ["*filter", *flt_jumps, f"-F {c}-OUT", f"-X {c}-OUT", "COMMIT", ""]))
+            self._rules_installed = False
+            self._release_tag()
+            if self.egress_cgroup is not None:
+                _rmdir_quiet(self.egress_cgroup)
+            return
         text = "\n".join([
             "*filter", *flt_jumps, *(f"-F {c}-{s}" for s in ("FWD", "RET", "IN")),
             *(f"-X {c}-{s}" for s in ("FWD", "RET", "IN")), "COMMIT",
@@ -348,7 +418,7 @@ class NetworkManager:
         self._release_tag()
 
     def chains(self) -> list[str]:
-        return [f"{self.chain}-{s}" for s in ("FWD", "RET", "IN", "NAT")]
+        return [f"{self.chain}-{s}" for s in ("FWD", "RET", "IN", "NAT", "OUT")]
 
     # ---- address pool ----
 
@@ -394,6 +464,8 @@ class NetworkManager:
     async def setup(self, enabled: bool) -> SandboxNetwork:
         if not enabled:
             return SandboxNetwork(info=NetworkInfo(mode="none"))
+        if self.mode == "slirp":
+            return await self._setup_slirp()
         if self.mode != "nat":
             return SandboxNetwork(info=NetworkInfo(mode="none", error=self.error))
         slot, stale = await self._acquire_slot()
@@ -429,6 +501,61 @@ class NetworkManager:
             slot.release()
             raise
 
+    async def _setup_slirp(self) -> SandboxNetwork:
+        assert self.egress_cgroup is not None
+        self._seq += 1
+        netns = f"contree-{self.tag}-s{self._seq}"
+        await _run("ip", "netns", "add", netns)
+        net = SandboxNetwork(
+            info=NetworkInfo(mode="slirp", configured=NetConfigured(**SLIRP_CONFIG)),
+            netns_path=str(NETNS_DIR / netns), netns_name=netns,
+            resolv_conf=f"nameserver {SLIRP_CONFIG['nameserver']}\n")
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The helper joins the egress cgroup before exec'ing slirp4netns, so every socket it ever
+            # opens is matched by the OUTPUT filter.
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.egress_cgroup / "cgroup.procs"),
+                shutil.which("slirp4netns") or "slirp4netns", "--configure", "--mtu=65520",
+                "--disable-host-loopback", "--netns-type=path", f"--ready-fd={ready_w}",
+                f"--exit-fd={exit_r}", net.netns_path or "", "tap0",
+                pass_fds=(ready_w, exit_r), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            net.helper = (proc, exit_w)
+            os.close(ready_w)
+            os.close(exit_r)
+            ready_w = exit_r = -1
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[bytes] = loop.create_future()
+            os.set_blocking(ready_r, False)
+
+            def readable() -> None:
+                if not fut.done():
+                    try:
+                        fut.set_result(os.read(ready_r, 1))
+                    except BlockingIOError:
+                        return
+            loop.add_reader(ready_r, readable)
+            try:
+                got = await asyncio.wait_for(fut, 10)
+            finally:
+                loop.remove_reader(ready_r)
+            if got != b"1":
+                err = b""
+                if proc.stderr is not None:
+                    with contextlib.suppress(TimeoutError):
+                        err = await asyncio.wait_for(proc.stderr.read(), 2)
+                raise NetworkError(f"slirp4netns failed: {err.decode(errors='replace').strip()}")
+            return net
+        except BaseException:
+            await self.teardown(net)
+            raise
+        finally:
+            for fd in (ready_r, ready_w, exit_r):
+                if fd >= 0:
+                    os.close(fd)
+
     def counters(self, net: SandboxNetwork) -> list[InterfaceCounters]:
         """eth0 as the sandbox sees it: the host end's counters with rx/tx swapped."""
         if not net.host_if:
@@ -446,6 +573,16 @@ class NetworkManager:
 
     async def teardown(self, net: SandboxNetwork) -> None:
         """Idempotent: deleting the netns destroys the veth pair with it."""
+        if isinstance(net.helper, tuple):
+            proc, exit_w = net.helper
+            net.helper = None
+            os.close(exit_w)  # slirp4netns exits when its exit fd reaches EOF
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         if net.netns_name:
             net.info.interfaces = self.counters(net) or net.info.interfaces
             # The veth pair dies with the namespace (asynchronously); the slot's next owner removes

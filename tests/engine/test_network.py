@@ -265,3 +265,38 @@ async def test_rules_of_a_dead_instance_are_swept_and_live_ones_kept() -> None:
     finally:
         await live.close()
     assert f"{live.chain}-" not in _chains()
+
+
+async def test_slirp_reaches_outside_but_not_the_host_or_private_ranges(mount_guard: Path,
+                                                                        rootfs: Path) -> None:
+    async with open_runtime(mount_guard, network_mode="slirp") as rt:
+        outside_host = OutsideHost("198.51.100.0")
+        private = OutsideHost("172.31.251.0")
+        out_banner, priv_banner, host_banner = Banner(), Banner(), Banner()
+        try:
+            out_port = await out_banner.serve(sock=outside_host.socket())
+            priv_port = await priv_banner.serve(sock=private.socket())
+            host_port = await host_banner.serve(host="0.0.0.0")
+            r = await run(rt, rootfs, "; ".join([
+                _probe(outside_host.ip, out_port), _probe(private.ip, priv_port),
+                _probe("10.0.2.2", host_port), _probe(outside_host.host_ip, host_port)]))
+        finally:
+            for b in (out_banner, priv_banner, host_banner):
+                b.close()
+            outside_host.close()
+            private.close()
+        helpers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith("slirp4netns")
+                   and f"contree-{rt.network.tag}-" in _cmdline(p)]
+    assert r.out.startswith("hello-from-server\n CONNECTED\n"), r.out + r.err
+    assert r.out.count("FAILED") == 3, r.out + r.err
+    assert out_banner.peers == [outside_host.host_ip] and not priv_banner.peers and not host_banner.peers
+    assert r.network.mode == "slirp" and r.network.configured.nameserver == "10.0.2.3"
+    assert helpers == [], "slirp4netns outlived its sandbox"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

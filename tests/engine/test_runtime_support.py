@@ -41,6 +41,8 @@ def leftovers(rt: SandboxRuntime) -> list[str]:
         found.append(f"cgroup {rt.cgroups.parent}")
     if NETNS_DIR.is_dir():
         found += [f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith(f"contree-{rt.network.tag}-")]
+    if rt.network.egress_cgroup is not None and rt.network.egress_cgroup.exists():
+        found.append(f"egress cgroup {rt.network.egress_cgroup}")
     if rt.root_dir.exists():
         found.append(f"runtime state {rt.root_dir}")
     deadline = time.monotonic() + 3
