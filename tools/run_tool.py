@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -182,11 +183,16 @@ async def wait_for_run(
         raise
 
 
-async def track_in_background(state: ServerState, operation_id: str, principal: str | None) -> None:
-    """Record lineage for a wait=false run once it ends (never cancels it)."""
+async def track_in_background(
+    state: ServerState, operation_id: str, principal: str | None, notify: Callable[[str], Awaitable[None]]
+) -> None:
+    """Record lineage for a wait=false run once it ends (never cancels it) and tell subscribers of
+    `contree://operations/instance/<id>` that it changed."""
     loop = asyncio.get_running_loop()
     op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
-    state.lineage.observe(op, principal)
+    if op.get("status") in TERMINAL:
+        state.lineage.observe(op, principal)
+        await notify(f"contree://operations/instance/{operation_id}")
 
 
 def register(registry: Registry, state: ServerState) -> None:
@@ -237,7 +243,8 @@ GUIDES:
         state.remember_cap(operation_id, params.truncate_output_at)
         if not params.wait:
             state.spawn_background(
-                track_in_background(state, operation_id, ctx.principal), f"track-{operation_id}"
+                track_in_background(state, operation_id, ctx.principal, ctx.notify_resource_updated),
+                f"track-{operation_id}",
             )
             return OperationRef(operation_id=operation_id)
         await ctx.progress(0, None, f"spawned {operation_id}")
@@ -245,6 +252,7 @@ GUIDES:
             op = await wait_for_run(state, ctx, operation_id, params.timeout)
         if op.get("status") in TERMINAL:
             state.lineage.observe(op, ctx.principal)
+            await ctx.notify_resource_updated(f"contree://operations/instance/{operation_id}")
         else:
             log.warning("run %s still %s after its deadline", operation_id, op.get("status"))
         return operation_output(op, cap=params.truncate_output_at)

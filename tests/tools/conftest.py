@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,9 @@ def server_command() -> list[str]:
 
 
 @asynccontextmanager
-async def mcp_session(home: Path, cwd: Path, *extra: str) -> AsyncIterator[object]:
+async def mcp_session(
+    home: Path, cwd: Path, *extra: str, message_handler: Any = None
+) -> AsyncIterator[object]:
     """An initialized `mcp.ClientSession` talking to `contree-mcp --backend local --home <home>` (stdio)."""
     from mcp import ClientSession, StdioServerParameters
     from mcp.client.stdio import stdio_client
@@ -80,7 +83,7 @@ async def mcp_session(home: Path, cwd: Path, *extra: str) -> AsyncIterator[objec
     )
     with open(cwd.parent / "server-stderr.log", "a") as errlog:  # noqa: ASYNC230
         async with stdio_client(params, errlog=errlog) as (read, write):
-            async with ClientSession(read, write) as session:
+            async with ClientSession(read, write, message_handler=message_handler) as session:
                 await session.initialize()
                 yield session
 

@@ -208,12 +208,16 @@ class FakeContext:
         self.principal = principal
         self.progress_calls: list[tuple[float, float | None, str | None]] = []
         self.logs: list[Any] = []
+        self.updated: list[str] = []
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         self.progress_calls.append((progress, total, message))
 
     async def log(self, level: str, data: Any, logger: str | None = None) -> None:
         self.logs.append(data)
+
+    async def notify_resource_updated(self, uri: str) -> None:
+        self.updated.append(uri)
 
 
 def make_registry(

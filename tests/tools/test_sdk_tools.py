@@ -239,3 +239,27 @@ async def test_cancelling_a_waiting_run_request_cancels_the_operation(
                 break
             await asyncio.sleep(0.1)
         assert status == "CANCELLED"
+
+
+async def test_subscribers_hear_when_a_detached_run_ends(engine_home: Path, workdir: Path) -> None:
+    from mcp.types import ResourceUpdatedNotification, ServerNotification
+
+    updated: list[str] = []
+    heard = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ServerNotification) and isinstance(message.root, ResourceUpdatedNotification):
+            updated.append(str(message.root.params.uri))
+            heard.set()
+
+    async with mcp_session(engine_home, workdir, message_handler=on_message) as s:
+        session: Any = s
+        op = result(
+            await session.call_tool("run", {"command": "sleep 1", "image": "busybox:latest", "wait": False})
+        )
+        uri = f"contree://operations/instance/{op['operation_id']}"
+        await session.subscribe_resource(AnyUrl(uri))
+        await asyncio.wait_for(heard.wait(), 30)
+        assert updated == [uri]
+        doc = json.loads((await read(session, uri))[0].text)
+        assert doc["state"] == "SUCCESS" and doc["exit_code"] == 0
