@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from contree.engine import hostcheck, oci_config, sandbox
@@ -204,3 +205,40 @@ async def test_runsc_is_selectable_for_strong_isolation(mount_guard: Path, rootf
     assert r.exit.exit_code == 5 and r.out.splitlines()[-1] == "0"
     assert "gVisor" in r.out  # the Sentry's own kernel log, not the host's
     assert r.network.mode == "none" and r.network.error and "runsc" in r.network.error
+
+
+async def test_a_command_that_cannot_start_fails_cleanly(runtime: SandboxRuntime, rootfs: Path) -> None:
+    sb = await runtime.start(SandboxSpec(sandbox_id="nocmd", rootfs=rootfs, argv=["/no/such/binary"],
+                                         stdin=False, networking=False))
+    try:
+        _out, err, ex = await asyncio.wait_for(asyncio.gather(sb.stdout.read(), sb.stderr.read(), sb.wait()),
+                                              30)
+    finally:
+        await sb.cleanup()
+    assert ex.exit_code not in (0, None) and b"no/such/binary" in err
+    assert not runtime.cgroups.exists("nocmd") and not sb.bundle.exists()
+
+
+def test_hugetlb_fix_applies_only_to_hybrid_hosts_whose_unified_tree_owns_controllers(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("hugetlb\n")
+    info = hostcheck.HostInfo(is_root=True, kernel=(6, 18), cgroup_mode=CgroupMode.HYBRID,
+                              unified_root=tmp_path, v1_controllers={}, nofile_hard=1024, nproc_hard=1024)
+    assert hostcheck.needs_hugetlb_fix(info)
+    v2 = msgspec.structs.replace(info, cgroup_mode=CgroupMode.V2)
+    assert not hostcheck.needs_hugetlb_fix(v2) and hostcheck.apply_hugetlb_fix(v2) is False
+    (tmp_path / "cgroup.controllers").write_text("")
+    assert not hostcheck.needs_hugetlb_fix(info)
+
+
+async def test_the_engine_budget_limits_the_parent_cgroup(mount_guard: Path) -> None:
+    async with open_runtime(mount_guard, network_mode="none", budget_memory_bytes=1 << 30,
+                            budget_pids=1000) as rt:
+        if rt.cgroups.v2:
+            parent = hostcheck.CGROUP_ROOT / rt.cgroups.parent.lstrip("/")
+            assert (parent / "memory.max").read_text().strip() == str(1 << 30)
+            assert (parent / "pids.max").read_text().strip() == "1000"
+        else:
+            mem = rt.info.v1_controllers["memory"] / rt.cgroups.parent.lstrip("/")
+            pids = rt.info.v1_controllers["pids"] / rt.cgroups.parent.lstrip("/")
+            assert (mem / "memory.limit_in_bytes").read_text().strip() == str(1 << 30)
+            assert (pids / "pids.max").read_text().strip() == "1000"
