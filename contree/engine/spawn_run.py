@@ -41,7 +41,7 @@ from contree.engine.oplog import (
     now_iso,
 )
 from contree.engine.overlay import mount_overlay, unmount
-from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree
+from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree, tree_size
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 READ_BYTES = 65536
 PUMP_GRACE = 5.0  # seconds to drain pipes after the process exited (grandchildren may hold them)
+LAYER_POLL = 1.0  # seconds between size checks of a running sandbox's upper dir
 
 
 class SpawnFailed(Exception):
@@ -98,6 +99,9 @@ class InstanceRun:
         self.events: EventLog | None = None
         self.main_cwd = "/"
         self._watchers: set[asyncio.Task[None]] = set()
+        self.layer_error: str | None = None
+        limits = request.resources_limits
+        self.max_layer_bytes = limits.max_layer_bytes if limits is not None else api.DEFAULT_MAX_LAYER_BYTES
 
     # ------------------------------------------------------------------ main flow
 
@@ -151,6 +155,8 @@ class InstanceRun:
             record.metadata["result"] = msgspec.to_builtins(result)
             if job.cancelled.is_set() and reason == "signal":
                 record.status, record.error = CANCELLED, "cancelled"
+            elif self.layer_error is not None:
+                record.status, record.error = FAILED, self.layer_error
             else:
                 if not self.request.disposable:
                     await asyncio.to_thread(self._unmount, sandbox_dir)
@@ -286,24 +292,40 @@ class InstanceRun:
                     writer.close()
 
     async def _supervise(self, job: Job, main: Process) -> str:
-        """Wait for spid 1 to exit, the deadline or a cancel; returns the shutdown reason."""
+        """Wait for spid 1 to exit, the deadline, a cancel or an oversized layer; returns the reason."""
         waiter = asyncio.create_task(self.sandbox.wait())
         cancel = asyncio.create_task(job.cancelled.wait())
+        oversize = asyncio.create_task(self._watch_layer_size())
         try:
             remaining = max(0.0, self.deadline - time.monotonic())
-            done, _ = await asyncio.wait({waiter, cancel}, timeout=remaining,
+            done, _ = await asyncio.wait({waiter, cancel, oversize}, timeout=remaining,
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
                 return "job_complete"
+            await self.sandbox.kill()
             if cancel in done:
-                await self.sandbox.kill()
+                return "signal"
+            if oversize in done:
+                self.layer_error = oversize.result()
                 return "signal"
             main.timed_out = True
-            await self.sandbox.kill()
             return "timeout"
         finally:
             cancel.cancel()
+            oversize.cancel()
             self._main_exit = waiter
+
+    async def _watch_layer_size(self) -> str:
+        """Poll the upper dir's size (there is no quota on it) until it passes max_layer_bytes."""
+        store = self.engine.store
+        assert store is not None
+        upper = store.sandboxes_dir / self.record.uuid / "upper"
+        limit = self.max_layer_bytes
+        while True:
+            await asyncio.sleep(LAYER_POLL)
+            size = await asyncio.to_thread(tree_size, upper)
+            if size > limit:
+                return f"the run wrote {size} bytes, above max_layer_bytes={limit}; it was stopped"
 
     async def _finish_process(self, main: Process) -> Any:
         exit_info = await self._main_exit
@@ -358,8 +380,7 @@ class InstanceRun:
             config = msgspec.structs.replace(config, env=[f"{k}={v}" for k, v in env.items()])
         if request.preserve_cwd:
             config = msgspec.structs.replace(config, cwd=plan.cwd)
-        max_bytes = (request.resources_limits.max_layer_bytes if request.resources_limits is not None
-                     else api.DEFAULT_MAX_LAYER_BYTES)
+        max_bytes = self.max_layer_bytes
         upper = sandbox_dir / "upper"
 
         def commit() -> ImageRecord | None:

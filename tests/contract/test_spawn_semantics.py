@@ -106,6 +106,14 @@ async def test_max_layer_bytes_fails_the_run(backend: Backend, busybox: str) -> 
     assert "max_layer_bytes" in (resp.error or "")
 
 
+async def test_max_layer_bytes_stops_a_runaway_writer(backend: Backend, busybox: str) -> None:
+    resp = await run(backend, busybox, "while true; do head -c 100000 /dev/zero >> /grow; done",
+                     resources_limits=api.InstanceResourcesLimits(max_layer_bytes=1_000_000), timeout=30)
+    assert resp.status == "FAILED"
+    assert "max_layer_bytes" in (resp.error or "")
+    assert resp.duration is not None and resp.duration < 20
+
+
 async def test_missing_command_is_failed_with_clear_error(backend: Backend, busybox: str) -> None:
     resp = await run(backend, busybox, "/no/such/binary", shell=False, disposable=True)
     # A missing executable is reported, never silently SUCCESS with empty output.
