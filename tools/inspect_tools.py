@@ -12,6 +12,7 @@ from msgspec import Meta
 
 from contree.backend import Backend, GrepQuery
 from contree.errors import BackendError
+from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.convert import as_dict
 from tools.errors import backend_errors
@@ -33,6 +34,10 @@ IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
 class ListFilesParams(msgspec.Struct, kw_only=True):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
+    limit: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Entries per page (default: all).")
+    ] = None
+    cursor: Annotated[str | None, Meta(description="next_cursor of the previous page.")] = None
 
 
 class ReadFileParams(msgspec.Struct, kw_only=True):
@@ -196,7 +201,16 @@ GUIDES:
             image = await resolve_image(state.backend, params.image)
             listing = as_dict(await state.backend.list_directory(image, directory))
         entries = [file_entry(directory, item) for item in listing.get("files") or []]
-        return ListFilesOutput(path=directory, count=len(entries), files=entries)
+        start = 0
+        if params.cursor:
+            try:
+                start = max(0, int(params.cursor))
+            except ValueError:
+                raise ToolError(f"invalid cursor {params.cursor!r}") from None
+        end = len(entries) if params.limit is None else start + params.limit
+        page = entries[start:end]
+        more = str(end) if end < len(entries) else None
+        return ListFilesOutput(path=directory, count=len(page), files=page, next_cursor=more)
 
     @registry.tool(
         name="read_file",

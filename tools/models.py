@@ -188,6 +188,7 @@ class ListFilesOutput(msgspec.Struct, kw_only=True):
     path: str
     count: int
     files: list[FileEntry]
+    next_cursor: str | None = None
 
 
 class ReadFileOutput(msgspec.Struct, kw_only=True):

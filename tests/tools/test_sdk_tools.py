@@ -79,6 +79,14 @@ async def test_images_files_and_inspection(engine_home: Path, workdir: Path) -> 
         )
         assert listing["path"] == "/data" and [f["name"] for f in listing["files"]] == ["out.txt"]
         assert listing["files"][0]["type"] == "file" and listing["files"][0]["mode"] == "0o100644"
+        first = result(await session.call_tool("list_files", {"image": child, "path": "/etc", "limit": 2}))
+        rest = result(
+            await session.call_tool(
+                "list_files", {"image": child, "path": "/etc", "cursor": first["next_cursor"]}
+            )
+        )
+        assert first["count"] == 2 and rest["next_cursor"] is None
+        assert len({f["name"] for f in first["files"] + rest["files"]}) == 2 + rest["count"]
         text = result(await session.call_tool("read_file", {"image": child, "path": "/data/out.txt"}))
         assert text["content"] == "payload\n" and text["encoding"] == "utf-8" and text["bytes_size"] == 8
         binfile = result(
