@@ -185,7 +185,8 @@ def _normalise(name: str, limits: ExtractLimits) -> str:
 
 
 class _Extractor:
-    def __init__(self, rootfd: int, limits: ExtractLimits) -> None:
+    def __init__(self, rootfd: int, limits: ExtractLimits, reader: _HashingReader | None = None) -> None:
+        self.reader = reader
         self.rootfd = rootfd
         self.limits = limits
         self.is_root = os.geteuid() == 0
@@ -346,7 +347,11 @@ class _Extractor:
             base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
         )
         try:
-            src = tf.extractfile(member)
+            reader = self.reader
+            # Plain members are read straight from the decompressed stream (one copy less than
+            # tarfile's file object); sparse members go through tarfile, which knows their map.
+            direct = reader is not None and member.sparse is None and reader.tell() == member.offset_data
+            src: Any = reader if direct else tf.extractfile(member)
             if src is not None:
                 remaining = member.size
                 while remaining > 0:
@@ -442,6 +447,7 @@ def extract_layer(
         decompressed = _Decompressed(blob_path)
         with decompressed as stream:
             reader = _HashingReader(stream, limits.max_bytes)
+            extractor.reader = reader
             try:
                 with tarfile.open(fileobj=reader, mode="r:") as tf:  # type: ignore[call-overload]
                     while (member := tf.next()) is not None:
