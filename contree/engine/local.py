@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import msgspec
 
 from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
-from contree.engine import spawn
+from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
@@ -47,7 +46,7 @@ from contree.engine.spawn_recover import (
     remove_dead_rules,
 )
 from contree.engine.spawn_run import InstanceRun, result_from_fold
-from contree.engine.store import Store
+from contree.engine.store import ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.timeparse import isoformat
 
@@ -389,52 +388,45 @@ class LocalEngine:
 
     # ------------------------------------------------------------------ inspect
 
-    def _image_for_inspect(self, image_uuid: str) -> Any:
+    def _image_for_inspect(self, image_uuid: str) -> ImageRecord:
         store, _, _ = self._parts()
         return store.get(_check_uuid(image_uuid, "image"))
 
     async def list_directory(self, image_uuid: str, path: str) -> api.DirectoryList:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         result: api.DirectoryList = await asyncio.to_thread(inspect.list_directory, store, image, path)
         return result
 
     async def list_directory_text(self, image_uuid: str, path: str) -> str:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         result: str = await asyncio.to_thread(inspect.list_directory_text, store, image, path)
         return result
 
     async def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         async for chunk in inspect.read_file(store, image, path):
             yield chunk
 
     async def check_file(self, image_uuid: str, path: str) -> None:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         await asyncio.to_thread(inspect.check_file, store, image, path)
 
     async def archive(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         async for chunk in inspect.archive(store, image, path):
             yield chunk
 
     async def check_archive(self, image_uuid: str, path: str) -> None:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         await asyncio.to_thread(inspect.check_archive, store, image, path)
 
     async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult:
-        inspect = _inspect()
         store, _, _ = self._parts()
         image = self._image_for_inspect(image_uuid)
         result: api.GrepResult = await inspect.grep(store, image, query)
@@ -465,11 +457,6 @@ class LocalEngine:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _inspect() -> Any:
-    # The store engineer's inspect module; imported lazily so the engine starts without it.
-    return importlib.import_module("contree.engine.inspect")
 
 
 def _check_uuid(value: str, what: str) -> str:
