@@ -187,3 +187,21 @@ async def test_whoami_reports_limits(backend: Backend) -> None:
     assert who.permissions["spawn"] and who.permissions["import"]
     assert who.limits["instance_max_timeout"] >= 60
     assert who.token_uuid
+
+
+async def test_failed_import_masks_password_and_reports_error(backend: Backend) -> None:
+    request = api.ImageImportRequest(
+        registry=api.ImageRegistry(url="oci-layout:/nonexistent/layout:latest",
+                                   credentials=api.RegistryCredentials(username="u", password="hunter2")),
+        tag="never/imported:1")
+    op = await backend.import_image(request)
+    done = await wait_done(backend, op)
+    assert done.kind == "image_import"
+    assert done.status == "FAILED" and done.error
+    assert done.image_uuid is None and done.result_image_uuid is None
+    meta = done.import_metadata()
+    assert meta is not None and meta.registry is not None and meta.registry.credentials is not None
+    assert meta.registry.credentials.password == "<MASKED>"
+    assert "hunter2" not in str(done)
+    with pytest.raises(NotFound):
+        await backend.resolve_tag("never/imported:1")
