@@ -68,7 +68,12 @@ def server_command() -> list[str]:
 
 @asynccontextmanager
 async def mcp_session(
-    home: Path, cwd: Path, *extra: str, message_handler: Any = None
+    home: Path,
+    cwd: Path,
+    *extra: str,
+    message_handler: Any = None,
+    backend_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[object]:
     """An initialized `mcp.ClientSession` talking to `contree-mcp --backend local --home <home>` (stdio)."""
     from mcp import ClientSession, StdioServerParameters
@@ -77,9 +82,15 @@ async def mcp_session(
     command, *args = server_command()
     params = StdioServerParameters(
         command=command,
-        args=[*args, "--backend", "local", "--home", str(home), "--allowed-root", str(cwd), *extra],
+        args=[
+            *args,
+            *(backend_args or ["--backend", "local", "--home", str(home)]),
+            "--allowed-root",
+            str(cwd),
+            *extra,
+        ],
         cwd=str(cwd),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     with open(cwd.parent / "server-stderr.log", "a") as errlog:  # noqa: ASYNC230
         async with stdio_client(params, errlog=errlog) as (read, write):
