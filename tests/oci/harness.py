@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -49,9 +50,10 @@ def free_port() -> int:
 
 def wait_http(url: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2).close()
+            urllib.request.urlopen(url, timeout=2, context=context).close()
             return
         except urllib.error.HTTPError:
             return  # any HTTP answer (401 included) means it is up
@@ -83,7 +85,38 @@ class Registry:
                 self.proc.wait()
 
 
-def start_registry(workdir: Path, storage: Path, auth: dict[str, Any] | None = None) -> Registry:
+def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (cert, key)."""
+    openssl = require("openssl", "openssl")
+    cert, key = workdir / "tls.pem", workdir / "tls.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    return cert, key
+
+
+def start_registry(
+    workdir: Path, storage: Path, auth: dict[str, Any] | None = None, tls: tuple[Path, Path] | None = None
+) -> Registry:
     binary = require("docker-registry", "docker-registry")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,13 +128,15 @@ def start_registry(workdir: Path, storage: Path, auth: dict[str, Any] | None = N
     }
     if auth:
         config["auth"] = auth
+    if tls:
+        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}  # type: ignore[index]
     cfg = workdir / f"registry-{port}.yml"
     cfg.write_text(json.dumps(config))  # JSON is YAML
     log = open(workdir / f"registry-{port}.log", "wb")
     proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
-        wait_http(f"http://127.0.0.1:{port}/v2/")
+        wait_http(f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/")
     except BaseException:
         proc.kill()
         proc.wait()

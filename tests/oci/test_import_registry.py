@@ -237,3 +237,23 @@ async def test_cancelled_import_stores_nothing(store: Store, open_registry: Regi
     with pytest.raises(asyncio.CancelledError):
         await task
     assert store_is_empty(store)
+
+
+async def test_tls_registry_on_loopback_with_basic_auth(
+    tmp_path: Path, store: Store, storage: Path, multi
+) -> None:
+    """Loopback registries may use self-signed TLS (as Docker allows); Basic travels inside TLS."""
+    harness.htpasswd(tmp_path / "htpasswd", USER, PASSWORD)
+    reg = harness.start_registry(
+        tmp_path / "tls",
+        storage,
+        {"htpasswd": {"realm": "basic-realm", "path": str(tmp_path / "htpasswd")}},
+        tls=harness.self_signed_cert(tmp_path),
+    )
+    try:
+        rec = await import_image(store, request(f"{reg.host}/test/multi:v1", creds=(USER, PASSWORD)))
+        assert rec.uuid == image_uuid_for(multi.manifest_digest)
+        with pytest.raises(Unauthorized):
+            await import_image(store, request(f"{reg.host}/test/multi:v1", creds=(USER, "bad"), tag="x"))
+    finally:
+        reg.stop()
