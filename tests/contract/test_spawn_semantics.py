@@ -114,6 +114,17 @@ async def test_max_layer_bytes_stops_a_runaway_writer(backend: Backend, busybox:
     assert resp.duration is not None and resp.duration < 20
 
 
+async def test_spawn_failure_is_failed_with_reason(backend: Backend, busybox: str) -> None:
+    resp = await run(backend, busybox, "true", cwd="/etc/passwd")
+    assert resp.status == "FAILED"
+    assert resp.error and "cwd" in resp.error
+    assert resp.result_image_uuid is None
+    events = [e async for e in backend.events(resp.uuid)]
+    assert [e.type for e in events][-2:] == ["shutdown", "completion"]
+    assert events[-2].data["reason"] == "spawn_failed"
+    assert any(e.type == "stderr" and e.spid == 0 for e in events)
+
+
 async def test_missing_command_is_failed_with_clear_error(backend: Backend, busybox: str) -> None:
     resp = await run(backend, busybox, "/no/such/binary", shell=False, disposable=True)
     # A missing executable is reported, never silently SUCCESS with empty output.
