@@ -3,6 +3,7 @@ runs with its env and workdir applied, and its files are readable through inspec
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -15,11 +16,34 @@ import pytest
 from contree import api
 from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
-from tests.contract.conftest import run, stdout_of, wait_done
 from tests.oci import harness
 from tests.oci.harness import Entry, Registry
 
 pytestmark = pytest.mark.engine
+
+
+async def wait_done(engine: LocalEngine, op: str, limit: float) -> api.OperationResponse:
+    async def follow() -> None:
+        async for event in engine.events(op, follow=True):
+            if event.type == "completion":
+                return
+
+    await asyncio.wait_for(follow(), limit)
+    return await engine.get_operation(op)
+
+
+async def run(engine: LocalEngine, image: str, command: str) -> api.OperationResponse:
+    spawned = await engine.spawn(
+        api.InstanceSpawnRequest(command=command, image=image, shell=True, disposable=True)
+    )
+    return await wait_done(engine, spawned.uuid, 60)
+
+
+def stdout_of(resp: api.OperationResponse) -> str:
+    meta = resp.instance_metadata()
+    assert meta is not None and isinstance(meta.result, api.InstanceResult), resp
+    assert meta.result.stdout is not None
+    return api.decode_stream(meta.result.stdout).decode()
 
 
 def _require_engine_host() -> None:
@@ -82,12 +106,7 @@ async def test_imported_image_runs_with_env_and_workdir(engine: LocalEngine, app
     image = await engine.resolve_tag("e2e/app:v1")
     assert done.result_image_uuid == image
 
-    resp = await run(
-        engine,
-        image,
-        'echo "$GREETING"; pwd; cat hello.txt; test -e /bin/vi || echo vi-gone',
-        disposable=True,
-    )
+    resp = await run(engine, image, 'echo "$GREETING"; pwd; cat hello.txt; test -e /bin/vi || echo vi-gone')
     assert resp.status == "SUCCESS"
     assert stdout_of(resp) == "hi from config\n/srv/app\nhello from the layer\nvi-gone\n"
 
