@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.reason)
     except (ConnectionResetError, TimeoutError):
         raise
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a client-supplied path no filesystem can hold
+            return error_response(400, "path or file name too long")
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal server error")
     except Exception:
         # The traceback goes to our log only; the Error schema's `traceback` is never filled (§14 #20).
         log.exception("%s %s failed", request.method, request.path)

@@ -174,7 +174,12 @@ class Handlers:
         op = params.operation_uuid(request.match_info["op"])
         result = await self.backend.get_operation(op, inflight=params.flag(request.query, "inflight"))
         wait = POLL_INTERVAL_QUEUED if result.status == "PENDING" else POLL_INTERVAL_RUNNING
-        return json_response(result, headers={"Retry-After": str(wait)})
+        body: dict[str, Any] = msgspec.to_builtins(result)
+        # `result` and `metadata` are objects, not nullable: absent until known (the client reads None).
+        for name in ("result", "metadata"):
+            if body.get(name) is None:
+                body.pop(name, None)
+        return json_response(body, headers={"Retry-After": str(wait)})
 
     async def cancel_operation(self, request: web.Request) -> web.StreamResponse:
         await self.backend.cancel_operation(params.operation_uuid(request.match_info["op"]))

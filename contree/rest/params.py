@@ -12,6 +12,8 @@ from contree.timeparse import parse_time
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+MAX_INT = 2**63 - 1  # SQLite's INTEGER range: larger values are always malformed here
+MAX_OFFSET = 2**62  # leaves room for offset + limit inside SQLite's range
 STATUSES = ("PENDING", "ASSIGNED", "EXECUTING", "SUCCESS", "FAILED", "CANCELLED")
 KINDS = ("image_import", "instance")
 
@@ -38,11 +40,15 @@ def integer(
     return int_value(raw, name, lo=lo, hi=hi)
 
 
-def int_value(raw: str, name: str, *, lo: int | None = None, hi: int | None = None) -> int:
+def int_value(
+    raw: str, name: str, *, lo: int | None = None, hi: int | None = None, clamp: bool = False
+) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
         raise BadRequest(f"invalid value for {name}: {raw!r} (expected an integer)") from None
+    if value > MAX_INT and not clamp:
+        raise BadRequest(f"invalid value for {name}: {value} is out of range")
     if lo is not None and value < lo:
         raise BadRequest(f"invalid value for {name}: {value} (must be >= {lo})")
     if hi is not None and value > hi:
@@ -52,8 +58,10 @@ def int_value(raw: str, name: str, *, lo: int | None = None, hi: int | None = No
 
 def paging(query: Mapping[str, str]) -> tuple[int, int]:
     limit = integer(query, "limit", 100, lo=1, hi=1000)
-    offset = integer(query, "offset", 0, lo=0)
-    assert limit is not None and offset is not None
+    raw = query.get("offset")
+    # The spec sets no maximum offset: a huge one is valid and simply past the end.
+    offset = min(int_value(raw, "offset", lo=0, clamp=True), MAX_OFFSET) if raw is not None else 0
+    assert limit is not None
     return limit, offset
 
 
