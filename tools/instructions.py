@@ -18,8 +18,9 @@ _GUIDE_WHEN = {
 def instructions(backend_kind: str) -> str:
     word = "sandbox" if backend_kind == "local" else "microVM"
     where = (
-        "This server runs sandboxes on this machine with its embedded engine (crun + overlayfs): no account, "
-        "no network unless the run asks for it, images live in the engine's home directory."
+        "This server runs sandboxes on this machine with its embedded engine (crun + overlayfs): no account "
+        "needed; each sandbox gets its own network namespace with outbound NAT (`networking=false` removes "
+        "it); images live in the engine's home directory."
         if backend_kind == "local"
         else "This server uses a Contree API (cloud or self-hosted): each run is a microVM on the backend."
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from contree.backend import Backend
 
@@ -50,12 +51,12 @@ class ServerState:
     def sandbox_word(self) -> str:
         return "sandbox" if self.backend_kind == "local" else "microVM"
 
-    def spawn_background(self, coro: asyncio.Future[None] | asyncio.Task[None] | object, name: str) -> None:
+    def spawn_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a best-effort task (lineage tracking) that must never take the server down."""
 
         async def guarded() -> None:
             try:
-                await coro  # type: ignore[misc]
+                await coro
             except asyncio.CancelledError:
                 pass
             except Exception as exc:
