@@ -480,6 +480,9 @@ class Store:
         """
         if not any(os.scandir(upper)):
             return None
+        if parent.depth >= MAX_LOWERS:
+            # The child could never be mounted; callers should have run `squash_if_deep` long before.
+            parent = self.squash(parent)
         clean_upper(upper)
         size = tree_size(upper)
         if max_layer_bytes is not None and size > max_layer_bytes:

@@ -330,3 +330,24 @@ def test_concurrent_commits_and_tags_from_threads(store: Store, mutate: Mutate) 
     assert len({r.uuid for r in results if r}) == 8
     assert len(store.list(ImageQuery(tag="latest"))) == 1
     assert store.check() == []
+
+
+def test_commit_on_an_image_at_the_kernel_limit_squashes_the_parent_first(
+    store: Store, mutate: Mutate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contree.engine.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_LOWERS", 3)
+    img = _simple_image(store, {"a": "1"})
+    for name in ("f0", "f1"):
+        def write(root: Path, n: str = name) -> None:
+            (root / n).write_text(n)
+
+        nxt = store.commit_upper(mutate(store, img, write), img, None)
+        assert nxt is not None
+        img = nxt
+    assert img.depth == 3
+    child = store.commit_upper(mutate(store, img, lambda r: (r / "last").write_text("x")), img, None)
+    assert child is not None and child.depth == 2
+    assert store.get(img.uuid).depth == 1
+    assert set(_view(store, child, tmp_path)) == {"a", "f0", "f1", "last"}
