@@ -271,3 +271,28 @@ async def test_subscribers_hear_when_a_detached_run_ends(engine_home: Path, work
         assert updated == [uri]
         doc = json.loads((await read(session, uri))[0].text)
         assert doc["state"] == "SUCCESS" and doc["exit_code"] == 0
+
+
+async def test_run_options(engine_home: Path, workdir: Path) -> None:
+    async with mcp_session(engine_home, workdir) as s:
+        session: Any = s
+
+        async def run(**args: Any) -> Any:
+            return result(await session.call_tool("run", {"image": "busybox:latest", **args}))
+
+        env = await run(
+            command="echo $GREETING; pwd; id -u", env={"GREETING": "hi-env"}, cwd="/tmp", uid=1000
+        )
+        assert env["stdout"] == "hi-env\n/tmp\n1000\n" and "hi-env" not in json.dumps(
+            {k: v for k, v in env.items() if k != "stdout"}
+        )
+        piped = await run(command="cat; echo", stdin="from-stdin")
+        assert piped["stdout"] == "from-stdin\n"
+        direct = await run(command="/bin/echo", shell=False, args=["a b", "c"])
+        assert direct["stdout"] == "a b c\n"
+        slow = await run(command="sleep 30", timeout=1)
+        assert slow["timed_out"] is True and slow["status"] == "SUCCESS"
+        failed = await run(command="exit 7")
+        assert failed["exit_code"] == 7 and failed["status"] == "SUCCESS"
+        missing = await session.call_tool("run", {"image": "no-such:tag", "command": "true"})
+        assert missing.isError and missing.content[0].text.startswith("Error executing tool run: ")
