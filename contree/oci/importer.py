@@ -60,6 +60,13 @@ class ImportOptions(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: Timeouts = Timeouts()
 
 
+def default_options() -> ImportOptions:
+    """Options from the environment: `CONTREE_INSECURE_REGISTRIES=host:port,host2` (plain HTTP / unverified
+    TLS allowed for those registries; loopback registries always are)."""
+    raw = os.environ.get("CONTREE_INSECURE_REGISTRIES", "")
+    return ImportOptions(insecure_registries=tuple(h.strip() for h in raw.split(",") if h.strip()))
+
+
 # Called synchronously from the event loop thread; must not block (record an event, set a field).
 ProgressCallback = Callable[[ImportProgress], None]
 
@@ -146,7 +153,7 @@ async def import_image(
     `credentials` override those in the request. Raises `ImportCancelled` when `cancel_event` is set,
     `contree.errors.BackendError` subclasses for registry / content errors; stores nothing on failure.
     """
-    options = options or ImportOptions()
+    options = options or default_options()
     if credentials is None and request.registry.credentials is not None:
         rc = request.registry.credentials
         if rc.username or rc.password:

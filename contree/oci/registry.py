@@ -62,7 +62,14 @@ def _digest_hasher(digest: str) -> Any:
     return hashlib.new(algo)
 
 
-def _error_for(status: int, what: str, body: str = "") -> BackendError:
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None
+
+
+def _error_for(status: int, what: str, body: str = "", retry_after: str | None = None) -> BackendError:
     detail = f" ({body.strip()[:200]})" if body.strip() else ""
     if status == 401:
         return Unauthorized(f"{what}: authentication required or credentials rejected{detail}")
@@ -71,9 +78,15 @@ def _error_for(status: int, what: str, body: str = "") -> BackendError:
     if status == 404:
         return NotFound(f"{what}: not found{detail}")
     if status == 429:
-        return RateLimited(f"{what}: rate limited by the registry{detail}")
+        return RateLimited(
+            f"{what}: rate limited by the registry{detail}", retry_after=_retry_after(retry_after)
+        )
     if status >= 500:
-        return Unavailable(f"{what}: registry error HTTP {status}{detail}", status=status)
+        return Unavailable(
+            f"{what}: registry error HTTP {status}{detail}",
+            status=status,
+            retry_after=_retry_after(retry_after),
+        )
     return BackendError(f"{what}: unexpected HTTP {status}{detail}", status=502)
 
 
@@ -269,7 +282,8 @@ class RegistryClient:
                     raise Unavailable(f"registry {self.host} sent a redirect without Location")
                 target = urljoin(url, location)
                 same_host = urlsplit(target).netloc == urlsplit(url).netloc
-                if urlsplit(target).scheme != "https" and not (self.insecure and same_host):
+                plain_ok = is_loopback_host(urlsplit(target).netloc) or (self.insecure and same_host)
+                if urlsplit(target).scheme != "https" and not plain_ok:
                     raise InsecureTransport(f"registry {self.host} redirected to a non-HTTPS URL")
                 # Storage back-ends (S3, CDNs) get no registry credentials.
                 fwd = {k: v for k, v in hdrs.items() if k != "Authorization" or same_host}
@@ -297,7 +311,8 @@ class RegistryClient:
         try:
             what = f"manifest {self.host}/{repository}:{selector}"
             if resp.status != 200:
-                raise _error_for(resp.status, what, (await resp.content.read(4096)).decode(errors="replace"))
+                body = (await resp.content.read(4096)).decode(errors="replace")
+                raise _error_for(resp.status, what, body, resp.headers.get("Retry-After"))
             if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
                 raise Unprocessable(f"{what}: larger than {MAX_MANIFEST_BYTES} bytes")
             data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
@@ -370,7 +385,12 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 body = (await resp.content.read(4096)).decode(errors="replace")
-                raise _error_for(resp.status, f"blob {digest} of {self.host}/{repository}", body)
+                raise _error_for(
+                    resp.status,
+                    f"blob {digest} of {self.host}/{repository}",
+                    body,
+                    resp.headers.get("Retry-After"),
+                )
             async for chunk in resp.content.iter_chunked(CHUNK):
                 received += len(chunk)
                 if size is not None and received > size:

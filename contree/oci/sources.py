@@ -14,7 +14,7 @@ from typing import Protocol
 
 import msgspec
 
-from contree.errors import NotFound, Unprocessable
+from contree.errors import NotFound, RateLimited, Unavailable, Unprocessable
 from contree.oci.auth import Credentials, TokenCache
 from contree.oci.manifest import (
     INDEX_TYPES,
@@ -36,6 +36,7 @@ from contree.oci.registry import BlobDigestMismatch, RegistryClient, Timeouts
 Progress = Callable[[int], None]
 COPY_CHUNK = 1024 * 1024
 MAX_INDEX_DEPTH = 4
+BLOB_ATTEMPTS = 3
 
 
 class LayerRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,9 +119,30 @@ class RegistrySource:
         raise Unprocessable("image indexes nested too deeply")
 
     async def fetch(self, layer: LayerRef, dest: str, progress: Progress | None) -> None:
-        await self.client.download_blob(
-            self.ref.repository, layer.digest, dest, size=layer.size, progress=progress
-        )
+        # Transient failures (5xx, 429, dropped connections) are retried; a digest mismatch is not.
+        # Progress only ever grows: a retry reports bytes beyond what the failed attempt reported.
+        reported = 0
+        for attempt in range(BLOB_ATTEMPTS):
+            done = 0
+
+            def counting(n: int) -> None:
+                nonlocal done, reported
+                done += n
+                if done > reported:
+                    if progress is not None:
+                        progress(done - reported)
+                    reported = done
+
+            try:
+                await self.client.download_blob(
+                    self.ref.repository, layer.digest, dest, size=layer.size, progress=counting
+                )
+                return
+            except (Unavailable, RateLimited) as exc:
+                if attempt == BLOB_ATTEMPTS - 1:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt
+                await asyncio.sleep(min(delay, 10.0))
 
     async def close(self) -> None:
         await self.client.close()
