@@ -1,0 +1,115 @@
+"""Clients we did not write, as subprocesses: mcp==2.3.0 (discover probe, then fallback) and Inspector CLI v1.
+
+Both run over stdio and Streamable HTTP against the conformance fixtures (`python -m protocol.conformance`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.protocol.httpkit import REPO, conformance_server, node_env, validators
+
+pytestmark = [pytest.mark.external, pytest.mark.slow]
+
+STDIO_SERVER = [sys.executable, "-m", "protocol.conformance", "--mode", "stdio", "--page-size", "5"]
+
+
+def _py2() -> Path:
+    python = validators() / "py2" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make install-validators`")
+    return python
+
+
+def _run_py2(*args: str) -> str:
+    proc = subprocess.run(
+        [str(_py2()), str(REPO / "tests" / "protocol" / "py2_check.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "0 failed" in proc.stdout
+    return proc.stdout
+
+
+def _connect_seconds(output: str) -> float:
+    line = next(x for x in output.splitlines() if x.startswith("connect_seconds="))
+    return float(line.split("=", 1)[1])
+
+
+def test_mcp2_auto_mode_over_stdio_falls_back_from_discover_at_once() -> None:
+    out = _run_py2("stdio", "--", *STDIO_SERVER)
+    assert _connect_seconds(out) < 3.0  # the unanswered-probe path would take ≥ 10 s
+
+
+def test_mcp2_auto_mode_over_http_falls_back_from_discover_at_once() -> None:
+    with conformance_server() as url:
+        out = _run_py2("http", url)
+    assert _connect_seconds(out) < 3.0
+
+
+def test_mcp2_legacy_mode_over_http() -> None:
+    with conformance_server() as url:
+        _run_py2("--mode", "legacy", "http", url)
+
+
+# ---------------------------------------------------------------- Inspector CLI v1
+
+
+def _inspector(target: list[str], *args: str) -> object:
+    cli = validators() / "insp1" / "node_modules" / ".bin" / "mcp-inspector"
+    if not cli.exists():
+        pytest.fail(f"{cli} is missing: run `make install-validators`")
+    proc = subprocess.run(
+        [str(cli), "--cli", *target, *args],
+        cwd=REPO,
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def _inspect_everything(target: list[str]) -> None:
+    tools = _inspector(target, "--method", "tools/list")
+    assert isinstance(tools, dict)
+    assert "test_simple_text" in {t["name"] for t in tools["tools"]}
+    called = _inspector(target, "--method", "tools/call", "--tool-name", "test_simple_text")
+    assert called == {"content": [{"type": "text", "text": "This is a simple text response for testing."}]}
+    failed = _inspector(target, "--method", "tools/call", "--tool-name", "test_error_handling")
+    assert isinstance(failed, dict) and failed["isError"] is True  # exit 0 on isError: check the JSON
+    read = _inspector(target, "--method", "resources/read", "--uri", "test://static-text")
+    assert isinstance(read, dict)
+    assert read["contents"][0]["text"] == "This is the content of the static text resource."
+    prompt = _inspector(
+        target,
+        "--method",
+        "prompts/get",
+        "--prompt-name",
+        "test_prompt_with_arguments",
+        "--prompt-args",
+        "arg1=x",
+        "arg2=y",
+    )
+    assert isinstance(prompt, dict)
+    assert prompt["messages"][0]["content"]["text"] == "Prompt with arguments: arg1='x', arg2='y'"
+    level = _inspector(target, "--method", "logging/setLevel", "--log-level", "debug")
+    assert level == {}
+
+
+def test_inspector_v1_over_stdio() -> None:
+    _inspect_everything(STDIO_SERVER)
+
+
+def test_inspector_v1_over_streamable_http() -> None:
+    with conformance_server() as url:
+        _inspect_everything([url])
