@@ -62,6 +62,10 @@ serve-stdio: bootstrap
 test: install
 	VALIDATORS=$(VAL) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The served REST API against contree-openapi.yaml (schemathesis; also part of `make test`).
+check-api: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/rest/test_schemathesis.py
+
 lint: install-python
 	$(VENV)/bin/ruff check protocol tools contree tests bench
 	$(VENV)/bin/mypy

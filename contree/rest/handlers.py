@@ -24,6 +24,7 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 # Seconds a client should wait before polling an operation again (Retry-After on GET /operations/{id}).
 POLL_INTERVAL_RUNNING = 1
+WRITE_CHUNK = 256 * 1024
 POLL_INTERVAL_QUEUED = 2
 
 
@@ -58,10 +59,16 @@ async def _stream_bytes(
     try:
         first = await _first(iterator)
         await response.prepare(request)
-        if first:
-            await response.write(first)
+        # Backends may yield small chunks; one write per ≥256 KiB keeps syscalls and frames few.
+        pending = bytearray(first or b"")
+        if first is not None:
             async for chunk in iterator:
-                await response.write(chunk)
+                pending += chunk
+                if len(pending) >= WRITE_CHUNK:
+                    await response.write(bytes(pending))
+                    pending.clear()
+        if pending:
+            await response.write(bytes(pending))
         await response.write_eof()
         return response
     finally:
