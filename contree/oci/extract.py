@@ -172,6 +172,13 @@ class _Decompressed:
                 raise Unprocessable("corrupt compressed layer (decompressor failed)")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (signals, nearly full disks); never drop the rest."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _normalise(name: str, limits: ExtractLimits) -> str:
     """Layer-relative path without leading `/` or `./`; '' for the root; raises on `..`."""
     if "\x00" in name:
@@ -358,7 +365,7 @@ class _Extractor:
                     chunk = src.read(min(COPY_CHUNK, remaining))
                     if not chunk:
                         raise Unprocessable(f"truncated layer: {member.name!r} ends early")
-                    os.write(fd, chunk)
+                    write_all(fd, chunk)
                     remaining -= len(chunk)
             self.stats.file_bytes += member.size
             if self.is_root:

@@ -37,6 +37,7 @@ from contree.oci.auth import (
     parse_challenge,
     url_is_safe_for_secrets,
 )
+from contree.oci.extract import write_all
 from contree.oci.manifest import ACCEPT, MAX_MANIFEST_BYTES
 
 Progress = Callable[[int], None]
@@ -359,10 +360,12 @@ class RegistryClient:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         ok = False
         try:
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                await self._stream_blob(repository, digest, out.write, progress, size=size)
+            await self._stream_blob(
+                repository, digest, lambda chunk: write_all(fd, chunk), progress, size=size
+            )
             ok = True
         finally:
+            os.close(fd)
             if not ok:
                 try:
                     os.unlink(dest)

@@ -16,6 +16,7 @@ import msgspec
 
 from contree.errors import NotFound, RateLimited, Unavailable, Unprocessable
 from contree.oci.auth import Credentials, TokenCache
+from contree.oci.extract import write_all
 from contree.oci.manifest import (
     INDEX_TYPES,
     LAYER_TYPES,
@@ -168,7 +169,7 @@ def _copy_verified(
                 if size is not None and total > size:
                     raise BlobDigestMismatch(f"blob {digest} is larger than its descriptor says")
                 sha.update(chunk)
-                os.write(fd, chunk)
+                write_all(fd, chunk)
                 if progress is not None:
                     progress(len(chunk))
         finally:
