@@ -158,8 +158,8 @@ class ServerSession:
             reply = await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if ctx.cancelled.is_set() and (current is None or not current.cancelling()):
-                return None  # cancelled by the client: no response at all
+            if (ctx.cancelled.is_set() or self.closed) and (current is None or not current.cancelling()):
+                return None  # cancelled by the client, or the session closed: no response at all
             raise
         finally:
             ctx.done = True
