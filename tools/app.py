@@ -85,6 +85,7 @@ def build_registry(state: ServerState) -> Registry:
     registry.tools = {name: registry.tools[name] for name in order}
     resources.register_templates(registry, state)
     resources.register_guides(registry, state)
+    resources.register_guide_template(registry, state)
     prompts.register(registry, state)
     resources.register_completions(registry, state)
     return registry

@@ -91,6 +91,28 @@ def register_guides(registry: Registry, state: ServerState) -> None:
         )(make(section))
 
 
+def register_guide_template(registry: Registry, state: ServerState) -> None:
+    """`contree://guide/{section}`: the same seven guides, addressable with completion of the section."""
+
+    @registry.resource_template(
+        "contree://guide/{section}",
+        name="guide",
+        title="Contree Guide",
+        description="A guide section: workflow, reference, quickstart, state, async, tagging or errors.",
+        mime_type="text/markdown",
+    )
+    async def guide(ctx: RequestContext, section: str) -> str:
+        if section not in GUIDES:
+            raise ResourceNotFound(f"contree://guide/{section}", f"Unknown guide section {section!r}")
+        return guide_text(section, state.backend_kind)
+
+    @registry.completion("ref/resource", "contree://guide/{section}", "section")
+    async def sections(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
+        return [s for s in GUIDES if s.startswith(value)]
+
+    del guide, sections
+
+
 def register_templates(registry: Registry, state: ServerState) -> None:
     @registry.resource_template(
         "contree://image/{image}/read/{path}",

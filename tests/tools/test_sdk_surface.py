@@ -57,6 +57,11 @@ async def test_surface_guides_prompts_completion_and_errors(engine_home: Path, w
         )
         assert done.completion.values == ["tag:busybox:latest"]
 
+        done = await session.complete(
+            ResourceTemplateReference(type="ref/resource", uri="contree://guide/{section}"),
+            {"name": "section", "value": "ta"},
+        )
+        assert done.completion.values == ["tagging"]
         # error codes (§15.48)
         with pytest.raises(McpError) as err:
             await session.get_prompt("no-such-prompt", {})
