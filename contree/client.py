@@ -259,7 +259,11 @@ class RemoteBackend:
         response = await self._request(method, url, params=params, body=body, idempotent=idempotent, ok=ok)
         response.release()
 
-    async def _stream(self, url: URL, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, segments: tuple[str, str, str], params: Mapping[str, str]
+    ) -> AsyncIterator[bytes]:
+        """GET an inspect stream; segments = ("inspect", image UUID, endpoint), checked on first use."""
+        url = self._url(segments[0], self._image(segments[1]), segments[2])
         response = await self._request("GET", url, params=params, idempotent=True, stream=True)
         try:
             async for chunk in response.content.iter_any():
@@ -430,12 +434,14 @@ class RemoteBackend:
     def events(
         self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
     ) -> AsyncIterator[api.OperationEvent]:
-        return self._follow_events(self._operation(operation_id), follow=follow, spid=spid, since=since)
+        # Arguments are checked on first iteration, like a generator-based Backend would.
+        return self._follow_events(operation_id, follow=follow, spid=spid, since=since)
 
     async def _follow_events(
         self, operation_id: str, *, follow: bool, spid: int | None, since: int | None
     ) -> AsyncIterator[api.OperationEvent]:
         """Events with transparent resumption: reconnects from the last id after drops and `sse_error`."""
+        self._operation(operation_id)
         last_id = since
         failures = 0
         while True:
@@ -542,14 +548,14 @@ class RemoteBackend:
             response.release()
 
     def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
-        return self._stream(self._url("inspect", self._image(image_uuid), "download"), {"path": path})
+        return self._stream(("inspect", image_uuid, "download"), {"path": path})
 
     async def check_file(self, image_uuid: str, path: str) -> None:
         url = self._url("inspect", self._image(image_uuid), "download")
         await self._empty("HEAD", url, ok=(200,), params={"path": path})
 
     def archive(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
-        return self._stream(self._url("inspect", self._image(image_uuid), "archive"), {"path": path})
+        return self._stream(("inspect", image_uuid, "archive"), {"path": path})
 
     async def check_archive(self, image_uuid: str, path: str) -> None:
         url = self._url("inspect", self._image(image_uuid), "archive")

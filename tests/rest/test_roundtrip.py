@@ -171,3 +171,14 @@ async def test_whoami_and_close(client: RemoteBackend) -> None:
     assert who.permissions["spawn"] is True and who.limits["instance_max_timeout"] == 3600
     await client.close()
     await client.close()  # idempotent
+
+
+async def test_malformed_ids_fail_on_iteration_without_a_request(client: RemoteBackend) -> None:
+    stream = client.download("../images", "/etc/hosts")  # nothing sent yet
+    with pytest.raises(NotFound, match="not a UUID"):
+        await anext(stream)
+    events = client.events("not-an-operation")
+    with pytest.raises(NotFound, match="not a UUID"):
+        await anext(events)
+    with pytest.raises(NotFound):
+        await client.get_operation("../whoami")
