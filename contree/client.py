@@ -165,7 +165,7 @@ class RemoteBackend:
             extra["timeout"] = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.connect_timeout, sock_read=self.timeout
             )
-        attempt = 0
+        attempt = timeouts = 0
         while True:
             try:
                 response = await session.request(
@@ -180,6 +180,11 @@ class RemoteBackend:
             except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # A connect error means nothing reached the server; other drops may have been processed.
                 safe = idempotent or isinstance(exc, aiohttp.ClientConnectorError)
+                # A server that let a whole request time out gets one more chance, not `retries` more
+                # full timeouts (which would turn a 300 s limit into half an hour).
+                if isinstance(exc, TimeoutError):
+                    timeouts += 1
+                    safe = safe and timeouts <= 1
                 if not safe or attempt >= self.retries:
                     raise Unavailable(
                         f"{method} {url.path}: connection failed: {exc or type(exc).__name__}"

@@ -329,3 +329,18 @@ def test_constructor_validation() -> None:
     with pytest.raises(ValueError, match="http"):
         RemoteBackend("ftp://x", token="t")
     assert RemoteBackend("https://x/v1/", token="t").base == "https://x/v1"
+
+
+async def test_timed_out_get_is_retried_once_only(faulty: tuple[Script, RemoteBackend]) -> None:
+    script, client = faulty
+
+    async def slow(request: web.Request, n: int) -> web.Response:
+        await asyncio.sleep(30)
+        return json(WHO)
+
+    script.routes["GET /v1/whoami"] = slow
+    start = time.monotonic()
+    with pytest.raises(Unavailable):
+        await client.whoami()
+    assert script.calls["GET /v1/whoami"] == 2
+    assert time.monotonic() - start < 5
