@@ -14,7 +14,9 @@ import errno
 import logging
 import os
 import platform
+import posixpath
 import signal as signals
+import stat
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -212,6 +214,9 @@ class InstanceRun:
             blobs.inject_file(rootfs, spawn.check_file_path(path), blob,
                                      mode=spawn.parse_mode(entry.mode), uid=entry.uid, gid=entry.gid)
         _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
+        if not find_executable(rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH), plan.cwd):
+            what = "shell" if plan.shell else "executable"
+            raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
         return plan
 
     def _unmount(self, sandbox_dir: Path) -> None:
@@ -562,6 +567,36 @@ def _make_dirs(rootfs: Path, path: str, *, uid: int, gid: int) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def find_executable(rootfs: Path, command: str, path_env: str, cwd: str) -> bool:
+    """Whether `command` names an executable file inside `rootfs` (as execvp would find it there).
+
+    Every lookup resolves symlinks inside the image root, so `/bin/sh -> /bin/busybox` works and
+    nothing can point the check at the host.
+    """
+    from contree.oci.openat2 import RESOLVE_IN_ROOT, openat2
+
+    if "/" in command:
+        candidates = [command if command.startswith("/") else posixpath.join(cwd, command)]
+    else:
+        candidates = [posixpath.join(d or ".", command) for d in path_env.split(":")]
+    rootfd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for candidate in candidates:
+            try:
+                fd = openat2(rootfd, candidate.lstrip("/") or ".", os.O_PATH, RESOLVE_IN_ROOT)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                return True
+        return False
+    finally:
+        os.close(rootfd)
 
 
 def _spawn_error(exc: BaseException) -> str:

@@ -125,14 +125,14 @@ async def test_spawn_failure_is_failed_with_reason(backend: Backend, busybox: st
     assert any(e.type == "stderr" and e.spid == 0 for e in events)
 
 
-async def test_missing_command_is_failed_with_clear_error(backend: Backend, busybox: str) -> None:
+async def test_missing_executable_is_failed_with_clear_error(backend: Backend, busybox: str) -> None:
     resp = await run(backend, busybox, "/no/such/binary", shell=False, disposable=True)
-    # A missing executable is reported, never silently SUCCESS with empty output.
-    if resp.status == "SUCCESS":
-        state = result_of(resp).state
-        assert state is not None and state.exit_code != 0
-    else:
-        assert resp.status == "FAILED" and resp.error
+    assert resp.status == "FAILED"
+    assert resp.error and "/no/such/binary" in resp.error and "not found" in resp.error
+    bad_shell = await run(backend, busybox, "true", env={"SHELL": "/bin/bash"}, disposable=True)
+    assert bad_shell.status == "FAILED" and "/bin/bash" in (bad_shell.error or "")
+    relative = await run(backend, busybox, "ls", shell=False, args=["/"], disposable=True)
+    assert relative.status == "SUCCESS" and "bin" in stdout_of(relative).split()
 
 
 async def test_unknown_image_is_404(backend: Backend) -> None:
