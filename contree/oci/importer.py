@@ -24,7 +24,7 @@ import msgspec
 
 from contree import api
 from contree.engine.store import KIND_IMPORTED, ImageConfig, ImageRecord, Store, remove_tree
-from contree.errors import Unprocessable
+from contree.errors import BadRequest, Forbidden, Unprocessable
 from contree.oci.auth import Credentials, TokenCache
 from contree.oci.extract import ExtractLimits, LayerStats, extract_layer
 from contree.oci.manifest import ImageDefaults, Platform, decode_config, defaults_of
@@ -58,6 +58,9 @@ class ImportOptions(msgspec.Struct, frozen=True, kw_only=True):
     limits: ExtractLimits = ExtractLimits()
     max_image_bytes: int = 64 * 1024**3
     timeouts: Timeouts = Timeouts()
+    # Directories local sources (archives, layout dirs) must resolve into; None allows any path the
+    # engine can read. Front ends serving remote users should pass their allowed roots.
+    local_roots: tuple[str, ...] | None = None
 
 
 def default_options() -> ImportOptions:
@@ -108,9 +111,23 @@ def open_source(
             token_cache=token_cache,
         )
     assert isinstance(source, LocalSource)
+    _check_local_path(source.path, options.local_roots)
     if source.kind == "docker-archive":
         return DockerArchiveSource(source)
     return LocalLayoutSource(source)
+
+
+def _check_local_path(path: str, roots: tuple[str, ...] | None) -> None:
+    if not os.path.isabs(path):
+        raise BadRequest(f"local image sources need an absolute path, got {path!r}")
+    if roots is None:
+        return
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip("/") + "/"):
+            return
+    raise Forbidden(f"{path!r} is outside the directories allowed for local image sources")
 
 
 class _Reporter:

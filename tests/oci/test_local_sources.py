@@ -11,8 +11,8 @@ import pytest
 
 from contree import api
 from contree.engine.store import Store
-from contree.errors import NotFound
-from contree.oci.importer import import_image
+from contree.errors import BadRequest, Forbidden, NotFound
+from contree.oci.importer import ImportOptions, import_image
 from contree.oci.registry import BlobDigestMismatch
 from tests.oci import harness, images
 from tests.oci.conftest import store_is_empty
@@ -105,3 +105,24 @@ async def test_missing_archive_is_not_found(store: Store, tmp_path: Path) -> Non
     with pytest.raises(NotFound):
         await import_image(store, request(f"oci-archive:{tmp_path / 'nope.tar'}"))
     assert store_is_empty(store)
+
+
+async def test_local_roots_confine_local_sources(store: Store, pushed: str, tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    archive = allowed / "img.tar"
+    skopeo_copy(pushed, f"oci-archive:{archive}")
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(archive.read_bytes())
+    (allowed / "link.tar").symlink_to(outside)
+    opts = ImportOptions(local_roots=(str(allowed),))
+    rec = await import_image(store, request(f"oci-archive:{archive}"), options=opts)
+    check_multi(store, rec)
+    with pytest.raises(Forbidden, match="outside the directories allowed"):
+        await import_image(store, request(f"oci-archive:{allowed / 'link.tar'}"), options=opts)
+    with pytest.raises(Forbidden):
+        await import_image(store, request(f"oci-archive:{allowed}/../outside.tar"), options=opts)
+    with pytest.raises(Forbidden):
+        await import_image(store, request("docker-archive:/etc/passwd"), options=opts)
+    with pytest.raises(BadRequest, match="absolute path"):
+        await import_image(store, request("oci-archive:relative.tar"))
