@@ -298,6 +298,7 @@ MAX_PATTERN_CHARS = 1024
 MAX_PATHS = 16
 LINE_CAP = 4096
 GREP_DEADLINE = 30.0
+FALLBACK_MAX_FILE = 64 * 1024 * 1024
 _CASES = ("sensitive", "insensitive", "smart")
 
 
@@ -497,6 +498,8 @@ def _glob_verdict(globs: list[str], rel: str, is_dir: bool) -> bool:
 
 def _search_file(r: Resolver, node: Node, rx: re.Pattern[bytes], q: GrepQuery, display: str,
                  out: _Collector) -> bool:
+    if node.st.st_size > FALLBACK_MAX_FILE:
+        return True  # the fallback holds a file in memory; ripgrep has no such limit
     fd = r.open_file(node)
     with os.fdopen(fd, "rb") as f:
         data = f.read()

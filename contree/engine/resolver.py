@@ -271,11 +271,19 @@ class Resolver:
         yield top
         if not top.is_dir:
             return
-        for name, node in self.listdir(top):
-            if node.is_dir:
-                yield from self.walk(self.child_dir(top, name))
-            else:
+        # An explicit stack of listings: images may nest deeper than Python's recursion limit.
+        stack = [(top, iter(self.listdir(top)))]
+        while stack:
+            parent, entries = stack[-1]
+            for name, node in entries:
+                if node.is_dir:
+                    child = self.child_dir(parent, name)
+                    yield child
+                    stack.append((child, iter(self.listdir(child))))
+                    break
                 yield node
+            else:
+                stack.pop()
 
     # ---- reading ------------------------------------------------------------------------------------
 

@@ -248,3 +248,23 @@ def test_whiteout_and_opaque_dir_in_the_middle_of_the_stack(store: Store) -> Non
             r.lookup("/gone")
         with pytest.raises(FileNotFoundError):
             r.lookup("/b/x")
+
+
+def test_walk_handles_trees_deeper_than_the_recursion_limit(store: Store) -> None:
+    stage = store.staging_dir()
+    fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):  # built with dir fds: the host path would exceed PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("deep")
+    finally:
+        os.close(fd)
+    image = store.create_image_from_layer_dir(stage)
+    with Resolver(store.layer_paths(image)) as r:
+        nodes = list(r.walk(r.lookup("/")))
+        assert len(nodes) == 1202 and nodes[-1].path.endswith("/d/leaf")
+        assert [n.path.count("/") for n in nodes[:3]] == [1, 1, 2]
