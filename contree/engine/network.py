@@ -489,9 +489,13 @@ class NetworkManager:
                     f"netns add {netns}",
                     f"link add {host_if} type veth peer name eth0 netns {netns}",
                     f"addr add {host_ip}/30 dev {host_if}",
+                    # No IPv6 link-local address: the filter is IPv4 only, so the host must not be
+                    # reachable over IPv6 on this link at all.
+                    f"link set {host_if} addrgenmode none",
                     f"link set {host_if} up", ""]))
                 await _run("ip", "-n", netns, "-b", "-", stdin="\n".join([
-                    f"addr add {sbx_ip}/30 dev eth0", "link set eth0 up", "link set lo up",
+                    f"addr add {sbx_ip}/30 dev eth0", "link set eth0 addrgenmode none", "link set eth0 up",
+                    "link set lo up",
                     f"route add default via {host_ip}", ""]))
             except NetworkError:
                 await self.teardown(net)
