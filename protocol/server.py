@@ -98,6 +98,7 @@ class ServerSession:
         self._flush_lock = asyncio.Lock()
         self._pending: dict[RequestId, asyncio.Future[Response]] = {}
         self._next_id = 0
+        self._flush_task: asyncio.Task[None] | None = None  # referenced so it is not collected mid-flight
 
     @property
     def protocol_version(self) -> str | None:
@@ -286,7 +287,11 @@ class ServerSession:
     def set_default_sink(self, sink: Sink | None) -> None:
         self._default_sink = sink
         if sink is not None and self._buffer:
-            asyncio.get_running_loop().create_task(self._flush())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop yet: the buffer goes out with the next unrelated message
+            self._flush_task = loop.create_task(self._flush())
 
     async def send_unrelated(self, message: bytes) -> None:
         """list_changed, resources/updated, logs outside a call: the GET stream / stdout, else buffered."""
