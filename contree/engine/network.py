@@ -256,7 +256,8 @@ class NetworkManager:
         self.tag = f"{random.getrandbits(16):04x}"
         self.chain = f"CT-{self.tag}"
         self.if_prefix = f"ct{self.tag}"
-        self.resolvers = [r for r in host_resolvers()]
+        # A loopback resolver (systemd-resolved's 127.0.0.53) would be the sandbox's own lo.
+        self.resolvers = [r for r in host_resolvers() if not ipaddress.ip_address(r).is_loopback]
         self._rules_installed = False
         self._tag_fd = -1
         self._seq = 0

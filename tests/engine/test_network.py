@@ -194,7 +194,7 @@ async def test_networking_off_gives_only_loopback(runtime: SandboxRuntime, rootf
 
 async def test_resolv_conf_points_at_the_host_resolver(runtime: SandboxRuntime, rootfs: Path) -> None:
     r = await run(runtime, rootfs, "cat /etc/resolv.conf")
-    resolvers = netmod.host_resolvers()
+    resolvers = [x for x in netmod.host_resolvers() if not x.startswith("127.")]
     assert r.out == "".join(f"nameserver {x}\n" for x in resolvers[:3])
     assert r.network.configured.nameserver == (resolvers[0] if resolvers else None)
 
@@ -243,6 +243,15 @@ async def test_a_dead_owners_netns_is_removed_when_its_slot_is_reused(tmp_path: 
         assert not (NETNS_DIR / stale).exists()
     finally:
         netmod.delete_netns(stale)
+
+
+def test_loopback_resolvers_are_not_handed_to_sandboxes(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\nnameserver 9.9.9.9\nnameserver ::1\n")
+    real = netmod.host_resolvers
+    monkeypatch.setattr(netmod, "host_resolvers", lambda: real(conf))
+    assert NetworkManager("nat", ipam_dir=tmp_path).resolvers == ["9.9.9.9"]
 
 
 def _chains() -> str:
