@@ -212,6 +212,8 @@ async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Name
     from tools.docs_site import docs_routes
 
     settings = HttpSettings(listen=args.http_listen, port=args.http_port, auth_token=args.http_token)
-    routes = docs_routes(registry, state, listen=args.http_listen, port=args.http_port)
+    routes = docs_routes(
+        registry, state, listen=args.http_listen, port=args.http_port, token=bool(args.http_token)
+    )
     log.info("serving MCP at http://%s:%d/mcp (docs at /)", args.http_listen, args.http_port)
     await serve(server, settings, extra_routes=routes)

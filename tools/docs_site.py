@@ -52,13 +52,17 @@ def page(title: str, current: str, body: str, *, version: str) -> str:
     )
 
 
-def setup_body(state: ServerState, listen: str, port: int) -> str:
+def setup_body(state: ServerState, listen: str, port: int, token: bool) -> str:
     host = "localhost" if listen in ("127.0.0.1", "0.0.0.0", "::", "::1") else listen
     url = f"http://{host}:{port}/mcp"
     backend = "--backend local" if state.backend_kind == "local" else "--backend contree"
     snippets = [
         ("Claude Code (stdio)", f"claude mcp add --transport stdio contree -- contree-mcp {backend}"),
-        ("Claude Code (HTTP)", f"claude mcp add --transport http contree {url}"),
+        (
+            "Claude Code (HTTP)",
+            f"claude mcp add --transport http contree {url}"
+            + (' --header "Authorization: Bearer $CONTREE_MCP_HTTP_TOKEN"' if token else ""),
+        ),
         (
             "Codex CLI (~/.codex/config.toml)",
             f'[mcp_servers.contree]\ncommand = "contree-mcp"\nargs = ["{backend.split()[0]}", '
@@ -212,10 +216,12 @@ def guides_body(state: ServerState) -> str:
     return "".join(parts)
 
 
-def render_site(registry: Registry, state: ServerState, *, listen: str, port: int) -> dict[str, str]:
+def render_site(
+    registry: Registry, state: ServerState, *, listen: str, port: int, token: bool = False
+) -> dict[str, str]:
     version = registry.version or ""
     bodies = {
-        "/": setup_body(state, listen, port),
+        "/": setup_body(state, listen, port, token),
         "/instructions": markdown.render(registry.instructions or "", heading_offset=1),
         "/tools": tools_body(registry),
         "/resources": resources_body(registry),
@@ -225,8 +231,11 @@ def render_site(registry: Registry, state: ServerState, *, listen: str, port: in
     return {path: page(title, path, bodies[path], version=version) for path, title in PAGES}
 
 
-def docs_routes(registry: Registry, state: ServerState, *, listen: str, port: int) -> list[web.RouteDef]:
-    pages = render_site(registry, state, listen=listen, port=port)
+def docs_routes(
+    registry: Registry, state: ServerState, *, listen: str, port: int, token: bool = False
+) -> list[web.RouteDef]:
+    """GET routes for every page; `token` says clients must send a bearer token (shown in the snippets)."""
+    pages = render_site(registry, state, listen=listen, port=port, token=token)
 
     def handler(path: str):
         body = pages[path]

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from contree.backend import Backend
-from contree.errors import BackendError, Gone, NotFound, TooEarly, Unavailable
+from contree.errors import BackendError, Gone, TooEarly, Unavailable
 from tools.convert import TERMINAL, as_dict
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,8 @@ async def follow_until_terminal(
             failures += 1
             await asyncio.sleep(min(exc.retry_after or POLL_INTERVAL, 5.0))
             continue
-        except NotFound:
-            raise
         except (BackendError, NotImplementedError, OSError) as exc:
+            # includes 404: CANCELLED operations drop their event log; get_operation below tells the truth
             log.debug("event stream of %s unavailable (%s); polling", operation_id, exc)
             failures += 1
         op = as_dict(await backend.get_operation(operation_id))

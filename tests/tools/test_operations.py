@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 
@@ -152,3 +153,20 @@ async def test_run_result_never_echoes_env_and_reports_truncation(tmp_path: Path
     assert result["stdout"] == "y" * 10 and result["stdout_truncated"] is True
     assert result["stdout_resource"].endswith("/stdout")
     assert backend.spawned[0].env == {"API_KEY": "s3cr3t-value"}
+
+
+async def test_run_wait_survives_an_event_log_that_is_gone(tmp_path: Path) -> None:
+    """A CANCELLED operation's event log may 404; the wait reads the real status instead of failing."""
+    from contree.errors import NotFound
+
+    backend = FakeBackend()
+
+    async def no_log(operation_id: str, **kwargs: object) -> Any:
+        backend.ops[operation_id]["status"] = "CANCELLED"
+        raise NotFound("event log dropped")
+        yield  # pragma: no cover
+
+    backend.events = no_log  # type: ignore[method-assign]
+    reg, _ = make_registry(backend, tmp_path)
+    out = await call(reg, "run", {"command": "sleep 9", "image": "busybox:latest"})
+    assert not out.get("isError") and out["structuredContent"]["result"]["status"] == "CANCELLED"

@@ -30,6 +30,8 @@ async def test_http_mode_with_bearer_token(engine_home: Path, workdir: Path) -> 
                 assert resp.status == 401
             async with http.get(f"{base}/tools") as resp:
                 assert resp.status == 200 and "wait_operations" in await resp.text()
+            async with http.get(f"{base}/") as resp:
+                assert "Authorization: Bearer $CONTREE_MCP_HTTP_TOKEN" in await resp.text()
         headers = {"Authorization": f"Bearer {TOKEN}"}
         async with streamablehttp_client(f"{base}/mcp", headers=headers) as (read, write, _):
             async with ClientSession(read, write) as s:
