@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import tarfile
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from .conftest import require_binary
 
 Grep = Callable[..., Awaitable[api.GrepResult]]
 Mutate = Callable[[Store, ImageRecord, Callable[[Path], object]], Path]
+HOST_PASSWD_LINE = Path("/etc/passwd").read_text().splitlines()[0]
 LONG = "d" * 60 + "/" + "e" * 60 + "/" + "f" * 80 + ".txt"
 
 
@@ -31,7 +33,7 @@ def image(store: Store, mutate: Mutate) -> ImageRecord:
     """Two layers: a base tree, then a layer that deletes, adds and links (the view inspect must show)."""
     stage = store.staging_dir()
     files = {
-        "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+        "etc/passwd": "root:x:0:0:root:/root:/bin/sh-in-image\nalice:x:1000:1000::/home/alice:/bin/sh\n",
         "etc/group": "root:x:0:\nstaff:x:1000:\n",
         "etc/hostname": "image-hostname\n",
         "src/app.py": "import os\nprint('Hello')\n# TODO: fix\nx = 1\n",
@@ -263,3 +265,11 @@ async def test_grep_errors(grep: Grep, image: ImageRecord) -> None:
         await grep(image, pattern=["x"], case="loud")
     with pytest.raises(BadRequest):
         await grep(image, pattern=["x"], before=51)
+
+
+async def test_grep_roots_through_hostile_links_stay_in_the_image(grep: Grep, image: ImageRecord) -> None:
+    inside = await grep(image, pattern=["image-hostname"], path=["/etc/evil", "/rootlink/rootlink/etc"])
+    assert [p for p, _, _ in _hits(inside)] == ["/etc/evil", "/rootlink/rootlink/etc/hostname"]
+    host = re.escape(HOST_PASSWD_LINE)  # differs from the image's first line (/bin/sh)
+    outside = await grep(image, pattern=[host], path=["/rootlink/etc", "/src/up", "/etc/evil"])
+    assert outside.matches == []
