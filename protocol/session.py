@@ -57,6 +57,7 @@ SYNC_METHODS = frozenset(
 # Methods that run registry handlers (awaitable, cancellable).
 ASYNC_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
 MAX_INFLIGHT = 1024
+MAX_SUBSCRIPTIONS = 1024
 TOO_MANY_REQUESTS = -32000  # implementation-defined range
 _LIST_KINDS = {
     "tools/list": "tools",
@@ -262,9 +263,13 @@ class Session:
                     self.set_level(params.get("level"))
                     result = b"{}"
                 elif method == "resources/subscribe":
-                    self.subscriptions.add(self._uri(params))
+                    uri = self._uri(params)
+                    self.registry.find_resource(uri)  # ResourceNotFound (-32002) for URIs nobody serves
+                    if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+                        raise InvalidParams("Too many subscriptions in this session")
+                    self.subscriptions.add(uri)
                     result = b"{}"
-                else:  # resources/unsubscribe
+                else:  # resources/unsubscribe: always succeeds for a well-formed URI
                     self.subscriptions.discard(self._uri(params))
                     result = b"{}"
         except McpError as exc:
@@ -318,7 +323,6 @@ class Session:
         uri = params.get("uri")
         if type(uri) is not str:
             raise InvalidParams('Invalid params: "uri" must be a string')
-        self.registry.find_resource(uri)  # ResourceNotFound (-32002) for URIs nobody serves
         return uri
 
     # ------------------------------------------------------------ notifications

@@ -545,3 +545,16 @@ def test_session_ids_are_long_random_visible_ascii() -> None:
     for sid in ids:
         assert len(sid) * 6 >= 128 and all(0x21 <= ord(c) <= 0x7E for c in sid)
         assert server.get_session(sid) is not None
+
+
+async def test_unsubscribe_is_lenient(ready: Harness) -> None:
+    assert await ready.result("resources/unsubscribe", {"uri": "test://never-subscribed"}) == {}
+
+
+async def test_subscriptions_are_bounded(ready: Harness) -> None:
+    from protocol import session as session_module
+
+    ready.session.core.subscriptions.update(f"x://{i}" for i in range(session_module.MAX_SUBSCRIPTIONS))
+    assert (
+        error_code(await ready.request("resources/subscribe", {"uri": "test://watched-resource"})) == -32602
+    )
