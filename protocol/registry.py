@@ -185,7 +185,11 @@ class Registry:
             if name in self.tools:
                 raise ValueError(f"tool {name!r} registered twice")
             hints = typing.get_type_hints(fn, localns=localns)
-            params = [p for p in inspect.signature(fn).parameters.values() if p.name != "ctx"]
+            params = [
+                p
+                for p in inspect.signature(fn).parameters.values()
+                if p.name != "ctx" and hints.get(p.name) is not RequestContext
+            ]
             params_type: Any = hints.get(params[0].name, dict) if params else None
             if params_type is None:
                 in_schema = input_schema or {"type": "object", "additionalProperties": False}

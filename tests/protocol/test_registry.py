@@ -216,3 +216,19 @@ async def test_types_local_to_the_registering_function_resolve() -> None:
     await h.initialize()
     result = await h.result("tools/call", {"name": "double", "arguments": {"n": 4}})
     assert result["structuredContent"] == {"doubled": 8}
+
+
+async def test_context_parameter_is_found_by_its_annotation() -> None:
+    r = Registry("t", "1")
+
+    @r.tool("no_args", description="context under another name")
+    async def no_args(context: RequestContext) -> str:
+        return context.protocol_version
+
+    h = Harness(r)
+    await h.initialize("2025-06-18")
+    tools = (await h.result("tools/list"))["tools"]
+    assert tools[0]["inputSchema"] == {"type": "object", "additionalProperties": False}
+    assert (await h.result("tools/call", {"name": "no_args"}))["structuredContent"] == {
+        "result": "2025-06-18"
+    }
