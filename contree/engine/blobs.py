@@ -11,6 +11,7 @@ Layout under `root` (the engine's `blobs/`, same filesystem as the rest of the s
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -212,6 +213,29 @@ class BlobStore:
             return None
         path = self.files_dir / row[0]
         return path if path.is_file() else None
+
+    def gc(self, older_than: float) -> builtins.list[str]:
+        """Forget uploads not (re-)uploaded for `older_than` seconds, and chunks as old; returns the
+        removed sha256s. Injected files were copied into layers, so no image needs its blob later."""
+        cutoff = time.time() - older_than
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                doomed = [r[0] for r in self._db.execute("SELECT sha256 FROM files WHERE updated_at < ?",
+                                                         (cutoff,))]
+                self._db.execute("DELETE FROM files WHERE updated_at < ?", (cutoff,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        for digest in doomed:
+            (self.files_dir / digest).unlink(missing_ok=True)
+        for shard in self.chunks_dir.iterdir():
+            for chunk in shard.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if chunk.stat().st_mtime < cutoff:
+                        chunk.unlink()
+        return doomed
 
     # ---- sync chunks (xxh3-128) -----------------------------------------------------------------------
 

@@ -201,3 +201,19 @@ def test_inject_into_a_merged_overlay_lands_in_the_upper(store: Store, busybox_i
     assert (upper / "bin" / "sh").read_bytes() == b"payload"
     assert Path("/bin/busybox").stat().st_size > 1000  # the lower busybox binary was not touched
     assert (store.layer_path(busybox_image.layers[0]) / "bin" / "busybox").stat().st_size > 1000
+
+
+def test_gc_forgets_only_old_uploads_and_chunks(blobs: BlobStore) -> None:
+    old = blobs.put_bytes(b"old")
+    chunk = xxhash.xxh3_128_hexdigest(b"c")
+    blobs.put_chunk(chunk, b"c")
+    assert blobs.gc(older_than=3600) == []
+    fresh = blobs.put_bytes(b"fresh")
+    blobs._db.execute("UPDATE files SET updated_at = updated_at - 7200 WHERE uuid = ?", (old.uuid,))
+    os.utime(blobs.chunks_dir / chunk[:2] / chunk, (0, 0))
+    assert blobs.gc(older_than=3600) == [old.sha256]
+    assert blobs.path_for(old.uuid) is None and not (blobs.files_dir / old.sha256).exists()
+    assert blobs.path_for(fresh.uuid) is not None
+    assert blobs.has_chunks([chunk]) == set()
+    with pytest.raises(NotFound):
+        blobs.get(old.sha256)
