@@ -25,22 +25,20 @@ def require_engine_host() -> None:
 
 
 def seed_busybox(home: Path) -> str:
-    """Bootstrap busybox:latest into an engine home (what `contree-mcp images bootstrap` does)."""
-    from contree.engine.bootstrap import build_busybox_rootfs
-    from contree.engine.store import ImageConfig, Store
+    """Bootstrap busybox:latest into an engine home with the real subcommand; returns its UUID."""
+    import subprocess
 
-    home.mkdir(parents=True, exist_ok=True)
-    store = Store(home)
-    try:
-        stage = store.staging_dir("seed")
-        build_busybox_rootfs(stage / "layer")
-        image = store.create_image_from_layer_dirs(
-            [stage / "layer"], config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]), tag=BUSYBOX_TAG
-        )
-        shutil.rmtree(stage, ignore_errors=True)
-        return image.uuid
-    finally:
-        store.close()
+    out = subprocess.run(
+        [*server_command(), "images", "bootstrap", "--home", str(home), "--only", "busybox"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if out.returncode != 0:
+        pytest.fail(f"contree-mcp images bootstrap failed: {out.stderr}")
+    tag, uuid = out.stdout.strip().splitlines()[-1].split("\t")
+    assert tag == BUSYBOX_TAG
+    return uuid
 
 
 @pytest.fixture
