@@ -35,6 +35,8 @@ from contree.oci.sources import BlobSource, DockerArchiveSource, LayerRef, Local
 # Image UUIDs of imports are uuid5(namespace, manifest digest): the same manifest → the same UUID.
 IMPORT_NAMESPACE = uuidlib.UUID("9d7c1f0e-3a52-4c55-9b8e-0c6f1b7e2d41")
 DOWNLOAD_CONCURRENCY = 3
+# Two imports of the same image may race to register it; registration is short, so serialise it.
+_COMMIT_LOCK = threading.Lock()
 EXTRACT_CONCURRENCY = 2
 
 
@@ -329,6 +331,20 @@ async def _extract_in_thread(
 
 
 def _commit(
+    store: Store,
+    staged: dict[str, Path],
+    ids: list[str],
+    config: ImageConfig,
+    tag: str | None,
+    uuid: str,
+    operation_id: str | None,
+    key: str,
+) -> ImageRecord:
+    with _COMMIT_LOCK:
+        return _commit_locked(store, staged, ids, config, tag, uuid, operation_id, key)
+
+
+def _commit_locked(
     store: Store,
     staged: dict[str, Path],
     ids: list[str],

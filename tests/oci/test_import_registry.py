@@ -257,3 +257,11 @@ async def test_tls_registry_on_loopback_with_basic_auth(
             await import_image(store, request(f"{reg.host}/test/multi:v1", creds=(USER, "bad"), tag="x"))
     finally:
         reg.stop()
+
+
+async def test_concurrent_imports_of_one_image_agree(store: Store, open_registry: Registry, multi) -> None:
+    url = f"{open_registry.host}/test/multi:v1"
+    recs = await asyncio.gather(*(import_image(store, request(url)) for _ in range(3)))
+    assert {r.uuid for r in recs} == {image_uuid_for(multi.manifest_digest)}
+    assert len(store.list_images()) == 1
+    assert not os.listdir(store.tmp_dir)
