@@ -263,7 +263,7 @@ async def test_subscribers_hear_when_a_detached_run_ends(engine_home: Path, work
     async with mcp_session(engine_home, workdir, message_handler=on_message) as s:
         session: Any = s
         op = result(
-            await session.call_tool("run", {"command": "sleep 1", "image": "busybox:latest", "wait": False})
+            await session.call_tool("run", {"command": "sleep 2", "image": "busybox:latest", "wait": False})
         )
         uri = f"contree://operations/instance/{op['operation_id']}"
         await session.subscribe_resource(AnyUrl(uri))
