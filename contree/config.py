@@ -226,6 +226,40 @@ def _legacy(env: Mapping[str, str]) -> tuple[str | None, str | None, str | None]
     return token, url, where
 
 
+# 0.1.x server settings: (key, env var, mcp.ini section, mcp.ini option)
+_LEGACY_SERVER = (
+    ("mode", "CONTREE_MCP_MODE", "DEFAULT", "mode"),
+    ("log_level", "CONTREE_MCP_LOG_LEVEL", "DEFAULT", "log_level"),
+    ("http_listen", "CONTREE_MCP_HTTP_LISTEN", "http", "listen"),
+    ("http_port", "CONTREE_MCP_HTTP_PORT", "http", "port"),
+    ("cache_files", "CONTREE_MCP_CACHE_FILES", "cache", "files"),
+    ("cache_general", "CONTREE_MCP_CACHE_GENERAL", "cache", "general"),
+    ("cache_prune_days", "CONTREE_MCP_CACHE_PRUNE_DAYS", "cache", "prune_days"),
+)
+
+
+def legacy_server_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """0.1.x server options (`CONTREE_MCP_*` env > `mcp.ini`), for the CLI to use as lowest-precedence
+    defaults with a deprecation warning. Keys: mode, log_level, http_listen, http_port, cache_files,
+    cache_general, cache_prune_days; only those that are set."""
+    parser = _read_ini(_legacy_ini_path(env))
+    found: dict[str, str] = {}
+    for key, var, section, option in _LEGACY_SERVER:
+        value = env.get(var)
+        if not value and parser is not None:
+            if section == "DEFAULT":
+                value = parser.defaults().get(option)
+            elif parser.has_section(section):
+                value = parser.get(section, option, fallback=None)
+        if value:
+            found[key] = value
+    return found
+
+
+def _legacy_ini_path(env: Mapping[str, str]) -> Path:
+    return Path(env.get("CONTREE_MCP_CONFIG") or _home(env) / ".config" / "contree" / "mcp.ini").expanduser()
+
+
 def _flag(flags: Mapping[str, Any], name: str) -> str | None:
     value = flags.get(name)
     return str(value) if value not in (None, "") else None

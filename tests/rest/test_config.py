@@ -174,3 +174,18 @@ async def test_open_backend_builds_a_remote_client(env: dict[str, str]) -> None:
         assert repr(backend) == "RemoteBackend('http://127.0.0.1:9/v1')"
     finally:
         await backend.close()
+
+
+def test_legacy_server_settings(env: dict[str, str], tmp_path: Path) -> None:
+    from contree.config import legacy_server_settings
+
+    assert legacy_server_settings(env) == {}
+    ini = tmp_path / "old.ini"
+    ini.write_text("[DEFAULT]\nmode = http\n[http]\nport = 8000\nlisten = 0.0.0.0\n[cache]\nprune_days = 5\n")
+    env.update(CONTREE_MCP_CONFIG=str(ini), CONTREE_MCP_HTTP_PORT="9000")
+    assert legacy_server_settings(env) == {
+        "mode": "http",
+        "http_listen": "0.0.0.0",
+        "http_port": "9000",  # env beats the file
+        "cache_prune_days": "5",
+    }
