@@ -38,13 +38,7 @@ from contree.engine.oplog import (
     fold_process,
 )
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
-from contree.engine.spawn_recover import (
-    engine_id_for,
-    forget_network_tag,
-    recover_host,
-    remember_network_tag,
-    remove_dead_rules,
-)
+from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import InstanceRun, result_from_fold
 from contree.engine.store import ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
@@ -92,7 +86,6 @@ class LocalEngine:
         # A previous engine on this home may have died with sandboxes running: they pin mounts,
         # cgroups and netns, so they go first, then the store can unmount and clean its scratch space.
         actions = await asyncio.to_thread(recover_host, engine_id)
-        actions += await remove_dead_rules(self.home)
         if actions:
             log.warning("recovered after an unclean stop: %s", "; ".join(actions))
         self.store = await asyncio.to_thread(Store, self.home)
@@ -102,9 +95,6 @@ class LocalEngine:
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
         self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
-        tag = getattr(self.runtime.network, "tag", None)
-        if tag:
-            remember_network_tag(self.home, tag)
         self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
@@ -133,7 +123,6 @@ class LocalEngine:
             res = close_runtime()
             if asyncio.iscoroutine(res):
                 await res
-            forget_network_tag(self.home)
         if self.oplog is not None:
             self.oplog.close()
         if self.store is not None:

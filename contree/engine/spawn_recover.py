@@ -3,14 +3,14 @@
 The dead engine's containers keep running and pin their overlay mounts, cgroups and network
 namespaces. An engine home always uses the same engine id (derived from its path), so the next start
 finds that state by name: kill every process in the engine's cgroup tree, delete the runtime's
-container records, remove the cgroups, and free network slots whose owner is gone. Only then can the
-store unmount and delete the sandboxes' directories.
+container records and remove the cgroups. Only then can the store unmount and delete the sandboxes'
+directories. The dead engine's network namespaces and iptables rules are swept by the network
+manager itself when the new runtime starts (`network.sweep_dead_rules`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -23,7 +23,6 @@ from pathlib import Path
 
 from contree.engine import hostcheck
 from contree.engine.cgroups import CgroupManager
-from contree.engine.network import IPAM_DIR, NETNS_DIR, delete_netns
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def cgroup_parent_for(engine_id: str) -> str:
     return f"/contree-engine/{engine_id}"
 
 
-def recover_host(engine_id: str, *, ipam_dir: Path = IPAM_DIR) -> list[str]:
+def recover_host(engine_id: str) -> list[str]:
     """Kill and remove whatever sandboxes of `engine_id` survived their engine; returns what was done."""
     actions: list[str] = []
     # The dead engine's `crun run`/`crun exec` processes survive it (they run in their own session)
@@ -70,7 +69,6 @@ def recover_host(engine_id: str, *, ipam_dir: Path = IPAM_DIR) -> list[str]:
                                    capture_output=True, check=False, timeout=30)
             shutil.rmtree(root, ignore_errors=True)
             actions.append(f"removed runtime state {root}")
-    actions += free_dead_slots(ipam_dir)
     return actions
 
 
@@ -102,74 +100,3 @@ def _children(cgroups: CgroupManager) -> list[str]:
         with contextlib.suppress(OSError):
             names.update(p.name for p in d.iterdir() if p.is_dir())
     return sorted(names)
-
-
-def free_dead_slots(ipam_dir: Path = IPAM_DIR) -> list[str]:
-    """Delete the netns and veth named by network slots no live process holds (their flock is free)."""
-    actions: list[str] = []
-    if not ipam_dir.is_dir():
-        return actions
-    for lock in ipam_dir.rglob("*.lock"):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live sandbox owns it
-            parts = os.pread(fd, 4096, 0).decode(errors="replace").split()
-            if len(parts) != 2:
-                continue
-            netns, host_if = parts
-            if (NETNS_DIR / netns).exists():
-                delete_netns(netns)
-                actions.append(f"deleted netns {netns}")
-            if os.path.exists(f"/sys/class/net/{host_if}"):
-                subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False, timeout=30)
-                actions.append(f"deleted veth {host_if}")
-        finally:
-            os.close(fd)
-    return actions
-
-
-def tag_file(home: Path) -> Path:
-    return home / "runtime" / "network.tag"
-
-
-def remember_network_tag(home: Path, tag: str) -> None:
-    """The running engine's iptables chain tag, so a restart after a crash can remove its rules."""
-    path = tag_file(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tag)
-
-
-def forget_network_tag(home: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        tag_file(home).unlink()
-
-
-async def remove_dead_rules(home: Path) -> list[str]:
-    """Delete the iptables chains of the engine that died on this home (named by its saved tag)."""
-    from contree.engine.network import NetworkManager
-
-    path = tag_file(home)
-    try:
-        tag = path.read_text().strip()
-    except FileNotFoundError:
-        return []
-    if not tag or any(c not in "0123456789abcdef" for c in tag):
-        path.unlink()
-        return []
-    dead = NetworkManager("nat")
-    dead.tag, dead.chain, dead.if_prefix = tag, f"CT-{tag}", f"ct{tag}"
-    dead._rules_installed = True
-    try:
-        await dead.close()
-    except Exception as exc:  # the chains may never have been installed
-        log.debug("no iptables rules of %s to remove: %s", tag, exc)
-        return []
-    finally:
-        path.unlink()
-    return [f"removed iptables chains CT-{tag}-*"]

@@ -24,7 +24,7 @@ from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
 from contree.engine.oplog import INTERRUPTED
 from contree.engine.overlay import mounts_under
-from contree.engine.spawn_recover import cgroup_parent_for, engine_id_for, tag_file
+from contree.engine.spawn_recover import cgroup_parent_for, engine_id_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ async def main(home, tree, seed):
                 command=cmd, image=image, shell=True, networking=api.InstanceNetworking(enabled=n != 0)))
             if not announced:
                 announced = True
-                print("ready", flush=True)
+                print("ready", engine.runtime.network.tag, flush=True)
             async for ev in engine.events(spawned.uuid, follow=True):
                 pass
             op = await engine.get_operation(spawned.uuid)
@@ -152,13 +152,12 @@ async def test_sigkill_during_runs_and_commits_recovers(tmp_path: Path) -> None:
         try:
             assert child.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
-            assert line.strip() == b"ready", child.stderr.read().decode() if child.stderr else line
+            word, _, dead_tag = line.decode().strip().partition(" ")
+            assert word == "ready" and dead_tag, child.stderr.read().decode() if child.stderr else line
             await asyncio.sleep(rng.uniform(0.05, 1.2))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(30)
-        dead_tag = tag_file(home).read_text().strip()
-        assert dead_tag
         started = time.monotonic()
         await _restart_and_check(home, dead_tag)
         assert time.monotonic() - started < 60
