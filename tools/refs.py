@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import urllib.parse
 
 from contree.backend import Backend
 from protocol.errors import ToolError
@@ -50,8 +49,3 @@ async def resolve_image(backend: Backend, ref: str) -> str:
         return uuid
     assert tag is not None
     return await backend.resolve_tag(tag)
-
-
-def quote_segment(value: str) -> str:
-    """Percent-encode one URL path segment (`/` included) so a value can never change the route."""
-    return urllib.parse.quote(value, safe="")

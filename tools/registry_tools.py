@@ -14,13 +14,14 @@ from msgspec import Meta
 from contree import api
 from contree.errors import BackendError
 from contree.oci.credentials import PAT_PAGES, validate_credentials
-from contree.oci.reference import registry_host
+from contree.oci.reference import parse_source, registry_host
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.convert import TERMINAL, as_dict, operation_output
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, TokenObtainOutput
 from tools.refs import validate_tag
+from tools.roots import require_inside
 from tools.state import ServerState
 from tools.waiting import follow_until_terminal
 
@@ -215,7 +216,17 @@ GUIDES:
         url = params.registry_url.strip()
         tag = validate_tag(params.tag) if params.tag else None
         credentials: api.RegistryCredentials | None = None
-        if not url.startswith(LOCAL_SOURCES):
+        if url.startswith(LOCAL_SOURCES):
+            # a local archive is a host file like any other: only inside the allowed roots
+            try:
+                source = parse_source(url)
+            except BackendError as exc:
+                raise ToolError(str(exc)) from None
+            path = getattr(source, "path", "")
+            if not os.path.isabs(path):
+                raise ToolError(f"local image sources need an absolute path, got: {path}")
+            await asyncio.to_thread(require_inside, path, state.allowed_roots, "image source")
+        else:
             host = host_of(url)
             credentials = await credentials_for(state, ctx.principal, host)
             if credentials is None and not params.i_accept_that_anonymous_access_might_be_rate_limited:

@@ -283,3 +283,17 @@ def test_52_guides_name_real_fields_and_flags() -> None:
         assert gone not in text, gone
     for real in ("stdout_truncated", "filesystem_changed", "result_image", "pending", "--allowed-root"):
         assert real in text, real
+
+
+async def test_07_local_image_archives_are_read_only_inside_the_allowed_roots(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    root = tmp_path / "root"
+    root.mkdir()
+    reg, _ = make_registry(backend, tmp_path, roots=[root])
+    for url in ("oci-archive:/etc/shadow", "docker-archive:/root/x.tar", "oci:relative/layout"):
+        out = await call(reg, "import_image", {"registry_url": url})
+        assert out["isError"], url
+    assert backend.imports == []
+    (root / "img.tar").write_bytes(b"x")
+    ok = await call(reg, "import_image", {"registry_url": f"oci-archive:{root / 'img.tar'}"})
+    assert not ok.get("isError") and backend.imports[0].registry.url.endswith("img.tar")
