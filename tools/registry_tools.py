@@ -116,7 +116,7 @@ GUIDES:
             )
         opened = _can_open_browser(state)
         if opened:
-            asyncio.get_running_loop().create_task(_open_browser(url))
+            state.spawn_background(_open_browser(url), "open-browser")
         lead = f"Browser opened to {url}." if opened else f"Open {url} in a browser."
         return TokenObtainOutput(
             status="success",
