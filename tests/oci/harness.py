@@ -42,25 +42,47 @@ def require(binary: str, package: str) -> str:
     return path
 
 
+async def serve_app(app: Any) -> tuple[Any, int]:
+    """Start an aiohttp app on a socket already bound to 127.0.0.1:0 (no port race) → (runner, port)."""
+    from aiohttp import web
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner, int(sock.getsockname()[1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 15.0) -> None:
+def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Wait until `url` answers; with `proc`, only answers carrying the registry's API header count and
+    False is returned if `proc` exits first (e.g. its port was taken by someone else)."""
     deadline = time.monotonic() + timeout
     context = ssl._create_unverified_context() if url.startswith("https:") else None
     while True:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
-            urllib.request.urlopen(url, timeout=2, context=context).close()
-            return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer (401 included) means it is up
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
+                headers = r.headers
+        except urllib.error.HTTPError as exc:
+            headers = exc.headers  # any HTTP answer (401 included) means it is up
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+            continue
+        if proc is None or headers.get("Docker-Distribution-Api-Version") == "registry/2.0":
+            return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} answers but is not our registry")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -118,30 +140,34 @@ def start_registry(
     workdir: Path, storage: Path, auth: dict[str, Any] | None = None, tls: tuple[Path, Path] | None = None
 ) -> Registry:
     binary = require("docker-registry", "docker-registry")
-    port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}"},
-    }
-    if auth:
-        config["auth"] = auth
-    if tls:
-        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}  # type: ignore[index]
-    cfg = workdir / f"registry-{port}.yml"
-    cfg.write_text(json.dumps(config))  # JSON is YAML
-    log = open(workdir / f"registry-{port}.log", "wb")
-    proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    try:
-        wait_http(f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/")
-    except BaseException:
-        proc.kill()
+    for _attempt in range(5):  # a free port can be taken by another process before the registry binds it
+        port = free_port()
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+            "http": {"addr": f"127.0.0.1:{port}"},
+        }
+        if auth:
+            config["auth"] = auth
+        if tls:
+            config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
+        cfg = workdir / f"registry-{port}.yml"
+        cfg.write_text(json.dumps(config))  # JSON is YAML
+        log = open(workdir / f"registry-{port}.log", "wb")
+        proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            up = wait_http(f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/", proc=proc)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if up:
+            return Registry(host=f"127.0.0.1:{port}", storage=storage, proc=proc)
         proc.wait()
-        raise
-    return Registry(host=f"127.0.0.1:{port}", storage=storage, proc=proc)
+    raise RuntimeError(f"docker-registry did not start; see {workdir}/registry-*.log")
 
 
 def htpasswd(path: Path, user: str, password: str) -> None:

@@ -74,11 +74,7 @@ async def test_server_errors_are_not_invalid() -> None:
 
     app = web.Application()
     app.router.add_get("/v2/", v2)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = harness.free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    runner, port = await harness.serve_app(app)
     try:
         check = await validate_credentials(f"127.0.0.1:{port}", USER, PASSWORD)
         assert check.status == "unreachable"

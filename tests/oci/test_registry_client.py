@@ -35,11 +35,7 @@ class Fake:
 
 
 async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = harness.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
+    return await harness.serve_app(app)
 
 
 @pytest.fixture
