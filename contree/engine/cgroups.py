@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -331,3 +332,27 @@ class CgroupManager:
 
     def exists(self, name: str | None = None) -> bool:
         return any(d.exists() for d in self._all_dirs(name))
+
+
+def sweep_dead_parents(info: HostInfo, root: str, is_dead: Callable[[str], bool]) -> list[str]:
+    """Kill and remove the cgroups of engines under `root` that `is_dead(name)` says died without
+    closing: their sandboxes would otherwise run forever and their directories pile up."""
+    done: list[str] = []
+    mount = info.unified_root if info.cgroup_mode is CgroupMode.V2 else info.v1_controllers.get("pids")
+    base = (mount or CGROUP_ROOT) / root.strip("/")
+    try:
+        names = [e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return done
+    for name in names:
+        if not is_dead(name):
+            continue
+        mgr = CgroupManager(info, f"/{root.strip('/')}/{name}")
+        for sandbox in [p.name for p in _tree(base / name)[1:] if p.parent == base / name]:
+            mgr.kill_all(sandbox)
+        try:
+            mgr.remove(None, timeout=5.0)
+            done.append(f"removed the cgroups of dead engine {name}")
+        except OSError as exc:
+            log.warning("could not remove the cgroups of dead engine %s: %s", name, exc)
+    return done

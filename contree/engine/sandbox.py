@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import msgspec
 
 from contree.engine import hostcheck, oci_config, seccomp
-from contree.engine.cgroups import CgroupLimits, CgroupManager
+from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
 
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 RUN_DIR = Path("/run/contree-engine")
+CGROUP_ROOT_NAME = "/contree-engine"
 _SPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -377,6 +379,7 @@ class SandboxRuntime:
         self.rlimits = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
         self._seccomp_b64: str | None = None
         self._active: dict[str, RunningSandbox] = {}
+        self._lock_fd = -1
 
     @classmethod
     async def create(cls, config: RuntimeConfig) -> SandboxRuntime:
@@ -386,7 +389,11 @@ class SandboxRuntime:
             raise NoRuntimeAvailable("; ".join(problems))
         runtime, binary = select_runtime(info, config.runtime)
         engine_id = config.engine_id or secrets.token_hex(4)
-        parent = config.cgroup_parent or f"/contree-engine/{engine_id}"
+        lock_fd = await _lock_engine(engine_id)
+        swept = await asyncio.to_thread(sweep_dead_engines, info)
+        if swept:
+            log.warning("cleaned up after engines that died: %s", "; ".join(swept))
+        parent = config.cgroup_parent or f"{CGROUP_ROOT_NAME}/{engine_id}"
         cgroups = CgroupManager(info, parent)
         cgroups.setup_parent(CgroupLimits(memory_bytes=config.budget_memory_bytes, pids=config.budget_pids,
                                           cpu_quota=config.budget_cpus))
@@ -395,8 +402,10 @@ class SandboxRuntime:
                                                   ipam_dir=config.ipam_dir)
         except BaseException:
             cgroups.remove(None)
+            os.close(lock_fd)
             raise
         rt = cls(config, info, runtime, binary, cgroups, network, engine_id)
+        rt._lock_fd = lock_fd
         rt.root_dir.mkdir(parents=True, exist_ok=True)
         rt.bundles.mkdir(parents=True, exist_ok=True)
         if config.seccomp and runtime == "crun":
@@ -506,8 +515,66 @@ class SandboxRuntime:
         except Exception as exc:
             errors.append(f"cgroups: {exc}")
         shutil.rmtree(self.root_dir, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
+
+
+def _engine_lock_path(engine_id: str) -> Path:
+    return RUN_DIR / "engines" / f"{engine_id}.lock"
+
+
+def _try_engine_lock(engine_id: str) -> int:
+    path = _engine_lock_path(engine_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+async def _lock_engine(engine_id: str, patience: float = 10.0) -> int:
+    """Hold `engine_id` for the runtime's life. Another engine may briefly hold it while sweeping up
+    after a dead predecessor with the same id, so wait a little before giving up."""
+    deadline = time.monotonic() + patience
+    while True:
+        fd = _try_engine_lock(engine_id)
+        if fd >= 0:
+            return fd
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"engine id {engine_id} is held by another live engine")
+        await asyncio.sleep(0.05)
+
+
+def sweep_dead_engines(info: HostInfo) -> list[str]:
+    """Kill the sandboxes of engines that died without closing and remove their cgroups and runtime
+    state. An engine is alive while it holds its lock file under /run/contree-engine/engines/."""
+    held: dict[str, int] = {}
+
+    def is_dead(name: str) -> bool:
+        fd = _try_engine_lock(name)
+        if fd < 0:
+            return False
+        held[name] = fd  # keep it while cleaning, so a successor waits for us
+        return True
+
+    try:
+        done = sweep_dead_parents(info, CGROUP_ROOT_NAME, is_dead)
+        for name in held:
+            for rt in ("crun", "runc", "runsc"):
+                root = RUN_DIR / f"{rt}-{name}"
+                if root.is_dir():
+                    shutil.rmtree(root, ignore_errors=True)
+                    done.append(f"removed runtime state {root}")
+        return done
+    finally:
+        for fd in held.values():
+            os.close(fd)
 
 
 def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import signal
 from collections.abc import AsyncIterator
@@ -242,3 +243,22 @@ async def test_the_engine_budget_limits_the_parent_cgroup(mount_guard: Path) -> 
             pids = rt.info.v1_controllers["pids"] / rt.cgroups.parent.lstrip("/")
             assert (mem / "memory.limit_in_bytes").read_text().strip() == str(1 << 30)
             assert (pids / "pids.max").read_text().strip() == "1000"
+
+
+async def test_sandboxes_of_an_engine_that_died_are_killed_by_the_next_one(mount_guard: Path,
+                                                                           rootfs: Path) -> None:
+    async with open_runtime(mount_guard / "a", network_mode="none") as dead:
+        sb = await dead.start(SandboxSpec(sandbox_id="orphan", rootfs=rootfs, argv=["sleep", "600"],
+                                          stdin=False, networking=False))
+        try:
+            await asyncio.sleep(0.2)
+            assert dead.cgroups.procs("orphan")
+            os.close(dead._lock_fd)  # what the kernel does when the engine process is SIGKILLed
+            dead._lock_fd = -1
+            async with open_runtime(mount_guard / "b", network_mode="none") as successor:
+                assert successor.engine_id != dead.engine_id
+                assert not dead.cgroups.exists(None), "the dead engine's cgroups are still there"
+                ex = await asyncio.wait_for(sb.wait(), 10)
+                assert ex.signal == signal.SIGKILL or ex.exit_code == 128 + signal.SIGKILL
+        finally:
+            await sb.cleanup()
