@@ -131,7 +131,10 @@ def remove_tree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         if mounts_under(path):
             raise OSError(errno.EBUSY, f"refusing to delete {path}: a filesystem is still mounted below it")
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except RecursionError:  # deeper than Python's stack: coreutils walks it iteratively
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", os.fspath(path)], check=True)
     else:
         path.unlink()
 

@@ -16,7 +16,7 @@ import pytest
 
 from contree.engine.overlay import mount_overlay, unmount
 from contree.engine.resolver import MAX_SYMLINKS, Resolver, normalize
-from contree.engine.store import ImageRecord, Store
+from contree.engine.store import ImageRecord, Store, remove_tree
 
 Mutate = Callable[[Store, ImageRecord, Callable[[Path], object]], Path]
 Entry = tuple[str, int, int, int, str]
@@ -252,19 +252,25 @@ def test_whiteout_and_opaque_dir_in_the_middle_of_the_stack(store: Store) -> Non
 
 def test_walk_handles_trees_deeper_than_the_recursion_limit(store: Store) -> None:
     stage = store.staging_dir()
-    fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+    layer = stage
     try:
-        for _ in range(1200):  # built with dir fds: the host path would exceed PATH_MAX
-            os.mkdir("d", dir_fd=fd)
-            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(1200):  # built with dir fds: the host path would exceed PATH_MAX
+                os.mkdir("d", dir_fd=fd)
+                nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+                f.write("deep")
+        finally:
             os.close(fd)
-            fd = nxt
-        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
-            f.write("deep")
+        image = store.create_image_from_layer_dir(stage)
+        layer = store.layer_path(image.layers[0])
+        with Resolver(store.layer_paths(image)) as r:
+            nodes = list(r.walk(r.lookup("/")))
+            assert len(nodes) == 1202 and nodes[-1].path.endswith("/d/leaf")
+            assert [n.path.count("/") for n in nodes[:3]] == [1, 1, 2]
     finally:
-        os.close(fd)
-    image = store.create_image_from_layer_dir(stage)
-    with Resolver(store.layer_paths(image)) as r:
-        nodes = list(r.walk(r.lookup("/")))
-        assert len(nodes) == 1202 and nodes[-1].path.endswith("/d/leaf")
-        assert [n.path.count("/") for n in nodes[:3]] == [1, 1, 2]
+        remove_tree(layer)  # pytest's own tmp cleanup recurses and would fail on this tree
+    assert not layer.exists()
