@@ -160,9 +160,7 @@ class InstanceRun:
             elif self.layer_error is not None:
                 record.status, record.error = FAILED, self.layer_error
             else:
-                if not self.request.disposable:
-                    await asyncio.to_thread(self._unmount, sandbox_dir)
-                    mounted = False
+                mounted = self.request.disposable  # _commit unmounts before it takes the upper dir
                 await self._commit(image, sandbox_dir, plan)
                 record.status = SUCCESS
         except SpawnFailed as exc:
@@ -389,6 +387,7 @@ class InstanceRun:
         upper = sandbox_dir / "upper"
 
         def commit() -> ImageRecord | None:
+            self._unmount(sandbox_dir)  # one thread hop for unmount + commit: both are on the latency path
             # work/ stays behind with the rest of the sandbox dir; only upper/ becomes the layer.
             child = store.commit_upper(upper, image, record.uuid, max_bytes,
                                        config if config != image.config else None)
