@@ -6,6 +6,7 @@ files with their digest verified, so the import pipeline is the same for all of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -262,6 +263,30 @@ class _TarReader:
         self.tar.close()
 
 
+async def _copy_in_thread(
+    reader: _LayoutReader, name: str, dest: str, layer: LayerRef, progress: Progress | None
+) -> None:
+    """Copy in a worker thread; progress is delivered on the event loop, and a cancelled caller waits
+    for the thread so nothing writes into the staging directory after it is removed."""
+    loop = asyncio.get_running_loop()
+    report: Progress | None = None
+    if progress is not None:
+        callback = progress
+
+        def report(n: int) -> None:
+            loop.call_soon_threadsafe(callback, n)
+
+    future = asyncio.ensure_future(
+        asyncio.to_thread(reader.copy, name, dest, layer.digest, layer.size, report)
+    )
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
+
+
 def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{_sha256_hex(digest)}"
 
@@ -323,9 +348,7 @@ class LocalLayoutSource:
 
     async def fetch(self, layer: LayerRef, dest: str, progress: Progress | None) -> None:
         async with self._lock:
-            await asyncio.to_thread(
-                self.reader.copy, _blob_name(layer.digest), dest, layer.digest, layer.size, progress
-            )
+            await _copy_in_thread(self.reader, _blob_name(layer.digest), dest, layer, progress)
 
     async def close(self) -> None:
         self.reader.close()
@@ -397,7 +420,7 @@ class DockerArchiveSource:
     async def fetch(self, layer: LayerRef, dest: str, progress: Progress | None) -> None:
         assert layer.path is not None
         async with self._lock:
-            await asyncio.to_thread(self.reader.copy, layer.path, dest, layer.digest, layer.size, progress)
+            await _copy_in_thread(self.reader, layer.path, dest, layer, progress)
 
     async def close(self) -> None:
         self.reader.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from contree import api
 from contree.engine.store import Store
 from contree.errors import BadRequest, Forbidden, NotFound
-from contree.oci.importer import ImportOptions, import_image
+from contree.oci.importer import ImportCancelled, ImportOptions, ImportProgress, import_image
 from contree.oci.registry import BlobDigestMismatch
 from tests.oci import harness, images
 from tests.oci.conftest import store_is_empty
@@ -126,3 +127,24 @@ async def test_local_roots_confine_local_sources(store: Store, pushed: str, tmp_
         await import_image(store, request("docker-archive:/etc/passwd"), options=opts)
     with pytest.raises(BadRequest, match="absolute path"):
         await import_image(store, request("oci-archive:relative.tar"))
+
+
+async def test_cancelled_local_import_stores_nothing(
+    store: Store, open_registry: Registry, tmp_path: Path
+) -> None:
+    big = [[harness.Entry(f"f{i}.bin", data=os.urandom(2_000_000)) for i in range(4)] for _ in range(3)]
+    harness.push_image(open_registry.host, "local/big", "v1", harness.build_image(big, compression="none"))
+    layout = tmp_path / "big"
+    skopeo_copy(f"docker://{open_registry.host}/local/big:v1", f"oci:{layout}:v1")
+    cancel = asyncio.Event()
+    seen: list[ImportProgress] = []
+
+    def on_progress(p: ImportProgress) -> None:
+        seen.append(p)
+        if p.bytes_done > 0:
+            cancel.set()
+
+    with pytest.raises(ImportCancelled):
+        await import_image(store, request(f"oci:{layout}:v1"), progress=on_progress, cancel_event=cancel)
+    assert store_is_empty(store)
+    assert any(p.bytes_done > 0 for p in seen)  # progress from the copy threads reached the loop
