@@ -94,6 +94,7 @@ class CgroupManager:
         self.info = info
         self.parent = parent.rstrip("/")
         self.v2 = info.cgroup_mode is CgroupMode.V2
+        self._v2_root = info.unified_root or CGROUP_ROOT
         self._oom_fds: dict[str, int] = {}
         self._oom_seen: dict[str, int] = {}
 
@@ -108,7 +109,7 @@ class CgroupManager:
         return mount / self._rel(name) if mount else None
 
     def _v2(self, name: str | None = None) -> Path:
-        return CGROUP_ROOT / self._rel(name)
+        return self._v2_root / self._rel(name)
 
     def _all_dirs(self, name: str | None = None) -> list[Path]:
         if self.v2:
@@ -127,7 +128,8 @@ class CgroupManager:
     # ---- creation and limits ----
 
     def _enable_v2_controllers(self, path: Path) -> None:
-        chain = [CGROUP_ROOT, *[p for p in reversed(path.parents) if CGROUP_ROOT in p.parents], path]
+        root = self._v2_root
+        chain = [root, *[p for p in reversed(path.parents) if root in p.parents], path]
         for node in chain[:-1]:
             try:
                 avail = set((node / "cgroup.controllers").read_text().split())

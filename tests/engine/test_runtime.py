@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import msgspec
 import pytest
 
 from contree.engine import hostcheck, oci_config, sandbox
+from contree.engine.cgroups import CgroupLimits, CgroupManager
 from contree.engine.hostcheck import CgroupMode, NoRuntimeAvailable
 from contree.engine.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
@@ -262,3 +264,25 @@ async def test_sandboxes_of_an_engine_that_died_are_killed_by_the_next_one(mount
                 assert ex.signal == signal.SIGKILL or ex.exit_code == 128 + signal.SIGKILL
         finally:
             await sb.cleanup()
+
+
+def test_v2_cgroups_kill_and_remove_through_the_unified_hierarchy() -> None:
+    """The v2 code path, exercised on whatever cgroup2 mount this host has (hybrid: no controllers)."""
+    info = hostcheck.detect()
+    assert info.unified_root is not None, "no cgroup2 hierarchy mounted"
+    v2 = msgspec.structs.replace(info, cgroup_mode=CgroupMode.V2, v1_controllers={})
+    mgr = CgroupManager(v2, f"/contree-test-{os.getpid()}")
+    mgr.setup_parent()
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        mgr.create("s1", CgroupLimits())
+        (info.unified_root / mgr.parent.lstrip("/") / "s1" / "cgroup.procs").write_text(str(proc.pid))
+        assert mgr.procs("s1") == [proc.pid]
+        mgr.kill_all("s1")
+        assert proc.wait(10) == -signal.SIGKILL
+        mgr.remove(None)
+        assert not mgr.exists(None)
+    finally:
+        proc.kill()
+        proc.wait()
+        mgr.remove(None)
