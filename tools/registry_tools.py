@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import webbrowser
 from typing import Annotated, Any
 
@@ -86,6 +87,28 @@ async def _open_browser(url: str) -> None:
         log.debug("could not open a browser: %s", exc)
 
 
+async def _elicit_url(ctx: RequestContext, host: str, url: str) -> str | None:
+    """Ask the client to open the token page (URL-mode elicitation, MCP 2025-11-25) when it can;
+    returns the user's action, or None when the client cannot or did not answer."""
+    capability = ctx.client_capabilities.get("elicitation")
+    if not isinstance(capability, dict) or "url" not in capability:
+        return None
+    params = {
+        "mode": "url",
+        "message": f"Create a read-only personal access token for {host}, then give your username and the "
+        "token to the agent.",
+        "url": url,
+        "elicitationId": secrets.token_urlsafe(16),
+    }
+    try:
+        answer = await ctx.request("elicitation/create", params, timeout=300)
+    except Exception as exc:
+        log.debug("URL elicitation failed: %s", exc)
+        return None
+    action = answer.get("action")
+    return action if isinstance(action, str) else None
+
+
 def register_auth(registry: Registry, state: ServerState) -> None:
     @registry.tool(
         name="registry_token_obtain",
@@ -114,10 +137,16 @@ GUIDES:
                 message=f"Unknown registry '{host}'. "
                 "Please consult the registry documentation for token creation.",
             )
-        opened = _can_open_browser(state)
+        action = await _elicit_url(ctx, host, url)
+        opened = action is None and _can_open_browser(state)
         if opened:
             state.spawn_background(_open_browser(url), "open-browser")
-        lead = f"Browser opened to {url}." if opened else f"Open {url} in a browser."
+        if action == "accept":
+            lead = f"The user's client opened {url}."
+        elif action is not None:
+            lead = f"The user did not open {url} ({action}); ask them to open it."
+        else:
+            lead = f"Browser opened to {url}." if opened else f"Open {url} in a browser."
         return TokenObtainOutput(
             status="success",
             registry=host,

@@ -70,6 +70,7 @@ async def mcp_session(
     cwd: Path,
     *extra: str,
     message_handler: Any = None,
+    elicitation_callback: Any = None,
     backend_args: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> AsyncIterator[object]:
@@ -92,7 +93,9 @@ async def mcp_session(
     )
     with open(cwd.parent / "server-stderr.log", "a") as errlog:  # noqa: ASYNC230
         async with stdio_client(params, errlog=errlog) as (read, write):
-            async with ClientSession(read, write, message_handler=message_handler) as session:
+            async with ClientSession(
+                read, write, message_handler=message_handler, elicitation_callback=elicitation_callback
+            ) as session:
                 await session.initialize()
                 yield session
 

@@ -98,3 +98,22 @@ async def test_server_info_and_instructions(engine_home: Path, workdir: Path) ->
     assert init.capabilities.completions is not None
     log = (workdir.parent / "stderr.log").read_text()
     assert all(line.startswith("[") for line in log.splitlines() if line.strip())
+
+
+async def test_token_page_is_offered_through_url_elicitation(engine_home: Path, workdir: Path) -> None:
+    from mcp.types import ElicitResult
+
+    asked: list[Any] = []
+
+    async def on_elicit(context: Any, params: Any) -> ElicitResult:
+        asked.append(params)
+        return ElicitResult(action="accept")
+
+    async with mcp_session(engine_home, workdir, elicitation_callback=on_elicit) as s:
+        session: Any = s
+        res = await session.call_tool("registry_token_obtain", {"registry_url": "ghcr.io"})
+        assert not res.isError
+        out = res.structuredContent
+    assert len(asked) == 1 and asked[0].mode == "url"
+    assert asked[0].url == "https://github.com/settings/tokens?type=beta" == out["url"]
+    assert out["message"].startswith("The user's client opened https://github.com/settings/tokens")
