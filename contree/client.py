@@ -38,6 +38,7 @@ AuthType = Literal["jwt", "iam"]
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ALWAYS_RETRY = frozenset((425, 429))
+HEALTHY_STREAM_SECONDS = 5.0
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
@@ -451,6 +452,7 @@ class RemoteBackend:
         failures = 0
         while True:
             response = await self._open_event_stream(operation_id, follow=follow, spid=spid, last_id=last_id)
+            opened = time.monotonic()
             broken = completed = False
             try:
                 parser = SseParser()
@@ -485,6 +487,8 @@ class RemoteBackend:
                 if status in api.TERMINAL_STATUSES:
                     follow = False
                     continue
+                if time.monotonic() - opened >= HEALTHY_STREAM_SECONDS:
+                    failures = 0  # a long quiet stream cut by a proxy is not a failing server
             failures += 1
             if failures > self.retries:
                 raise Unavailable(f"event stream of {operation_id} keeps failing; last event id {last_id}")

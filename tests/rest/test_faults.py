@@ -344,3 +344,38 @@ async def test_timed_out_get_is_retried_once_only(faulty: tuple[Script, RemoteBa
         await client.whoami()
     assert script.calls["GET /v1/whoami"] == 2
     assert time.monotonic() - start < 5
+
+
+def quiet_follow_routes(script: Script, running_for: int) -> None:
+    async def events(request: web.Request, n: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse.KEEPALIVE)
+        return response  # closes cleanly without any event
+
+    async def status(request: web.Request, n: int) -> web.Response:
+        state: api.OperationStatus = "EXECUTING" if n <= running_for else "SUCCESS"
+        return json(api.OperationResponse(uuid=OP, kind="instance", status=state))
+
+    script.routes[f"GET /v1/operations/{OP}/events"] = events
+    script.routes[f"GET /v1/operations/{OP}"] = status
+
+
+async def test_follow_gives_up_on_a_server_that_keeps_closing_at_once(
+    faulty: tuple[Script, RemoteBackend],
+) -> None:
+    script, client = faulty
+    quiet_follow_routes(script, running_for=1000)
+    with pytest.raises(Unavailable, match="keeps failing"):
+        _ = [e async for e in client.events(OP, follow=True)]
+    assert script.calls[f"GET /v1/operations/{OP}/events"] == 4  # first + 3 retries
+
+
+async def test_follow_survives_long_streams_cut_by_a_proxy(
+    faulty: tuple[Script, RemoteBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, client = faulty
+    monkeypatch.setattr("contree.client.HEALTHY_STREAM_SECONDS", 0.0)  # every stream counts as long
+    quiet_follow_routes(script, running_for=8)
+    assert [e async for e in client.events(OP, follow=True)] == []
+    assert script.calls[f"GET /v1/operations/{OP}/events"] == 10  # first, 8 reconnects, final drain
