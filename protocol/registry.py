@@ -146,6 +146,7 @@ class Registry:
         title: str | None = None,
         description: str | None = None,
         website_url: str | None = None,
+        announce_list_changes: bool = False,
     ) -> None:
         self.name = name
         self.version = version
@@ -153,6 +154,8 @@ class Registry:
         self.title = title
         self.description = description
         self.website_url = website_url
+        # True: capabilities declare listChanged and sessions get notifications/<kind>/list_changed.
+        self.announce_list_changes = announce_list_changes
         self.tools: dict[str, ToolDef] = {}
         self.resources: dict[str, ResourceDef] = {}
         self.templates: dict[str, TemplateDef] = {}

@@ -54,6 +54,11 @@ _CAPABILITY_FOR = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
+_LIST_CHANGED = {
+    "tools": "notifications/tools/list_changed",
+    "resources": "notifications/resources/list_changed",
+    "prompts": "notifications/prompts/list_changed",
+}
 MAX_PENDING_CLIENT_REQUESTS = 64
 DEFAULT_SINK_BUFFER = 256
 
@@ -63,6 +68,8 @@ class Server:
         self.registry = registry
         self.catalog = Catalog(registry, page_size)
         self.sessions: dict[str, ServerSession] = {}
+        self._announcements: set[asyncio.Task[None]] = set()
+        registry.add_listener(self._list_changed)
 
     def create_session(self, *, transport: str, principal: str | None = None) -> ServerSession:
         session = ServerSession(self, transport=transport, principal=principal)
@@ -78,6 +85,21 @@ class Server:
         for session in list(self.sessions.values()):
             if uri in session.core.subscriptions:
                 await session.send_unrelated(message)
+
+    def _list_changed(self, kind: str) -> None:
+        """Registry listener: announce the change to initialized sessions, if the registry declares it."""
+        if not self.registry.announce_list_changes or kind not in _LIST_CHANGED:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # registration before serving: nobody to tell yet
+        message = encode_notification(_LIST_CHANGED[kind])
+        for session in list(self.sessions.values()):
+            if session.core.protocol_version is not None:
+                task = loop.create_task(session.send_unrelated(message))
+                self._announcements.add(task)
+                task.add_done_callback(self._announcements.discard)
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

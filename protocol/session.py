@@ -292,10 +292,11 @@ class Session:
 
     def initialize_result(self, version: str) -> InitializeResult:
         r = self.registry
+        changes = r.announce_list_changes
         capabilities: dict[str, Any] = {
-            "tools": {"listChanged": False},
-            "resources": {"subscribe": True, "listChanged": False},
-            "prompts": {"listChanged": False},
+            "tools": {"listChanged": changes},
+            "resources": {"subscribe": True, "listChanged": changes},
+            "prompts": {"listChanged": changes},
             "logging": {},
         }
         if versions.has_annotations(version):

@@ -558,3 +558,37 @@ async def test_subscriptions_are_bounded(ready: Harness) -> None:
     assert (
         error_code(await ready.request("resources/subscribe", {"uri": "test://watched-resource"})) == -32602
     )
+
+
+async def _announcing_session(announce: bool) -> tuple[Harness, list[Any]]:
+    registry = Registry("t", "1", announce_list_changes=announce)
+    h = Harness(registry)
+    got: list[Any] = []
+
+    async def default(data: bytes) -> None:
+        got.append(msgspec.json.decode(data))
+
+    h.session.set_default_sink(default)
+    caps = (await h.initialize())["capabilities"]
+    assert caps["tools"]["listChanged"] is announce and caps["prompts"]["listChanged"] is announce
+
+    @registry.tool("late", description="registered while serving")
+    async def late(ctx: RequestContext) -> str:
+        return "x"
+
+    registry.list_changed("resources")
+    await asyncio.sleep(0.01)
+    return h, got
+
+
+async def test_list_changed_is_announced_when_declared() -> None:
+    _, got = await _announcing_session(True)
+    assert [m["method"] for m in got] == [
+        "notifications/tools/list_changed",
+        "notifications/resources/list_changed",
+    ]
+
+
+async def test_list_changed_is_silent_when_not_declared() -> None:
+    _, got = await _announcing_session(False)
+    assert got == []
