@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import msgspec
@@ -118,6 +119,48 @@ def _enable_forwarding() -> None:
 
 def _link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
+
+
+_CLONE_NEWNET = 0x40000000
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def parse_net_dev(text: str) -> list[InterfaceCounters]:
+    out = []
+    for line in text.splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        f = rest.split()
+        if len(f) >= 10:
+            out.append(InterfaceCounters(name=name.strip(), rx_bytes=int(f[0]), rx_packets=int(f[1]),
+                                         tx_bytes=int(f[8]), tx_packets=int(f[9])))
+    return out
+
+
+def netns_counters(netns_path: str) -> list[InterfaceCounters]:
+    """/proc/net/dev of another network namespace, read by a short-lived thread that joins it (a pool
+    thread must never be left in a foreign namespace)."""
+    result: list[object] = []
+
+    def inside() -> None:
+        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            with open("/proc/thread-self/net/dev") as fh:
+                result.append(fh.read())
+        except OSError as exc:
+            result.append(exc)
+        finally:
+            os.close(target)
+
+    t = threading.Thread(target=inside, name="netns-counters")
+    t.start()
+    t.join()
+    got = result[0] if result else OSError("no result")
+    if isinstance(got, BaseException):
+        raise got
+    assert isinstance(got, str)
+    return parse_net_dev(got)
 
 
 def _unified_root() -> Path:
@@ -562,7 +605,13 @@ class NetworkManager:
                     os.close(fd)
 
     def counters(self, net: SandboxNetwork) -> list[InterfaceCounters]:
-        """eth0 as the sandbox sees it: the host end's counters with rx/tx swapped."""
+        """Every interface as the sandbox sees it, read inside its namespace; for a veth whose
+        namespace cannot be entered, the host end's counters with rx/tx swapped."""
+        if net.netns_path and os.path.exists(net.netns_path):
+            try:
+                return netns_counters(net.netns_path)
+            except OSError as exc:
+                log.debug("counters of %s: %s", net.netns_path, exc)
         if not net.host_if:
             return []
         stats = Path(f"/sys/class/net/{net.host_if}/statistics")

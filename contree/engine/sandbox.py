@@ -285,7 +285,7 @@ class RunningSandbox:
 
     @property
     def network(self) -> NetworkInfo:
-        if not self._cleaned and self._net.host_if:
+        if not self._cleaned and self._net.netns_path:
             self._net.info.interfaces = self._rt.network.counters(self._net)
         return self._net.info
 
@@ -306,7 +306,7 @@ class RunningSandbox:
             minor_faults=ru.ru_minflt, major_faults=ru.ru_majflt, inblock=ru.ru_inblock,
             oublock=ru.ru_oublock, voluntary_switches=ru.ru_nvcsw, involuntary_switches=ru.ru_nivcsw,
             memory_peak_bytes=stats.memory_peak_bytes, cpu_usage_ns=stats.cpu_usage_ns, duration=duration)
-        if self._net.host_if:
+        if self._net.netns_path:
             self._net.info.interfaces = self._rt.network.counters(self._net)
         return self._exit
 

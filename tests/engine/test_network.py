@@ -152,6 +152,7 @@ async def test_nat_reaches_an_outside_host_masqueraded(runtime: SandboxRuntime, 
     assert r.network.configured.ip4 and r.network.configured.ip4.startswith("10.231.")
     eth0 = next(i for i in r.network.interfaces if i.name == "eth0")
     assert eth0.rx_bytes > 0 and eth0.tx_bytes > 0
+    assert {i.name for i in r.network.interfaces} == {"lo", "eth0"}
 
 
 async def test_host_services_are_refused(runtime: SandboxRuntime, rootfs: Path,
@@ -300,6 +301,8 @@ async def test_slirp_reaches_outside_but_not_the_host_or_private_ranges(mount_gu
     assert r.out.count("FAILED") == 3, r.out + r.err
     assert out_banner.peers == [outside_host.host_ip] and not priv_banner.peers and not host_banner.peers
     assert r.network.mode == "slirp" and r.network.configured.nameserver == "10.0.2.3"
+    tap0 = next(i for i in r.network.interfaces if i.name == "tap0")
+    assert tap0.rx_bytes > 0 and tap0.tx_bytes > 0
     assert helpers == [], "slirp4netns outlived its sandbox"
 
 
