@@ -452,8 +452,11 @@ class SandboxRuntime:
         bundle.mkdir(parents=True, exist_ok=False)
         net: SandboxNetwork | None = None
         try:
+            quota = spec.cpu_quota
+            if quota is not None and self.config.budget_cpus is not None:
+                quota = min(quota, self.config.budget_cpus)  # v1 refuses a child quota above its parent's
             self.cgroups.create(sid, CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit,
-                                                  cpu_quota=spec.cpu_quota))
+                                                  cpu_quota=quota))
             try:
                 if self.runtime == "runsc" and spec.networking:
                     # Debian's runsc (2022) refuses the prepared netns ("root network namespace").

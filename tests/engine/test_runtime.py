@@ -286,3 +286,10 @@ def test_v2_cgroups_kill_and_remove_through_the_unified_hierarchy() -> None:
         proc.kill()
         proc.wait()
         mgr.remove(None)
+
+
+async def test_a_sandbox_cpu_quota_above_the_engine_budget_is_clamped(mount_guard: Path,
+                                                                      rootfs: Path) -> None:
+    async with open_runtime(mount_guard, network_mode="none", budget_cpus=1.0) as rt:
+        r = await run(rt, rootfs, "echo ok", cpu_quota=2.0)
+    assert r.out == "ok\n" and r.exit.exit_code == 0
