@@ -209,6 +209,7 @@ class FakeContext:
         self.progress_calls: list[tuple[float, float | None, str | None]] = []
         self.logs: list[Any] = []
         self.updated: list[str] = []
+        self.client_capabilities: dict[str, Any] = {}
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         self.progress_calls.append((progress, total, message))
