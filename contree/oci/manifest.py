@@ -22,7 +22,8 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 MAX_LAYERS = 128
 
-# Layer media types we can unpack; foreign (Windows) or encrypted layers are refused.
+# Layer media types known to be tars (compression is detected from the bytes, so other types are
+# accepted too unless `unsupported_layer` says they cannot be unpacked here).
 LAYER_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.v1.tar",
@@ -180,3 +181,9 @@ def decode_config(data: bytes) -> ImageConfigBlob:
         return msgspec.json.decode(data, type=ImageConfigBlob)
     except msgspec.DecodeError as exc:
         raise Unprocessable(f"malformed image config: {exc}") from None
+
+
+def unsupported_layer(media_type: str) -> bool:
+    """Foreign (Windows base) and encrypted layers cannot be unpacked into a Linux rootfs."""
+    kind = media_type.lower()
+    return "foreign" in kind or "encrypted" in kind or "windows" in kind

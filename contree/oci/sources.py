@@ -31,6 +31,7 @@ from contree.oci.manifest import (
     decode_config,
     decode_manifest,
     pick_manifest,
+    unsupported_layer,
 )
 from contree.oci.reference import LocalSource, Reference
 from contree.oci.registry import BlobDigestMismatch, RegistryClient, Timeouts
@@ -76,7 +77,7 @@ def _layers_of(manifest: Manifest, config: bytes) -> list[LayerRef]:
         raise Unprocessable(f"image config lists {len(diff_ids)} diff ids for {len(manifest.layers)} layers")
     out = []
     for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
-        if desc.media_type and desc.media_type not in LAYER_TYPES:
+        if desc.media_type not in LAYER_TYPES and unsupported_layer(desc.media_type):
             raise Unprocessable(f"unsupported layer media type {desc.media_type!r}")
         _sha256_hex(desc.digest)
         _sha256_hex(diff_id)

@@ -265,3 +265,27 @@ async def test_concurrent_imports_of_one_image_agree(store: Store, open_registry
     assert {r.uuid for r in recs} == {image_uuid_for(multi.manifest_digest)}
     assert len(store.list_images()) == 1
     assert not os.listdir(store.tmp_dir)
+
+
+@pytest.mark.parametrize(
+    ("media_type", "ok"),
+    [
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", True),
+        ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", False),
+        ("application/vnd.oci.image.layer.v1.tar+gzip+encrypted", False),
+    ],
+)
+async def test_layer_media_types(store: Store, open_registry: Registry, media_type: str, ok: bool) -> None:
+    image = harness.build_image([[harness.Entry("m.txt", data=media_type.encode())]])
+    manifest = harness.json.loads(image.manifest)
+    manifest["layers"][0]["mediaType"] = media_type
+    for blob in image.blobs.values():
+        harness.push_blob(open_registry.host, "test/media", blob)
+    harness.push_manifest(open_registry.host, "test/media", "v1", harness.json.dumps(manifest).encode())
+    if ok:
+        rec = await import_image(store, request(f"{open_registry.host}/test/media:v1"))
+        assert (store.layer_paths(rec)[0] / "m.txt").read_text() == media_type
+    else:
+        with pytest.raises(Exception, match="unsupported layer media type"):
+            await import_image(store, request(f"{open_registry.host}/test/media:v1"))
+        assert store_is_empty(store)
