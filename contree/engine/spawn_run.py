@@ -19,6 +19,7 @@ import signal as signals
 import stat
 import time
 import uuid as uuidlib
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 READ_BYTES = 65536
 PUMP_GRACE = 5.0  # seconds to drain pipes after the process exited (grandchildren may hold them)
+STDIN_WRITE_LIMIT = 30.0  # seconds a write_stdin call waits for a child that does not read
 LAYER_POLL = 1.0  # seconds between size checks of a running sandbox's upper dir
 
 
@@ -249,8 +251,14 @@ class InstanceRun:
         if networking:
             events.append("network", network_data(sb), 0)
         proc = self._register(1, sb, _sandbox_pid(sb), plan, request.truncate_output_at, keep_open)
-        await self._feed_stdin(proc, stdin_data, close=not keep_open)
+        self._background(self._feed_stdin(proc, stdin_data, close=not keep_open))
         return proc
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Initial stdin goes in the background: a child that never reads must not stall the run."""
+        task = asyncio.create_task(coro)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     def _register(self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int,
                   keep_open: bool) -> Process:
@@ -453,9 +461,8 @@ class InstanceRun:
             raise Conflict(str(exc)) from None
         pid = handle.host_pid or handle._child.pid
         proc = self._register(spid, handle, int(pid), plan, spec.truncate_output_at, keep_open)
-        await self._feed_stdin(proc, stdin_data, close=not keep_open)
-        self._watchers.add(watcher := asyncio.create_task(self._watch(proc)))
-        watcher.add_done_callback(self._watchers.discard)
+        self._background(self._feed_stdin(proc, stdin_data, close=not keep_open))
+        self._background(self._watch(proc))
         return spid
 
     async def _wait_created(self, limit: float = 2.0) -> None:
@@ -500,7 +507,13 @@ class InstanceRun:
         proc = self._process(spid)
         if not proc.stdin_open or proc.exited.is_set():
             raise Conflict(f"stdin of process {spid} is closed")
-        await self._feed_stdin(proc, data, close=close)
+        # Shielded: on timeout the write goes on (a half-cancelled write would corrupt the stream).
+        write = asyncio.shield(self._feed_stdin(proc, data, close=close))
+        try:
+            await asyncio.wait_for(write, STDIN_WRITE_LIMIT)
+        except TimeoutError:
+            raise BackendError(f"process {spid} did not read the chunk within {STDIN_WRITE_LIMIT:.0f} s; "
+                               "it may or may not have been written", status=504) from None
 
 
 # ---------------------------------------------------------------------- helpers

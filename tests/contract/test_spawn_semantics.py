@@ -70,6 +70,15 @@ async def test_stdin_ascii_and_base64(backend: Backend, busybox: str) -> None:
     assert api.decode_stream(out) == raw
 
 
+async def test_unread_stdin_does_not_stall_the_timeout(backend: Backend, busybox: str) -> None:
+    big = base64.b64encode(b"x" * 300_000).decode()
+    resp = await run(backend, busybox, "sleep 30", timeout=1, disposable=True,
+                     stdin=api.ClosableStreamRepr(value=big, encoding="base64"))
+    state = result_of(resp).state
+    assert state is not None and state.timed_out
+    assert resp.duration is not None and resp.duration < 10
+
+
 async def test_timeout_kills_and_marks(backend: Backend, busybox: str) -> None:
     resp = await run(backend, busybox, "echo started; sleep 30", timeout=1, disposable=True)
     assert resp.status == "SUCCESS"
