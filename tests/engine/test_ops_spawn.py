@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from contree import api
 from contree.engine import spawn
+from contree.engine.spawn_run import find_executable
 from contree.errors import BadRequest
 
 IMG = "3f2a4c1e-0000-4000-8000-000000000001"
@@ -86,3 +89,22 @@ def test_bad_requests_are_400(change: dict[str, object]) -> None:
 
 def test_tag_sources_are_valid() -> None:
     spawn.validate_request(api.InstanceSpawnRequest(command="true", image="tag:busybox:latest"))
+
+
+def test_find_executable_resolves_inside_the_image_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
+    (root / "bin" / "tool").chmod(0o755)
+    (root / "bin" / "data").write_bytes(b"x")
+    (root / "bin" / "link").symlink_to("/bin/tool")  # absolute: must resolve in the image root
+    (root / "bin" / "escape").symlink_to("/usr/bin/env")  # exists on the host, not in the image
+    (root / "bin" / "dotdot").symlink_to("../../../../../../usr/bin/env")
+    assert find_executable(root, "/bin/tool", "", "/")
+    assert find_executable(root, "tool", "/usr/bin:/bin", "/")
+    assert find_executable(root, "link", "/bin", "/")
+    assert find_executable(root, "./tool", "", "/bin")
+    assert not find_executable(root, "/bin/data", "", "/")  # not executable
+    assert not find_executable(root, "/bin/escape", "", "/")
+    assert not find_executable(root, "/bin/dotdot", "", "/")
+    assert not find_executable(root, "env", "/usr/bin:/bin", "/")
