@@ -239,6 +239,7 @@ class RunningProcess:
 
     def __init__(self, child: _Child, pid_file: Path) -> None:
         self._child = child
+        self.pid = child.pid  # the runtime's exec helper; `host_pid` is the process itself
         self.pid_file = pid_file
         self.stdin = child.stdin
         self.stdout = child.stdout
@@ -284,6 +285,28 @@ class RunningSandbox:
         self._exec_seq = 0
 
     @property
+    def pid(self) -> int:
+        """Host pid of the runtime process (`crun run`); its process group holds the sandbox's init."""
+        return self._child.pid
+
+    def created(self) -> bool:
+        """True once the runtime has recorded the container, i.e. `exec` can work."""
+        root = self._rt.root_dir
+        if self._rt.runtime == "runsc":
+            return any(self.sandbox_id in p.name for p in root.iterdir()) if root.is_dir() else False
+        state = root / self.sandbox_id
+        return (state / "status").exists() or (state / "state.json").exists()
+
+    async def wait_created(self, patience: float = 2.0) -> bool:
+        """Wait until `created()` (False if the sandbox exited or `patience` seconds passed first)."""
+        deadline = time.monotonic() + patience
+        while not self.created():
+            if self._child.returncode_known or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    @property
     def network(self) -> NetworkInfo:
         if not self._cleaned and self._net.netns_path:
             self._net.info.interfaces = self._rt.network.counters(self._net)
@@ -323,6 +346,8 @@ class RunningSandbox:
                    gid: int = 0, stdin: bool = True) -> RunningProcess:
         if self._child.returncode_known or self._cleaned:
             raise RuntimeError(f"sandbox {self.sandbox_id} is not running")
+        if not await self.wait_created():
+            raise RuntimeError(f"sandbox {self.sandbox_id} is not running (or still starting)")
         self._exec_seq += 1
         proc = oci_config.process_section(argv, list(env or []), cwd, uid, gid, self._rt.rlimits)
         proc_file = self.bundle / f"exec-{self._exec_seq}.json"

@@ -123,8 +123,9 @@ async def test_exec_runs_a_second_process_and_signals_it(runtime: SandboxRuntime
     sb = await runtime.start(SandboxSpec(sandbox_id="exec1", rootfs=rootfs, argv=["sleep", "600"],
                                          stdin=False, networking=False))
     try:
-        await asyncio.sleep(0.2)
+        # exec right away: it waits for the runtime to record the container
         p = await sb.exec(["sh", "-c", "read x; echo \"$x from $$\"; cat /proc/self/status"], env=["A=1"])
+        assert sb.created() and sb.pid > 0
         assert p.stdin is not None
         p.stdin.write(b"hi\n")
         await p.stdin.drain()
