@@ -197,6 +197,9 @@ class _Extractor:
         self.rootfd = rootfd
         self.limits = limits
         self.is_root = os.geteuid() == 0
+        # New entries already belong to us (directories get no setgid bit until `finish`), so
+        # a chown to these ids would be a wasted syscall per file.
+        self.creator = (os.geteuid(), os.getegid())
         self.stats = LayerStats()
         self._dirfds: dict[str, int] = {}
         self._dir_meta: list[tuple[str, tarfile.TarInfo]] = []
@@ -368,7 +371,7 @@ class _Extractor:
                     write_all(fd, chunk)
                     remaining -= len(chunk)
             self.stats.file_bytes += member.size
-            if self.is_root:
+            if self.is_root and (member.uid, member.gid) != self.creator:
                 os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, self._mode(member))
             for name, value in self._xattrs(member):
@@ -385,7 +388,7 @@ class _Extractor:
                 raise
 
     def _meta_nofollow(self, pfd: int, base: str, member: tarfile.TarInfo) -> None:
-        if self.is_root:
+        if self.is_root and (member.uid, member.gid) != self.creator:
             os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
         if not member.issym():
             os.chmod(base, self._mode(member), dir_fd=pfd, follow_symlinks=False)
