@@ -197,22 +197,25 @@ def _try_lock(path: Path) -> int:
     return fd
 
 
-async def sweep_dead_rules(keep: str | None = None) -> list[str]:
+async def sweep_dead_rules(own: str | None = None) -> list[str]:
     """Remove the iptables rules and chains of engine instances that died without closing.
 
-    A tag whose lock file nobody holds has no live owner. Jumps from built-in chains are found in
-    `iptables-save` output and deleted as they were written, then the instance's own chains.
+    A tag whose lock file nobody holds has no live owner; `own` is the tag the caller just locked, so
+    anything already under it was left by a dead previous holder. Jumps from built-in chains are found
+    in `iptables-save` output and deleted as they were written, then the instance's own chains.
     """
     try:
         saved = await _run("iptables-save")
     except (NetworkError, OSError):
         return []
-    tags = {m.group(1) for m in _CHAIN_RE.finditer(saved)} - {keep}
+    tags = {m.group(1) for m in _CHAIN_RE.finditer(saved)}
     removed = []
     for tag in sorted(tags):
-        fd = _try_lock(TAG_DIR / f"{tag}.lock")
-        if fd < 0:
-            continue  # alive
+        fd = -1
+        if tag != own:
+            fd = _try_lock(TAG_DIR / f"{tag}.lock")
+            if fd < 0:
+                continue  # alive
         try:
             text = _deletion_script(saved, tag)
             _delete_netns_prefixed(f"contree-{tag}-")
@@ -224,7 +227,8 @@ async def sweep_dead_rules(keep: str | None = None) -> list[str]:
             except NetworkError as exc:
                 log.warning("could not remove the dead engine's chains CT-%s-*: %s", tag, exc)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     if removed:
         log.warning("%s", "; ".join(removed))
     return removed
@@ -341,7 +345,7 @@ class NetworkManager:
             raise NetworkError("missing " + ", ".join(missing) +
                                " (install the Debian packages iproute2 iptables slirp4netns)")
         self._claim_tag()
-        await sweep_dead_rules(keep=self.tag)
+        await sweep_dead_rules(own=self.tag)
         if self.mode == "slirp":
             self.egress_cgroup = _unified_root() / f"contree-net-{self.tag}"
             self.egress_cgroup.mkdir(exist_ok=True)

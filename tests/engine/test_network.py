@@ -333,3 +333,17 @@ async def test_the_veth_link_carries_no_ipv6_the_filter_does_not_cover(runtime: 
         assert "inet6" not in addrs, addrs
     finally:
         await sb.cleanup()
+
+
+async def test_stale_rules_under_a_reclaimed_tag_are_replaced_not_doubled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    require_runtime_prereqs()
+    dead = await NetworkManager.create("nat")
+    os.close(dead._tag_fd)  # died; its tag is free again
+    dead._tag_fd = -1
+    monkeypatch.setattr(netmod.random, "getrandbits", lambda bits: int(dead.tag, 16))
+    again = await NetworkManager.create("nat")
+    assert again.tag == dead.tag
+    assert _chains().count(f"-A FORWARD -i {again.if_prefix}+ -j {again.chain}-FWD") == 1
+    await again.close()
+    assert f"{again.chain}-" not in _chains()
