@@ -146,3 +146,58 @@ async def test_insecure_registries_from_the_environment(monkeypatch: pytest.Monk
     finally:
         await lan.close()
         await remote.close()
+
+
+async def test_expired_bearer_token_is_renewed_mid_import(store: Store) -> None:
+    """The registry stops accepting the first token after the manifest; the client fetches a new one."""
+    image = harness.build_image([[harness.Entry("t.txt", data=b"t")]])
+    issued: list[str] = []
+    valid: set[str] = set()
+    port_box: dict[str, int] = {}
+
+    async def token(request: web.Request) -> web.Response:
+        assert request.query.get("scope") == "repository:fake/img:pull"
+        tok = f"tok{len(issued)}"
+        issued.append(tok)
+        valid.clear()
+        valid.add(tok)
+        return web.json_response({"token": tok, "expires_in": 300})
+
+    def challenge() -> web.Response:
+        realm = f"http://127.0.0.1:{port_box['p']}/token"
+        return web.Response(
+            status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="fake"'}
+        )
+
+    def authorized(request: web.Request) -> bool:
+        return request.headers.get("Authorization", "").removeprefix("Bearer ") in valid
+
+    async def v2(request: web.Request) -> web.Response:
+        return web.json_response({}) if authorized(request) else challenge()
+
+    async def manifest(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return challenge()
+        valid.clear()  # the token "expires" right after the manifest
+        return web.Response(body=image.manifest, content_type="application/vnd.oci.image.manifest.v1+json")
+
+    async def blob(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return challenge()
+        return web.Response(body=image.blobs[request.match_info["digest"]])
+
+    app = web.Application()
+    app.router.add_get("/token", token)
+    app.router.add_get("/v2/", v2)
+    app.router.add_get("/v2/fake/img/manifests/{ref}", manifest)
+    app.router.add_get("/v2/fake/img/blobs/{digest}", blob)
+    runner, port = await harness.serve_app(app)
+    port_box["p"] = port
+    try:
+        rec = await import_image(
+            store, api.ImageImportRequest(registry=api.ImageRegistry(url=f"127.0.0.1:{port}/fake/img:v1"))
+        )
+        assert (store.layer_paths(rec)[0] / "t.txt").read_bytes() == b"t"
+        assert issued == ["tok0", "tok1"]
+    finally:
+        await runner.cleanup()
