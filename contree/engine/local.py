@@ -40,7 +40,7 @@ from contree.engine.oplog import (
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import InstanceRun, result_from_fold
-from contree.engine.store import ImageRecord, Store
+from contree.engine.store import MAX_DEPTH, ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.timeparse import isoformat
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineLimits(msgspec.Struct, kw_only=True):
+    squash_depth: int = MAX_DEPTH  # an image deeper than this many layers is flattened after its run
     instance_max_timeout: int = 3600
     instance_max_concurrency: int = max(4, 2 * (os.cpu_count() or 1))
     images_import_max_concurrency: int = 2
@@ -90,6 +91,7 @@ class LocalEngine:
             log.warning("recovered after an unclean stop: %s", "; ".join(actions))
         self.store = await asyncio.to_thread(Store, self.home)
         await asyncio.to_thread(self.store.recover)
+        await asyncio.to_thread(self.store.gc)  # layers orphaned by a crash mid-import or mid-squash
         self.oplog = OperationLog(self.home)
         interrupted = self.oplog.recover()
         if interrupted:

@@ -392,6 +392,7 @@ class InstanceRun:
         if request.preserve_cwd:
             config = msgspec.structs.replace(config, cwd=plan.cwd)
         max_bytes = self.max_layer_bytes
+        squash_depth = self.engine.limits.squash_depth
         upper = sandbox_dir / "upper"
 
         def commit() -> ImageRecord | None:
@@ -402,6 +403,13 @@ class InstanceRun:
             if child is None and config != image.config:
                 child = store.create_image_from_layer_dirs([], config=config, kind=0, source="run",
                                                            operation_id=record.uuid, parent=image)
+            if child is not None and child.depth > squash_depth:
+                # Each run adds a layer and overlay takes at most 500: flatten now (a full copy, once
+                # every `squash_depth` runs) so the next run on this image mounts one layer.
+                try:
+                    child = store.squash_if_deep(child, squash_depth) or child
+                except OSError:
+                    log.exception("squashing %s failed; it keeps %d layers", child.uuid, child.depth)
             return child
 
         child = await asyncio.to_thread(commit)
