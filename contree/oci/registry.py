@@ -8,6 +8,7 @@ registries and for registries the operator names as insecure, as Docker does.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
@@ -114,6 +115,7 @@ class RegistryClient:
         self._base: str | None = None
         self._challenge: Challenge | None = None
         self._auth: dict[str, str] = {}  # scope → Authorization header value
+        self._auth_lock = asyncio.Lock()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -269,10 +271,14 @@ class RegistryClient:
                 resp.release()
                 if challenge is None:
                     raise Unauthorized(f"registry {self.host} refused {path} without an auth challenge")
-                value = await self._authorize(challenge, scope, force=scope in self._auth)
-                if value is None:
-                    raise Unauthorized(f"registry {self.host} requires credentials")
-                self._auth[scope] = value
+                sent = hdrs.get("Authorization")
+                async with self._auth_lock:
+                    # Concurrent downloads rejected together renew the token once.
+                    if self._auth.get(scope) == sent:
+                        value = await self._authorize(challenge, scope, force=sent is not None)
+                        if value is None:
+                            raise Unauthorized(f"registry {self.host} requires credentials")
+                        self._auth[scope] = value
                 retried = True
                 continue
             hops = 0
