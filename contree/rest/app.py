@@ -23,7 +23,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encoder = msgspec.json.Encoder()
 
 
+# Statuses whose clients are told to come back: they always carry Retry-After (1 s unless the backend
+# suggested a delay).
+RETRY_STATUSES = frozenset((425, 429, 503))
+
+
 def error_response(status: int, message: str, *, retry_after: float | None = None) -> web.Response:
+    if retry_after is None and status in RETRY_STATUSES:
+        retry_after = 1
     headers = {"Retry-After": str(max(0, round(retry_after)))} if retry_after is not None else None
     body = _encoder.encode(api.Error(error=message, status=status))
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)

@@ -289,3 +289,17 @@ async def test_unknown_route_has_error_body(http: aiohttp.ClientSession) -> None
     async with http.put("/v1/images") as r:
         assert r.status == 405
         await error_of(r)
+
+
+async def test_too_early_without_a_backend_delay_still_has_retry_after(
+    http: aiohttp.ClientSession, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contree.errors import TooEarly
+
+    async def not_ready(operation_id: str, spid: int) -> api.InstanceResult:
+        raise TooEarly("no worker holds the operation yet")
+
+    monkeypatch.setattr(fake, "get_subprocess", not_ready)
+    async with http.get("/v1/operations/11111111-2222-3333-4444-555555555555/subprocesses/1") as r:
+        assert r.status == 425 and r.headers["Retry-After"] == "1"
+        assert (await error_of(r)).message() == "no worker holds the operation yet"
