@@ -196,13 +196,20 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
         assert short["timed_out"] is True and short["pending"] == [ids[2]] and short["cancelled"] == []
         one = result(await session.call_tool("get_operation", {"operation_id": ids[0]}))
         assert one["stdout"] == "a\n" and one["kind"] == "instance"
+        for _ in range(300):  # a loaded machine may still be starting the sandbox
+            if (
+                result(await session.call_tool("get_operation", {"operation_id": ids[2]}))["status"]
+                == "EXECUTING"
+            ):
+                break
+            await asyncio.sleep(0.1)
         listed = result(
             await session.call_tool("list_operations", {"status": "executing", "type": "instance"})
         )
         assert [o["uuid"] for o in listed["operations"]] == [ids[2]]
         cancel = result(await session.call_tool("cancel_operation", {"operation_id": ids[2]}))
         assert cancel["cancelled"] is True
-        for _ in range(100):
+        for _ in range(300):
             status = result(await session.call_tool("get_operation", {"operation_id": ids[2]}))["status"]
             if status == "CANCELLED":
                 break
@@ -222,7 +229,7 @@ async def test_cancelling_a_waiting_run_request_cancels_the_operation(
             session.call_tool("run", {"command": "sleep 60", "image": "busybox:latest", "timeout": 120})
         )
         await asyncio.sleep(0.2)
-        for _ in range(100):
+        for _ in range(300):
             ops = result(await session.call_tool("list_operations", {"status": "EXECUTING"}))["operations"]
             if ops:
                 break
@@ -239,7 +246,7 @@ async def test_cancelling_a_waiting_run_request_cancels_the_operation(
         call.cancel()
         with contextlib.suppress(BaseException):
             await call
-        for _ in range(100):
+        for _ in range(300):
             status = result(await session.call_tool("get_operation", {"operation_id": ops[0]["uuid"]}))[
                 "status"
             ]
