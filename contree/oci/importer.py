@@ -30,7 +30,14 @@ from contree.oci.extract import ExtractLimits, LayerStats, extract_layer
 from contree.oci.manifest import ImageDefaults, Platform, decode_config, defaults_of
 from contree.oci.reference import LocalSource, Reference, parse_source
 from contree.oci.registry import Timeouts
-from contree.oci.sources import BlobSource, DockerArchiveSource, LayerRef, LocalLayoutSource, RegistrySource
+from contree.oci.sources import (
+    BlobSource,
+    DockerArchiveSource,
+    LayerRef,
+    LocalLayoutSource,
+    RegistrySource,
+    ResolvedImage,
+)
 
 # Image UUIDs of imports are uuid5(namespace, manifest digest): the same manifest → the same UUID.
 IMPORT_NAMESPACE = uuidlib.UUID("9d7c1f0e-3a52-4c55-9b8e-0c6f1b7e2d41")
@@ -236,6 +243,25 @@ async def _run(
         return await asyncio.to_thread(store.set_tag, uuid, tag) if tag else existing
 
     ids = [layer_id(layer.diff_id) for layer in resolved.layers]
+    with store.pinned(ids):  # layers we find present must survive a concurrent gc until registered
+        return await _import_layers(
+            store, source, resolved, ids, tag, config, uuid, reporter, operation_id, options, stop
+        )
+
+
+async def _import_layers(
+    store: Store,
+    source: BlobSource,
+    resolved: ResolvedImage,
+    ids: list[str],
+    tag: str | None,
+    config: ImageConfig,
+    uuid: str,
+    reporter: _Reporter,
+    operation_id: str | None,
+    options: ImportOptions,
+    stop: threading.Event,
+) -> ImageRecord:
     have = await asyncio.to_thread(lambda: {lid for lid in ids if store.has_layer(lid)})
     missing: dict[str, LayerRef] = {}
     for layer, lid in zip(resolved.layers, ids, strict=True):
@@ -250,18 +276,25 @@ async def _run(
         message=f"fetching {len(missing)} of {len(resolved.layers)} layers",
     )
     stage = await asyncio.to_thread(store.staging_dir, "import")
-    with store.pinned(ids):
+    try:
+        staged = await _fetch_all(source, missing, Path(stage), reporter, options, stop)
+        reporter.emit(force=True, phase="committing", message="registering the image")
+        # Registration moves trees out of the staging dir: let it finish even if we are cancelled
+        # meanwhile (the image is then complete), so the cleanup below never races it.
+        commit = asyncio.ensure_future(
+            asyncio.to_thread(_commit, store, staged, ids, config, tag, uuid, operation_id, resolved.key)
+        )
         try:
-            staged = await _fetch_all(source, missing, Path(stage), reporter, options, stop)
-            reporter.emit(force=True, phase="committing", message="registering the image")
-            record = await asyncio.to_thread(
-                _commit, store, staged, ids, config, tag, uuid, operation_id, resolved.key
-            )
-        except BaseException:
-            stop.set()
+            record = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await commit
             raise
-        finally:
-            await asyncio.to_thread(remove_tree, Path(stage))
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        await asyncio.to_thread(remove_tree, Path(stage))
     reporter.emit(force=True, phase="done", message="imported")
     return record
 
