@@ -415,7 +415,7 @@ class SandboxRuntime:
         runtime, binary = select_runtime(info, config.runtime)
         engine_id = config.engine_id or secrets.token_hex(4)
         lock_fd = await _lock_engine(engine_id)
-        swept = await asyncio.to_thread(sweep_dead_engines, info)
+        swept = await asyncio.to_thread(sweep_dead_engines, info, engine_id)
         if swept:
             log.warning("cleaned up after engines that died: %s", "; ".join(swept))
         parent = config.cgroup_parent or f"{CGROUP_ROOT_NAME}/{engine_id}"
@@ -579,12 +579,16 @@ async def _lock_engine(engine_id: str, patience: float = 10.0) -> int:
         await asyncio.sleep(0.05)
 
 
-def sweep_dead_engines(info: HostInfo) -> list[str]:
+def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
     """Kill the sandboxes of engines that died without closing and remove their cgroups and runtime
-    state. An engine is alive while it holds its lock file under /run/contree-engine/engines/."""
+    state. An engine is alive while it holds its lock file under /run/contree-engine/engines/; `own`
+    is the id the caller just locked, so whatever already exists under it is a dead predecessor's."""
     held: dict[str, int] = {}
 
     def is_dead(name: str) -> bool:
+        if name == own:
+            held[name] = -1
+            return True
         fd = _try_engine_lock(name)
         if fd < 0:
             return False
@@ -602,7 +606,8 @@ def sweep_dead_engines(info: HostInfo) -> list[str]:
         return done
     finally:
         for fd in held.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:

@@ -294,3 +294,23 @@ async def test_a_sandbox_cpu_quota_above_the_engine_budget_is_clamped(mount_guar
     async with open_runtime(mount_guard, network_mode="none", budget_cpus=1.0) as rt:
         r = await run(rt, rootfs, "echo ok", cpu_quota=2.0)
     assert r.out == "ok\n" and r.exit.exit_code == 0
+
+
+async def test_a_restarted_engine_with_the_same_id_kills_its_predecessors_sandboxes(mount_guard: Path,
+                                                                                    rootfs: Path) -> None:
+    engine_id = f"t{os.getpid():07x}"[-8:]
+    async with open_runtime(mount_guard / "a", network_mode="none", engine_id=engine_id) as dead:
+        sb = await dead.start(SandboxSpec(sandbox_id="orphan2", rootfs=rootfs, argv=["sleep", "600"],
+                                          stdin=False, networking=False))
+        try:
+            assert await sb.wait_created()
+            os.close(dead._lock_fd)
+            dead._lock_fd = -1
+            async with open_runtime(mount_guard / "b", network_mode="none", engine_id=engine_id) as again:
+                assert not again.cgroups.exists("orphan2")
+                ex = await asyncio.wait_for(sb.wait(), 10)
+                assert ex.signal == signal.SIGKILL or ex.exit_code == 128 + signal.SIGKILL
+                r = await run(again, rootfs, "echo alive")
+                assert r.out == "alive\n"
+        finally:
+            await sb.cleanup()
