@@ -44,11 +44,13 @@ def build_state(
 ) -> ServerState:
     store = EdgeStore(general_db or cache_dir / "lineage.db")
     store.prune(prune_days)
+    dirstates = DirectoryStates(files_db or cache_dir / "files.db")
+    dirstates.prune(prune_days)
     return ServerState(
         backend=backend,
         backend_kind=backend_kind,
         lineage=Lineage(backend, store),
-        dirstates=DirectoryStates(files_db or cache_dir / "files.db"),
+        dirstates=dirstates,
         credentials=CredentialStore(cache_dir / "registry-credentials.json"),
         allowed_roots=[p.resolve() for p in allowed_roots],
         cache_dir=cache_dir,

@@ -256,6 +256,12 @@ class DirectoryStates:
         entries = self.load(principal, number)
         if entries is None:
             raise ToolError(f"Directory state not found: {state_id}")
+        with self._lock:
+            self._db.execute(
+                "UPDATE states SET used_at=? WHERE principal=? AND id=?",
+                (time.time(), principal or "", number),
+            )
+            self._db.commit()
         if not entries:
             raise ToolError(f"Directory state has no files: {state_id}")
         return {e.path: api.InjectedFile(uuid=e.uuid, mode=e.mode) for e in entries}
@@ -283,6 +289,14 @@ class DirectoryStates:
         entries = await asyncio.gather(*(one(*f) for f in scanned.files))
         state_id = self.save(principal, list(entries), (source, destination))
         return state_id, {**counts, "skipped": scanned.skipped}
+
+    def prune(self, older_than_days: float) -> None:
+        """Retention by last use (COMPAT §15.39): states and stat-cache rows nobody used for that long."""
+        cutoff = time.time() - older_than_days * 86400
+        with self._lock:
+            self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,))
+            self._db.execute("DELETE FROM stat_cache WHERE used_at < ?", (cutoff,))
+            self._db.commit()
 
     def close(self) -> None:
         with self._lock:

@@ -201,3 +201,17 @@ async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path)
     )
     assert changed["isError"] and "run rsync again" in changed["content"][0]["text"]
     await state.close()
+
+
+async def test_directory_states_are_pruned_by_last_use(tmp_path: Path) -> None:
+    reg, state = make_registry(FakeBackend(), tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    sid = (await call(reg, "rsync", {"source": str(tmp_path / "f.txt"), "destination": "/d"}))[
+        "structuredContent"
+    ]["result"]
+    state.dirstates.prune(1)  # used just now: kept
+    assert await state.dirstates.injected_files(None, sid)
+    state.dirstates.prune(-1)  # everything counts as unused
+    out = await call(reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid})
+    assert out["isError"] and "Directory state not found" in out["content"][0]["text"]
+    await state.close()
