@@ -83,6 +83,13 @@ class LocalEngine:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
         self.home.mkdir(parents=True, exist_ok=True)
         self._lock_home()
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()  # release the lock, the databases and whatever the runtime set up
+            raise
+
+    async def _open(self) -> None:
         engine_id = engine_id_for(self.home)
         # A previous engine on this home may have died with sandboxes running: they pin mounts,
         # cgroups and netns, so they go first, then the store can unmount and clean its scratch space.
@@ -118,19 +125,25 @@ class LocalEngine:
         self._lock_fd = fd
 
     async def close(self) -> None:
+        """Cancel running work, stop the runtime, close the databases. Safe to call twice."""
         if self.queue is not None:
             await self.queue.close()
-        close_runtime = getattr(self.runtime, "close", None)
-        if close_runtime is not None:
-            res = close_runtime()
-            if asyncio.iscoroutine(res):
-                await res
+            self.queue = None
+        if self.runtime is not None:
+            runtime, self.runtime = self.runtime, None
+            try:
+                await runtime.close()
+            except Exception:  # keep closing: the databases and the home lock must be released
+                log.exception("closing the sandbox runtime failed")
         if self.oplog is not None:
             self.oplog.close()
+            self.oplog = None
         if self.store is not None:
             self.store.close()
+            self.store = None
         if self.blobs is not None:
             self.blobs.close()
+            self.blobs = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
