@@ -114,9 +114,15 @@ async def test_resources_are_reported(runtime: SandboxRuntime, rootfs: Path) -> 
 
 
 async def test_kill_ends_a_running_sandbox_with_sigkill(runtime: SandboxRuntime, rootfs: Path) -> None:
-    r = await run(runtime, rootfs, "echo started; sleep 600", kill_after=0.5)
-    assert r.out == "started\n"
-    assert r.exit.signal == signal.SIGKILL and r.exit.duration < 30
+    sb = await runtime.start(SandboxSpec(sandbox_id="k1", rootfs=rootfs, stdin=False, networking=False,
+                                         argv=["sh", "-c", "echo started; sleep 600"]))
+    try:
+        assert await asyncio.wait_for(sb.stdout.readline(), 30) == b"started\n"
+        await sb.kill()
+        ex = await asyncio.wait_for(sb.wait(), 30)
+    finally:
+        await sb.cleanup()
+    assert ex.signal == signal.SIGKILL and ex.exit_code is None and ex.duration < 30
 
 
 async def test_exec_runs_a_second_process_and_signals_it(runtime: SandboxRuntime, rootfs: Path) -> None:
@@ -151,7 +157,7 @@ async def test_cleanup_is_idempotent_and_kills_a_running_sandbox(runtime: Sandbo
                                                                   rootfs: Path) -> None:
     sb = await runtime.start(SandboxSpec(sandbox_id="c1", rootfs=rootfs, argv=["sleep", "600"],
                                          networking=False))
-    await asyncio.sleep(0.2)
+    assert await sb.wait_created(30)
     assert runtime.cgroups.procs("c1")
     await sb.cleanup()
     await sb.cleanup()
@@ -254,7 +260,7 @@ async def test_sandboxes_of_an_engine_that_died_are_killed_by_the_next_one(mount
         sb = await dead.start(SandboxSpec(sandbox_id="orphan", rootfs=rootfs, argv=["sleep", "600"],
                                           stdin=False, networking=False))
         try:
-            await asyncio.sleep(0.2)
+            assert await sb.wait_created(30)
             assert dead.cgroups.procs("orphan")
             os.close(dead._lock_fd)  # what the kernel does when the engine process is SIGKILLed
             dead._lock_fd = -1
