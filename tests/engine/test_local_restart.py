@@ -61,3 +61,16 @@ async def test_operation_timeout_is_capped_by_the_engine_limit(tmp_path: Path, b
         assert (await engine.whoami()).limits["instance_max_timeout"] == 1
     finally:
         await engine.close()
+
+
+async def test_failed_start_releases_the_home(tmp_path: Path) -> None:
+    from contree.engine.sandbox import RuntimeConfig
+
+    broken = LocalEngine(tmp_path / "home",
+                         runtime_config=RuntimeConfig(state_dir=tmp_path / "rt", runtime="no-such-runtime"))
+    with pytest.raises(ValueError):
+        await broken.start()
+    engine = LocalEngine(tmp_path / "home")
+    await engine.start()  # the lock and the databases were released by the failed start
+    await engine.close()
+    await engine.close()  # idempotent
