@@ -408,6 +408,10 @@ class SandboxRuntime:
 
     @classmethod
     async def create(cls, config: RuntimeConfig) -> SandboxRuntime:
+        if config.userns:
+            # Overlay mounts cannot be idmapped (mount_setattr: EINVAL), so a remapped root would see
+            # the image as nobody's; this needs idmapped lowers plus a uid shift at commit (RUNTIME §9).
+            raise NoRuntimeAvailable("user namespaces are not implemented yet (RUNTIME §9, phase 2)")
         info = hostcheck.detect()
         problems = hostcheck.check_requirements(info)
         if problems:

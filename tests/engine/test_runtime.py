@@ -320,3 +320,8 @@ async def test_a_restarted_engine_with_the_same_id_kills_its_predecessors_sandbo
                 assert r.out == "alive\n"
         finally:
             await sb.cleanup()
+
+
+async def test_asking_for_a_user_namespace_fails_loudly(tmp_path: Path) -> None:
+    with pytest.raises(NoRuntimeAvailable, match="user namespaces"):
+        await SandboxRuntime.create(sandbox.RuntimeConfig(state_dir=tmp_path, userns=True))
