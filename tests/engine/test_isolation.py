@@ -104,12 +104,22 @@ async def test_proc_sys_and_sys_are_read_only(runtime: SandboxRuntime, rootfs: P
     ("new net namespace", "unshare -n true"),
     ("sethostname", "hostname evil"),
     ("reboot", "reboot -f"),
+    ("set the clock", "date -s 2000-01-01 >/dev/null && [ \"$(date +%Y)\" = 2000 ]"),
 ])
 async def test_privileged_operations_are_refused(runtime: SandboxRuntime, rootfs: Path, name: str,
                                                  script: str) -> None:
     r = await run(runtime, rootfs, f"{script}; echo rc=$?")
     assert "rc=0" not in r.out, f"{name} succeeded: {r.out} {r.err}"
     assert "not permitted" in r.err or "ermission denied" in r.err, r.err
+
+
+async def test_kernel_interfaces_are_masked(runtime: SandboxRuntime, rootfs: Path) -> None:
+    r = await run(runtime, rootfs, "for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug; do "
+                                   "[ -e $f ] && echo \"$f $(head -c 64 $f 2>/dev/null | wc -c)\"; done; "
+                                   "ls /sys/firmware 2>/dev/null | wc -l")
+    lines = r.out.splitlines()
+    assert all(line.endswith(" 0") for line in lines[:-1]), r.out  # masked: empty (bound to /dev/null)
+    assert lines[-1] == "0", r.out
 
 
 async def test_fork_bomb_stops_at_the_pids_limit(runtime: SandboxRuntime, rootfs: Path) -> None:
