@@ -106,8 +106,8 @@ class HttpSettings:
     def validate(self) -> None:
         if not self.is_loopback() and not self.tokens():
             raise HttpConfigError(
-                f"refusing to listen on {self.listen}: beyond loopback a bearer token is mandatory "
-                "(set --auth-token or CONTREE_MCP_AUTH_TOKEN)"
+                f"refusing to listen on {self.listen} without a bearer token: "
+                "beyond loopback one is mandatory"
             )
         if any(not token for token in self.tokens()):
             raise HttpConfigError("an empty bearer token is not a token")
@@ -524,6 +524,8 @@ class StreamableHttp:
         # Another principal's session does not exist for this caller.
         if hs is None or hs.closed or hs.session.principal != principal:
             return error_response(404, SESSION_NOT_FOUND_CODE, "Session not found")
+        # A supported version other than the session's is tolerated: conformance 0.1.16
+        # (server-sse-multiple-streams) sends 2025-03-26 on a 2025-11-25 session and expects 200.
         version = request.headers.get(VERSION_HEADER)
         if version is not None and version not in versions.SUPPORTED:
             return error_response(
