@@ -81,6 +81,8 @@ class Process:
 
 
 class InstanceRun:
+    """One instance operation from ASSIGNED to its `completion` event and the sandbox teardown."""
+
     def __init__(
         self,
         *,
@@ -103,6 +105,7 @@ class InstanceRun:
         self.events: EventLog | None = None
         self.main_cwd = "/"
         self._watchers: set[asyncio.Task[None]] = set()
+        self._main_exit: asyncio.Task[Any] | None = None
         self.layer_error: str | None = None
         limits = request.resources_limits
         self.max_layer_bytes = limits.max_layer_bytes if limits is not None else api.DEFAULT_MAX_LAYER_BYTES
@@ -202,8 +205,14 @@ class InstanceRun:
         mount_overlay(store.layer_paths(image), upper, work, rootfs)
         image_env = _env_dict(image.config.env)
         plan = spawn.plan_process(
-            command=request.command, args=list(request.args), shell=request.shell, env=request.env,
-            cwd=request.cwd, uid=request.uid, gid=request.gid, image_env=image_env,
+            command=request.command,
+            args=list(request.args),
+            shell=request.shell,
+            env=request.env,
+            cwd=request.cwd,
+            uid=request.uid,
+            gid=request.gid,
+            image_env=image_env,
             image_cwd=image.config.cwd or "/",
         )
         blobs = engine._blobs()
@@ -211,8 +220,14 @@ class InstanceRun:
             blob = blobs.path_for(entry.uuid)
             if blob is None:
                 raise NotFound(f"file {entry.uuid} for {path} not found")
-            blobs.inject_file(rootfs, spawn.check_file_path(path), blob,
-                                     mode=spawn.parse_mode(entry.mode), uid=entry.uid, gid=entry.gid)
+            blobs.inject_file(
+                rootfs,
+                spawn.check_file_path(path),
+                blob,
+                mode=spawn.parse_mode(entry.mode),
+                uid=entry.uid,
+                gid=entry.gid,
+            )
         _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
         if not find_executable(rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH), plan.cwd):
             what = "shell" if plan.shell else "executable"
@@ -235,19 +250,34 @@ class InstanceRun:
         from contree.engine.sandbox import SandboxSpec
 
         spec = SandboxSpec(
-            sandbox_id=self.record.uuid, rootfs=sandbox_dir / "rootfs", argv=plan.argv,
-            env=[f"{k}={v}" for k, v in plan.env.items()], cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
-            hostname=request.hostname, networking=networking, stdin=bool(stdin_data) or keep_open,
+            sandbox_id=self.record.uuid,
+            rootfs=sandbox_dir / "rootfs",
+            argv=plan.argv,
+            env=[f"{k}={v}" for k, v in plan.env.items()],
+            cwd=plan.cwd,
+            uid=plan.uid,
+            gid=plan.gid,
+            hostname=request.hostname,
+            networking=networking,
+            stdin=bool(stdin_data) or keep_open,
         )
         self.sandbox = await engine.runtime.start(spec)
         sb = self.sandbox
         uname = platform.uname()
-        events.append("init", {
-            "started_at": now_iso(self.record.started_at), "runtime_path": str(sandbox_dir), "verbose": False,
-            "init_pid": _sandbox_pid(sb), "hostname": request.hostname,
-            "kernel": f"{uname.release} {uname.version}",
-            "machine": uname.machine, "boot_id": str(uuidlib.uuid4()),
-        }, 0)
+        events.append(
+            "init",
+            {
+                "started_at": now_iso(self.record.started_at),
+                "runtime_path": str(sandbox_dir),
+                "verbose": False,
+                "init_pid": _sandbox_pid(sb),
+                "hostname": request.hostname,
+                "kernel": f"{uname.release} {uname.version}",
+                "machine": uname.machine,
+                "boot_id": str(uuidlib.uuid4()),
+            },
+            0,
+        )
         if networking:
             events.append("network", network_data(sb), 0)
         proc = self._register(1, sb, _sandbox_pid(sb), plan, request.truncate_output_at, keep_open)
@@ -260,17 +290,32 @@ class InstanceRun:
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    def _register(self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int,
-                  keep_open: bool) -> Process:
+    def _register(
+        self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int, keep_open: bool
+    ) -> Process:
         events = self.events
         assert events is not None
-        events.append("spawn", {
-            "pid": pid, "command": plan.command, "args": plan.args, "shell": plan.shell, "cwd": plan.cwd,
-            "uid": plan.uid, "gid": plan.gid, "timeout": max(1, int(self.deadline - time.monotonic() + 0.5)),
-            "truncate_at": truncate_at, "env": mask_env(plan.env),
-        }, spid)
+        events.append(
+            "spawn",
+            {
+                "pid": pid,
+                "command": plan.command,
+                "args": plan.args,
+                "shell": plan.shell,
+                "cwd": plan.cwd,
+                "uid": plan.uid,
+                "gid": plan.gid,
+                "timeout": max(1, int(self.deadline - time.monotonic() + 0.5)),
+                "truncate_at": truncate_at,
+                "env": mask_env(plan.env),
+            },
+            spid,
+        )
         proc = Process(
-            spid=spid, handle=handle, pid=pid, started=time.monotonic(),
+            spid=spid,
+            handle=handle,
+            pid=pid,
+            started=time.monotonic(),
             stdout=StreamRecorder(events, spid, "stdout", truncate_at),
             stderr=StreamRecorder(events, spid, "stderr", truncate_at),
             stdin=StreamRecorder(events, spid, "stdin", truncate_at),
@@ -309,8 +354,9 @@ class InstanceRun:
         oversize = asyncio.create_task(self._watch_layer_size())
         try:
             remaining = max(0.0, self.deadline - time.monotonic())
-            done, _ = await asyncio.wait({waiter, cancel, oversize}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {waiter, cancel, oversize}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             if waiter in done:
                 return "job_complete"
             await self.sandbox.kill()
@@ -339,6 +385,7 @@ class InstanceRun:
                 return f"the run wrote {size} bytes, above max_layer_bytes={limit}; it was stopped"
 
     async def _finish_process(self, main: Process) -> Any:
+        assert self._main_exit is not None
         exit_info = await self._main_exit
         await _drain(main)
         data = exit_data(main, exit_info)
@@ -398,11 +445,13 @@ class InstanceRun:
         def commit() -> ImageRecord | None:
             self._unmount(sandbox_dir)  # one thread hop for unmount + commit: both are on the latency path
             # work/ stays behind with the rest of the sandbox dir; only upper/ becomes the layer.
-            child = store.commit_upper(upper, image, record.uuid, max_bytes,
-                                       config if config != image.config else None)
+            child = store.commit_upper(
+                upper, image, record.uuid, max_bytes, config if config != image.config else None
+            )
             if child is None and config != image.config:
-                child = store.create_image_from_layer_dirs([], config=config, kind=0, source="run",
-                                                           operation_id=record.uuid, parent=image)
+                child = store.create_image_from_layer_dirs(
+                    [], config=config, kind=0, source="run", operation_id=record.uuid, parent=image
+                )
             if child is not None and child.depth > squash_depth:
                 # Each run adds a layer and overlay takes at most 500: flatten now (a full copy, once
                 # every `squash_depth` runs) so the next run on this image mounts one layer.
@@ -421,6 +470,8 @@ class InstanceRun:
             record.image_size = child.size
 
     async def _release(self, sandbox_dir: Path, mounted: bool) -> None:
+        for task in list(self._watchers):
+            task.cancel()
         sb = self.sandbox
         if sb is not None:
             for proc in self.processes.values():
@@ -452,8 +503,14 @@ class InstanceRun:
         assert store is not None
         image = store.get(self.image_uuid)
         plan = spawn.plan_process(
-            command=spec.command, args=list(spec.args), shell=spec.shell, env=spec.env, cwd=spec.cwd,
-            uid=spec.uid, gid=spec.gid, image_env=_env_dict(image.config.env),
+            command=spec.command,
+            args=list(spec.args),
+            shell=spec.shell,
+            env=spec.env,
+            cwd=spec.cwd,
+            uid=spec.uid,
+            gid=spec.gid,
+            image_env=_env_dict(image.config.env),
             image_cwd=self.main_cwd,
         )
         stdin_data = api.decode_stream(spec.stdin) if spec.stdin is not None else b""
@@ -462,9 +519,14 @@ class InstanceRun:
         spid = self.next_spid
         self.next_spid += 1
         try:
-            handle = await sb.exec(argv=plan.argv, env=[f"{k}={v}" for k, v in plan.env.items()],
-                                   cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
-                                   stdin=bool(stdin_data) or keep_open)
+            handle = await sb.exec(
+                argv=plan.argv,
+                env=[f"{k}={v}" for k, v in plan.env.items()],
+                cwd=plan.cwd,
+                uid=plan.uid,
+                gid=plan.gid,
+                stdin=bool(stdin_data) or keep_open,
+            )
         except RuntimeError as exc:
             raise Conflict(str(exc)) from None
         pid = handle.host_pid or handle._child.pid
@@ -520,8 +582,11 @@ class InstanceRun:
         try:
             await asyncio.wait_for(write, STDIN_WRITE_LIMIT)
         except TimeoutError:
-            raise BackendError(f"process {spid} did not read the chunk within {STDIN_WRITE_LIMIT:.0f} s; "
-                               "it may or may not have been written", status=504) from None
+            raise BackendError(
+                f"process {spid} did not read the chunk within {STDIN_WRITE_LIMIT:.0f} s; "
+                "it may or may not have been written",
+                status=504,
+            ) from None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -662,10 +727,20 @@ def _sandbox_pid(sb: Any) -> int:
 
 
 _EMPTY_RESOURCES = {
-    "user_time_us": 0, "sys_time_us": 0, "max_rss_kb": 0, "shared_memory": 0, "unshared_memory": 0,
+    "user_time_us": 0,
+    "sys_time_us": 0,
+    "max_rss_kb": 0,
+    "shared_memory": 0,
+    "unshared_memory": 0,
     "swaps": 0,
-    "minor_faults": 0, "major_faults": 0, "voluntary_ctx_switches": 0, "involuntary_ctx_switches": 0,
-    "block_input_ops": 0, "block_output_ops": 0, "ipc_msgs_sent": 0, "ipc_msgs_received": 0,
+    "minor_faults": 0,
+    "major_faults": 0,
+    "voluntary_ctx_switches": 0,
+    "involuntary_ctx_switches": 0,
+    "block_input_ops": 0,
+    "block_output_ops": 0,
+    "ipc_msgs_sent": 0,
+    "ipc_msgs_received": 0,
     "signals_received": 0,
 }
 
@@ -681,15 +756,23 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
     resources = dict(_EMPTY_RESOURCES)
     if hasattr(info, "user_time"):  # SandboxExit (main process); exec'd processes report no rusage
         resources.update(
-            user_time_us=int(info.user_time * 1e6), sys_time_us=int(info.system_time * 1e6),
-            max_rss_kb=int(info.max_rss_kb), minor_faults=int(info.minor_faults),
-            major_faults=int(info.major_faults), voluntary_ctx_switches=int(info.voluntary_switches),
-            involuntary_ctx_switches=int(info.involuntary_switches), block_input_ops=int(info.inblock),
+            user_time_us=int(info.user_time * 1e6),
+            sys_time_us=int(info.system_time * 1e6),
+            max_rss_kb=int(info.max_rss_kb),
+            minor_faults=int(info.minor_faults),
+            major_faults=int(info.major_faults),
+            voluntary_ctx_switches=int(info.voluntary_switches),
+            involuntary_ctx_switches=int(info.involuntary_switches),
+            block_input_ops=int(info.inblock),
             block_output_ops=int(info.oublock),
         )
     return {
-        "pid": proc.pid, "code": code, "signal": sig, "core_dump": bool(getattr(info, "core_dump", False)),
-        "timed_out": proc.timed_out, "duration_ms": int((time.monotonic() - proc.started) * 1000),
+        "pid": proc.pid,
+        "code": code,
+        "signal": sig,
+        "core_dump": bool(getattr(info, "core_dump", False)),
+        "timed_out": proc.timed_out,
+        "duration_ms": int((time.monotonic() - proc.started) * 1000),
         "resources": resources,
     }
 
@@ -697,8 +780,13 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
 def result_from_exit(proc: Process, info: Any) -> api.InstanceResult:
     data = exit_data(proc, info)
     folded = FoldedProcess(
-        spawned=True, pid=proc.pid, stdout=bytes(proc.stdout.captured), stderr=bytes(proc.stderr.captured),
-        stdout_truncated=proc.stdout.truncated, stderr_truncated=proc.stderr.truncated, exit=data,
+        spawned=True,
+        pid=proc.pid,
+        stdout=bytes(proc.stdout.captured),
+        stderr=bytes(proc.stderr.captured),
+        stdout_truncated=proc.stdout.truncated,
+        stderr_truncated=proc.stderr.truncated,
+        exit=data,
     )
     return result_from_fold(folded)
 
@@ -715,18 +803,25 @@ def result_from_fold(folded: FoldedProcess) -> api.InstanceResult:
         state.core_dump = bool(ex.get("core_dump", False))
         r = ex.get("resources") or {}
         resources = api.InstanceResources(
-            block_input=r.get("block_input_ops", 0), block_output=r.get("block_output_ops", 0),
+            block_input=r.get("block_input_ops", 0),
+            block_output=r.get("block_output_ops", 0),
             elapsed_time=ex.get("duration_ms", 0) / 1000,
             involuntary_switches=r.get("involuntary_ctx_switches", 0),
-            max_rss=r.get("max_rss_kb", 0), monotonic_time=ex.get("duration_ms", 0) / 1000,
-            page_faults=r.get("minor_faults", 0), page_faults_io=r.get("major_faults", 0),
-            shared_memory=r.get("shared_memory", 0), signals=r.get("signals_received", 0),
-            swaps=r.get("swaps", 0), system_cpu_time=r.get("sys_time_us", 0) / 1e6,
-            unshared_memory=r.get("unshared_memory", 0), user_cpu_time=r.get("user_time_us", 0) / 1e6,
+            max_rss=r.get("max_rss_kb", 0),
+            monotonic_time=ex.get("duration_ms", 0) / 1000,
+            page_faults=r.get("minor_faults", 0),
+            page_faults_io=r.get("major_faults", 0),
+            shared_memory=r.get("shared_memory", 0),
+            signals=r.get("signals_received", 0),
+            swaps=r.get("swaps", 0),
+            system_cpu_time=r.get("sys_time_us", 0) / 1e6,
+            unshared_memory=r.get("unshared_memory", 0),
+            user_cpu_time=r.get("user_time_us", 0) / 1e6,
             voluntary_switches=r.get("voluntary_ctx_switches", 0),
         )
     return api.InstanceResult(
-        resources=resources, state=state,
+        resources=resources,
+        state=state,
         stdout=api.encode_stream(folded.stdout, folded.stdout_truncated),
         stderr=api.encode_stream(folded.stderr, folded.stderr_truncated),
     )
