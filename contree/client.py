@@ -239,13 +239,22 @@ class RemoteBackend:
         payload: Any = None,
     ) -> T:
         body = _encoder.encode(payload) if payload is not None else None
-        response = await self._request(method, url, params=params, body=body, idempotent=idempotent, ok=ok)
-        try:
-            raw = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(f"{method} {url.path}: reading the response failed: {exc}") from None
-        finally:
-            response.release()
+        attempt = 0
+        while True:
+            response = await self._request(
+                method, url, params=params, body=body, idempotent=idempotent, ok=ok
+            )
+            try:
+                raw = await response.read()
+                break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The body broke off mid-way: an idempotent request is simply asked again.
+                if not idempotent or attempt >= self.retries:
+                    raise Unavailable(f"{method} {url.path}: reading the response failed: {exc}") from None
+            finally:
+                response.release()
+            await asyncio.sleep(self._delay(attempt, None))
+            attempt += 1
         try:
             return msgspec.json.decode(raw, type=kind)
         except msgspec.MsgspecError as exc:

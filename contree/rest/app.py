@@ -91,9 +91,12 @@ def build_app(
     *,
     token: str | None = None,
     keepalive: float = 15.0,
-    client_max_size: int = 1 << 40,
+    client_max_size: int = 256 << 20,
 ) -> web.Application:
-    """Serve `backend` at `/v1`. With `token`, every request needs `Authorization: Bearer <token>`."""
+    """Serve `backend` at `/v1`. With `token`, every request needs `Authorization: Bearer <token>`.
+
+    `client_max_size` caps JSON request bodies (spawn stdin is inline); `POST /files` streams and has
+    no cap."""
     middlewares: list[Any] = [_error_middleware]
     if token:
         middlewares.insert(0, _auth_middleware(token))

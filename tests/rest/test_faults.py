@@ -379,3 +379,19 @@ async def test_follow_survives_long_streams_cut_by_a_proxy(
     quiet_follow_routes(script, running_for=8)
     assert [e async for e in client.events(OP, follow=True)] == []
     assert script.calls[f"GET /v1/operations/{OP}/events"] == 10  # first, 8 reconnects, final drain
+
+
+async def test_body_cut_mid_way_is_reread_for_idempotent_get(faulty: tuple[Script, RemoteBackend]) -> None:
+    script, client = faulty
+
+    async def whoami(request: web.Request, n: int) -> web.StreamResponse:
+        if n > 1:
+            return json(WHO)
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "500"})
+        await response.prepare(request)
+        await response.write(b'{"token_uuid": "t", ')
+        return drop(request)
+
+    script.routes["GET /v1/whoami"] = whoami
+    assert (await client.whoami()).token_uuid == "t"
+    assert script.calls["GET /v1/whoami"] == 2

@@ -182,3 +182,15 @@ async def test_malformed_ids_fail_on_iteration_without_a_request(client: RemoteB
         await anext(events)
     with pytest.raises(NotFound):
         await client.get_operation("../whoami")
+
+
+async def test_large_upload_streams_past_the_json_body_cap(client: RemoteBackend, fake: FakeBackend) -> None:
+    size = 300 << 20  # above build_app's 256 MiB JSON cap: uploads stream instead
+
+    async def chunks() -> AsyncIterator[bytes]:
+        block = b"z" * (4 << 20)
+        for _ in range(size // len(block)):
+            yield block
+
+    uploaded = await client.upload_file(chunks())
+    assert uploaded.size == size and len(fake.blobs[uploaded.sha256]) == size
