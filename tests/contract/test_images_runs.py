@@ -111,3 +111,12 @@ async def test_operation_listing_filters(backend: Backend, busybox: str) -> None
     assert ok.uuid not in [o.uuid for o in none]
     recent = await backend.list_operations(OperationQuery(since="10m"))
     assert ok.uuid in [o.uuid for o in recent]
+
+
+async def test_replaced_directory_hides_lower_content(backend: Backend, busybox: str) -> None:
+    replaced = await run(backend, busybox, "rm -rf /usr/bin && mkdir /usr/bin && echo new > /usr/bin/only")
+    assert replaced.status == "SUCCESS" and replaced.result_image_uuid
+    assert result_of(replaced).state.exit_code == 0  # type: ignore[union-attr]
+    check = await run(backend, replaced.result_image_uuid, "ls -A /usr/bin; cat /usr/bin/only",
+                      disposable=True)
+    assert stdout_of(check) == "only\nnew\n"
