@@ -17,7 +17,7 @@ from pathlib import Path
 
 from contree import api
 from contree.engine.store import Store
-from contree.oci.extract import extract_layer
+from contree.oci.extract import LayerStats, extract_layer
 from contree.oci.importer import EXTRACT_CONCURRENCY, ImportProgress, import_image
 from contree.oci.registry import RegistryClient
 from tests.oci import harness
@@ -25,6 +25,13 @@ from tests.oci import harness
 LAYERS = 4
 LAYER_BYTES = 50 * 1024 * 1024
 MB = 1024 * 1024
+ROUNDS = 3
+
+
+def _clean(work: Path, r: int) -> None:
+    for prefix in ("x", "p"):
+        for path in work.glob(f"{prefix}{r}-*"):
+            shutil.rmtree(path)
 
 
 def _layer(rng: random.Random, index: int) -> list[harness.Entry]:
@@ -85,53 +92,66 @@ async def _measure(work: Path, host: str, image: harness.BuiltImage) -> None:
     download_s = time.perf_counter() - t
     compressed = sum(len(image.blobs[d]) for d in image.layer_digests)
 
-    # extraction alone (after download): one layer at a time, then two at a time as the importer does
-    t = time.perf_counter()
-    stats = []
-    for i, d in enumerate(image.layer_digests):
-        dest = work / f"x{i}"
-        dest.mkdir()
-        stats.append(await asyncio.to_thread(extract_layer, str(blobs / d.split(":")[1]), str(dest)))
-    extract_s = time.perf_counter() - t
+    # extraction alone (after download): one layer at a time, then two at a time as the importer does.
+    # The machine is shared: each figure is the best of ROUNDS runs.
+    stats: list[LayerStats] = []
+    extract_s = extract_par_s = import_s = float("inf")
+    worst_import = 0.0
+    for r in range(ROUNDS):
+        t = time.perf_counter()
+        stats = []
+        for i, d in enumerate(image.layer_digests):
+            dest = work / f"x{r}-{i}"
+            dest.mkdir()
+            stats.append(await asyncio.to_thread(extract_layer, str(blobs / d.split(":")[1]), str(dest)))
+        extract_s = min(extract_s, time.perf_counter() - t)
+        sem = asyncio.Semaphore(EXTRACT_CONCURRENCY)
+
+        async def one(i: int, d: str, r: int = r, sem: asyncio.Semaphore = sem) -> None:
+            dest = work / f"p{r}-{i}"
+            dest.mkdir()
+            async with sem:
+                await asyncio.to_thread(extract_layer, str(blobs / d.split(":")[1]), str(dest))
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i, d) for i, d in enumerate(image.layer_digests)))
+        extract_par_s = min(extract_par_s, time.perf_counter() - t)
+        await asyncio.to_thread(_clean, work, r)
     unpacked = sum(s.file_bytes for s in stats)
-    t = time.perf_counter()
-    sem = asyncio.Semaphore(EXTRACT_CONCURRENCY)
 
-    async def one(i: int, d: str) -> None:
-        dest = work / f"p{i}"
-        dest.mkdir()
-        async with sem:
-            await asyncio.to_thread(extract_layer, str(blobs / d.split(":")[1]), str(dest))
-
-    await asyncio.gather(*(one(i, d) for i, d in enumerate(image.layer_digests)))
-    extract_par_s = time.perf_counter() - t
-
-    # full import into a fresh store, then a re-import
-    store = Store(work / "home")
-    try:
-        t = time.perf_counter()
-        rec = await import_image(store, req)
-        import_s = time.perf_counter() - t
-        events: list[ImportProgress] = []
-        t = time.perf_counter()
-        again = await import_image(store, req, progress=events.append)
-        reimport_s = time.perf_counter() - t
-        assert again.uuid == rec.uuid
-        fetched = max((e.bytes_done for e in events), default=0)
-    finally:
-        store.close()
+    # full import into a fresh store (best of ROUNDS), then a re-import that must download nothing
+    for r in range(ROUNDS):
+        store = Store(work / f"home{r}")
+        try:
+            t = time.perf_counter()
+            rec = await import_image(store, req)
+            import_s = min(import_s, time.perf_counter() - t)
+            worst_import = max(worst_import, time.perf_counter() - t)
+            if r < ROUNDS - 1:
+                continue
+            events: list[ImportProgress] = []
+            t = time.perf_counter()
+            again = await import_image(store, req, progress=events.append)
+            reimport_s = time.perf_counter() - t
+            assert again.uuid == rec.uuid
+            fetched = max((e.bytes_done for e in events), default=0)
+        finally:
+            store.close()
 
     print(f"{'step':34} {'seconds':>8} {'MB/s':>8}")
     print(f"{'download (gzip bytes)':34} {download_s:8.2f} {compressed / MB / download_s:8.1f}")
     print(
         f"{'extract after download (unpacked)':34} {extract_s:8.2f} {unpacked / MB / extract_s:8.1f}"
-        "   target >= 100"
+        "   target >= 100 (best of 3)"
     )
     print(
         f"{'extract, 2 layers at a time':34} {extract_par_s:8.2f} {unpacked / MB / extract_par_s:8.1f}"
-        "   target >= 100"
+        "   target >= 100 (best of 3)"
     )
-    print(f"{'import total (unpacked)':34} {import_s:8.2f} {unpacked / MB / import_s:8.1f}")
+    print(
+        f"{'import total (unpacked)':34} {import_s:8.2f} {unpacked / MB / import_s:8.1f}"
+        f"   worst of {ROUNDS}: {worst_import:.2f} s"
+    )
     print(f"{'re-import (unchanged image)':34} {reimport_s:8.3f} {'':>8}   downloaded {fetched} bytes")
     ratio = import_s / (download_s + extract_par_s)
     print(
