@@ -71,7 +71,10 @@ async def _run(host: str, port: int, home: Path, token: str | None) -> None:
     try:
         await serve(engine, host, port, token=token, stop=stop)
     finally:
-        await engine.close()
+        try:
+            await engine.close()
+        except Exception as exc:  # the API is already down; report the engine's own cleanup problem
+            log.error("closing the engine: %s", exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +67,35 @@ async def test_serve_binds_loopback_and_requires_the_token(capsys: pytest.Captur
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.slow
+def test_serve_api_command_on_the_embedded_engine(tmp_path: Path) -> None:
+    """The real command: LocalEngine in a temp home, loopback port, token; SIGTERM stops it cleanly."""
+    from tests.contract.conftest import require_engine_host
+
+    require_engine_host()
+    code = "import sys; from contree.rest import main; raise SystemExit(main(sys.argv[1:]))"
+    args = ["--listen", "127.0.0.1:0", "--home", str(tmp_path / "home"), "--token", "cli-token"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the socket is bound
+        assert line.startswith("Contree API listening on http://127.0.0.1:"), (
+            proc.stderr and proc.stderr.read()
+        )
+        url = line.split()[-1]
+        request = urllib.request.Request(f"{url}/whoami", headers={"Authorization": "Bearer cli-token"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["permissions"]["spawn"] is True
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{url}/whoami", timeout=10)
+        assert info.value.code == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
