@@ -61,7 +61,9 @@ class Unavailable(BackendError):
 
 _BY_STATUS: dict[int, type[BackendError]] = {
     cls.status: cls
-    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, Unprocessable, TooEarly, RateLimited)
+    for cls in (
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, Unprocessable, TooEarly, RateLimited,
+    )
 }
 
 
