@@ -299,9 +299,12 @@ class EventStream:
             return
         try:
             await writer.response.write(frame)
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        except (ConnectionError, RuntimeError):
             # A vanished client is not a cancellation: keep the events for its resumption.
             self._release(writer)
+        except asyncio.CancelledError:
+            self._release(writer)  # a half-written frame: this connection is done
+            raise
 
     def _release(self, writer: _Writer) -> None:
         writer.ended.set()

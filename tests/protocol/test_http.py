@@ -577,3 +577,27 @@ def _slow(seconds: float) -> dict[str, object]:
 async def _take(iterator: AsyncIterator[Event], n: int) -> AsyncIterator[Event]:
     for _ in range(n):
         yield await anext(iterator)
+
+
+async def test_idle_sse_streams_get_keepalive_comments() -> None:
+    async with serve(HttpSettings(keepalive=0.05)) as (client, _):
+        session = await initialize(client)
+        resp = await client.get("/mcp", headers={**session, "Accept": "text/event-stream"})
+        got = [e async for e in _take(events(resp, limit=5), 3)]
+        assert [e.comment for e in got] == ["stream open", "keepalive", "keepalive"]
+        resp.close()
+
+
+async def test_a_new_get_stream_replaces_the_previous_one() -> None:
+    async with serve() as (client, server):
+        session = await initialize(client)
+        await post(client, session, rpc(1, "resources/subscribe", {"uri": "test://watched-resource"}))
+        headers = {**session, "Accept": "text/event-stream"}
+        old = await client.get("/mcp", headers=headers)
+        new = await client.get("/mcp", headers=headers)
+        assert [e.comment for e in await all_events(old)] == ["stream open"]  # ended by the newer one
+        reader = events(new, limit=5)
+        await anext(reader)
+        await server.resource_updated("test://watched-resource")
+        assert (await anext(reader)).json()["method"] == "notifications/resources/updated"
+        new.close()
