@@ -14,11 +14,12 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from contree.sync import DEFAULT_EXCLUDES, Excludes, StateCache, SyncError, sync_tree, transfer_for
+from contree.sync.chunker import FileChangedError
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.dirstate import ensure_blob, sha256_file
+from tools.dirstate import ManifestEntry, ensure_blob, sha256_file
 from tools.errors import backend_errors
-from tools.excludes import BUILTIN_EXCLUDES, Excludes
 from tools.models import DownloadOutput, DownloadSource, UploadOutput
 from tools.refs import resolve_image
 from tools.roots import expand, require_inside
@@ -34,6 +35,12 @@ class RsyncParams(msgspec.Struct, kw_only=True):
         list[str] | None,
         Meta(description="gitignore-style patterns added to the built-in excludes; '!pattern' re-includes."),
     ] = None
+    default_excludes: Annotated[
+        bool, Meta(description="Apply the built-in excludes (.git, node_modules, ...); false turns them off.")
+    ] = True
+    gitignore: Annotated[
+        bool, Meta(description="Also apply the .gitignore files found in the source tree.")
+    ] = False
 
 
 class UploadParams(msgspec.Struct, kw_only=True):
@@ -51,7 +58,10 @@ class DownloadParams(msgspec.Struct, kw_only=True):
     path: Annotated[str, Meta(description="Absolute path of the file inside the image.")]
     destination: Annotated[str, Meta(description="Absolute host path to write ('~' expanded).")]
     executable: Annotated[bool, Meta(description="Make the written file executable (0755).")] = False
-    overwrite: Annotated[bool, Meta(description="Replace an existing file (false: refuse).")] = True
+    # The issue's safe default (COMPAT §14 suggests true): an existing file is never clobbered silently.
+    overwrite: Annotated[
+        bool, Meta(description="Replace an existing file. Default false: an existing destination is refused.")
+    ] = False
 
 
 async def write_download(
@@ -110,8 +120,23 @@ def _make_parents(parent: str, state: ServerState) -> None:
         raise ToolError(f"cannot create {parent}: {exc.strerror}") from None
 
 
+class _SyncCache:
+    """The sync state cache (stat + chunk lists, blob map), opened on first use so servers that never
+    rsync create no file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cache: StateCache | None = None
+
+    def get(self) -> StateCache:
+        if self._cache is None:
+            self._cache = StateCache(self.path)
+        return self._cache
+
+
 def register_rsync_upload(registry: Registry, state: ServerState) -> None:
-    builtins = ", ".join(BUILTIN_EXCLUDES)
+    builtins = ", ".join(DEFAULT_EXCLUDES)
+    sync_cache = _SyncCache(str(state.cache_dir / "sync.db"))
 
     @registry.tool(
         name="rsync",
@@ -126,9 +151,12 @@ USAGE:
 - The id names an immutable snapshot: re-sync after editing files to get a new id (unchanged content
   returns the
   same id). Works for a single file too (synced to <destination>/<name>).
-- Built-in excludes: {builtins}. 'exclude' adds gitignore-style patterns (a bare name matches at any depth,
+- Built-in excludes: {builtins} (default_excludes=false turns them off; gitignore=true also applies the tree's
+  .gitignore files). 'exclude' adds gitignore-style patterns (a bare name matches at any depth,
   'dir/' only directories, '/x' anchors at the source root, '**' spans directories, '!x' re-includes).
 - Only paths inside the server's allowed roots can be read; symlinks leaving the source are skipped.
+- Only changed content is read and sent; a report (files scanned/changed/uploaded, bytes hashed/sent, time)
+  arrives as a log notification (logger contree.rsync).
 
 RETURNS: the directory_state_id (integer)
 
@@ -141,16 +169,38 @@ GUIDES:
         source = expand(params.source, "source")
         if not await asyncio.to_thread(os.path.lexists, source):
             raise ToolError(f"source path does not exist: {source}")
-        real = require_inside(source, state.allowed_roots, "source")
+        real = await asyncio.to_thread(require_inside, source, state.allowed_roots, "source")
         destination = params.destination.strip().rstrip("/")
         if not destination.startswith("/"):
             raise ToolError(f"destination must be an absolute path, got: {params.destination}")
-        excludes = Excludes(params.exclude)
-        with backend_errors("rsync"):
-            state_id, stats = await state.dirstates.sync(
-                state.backend, ctx.principal, real, destination, excludes
-            )
-        await ctx.log("info", {"rsync": source, "directory_state_id": state_id, **stats}, "contree.rsync")
+        excludes = Excludes(params.exclude, defaults=params.default_excludes)
+        cache = await asyncio.to_thread(sync_cache.get)
+
+        async def progress(done: int, total: int, message: str) -> None:
+            await ctx.progress(done, total, message)
+
+        try:
+            with backend_errors("rsync"):
+                manifest, report = await sync_tree(
+                    real,
+                    destination,
+                    cache=cache,
+                    transfer=transfer_for(state.backend),
+                    excludes=excludes,
+                    gitignore=params.gitignore,
+                    progress=progress,
+                )
+        except (SyncError, FileChangedError) as exc:
+            raise ToolError(str(exc)) from None
+        entries = [ManifestEntry(e.path, e.sha256, e.uuid, e.mode) for e in manifest.entries]
+        state_id = await asyncio.to_thread(state.dirstates.save, ctx.principal, entries, (real, destination))
+        # The result stays a bare integer (COMPAT §2.1: its outputSchema allows nothing else).
+        await ctx.log(
+            "info",
+            {"rsync": source, "directory_state_id": state_id, "manifest": manifest.id,
+             **msgspec.to_builtins(report)},
+            "contree.rsync",
+        )
         return state_id
 
     @registry.tool(
@@ -211,7 +261,8 @@ TL;DR: PURPOSE: copy a build artifact or log from an image to the host. COST: fr
 USAGE:
 - download(image="<uuid>", path="/app/dist/app.whl", destination="/abs/host/out/app.whl").
 - destination must be absolute and inside the server's allowed roots; parent directories are created.
-  The file is written atomically; overwrite=false refuses an existing file; executable=true sets 0755.
+  The file is written atomically; an existing file is refused unless overwrite=true; executable=true
+  sets 0755.
 
 RETURNS: {success, source: {image, path}, destination, size, executable, sha256}
 

@@ -165,7 +165,11 @@ async def test_download_is_atomic_confined_and_respects_overwrite(tmp_path: Path
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
     (root / "link").symlink_to(victim)
-    await call(reg, "download", {"image": "art:1", "path": "/out/tool", "destination": str(root / "link")})
+    await call(
+        reg,
+        "download",
+        {"image": "art:1", "path": "/out/tool", "destination": str(root / "link"), "overwrite": True},
+    )
     assert victim.read_text() == "keep" and not (root / "link").is_symlink()
     missing = await call(reg, "download", {"image": "art:1", "path": "/nope", "destination": str(root / "n")})
     assert missing["isError"] and [p.name for p in root.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,119 @@
+"""Walk a source tree (blocking: run it in a worker thread): regular files that survive the excludes,
+with their stat. Excluded directories are pruned, symlinks that leave the source are never followed
+(they are reported), in-tree file symlinks are synced as the content they point to."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from contree.sync.excludes import Excludes
+from contree.sync.state import StatKey
+
+
+class SyncError(Exception):
+    """An expected failure with a message for the user (an unreadable file, a vanished source...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    rel: str  # path relative to the source, "/"-separated
+    path: str  # host path that was stat'ed (the link itself for an in-tree symlink)
+    stat: StatKey
+
+
+@dataclass
+class ScanResult:
+    root: str
+    files: list[Found] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "rel (reason)"
+
+
+def _key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def _read_gitignore(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise SyncError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def scan(source: str, excludes: Excludes, *, gitignore: bool = False) -> ScanResult:
+    """`source` must be a real (symlink-free) absolute path: a directory or a regular file."""
+    try:
+        st = os.stat(source, follow_symlinks=False)
+    except OSError as exc:
+        raise SyncError(f"cannot read {source}: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        return ScanResult(os.path.dirname(source), [Found(os.path.basename(source), source, _key(st))])
+    if not stat.S_ISDIR(st.st_mode):
+        raise SyncError(f"{source} is neither a directory nor a regular file")
+    out = ScanResult(source)
+    stack: list[tuple[str, str, Excludes]] = [(source, "", excludes)]
+    while stack:
+        directory, rel_dir, rules = stack.pop()
+        if gitignore:
+            lines = _read_gitignore(os.path.join(directory, ".gitignore"))
+            if lines:
+                rules = rules.child(rel_dir, lines)
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise SyncError(f"cannot read directory {directory}: {exc.strerror}") from None
+        for entry in entries:
+            rel = rel_dir + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if not rules.excluded(rel, True):
+                    stack.append((entry.path, rel + "/", rules))
+                continue
+            if entry.is_symlink():
+                _symlink(entry.path, rel, source, rules, out)
+                continue
+            if rules.excluded(rel, False):
+                continue
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted while we walked
+            except OSError as exc:
+                raise SyncError(f"cannot read {entry.path}: {exc.strerror}") from None
+            if stat.S_ISREG(est.st_mode):
+                out.files.append(Found(rel, entry.path, _key(est)))
+            else:
+                out.skipped.append(f"{rel} (not a regular file)")
+    out.files.sort(key=lambda f: f.rel)
+    return out
+
+
+def _symlink(path: str, rel: str, root: str, rules: Excludes, out: ScanResult) -> None:
+    real = os.path.realpath(path)
+    is_dir = os.path.isdir(real)
+    if rules.excluded(rel, is_dir):
+        return
+    if not _inside(real, root):
+        out.skipped.append(f"{rel} (symlink leaving the source, not followed)")
+        return
+    if is_dir:
+        out.skipped.append(f"{rel} (symlink to a directory, not followed)")
+        return
+    try:
+        st = os.stat(real)
+    except OSError:
+        out.skipped.append(f"{rel} (dangling symlink)")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        out.skipped.append(f"{rel} (symlink to a non-regular file)")
+        return
+    # Read through the resolved target (inside the source): its stat keys the cache, so editing it counts.
+    out.files.append(Found(rel, real, _key(st)))

@@ -1,0 +1,192 @@
+"""One sync: scan, diff against the local cache, read only what changed, transfer only what the backend
+lacks, and build the directory-state manifest. Returns the manifest and a report."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from contree.sync.chunker import FileChangedError, FileDigest, digest_file
+from contree.sync.excludes import Excludes
+from contree.sync.manifest import Manifest, ManifestEntry, build_manifest, mode_string
+from contree.sync.scanner import Found, SyncError, scan
+from contree.sync.state import BlobRef, StateCache, StatKey
+from contree.sync.transfer import Transfer
+
+ProgressCallback = Callable[[int, int, str], Awaitable[None]]
+DEFAULT_CONCURRENCY = 4
+_PROGRESS_EVERY = 0.25  # seconds between progress callbacks (the last one is always sent)
+
+
+class SyncReport(msgspec.Struct, kw_only=True):
+    files_scanned: int = 0
+    files_changed: int = 0  # stat changed or unknown: content read and hashed
+    files_uploaded: int = 0  # content the backend lacked (renames and duplicates never count)
+    files_removed: int = 0  # previously synced paths that are gone
+    bytes_hashed: int = 0
+    bytes_sent: int = 0
+    elapsed_ms: float = 0.0
+    skipped: list[str] = msgspec.field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    files: list[Found]
+    digests: dict[str, FileDigest]  # host path → digest (known without reading)
+    to_read: list[Found]
+    renamed: list[tuple[Found, FileDigest]]
+    blobs: dict[str, BlobRef]
+    removed: list[str]
+    skipped: list[str]
+
+
+def _plan(
+    source: str, excludes: Excludes, gitignore: bool, cache: StateCache, target: str, need_sha: bool
+) -> _Plan:
+    scanned = scan(source, excludes, gitignore=gitignore)
+    cached = cache.files_under(scanned.root if os.path.isdir(source) else source)
+    digests: dict[str, FileDigest] = {}
+    to_read: list[Found] = []
+    renamed: list[tuple[Found, FileDigest]] = []
+    seen: set[str] = set()
+    for found in scanned.files:
+        seen.add(found.path)
+        hit = cached.get(found.path)
+        if hit is not None and hit.stat == found.stat and (hit.sha256 or not need_sha):
+            digests[found.path] = hit.digest()
+            continue
+        if hit is None:
+            moved = cache.by_inode(found.stat)  # same inode, size and mtime: a rename, no read needed
+            if moved is not None and (moved.sha256 or not need_sha):
+                renamed.append((found, moved.digest()))
+                continue
+        to_read.append(found)
+    removed = [p for p in cached if p not in seen] if os.path.isdir(source) else []
+    return _Plan(scanned.files, digests, to_read, renamed, cache.blobs(target), removed, scanned.skipped)
+
+
+def _read(found: Found, need_sha: bool) -> FileDigest:
+    try:
+        return digest_file(found.path, with_sha256=need_sha)
+    except FileChangedError:
+        raise
+    except OSError as exc:
+        raise SyncError(f"cannot read {found.path}: {exc.strerror or exc}") from None
+
+
+async def sync_tree(
+    source: str,
+    destination: str,
+    *,
+    cache: StateCache,
+    transfer: Transfer,
+    excludes: Excludes | None = None,
+    gitignore: bool = False,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    progress: ProgressCallback | None = None,
+    uid: int = 0,
+    gid: int = 0,
+) -> tuple[Manifest, SyncReport]:
+    """Sync `source` (a real absolute path: directory or regular file) to `destination` (absolute path in
+    the sandbox). Raises SyncError for expected failures (unreadable file, nothing to sync)."""
+    started = time.perf_counter()
+    need_sha = transfer.needs_sha256
+    plan = await asyncio.to_thread(
+        _plan, source, excludes or Excludes(), gitignore, cache, transfer.target, need_sha
+    )
+    if not plan.files:
+        raise SyncError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
+    report = SyncReport(
+        files_scanned=len(plan.files), files_removed=len(plan.removed), skipped=plan.skipped
+    )
+    digests = plan.digests
+    for found, digest in plan.renamed:
+        digests[found.path] = digest
+    sem = asyncio.Semaphore(max(1, concurrency))
+    ensured: dict[str, asyncio.Future[BlobRef]] = {}
+    new_blobs: list[tuple[str, BlobRef]] = []
+    fresh: list[tuple[Found, FileDigest]] = list(plan.renamed)
+    by_path = {f.path: f for f in plan.files}
+    work = [f.path for f in plan.to_read] + [
+        p for p, d in digests.items() if d.xxh128 not in plan.blobs
+    ]
+    total, done, last_note = len(work), 0, 0.0
+
+    async def ensure(path: str, digest: FileDigest) -> BlobRef:
+        pending = ensured.get(digest.xxh128)
+        if pending is not None:  # a duplicate: the same content is already on its way
+            return await pending
+        fut: asyncio.Future[BlobRef] = asyncio.get_running_loop().create_future()
+        ensured[digest.xxh128] = fut
+        try:
+            sent = await transfer.ensure(path, digest)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: duplicates waiting on it re-raise it themselves
+            raise
+        ref = BlobRef(sent.sha256, sent.uuid)
+        if sent.bytes_sent or digest.size == 0:
+            report.files_uploaded += 1
+        report.bytes_sent += sent.bytes_sent
+        new_blobs.append((digest.xxh128, ref))
+        fut.set_result(ref)
+        return ref
+
+    async def one(path: str) -> None:
+        nonlocal done, last_note
+        async with sem:
+            found = by_path[path]
+            digest = digests.get(path)
+            if digest is None:
+                digest = await asyncio.to_thread(_read, found, need_sha)
+                digests[path] = digest
+                fresh.append((found, digest))
+                report.files_changed += 1
+                report.bytes_hashed += digest.size
+            if digest.xxh128 not in plan.blobs:
+                await ensure(path, digest)
+        done += 1
+        now = time.perf_counter()
+        if progress is not None and (done == total or now - last_note >= _PROGRESS_EVERY):
+            last_note = now
+            await progress(done, total, f"{done}/{total} files, {report.bytes_sent} bytes sent")
+
+    try:
+        await asyncio.gather(*(one(p) for p in work))
+    finally:
+        # Whatever was learnt stays learnt, even when one file failed.
+        rows = [(f.path, f.stat, d) for f, d in fresh]
+        blobs = list(new_blobs)
+        await asyncio.to_thread(_save, cache, transfer.target, rows, blobs, plan.removed)
+    known = {**plan.blobs, **dict(new_blobs)}
+    base = destination.rstrip("/")
+    entries = []
+    for found in plan.files:
+        digest = digests[found.path]
+        ref = known[digest.xxh128]
+        entries.append(
+            ManifestEntry(
+                f"{base}/{found.rel}", ref.sha256, ref.uuid, digest.size, mode_string(found.stat.mode),
+                uid, gid,
+            )
+        )
+    manifest = build_manifest(entries)
+    report.elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+    return manifest, report
+
+
+def _save(
+    cache: StateCache,
+    target: str,
+    rows: list[tuple[str, StatKey, FileDigest]],
+    blobs: list[tuple[str, BlobRef]],
+    removed: list[str],
+) -> None:
+    cache.remember(rows)
+    cache.remember_blobs(target, blobs)
+    cache.forget(removed)
