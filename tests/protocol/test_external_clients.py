@@ -1,6 +1,7 @@
 """Clients we did not write, as subprocesses: mcp==2.3.0 (discover probe, then fallback) and Inspector CLI v1.
 
-Both run over stdio and Streamable HTTP against the conformance fixtures (`python -m protocol.conformance`).
+Both run over stdio and Streamable HTTP (the Inspector also over legacy SSE) against the conformance
+fixtures (`python -m protocol.conformance`).
 """
 
 from __future__ import annotations
@@ -113,3 +114,8 @@ def test_inspector_v1_over_stdio() -> None:
 def test_inspector_v1_over_streamable_http() -> None:
     with conformance_server() as url:
         _inspect_everything([url])
+
+
+def test_inspector_v1_over_legacy_sse() -> None:
+    with conformance_server() as url:
+        _inspect_everything([url.removesuffix("/mcp") + "/sse"])
