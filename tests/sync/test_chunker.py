@@ -1,0 +1,71 @@
+"""Content-defined chunking: stable cut points, bounded sizes, edits touch about one chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from contree.sync.chunker import (
+    MAX_CHUNK,
+    MIN_CHUNK,
+    FileChangedError,
+    chunks_of,
+    cut_points,
+    digest_file,
+    read_chunks,
+)
+from tests.sync.helpers import pseudo_random
+
+
+def test_chunks_cover_the_data_within_bounds() -> None:
+    data = pseudo_random(8 << 20, 1)
+    chunks = chunks_of(data)
+    assert b"".join(data[c.offset : c.offset + c.length] for c in chunks) == data
+    assert all(MIN_CHUNK <= c.length <= MAX_CHUNK for c in chunks[:-1])
+    average = len(data) / len(chunks)
+    assert 40 * 1024 < average < 100 * 1024  # target ~64 KiB
+    assert all(c.digest == xxhash.xxh3_128_hexdigest(data[c.offset : c.offset + c.length]) for c in chunks)
+
+
+def test_degenerate_inputs() -> None:
+    assert cut_points(b"") == [] and chunks_of(b"") == []
+    assert cut_points(b"x") == [1]
+    zeros = bytes(3 * MAX_CHUNK + 5)
+    cuts = cut_points(zeros)
+    assert cuts[-1] == len(zeros) and all(b - a <= MAX_CHUNK for a, b in zip([0, *cuts], cuts, strict=False))
+
+
+@pytest.mark.parametrize("edit", ["flip", "insert", "delete"])
+def test_a_local_edit_changes_about_one_chunk(edit: str) -> None:
+    data = pseudo_random(16 << 20, 2)
+    at = 9_000_001
+    changed = {
+        "flip": data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :],
+        "insert": data[:at] + b"inserted" + data[at:],
+        "delete": data[:at] + data[at + 100 :],
+    }[edit]
+    before = {c.digest for c in chunks_of(data)}
+    new = [c for c in chunks_of(changed) if c.digest not in before]
+    assert 1 <= len(new) <= 2, len(new)
+
+
+def test_streamed_file_digest_matches_in_memory(tmp_path: Path) -> None:
+    data = pseudo_random(20 << 20, 3)  # spans several 8 MiB reads
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    digest = digest_file(path)
+    assert digest.chunks == chunks_of(data)
+    assert digest.size == len(data) and digest.xxh128 == xxhash.xxh3_128_hexdigest(data)
+    import hashlib
+
+    assert digest.sha256 == hashlib.sha256(data).hexdigest()
+    assert digest_file(path, with_sha256=False).sha256 == ""
+    wanted = [digest.chunks[3], digest.chunks[-1]]
+    assert [d for _, d in read_chunks(path, wanted)] == [
+        data[c.offset : c.offset + c.length] for c in wanted
+    ]
+    path.write_bytes(b"different")
+    with pytest.raises(FileChangedError, match="changed while it was synced"):
+        list(read_chunks(path, wanted))
