@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from contree.config import open_backend as open_configured_backend
 from contree.config import resolve_backend_config
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
     p.add_argument(
-        "--auth-type", choices=("iam", "jwt"), default="iam", help="Contree auth type (default: iam)"
+        "--auth-type",
+        choices=("iam", "jwt"),
+        default=None,  # unset, so a profile's type and legacy (jwt) settings can still decide
+        help="Contree auth type (default: iam; a loaded profile's type wins)",
     )
     p.add_argument("--url", default=None, help="Contree API URL (env CONTREE_URL)")
     p.add_argument("--token", default=None, help="Contree API token (env CONTREE_TOKEN)")
@@ -148,11 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def backend_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags `contree.config.resolve_backend_config` reads (None = not given)."""
+    names = ("backend", "token", "url", "profile", "project", "auth_type", "home")
+    return {name: getattr(args, name) for name in names}
+
+
 async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
-    flags = {"backend": args.backend, "token": args.token, "url": args.url, "profile": args.profile,
-             "project": args.project, "auth_type": args.auth_type, "home": args.home}  # fmt: skip
-    config = resolve_backend_config(flags, dict(os.environ))
+    config = resolve_backend_config(backend_flags(args), dict(os.environ))
     if config.kind == "local":
         from contree.engine.local import LocalEngine
 
@@ -160,16 +168,8 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
         await engine.start()
         log.info("embedded engine at %s", config.home)
         return engine, "local", config.home / "mcp"
-    from contree.client import RemoteBackend
-
-    backend = RemoteBackend(
-        config.url or "",
-        token=config.token,
-        project=config.project,
-        auth_type=config.auth_type,
-        user_agent=f"contree-mcp/{__version__}",
-    )
-    log.info("Contree API at %s (%s)", config.url, config.source)
+    backend = await open_configured_backend(config, user_agent=f"contree-mcp/{__version__}")
+    log.info("%s", config.describe())
     return backend, "contree", config.config_home / "mcp"
 
 
