@@ -136,7 +136,8 @@ def bootstrap_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="contree-mcp images bootstrap",
                                      description="Create the busybox:latest and debian:bookworm base images.")
     parser.add_argument("--home", type=Path, default=None,
-                        help="engine state directory (default: $CONTREE_HOME or ~/.local/share/contree-mcp)")
+                        help="engine state directory (default: $CONTREE_ENGINE_HOME, else "
+                        "$XDG_DATA_HOME/contree-mcp)")
     parser.add_argument("--only", choices=KINDS, action="append", help="build only this image (repeatable)")
     parser.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for debian:bookworm")
     args = parser.parse_args(argv)

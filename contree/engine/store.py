@@ -644,7 +644,9 @@ class Store:
 def check_main(argv: Sequence[str] | None = None) -> int:
     """`contree-mcp engine check --home DIR`: print the store's problems; exit 1 when there are any."""
     parser = argparse.ArgumentParser(prog="contree-mcp engine check", description=check_main.__doc__)
-    parser.add_argument("--home", type=Path, default=default_home(), help="engine state directory")
+    parser.add_argument("--home", type=Path, default=default_home(),
+                        help="engine state directory (default: $CONTREE_ENGINE_HOME, else "
+                        "$XDG_DATA_HOME/contree-mcp)")
     parser.add_argument("--repair", action="store_true", help="run start-up recovery first (engine stopped)")
     args = parser.parse_args(argv)
     if not (args.home / "images.db").exists():
@@ -666,8 +668,7 @@ def check_main(argv: Sequence[str] | None = None) -> int:
 
 
 def default_home() -> Path:
-    env = os.environ.get("CONTREE_HOME")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "contree-mcp"
+    # One rule for every entry point; CONTREE_HOME is the Contree CLI's auth.ini directory, not this.
+    from contree.config import engine_home
+
+    return engine_home(os.environ)
