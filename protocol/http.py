@@ -85,6 +85,8 @@ class HttpSettings:
     poll_after: float | None = None
     retry_ms: int = 1000
     keepalive: float = 15.0
+    # A client that stops reading must not stall the session's work (or other sessions' notifications).
+    write_timeout: float = 10.0
     replay_events: int = 512  # per stream
     streams_per_session: int = 32  # finished POST streams kept for resumption
     max_sessions: int = 1000
@@ -255,10 +257,11 @@ def sse_event(event_id: str | None, data: bytes, *, event: str | None = "message
 class _Writer:
     """A live HTTP response an EventStream writes to, with the event its handler waits on."""
 
-    __slots__ = ("ended", "response")
+    __slots__ = ("ended", "response", "transport")
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: web.StreamResponse, transport: asyncio.BaseTransport | None) -> None:
         self.response = response
+        self.transport = transport
         self.ended = asyncio.Event()
 
 
@@ -268,8 +271,9 @@ class EventStream:
     Events are buffered whether or not a client is connected, so a client that lost the connection (or was
     asked to poll) gets the rest with GET + Last-Event-ID."""
 
-    def __init__(self, stream_id: str, limit: int) -> None:
+    def __init__(self, stream_id: str, limit: int, write_timeout: float = 10.0) -> None:
         self.id = stream_id
+        self.write_timeout = write_timeout
         self.seq = 0
         self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=limit)
         self.complete = False  # nothing more will be sent (a POST stream whose responses all went out)
@@ -298,7 +302,14 @@ class EventStream:
         if writer is None:
             return
         try:
-            await writer.response.write(frame)
+            async with asyncio.timeout(self.write_timeout):
+                await writer.response.write(frame)
+        except TimeoutError:
+            # The client stopped reading: drop the connection (a frame may be half-written); the events
+            # stay buffered for a resumption.
+            self._release(writer)
+            if writer.transport is not None:
+                writer.transport.abort()  # type: ignore[attr-defined]
         except (ConnectionError, RuntimeError):
             # A vanished client is not a cancellation: keep the events for its resumption.
             self._release(writer)
@@ -311,9 +322,15 @@ class EventStream:
         if self._writer is writer:
             self._writer = None
 
-    async def attach(self, response: web.StreamResponse, after: int, head: bytes = b"") -> _Writer:
+    async def attach(
+        self,
+        response: web.StreamResponse,
+        after: int,
+        head: bytes = b"",
+        transport: asyncio.BaseTransport | None = None,
+    ) -> _Writer:
         """Make `response` the stream's writer, replaying events after `after` (a newer writer wins)."""
-        writer = _Writer(response)
+        writer = _Writer(response, transport)
         async with self._lock:
             if self._writer is not None:
                 self._release(self._writer)
@@ -374,7 +391,7 @@ async def serve_stream(
     client goes."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
-    writer = await stream.attach(response, after, head)
+    writer = await stream.attach(response, after, head, request.transport)
     deadline = None if poll_after is None else time.monotonic() + poll_after
     try:
         while not writer.ended.is_set():
@@ -420,7 +437,7 @@ class HttpSession:
 
     def new_stream(self) -> EventStream:
         self._next_stream += 1
-        stream = EventStream(str(self._next_stream), self.settings.replay_events)
+        stream = EventStream(str(self._next_stream), self.settings.replay_events, self.settings.write_timeout)
         self.streams[stream.id] = stream
         return stream
 

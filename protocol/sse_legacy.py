@@ -34,9 +34,17 @@ MESSAGES_PATH = "/messages"
 class _Connection:
     """One open `GET /sse`: a single writer for the stream, and the work its POSTs started."""
 
-    def __init__(self, session: ServerSession, response: web.StreamResponse) -> None:
+    def __init__(
+        self,
+        session: ServerSession,
+        response: web.StreamResponse,
+        transport: asyncio.BaseTransport | None,
+        write_timeout: float,
+    ) -> None:
         self.session = session
         self.response = response
+        self.transport = transport
+        self.write_timeout = write_timeout
         self.ended = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -46,7 +54,14 @@ class _Connection:
             raise ConnectionResetError("the SSE stream is closed")
         async with self._lock:
             try:
-                await self.response.write(frame)
+                async with asyncio.timeout(self.write_timeout):
+                    await self.response.write(frame)
+            except TimeoutError:
+                # The client stopped reading; it must not stall the session (nor anyone else).
+                self.ended.set()
+                if self.transport is not None:
+                    self.transport.abort()  # type: ignore[attr-defined]
+                raise ConnectionResetError("the SSE client stopped reading") from None
             except (ConnectionError, RuntimeError):
                 self.ended.set()
                 raise
@@ -83,7 +98,7 @@ class LegacySse:
             return error_response(503, BAD_REQUEST_CODE, "Too many sessions", headers={"Retry-After": "5"})
         session = self.server.create_session(transport="sse", principal=principal)
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-        conn = _Connection(session, response)
+        conn = _Connection(session, response, request.transport, self.settings.write_timeout)
         self.connections[session.session_id] = conn
         try:
             await response.prepare(request)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
-from protocol.http import HttpConfigError, HttpSettings, build_app, is_response
+from protocol.http import STREAMABLE_KEY, HttpConfigError, HttpSettings, build_app, is_response
 from protocol.messages import encode_error, encode_notification, encode_request, encode_result
 from protocol.server import Server
 from tests.protocol.httpkit import (
@@ -601,3 +602,32 @@ async def test_a_new_get_stream_replaces_the_previous_one() -> None:
         await server.resource_updated("test://watched-resource")
         assert (await anext(reader)).json()["method"] == "notifications/resources/updated"
         new.close()
+
+
+async def test_a_client_that_stops_reading_cannot_stall_the_session() -> None:
+    async with serve(HttpSettings(write_timeout=0.2)) as (client, server):
+        session = await initialize(client)
+        sid = session["Mcp-Session-Id"]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", client.port))
+        request = (
+            f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\nAccept: text/event-stream\r\n"
+            f"Mcp-Session-Id: {sid}\r\n\r\n"
+        )
+        await asyncio.get_running_loop().sock_sendall(sock, request.encode())  # …and never read
+        hs = client.app[STREAMABLE_KEY].sessions[sid]
+        for _ in range(100):
+            if hs.get_stream is not None and hs.get_stream.live:
+                break
+            await asyncio.sleep(0.01)
+        core = server.get_session(sid)
+        assert core is not None
+        big = encode_notification("notifications/message", {"level": "info", "data": "x" * 65536})
+        async with asyncio.timeout(10):  # without a write timeout this blocks for good
+            for _ in range(300):
+                await core.send_unrelated(big)
+        assert hs.get_stream is not None and not hs.get_stream.live
+        assert (await post(client, session, rpc(1, "ping"))).status == 200
+        sock.close()
