@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--home",
         type=Path,
         default=None,
-        help="embedded engine state directory (default: $XDG_DATA_HOME/contree-mcp)",
+        help="embedded engine state directory (default: $CONTREE_ENGINE_HOME, else "
+        "$XDG_DATA_HOME/contree-mcp, i.e. ~/.local/share/contree-mcp)",
     )
     p.add_argument(
         "--allowed-root",

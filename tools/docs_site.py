@@ -90,7 +90,8 @@ def setup_body(state: ServerState, listen: str, port: int, token: bool) -> str:
     parts.append(
         "<h3>Useful flags</h3><table><thead><tr><th>Flag</th><th>Meaning</th></tr></thead><tbody>"
         "<tr><td><code>--backend local|contree</code></td><td>embedded engine or Contree API</td></tr>"
-        "<tr><td><code>--home PATH</code></td><td>embedded engine state directory</td></tr>"
+        "<tr><td><code>--home PATH</code></td><td>embedded engine state directory (default: "
+        "<code>$CONTREE_ENGINE_HOME</code>, else <code>$XDG_DATA_HOME/contree-mcp</code>)</td></tr>"
         "<tr><td><code>--allowed-root PATH</code></td><td>host directory rsync/upload/download may use "
         "(repeatable; default: the current directory)</td></tr>"
         "<tr><td><code>--mode http --http-listen ADDR --http-port N</code></td><td>Streamable HTTP at "

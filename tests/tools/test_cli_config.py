@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from contree.config import BackendConfig, resolve_backend_config
 from tools.cli import backend_flags, build_parser
 
@@ -14,13 +16,13 @@ def resolve(argv: list[str], env: dict[str, str]) -> BackendConfig:
     return resolve_backend_config(backend_flags(build_parser().parse_args(argv)), env)
 
 
-def run_cli(argv: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(argv: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tools", *argv],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home), **env},
     )
 
 
@@ -70,3 +72,59 @@ def test_jwt_without_url_exits_with_the_compat_text(tmp_path: Path) -> None:
     out = run_cli(["--token", "t", "--auth-type", "jwt"], tmp_path)
     assert out.returncode == 1
     assert out.stderr.startswith("No API URL configured.")
+
+
+# --- engine home: --home > $CONTREE_ENGINE_HOME > $XDG_DATA_HOME/contree-mcp; CONTREE_HOME is auth.ini's
+
+
+def test_server_engine_home_ignores_contree_home(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "CONTREE_HOME": str(tmp_path / "cli"), "XDG_DATA_HOME": str(tmp_path / "d")}
+    assert resolve([], env).home == tmp_path / "d" / "contree-mcp"
+    assert resolve([], {**env, "CONTREE_ENGINE_HOME": str(tmp_path / "e")}).home == tmp_path / "e"
+    assert resolve(["--home", str(tmp_path / "f")], env).home == tmp_path / "f"
+
+
+def test_engine_check_uses_contree_engine_home(tmp_path: Path) -> None:
+    out = run_cli(
+        ["engine", "check"],
+        tmp_path,
+        CONTREE_HOME=str(tmp_path / "cli"),
+        CONTREE_ENGINE_HOME=str(tmp_path / "engine"),
+    )
+    assert out.returncode == 1 and out.stderr.strip() == f"no engine store at {tmp_path / 'engine'}"
+
+
+def test_engine_check_defaults_to_xdg_data_home(tmp_path: Path) -> None:
+    out = run_cli(
+        ["engine", "check"], tmp_path, CONTREE_HOME=str(tmp_path / "cli"), XDG_DATA_HOME=str(tmp_path / "d")
+    )
+    assert out.stderr.strip() == f"no engine store at {tmp_path / 'd' / 'contree-mcp'}"
+
+
+def test_bootstrap_default_home_is_the_engine_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contree.engine.store import default_home
+
+    monkeypatch.setenv("CONTREE_HOME", str(tmp_path / "cli"))
+    monkeypatch.delenv("CONTREE_ENGINE_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "d"))
+    assert default_home() == tmp_path / "d" / "contree-mcp"
+    monkeypatch.setenv("CONTREE_ENGINE_HOME", str(tmp_path / "e"))
+    assert default_home() == tmp_path / "e"
+
+
+@pytest.mark.parametrize("words", [[], ["images", "bootstrap"], ["engine", "check"], ["serve-api"]])
+def test_help_texts_name_the_engine_home_variable(tmp_path: Path, words: list[str]) -> None:
+    out = run_cli([*words, "--help"], tmp_path)
+    text = " ".join(out.stdout.split())  # argparse wraps help lines
+    assert out.returncode == 0 and "$CONTREE_ENGINE_HOME" in text and "$CONTREE_HOME" not in text
+    assert "$XDG_DATA_HOME/contree-mcp" in text
+
+
+async def test_docs_site_names_the_engine_home_default(tmp_path: Path) -> None:
+    from tests.tools.fakes import FakeBackend, make_registry
+    from tools.docs_site import setup_body
+
+    _, state = make_registry(FakeBackend(), tmp_path)
+    body = setup_body(state, "127.0.0.1", 9452, False)
+    assert "$CONTREE_ENGINE_HOME" in body and "$XDG_DATA_HOME/contree-mcp" in body
+    await state.close()
