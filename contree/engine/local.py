@@ -64,9 +64,13 @@ class LocalEngine:
         *,
         runtime_config: Any = None,
         limits: EngineLimits | None = None,
+        import_roots: tuple[str, ...] | None = None,
     ) -> None:
         self.home = Path(home)
         self.limits = limits or EngineLimits()
+        # Directories local image sources (oci-archive:, docker-archive:, oci:) must resolve into;
+        # None = anything the engine can read. Front ends serving remote clients pass their roots.
+        self.import_roots = import_roots
         self.runtime_config = runtime_config
         self.store: Store | None = None
         self.oplog: OperationLog | None = None
@@ -230,7 +234,10 @@ class LocalEngine:
         oplog.save(record)
         events = oplog.open_log(record.uuid)
         timeout = min(request.timeout, self.limits.images_import_max_timeout)
-        task = asyncio.create_task(importer.import_image(store, request, operation_id=record.uuid))
+        options = msgspec.structs.replace(importer.default_options(), local_roots=self.import_roots)
+        task = asyncio.create_task(
+            importer.import_image(store, request, operation_id=record.uuid, options=options)
+        )
         cancel = asyncio.create_task(job.cancelled.wait())
         try:
             done, _ = await asyncio.wait({task, cancel}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
