@@ -88,6 +88,7 @@ class HttpSettings:
     # A client that stops reading must not stall the session's work (or other sessions' notifications).
     write_timeout: float = 10.0
     replay_events: int = 512  # per stream
+    replay_bytes: int = 8 * 1024 * 1024  # per stream; the newest event is always kept
     streams_per_session: int = 32  # finished POST streams kept for resumption
     max_sessions: int = 1000
     session_idle_timeout: float = 3600.0
@@ -271,11 +272,16 @@ class EventStream:
     Events are buffered whether or not a client is connected, so a client that lost the connection (or was
     asked to poll) gets the rest with GET + Last-Event-ID."""
 
-    def __init__(self, stream_id: str, limit: int, write_timeout: float = 10.0) -> None:
+    def __init__(
+        self, stream_id: str, limit: int, write_timeout: float = 10.0, limit_bytes: int = 8 << 20
+    ) -> None:
         self.id = stream_id
         self.write_timeout = write_timeout
         self.seq = 0
-        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=limit)
+        self.buffer: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._limit = limit
+        self._limit_bytes = limit_bytes
+        self._buffered = 0
         self.complete = False  # nothing more will be sent (a POST stream whose responses all went out)
         self._writer: _Writer | None = None
         self._attached = False
@@ -289,7 +295,11 @@ class EventStream:
     def append(self, data: bytes) -> bytes:
         self.seq += 1
         frame = sse_event(f"{self.id}:{self.seq}", data)
-        self.buffer.append((self.seq, frame))
+        buffer = self.buffer
+        buffer.append((self.seq, frame))
+        self._buffered += len(frame)
+        while len(buffer) > 1 and (len(buffer) > self._limit or self._buffered > self._limit_bytes):
+            self._buffered -= len(buffer.popleft()[1])
         return frame
 
     async def push(self, data: bytes) -> None:
@@ -437,7 +447,10 @@ class HttpSession:
 
     def new_stream(self) -> EventStream:
         self._next_stream += 1
-        stream = EventStream(str(self._next_stream), self.settings.replay_events, self.settings.write_timeout)
+        settings = self.settings
+        stream = EventStream(
+            str(self._next_stream), settings.replay_events, settings.write_timeout, settings.replay_bytes
+        )
         self.streams[stream.id] = stream
         return stream
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from protocol.http import STREAMABLE_KEY, HttpConfigError, HttpSettings, build_app, is_response
+from protocol.http import STREAMABLE_KEY, EventStream, HttpConfigError, HttpSettings, build_app, is_response
 from protocol.messages import encode_error, encode_notification, encode_request, encode_result
 from protocol.server import Server
 from tests.protocol.httpkit import (
@@ -631,3 +631,17 @@ async def test_a_client_that_stops_reading_cannot_stall_the_session() -> None:
         assert hs.get_stream is not None and not hs.get_stream.live
         assert (await post(client, session, rpc(1, "ping"))).status == 200
         sock.close()
+
+
+def test_replay_buffer_is_bounded_in_events_and_bytes() -> None:
+    by_count = EventStream("1", limit=3, limit_bytes=1 << 20)
+    for i in range(10):
+        by_count.append(b'{"n":%d}' % i)
+    assert [seq for seq, _ in by_count.buffer] == [8, 9, 10]
+    by_bytes = EventStream("2", limit=100, limit_bytes=2000)
+    for _ in range(10):
+        by_bytes.append(b"x" * 900)
+    assert [seq for seq, _ in by_bytes.buffer] == [9, 10]
+    huge = EventStream("3", limit=100, limit_bytes=10)
+    huge.append(b"y" * 100)
+    assert len(huge.buffer) == 1  # the newest event is kept whatever its size
