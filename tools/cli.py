@@ -159,13 +159,19 @@ def backend_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def allowed_roots(args: argparse.Namespace) -> list[Path]:
+    return [p.resolve() for p in args.allowed_root or [Path.cwd()]]
+
+
 async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
     if config.kind == "local":
         from contree.engine.local import LocalEngine
 
-        engine = LocalEngine(config.home)
+        # The engine re-checks local image sources when it opens them, after import_image's own check:
+        # a symlink swapped in between cannot lead the import out of the allowed roots.
+        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)))
         await engine.start()
         log.info("embedded engine at %s", config.home)
         return engine, "local", config.home / "mcp"
@@ -179,7 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
     from tools.app import build_registry, build_state
 
     backend, kind, cache_dir = await open_backend(args)
-    roots = args.allowed_root or [Path.cwd()]
+    roots = allowed_roots(args)
     state = build_state(
         backend,
         kind,  # type: ignore[arg-type]
