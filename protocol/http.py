@@ -729,7 +729,8 @@ class StreamableHttp:
         stream_id, _, seq_text = last.strip().rpartition(":")
         stream = hs.streams.get(stream_id)
         if stream is None or not seq_text.isdigit():
-            return error_response(404, BAD_REQUEST_CODE, "Unknown Last-Event-ID (the stream is gone)")
+            # 400, not 404: the session is alive, only that stream's events are gone.
+            return error_response(400, BAD_REQUEST_CODE, "Unknown Last-Event-ID (the stream is gone)")
         after = int(seq_text)
         if stream is hs.get_stream:
             return await self._serve_get(request, hs, stream, after=after, head=b": resumed\n\n")

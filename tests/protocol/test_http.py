@@ -454,13 +454,14 @@ async def test_poll_after_closes_long_post_streams_with_retry() -> None:
         assert got[0]["id"] == 1
 
 
-async def test_unknown_last_event_id_is_404() -> None:
+async def test_unknown_last_event_id_is_400_and_the_session_lives_on() -> None:
     async with serve() as (client, _):
         session = await initialize(client)
         resp = await client.get(
             "/mcp", headers={**session, "Accept": "text/event-stream", "Last-Event-ID": "77:3"}
         )
-        assert resp.status == 404
+        assert resp.status == 400
+        assert (await post(client, session, rpc(1, "ping"))).status == 200
 
 
 # ---------------------------------------------------------------- Host, Origin, auth
