@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import sys
+import threading
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
@@ -41,13 +43,31 @@ class _FdWriter:
 async def _stdin_reader() -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
-    try:
+    if _pollable(sys.stdin.fileno()):
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-    except ValueError:  # a regular file: feed it from a thread
-        data = await asyncio.to_thread(sys.stdin.buffer.read)
-        reader.feed_data(data)
-        reader.feed_eof()
+    else:
+        # epoll refuses regular files and /dev/null (EPERM, raised later in a loop callback):
+        # feed such inputs from a thread instead.
+        threading.Thread(target=_feed_from_thread, args=(loop, reader), daemon=True).start()
     return reader
+
+
+def _pollable(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))
+
+
+def _feed_from_thread(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            loop.call_soon_threadsafe(reader.feed_eof)
+            return
+        loop.call_soon_threadsafe(reader.feed_data, chunk)
 
 
 async def _stdout_writer() -> Writer:

@@ -229,3 +229,24 @@ async def test_closed_stdout_does_not_crash_the_loop() -> None:
     reader.feed_eof()
     await asyncio.wait_for(serve_stdio(Server(build_registry()), reader, Broken()), 5)
     assert Broken.writes == 1
+
+
+@pytest.mark.parametrize("source", ["devnull", "regular-file"])
+def test_non_pollable_stdin_is_served_and_exits_on_eof(source: str, tmp_path: Path) -> None:
+    # epoll refuses /dev/null (EPERM) and regular files: the server must still read them and exit.
+    import subprocess
+
+    if source == "devnull":
+        stdin_path, expected = os.devnull, []
+    else:
+        stdin_path = str(tmp_path / "requests.ndjson")
+        Path(stdin_path).write_bytes(msgspec.json.encode({"jsonrpc": "2.0", "id": 7, "method": "ping"}) + b"\n")
+        expected = [{"jsonrpc": "2.0", "id": 7, "result": {}}]
+    with open(stdin_path, "rb") as stdin:
+        done = subprocess.run(
+            [sys.executable, "-m", "protocol.conformance", "--mode", "stdio"],
+            cwd=ROOT, stdin=stdin, capture_output=True, timeout=20,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert [msgspec.json.decode(line) for line in done.stdout.splitlines()] == expected
