@@ -240,7 +240,8 @@ def test_non_pollable_stdin_is_served_and_exits_on_eof(source: str, tmp_path: Pa
         stdin_path, expected = os.devnull, []
     else:
         stdin_path = str(tmp_path / "requests.ndjson")
-        Path(stdin_path).write_bytes(msgspec.json.encode({"jsonrpc": "2.0", "id": 7, "method": "ping"}) + b"\n")
+        ping = {"jsonrpc": "2.0", "id": 7, "method": "ping"}
+        Path(stdin_path).write_bytes(msgspec.json.encode(ping) + b"\n")
         expected = [{"jsonrpc": "2.0", "id": 7, "result": {}}]
     with open(stdin_path, "rb") as stdin:
         done = subprocess.run(
