@@ -114,12 +114,26 @@ class Excludes:
 
     def __init__(self, patterns: Iterable[str] | None = None, *, defaults: bool = True) -> None:
         sources = [*(DEFAULT_EXCLUDES if defaults else ()), *(patterns or ())]
-        self.rules: tuple[Rule, ...] = tuple(r for r in map(compile_rule, sources) if r is not None)
+        self._set(tuple(r for r in map(compile_rule, sources) if r is not None))
+
+    def _set(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        # Most paths match no rule at all: one combined regex per kind answers that in a single call.
+        self._screens: dict[bool, tuple[re.Pattern[str] | None, re.Pattern[str] | None]] = {}
+        for is_dir in (False, True):
+            usable = [r for r in rules if not r.base and (is_dir or not r.dir_only)]
+            names = [r.regex.pattern for r in usable if not r.anchored]
+            paths = [r.regex.pattern for r in usable if r.anchored]
+            self._screens[is_dir] = (
+                re.compile("|".join(f"(?:{p})" for p in names), re.DOTALL) if names else None,
+                re.compile("|".join(f"(?:{p})" for p in paths), re.DOTALL) if paths else None,
+            )
+        self._scoped = any(r.base for r in rules)
 
     @classmethod
     def _of(cls, rules: tuple[Rule, ...]) -> Excludes:
         made = cls.__new__(cls)
-        made.rules = rules
+        made._set(rules)
         return made
 
     def child(self, rel_dir: str, lines: Iterable[str]) -> Excludes:
@@ -129,6 +143,12 @@ class Excludes:
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
         name = rel.rsplit("/", 1)[-1]
+        if not self._scoped:
+            by_name, by_path = self._screens[is_dir]
+            if (by_name is None or by_name.fullmatch(name) is None) and (
+                by_path is None or by_path.fullmatch(rel) is None
+            ):
+                return False
         verdict = False
         for rule in self.rules:
             if rule.negate == verdict and rule.matches(rel, name, is_dir):

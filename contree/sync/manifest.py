@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
+from operator import attrgetter
 
 import msgspec
 
@@ -40,6 +41,6 @@ def mode_string(st_mode: int) -> str:
 
 
 def build_manifest(entries: list[ManifestEntry]) -> Manifest:
-    ordered = sorted(entries, key=lambda e: e.path)
+    ordered = sorted(entries, key=attrgetter("path"))
     identity = msgspec.msgpack.encode([(e.path, e.sha256, e.mode, e.uid, e.gid) for e in ordered])
     return Manifest("sha256:" + hashlib.sha256(identity).hexdigest(), ordered)

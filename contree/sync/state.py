@@ -28,32 +28,36 @@ CREATE INDEX IF NOT EXISTS files_by_inode ON files (inode, size, mtime_ns);
 CREATE TABLE IF NOT EXISTS blobs (
     target TEXT NOT NULL, xxh128 TEXT NOT NULL, sha256 TEXT NOT NULL, uuid TEXT NOT NULL,
     used_at REAL NOT NULL, PRIMARY KEY (target, xxh128));
+CREATE TABLE IF NOT EXISTS snapshots (
+    root TEXT NOT NULL, target TEXT NOT NULL, body BLOB NOT NULL, used_at REAL NOT NULL,
+    PRIMARY KEY (root, target));
 """
 
 _chunks = msgspec.msgpack.Encoder()
 _chunks_dec = msgspec.msgpack.Decoder(list[Chunk])
 
 
-class StatKey(msgspec.Struct, array_like=True, frozen=True):
-    size: int
-    mtime_ns: int
-    inode: int
-    mode: int
-
-
-class CachedFile(msgspec.Struct, array_like=True, frozen=True):
-    stat: StatKey
-    xxh128: str
-    sha256: str  # "" when it was never needed
-    chunks_blob: bytes  # msgpack list[Chunk], decoded only when needed
-
-    def digest(self) -> FileDigest:
-        return FileDigest(self.stat.size, self.xxh128, self.sha256, _chunks_dec.decode(self.chunks_blob))
+# (size, mtime_ns, inode, mode): plain tuples, because the warm path compares 10,000s of them.
+StatKey = tuple[int, int, int, int]
+# (size, mtime_ns, inode, mode, xxh128, sha256 or "" when it was never needed)
+Known = tuple[int, int, int, int, str, str]
 
 
 class BlobRef(msgspec.Struct, array_like=True, frozen=True):
     sha256: str
     uuid: str
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    """The last sync of one root to one target in a single row: a warm sync decodes one blob instead of
+    fetching a row per file (the per-path rows stay the source of truth for renames and chunk lists)."""
+
+    files: dict[str, Known]
+    blobs: dict[str, BlobRef]
+
+
+_snapshot_enc = msgspec.msgpack.Encoder()
+_snapshot_dec = msgspec.msgpack.Decoder(Snapshot)
 
 
 class StateCache:
@@ -74,31 +78,38 @@ class StateCache:
         with self._lock:
             self._db.close()
 
-    def files_under(self, root: str) -> dict[str, CachedFile]:
-        """Every cached file at `root` or below it, in one query."""
+    def files_under(self, root: str) -> dict[str, Known]:
+        """Every cached file at `root` or below it, in one query (chunk lists stay in the database)."""
         base = root.rstrip("/") + "/"
         with self._lock:
             rows = self._db.execute(
-                "SELECT path, size, mtime_ns, inode, mode, xxh128, sha256, chunks FROM files"
+                "SELECT path, size, mtime_ns, inode, mode, xxh128, sha256 FROM files"
                 " WHERE path = ? OR (path >= ? AND path < ?)",
                 (root, base, base[:-1] + "0"),  # "0" sorts right after "/"
             ).fetchall()
-        return {r[0]: CachedFile(StatKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7]) for r in rows}
+        return {r[0]: r[1:] for r in rows}
 
-    def by_inode(self, stat: StatKey) -> CachedFile | None:
-        """A cached file with this inode, size and mtime (the same file under a new name: a rename)."""
+    def by_inode(self, stat: StatKey) -> FileDigest | None:
+        """The content of a cached file with this inode, size and mtime (the same file under a new
+        name: a rename)."""
+        size, mtime_ns, inode, _ = stat
         with self._lock:
             r = self._db.execute(
-                "SELECT size, mtime_ns, inode, mode, xxh128, sha256, chunks FROM files"
+                "SELECT size, xxh128, sha256, chunks FROM files"
                 " WHERE inode = ? AND size = ? AND mtime_ns = ? LIMIT 1",
-                (stat.inode, stat.size, stat.mtime_ns),
+                (inode, size, mtime_ns),
             ).fetchone()
-        return CachedFile(StatKey(r[0], r[1], r[2], r[3]), r[4], r[5], r[6]) if r else None
+        return FileDigest(r[0], r[1], r[2], _chunks_dec.decode(r[3])) if r else None
+
+    def chunks_of(self, path: str) -> list[Chunk] | None:
+        with self._lock:
+            r = self._db.execute("SELECT chunks FROM files WHERE path = ?", (path,)).fetchone()
+        return _chunks_dec.decode(r[0]) if r else None
 
     def remember(self, rows: Iterable[tuple[str, StatKey, FileDigest]]) -> None:
         now = time.time()
         values = [
-            (p, s.size, s.mtime_ns, s.inode, s.mode, d.xxh128, d.sha256, _chunks.encode(d.chunks), now)
+            (p, *s, d.xxh128, d.sha256, _chunks.encode(d.chunks), now)
             for p, s, d in rows
         ]
         if not values:
@@ -134,18 +145,35 @@ class StateCache:
             self._db.executemany("INSERT OR REPLACE INTO blobs VALUES (?,?,?,?,?)", values)
             self._db.execute("COMMIT")
 
+    def snapshot(self, root: str, target: str) -> Snapshot | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT body FROM snapshots WHERE root = ? AND target = ?", (root, target)
+            ).fetchone()
+        if r is None:
+            return None
+        try:
+            return _snapshot_dec.decode(r[0])
+        except msgspec.DecodeError:
+            return None  # written by an incompatible version: rebuilt from the rows
+
+    def save_snapshot(self, root: str, target: str, snap: Snapshot) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?)",
+                (root, target, _snapshot_enc.encode(snap), time.time()),
+            )
+
     def forget_blob(self, target: str, xxh128: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM blobs WHERE target = ? AND xxh128 = ?", (target, xxh128))
 
-    def touch(self, paths: Iterable[str]) -> None:
-        """Mark rows as used (retention is by last use, COMPAT §15.39)."""
-        now = time.time()
-        values = [(now, p) for p in paths]
+    def touch_snapshot(self, root: str, target: str) -> None:
+        """Retention is by last use (COMPAT §15.39): a warm sync that changed nothing still uses it."""
         with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("UPDATE files SET used_at = ? WHERE path = ?", values)
-            self._db.execute("COMMIT")
+            self._db.execute(
+                "UPDATE snapshots SET used_at = ? WHERE root = ? AND target = ?", (time.time(), root, target)
+            )
 
     def prune(self, older_than: float) -> int:
         """Drop rows not used for `older_than` seconds; returns how many went."""
@@ -153,4 +181,5 @@ class StateCache:
         with self._lock:
             gone = self._db.execute("DELETE FROM files WHERE used_at < ?", (cutoff,)).rowcount
             gone += self._db.execute("DELETE FROM blobs WHERE used_at < ?", (cutoff,)).rowcount
+            gone += self._db.execute("DELETE FROM snapshots WHERE used_at < ?", (cutoff,)).rowcount
         return int(gone)

@@ -15,7 +15,7 @@ from contree.sync.chunker import FileChangedError, FileDigest, digest_file
 from contree.sync.excludes import Excludes
 from contree.sync.manifest import Manifest, ManifestEntry, build_manifest, mode_string
 from contree.sync.scanner import Found, SyncError, scan
-from contree.sync.state import BlobRef, StateCache, StatKey
+from contree.sync.state import BlobRef, Known, Snapshot, StateCache, StatKey
 from contree.sync.transfer import Transfer
 
 ProgressCallback = Callable[[int, int, str], Awaitable[None]]
@@ -37,37 +37,49 @@ class SyncReport(msgspec.Struct, kw_only=True):
 @dataclass
 class _Plan:
     files: list[Found]
-    digests: dict[str, FileDigest]  # host path → digest (known without reading)
+    known: dict[str, tuple[int, str]]  # host path → (size, xxh128) of content the target holds
     to_read: list[Found]
     renamed: list[tuple[Found, FileDigest]]
     blobs: dict[str, BlobRef]
     removed: list[str]
     skipped: list[str]
+    cached: dict[str, Known]
+    from_snapshot: bool
 
 
 def _plan(
     source: str, excludes: Excludes, gitignore: bool, cache: StateCache, target: str, need_sha: bool
 ) -> _Plan:
     scanned = scan(source, excludes, gitignore=gitignore)
-    cached = cache.files_under(scanned.root if os.path.isdir(source) else source)
-    digests: dict[str, FileDigest] = {}
+    snap = cache.snapshot(source, target)
+    if snap is not None:
+        cached, blobs = snap.files, snap.blobs
+    else:
+        cached = cache.files_under(scanned.root if os.path.isdir(source) else source)
+        blobs = cache.blobs(target)
+    known: dict[str, tuple[int, str]] = {}
     to_read: list[Found] = []
     renamed: list[tuple[Found, FileDigest]] = []
-    seen: set[str] = set()
     for found in scanned.files:
-        seen.add(found.path)
         hit = cached.get(found.path)
-        if hit is not None and hit.stat == found.stat and (hit.sha256 or not need_sha):
-            digests[found.path] = hit.digest()
+        # Unchanged stat and content the target already holds: neither a read nor a backend call.
+        if hit is not None and hit[:4] == found.stat and hit[4] in blobs and (hit[5] or not need_sha):
+            known[found.path] = (hit[0], hit[4])
             continue
         if hit is None:
             moved = cache.by_inode(found.stat)  # same inode, size and mtime: a rename, no read needed
-            if moved is not None and (moved.sha256 or not need_sha):
-                renamed.append((found, moved.digest()))
+            if moved is not None and moved.xxh128 in blobs and (moved.sha256 or not need_sha):
+                known[found.path] = (moved.size, moved.xxh128)
+                renamed.append((found, moved))
                 continue
         to_read.append(found)
-    removed = [p for p in cached if p not in seen] if os.path.isdir(source) else []
-    return _Plan(scanned.files, digests, to_read, renamed, cache.blobs(target), removed, scanned.skipped)
+    removed: list[str] = []
+    if os.path.isdir(source):
+        seen = {f.path for f in scanned.files}
+        removed = [p for p in cached if p not in seen]
+    return _Plan(
+        scanned.files, known, to_read, renamed, blobs, removed, scanned.skipped, cached, snap is not None
+    )
 
 
 def _read(found: Found, need_sha: bool) -> FileDigest:
@@ -104,17 +116,12 @@ async def sync_tree(
     report = SyncReport(
         files_scanned=len(plan.files), files_removed=len(plan.removed), skipped=plan.skipped
     )
-    digests = plan.digests
-    for found, digest in plan.renamed:
-        digests[found.path] = digest
+    known = plan.known
     sem = asyncio.Semaphore(max(1, concurrency))
     ensured: dict[str, asyncio.Future[BlobRef]] = {}
     new_blobs: list[tuple[str, BlobRef]] = []
     fresh: list[tuple[Found, FileDigest]] = list(plan.renamed)
-    by_path = {f.path: f for f in plan.files}
-    work = [f.path for f in plan.to_read] + [
-        p for p, d in digests.items() if d.xxh128 not in plan.blobs
-    ]
+    work = plan.to_read
     total, done, last_note = len(work), 0, 0.0
 
     async def ensure(path: str, digest: FileDigest) -> BlobRef:
@@ -137,19 +144,16 @@ async def sync_tree(
         fut.set_result(ref)
         return ref
 
-    async def one(path: str) -> None:
+    async def one(found: Found) -> None:
         nonlocal done, last_note
         async with sem:
-            found = by_path[path]
-            digest = digests.get(path)
-            if digest is None:
-                digest = await asyncio.to_thread(_read, found, need_sha)
-                digests[path] = digest
-                fresh.append((found, digest))
-                report.files_changed += 1
-                report.bytes_hashed += digest.size
+            digest = await asyncio.to_thread(_read, found, need_sha)
+            known[found.path] = (digest.size, digest.xxh128)
+            fresh.append((found, digest))
+            report.files_changed += 1
+            report.bytes_hashed += digest.size
             if digest.xxh128 not in plan.blobs:
-                await ensure(path, digest)
+                await ensure(found.path, digest)
         done += 1
         now = time.perf_counter()
         if progress is not None and (done == total or now - last_note >= _PROGRESS_EVERY):
@@ -157,24 +161,35 @@ async def sync_tree(
             await progress(done, total, f"{done}/{total} files, {report.bytes_sent} bytes sent")
 
     try:
-        await asyncio.gather(*(one(p) for p in work))
+        await asyncio.gather(*(one(f) for f in work))
     finally:
         # Whatever was learnt stays learnt, even when one file failed.
         rows = [(f.path, f.stat, d) for f, d in fresh]
         blobs = list(new_blobs)
         await asyncio.to_thread(_save, cache, transfer.target, rows, blobs, plan.removed)
-    known = {**plan.blobs, **dict(new_blobs)}
-    base = destination.rstrip("/")
+    held = plan.blobs
+    held.update(new_blobs)
+    unchanged = plan.from_snapshot and not fresh and not plan.removed and len(plan.cached) == len(known)
+    if unchanged:
+        await asyncio.to_thread(cache.touch_snapshot, source, transfer.target)
+    else:
+        files: dict[str, Known] = {}
+        used: dict[str, BlobRef] = {}
+        for found in plan.files:
+            size, xxh = known[found.path]
+            files[found.path] = (*found.stat, xxh, held[xxh].sha256)
+            used[xxh] = held[xxh]
+        await asyncio.to_thread(cache.save_snapshot, source, transfer.target, Snapshot(files, used))
+    base = destination.rstrip("/") + "/"
+    modes: dict[int, str] = {}
     entries = []
-    for found in plan.files:
-        digest = digests[found.path]
-        ref = known[digest.xxh128]
-        entries.append(
-            ManifestEntry(
-                f"{base}/{found.rel}", ref.sha256, ref.uuid, digest.size, mode_string(found.stat.mode),
-                uid, gid,
-            )
-        )
+    for rel, path, st in plan.files:
+        size, xxh = known[path]
+        ref = held[xxh]
+        mode = modes.get(st[3])
+        if mode is None:
+            mode = modes[st[3]] = mode_string(st[3])
+        entries.append(ManifestEntry(base + rel, ref.sha256, ref.uuid, size, mode, uid, gid))
     manifest = build_manifest(entries)
     report.elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
     return manifest, report
