@@ -112,6 +112,10 @@ def _flip(path: Path, offset: int) -> None:
         os.close(fd)
 
 
+def _ratio(reference: float, ours: float) -> str:
+    return f"{reference / ours:6.2f}x"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:9.1f} ms"
 
@@ -143,7 +147,7 @@ async def _run(work: Path) -> None:
 
     cold_o, _, _ = await _ours(src, ours_cache, null)
     cold_r, _ = _timed(ref.sync, src)
-    rows.append(("cold sync (scan + hash, no transfer)", _ms(cold_o), _ms(cold_r), f"{cold_r / cold_o:6.2f}x"))
+    rows.append(("cold sync (scan + hash, no transfer)", _ms(cold_o), _ms(cold_r), _ratio(cold_r, cold_o)))
 
     warm_o = statistics.median([(await _ours(src, ours_cache, null))[0] for _ in range(WARM_ROUNDS)])
     warm_r = statistics.median([_timed(ref.sync, src)[0] for _ in range(WARM_ROUNDS)])
@@ -168,7 +172,7 @@ async def _run(work: Path) -> None:
     _flip(big, BIG_BYTES // 2 + 12345)
     flip_o, sent_o, _ = await _ours(src, engine_cache, transfer)
     flip_r, sent_r = _timed(ref.sync, src)
-    rows.append(("one-byte edit in 100 MB file: sync time", _ms(flip_o), _ms(flip_r), f"{flip_r / flip_o:6.2f}x"))
+    rows.append(("one-byte edit in 100 MB file: sync time", _ms(flip_o), _ms(flip_r), _ratio(flip_r, flip_o)))
     rows.append(("one-byte edit in 100 MB file: bytes sent", f"{sent_o:12d}", f"{sent_r:12d}",
                  f"{sent_r / max(sent_o, 1):6.0f}x"))
     rows.append(("  (max chunk size; target <= 1 chunk)", f"{MAX_CHUNK:12d}", "",
@@ -189,7 +193,7 @@ async def _run(work: Path) -> None:
         "sha256 (reference)": rate(lambda: hashlib.sha256(data).hexdigest()),
     }
     print()
-    print(f"{'case':48} {'contree.sync':>14} {'reference':>14} {'ratio':>12}")
+    print(f"{'case':48} {'contree.sync':>14} {'reference':>14} {'ref/ours':>12}")
     for name, a, b, c in rows:
         print(f"{name:48} {a:>14} {b:>14} {c:>12}")
     print()
