@@ -25,6 +25,7 @@ from tools.credentials import CredentialStore
 from tools.dirstate import DirectoryStates
 from tools.instructions import instructions
 from tools.lineage import EdgeStore, Lineage
+from tools.owners import OperationOwners
 from tools.state import DEFAULT_READ_MAX_BYTES, ServerState
 from tools.version import __version__
 
@@ -41,11 +42,14 @@ def build_state(
     http_mode: bool = False,
     http_port: int = 9452,
     prune_days: float = 60.0,
+    scoped_operations: bool = False,
 ) -> ServerState:
     store = EdgeStore(general_db or cache_dir / "lineage.db")
     store.prune(prune_days)
     dirstates = DirectoryStates(files_db or cache_dir / "files.db")
     dirstates.prune(prune_days)
+    owners = OperationOwners(general_db or cache_dir / "operations.db", scoped=scoped_operations)
+    owners.prune(prune_days)
     return ServerState(
         backend=backend,
         backend_kind=backend_kind,
@@ -57,6 +61,7 @@ def build_state(
         read_max_bytes=read_max_bytes,
         http_mode=http_mode,
         http_port=http_port,
+        owners=owners,
     )
 
 

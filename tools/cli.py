@@ -15,6 +15,7 @@ from typing import Any
 
 from contree.config import open_backend as open_configured_backend
 from contree.config import resolve_backend_config
+from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
 
@@ -43,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bearer token HTTP clients must send (env CONTREE_MCP_HTTP_TOKEN); required beyond loopback",
     )
+    p.add_argument(
+        "--http-tokens-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
+        "directory states, lineage and registry credentials",
+    )
+    p.set_defaults(http_tokens={})
     p.add_argument(
         "--log-level",
         choices=("critical", "error", "warning", "info", "debug", "notset"),
@@ -142,7 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
         return int(_entry("protocol.conformance", "main")(conf) or 0)
     args.http_token = args.http_token or os.environ.get("CONTREE_MCP_HTTP_TOKEN") or None
-    if args.mode == "http" and not is_loopback(args.http_listen) and not args.http_token:
+    if args.http_tokens_file is not None:
+        try:
+            args.http_tokens = load_tokens(args.http_tokens_file)
+        except TokensFileError as exc:
+            log.error("%s", exc)
+            return 2
+    if (
+        args.mode == "http"
+        and not is_loopback(args.http_listen)
+        and not (args.http_token or args.http_tokens)
+    ):
         log.error(
             "refusing to listen on %s without --http-token (or CONTREE_MCP_HTTP_TOKEN)", args.http_listen
         )
@@ -197,6 +217,7 @@ async def serve(args: argparse.Namespace) -> int:
         http_mode=args.mode == "http",
         http_port=args.http_port,
         prune_days=args.cache_prune_days,
+        scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
     registry = build_registry(state)
     server = Server(registry)
@@ -218,9 +239,15 @@ async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Name
     from protocol.http import serve_http as serve
     from tools.docs_site import docs_routes
 
-    settings = HttpSettings(listen=args.http_listen, port=args.http_port, auth_token=args.http_token)
+    settings = HttpSettings(
+        listen=args.http_listen, port=args.http_port, auth_token=args.http_token, auth_tokens=args.http_tokens
+    )
     routes = docs_routes(
-        registry, state, listen=args.http_listen, port=args.http_port, token=bool(args.http_token)
+        registry,
+        state,
+        listen=args.http_listen,
+        port=args.http_port,
+        token=bool(args.http_token or args.http_tokens),
     )
     log.info("serving MCP at http://%s:%d/mcp (docs at /)", args.http_listen, args.http_port)
     await serve(server, settings, extra_routes=routes)

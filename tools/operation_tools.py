@@ -18,6 +18,8 @@ from tools.models import CancelOutput, OperationListOutput, OperationOutput, Wai
 from tools.state import ServerState
 
 POLL_INTERVAL = 0.5
+LIST_PAGE = 1000  # the API's maximum page
+LIST_MAX_PAGES = 20
 
 STATUS_ALIASES = {
     "pending": "PENDING",
@@ -119,6 +121,7 @@ async def wait_operations_impl(
 
     async def fetch(op_id: str) -> tuple[str, dict[str, Any] | BaseException]:
         try:
+            state.owners.require(ctx.principal, op_id)
             return op_id, as_dict(await state.backend.get_operation(op_id))
         except BackendError as exc:
             return op_id, exc
@@ -161,6 +164,26 @@ async def wait_operations_impl(
     return out
 
 
+async def list_owned(state: ServerState, query: OperationQuery, principal: str | None) -> list[Any]:
+    """The page of `query` among the operations `principal` started: the backend's listing (newest first,
+    its filters applied) is walked in large pages and filtered, so offset/limit count owned ones only."""
+    owned = state.owners.owned(principal)
+    wanted = query.offset + query.limit
+    found: list[Any] = []
+    offset = 0
+    for _ in range(LIST_MAX_PAGES):
+        if not owned:
+            break
+        page = await state.backend.list_operations(
+            msgspec.structs.replace(query, limit=LIST_PAGE, offset=offset)
+        )
+        found.extend(op for op in page if as_dict(op).get("uuid") in owned)
+        if len(found) >= wanted or len(page) < LIST_PAGE:
+            break
+        offset += LIST_PAGE
+    return found[query.offset : wanted]
+
+
 def register_get_list(registry: Registry, state: ServerState) -> None:
     @registry.tool(
         name="get_operation",
@@ -183,6 +206,7 @@ GUIDES:
     )
     async def get_operation(params: GetOperationParams, ctx: RequestContext) -> OperationOutput:
         with backend_errors(f"Operation {params.operation_id!r}"):
+            state.owners.require(ctx.principal, params.operation_id.strip())
             op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
         data = as_dict(op)
         if data.get("status") in TERMINAL:
@@ -217,7 +241,10 @@ GUIDES:
             until=params.until,
         )
         with backend_errors("list_operations"):
-            ops = await state.backend.list_operations(query)
+            if state.owners.scoped:
+                ops = await list_owned(state, query, ctx.principal)
+            else:
+                ops = await state.backend.list_operations(query)
         for op in ops:
             state.lineage.observe(op, ctx.principal)
         return OperationListOutput(operations=[summary_output(o) for o in ops])
@@ -267,6 +294,7 @@ GUIDES:
     async def cancel_operation(params: CancelOperationParams, ctx: RequestContext) -> CancelOutput:
         op_id = params.operation_id.strip()
         with backend_errors(f"Operation {op_id!r}"):
+            state.owners.require(ctx.principal, op_id)
             current = as_dict(await state.backend.get_operation(op_id))
             status = str(current.get("status") or "")
             if status in TERMINAL:

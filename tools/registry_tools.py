@@ -273,6 +273,7 @@ GUIDES:
             request["timeout"] = params.timeout
         with backend_errors("import_image"):
             operation_id = await state.backend.import_image(msgspec.convert(request, api.ImageImportRequest))
+        state.owners.record(ctx.principal, operation_id)
         if not params.wait:
             return OperationRef(operation_id=operation_id)
         loop = asyncio.get_running_loop()

@@ -198,7 +198,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def instance_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/instance/{operation_id}"
-        op = await _operation(uri, operation_id)
+        op = await _operation(uri, operation_id, ctx.principal)
         if op.get("kind") != "instance":
             raise ResourceNotFound(
                 uri, f"Operation {operation_id} is not an instance operation (kind={op.get('kind')})"
@@ -238,7 +238,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         name, offset, limit = parse_stream(stream)
         if name not in STREAMS:
             raise ResourceNotFound(uri, f"Unknown stream {name!r}: use stdout or stderr")
-        op = await _operation(uri, operation_id)
+        op = await _operation(uri, operation_id, ctx.principal)
         if op.get("kind") != "instance":
             raise ResourceNotFound(
                 uri, f"Operation {operation_id} is not an instance operation (kind={op.get('kind')})"
@@ -264,7 +264,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def import_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/import/{operation_id}"
-        op = await _operation(uri, operation_id)
+        op = await _operation(uri, operation_id, ctx.principal)
         if op.get("kind") != "image_import":
             raise ResourceNotFound(
                 uri, f"Operation {operation_id} is not an import operation (kind={op.get('kind')})"
@@ -282,8 +282,9 @@ def register_templates(registry: Registry, state: ServerState) -> None:
             lines.append(f"ERROR:\n{op['error']}")
         return "\n".join(lines)
 
-    async def _operation(uri: str, operation_id: str) -> dict[str, Any]:
+    async def _operation(uri: str, operation_id: str, principal: str | None) -> dict[str, Any]:
         try:
+            state.owners.require(principal, operation_id)
             return as_dict(await state.backend.get_operation(operation_id))
         except NotFound:
             raise ResourceNotFound(uri, f"Operation not found: {operation_id}") from None

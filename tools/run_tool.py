@@ -240,6 +240,7 @@ GUIDES:
                 request = await build_request(params, state, ctx.principal)
                 spawned = await state.backend.spawn(request)
         operation_id = spawned.uuid
+        state.owners.record(ctx.principal, operation_id)
         state.remember_cap(operation_id, params.truncate_output_at)
         if not params.wait:
             state.spawn_background(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from contree.backend import Backend
+from tools.owners import OperationOwners
 
 if TYPE_CHECKING:
     from tools.credentials import CredentialStore
@@ -35,6 +36,7 @@ class ServerState:
     http_mode: bool = False
     http_port: int = 9452
     run_grace_seconds: float = 120.0
+    owners: OperationOwners = field(default_factory=OperationOwners)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _caps: dict[str, int] = field(default_factory=dict)
 
@@ -72,4 +74,5 @@ class ServerState:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.lineage.close()
+        self.owners.close()
         await self.backend.close()
