@@ -53,7 +53,7 @@ def build_state(
     return ServerState(
         backend=backend,
         backend_kind=backend_kind,
-        lineage=Lineage(backend, store),
+        lineage=Lineage(backend, store, native=not scoped_operations),
         dirstates=dirstates,
         credentials=CredentialStore(cache_dir / "registry-credentials.json"),
         allowed_roots=[p.resolve() for p in allowed_roots],

@@ -109,10 +109,12 @@ class EdgeStore:
 class Lineage:
     """Lineage for the tools: the backend's own records when it has them, else recorded edges."""
 
-    def __init__(self, backend: Any, store: EdgeStore) -> None:
+    def __init__(self, backend: Any, store: EdgeStore, *, native: bool = True) -> None:
         self._backend = backend
         self._store = store
-        self._native = callable(getattr(backend, "image_lineage", None))
+        # native=False: per-principal recorded edges even on the embedded engine, whose own lineage spans
+        # every principal's images (used when operations are scoped per principal)
+        self._native = native and callable(getattr(backend, "image_lineage", None))
 
     def observe(self, op: Any, principal: str | None = None) -> None:
         """Record the edge a terminal operation implies (no-op when nothing new was made)."""

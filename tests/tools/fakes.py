@@ -222,9 +222,20 @@ class FakeContext:
 
 
 def make_registry(
-    backend: Any, tmp: Path, *, roots: list[Path] | None = None, kind: str = "contree"
+    backend: Any,
+    tmp: Path,
+    *,
+    roots: list[Path] | None = None,
+    kind: str = "contree",
+    scoped_operations: bool = False,
 ) -> tuple[Registry, ServerState]:
-    state = build_state(backend, kind, cache_dir=tmp / "cache", allowed_roots=roots or [tmp])  # type: ignore[arg-type]
+    state = build_state(
+        backend,
+        kind,  # type: ignore[arg-type]
+        cache_dir=tmp / "cache",
+        allowed_roots=roots or [tmp],
+        scoped_operations=scoped_operations,
+    )
     return build_registry(state), state
 
 

@@ -23,8 +23,8 @@ ALICE, MALLORY = FakeContext("alice"), FakeContext("mallory")
 
 def scoped(tmp_path: Path, backend: FakeBackend | None = None) -> tuple[Registry, ServerState, FakeBackend]:
     backend = backend or FakeBackend()
-    reg, state = make_registry(backend, tmp_path)
-    state.owners.scoped = True  # what the CLI sets with --mode http --http-tokens-file
+    # what the CLI sets with --mode http --http-tokens-file
+    reg, state = make_registry(backend, tmp_path, scoped_operations=True)
     return reg, state, backend
 
 
@@ -220,3 +220,30 @@ def test_the_cli_refuses_an_unreadable_tokens_file(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert out.returncode == 2 and "cannot read the HTTP tokens file" in out.stderr
+
+
+class NativeLineageBackend(FakeBackend):
+    """A backend with its own (account-wide) lineage, like the embedded engine."""
+
+    async def image_lineage(self, image: str) -> dict[str, Any]:
+        children = [o["result_image_uuid"] for o in self.ops.values() if o.get("image_uuid") == image]
+        return {"image": image, "children": [c for c in children if c]}
+
+
+async def test_lineage_views_are_per_principal_when_scoped(tmp_path: Path) -> None:
+    import json
+
+    backend = NativeLineageBackend()
+    reg, state = make_registry(backend, tmp_path, scoped_operations=True)
+    args = {"command": "x", "image": backend.busybox, "disposable": False}
+    op = (await call(reg, "run", {**args, "wait": False}, ALICE))["structuredContent"]["result"][
+        "operation_id"
+    ]
+    child = backend.add_image(None)
+    backend.finish(op, result_image=child)
+    await call(reg, "get_operation", {"operation_id": op}, ALICE)
+    uri = f"contree://image/{backend.busybox}/lineage"
+    theirs = json.loads((await reg.read_resource(uri, MALLORY))[0].text or "")  # type: ignore[arg-type]
+    mine = json.loads((await reg.read_resource(uri, ALICE))[0].text or "")  # type: ignore[arg-type]
+    assert theirs["children"] == [] and mine["children"] == [child]
+    await state.close()
