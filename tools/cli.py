@@ -9,12 +9,12 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
-from contree.config import resolve_backend_config
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -116,6 +116,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"use one of {', '.join(allowed)}")
+        return value
+
+    return convert
+
+
+LEGACY_TYPES: dict[str, Callable[[str], Any]] = {
+    "mode": _choice("stdio", "http"),
+    "log_level": _choice("critical", "error", "warning", "info", "debug", "notset"),
+    "http_listen": str.strip,
+    "http_port": int,
+    "cache_files": Path,
+    "cache_general": Path,
+    "cache_prune_days": float,
+}
+
+
+def legacy_defaults(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[str]:
+    """0.1.x server settings (`CONTREE_MCP_*`, `mcp.ini`) become the lowest-precedence defaults
+    (COMPAT §9.4); returns the deprecation warnings to log once logging is set up."""
+    defaults: dict[str, Any] = {}
+    messages: list[str] = []
+    for key, raw in legacy_server_settings(env).items():
+        try:
+            defaults[key] = LEGACY_TYPES[key](raw)
+        except ValueError as exc:
+            messages.append(f"Ignoring the deprecated 0.1.x setting {key}={raw!r}: {exc}")
+    if defaults:
+        parser.set_defaults(**defaults)
+        messages.append(
+            "Using deprecated 0.1.x settings (CONTREE_MCP_* / mcp.ini) as defaults for "
+            f"{', '.join(sorted(defaults))}; pass the command-line flags instead."
+        )
+    return messages
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
@@ -146,8 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module, attr) in SUBCOMMANDS.items():
         if tuple(args_list[: len(words)]) == words:
             return int(_entry(module, attr)(args_list[len(words) :]) or 0)
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    legacy = legacy_defaults(parser, os.environ)
+    args = parser.parse_args(args_list)
     setup_logging(args.log_level)
+    for message in legacy:
+        log.warning("%s", message)
     if args.conformance:
         conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
         return int(_entry("protocol.conformance", "main")(conf) or 0)

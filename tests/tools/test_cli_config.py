@@ -128,3 +128,55 @@ async def test_docs_site_names_the_engine_home_default(tmp_path: Path) -> None:
     body = setup_body(state, "127.0.0.1", 9452, False)
     assert "$CONTREE_ENGINE_HOME" in body and "$XDG_DATA_HOME/contree-mcp" in body
     await state.close()
+
+
+# --- 0.1.x server settings (COMPAT §9.4): lowest-precedence defaults with a deprecation warning
+
+
+def test_legacy_env_settings_become_defaults(tmp_path: Path) -> None:
+    from tools.cli import legacy_defaults
+
+    parser = build_parser()
+    env = {"HOME": str(tmp_path), "CONTREE_MCP_MODE": "HTTP", "CONTREE_MCP_HTTP_PORT": "1234"}
+    messages = legacy_defaults(parser, env)
+    args = parser.parse_args([])
+    assert (args.mode, args.http_port) == ("http", 1234)
+    assert messages == [
+        "Using deprecated 0.1.x settings (CONTREE_MCP_* / mcp.ini) as defaults for http_port, mode; "
+        "pass the command-line flags instead."
+    ]
+
+
+def test_flags_win_over_legacy_settings(tmp_path: Path) -> None:
+    from tools.cli import legacy_defaults
+
+    parser = build_parser()
+    legacy_defaults(parser, {"HOME": str(tmp_path), "CONTREE_MCP_HTTP_PORT": "1234"})
+    assert parser.parse_args(["--http-port", "9999"]).http_port == 9999
+
+
+def test_legacy_mcp_ini_sections_are_read(tmp_path: Path) -> None:
+    from tools.cli import legacy_defaults
+
+    ini = tmp_path / ".config" / "contree" / "mcp.ini"
+    ini.parent.mkdir(parents=True)
+    ini.write_text("[DEFAULT]\nlog_level = debug\n\n[http]\nlisten = 127.0.0.2\n\n[cache]\nprune_days = 7\n")
+    parser = build_parser()
+    legacy_defaults(parser, {"HOME": str(tmp_path)})
+    args = parser.parse_args([])
+    assert (args.log_level, args.http_listen, args.cache_prune_days) == ("debug", "127.0.0.2", 7.0)
+
+
+def test_an_invalid_legacy_setting_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    from tools.cli import legacy_defaults
+
+    parser = build_parser()
+    messages = legacy_defaults(parser, {"HOME": str(tmp_path), "CONTREE_MCP_HTTP_PORT": "nine"})
+    assert parser.parse_args([]).http_port == 9452
+    assert messages[0].startswith("Ignoring the deprecated 0.1.x setting http_port='nine'")
+
+
+def test_the_server_logs_the_legacy_deprecation_warning(tmp_path: Path) -> None:
+    out = run_cli(["--backend", "contree"], tmp_path, CONTREE_MCP_HTTP_PORT="1234")
+    assert "[WARNING] Using deprecated 0.1.x settings (CONTREE_MCP_* / mcp.ini)" in out.stderr
+    assert out.returncode == 1 and "No API token configured." in out.stderr
