@@ -69,3 +69,12 @@ def test_streamed_file_digest_matches_in_memory(tmp_path: Path) -> None:
     path.write_bytes(b"different")
     with pytest.raises(FileChangedError, match="changed while it was synced"):
         list(read_chunks(path, wanted))
+
+
+@pytest.mark.parametrize("size", [0, 1, MIN_CHUNK, MIN_CHUNK + 1, MAX_CHUNK, MAX_CHUNK + 1, (9 << 20) - 3])
+def test_streamed_chunks_equal_in_memory_chunks_at_boundaries(tmp_path: Path, size: int) -> None:
+    data = pseudo_random(size, size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    digest = digest_file(path, with_sha256=False)
+    assert digest.chunks == chunks_of(data) and digest.size == size
