@@ -37,6 +37,8 @@ _MNT_DETACH = 0x2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_MS_BIND = 0x1000
 
 
 class OverlayError(OSError):
@@ -139,6 +141,13 @@ def mount_overlay(
         raise OverlayError(exc.errno, f"move_mount to {target} failed: {exc.strerror}") from exc
     finally:
         os.close(mfd)
+
+
+def bind_mount(source: Path, target: Path) -> None:
+    """Bind `source` (not its submounts) on `target`, an existing directory."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OverlayError(err, f"bind mount of {source} on {target} failed: {os.strerror(err)}")
 
 
 def unmount(target: Path) -> None:

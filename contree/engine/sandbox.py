@@ -30,6 +30,8 @@ from contree.engine import hostcheck, oci_config, seccomp
 from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
+from contree.engine.overlay import bind_mount, mounts_under, unmount
+from contree.engine.userns import DEFAULT_BASE, DEFAULT_SIZE, IdMap, UsernsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ __all__ = [
 
 RUN_DIR = Path("/run/contree-engine")
 CGROUP_ROOT_NAME = "/contree-engine"
+# With a user namespace the runtime reaches the rootfs as the remapped root, which cannot traverse a
+# home under /root or a 0700 temporary dir; the merged dir is bound here (world-traversable) instead.
+ROOTFS_BINDS = RUN_DIR / "rootfs"
 _SPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -65,7 +70,9 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     network_mode: str = "auto"  # auto | nat | slirp | none
     engine_id: str | None = None
     cgroup_parent: str | None = None  # default /contree-engine/<engine-id>
-    userns: bool = False
+    # None = on when the host supports it (logged when not); True = required; False = off.
+    userns: bool | None = None
+    userns_base: int = DEFAULT_BASE  # container id u is host id userns_base+u
     subnet: str = DEFAULT_SUBNET
     ipam_dir: Path = IPAM_DIR
     seccomp: bool = True
@@ -283,6 +290,7 @@ class RunningSandbox:
         self._killed_with: int | None = None
         self._cleaned = False
         self._exec_seq = 0
+        self.rootfs_bind: Path | None = None  # see ROOTFS_BINDS
 
     @property
     def pid(self) -> int:
@@ -382,6 +390,11 @@ class RunningSandbox:
             await self._rt.network.teardown(self._net)
         except Exception as exc:
             errors.append(f"network: {exc}")
+        if self.rootfs_bind is not None:
+            try:
+                _release_bind(self.rootfs_bind)
+            except OSError as exc:
+                errors.append(f"rootfs bind: {exc}")
         shutil.rmtree(self.bundle, ignore_errors=True)
         self._cleaned = True
         self._rt._active.pop(self.sandbox_id, None)
@@ -401,22 +414,23 @@ class SandboxRuntime:
         self.engine_id = engine_id
         self.root_dir = RUN_DIR / f"{runtime}-{engine_id}"
         self.bundles = config.state_dir / "bundles"
+        self.rootfs_binds = ROOTFS_BINDS / engine_id
         self.rlimits = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
         self._seccomp_b64: str | None = None
         self._active: dict[str, RunningSandbox] = {}
         self._lock_fd = -1
+        # Set when sandboxes run in a user namespace: the caller mounts lowers through
+        # `idmap.lowers(...)`, calls `idmap.shift_in` before start and `idmap.shift_out` before commit.
+        self.idmap: IdMap | None = None
 
     @classmethod
     async def create(cls, config: RuntimeConfig) -> SandboxRuntime:
-        if config.userns:
-            # Overlay mounts cannot be idmapped (mount_setattr: EINVAL), so a remapped root would see
-            # the image as nobody's; this needs idmapped lowers plus a uid shift at commit (RUNTIME §9).
-            raise NoRuntimeAvailable("user namespaces are not implemented yet (RUNTIME §9, phase 2)")
         info = hostcheck.detect()
         problems = hostcheck.check_requirements(info)
         if problems:
             raise NoRuntimeAvailable("; ".join(problems))
         runtime, binary = select_runtime(info, config.runtime)
+        idmap = _make_idmap(config, runtime)  # before anything needing clean-up: it may refuse
         engine_id = config.engine_id or secrets.token_hex(4)
         lock_fd = await _lock_engine(engine_id)
         swept = await asyncio.to_thread(sweep_dead_engines, info, engine_id)
@@ -432,11 +446,18 @@ class SandboxRuntime:
         except BaseException:
             cgroups.remove(None)
             os.close(lock_fd)
+            if idmap is not None:
+                idmap.close()
             raise
         rt = cls(config, info, runtime, binary, cgroups, network, engine_id)
         rt._lock_fd = lock_fd
+        rt.idmap = idmap
         rt.root_dir.mkdir(parents=True, exist_ok=True)
         rt.bundles.mkdir(parents=True, exist_ok=True)
+        if idmap is not None:
+            rt.rootfs_binds.mkdir(parents=True, exist_ok=True)
+            for d in (RUN_DIR, ROOTFS_BINDS, rt.rootfs_binds):
+                d.chmod(0o755)
         if config.seccomp and runtime == "crun":
             try:
                 rt._seccomp_b64 = seccomp.compiled_bpf_b64()
@@ -480,7 +501,14 @@ class SandboxRuntime:
         bundle = self.bundles / sid
         bundle.mkdir(parents=True, exist_ok=False)
         net: SandboxNetwork | None = None
+        bind: Path | None = None
         try:
+            rootfs = spec.rootfs
+            if self.idmap is not None:
+                bind = self.rootfs_binds / sid
+                bind.mkdir(mode=0o755)
+                bind_mount(spec.rootfs, bind)
+                rootfs = bind
             quota = spec.cpu_quota
             if quota is not None and self.config.budget_cpus is not None:
                 quota = min(quota, self.config.budget_cpus)  # v1 refuses a child quota above its parent's
@@ -497,12 +525,14 @@ class SandboxRuntime:
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
             opts = oci_config.ConfigOptions(
-                rootfs=spec.rootfs, hostname=spec.hostname, cgroups_path=self.cgroups.runtime_path(sid),
+                rootfs=rootfs, hostname=spec.hostname, cgroups_path=self.cgroups.runtime_path(sid),
                 # Limits live on our `<parent>/<sid>` cgroup only: a limit hit there is counted there
                 # (OOM kills, refused forks), and those counters outlive the runtime's own leaf.
                 netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
                 rlimits=self.rlimits, seccomp=self.config.seccomp,
-                seccomp_bpf_b64=self._seccomp_b64, extra_mounts=self._etc_mounts(spec, bundle, net))
+                seccomp_bpf_b64=self._seccomp_b64, extra_mounts=self._etc_mounts(spec, bundle, net),
+                uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
+                    containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
             (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
             argv = [*self.runtime_argv()]
@@ -516,8 +546,12 @@ class SandboxRuntime:
                 with contextlib.suppress(Exception):
                     await self.network.teardown(net)
             shutil.rmtree(bundle, ignore_errors=True)
+            if bind is not None:
+                with contextlib.suppress(OSError):
+                    _release_bind(bind)
             raise
         sandbox = RunningSandbox(self, spec, child, bundle, net)
+        sandbox.rootfs_bind = bind
         self._active[sid] = sandbox
         return sandbox
 
@@ -547,11 +581,52 @@ class SandboxRuntime:
         except Exception as exc:
             errors.append(f"cgroups: {exc}")
         shutil.rmtree(self.root_dir, ignore_errors=True)
+        try:
+            _release_binds(self.rootfs_binds)
+        except OSError as exc:
+            errors.append(f"rootfs binds: {exc}")
+        if self.idmap is not None:
+            self.idmap.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
+
+
+def _release_bind(point: Path) -> None:
+    if not point.exists():
+        return  # a successor engine's sweep got there first
+    unmount(point)
+    with contextlib.suppress(FileNotFoundError):
+        point.rmdir()
+
+
+def _release_binds(parent: Path) -> None:
+    """Unmount every bind below `parent`, then remove it; never deletes through a mount."""
+    if not parent.is_dir():
+        return
+    for point in mounts_under(parent):
+        unmount(point)
+    for entry in parent.iterdir():
+        entry.rmdir()  # empty mount points only: anything else is not ours to delete
+    parent.rmdir()
+
+
+def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
+    """The user namespace sandboxes get, or None (refused when `userns=True`, logged when automatic)."""
+    if config.userns is False:
+        return None
+    try:
+        if runtime == "runsc":
+            raise UsernsUnavailable("runsc keeps its own user namespace; layers are not idmapped for it")
+        return IdMap.create(config.userns_base, DEFAULT_SIZE)
+    except (UsernsUnavailable, OSError) as exc:
+        if config.userns:
+            raise NoRuntimeAvailable(f"user namespace requested but unavailable: {exc}") from exc
+        log.warning("sandboxes run WITHOUT a user namespace (root inside is root on the host's files "
+                    "of its own upper dir): %s", exc)
+        return None
 
 
 def _engine_lock_path(engine_id: str) -> Path:
@@ -607,6 +682,11 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
                 if root.is_dir():
                     shutil.rmtree(root, ignore_errors=True)
                     done.append(f"removed runtime state {root}")
+        if ROOTFS_BINDS.is_dir():
+            for entry in ROOTFS_BINDS.iterdir():
+                if entry.name in held or is_dead(entry.name):
+                    _release_binds(entry)
+                    done.append(f"released rootfs binds {entry}")
         return done
     finally:
         for fd in held.values():

@@ -202,7 +202,12 @@ class InstanceRun:
         upper, work, rootfs = sandbox_dir / "upper", sandbox_dir / "work", sandbox_dir / "rootfs"
         for d in (upper, work, rootfs):
             d.mkdir(parents=True, exist_ok=True)
-        mount_overlay(store.layer_paths(image), upper, work, rootfs)
+        idmap = engine.runtime.idmap if engine.runtime is not None else None
+        if idmap is None:
+            mount_overlay(store.layer_paths(image), upper, work, rootfs)
+        else:
+            with idmap.lowers(store.layer_paths(image)) as lowers:
+                mount_overlay(lowers, upper, work, rootfs)
         image_env = _env_dict(image.config.env)
         plan = spawn.plan_process(
             command=request.command,
@@ -232,6 +237,8 @@ class InstanceRun:
         if not find_executable(rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH), plan.cwd):
             what = "shell" if plan.shell else "executable"
             raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
+        if idmap is not None:
+            idmap.shift_in(upper, rootfs)  # what was written above, as the sandbox's root sees it
         return plan
 
     def _unmount(self, sandbox_dir: Path) -> None:
@@ -444,6 +451,9 @@ class InstanceRun:
 
         def commit() -> ImageRecord | None:
             self._unmount(sandbox_dir)  # one thread hop for unmount + commit: both are on the latency path
+            idmap = self.engine.runtime.idmap if self.engine.runtime is not None else None
+            if idmap is not None:
+                idmap.shift_out(upper)  # layers hold container ids, never the host range
             # work/ stays behind with the rest of the sandbox dir; only upper/ becomes the layer.
             child = store.commit_upper(
                 upper, image, record.uuid, max_bytes, config if config != image.config else None

@@ -322,6 +322,6 @@ async def test_a_restarted_engine_with_the_same_id_kills_its_predecessors_sandbo
             await sb.cleanup()
 
 
-async def test_asking_for_a_user_namespace_fails_loudly(tmp_path: Path) -> None:
-    with pytest.raises(NoRuntimeAvailable, match="user namespaces"):
-        await SandboxRuntime.create(sandbox.RuntimeConfig(state_dir=tmp_path, userns=True))
+async def test_requiring_a_user_namespace_runsc_cannot_honour_fails_loudly(tmp_path: Path) -> None:
+    with pytest.raises(NoRuntimeAvailable, match="user namespace requested but unavailable"):
+        await SandboxRuntime.create(sandbox.RuntimeConfig(state_dir=tmp_path, userns=True, runtime="runsc"))

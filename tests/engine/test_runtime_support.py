@@ -22,6 +22,7 @@ import pytest
 from contree.engine.network import NETNS_DIR, NetworkInfo
 from contree.engine.overlay import mount_overlay
 from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
+from contree.engine.userns import IdMap
 from tests.engine.conftest import require_binary, require_root
 
 
@@ -67,13 +68,25 @@ async def open_runtime(state: Path, **config: Any) -> AsyncIterator[SandboxRunti
         assert not left, f"left behind after close: {left}"
 
 
-def overlay_rootfs(lower: Path, tmp: Path) -> Path:
-    """A writable overlay over `lower` (the caller's `mount_guard` unmounts it)."""
+_idmap: IdMap | None = None
+
+
+def overlay_rootfs(lower: Path, tmp: Path, *, userns: bool = True) -> Path:
+    """A writable overlay over `lower` (the caller's `mount_guard` unmounts it), prepared the way the
+    engine prepares it for a runtime with a user namespace (the default) unless `userns=False`."""
+    global _idmap
     box = tmp / f"box-{uuid.uuid4().hex[:8]}"
     upper, work, merged = box / "upper", box / "work", box / "merged"
     for d in (upper, work, merged):
         d.mkdir(parents=True)
-    mount_overlay([lower], upper, work, merged)
+    if not userns:
+        mount_overlay([lower], upper, work, merged)
+        return merged
+    if _idmap is None:
+        _idmap = IdMap.create()  # same default range as every runtime's, so any of them can use it
+    with _idmap.lowers([lower]) as views:
+        mount_overlay(views, upper, work, merged)
+    _idmap.shift_in(upper, merged)
     return merged
 
 
