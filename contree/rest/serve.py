@@ -59,10 +59,11 @@ async def serve(
         await runner.cleanup()
 
 
-async def _run(host: str, port: int, home: Path, token: str | None) -> None:
+async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> None:
     from contree.engine.local import LocalEngine
 
-    engine = LocalEngine(home)
+    # API clients must never make the engine read arbitrary host files as image archives.
+    engine = LocalEngine(home, import_roots=import_roots)
     await engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bearer token clients must send (or ${TOKEN_ENV}); required when listening beyond loopback",
     )
     parser.add_argument(
+        "--import-root",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="directory local image sources (oci-archive:, docker-archive:, oci:) may be read from; "
+        "repeatable (default: none, local sources are refused)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return parser
@@ -119,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
-        asyncio.run(_run(host, port, home, token))
+        import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
+        asyncio.run(_run(host, port, home, token, import_roots))
     except KeyboardInterrupt:
         pass
     return 0

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -93,9 +94,29 @@ def test_serve_api_command_on_the_embedded_engine(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"{url}/whoami", timeout=10)
         assert info.value.code == 401
+        _assert_local_import_refused(url)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _assert_local_import_refused(url: str) -> None:
+    """Without --import-root, an API client cannot make the engine read host files as an archive."""
+    headers = {"Authorization": "Bearer cli-token", "Content-Type": "application/json"}
+    body = json.dumps({"registry": {"url": "oci-archive:/etc/passwd"}}).encode()
+    request = urllib.request.Request(f"{url}/images/import", data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        operation_id = json.loads(response.read())["uuid"]
+    deadline = time.monotonic() + 30
+    while True:
+        poll = urllib.request.Request(f"{url}/operations/{operation_id}", headers=headers)
+        with urllib.request.urlopen(poll, timeout=10) as response:
+            operation = json.loads(response.read())
+        if operation["status"] in ("SUCCESS", "FAILED", "CANCELLED") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert operation["status"] == "FAILED", operation
+    assert "outside the directories allowed" in operation["error"]
