@@ -249,3 +249,51 @@ async def test_opt_out_runs_as_host_root(tmp_path: Path, busybox_rootfs: Path) -
         assert stdout_of(resp).split() == ["0", "0", "4294967295"]
     finally:
         await eng.close()
+
+
+async def test_a_store_written_without_userns_keeps_working_with_it(tmp_path: Path,
+                                                                     busybox_rootfs: Path) -> None:
+    """Layers always hold container ids, so switching userns on needs no migration (and back)."""
+    _require_root()
+    home = tmp_path / "home"
+    off = LocalEngine(home, runtime_config=RuntimeConfig(state_dir=home / "runtime", userns=False))
+    await off.start()
+    try:
+        assert off.store is not None
+        image = _seed_owned(off.store, busybox_rootfs)
+        resp = await run(off, image, "chown 1234 /owned")
+        assert resp.status == "SUCCESS" and resp.result_image_uuid
+        child = resp.result_image_uuid
+    finally:
+        await off.close()
+    on = LocalEngine(home)
+    await on.start()
+    try:
+        assert on.runtime is not None and on.runtime.idmap is not None
+        resp = await run(on, child, "stat -c %u /owned && chown 4321 /owned && echo x >> /owned")
+        assert resp.status == "SUCCESS" and stdout_of(resp) == "1234\n", stderr_of(resp)
+        listing = await on.list_directory(resp.result_image_uuid or "", "/")
+        assert [f.uid for f in listing.files if f.path.endswith("owned")] == [4321]
+    finally:
+        await on.close()
+
+
+async def test_unsupported_host_falls_back_with_a_logged_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _require_root()
+    from contree.engine import sandbox
+    from contree.engine.userns import UsernsUnavailable
+
+    def refuse(*_: object) -> IdMap:
+        raise UsernsUnavailable(1, "simulated: user.max_user_namespaces = 0")
+
+    monkeypatch.setattr(sandbox.IdMap, "create", refuse)
+    with pytest.raises(sandbox.NoRuntimeAvailable, match="simulated"):
+        await sandbox.SandboxRuntime.create(RuntimeConfig(state_dir=tmp_path / "a", userns=True,
+                                                          network_mode="none"))
+    rt = await sandbox.SandboxRuntime.create(RuntimeConfig(state_dir=tmp_path / "b", network_mode="none"))
+    try:
+        assert rt.idmap is None
+        assert "WITHOUT a user namespace" in caplog.text and "simulated" in caplog.text
+    finally:
+        await rt.close()
