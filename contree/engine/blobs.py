@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -46,6 +47,21 @@ CREATE TABLE IF NOT EXISTS files (
     created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS files_created ON files(created_at);
 """
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) of the filesystem holding `path`: makes every file written there durable in one call,
+    instead of one fsync each (put_many's point)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,6 +171,57 @@ class BlobStore:
             raise
         return self._record(digest, size)
 
+    def put_many(self, items: Sequence[bytes]) -> builtins.list[api.FileResponse]:
+        """Store several (small) uploads at once: one syncfs, one directory fsync and one database
+        transaction for all, instead of three fsyncs each (a cold rsync of 10,000 files)."""
+        staged: builtins.list[_Staged] = []
+        try:
+            for data in items:
+                one = _Staged(self.tmp_dir)
+                staged.append(one)
+                one.write(data)
+            _syncfs(self.tmp_dir)
+            done: builtins.list[tuple[str, int]] = []
+            for one in staged:
+                os.close(one.fd)
+                one.fd = -1
+                digest = one.sha.hexdigest()
+                dest = self.files_dir / digest
+                if dest.exists():
+                    one.path.unlink()
+                else:
+                    os.chmod(one.path, 0o444)
+                    os.rename(one.path, dest)
+                done.append((digest, one.size))
+            _fsync_dir(self.files_dir)
+        except BaseException:
+            for one in staged:
+                one.abort()
+            raise
+        return self._record_many(done)
+
+    def _record_many(self, items: builtins.list[tuple[str, int]]) -> builtins.list[api.FileResponse]:
+        now = time.time()
+        out: builtins.list[api.FileResponse] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for digest, size in items:
+                    row = self._db.execute("SELECT uuid FROM files WHERE sha256 = ?", (digest,)).fetchone()
+                    if row is None:
+                        file_uuid = str(uuidlib.uuid4())
+                        self._db.execute("INSERT INTO files VALUES (?,?,?,?,?)",
+                                         (file_uuid, digest, size, now, now))
+                    else:
+                        file_uuid = row[0]
+                        self._db.execute("UPDATE files SET updated_at = ? WHERE uuid = ?", (now, file_uuid))
+                    out.append(api.FileResponse(uuid=file_uuid, sha256=digest, size=size))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return out
+
     async def upload(self, data: bytes | AsyncIterator[bytes]) -> api.FileResponse:
         """Store an upload streamed from the client (never held in memory whole)."""
         if isinstance(data, bytes | bytearray | memoryview):
@@ -259,6 +326,31 @@ class BlobStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
+
+    def put_chunks(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """`put_chunk` for many chunks with one syncfs instead of an fsync each."""
+        todo: builtins.list[tuple[Path, Path]] = []
+        try:
+            for digest, data in items:
+                path = self._chunk_path(digest)
+                actual = xxhash.xxh3_128_hexdigest(data)
+                if actual != digest:
+                    raise BadRequest(f"chunk content hashes to {actual}, not {digest}")
+                if path.exists():
+                    continue
+                tmp = self.tmp_dir / f"chunk-{uuidlib.uuid4().hex}"
+                todo.append((tmp, path))
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            if todo:
+                _syncfs(self.tmp_dir)
+            for tmp, path in todo:
+                path.parent.mkdir(exist_ok=True)
+                os.rename(tmp, path)
+        except BaseException:
+            for tmp, _ in todo:
+                tmp.unlink(missing_ok=True)
+            raise
 
     def has_chunks(self, digests: Iterable[str]) -> set[str]:
         """The subset of `digests` already stored."""
