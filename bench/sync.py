@@ -45,6 +45,9 @@ class NullTransfer:
     async def ensure(self, path: str, digest: FileDigest) -> Sent:
         return Sent("0" * 64, "u-" + digest.xxh128, digest.size)
 
+    async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        return [await self.ensure(p, d) for p, d in items]
+
 
 class Reference:
     """The reference algorithm: walk, stat tuple compare against SQLite, sha256 of every changed file;

@@ -139,31 +139,11 @@ async def sync_tree(
     )
     known = plan.known
     sem = asyncio.Semaphore(max(1, concurrency))
-    ensured: dict[str, asyncio.Future[BlobRef]] = {}
+    claimed: set[str] = set()  # contents some batch is already sending (duplicates send nothing)
     new_blobs: list[tuple[str, BlobRef]] = []
     fresh: list[tuple[Found, FileDigest]] = list(plan.renamed)
     work = plan.to_read
     total, done, last_note = len(work), 0, 0.0
-
-    async def ensure(path: str, digest: FileDigest) -> BlobRef:
-        pending = ensured.get(digest.xxh128)
-        if pending is not None:  # a duplicate: the same content is already on its way
-            return await pending
-        fut: asyncio.Future[BlobRef] = asyncio.get_running_loop().create_future()
-        ensured[digest.xxh128] = fut
-        try:
-            sent = await transfer.ensure(path, digest)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: duplicates waiting on it re-raise it themselves
-            raise
-        ref = BlobRef(sent.sha256, sent.uuid)
-        if sent.bytes_sent or digest.size == 0:
-            report.files_uploaded += 1
-        report.bytes_sent += sent.bytes_sent
-        new_blobs.append((digest.xxh128, ref))
-        fut.set_result(ref)
-        return ref
 
     async def one(batch: list[Found]) -> None:
         nonlocal done, last_note
@@ -175,9 +155,17 @@ async def sync_tree(
                 fresh.append((found, digest))
                 report.files_changed += 1
                 report.bytes_hashed += digest.size
+            items: list[tuple[str, FileDigest]] = []
             for found, digest in read:
-                if digest.xxh128 not in plan.blobs:
-                    await ensure(found.path, digest)
+                if digest.xxh128 not in plan.blobs and digest.xxh128 not in claimed:
+                    claimed.add(digest.xxh128)
+                    items.append((found.path, digest))
+            if items:
+                for (_, digest), sent in zip(items, await transfer.ensure_batch(items), strict=True):
+                    if sent.bytes_sent or digest.size == 0:
+                        report.files_uploaded += 1
+                    report.bytes_sent += sent.bytes_sent
+                    new_blobs.append((digest.xxh128, BlobRef(sent.sha256, sent.uuid)))
         done += len(batch)
         now = time.perf_counter()
         if progress is not None and (done == total or now - last_note >= _PROGRESS_EVERY):

@@ -22,6 +22,8 @@ from contree.errors import NotFound
 from contree.sync.chunker import FileChangedError, FileDigest, read_chunks
 
 _STREAM = 1024 * 1024
+UPLOAD_CONCURRENCY = 8  # concurrent backend calls per sync
+_CHUNK_GROUP = 64  # chunks stored per syncfs (bounds memory to 64 x 256 KiB)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class Transfer(Protocol):
     needs_sha256: bool  # whether digests must carry sha256 before `ensure`
 
     async def ensure(self, path: str, digest: FileDigest) -> Sent: ...
+
+    async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        """`ensure` for several files (distinct contents), results in order."""
+        ...
 
 
 def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
@@ -60,8 +66,16 @@ class RemoteTransfer:
     def __init__(self, backend: Backend, target: str) -> None:
         self.backend = backend
         self.target = target
+        self._calls = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+    async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        return list(await asyncio.gather(*(self.ensure(p, d) for p, d in items)))
 
     async def ensure(self, path: str, digest: FileDigest) -> Sent:
+        async with self._calls:
+            return await self._ensure(path, digest)
+
+    async def _ensure(self, path: str, digest: FileDigest) -> Sent:
         try:
             got = await self.backend.get_file(digest.sha256)
             return Sent(got.sha256, got.uuid, 0)
@@ -81,17 +95,26 @@ class ChunkTransfer:
         self.target = target
 
     async def ensure(self, path: str, digest: FileDigest) -> Sent:
-        return await asyncio.to_thread(self._ensure, path, digest)
+        return (await self.ensure_batch([(path, digest)]))[0]
 
-    def _ensure(self, path: str, digest: FileDigest) -> Sent:
-        if len(digest.chunks) <= 1:
-            # One chunk or empty: the file is its only chunk, store it whole (no assembly copy).
-            with open(path, "rb") as f:
-                data = f.read()
-            if len(data) != digest.size or xxhash.xxh3_128_hexdigest(data) != digest.xxh128:
-                raise FileChangedError(path)
-            whole = self.blobs.put_bytes(data)
-            return Sent(whole.sha256, whole.uuid, len(data))
+    async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        return await asyncio.to_thread(self._ensure_batch, items)
+
+    def _ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        # Files of one chunk (most files) are stored whole, all with one syncfs; larger ones through
+        # the chunk store.
+        small = [(i, p) for i, (p, d) in enumerate(items) if len(d.chunks) <= 1]
+        out: dict[int, Sent] = {}
+        if small:
+            datas = [_read_whole(p, items[i][1]) for i, p in small]
+            for (i, _), data, resp in zip(small, datas, self.blobs.put_many(datas), strict=True):
+                out[i] = Sent(resp.sha256, resp.uuid, len(data))
+        for i, (path, digest) in enumerate(items):
+            if i not in out:
+                out[i] = self._ensure_chunked(path, digest)
+        return [out[i] for i in range(len(items))]
+
+    def _ensure_chunked(self, path: str, digest: FileDigest) -> Sent:
         digests = [c.digest for c in digest.chunks]
         held = self.blobs.has_chunks(set(digests))
         wanted, seen = [], set(held)
@@ -100,12 +123,26 @@ class ChunkTransfer:
                 seen.add(c.digest)
                 wanted.append(c)
         sent = 0
+        group: list[tuple[str, bytes]] = []
         for chunk, data in read_chunks(path, wanted):
-            self.blobs.put_chunk(chunk.digest, data)
+            group.append((chunk.digest, data))
             sent += len(data)
+            if len(group) >= _CHUNK_GROUP:
+                self.blobs.put_chunks(group)
+                group = []
+        if group:
+            self.blobs.put_chunks(group)
         resp: api.FileResponse = self.blobs.assemble(digests)
         if resp.size != digest.size:
             raise FileChangedError(path)
         return Sent(resp.sha256, resp.uuid, sent)
 
 
+
+
+def _read_whole(path: str, digest: FileDigest) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(digest.size + 1)
+    if len(data) != digest.size or xxhash.xxh3_128_hexdigest(data) != digest.xxh128:
+        raise FileChangedError(path)
+    return data
