@@ -120,6 +120,9 @@ def _make_parents(parent: str, state: ServerState) -> None:
         raise ToolError(f"cannot create {parent}: {exc.strerror}") from None
 
 
+SYNC_CACHE_RETENTION = 60 * 86400.0  # seconds; a pruned entry only costs one re-read
+
+
 class _SyncCache:
     """The sync state cache (stat + chunk lists, blob map), opened on first use so servers that never
     rsync create no file."""
@@ -131,6 +134,7 @@ class _SyncCache:
     def get(self) -> StateCache:
         if self._cache is None:
             self._cache = StateCache(self.path)
+            self._cache.prune(SYNC_CACHE_RETENTION)  # by last use (COMPAT §15.39)
         return self._cache
 
 

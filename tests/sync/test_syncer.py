@@ -234,3 +234,14 @@ async def test_engine_moves_about_one_chunk_after_a_one_byte_edit(tmp_path: Path
     blob = engine.blobs.path_for(entry.uuid)
     assert blob is not None and blob.read_bytes() == bytes(data)
     assert second.id != first.id
+
+
+async def test_cache_retention_is_by_last_use(tmp_path: Path, cache: StateCache) -> None:
+    src = tmp_path / "src"
+    tree(src, {"a.txt": "a"})
+    await sync(src, FakeFiles(), cache)
+    assert cache.prune(3600) == 0  # just used
+    time_travel = 10**10
+    assert cache.prune(-time_travel) == 3  # the file row, its blob and the snapshot, all older than "now + x"
+    _, report = await sync(src, FakeFiles(), cache)
+    assert report.files_changed == 1  # forgotten: read again, nothing worse
