@@ -11,7 +11,8 @@ Layout under `home` (one filesystem, so a commit is a rename):
 Crash safety: a layer is renamed into `layers/` before its database row exists and the row is written
 in the same transaction as the image that references it, so a crash leaves at worst an unreferenced
 directory, which `recover()` removes. Data of committed files is not fsynced (a SIGKILL of the engine
-keeps the page cache; only power loss could lose it).
+keeps the page cache; only power loss could lose it), and sandbox overlays are mounted `volatile`, so
+not even their unmount syncs: it reaches the disk by normal writeback.
 
 Power loss: SQLite runs WAL with synchronous=NORMAL (always consistent; the newest transactions may be
 lost). Imports and squashes fsync `layers/` before their row is written; a run's commit does not (it is
