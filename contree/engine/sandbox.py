@@ -463,9 +463,10 @@ class SandboxRuntime:
                 rt._seccomp_b64 = seccomp.compiled_bpf_b64()
             except seccomp.SeccompUnavailable as exc:
                 log.warning("seccomp precompile unavailable, crun compiles the profile per start: %s", exc)
-        log.info("sandbox runtime %s (%s), cgroups %s under %s, network %s%s", runtime, binary,
-                 info.cgroup_mode.value, parent, network.mode,
-                 f" ({network.error})" if network.error else "")
+        log.info("sandbox runtime %s (%s), cgroups %s under %s, network %s%s, user namespace %s", runtime,
+                 binary, info.cgroup_mode.value, parent, network.mode,
+                 f" ({network.error})" if network.error else "",
+                 f"0→{idmap.base} ({idmap.size} ids)" if idmap else "off")
         return rt
 
     def runtime_argv(self) -> list[str]:
@@ -620,7 +621,7 @@ def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
     try:
         if runtime == "runsc":
             raise UsernsUnavailable("runsc keeps its own user namespace; layers are not idmapped for it")
-        return IdMap.create(config.userns_base, DEFAULT_SIZE)
+        return IdMap.create(config.userns_base, DEFAULT_SIZE, probe_dir=config.state_dir)
     except (UsernsUnavailable, OSError) as exc:
         if config.userns:
             raise NoRuntimeAvailable(f"user namespace requested but unavailable: {exc}") from exc

@@ -11,7 +11,9 @@ no translation. A sandbox gets:
 * `shift_in(upper)` before start (the engine's own writes: injected files, the cwd, the upper root) and
   `shift_out(upper)` before commit (back to container ids), so committed layers never hold host ids.
 
-Whiteouts (char 0:0, made by overlay with the mounter's credentials) are never shifted.
+Whiteouts (char 0:0, made by overlay with the mounter's credentials) are never shifted. Layer ids at or
+above SIZE show as 65534 inside and cannot be changed there; a process uid at or above SIZE is refused
+by the runtime (setresuid: EINVAL). File capabilities set inside (v3, rootid BASE) are not translated.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from pathlib import Path
 
 DEFAULT_BASE = 100000
 DEFAULT_SIZE = 65536
-NOBODY = 65534
 
 _SYS_OPEN_TREE = 428
 _SYS_MOUNT_SETATTR = 442
@@ -121,13 +122,17 @@ class IdMap:
     userns_fd: int
 
     @classmethod
-    def create(cls, base: int = DEFAULT_BASE, size: int = DEFAULT_SIZE) -> IdMap:
-        """Detect support (userns + idmapped mounts of this filesystem) and build the map."""
+    def create(cls, base: int = DEFAULT_BASE, size: int = DEFAULT_SIZE,
+               probe_dir: Path | None = None) -> IdMap:
+        """Detect support (user namespaces, and idmapped mounts on the filesystem of `probe_dir`, which
+        should be where the layers live) and build the map."""
         if base <= 0 or size <= 0 or base + size > 2**32 - 2:
             raise UsernsUnavailable(errno.EINVAL, f"bad id range {base}+{size}")
         fd = _userns_fd(base, size)
         try:
-            probe = tempfile.mkdtemp(prefix="contree-idmap-probe-")
+            if probe_dir is not None:
+                probe_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.mkdtemp(prefix="contree-idmap-probe-", dir=probe_dir)
             try:
                 try:
                     os.close(idmapped_clone(probe, fd))
@@ -144,9 +149,6 @@ class IdMap:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.userns_fd)
-
-    def to_host(self, cid: int) -> int:
-        return self.base + cid if 0 <= cid < self.size else self.base + NOBODY
 
     @contextlib.contextmanager
     def lowers(self, paths: list[Path]) -> Iterator[list[Path]]:

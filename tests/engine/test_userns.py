@@ -90,6 +90,19 @@ def test_idmapped_lowers_show_layer_owners_shifted(tmp_path: Path) -> None:
         idmap.close()
 
 
+def test_detection_refuses_a_filesystem_without_idmapped_mounts(mount_guard: Path) -> None:
+    """The probe runs where the layers live: an overlay (no idmapped mounts on 6.x) is refused."""
+    from contree.engine.userns import UsernsUnavailable
+
+    lower, upper, work, merged = (mount_guard / n for n in ("l", "u", "w", "m"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    mount_overlay([lower], upper, work, merged)
+    with pytest.raises(UsernsUnavailable, match="idmapped mounts unsupported"):
+        IdMap.create(probe_dir=merged)
+    IdMap.create(probe_dir=lower).close()
+
+
 # ---------------------------------------------------------------- LocalEngine
 
 
@@ -284,7 +297,7 @@ async def test_unsupported_host_falls_back_with_a_logged_reason(
     from contree.engine import sandbox
     from contree.engine.userns import UsernsUnavailable
 
-    def refuse(*_: object) -> IdMap:
+    def refuse(*_: object, **__: object) -> IdMap:
         raise UsernsUnavailable(1, "simulated: user.max_user_namespaces = 0")
 
     monkeypatch.setattr(sandbox.IdMap, "create", refuse)
