@@ -54,6 +54,7 @@ class Snapshot(msgspec.Struct, array_like=True):
 
     files: dict[str, Known]
     blobs: dict[str, BlobRef]
+    checked_at: float = 0.0  # when the target last confirmed it still holds `blobs`
 
 
 _snapshot_enc = msgspec.msgpack.Encoder()

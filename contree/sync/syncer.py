@@ -21,6 +21,9 @@ from contree.sync.transfer import Transfer
 ProgressCallback = Callable[[int, int, str], Awaitable[None]]
 DEFAULT_CONCURRENCY = 4
 _PROGRESS_EVERY = 0.25
+# Blobs a sync reuses without reading are re-confirmed with the target this often (as 0.5.0's 24 h
+# revalidation); in between, run re-uploads a vanished blob on demand (COMPAT §15.38).
+REVALIDATE_AFTER = 24 * 3600.0
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 * 1024 * 1024  # seconds between progress callbacks (the last one is always sent)
 
@@ -47,6 +50,7 @@ class _Plan:
     skipped: list[str]
     cached: dict[str, Known]
     from_snapshot: bool
+    checked_at: float
 
 
 def _plan(
@@ -80,7 +84,8 @@ def _plan(
         seen = {f.path for f in scanned.files}
         removed = [p for p in cached if p not in seen]
     return _Plan(
-        scanned.files, known, to_read, renamed, blobs, removed, scanned.skipped, cached, snap is not None
+        scanned.files, known, to_read, renamed, blobs, removed, scanned.skipped, cached, snap is not None,
+        snap.checked_at if snap is not None else 0.0,
     )
 
 
@@ -138,6 +143,11 @@ async def sync_tree(
         files_scanned=len(plan.files), files_removed=len(plan.removed), skipped=plan.skipped
     )
     known = plan.known
+    checked_at = plan.checked_at
+    if not known or time.time() - checked_at > REVALIDATE_AFTER:
+        if known:
+            await _revalidate(plan, transfer, cache)
+        checked_at = time.time()  # every blob this sync uses is now confirmed or freshly sent
     sem = asyncio.Semaphore(max(1, concurrency))
     claimed: set[str] = set()  # contents some batch is already sending (duplicates send nothing)
     new_blobs: list[tuple[str, BlobRef]] = []
@@ -181,7 +191,10 @@ async def sync_tree(
         await asyncio.to_thread(_save, cache, transfer.target, rows, blobs, plan.removed)
     held = plan.blobs
     held.update(new_blobs)
-    unchanged = plan.from_snapshot and not fresh and not plan.removed and len(plan.cached) == len(known)
+    unchanged = (
+        plan.from_snapshot and checked_at == plan.checked_at and not fresh and not plan.removed
+        and len(plan.cached) == len(known)
+    )
     if unchanged:
         await asyncio.to_thread(cache.touch_snapshot, source, transfer.target)
     else:
@@ -191,7 +204,8 @@ async def sync_tree(
             size, xxh = known[found.path]
             files[found.path] = (*found.stat, xxh, held[xxh].sha256)
             used[xxh] = held[xxh]
-        await asyncio.to_thread(cache.save_snapshot, source, transfer.target, Snapshot(files, used))
+        snapshot = Snapshot(files, used, checked_at)
+        await asyncio.to_thread(cache.save_snapshot, source, transfer.target, snapshot)
     base = destination.rstrip("/") + "/"
     modes: dict[int, str] = {}
     entries = []
@@ -205,6 +219,24 @@ async def sync_tree(
     manifest = build_manifest(entries)
     report.elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
     return manifest, report
+
+
+async def _revalidate(plan: _Plan, transfer: Transfer, cache: StateCache) -> None:
+    """Ask the target whether the blobs reused without reading still exist; files whose blob vanished
+    are read and sent again in this sync."""
+    used = {xxh: (plan.blobs[xxh].sha256, plan.blobs[xxh].uuid) for _, xxh in plan.known.values()}
+    gone = await transfer.missing(used)
+    if not gone:
+        return
+    for xxh in gone:
+        del plan.blobs[xxh]
+        await asyncio.to_thread(cache.forget_blob, transfer.target, xxh)
+    stale = [f for f in plan.files if f.path in plan.known and plan.known[f.path][1] in gone]
+    for found in stale:
+        del plan.known[found.path]
+    plan.to_read.extend(stale)
+    # A renamed file whose content vanished is read like any other: drop its shortcut.
+    plan.renamed[:] = [(f, d) for f, d in plan.renamed if f.path in plan.known]
 
 
 def _save(

@@ -43,6 +43,10 @@ class Transfer(Protocol):
         """`ensure` for several files (distinct contents), results in order."""
         ...
 
+    async def missing(self, refs: dict[str, tuple[str, str]]) -> set[str]:
+        """Keys of `refs` ({key: (sha256, uuid)}) whose file the target no longer holds."""
+        ...
+
 
 def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
     """The engine's chunk store when the backend has one, else the plain Backend file API."""
@@ -75,6 +79,18 @@ class RemoteTransfer:
         async with self._calls:
             return await self._ensure(path, digest)
 
+    async def missing(self, refs: dict[str, tuple[str, str]]) -> set[str]:
+        async def gone(key: str, sha256: str, uuid: str) -> str | None:
+            async with self._calls:
+                try:
+                    got = await self.backend.get_file(sha256)
+                except NotFound:
+                    return key
+            return None if got.uuid == uuid else key
+
+        found = await asyncio.gather(*(gone(k, sha, uuid) for k, (sha, uuid) in refs.items()))
+        return {k for k in found if k is not None}
+
     async def _ensure(self, path: str, digest: FileDigest) -> Sent:
         try:
             got = await self.backend.get_file(digest.sha256)
@@ -99,6 +115,12 @@ class ChunkTransfer:
 
     async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
         return await asyncio.to_thread(self._ensure_batch, items)
+
+    async def missing(self, refs: dict[str, tuple[str, str]]) -> set[str]:
+        def check() -> set[str]:
+            return {k for k, (_, uuid) in refs.items() if self.blobs.path_for(uuid) is None}
+
+        return await asyncio.to_thread(check)
 
     def _ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
         # Files of one chunk (most files) are stored whole, all with one syncfs; larger ones through

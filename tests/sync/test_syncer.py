@@ -245,3 +245,42 @@ async def test_cache_retention_is_by_last_use(tmp_path: Path, cache: StateCache)
     assert cache.prune(-time_travel) == 3  # the file row, its blob and the snapshot, all older than "now + x"
     _, report = await sync(src, FakeFiles(), cache)
     assert report.files_changed == 1  # forgotten: read again, nothing worse
+
+
+async def test_vanished_blobs_are_found_by_periodic_revalidation(
+    tmp_path: Path, cache: StateCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contree.sync import syncer
+
+    src = tmp_path / "src"
+    tree(src, {"a.txt": "kept", "b.txt": "lost"})
+    backend = FakeFiles()
+    first, _ = await sync(src, backend, cache)
+    lost = next(sha for sha, data in backend.blobs.items() if data == b"lost")
+    del backend.files[lost]  # the server dropped it
+    lookups = backend.lookups
+    again, report = await sync(src, backend, cache)  # within the revalidation period: trusted
+    assert again == first and backend.lookups == lookups and report.files_uploaded == 0
+    monkeypatch.setattr(syncer, "REVALIDATE_AFTER", -1.0)
+    fixed, report = await sync(src, backend, cache)
+    assert backend.lookups == lookups + 2 + 1  # two existence checks, then the re-upload's own check
+    assert report.files_changed == 1 and report.files_uploaded == 1 and backend.uploads[-1] == b"lost"
+    assert fixed.id == first.id  # same content, so the same state id ...
+    assert {e.path: e.uuid for e in fixed.entries}["/app/b.txt"] == backend.files[lost].uuid  # ... new home
+
+
+async def test_engine_revalidation_checks_blob_records(
+    tmp_path: Path, cache: StateCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contree.sync import syncer
+
+    src = tmp_path / "src"
+    tree(src, {"a.txt": "engine"})
+    engine = EngineHolder(tmp_path / "blobs")
+    first, _ = await sync(src, engine, cache)
+    engine.blobs.gc(-10.0)  # everything older than "10 s from now": all of it
+    monkeypatch.setattr(syncer, "REVALIDATE_AFTER", -1.0)
+    fixed, report = await sync(src, engine, cache)
+    assert report.files_uploaded == 1 and fixed.entries[0].uuid != first.entries[0].uuid
+    blob = engine.blobs.path_for(fixed.entries[0].uuid)
+    assert blob is not None and blob.read_bytes() == b"engine"
