@@ -686,8 +686,11 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
         if ROOTFS_BINDS.is_dir():
             for entry in ROOTFS_BINDS.iterdir():
                 if entry.name in held or is_dead(entry.name):
-                    _release_binds(entry)
-                    done.append(f"released rootfs binds {entry}")
+                    try:
+                        _release_binds(entry)
+                        done.append(f"released rootfs binds {entry}")
+                    except OSError as exc:  # never block start-up on it: report and go on
+                        done.append(f"could not release rootfs binds {entry}: {exc}")
         return done
     finally:
         for fd in held.values():
