@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import configparser
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from contree.fsutil import write_private
 
 if TYPE_CHECKING:
     from contree.backend import Backend
@@ -190,21 +190,6 @@ def _ini_text(parser: configparser.ConfigParser) -> str:
     buffer = io.StringIO()
     parser.write(buffer)
     return buffer.getvalue()
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically; the file is 0600 from its creation on (never briefly wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp → 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _legacy(env: Mapping[str, str]) -> tuple[str | None, str | None, str | None]:
