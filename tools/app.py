@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from contree.backend import Backend
+from contree.oci.credentials import CredentialStore
 from protocol.registry import Registry
 from tools import (
     image_tools,
@@ -21,7 +22,6 @@ from tools import (
     run_tool,
     sync_tools,
 )
-from tools.credentials import CredentialStore
 from tools.dirstate import DirectoryStates
 from tools.instructions import instructions
 from tools.lineage import EdgeStore, Lineage

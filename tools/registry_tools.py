@@ -190,7 +190,9 @@ GUIDES:
             raise ToolError(check.message)
         if not check.valid:
             return RegistryAuthOutput(status="error", registry=host, message=check.message)
-        await asyncio.to_thread(state.credentials.put, ctx.principal, host, params.username, params.token)
+        await asyncio.to_thread(
+            state.credentials.put, host, params.username, params.token, principal=ctx.principal
+        )
         return RegistryAuthOutput(
             status="success",
             registry=host,
@@ -201,7 +203,7 @@ GUIDES:
 async def credentials_for(
     state: ServerState, principal: str | None, host: str
 ) -> api.RegistryCredentials | None:
-    cred = await asyncio.to_thread(state.credentials.get, principal, host)
+    cred = await asyncio.to_thread(state.credentials.get, host, principal=principal)
     if cred is None:
         return None
     try:
@@ -211,7 +213,7 @@ async def credentials_for(
     if check.status == "unreachable":
         log.info("keeping stored credentials for %s: %s", host, check.message)
     elif not check.valid:
-        await asyncio.to_thread(state.credentials.delete, principal, host)
+        await asyncio.to_thread(state.credentials.delete, host, principal=principal)
         return None
     return api.RegistryCredentials(username=cred.username, password=cred.token)
 

@@ -13,7 +13,7 @@ from contree.backend import Backend
 from tools.owners import OperationOwners
 
 if TYPE_CHECKING:
-    from tools.credentials import CredentialStore
+    from contree.oci.credentials import CredentialStore
     from tools.dirstate import DirectoryStates
     from tools.lineage import Lineage
 

@@ -8,11 +8,8 @@ a timeout or an unreachable registry is "unreachable", and stored credentials ar
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
-import uuid as uuidlib
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +17,7 @@ import aiohttp
 import msgspec
 
 from contree.errors import BackendError, Forbidden, Unauthorized
+from contree.fsutil import write_private
 from contree.oci.auth import (
     Challenge,
     Credentials,
@@ -69,10 +67,18 @@ class StoredCredential(msgspec.Struct, kw_only=True):
 class _File(msgspec.Struct, kw_only=True):
     version: int = 1
     registries: dict[str, StoredCredential] = {}
+    # HTTP clients with their own token (principals) keep their credentials apart: principal → host → entry
+    principals: dict[str, dict[str, StoredCredential]] = {}
+
+    def table(self, principal: str | None) -> dict[str, StoredCredential]:
+        if principal is None:
+            return self.registries
+        return self.principals.setdefault(principal, {})
 
 
 class CredentialStore:
-    """Credentials per registry host in one JSON file with mode 0600 (directory 0700)."""
+    """Credentials per registry host in one JSON file with mode 0600 (directory 0700), optionally scoped
+    by principal (`principal=None` is the unscoped table)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -93,30 +99,22 @@ class CredentialStore:
             return _File()  # a damaged file is treated as empty rather than crashing every import
 
     def _save(self, content: _File) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuidlib.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(msgspec.json.encode(content))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        content.principals = {p: t for p, t in content.principals.items() if t}
+        write_private(self.path, msgspec.json.encode(content))
 
-    def get(self, registry_url: str) -> StoredCredential | None:
+    def get(self, registry_url: str, *, principal: str | None = None) -> StoredCredential | None:
         with self._lock:
-            return self._load().registries.get(self.key(registry_url))
+            return self._load().table(principal).get(self.key(registry_url))
 
-    def put(self, registry_url: str, username: str, token: str) -> StoredCredential:
+    def put(
+        self, registry_url: str, username: str, token: str, *, principal: str | None = None
+    ) -> StoredCredential:
         host = self.key(registry_url)
         now = time.time()
         with self._lock:
             content = self._load()
-            old = content.registries.get(host)
+            table = content.table(principal)
+            old = table.get(host)
             entry = StoredCredential(
                 registry=host,
                 username=username,
@@ -124,22 +122,22 @@ class CredentialStore:
                 created_at=old.created_at if old and old.username == username else now,
                 updated_at=now,
             )
-            content.registries[host] = entry
+            table[host] = entry
             self._save(content)
         return entry
 
-    def delete(self, registry_url: str) -> bool:
+    def delete(self, registry_url: str, *, principal: str | None = None) -> bool:
         host = self.key(registry_url)
         with self._lock:
             content = self._load()
-            if content.registries.pop(host, None) is None:
+            if content.table(principal).pop(host, None) is None:
                 return False
             self._save(content)
             return True
 
-    def registries(self) -> list[str]:
+    def registries(self, *, principal: str | None = None) -> list[str]:
         with self._lock:
-            return sorted(self._load().registries)
+            return sorted(self._load().table(principal))
 
 
 class CredentialCheck(msgspec.Struct, kw_only=True):

@@ -31,6 +31,21 @@ def test_store_is_0600_and_masks_secrets(tmp_path: Path) -> None:
     assert [p.name for p in store.path.parent.iterdir()] == ["registries.json"]  # no temp files left
 
 
+def test_store_scopes_by_principal(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path / "registry-credentials.json")
+    store.put("ghcr.io", "shared", "t0")
+    store.put("ghcr.io", "alice", "t1", principal="alice")
+    store.put("docker.io", "bob", "t2", principal="bob")
+    shared, own = store.get("ghcr.io"), store.get("ghcr.io", principal="alice")
+    assert shared is not None and shared.username == "shared" and own is not None and own.username == "alice"
+    assert store.get("ghcr.io", principal="bob") is None and store.get("docker.io") is None
+    assert store.registries(principal="bob") == ["docker.io"] and store.registries() == ["ghcr.io"]
+    assert not store.delete("ghcr.io", principal="bob")
+    assert store.delete("ghcr.io", principal="alice") and store.get("ghcr.io") is not None
+    assert b"alice" not in store.path.read_bytes()  # an emptied principal leaves no trace
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+
+
 def test_pat_pages() -> None:
     assert pat_page("docker.io") == "https://app.docker.com/settings/personal-access-tokens"
     assert pat_page("docker://python:3.11") == "https://app.docker.com/settings/personal-access-tokens"
