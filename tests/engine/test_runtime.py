@@ -17,6 +17,7 @@ import pytest
 from contree.engine import hostcheck, oci_config, sandbox
 from contree.engine.cgroups import CgroupLimits, CgroupManager
 from contree.engine.hostcheck import CgroupMode, NoRuntimeAvailable
+from contree.engine.overlay import is_mountpoint
 from contree.engine.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
 
@@ -312,8 +313,10 @@ async def test_a_restarted_engine_with_the_same_id_kills_its_predecessors_sandbo
             assert await sb.wait_created()
             os.close(dead._lock_fd)
             dead._lock_fd = -1
+            assert sb.rootfs_bind is not None and is_mountpoint(sb.rootfs_bind)
             async with open_runtime(mount_guard / "b", network_mode="none", engine_id=engine_id) as again:
                 assert not again.cgroups.exists("orphan2")
+                assert not is_mountpoint(sb.rootfs_bind)  # the successor released the dead one's bind
                 ex = await asyncio.wait_for(sb.wait(), 10)
                 assert ex.signal == signal.SIGKILL or ex.exit_code == 128 + signal.SIGKILL
                 r = await run(again, rootfs, "echo alive")
