@@ -9,8 +9,6 @@ after its child is linked automatically (back-fill).
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import msgspec
 
 from tools.convert import as_dict
+from tools.sqlite_cache import SqliteCache
 
 MAX_WALK = 50
 
@@ -38,72 +37,56 @@ class EdgeStore:
     """SQLite edges `child → parent` with the creating operation; safe from any thread."""
 
     def __init__(self, path: Path | None) -> None:
-        target = str(path) if path else ":memory:"
-        if target != ":memory:":
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(target, check_same_thread=False)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(
+        self._sql = SqliteCache(
+            path,
+            [
                 "CREATE TABLE IF NOT EXISTS lineage (principal TEXT NOT NULL, image TEXT NOT NULL,"
                 " parent TEXT, operation_id TEXT, kind TEXT, registry_url TEXT, tag TEXT,"
-                " created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (principal, image))"
-            )
-            self._db.execute("CREATE INDEX IF NOT EXISTS lineage_parent ON lineage (principal, parent)")
-            self._db.commit()
+                " created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (principal, image))",
+                "CREATE INDEX IF NOT EXISTS lineage_parent ON lineage (principal, parent)",
+            ],
+        )
 
     def record(self, principal: str, image: str, parent: str | None, **data: str | None) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO lineage VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (principal, image) DO UPDATE SET"
-                " parent=COALESCE(excluded.parent, parent), updated_at=excluded.updated_at",
-                (
-                    principal,
-                    image,
-                    parent,
-                    data.get("operation_id"),
-                    data.get("kind"),
-                    data.get("registry_url"),
-                    data.get("tag"),
-                    now,
-                    now,
-                ),
-            )
-            self._db.commit()
+        self._sql.write(
+            "INSERT INTO lineage VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (principal, image) DO UPDATE SET"
+            " parent=COALESCE(excluded.parent, parent), updated_at=excluded.updated_at",
+            (
+                principal,
+                image,
+                parent,
+                data.get("operation_id"),
+                data.get("kind"),
+                data.get("registry_url"),
+                data.get("tag"),
+                now,
+                now,
+            ),
+        )
 
     def row(self, principal: str, image: str) -> dict[str, Any] | None:
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND "
-                "image=?",
-                (principal, image),
-            )
-            found = cur.fetchone()
+        found = self._sql.one(
+            "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND image=?",
+            (principal, image),
+        )
         if found is None:
             return None
         keys = ("parent_image", "operation_id", "kind", "registry_url", "tag")
         return {k: v for k, v in zip(keys, found, strict=True) if v is not None}
 
     def children(self, principal: str, image: str) -> list[str]:
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT image FROM lineage WHERE principal=? AND parent=? ORDER BY created_at",
-                (principal, image),
-            )
-            return [r[0] for r in cur.fetchall()]
+        rows = self._sql.all(
+            "SELECT image FROM lineage WHERE principal=? AND parent=? ORDER BY created_at", (principal, image)
+        )
+        return [r[0] for r in rows]
 
     def prune(self, older_than_days: float) -> None:
         """Retention by last use (`updated_at`), as COMPAT §15.39 requires."""
-        with self._lock:
-            self._db.execute(
-                "DELETE FROM lineage WHERE updated_at < ?", (time.time() - older_than_days * 86400,)
-            )
-            self._db.commit()
+        self._sql.delete_older("lineage", "updated_at", older_than_days)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._sql.close()
 
 
 class Lineage:
