@@ -2,7 +2,7 @@
 
 A state id is a random integer below 2^53 naming one manifest (path → file, mode) for one principal.
 Syncing identical content again returns the same id; changed content gets a new id and never alters
-what an old id means. Unchanged files (same size, mtime_ns, inode, mode) are not re-hashed.
+what an old id means. The scan, the chunk diff and the transfer are `contree.sync`'s.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -27,11 +25,9 @@ from contree.backend import Backend
 from contree.errors import NotFound
 from protocol.errors import ToolError
 from tools.convert import as_dict
-from tools.excludes import Excludes
 
 CHUNK = 1024 * 1024
 MAX_ID = 2**53
-UPLOAD_CONCURRENCY = 8
 
 
 class ManifestEntry(msgspec.Struct, array_like=True):
@@ -39,53 +35,6 @@ class ManifestEntry(msgspec.Struct, array_like=True):
     sha256: str
     uuid: str
     mode: str  # "0644"
-
-
-@dataclass
-class ScanResult:
-    files: list[tuple[str, str, os.stat_result]] = field(default_factory=list)  # (host path, rel, stat)
-    skipped: list[str] = field(default_factory=list)
-
-
-def scan(source: str, excludes: Excludes) -> ScanResult:
-    """Walk `source` (a real path) without following symlinks out of it; prune excluded directories."""
-    out = ScanResult()
-    if os.path.isfile(source):
-        out.files.append((source, os.path.basename(source), os.stat(source)))
-        return out
-    base = source.rstrip("/") + "/"
-    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
-        rel_dir = os.path.relpath(dirpath, source)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        keep = []
-        for d in sorted(dirnames):
-            full = os.path.join(dirpath, d)
-            if excludes.excluded(rel_dir + d, True):
-                continue
-            if os.path.islink(full):
-                out.skipped.append(rel_dir + d + " (symlink to a directory)")
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            rel = rel_dir + name
-            if excludes.excluded(rel, False):
-                continue
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                target = os.path.realpath(full)
-                if not target.startswith(base) or not os.path.isfile(target):
-                    out.skipped.append(rel + " (symlink leaving the source or dangling)")
-                    continue
-            try:
-                st = os.stat(full)
-            except OSError as exc:
-                raise ToolError(f"cannot read {full}: {exc.strerror}") from None
-            if not stat.S_ISREG(st.st_mode):
-                out.skipped.append(rel + " (not a regular file)")
-                continue
-            out.files.append((full, rel, st))
-    return out
 
 
 def sha256_file(path: str) -> str:
@@ -143,25 +92,6 @@ class DirectoryStates:
                 " digest TEXT NOT NULL, manifest BLOB NOT NULL, used_at REAL NOT NULL,"
                 " source TEXT, destination TEXT,"
                 " PRIMARY KEY (principal, id), UNIQUE (principal, digest));"
-                "CREATE TABLE IF NOT EXISTS stat_cache (path TEXT PRIMARY KEY, size INTEGER, mtime_ns "
-                "INTEGER,"
-                " inode INTEGER, mode INTEGER, sha256 TEXT NOT NULL, used_at REAL NOT NULL);"
-            )
-            self._db.commit()
-
-    def cached_sha(self, path: str, st: os.stat_result) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT sha256 FROM stat_cache WHERE path=? AND size=? AND mtime_ns=? AND inode=? AND mode=?",
-                (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode),
-            ).fetchone()
-        return row[0] if row else None
-
-    def remember_sha(self, path: str, st: os.stat_result, sha: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?,?,?)",
-                (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, sha, time.time()),
             )
             self._db.commit()
 
@@ -266,36 +196,11 @@ class DirectoryStates:
             raise ToolError(f"Directory state has no files: {state_id}")
         return {e.path: api.InjectedFile(uuid=e.uuid, mode=e.mode) for e in entries}
 
-    async def sync(
-        self, backend: Backend, principal: str | None, source: str, destination: str, excludes: Excludes
-    ) -> tuple[int, dict[str, Any]]:
-        scanned = await asyncio.to_thread(scan, source, excludes)
-        if not scanned.files:
-            raise ToolError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
-        sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-        counts = {"files": len(scanned.files), "hashed": 0, "bytes": 0}
-
-        async def one(full: str, rel: str, st: os.stat_result) -> ManifestEntry:
-            async with sem:
-                sha = self.cached_sha(full, st)
-                if sha is None:
-                    sha = await asyncio.to_thread(sha256_file, full)
-                    counts["hashed"] += 1
-                    self.remember_sha(full, st, sha)
-                uuid, _ = await ensure_blob(backend, sha, full)
-                counts["bytes"] += st.st_size
-                return ManifestEntry(f"{destination}/{rel}", sha, uuid, mode_string(st.st_mode))
-
-        entries = await asyncio.gather(*(one(*f) for f in scanned.files))
-        state_id = self.save(principal, list(entries), (source, destination))
-        return state_id, {**counts, "skipped": scanned.skipped}
-
     def prune(self, older_than_days: float) -> None:
-        """Retention by last use (COMPAT §15.39): states and stat-cache rows nobody used for that long."""
+        """Retention by last use (COMPAT §15.39): states nobody used for that long."""
         cutoff = time.time() - older_than_days * 86400
         with self._lock:
             self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,))
-            self._db.execute("DELETE FROM stat_cache WHERE used_at < ?", (cutoff,))
             self._db.commit()
 
     def close(self) -> None:

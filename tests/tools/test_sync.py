@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from contree.errors import NotFound
+from contree.sync.excludes import Excludes
 from tests.tools.fakes import FakeBackend, call, make_registry
-from tools.excludes import Excludes
 
 
 @pytest.mark.parametrize(
