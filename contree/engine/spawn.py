@@ -108,8 +108,7 @@ def validate_request(request: api.InstanceSpawnRequest) -> None:
     check_env(request.env)
     check_hostname(request.hostname)
     check_truncate(request.truncate_output_at)
-    if request.uid < 0 or request.gid < 0:
-        raise BadRequest("uid and gid must be >= 0")
+    check_ids("", request.uid, request.gid)
     if request.resources_limits is not None and request.resources_limits.max_layer_bytes < 1:
         raise BadRequest("resources_limits.max_layer_bytes must be >= 1")
     for path, entry in (request.files or {}).items():
@@ -117,13 +116,21 @@ def validate_request(request: api.InstanceSpawnRequest) -> None:
         parse_mode(entry.mode)
         if not _UUID.match(entry.uuid) and not re.fullmatch(r"[0-9a-f]{64}", entry.uuid):
             raise BadRequest(f"files[{path!r}].uuid must be a file UUID, got {entry.uuid!r}")
-        if entry.uid < 0 or entry.gid < 0:
-            raise BadRequest(f"files[{path!r}]: uid and gid must be >= 0")
+        check_ids(f"files[{path!r}]: ", entry.uid, entry.gid)
     if request.stdin is not None:
         try:
             api.decode_stream(request.stdin)
         except ValueError as exc:
             raise BadRequest(f"stdin: {exc}") from None
+
+
+# Sandboxes map container ids 0..65535 (the user namespace's range); larger ids cannot exist inside.
+MAX_ID = 65535
+
+
+def check_ids(where: str, uid: int, gid: int) -> None:
+    if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+        raise BadRequest(f"{where}uid and gid must be between 0 and {MAX_ID}")
 
 
 def validate_exec(spec: api.ExecSpec) -> None:
@@ -132,6 +139,7 @@ def validate_exec(spec: api.ExecSpec) -> None:
     check_cwd(spec.cwd)
     check_env(spec.env)
     check_truncate(spec.truncate_output_at)
+    check_ids("", spec.uid, spec.gid)
     if spec.stdin is not None:
         try:
             api.decode_stream(spec.stdin)

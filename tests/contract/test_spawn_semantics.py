@@ -159,6 +159,8 @@ async def test_unknown_image_is_404(backend: Backend) -> None:
         {"cwd": "relative/dir"},
         {"truncate_output_at": api.MAX_TRUNCATE_OUTPUT_AT + 1},
         {"timeout": 0},
+        {"uid": 65536},  # beyond the sandbox's user-namespace range: refused up front, not FAILED later
+        {"gid": 70000},
     ],
 )
 async def test_bad_request_is_400(backend: Backend, busybox: str, fields: dict[str, object]) -> None:
