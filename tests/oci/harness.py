@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.netutil import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN_SERVER = REPO_ROOT / "fixtures" / "oci" / "token_server.py"
 
@@ -52,12 +54,6 @@ async def serve_app(app: Any) -> tuple[Any, int]:
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, int(sock.getsockname()[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> bool:

@@ -24,6 +24,7 @@ from protocol.content import TextContent
 from protocol.http import HttpSettings, build_app
 from protocol.registry import Registry, RequestContext, ToolResult
 from protocol.server import Server
+from tests.netutil import free_port
 
 BOTH = "application/json, text/event-stream"
 POST_HEADERS = {"Accept": BOTH, "Content-Type": "application/json"}
@@ -189,12 +190,6 @@ def node_env() -> dict[str, str]:
     if not (node_bin / "node").exists():
         pytest.fail(f"{node_bin}/node is missing: run `make install-validators`")
     return {**os.environ, "PATH": f"{node_bin}:{os.environ.get('PATH', '')}"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

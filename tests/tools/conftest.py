@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.netutil import server_process
+
 BUSYBOX_TAG = "busybox:latest"
 
 
@@ -103,53 +105,23 @@ async def mcp_session(
 @asynccontextmanager
 async def http_server(home: Path, cwd: Path, port: int, *extra: str) -> AsyncIterator[str]:
     """`contree-mcp --mode http` on 127.0.0.1:<port> (embedded engine); yields the base URL when up."""
-    import asyncio
-
-    import aiohttp
-
-    command, *args = server_command()
-    with open(cwd.parent / "http-server.log", "ab") as log:  # noqa: ASYNC230
-        proc = await asyncio.create_subprocess_exec(
-            command,
-            *args,
-            "--backend",
-            "local",
-            "--home",
-            str(home),
-            "--allowed-root",
-            str(cwd),
-            "--mode",
-            "http",
-            "--http-listen",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            *extra,
-            cwd=str(cwd),
-            stdout=log,
-            stderr=log,
-        )
+    argv = [
+        *server_command(),
+        "--backend",
+        "local",
+        "--home",
+        str(home),
+        "--allowed-root",
+        str(cwd),
+        "--mode",
+        "http",
+        "--http-listen",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        *extra,
+    ]
     base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    pytest.fail(f"contree-mcp --mode http exited with {proc.returncode}")
-                try:
-                    async with http.get(base + "/") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("contree-mcp --mode http did not come up")
+    log = cwd.parent / "http-server.log"
+    async with server_process(argv, ready_url=base + "/", log=log, name="contree-mcp --mode http", cwd=cwd):
         yield base
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.fakes import FakeBackend, make_registry
 
@@ -30,12 +30,6 @@ def node_and_playwright() -> tuple[Path, Path]:
     if not Path("/usr/bin/chromium").exists():
         pytest.fail("/usr/bin/chromium missing: install the Debian package chromium")
     return node, pw
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_docs_site_in_headless_chromium(engine_home: Path, workdir: Path, tmp_path: Path) -> None:

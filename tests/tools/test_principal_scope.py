@@ -4,7 +4,6 @@ states and recorded lineage already are: test_defects). Unscoped servers keep sh
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 
 from protocol.errors import ResourceNotFound
 from protocol.registry import Registry
+from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 from tools.http_tokens import TokensFileError, load_tokens
@@ -170,12 +170,6 @@ def test_a_bad_tokens_file_is_refused(tmp_path: Path, text: str, message: str) -
     path.write_text(text)
     with pytest.raises(TokensFileError, match=message):
         load_tokens(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow

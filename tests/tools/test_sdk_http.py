@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +9,11 @@ import aiohttp
 from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 
+from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.test_sdk_tools import result
 
 TOKEN = "http-test-token-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_http_mode_with_bearer_token(engine_home: Path, workdir: Path) -> None:

@@ -3,71 +3,38 @@ REST API (`contree-mcp serve-api`) → the embedded engine. Lineage comes from t
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
 from pydantic import AnyUrl
 
+from tests.netutil import free_port, server_process
 from tests.tools.conftest import mcp_session, server_command
 from tests.tools.test_sdk_tools import result
 
 TOKEN = "remote-test-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @asynccontextmanager
 async def rest_api(home: Path, log: Path) -> AsyncIterator[str]:
     port = free_port()
-    command, *args = server_command()
-    with open(log, "ab") as out:  # noqa: ASYNC230
-        proc = await asyncio.create_subprocess_exec(
-            command,
-            *args,
-            "serve-api",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--home",
-            str(home),
-            "--token",
-            TOKEN,
-            stdout=out,
-            stderr=out,
-        )
+    argv = [
+        *server_command(),
+        "serve-api",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--home",
+        str(home),
+        "--token",
+        TOKEN,
+    ]
     url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    pytest.fail(f"serve-api exited with {proc.returncode}; see {log}")
-                try:
-                    async with http.get(url + "/v1/whoami") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("serve-api did not come up")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with server_process(argv, ready_url=url + "/v1/whoami", log=log, name="serve-api", headers=auth):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_tools_over_the_contree_rest_api(engine_home: Path, workdir: Path, tmp_path: Path) -> None:
