@@ -374,34 +374,21 @@ def _commit(
     key: str,
 ) -> ImageRecord:
     with _COMMIT_LOCK:
-        return _commit_locked(store, staged, ids, config, tag, uuid, operation_id, key)
-
-
-def _commit_locked(
-    store: Store,
-    staged: dict[str, Path],
-    ids: list[str],
-    config: ImageConfig,
-    tag: str | None,
-    uuid: str,
-    operation_id: str | None,
-    key: str,
-) -> ImageRecord:
-    source = f"oci({key})"
-    for lid, tree in staged.items():
-        store.add_layer(tree, layer_id=lid, source=source)
-    # Manifests list layers bottom first; the store wants the top first. A layer repeated in the
-    # manifest (empty layers often are) is kept once, at its topmost position.
-    top_first: list[str] = []
-    for lid in reversed(ids):
-        if lid not in top_first:
-            top_first.append(lid)
-    return store.create_image_from_layer_dirs(
-        top_first,
-        config=config,
-        tag=tag,
-        kind=KIND_IMPORTED,
-        source=source,
-        operation_id=operation_id,
-        image_uuid=uuid,
-    )
+        source = f"oci({key})"
+        for lid, tree in staged.items():
+            store.add_layer(tree, layer_id=lid, source=source)
+        # Manifests list layers bottom first; the store wants the top first. A layer repeated in the
+        # manifest (empty layers often are) is kept once, at its topmost position.
+        top_first: list[str] = []
+        for lid in reversed(ids):
+            if lid not in top_first:
+                top_first.append(lid)
+        return store.create_image_from_layer_dirs(
+            top_first,
+            config=config,
+            tag=tag,
+            kind=KIND_IMPORTED,
+            source=source,
+            operation_id=operation_id,
+            image_uuid=uuid,
+        )
