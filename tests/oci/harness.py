@@ -105,8 +105,14 @@ class Registry:
 
 def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 (cert, key)."""
-    openssl = require("openssl", "openssl")
     cert, key = workdir / "tls.pem", workdir / "tls.key"
+    make_self_signed(cert, key, "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+    return cert, key
+
+
+def make_self_signed(cert: Path, key: Path, subject: str, *extra: str) -> None:
+    """A one-day self-signed RSA certificate with `openssl req -x509`."""
+    openssl = require("openssl", "openssl")
     subprocess.run(
         [
             openssl,
@@ -122,14 +128,12 @@ def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
             "-days",
             "1",
             "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
+            subject,
+            *extra,
         ],
         capture_output=True,
         check=True,
     )
-    return cert, key
 
 
 def start_registry(
@@ -191,30 +195,10 @@ class TokenService:
 
 
 def start_token_service(workdir: Path, users: dict[str, str], *, anonymous: bool = False) -> TokenService:
-    openssl = require("openssl", "openssl")
     workdir.mkdir(parents=True, exist_ok=True)
     key, cert = workdir / "tkey.pem", workdir / "tcert.pem"
     if not cert.exists():
-        subprocess.run(
-            [
-                openssl,
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-                "-days",
-                "1",
-                "-subj",
-                "/CN=sbx-token",
-            ],
-            capture_output=True,
-            check=True,
-        )
+        make_self_signed(cert, key, "/CN=sbx-token")
     users_file = workdir / "users.txt"
     users_file.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
     log = workdir / f"token-{time.monotonic_ns()}.log"
