@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -9,7 +10,7 @@ import msgspec
 import pytest
 
 from protocol.conformance import build_registry
-from protocol.registry import Registry
+from protocol.registry import Registry, RequestContext
 from protocol.server import Server, ServerSession
 
 
@@ -75,6 +76,40 @@ class Harness:
 def error_code(response: dict[str, Any]) -> int:
     assert "error" in response, response
     return response["error"]["code"]  # type: ignore[no-any-return]
+
+
+async def gated_tool(name: str) -> tuple[Harness, asyncio.Event]:
+    """An initialized harness whose only tool `name` waits for the returned event, then answers 1."""
+    registry = Registry("t", "1")
+    release = asyncio.Event()
+
+    @registry.tool(name, description="waits")
+    async def wait(ctx: RequestContext) -> int:
+        await release.wait()
+        return 1
+
+    h = Harness(registry)
+    await h.initialize()
+    return h, release
+
+
+async def sleeping_tool() -> tuple[Harness, asyncio.Event, asyncio.Event]:
+    """An initialized harness whose tool `slow` sleeps 30 s; the events say it started and it stopped."""
+    registry = Registry("t", "1")
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    @registry.tool("slow", description="sleeps")
+    async def slow(ctx: RequestContext) -> int:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+        return 1
+
+    h = Harness(registry)
+    await h.initialize()
+    return h, started, stopped
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from protocol.registry import Registry, RequestContext
-from tests.protocol.conftest import Harness, error_code
+from tests.protocol.conftest import Harness, error_code, gated_tool
 
 
 async def test_non_json_is_parse_error_with_null_id(harness: Harness) -> None:
@@ -122,16 +122,7 @@ async def test_internal_error_hides_traceback() -> None:
 
 
 async def test_duplicate_in_flight_id_is_invalid_request() -> None:
-    registry = Registry("t", "1")
-    release = asyncio.Event()
-
-    @registry.tool("wait", description="waits")
-    async def wait(ctx: RequestContext) -> int:
-        await release.wait()
-        return 1
-
-    h = Harness(registry)
-    await h.initialize()
+    h, release = await gated_tool("wait")
     first = asyncio.create_task(h.request("tools/call", {"name": "wait"}, id=5))
     await asyncio.sleep(0.01)
     second = await h.request("tools/call", {"name": "wait"}, id=5)
@@ -256,16 +247,7 @@ def _decode(data: bytes) -> dict[str, object]:
 
 
 async def test_in_flight_calls_are_bounded() -> None:
-    registry = Registry("t", "1")
-    release = asyncio.Event()
-
-    @registry.tool("wait", description="waits")
-    async def wait(ctx: RequestContext) -> int:
-        await release.wait()
-        return 1
-
-    h = Harness(registry)
-    await h.initialize()
+    h, release = await gated_tool("wait")
     h.session.core.max_inflight = 2
     calls = [asyncio.create_task(h.request("tools/call", {"name": "wait"}, id=i)) for i in (1, 2)]
     await asyncio.sleep(0.01)

@@ -12,7 +12,7 @@ import pytest
 from protocol.content import AudioContent, TextContent
 from protocol.messages import Icon
 from protocol.registry import Registry, RequestContext, ToolAnnotations, ToolResult
-from tests.protocol.conftest import Harness, error_code
+from tests.protocol.conftest import Harness, error_code, gated_tool, sleeping_tool
 
 VERSIONS = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"]
 
@@ -147,20 +147,7 @@ async def test_ping_answers_empty_object(ready: Harness) -> None:
 
 
 async def test_cancelled_request_gets_no_response_and_its_handler_stops() -> None:
-    r = Registry("t", "1")
-    started, stopped = asyncio.Event(), asyncio.Event()
-
-    @r.tool("slow", description="sleeps")
-    async def slow(ctx: RequestContext) -> int:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        finally:
-            stopped.set()
-        return 1
-
-    h = Harness(r)
-    await h.initialize()
+    h, started, stopped = await sleeping_tool()
     call = asyncio.create_task(
         h.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "slow"}})
     )
@@ -184,16 +171,7 @@ async def test_cancel_of_unknown_request_is_ignored(ready: Harness) -> None:
 
 
 async def test_slow_call_does_not_block_ping() -> None:
-    r = Registry("t", "1")
-    gate = asyncio.Event()
-
-    @r.tool("slow", description="waits")
-    async def slow(ctx: RequestContext) -> int:
-        await gate.wait()
-        return 1
-
-    h = Harness(r)
-    await h.initialize()
+    h, gate = await gated_tool("slow")
     call = asyncio.create_task(h.request("tools/call", {"name": "slow"}))
     assert await asyncio.wait_for(h.result("ping"), 1) == {}
     gate.set()
@@ -201,19 +179,7 @@ async def test_slow_call_does_not_block_ping() -> None:
 
 
 async def test_close_cancels_in_flight_handlers() -> None:
-    r = Registry("t", "1")
-    stopped = asyncio.Event()
-
-    @r.tool("slow", description="sleeps")
-    async def slow(ctx: RequestContext) -> int:
-        try:
-            await asyncio.sleep(30)
-        finally:
-            stopped.set()
-        return 1
-
-    h = Harness(r)
-    await h.initialize()
+    h, _, stopped = await sleeping_tool()
     call = asyncio.create_task(
         h.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "slow"}})
     )
