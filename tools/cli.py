@@ -8,6 +8,7 @@ import importlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -265,6 +266,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     registry = build_registry(state)
     server = Server(registry)
+    stopping = _stop_on_signals()
     try:
         if args.mode == "stdio":
             from protocol.stdio import serve_stdio
@@ -272,10 +274,33 @@ async def serve(args: argparse.Namespace) -> int:
             await serve_stdio(server)
         else:
             await serve_http(server, registry, state, args)
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
+        log.info("stopping on signal")
     finally:
+        # Sandboxes, mounts, cgroups and firewall rules are released here, also on SIGTERM.
         await server.close()
         await state.close()
     return 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGTERM/SIGHUP cancel the serving task so that the engine shuts down cleanly (SIGINT already does)."""
+    stopping = asyncio.Event()
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if stopping.is_set():  # a second signal must not interrupt the clean-up
+            return
+        stopping.set()
+        if task is not None:
+            task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop)
+    return stopping
 
 
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:

@@ -1,0 +1,56 @@
+"""A SIGTERM'd server (what MCP clients send after closing stdin) releases what the engine set up."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.tools.conftest import server_command
+
+
+def _engine_chains() -> set[str]:
+    out = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[1] for line in out.splitlines() if line.startswith("-N CT-")}
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Path, workdir: Path) -> None:
+    chains_before = _engine_chains()
+    proc = subprocess.Popen(
+        [*server_command(), "--backend", "local", "--home", str(engine_home), "--allowed-root", str(workdir)],
+        cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        client = {"name": "t", "version": "1"}
+        run = {"command": "ip -4 addr show | grep -c inet", "image": "busybox:latest"}
+        messages = [
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": client}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run", "arguments": run}},
+        ]
+        proc.stdin.write("".join(json.dumps(m) + "\n" for m in messages))
+        proc.stdin.flush()
+        while True:
+            reply = json.loads(proc.stdout.readline())
+            if reply.get("id") == 2:
+                break
+        result = reply["result"]["structuredContent"]["result"]
+        assert result["exit_code"] == 0, result
+        assert int(result["stdout"].strip()) >= 2  # lo plus the sandbox's NAT interface
+        assert _engine_chains() - chains_before, "a networked run sets up the engine's firewall chains"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert _engine_chains() <= chains_before
+    assert _mounts_under(engine_home) == []
