@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,16 +20,13 @@ from contree.backend import Backend
 from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
 from contree.engine.store import ImageConfig
+from tests import prereqs
 
 BUSYBOX_TAG = "busybox:latest"
 
 
 def require_engine_host() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("the contract suite runs the embedded engine and needs root")
-    for binary, package in (("crun", "crun"), ("busybox", "busybox-static")):
-        if shutil.which(binary) is None and not Path(f"/bin/{binary}").exists():
-            pytest.fail(f"{binary} not found: install the Debian package {package}")
+    prereqs.require_engine_host("the contract suite runs the embedded engine and needs root")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +45,8 @@ def seed_busybox(engine: LocalEngine, tree: Path) -> str:
     layer = stage / "layer"
     shutil.copytree(tree, layer, symlinks=True)
     image = store.create_image_from_layer_dirs(
-        [layer], config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_VAR=from-image"]),
+        [layer],
+        config=ImageConfig(env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_VAR=from-image"]),
         tag=BUSYBOX_TAG,
     )
     shutil.rmtree(stage, ignore_errors=True)

@@ -4,7 +4,6 @@ embedded engine: each test gets an engine home with `busybox:latest` bootstrappe
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,17 +12,14 @@ from typing import Any
 
 import pytest
 
+from tests import prereqs
 from tests.netutil import server_process
 
 BUSYBOX_TAG = "busybox:latest"
 
 
 def require_engine_host() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("the MCP tool tests run the embedded engine and need root")
-    for binary, package in (("crun", "crun"), ("busybox", "busybox-static")):
-        if shutil.which(binary) is None and not Path(f"/bin/{binary}").exists():
-            pytest.fail(f"{binary} not found: install the Debian package {package}")
+    prereqs.require_engine_host("the MCP tool tests run the embedded engine and need root")
 
 
 def seed_busybox(home: Path) -> str:
