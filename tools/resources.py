@@ -198,11 +198,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def instance_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/instance/{operation_id}"
-        op = await _operation(uri, operation_id, ctx.principal)
-        if op.get("kind") != "instance":
-            raise ResourceNotFound(
-                uri, f"Operation {operation_id} is not an instance operation (kind={op.get('kind')})"
-            )
+        op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
         out = operation_output(op, cap=state.cap_for(operation_id))
         doc: dict[str, Any] = {"state": out.status}
         for key in ("error", "result_image", "result_tag", "exit_code"):
@@ -238,11 +234,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         name, offset, limit = parse_stream(stream)
         if name not in STREAMS:
             raise ResourceNotFound(uri, f"Unknown stream {name!r}: use stdout or stderr")
-        op = await _operation(uri, operation_id, ctx.principal)
-        if op.get("kind") != "instance":
-            raise ResourceNotFound(
-                uri, f"Operation {operation_id} is not an instance operation (kind={op.get('kind')})"
-            )
+        op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
         try:
             data = await stream_bytes(state, operation_id, name)
         except BackendError:
@@ -264,11 +256,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def import_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/import/{operation_id}"
-        op = await _operation(uri, operation_id, ctx.principal)
-        if op.get("kind") != "image_import":
-            raise ResourceNotFound(
-                uri, f"Operation {operation_id} is not an import operation (kind={op.get('kind')})"
-            )
+        op = await _operation(uri, operation_id, ctx.principal, kind="image_import", word="import")
         result = as_dict(op.get("result"))
         registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
         lines = [f"STATE: {op.get('status')}"]
@@ -282,14 +270,22 @@ def register_templates(registry: Registry, state: ServerState) -> None:
             lines.append(f"ERROR:\n{op['error']}")
         return "\n".join(lines)
 
-    async def _operation(uri: str, operation_id: str, principal: str | None) -> dict[str, Any]:
+    async def _operation(
+        uri: str, operation_id: str, principal: str | None, *, kind: str, word: str
+    ) -> dict[str, Any]:
+        """The operation this principal may see, of `kind` (else not found, naming it an `word` one)."""
         try:
             state.owners.require(principal, operation_id)
-            return as_dict(await state.backend.get_operation(operation_id))
+            op = as_dict(await state.backend.get_operation(operation_id))
         except NotFound:
             raise ResourceNotFound(uri, f"Operation not found: {operation_id}") from None
         except BackendError as exc:
             raise ResourceNotFound(uri, f"Operation {operation_id}: {exc}") from None
+        if op.get("kind") != kind:
+            raise ResourceNotFound(
+                uri, f"Operation {operation_id} is not an {word} operation (kind={op.get('kind')})"
+            )
+        return op
 
     del read_file, image_ls, image_lineage, instance_operation, instance_output, import_operation
 
