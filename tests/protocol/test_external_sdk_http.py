@@ -17,24 +17,17 @@ from pydantic import AnyUrl
 
 from protocol.http import HttpSettings, build_app
 from protocol.server import Server
+from tests.protocol import sdk_checks
 from tests.protocol.httpkit import Probe, make_registry
-from tests.protocol.sdk_checks import (
-    SdkCallbacks,
-    check_every_content_type,
-    check_logging_after_set_level,
-    check_progress_increases,
-    check_prompt_arguments_and_completion,
-    check_sampling_round_trip,
-    check_tools_paginate,
-    send_cancelled,
-)
 
 pytestmark = pytest.mark.external
 TRANSPORTS = ["streamable", "sse"]
 
 
 class Client:
-    def __init__(self, session: ClientSession, server: Server, probe: Probe, callbacks: SdkCallbacks) -> None:
+    def __init__(
+        self, session: ClientSession, server: Server, probe: Probe, callbacks: sdk_checks.SdkCallbacks
+    ) -> None:
         self.session = session
         self.server = server
         self.probe = probe
@@ -47,7 +40,7 @@ async def connect(transport: str, settings: HttpSettings | None = None) -> Async
     probe = Probe()
     server = Server(make_registry(probe), page_size=4)
     app = build_app(server, settings or HttpSettings())
-    callbacks = SdkCallbacks()
+    callbacks = sdk_checks.SdkCallbacks()
     async with TestServer(app, host="127.0.0.1") as http:
         if transport == "streamable":
             opened: Any = streamablehttp_client(str(http.make_url("/mcp")))
@@ -72,31 +65,33 @@ async def test_ping(transport: str) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_list_tools_across_pages(transport: str) -> None:
     async with connect(transport) as client:
-        await check_tools_paginate(client.session, {"test_simple_text", "test_tool_with_progress", "slow"})
+        await sdk_checks.check_tools_paginate(
+            client.session, {"test_simple_text", "test_tool_with_progress", "slow"}
+        )
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_call_tools_with_every_content_type(transport: str) -> None:
     async with connect(transport) as client:
-        await check_every_content_type(client.session)
+        await sdk_checks.check_every_content_type(client.session)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_progress_callback_sees_increasing_progress(transport: str) -> None:
     async with connect(transport) as client:
-        await check_progress_increases(client.session)
+        await sdk_checks.check_progress_increases(client.session)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_logging_notifications_after_set_level(transport: str) -> None:
     async with connect(transport) as client:
-        await check_logging_after_set_level(client.session, client.callbacks, polls=100)
+        await sdk_checks.check_logging_after_set_level(client.session, client.callbacks, polls=100)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_sampling_round_trip(transport: str) -> None:
     async with connect(transport) as client:
-        await check_sampling_round_trip(client.session)
+        await sdk_checks.check_sampling_round_trip(client.session)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -144,7 +139,7 @@ async def test_resource_updates_reach_the_client_outside_any_call(transport: str
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_prompts_and_completion(transport: str) -> None:
     async with connect(transport) as client:
-        await check_prompt_arguments_and_completion(client.session)
+        await sdk_checks.check_prompt_arguments_and_completion(client.session)
         with pytest.raises(McpError) as unknown:
             await client.session.get_prompt("no_such_prompt")
         assert unknown.value.error.code == -32602
@@ -157,7 +152,7 @@ async def test_cancel_stops_the_handler_and_no_response_follows(transport: str) 
         request_id = session._request_id  # the SDK numbers requests sequentially
         call = asyncio.create_task(session.call_tool("slow", {"seconds": 30}))
         await asyncio.wait_for(client.probe.started.wait(), 5)
-        await send_cancelled(session, request_id)
+        await sdk_checks.send_cancelled(session, request_id)
         for _ in range(100):
             if client.probe.cancelled:
                 break

@@ -13,23 +13,14 @@ from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 from pydantic import AnyUrl
 
-from tests.protocol.sdk_checks import (
-    SdkCallbacks,
-    check_every_content_type,
-    check_logging_after_set_level,
-    check_progress_increases,
-    check_prompt_arguments_and_completion,
-    check_sampling_round_trip,
-    check_tools_paginate,
-    send_cancelled,
-)
+from tests.protocol import sdk_checks
 
 pytestmark = pytest.mark.external
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Client:
-    def __init__(self, session: ClientSession, errlog: Path, callbacks: SdkCallbacks) -> None:
+    def __init__(self, session: ClientSession, errlog: Path, callbacks: sdk_checks.SdkCallbacks) -> None:
         self.session = session
         self.errlog = errlog
         self.callbacks = callbacks
@@ -45,7 +36,7 @@ async def connect(tmp_path: Path) -> AsyncIterator[Client]:
         env={"PYTHONPATH": str(ROOT)},
         cwd=ROOT,
     )
-    callbacks = SdkCallbacks()
+    callbacks = sdk_checks.SdkCallbacks()
     with errlog.open("w") as err:
         async with (
             stdio_client(params, errlog=err) as (read, write),
@@ -64,7 +55,7 @@ async def test_ping(tmp_path: Path) -> None:
 
 async def test_list_tools_across_pages(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
-        await check_tools_paginate(
+        await sdk_checks.check_tools_paginate(
             client.session,
             {"test_simple_text", "test_tool_with_progress", "json_schema_2020_12_tool", "sleepy"},
         )
@@ -72,7 +63,7 @@ async def test_list_tools_across_pages(tmp_path: Path) -> None:
 
 async def test_call_tools_with_every_content_type(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
-        await check_every_content_type(client.session)
+        await sdk_checks.check_every_content_type(client.session)
 
 
 async def test_structured_content_validated_by_the_sdk(tmp_path: Path) -> None:
@@ -84,17 +75,17 @@ async def test_structured_content_validated_by_the_sdk(tmp_path: Path) -> None:
 
 async def test_progress_callback_sees_increasing_progress(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
-        await check_progress_increases(client.session)
+        await sdk_checks.check_progress_increases(client.session)
 
 
 async def test_logging_notifications_after_set_level(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
-        await check_logging_after_set_level(client.session, client.callbacks, polls=50)
+        await sdk_checks.check_logging_after_set_level(client.session, client.callbacks, polls=50)
 
 
 async def test_sampling_round_trip(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
-        await check_sampling_round_trip(client.session)
+        await sdk_checks.check_sampling_round_trip(client.session)
 
 
 async def test_resources_read_and_templates(tmp_path: Path) -> None:
@@ -132,7 +123,7 @@ async def test_prompts_and_completion(tmp_path: Path) -> None:
     async with connect(tmp_path) as client:
         prompts = await client.session.list_prompts()
         assert all(p.description for p in prompts.prompts)
-        await check_prompt_arguments_and_completion(client.session)
+        await sdk_checks.check_prompt_arguments_and_completion(client.session)
         image = await client.session.get_prompt("test_prompt_with_image")
         assert isinstance(image.messages[0].content, types.ImageContent)
 
@@ -143,7 +134,7 @@ async def test_cancel_stops_the_handler(tmp_path: Path) -> None:
         request_id = session._request_id  # the SDK numbers requests sequentially
         call = asyncio.create_task(session.call_tool("sleepy", {}))
         await asyncio.sleep(0.2)
-        await send_cancelled(session, request_id)
+        await sdk_checks.send_cancelled(session, request_id)
         for _ in range(100):
             if "sleepy cancelled" in client.errlog.read_text():
                 break
