@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.overlay import mount_overlay, mounts_under, unmount
+from contree.engine.sandbox import SandboxRuntime
 from contree.engine.store import ImageConfig, ImageRecord, Store
 
 
@@ -46,6 +47,23 @@ def mount_guard(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     for point in mounts_under(tmp_path):
         unmount(point)
+
+
+@pytest.fixture
+async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
+    """A sandbox runtime without networking (test_network overrides it with NAT); checked for leftovers."""
+    from tests.engine.test_runtime_support import open_runtime  # that module imports this one
+
+    async with open_runtime(mount_guard, network_mode="none") as rt:
+        yield rt
+
+
+@pytest.fixture
+def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
+    """A writable overlay over the busybox tree, prepared for the runtime's user namespace."""
+    from tests.engine.test_runtime_support import overlay_rootfs
+
+    return overlay_rootfs(busybox_rootfs, mount_guard)
 
 
 @pytest.fixture

@@ -10,27 +10,15 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from contree.engine import seccomp
 from contree.engine.sandbox import SandboxRuntime, SandboxSpec
-from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
+from tests.engine.test_runtime_support import run
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture
-async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
-    async with open_runtime(mount_guard, network_mode="none") as rt:
-        yield rt
-
-
-@pytest.fixture
-def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
-    return overlay_rootfs(busybox_rootfs, mount_guard)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:

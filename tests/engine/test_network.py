@@ -19,7 +19,7 @@ import pytest
 from contree.engine import network as netmod
 from contree.engine.network import NETNS_DIR, NetworkManager
 from contree.engine.sandbox import SandboxRuntime, SandboxSpec
-from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, require_runtime_prereqs, run
+from tests.engine.test_runtime_support import open_runtime, require_runtime_prereqs, run
 
 pytestmark = pytest.mark.engine
 
@@ -31,11 +31,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
     async with open_runtime(mount_guard, network_mode="nat") as rt:
         yield rt
-
-
-@pytest.fixture
-def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
-    return overlay_rootfs(busybox_rootfs, mount_guard)
 
 
 def _ip(*args: str) -> None:

@@ -8,7 +8,6 @@ import os
 import resource
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -22,17 +21,6 @@ from contree.engine.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture
-async def runtime(mount_guard: Path) -> AsyncIterator[SandboxRuntime]:
-    async with open_runtime(mount_guard, network_mode="none") as rt:
-        yield rt
-
-
-@pytest.fixture
-def rootfs(busybox_rootfs: Path, mount_guard: Path) -> Path:
-    return overlay_rootfs(busybox_rootfs, mount_guard)
 
 
 # ---- host detection and config (no sandbox) ----
