@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +27,7 @@ from contree.errors import (
     Unavailable,
     Unprocessable,
 )
+from contree.fsutil import exclusive_file
 from contree.oci.auth import (
     Challenge,
     Credentials,
@@ -363,20 +363,10 @@ class RegistryClient:
         progress: Progress | None = None,
     ) -> None:
         """Stream a blob into `dest` (created exclusively), checking its digest; removes `dest` on failure."""
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        ok = False
-        try:
+        with exclusive_file(dest) as fd:
             await self._stream_blob(
                 repository, digest, lambda chunk: write_all(fd, chunk), progress, size=size
             )
-            ok = True
-        finally:
-            os.close(fd)
-            if not ok:
-                try:
-                    os.unlink(dest)
-                except FileNotFoundError:
-                    pass
 
     async def _stream_blob(
         self,

@@ -16,6 +16,7 @@ from typing import Protocol
 import msgspec
 
 from contree.errors import NotFound, RateLimited, Unavailable, Unprocessable
+from contree.fsutil import exclusive_file
 from contree.oci.auth import Credentials, TokenCache
 from contree.oci.extract import write_all
 from contree.oci.manifest import (
@@ -161,9 +162,7 @@ def _copy_verified(
     want = _sha256_hex(digest)
     sha = hashlib.sha256()
     total = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    ok = False
-    try:
+    with exclusive_file(dest) as fd:
         reader = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
         try:
             while chunk := reader.read(COPY_CHUNK):  # type: ignore[attr-defined]
@@ -181,11 +180,6 @@ def _copy_verified(
             raise BlobDigestMismatch(f"blob digest mismatch: expected {digest}, got sha256:{sha.hexdigest()}")
         if size is not None and total != size:
             raise BlobDigestMismatch(f"blob {digest} has {total} bytes, its descriptor says {size}")
-        ok = True
-    finally:
-        os.close(fd)
-        if not ok:
-            os.unlink(dest)
 
 
 class _LayoutReader(Protocol):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from contree.fsutil import write_private
+from contree.fsutil import exclusive_file, write_private
 
 
 def test_write_private_creates_0600_and_replaces(tmp_path: Path) -> None:
@@ -31,3 +31,18 @@ def test_write_private_failure_keeps_old_content_and_no_temp(tmp_path: Path) -> 
         write_private(tmp_path / "secret.d", b"new")  # rename onto a directory fails after the write
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret", "secret.d"]
+
+
+def test_exclusive_file_keeps_a_complete_file_and_removes_a_failed_one(tmp_path: Path) -> None:
+    done = tmp_path / "done"
+    with exclusive_file(done) as fd:
+        os.write(fd, b"all")
+    assert done.read_bytes() == b"all" and stat.S_IMODE(os.stat(done).st_mode) == 0o600
+    with pytest.raises(FileExistsError), exclusive_file(done):
+        pass  # never overwrites
+    assert done.read_bytes() == b"all"
+    partial = tmp_path / "partial"
+    with pytest.raises(ValueError), exclusive_file(partial) as fd:
+        os.write(fd, b"half")
+        raise ValueError("digest mismatch")
+    assert not partial.exists()
