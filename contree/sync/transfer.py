@@ -59,7 +59,9 @@ def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
 
 
 async def _stream(path: str) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:  # noqa: ASYNC230 - every read below happens in a worker thread
+    # opening can block too (slow or network filesystems): it runs in a worker thread like every read
+    f = await asyncio.to_thread(open, path, "rb")
+    with f:
         while block := await asyncio.to_thread(f.read, _STREAM):
             yield block
 
