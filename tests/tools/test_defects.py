@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import webbrowser
@@ -297,3 +298,300 @@ async def test_07_local_image_archives_are_read_only_inside_the_allowed_roots(tm
     (root / "img.tar").write_bytes(b"x")
     ok = await call(reg, "import_image", {"registry_url": f"oci-archive:{root / 'img.tar'}"})
     assert not ok.get("isError") and backend.imports[0].registry.url.endswith("img.tar")
+
+
+# --- added for the §15 audit (docs/compat-defects.md) ---------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def test_01_no_mcp_sdk_in_the_server_and_bounded_dependencies() -> None:
+    import ast
+    import tomllib
+
+    for package in ("protocol", "tools", "contree"):
+        for source in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text(), str(source))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0
+                    else []
+                )
+                assert not any(n == "mcp" or n.startswith("mcp.") for n in names), source
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
+    assert sorted(d.split(">")[0].split("<")[0].split("=")[0] for d in deps) == [
+        "aiohttp",
+        "msgspec",
+        "xxhash",
+    ]
+    assert all(">=" in d and "<" in d.replace("<=", "") for d in deps), deps  # pinned below, bounded above
+    assert not any(d.startswith("mcp") for d in deps)
+
+
+NET_PROBE = """
+import sys
+def hook(event, args):
+    if event == "socket.getaddrinfo":
+        sys.stderr.write(f"NET getaddrinfo {args[0]!r}\\n")
+    elif event == "socket.connect":
+        sys.stderr.write(f"NET connect {args[1]!r}\\n")
+sys.addaudithook(hook)
+from tools.cli import main
+sys.argv = ["contree-mcp", *sys.argv[1:]]
+main()
+"""
+
+
+def _stdio_session(tmp_path: Path, *requests: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    lines = [init, {"jsonrpc": "2.0", "method": "notifications/initialized"}, *requests]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NET_PROBE,
+            "--backend",
+            "contree",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--auth-type",
+            "jwt",
+        ],
+        input="".join(json.dumps(m) + "\n" for m in lines),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    replies = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    return replies, [line for line in out.stderr.splitlines() if line.startswith("NET ")]
+
+
+def test_03_startup_makes_no_network_call(tmp_path: Path) -> None:
+    replies, net = _stdio_session(tmp_path, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+    assert [r["id"] for r in replies] == [1, 2] and replies[1]["result"]["tools"]
+    assert net == []  # no update check, no name lookup, no connection: not even to the backend
+    # the probe does see network use: a tool call reaches the (loopback) backend
+    call_list = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "list_images", "arguments": {}},
+    }
+    _, net = _stdio_session(tmp_path, call_list)
+    assert net and all(any(host in line for host in LOOPBACK) for line in net), net
+
+
+async def test_14_env_values_are_never_echoed_or_persisted(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    reg, state = make_registry(backend, tmp_path)
+    secret, injected = "s3cr3t-env-value-71", "s3cr3t-file-body-72"
+    (tmp_path / "cfg.txt").write_text(injected)
+    sid = (await call(reg, "rsync", {"source": str(tmp_path / "cfg.txt"), "destination": "/etc/app"}))[
+        "structuredContent"
+    ]["result"]
+    out = await call(
+        reg,
+        "run",
+        {
+            "command": "env",
+            "image": "busybox:latest",
+            "env": {"TOKEN": secret},
+            "directory_state_id": sid,
+            "wait": False,
+        },
+    )
+    op_id = out["structuredContent"]["result"]["operation_id"]
+    backend.finish(op_id, stdout="done\n")
+    got = await call(reg, "get_operation", {"operation_id": op_id})
+    listed = await call(reg, "list_operations", {})
+    await asyncio.sleep(0.05)  # let the background tracker start before closing
+    await state.close()
+    assert backend.spawned[0].env == {"TOKEN": secret}
+    for result in (out, got, listed):
+        assert secret not in json.dumps(result) and injected not in json.dumps(result)
+    for stored in (tmp_path / "cache").rglob("*"):
+        if stored.is_file():
+            data = stored.read_bytes()
+            assert secret.encode() not in data and injected.encode() not in data, stored
+
+
+async def test_22_wait_false_operations_survive_server_shutdown(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    reg, state = make_registry(backend, tmp_path)
+    out = await call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "wait": False})
+    op_id = out["structuredContent"]["result"]["operation_id"]
+    await asyncio.sleep(0.1)  # the background lineage tracker is polling it
+    await state.close()
+    assert backend.cancelled == [] and backend.ops[op_id]["status"] != "CANCELLED"
+
+
+async def test_23_waiters_do_not_hold_a_concurrency_slot(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    reg, _ = make_registry(backend, tmp_path)
+    ops = [backend.add_op("EXECUTING") for _ in range(14)]
+    waiters = [
+        asyncio.create_task(call(reg, "wait_operations", {"operation_ids": [op], "timeout": 30}))
+        for op in ops
+    ]
+    await asyncio.sleep(0.3)  # all 14 are waiting now
+    backend.finish(ops[-1], stdout="last\n")  # 0.1.x: the 11th+ waiter queued behind ten long-lived slots
+    done = await asyncio.wait_for(waiters[-1], 10)
+    assert done["structuredContent"]["completed"] == [ops[-1]]
+    assert not any(w.done() for w in waiters[:-1])
+    for op in ops[:-1]:
+        backend.finish(op, stdout="x")
+    results = await asyncio.wait_for(asyncio.gather(*waiters[:-1]), 10)
+    assert all(r["structuredContent"]["completed"] for r in results)
+
+
+def test_28_the_builtin_excludes_the_guide_promises_exist() -> None:
+    import re
+
+    from contree.sync.excludes import Excludes
+
+    text = (REPO / "tools" / "guides" / "reference.md").read_text()
+    promised = re.search(r"Built-in excludes: (.*?); `exclude`", text, re.S)
+    assert promised, "the reference guide lists the built-in excludes"
+    names = re.findall(r"`([^`]+)`", promised.group(1))
+    assert len(names) >= 8 and ".git" in names and "node_modules" in names
+    excludes = Excludes()
+    for name in names:
+        sample = name.replace("*", "mod")
+        assert excludes.excluded(f"deep/{sample}", not name.startswith("*")), name
+
+
+async def test_30_states_never_mix_files_of_directories_sharing_content(tmp_path: Path) -> None:
+    reg, state = make_registry(FakeBackend(), tmp_path)
+    for name, files in (("a", ("x.txt", "both.txt")), ("b", ("y.txt", "both.txt"))):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("same content\n")
+    ids = {}
+    for name in ("a", "b", "a"):
+        ids[name] = (await call(reg, "rsync", {"source": str(tmp_path / name), "destination": "/w"}))[
+            "structuredContent"
+        ]["result"]
+    assert sorted(await state.dirstates.injected_files(None, ids["a"])) == ["/w/both.txt", "/w/x.txt"]
+    assert sorted(await state.dirstates.injected_files(None, ids["b"])) == ["/w/both.txt", "/w/y.txt"]
+    await state.close()
+
+
+async def test_32_injected_modes_are_four_digit_permissions(tmp_path: Path) -> None:
+    import re
+
+    backend = FakeBackend()
+    reg, state = make_registry(backend, tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, mode in (("ro", 0o444), ("priv", 0o600), ("exe", 0o755), ("plain", 0o644)):
+        (src / name).write_text(name)
+        (src / name).chmod(mode)
+    (src / "alias").symlink_to(src / "exe")
+    sid = (await call(reg, "rsync", {"source": str(src), "destination": "/s"}))["structuredContent"]["result"]
+    await call(
+        reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
+    )
+    sent = backend.spawned[-1].files or {}
+    await asyncio.sleep(0.05)  # let the background tracker start before closing
+    await state.close()
+    modes = {path: f.mode for path, f in sent.items()}
+    assert modes == {
+        "/s/ro": "0444",
+        "/s/priv": "0600",
+        "/s/exe": "0755",
+        "/s/plain": "0644",
+        "/s/alias": "0755",
+    }
+    assert all(re.fullmatch(r"0[0-7]{3}", m or "") for m in modes.values())
+
+
+class _ChunkyBackend(FakeBackend):
+    """Streams a large file in 64 KiB chunks, as the REST backend does."""
+
+    def download(self, image_uuid: str, path: str) -> Any:
+        async def gen() -> Any:
+            for _ in range(32):
+                yield b"z" * 65536
+
+        return gen()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Any:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("test_33 mounts a tiny tmpfs and needs root (Debian package: mount)")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+async def test_33_download_fails_promptly_when_the_disk_is_full(tmp_path: Path, tiny_tmpfs: Path) -> None:
+    reg, _ = make_registry(_ChunkyBackend(), tmp_path, roots=[tiny_tmpfs])
+    args = {"image": "busybox:latest", "path": "/big", "destination": str(tiny_tmpfs / "big")}
+    out = await asyncio.wait_for(call(reg, "download", args), 20)  # 2 MiB into 256 KiB: 0.5.0 loops forever
+    assert out["isError"] and "No space left on device" in text_of(out)
+    assert os.listdir(tiny_tmpfs) == []  # the partial temp file is gone
+
+
+async def test_37_rsync_walks_and_reads_off_the_event_loop(tmp_path: Path, monkeypatch: Any) -> None:
+    import builtins
+    import os
+    import threading
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(5):
+        (src / "sub" / f"f{i}.txt").write_text(f"file {i}\n")
+    loop_thread = threading.get_ident()
+    touched: list[tuple[str, bool]] = []
+    real_scandir, real_open, real_os_open = os.scandir, builtins.open, os.open
+
+    def note(what: str, path: Any) -> None:
+        if str(path).startswith(str(src)):
+            touched.append((what, threading.get_ident() == loop_thread))
+
+    def scandir(path: Any = ".") -> Any:
+        note("scandir", path)
+        return real_scandir(path)
+
+    def open_(file: Any, *a: Any, **k: Any) -> Any:
+        note("open", file)
+        return real_open(file, *a, **k)
+
+    def os_open(path: Any, *a: Any, **k: Any) -> Any:
+        note("os.open", path)
+        return real_os_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    reg, state = make_registry(FakeBackend(), tmp_path)
+    out = await call(reg, "rsync", {"source": str(src), "destination": "/w"})
+    monkeypatch.undo()
+    await state.close()
+    assert not out.get("isError"), out
+    assert any(what == "scandir" for what, _ in touched) and any("open" in what for what, _ in touched)
+    assert [t for t in touched if t[1]] == []  # nothing touched the tree on the event loop thread
