@@ -28,7 +28,9 @@ _BLOCK = 8 * 1024  # measured: smaller windows translate less past the cut (1.3 
 # engine's chunk store stop matching.
 _SEEDED = random.Random(0x636F6E74726565)
 _BITS = bytes(_SEEDED.getrandbits(1) for _ in range(256))
-READ_SIZE = 8 * 1024 * 1024
+# Large files stream in blocks small enough to stay in cache between the read, the cut and the chunk
+# hashes (measured: 1 MiB blocks run ~20% faster than 8 MiB ones).
+STREAM_BLOCK = 1024 * 1024
 
 
 class Chunk(msgspec.Struct, array_like=True, frozen=True):
@@ -53,31 +55,37 @@ def cut_points(data: bytes | memoryview, final: bool = True) -> list[int]:
     n = len(view)
     cuts: list[int] = []
     start = 0
+    bits, needle, run = _BITS, _NEEDLE, _RUN
     while True:
         if n - start <= MIN_CHUNK:
             if final and n > start:
                 cuts.append(n)
             return cuts
         limit = start + MAX_CHUNK
-        if limit > n and not final:
-            return cuts  # the cut may lie in data not read yet
-        limit = min(limit, n)
-        pos = start + MIN_CHUNK - _RUN  # a run must end at or after MIN_CHUNK
+        if limit > n:
+            if not final:
+                return cuts  # the cut may lie in data not read yet
+            limit = n
+        pos = start + MIN_CHUNK - run  # a run must end at or after MIN_CHUNK
         end = limit
         while pos < limit:
-            stop = min(pos + _BLOCK + _RUN, limit)
-            hit = bytes(view[pos:stop]).translate(_BITS).find(_NEEDLE)
+            stop = pos + _BLOCK + run
+            if stop > limit:
+                stop = limit
+            # The window is copied (translate needs bytes), never the whole buffer: only the part
+            # between the minimum size and the cut is ever looked at.
+            hit = view[pos:stop].tobytes().translate(bits).find(needle)
             if hit >= 0:
-                end = pos + hit + _RUN
+                end = pos + hit + run
                 break
             if stop == limit:
                 break
-            pos = stop - _RUN + 1
+            pos = stop - run + 1
         cuts.append(end)
         start = end
 
 
-def chunks_of(data: bytes) -> list[Chunk]:
+def chunks_of(data: bytes | memoryview) -> list[Chunk]:
     view = memoryview(data)
     out: list[Chunk] = []
     prev = 0
@@ -87,43 +95,87 @@ def chunks_of(data: bytes) -> list[Chunk]:
     return out
 
 
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_bytes(data: bytes, *, with_sha256: bool = True) -> FileDigest:
+    """`digest_file` of content already in memory."""
+    n = len(data)
+    if n <= MIN_CHUNK:
+        # One chunk (or none): its digest is the whole file's, hashed once.
+        whole = xxhash.xxh3_128_hexdigest(data)
+        return FileDigest(
+            n, whole, _sha256_hex(data) if with_sha256 else "", [Chunk(whole, 0, n)] if n else []
+        )
+    # No helper thread for sha256: xxhash and the cut search hold the GIL, and handing the GIL back and
+    # forth cost more than the overlap gained (measured on 6 MiB and 100 MiB files).
+    return FileDigest(n, xxhash.xxh3_128_hexdigest(data), _sha256_hex(data) if with_sha256 else "",
+                      chunks_of(data))
+
+
 def digest_file(path: str | os.PathLike[str], *, with_sha256: bool = True) -> FileDigest:
     """Read `path` once (blocking): chunk list, xxh3-128 and (when asked: it is the slowest part) sha256
     of the whole content; without it `sha256` is ""."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= STREAM_BLOCK:
+            data = _read_small(fd, size)
+            if data is not None:
+                return digest_bytes(data, with_sha256=with_sha256)
+            os.lseek(fd, 0, os.SEEK_SET)  # it grew past one read while we looked: stream it
+        return _digest_stream(fd, with_sha256)
+    finally:
+        os.close(fd)
+
+
+def _read_small(fd: int, size: int) -> bytes | None:
+    """The whole file in one allocation, or None when it turns out larger than STREAM_BLOCK."""
+    data = os.read(fd, size + 1)
+    if len(data) == size:
+        return data  # the short read that ends exactly at the stat size is the end of file
+    parts = [data]
+    total = len(data)
+    while total <= STREAM_BLOCK:
+        more = os.read(fd, STREAM_BLOCK + 1 - total)
+        if not more:
+            return b"".join(parts)
+        parts.append(more)
+        total += len(more)
+    return None
+
+
+def _digest_stream(fd: int, with_sha256: bool) -> FileDigest:
+    """A large file in blocks small enough to stay in cache from the read through the whole-file hashes,
+    the cut and the chunk hashes. The uncut tail of a block (< MAX_CHUNK) moves to the buffer's front."""
     whole = xxhash.xxh3_128()
     sha = hashlib.sha256() if with_sha256 else None
     chunks: list[Chunk] = []
-    # One buffer for the whole file: the uncut tail (< MAX_CHUNK) moves to its front between reads.
-    fill = 0
     base = 0  # file offset of buf[0]
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        # Sized to the file (+1 so EOF shows without a reallocation): most files are small.
-        buf = bytearray(min(READ_SIZE + MAX_CHUNK, os.fstat(f.fileno()).st_size + 1))
+    fill = 0
+    with memoryview(bytearray(MAX_CHUNK + STREAM_BLOCK)) as buf:
         while True:
-            if fill == len(buf):  # the file grew while we read it
-                buf.extend(bytes(READ_SIZE))
-            with memoryview(buf) as space:
-                got = f.readinto(space[fill:]) or 0
+            with buf[fill : fill + STREAM_BLOCK] as space:
+                got = os.readv(fd, [space])
                 if got:
-                    whole.update(space[fill : fill + got])
+                    whole.update(space[:got])
                     if sha is not None:
-                        sha.update(space[fill : fill + got])
-                fill += got
-                size += got
-                final = got == 0
-                with space[:fill] as view:
-                    prev = 0
-                    for end in cut_points(view, final=final):
-                        digest = xxhash.xxh3_128_hexdigest(view[prev:end])
-                        chunks.append(Chunk(digest, base + prev, end - prev))
-                        prev = end
+                        sha.update(space[:got])
+            fill += got
+            final = got == 0
+            with buf[:fill] as view:
+                prev = 0
+                for end in cut_points(view, final=final):
+                    chunks.append(Chunk(xxhash.xxh3_128_hexdigest(view[prev:end]), base + prev, end - prev))
+                    prev = end
             if final:
                 break
-            buf[: fill - prev] = buf[prev:fill]
-            base += prev
-            fill -= prev
-    return FileDigest(size, whole.hexdigest(), sha.hexdigest() if sha is not None else "", chunks)
+            if prev:
+                buf[: fill - prev] = buf[prev:fill]
+                base += prev
+                fill -= prev
+    return FileDigest(base + fill, whole.hexdigest(), sha.hexdigest() if sha is not None else "", chunks)
 
 
 def read_chunks(path: str | os.PathLike[str], wanted: list[Chunk]) -> Iterator[tuple[Chunk, bytes]]:

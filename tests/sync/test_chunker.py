@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,20 @@ import xxhash
 from contree.sync.chunker import (
     MAX_CHUNK,
     MIN_CHUNK,
+    STREAM_BLOCK,
     FileChangedError,
+    _read_small,
     chunks_of,
     cut_points,
+    digest_bytes,
     digest_file,
     read_chunks,
 )
 from tests.sync.helpers import pseudo_random
+
+# xxh3-64 of repr(cut_points(...)) of the inputs in test_cut_points_are_pinned, from the first chunker.
+PINNED_RANDOM = "7c7e448b265be6bb"
+PINNED_TEXT = "314f073d293e4e75"
 
 
 def test_chunks_cover_the_data_within_bounds() -> None:
@@ -71,10 +79,52 @@ def test_streamed_file_digest_matches_in_memory(tmp_path: Path) -> None:
         list(read_chunks(path, wanted))
 
 
-@pytest.mark.parametrize("size", [0, 1, MIN_CHUNK, MIN_CHUNK + 1, MAX_CHUNK, MAX_CHUNK + 1, (9 << 20) - 3])
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, MIN_CHUNK, MIN_CHUNK + 1, MAX_CHUNK, MAX_CHUNK + 1, STREAM_BLOCK, STREAM_BLOCK + 1,
+     2 * STREAM_BLOCK + MAX_CHUNK - 7, (9 << 20) - 3],
+)
 def test_streamed_chunks_equal_in_memory_chunks_at_boundaries(tmp_path: Path, size: int) -> None:
     data = pseudo_random(size, size)
     path = tmp_path / "f"
     path.write_bytes(data)
     digest = digest_file(path, with_sha256=False)
     assert digest.chunks == chunks_of(data) and digest.size == size
+    assert digest == digest_bytes(data, with_sha256=False)
+    assert digest.xxh128 == xxhash.xxh3_128_hexdigest(data)
+
+
+def test_cut_points_are_pinned() -> None:
+    """The cut-point definition keys every warm cache and the engine's chunk store: these figures were
+    taken from the first release's chunker, so any change to it (even a faster search) must keep them."""
+    data = pseudo_random(3 << 20, 2026)
+    cuts = cut_points(data)
+    assert len(cuts) == 61 and cuts[:4] == [38873, 73447, 113597, 155572]
+    assert xxhash.xxh3_64_hexdigest(repr(cuts).encode()) == PINNED_RANDOM
+    text = b"".join(b"token%d " % (i * 7 % 1000) for i in range(400000))[: 3 << 20]
+    assert xxhash.xxh3_64_hexdigest(repr(cut_points(text)).encode()) == PINNED_TEXT
+    ones = bytes(b for b in range(256) if chunker_bits()[b]) * 2000  # a cut as early as allowed
+    assert cut_points(ones)[0] == MIN_CHUNK
+
+
+def chunker_bits() -> bytes:
+    from contree.sync import chunker
+
+    return chunker._BITS
+
+
+def test_a_file_that_grows_past_one_read_is_streamed(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(pseudo_random(STREAM_BLOCK + 10, 4))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _read_small(fd, 100) is None  # stat said 100 bytes, the file holds more than one read
+    finally:
+        os.close(fd)
+    small = tmp_path / "s"
+    small.write_bytes(b"x" * 300)
+    fd = os.open(small, os.O_RDONLY)
+    try:
+        assert _read_small(fd, 100) == b"x" * 300  # stat was stale: everything there is, is read
+    finally:
+        os.close(fd)
