@@ -595,3 +595,79 @@ async def test_37_rsync_walks_and_reads_off_the_event_loop(tmp_path: Path, monke
     assert not out.get("isError"), out
     assert any(what == "scandir" for what, _ in touched) and any("open" in what for what, _ in touched)
     assert [t for t in touched if t[1]] == []  # nothing touched the tree on the event loop thread
+
+
+async def test_41_stored_credentials_survive_transient_registry_errors(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from contree.oci.credentials import validate_credentials
+    from contree.oci.registry import Timeouts
+    from tests.oci import harness
+
+    answer = {"status": 503}
+    release = asyncio.Event()
+
+    async def v2(request: web.Request) -> web.Response:
+        if answer["status"] == 0:
+            await release.wait()  # a registry that never answers (until the test ends)
+        headers = {"WWW-Authenticate": 'Basic realm="r"'} if answer["status"] == 401 else {}
+        return web.Response(status=answer["status"], headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v2/", v2)
+    runner, port = await harness.serve_app(app)
+    try:
+        host = f"127.0.0.1:{port}"
+        backend = FakeBackend()
+        reg, state = make_registry(backend, tmp_path)
+        state.credentials.put(host, "alice", "pat-123")
+        out = await call(reg, "import_image", {"registry_url": f"{host}/team/app:1", "wait": False})
+        assert not out.get("isError"), out  # a 503 is no verdict: the import goes ahead with the credentials
+        sent = backend.imports[-1].registry.credentials
+        assert sent is not None and (sent.username, sent.password) == ("alice", "pat-123")
+        assert state.credentials.get(host) is not None
+        answer["status"] = 0  # hanging: the probe gives up in time and still keeps the credentials
+        check = await asyncio.wait_for(
+            validate_credentials(host, "alice", "pat-123", timeouts=Timeouts(connect=1.0, request=0.5)), 10
+        )
+        assert check.status == "unreachable"
+        answer["status"] = 401  # a definite refusal is the only thing that drops them
+        refused = await call(reg, "import_image", {"registry_url": f"{host}/team/app:1", "wait": False})
+        assert refused["isError"] and f"Not authenticated with '{host}'" in text_of(refused)
+        assert state.credentials.get(host) is None
+        await state.close()
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+class _StalledBackend(FakeBackend):
+    """Sends one chunk, then stalls: the download can only end by cancellation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+
+    def download(self, image_uuid: str, path: str) -> Any:
+        async def gen() -> Any:
+            yield b"partial"
+            self.started.set()
+            await asyncio.Event().wait()
+            yield b""  # pragma: no cover
+
+        return gen()
+
+
+async def test_33_download_honours_cancellation_and_leaves_nothing(tmp_path: Path) -> None:
+    backend = _StalledBackend()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    reg, _ = make_registry(backend, tmp_path)
+    args = {"image": "busybox:latest", "path": "/f", "destination": str(dest / "f")}
+    task = asyncio.create_task(call(reg, "download", args))
+    await asyncio.wait_for(backend.started.wait(), 5)
+    assert len(os.listdir(dest)) == 1  # the temp file is being written
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert os.listdir(dest) == []
