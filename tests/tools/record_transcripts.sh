@@ -13,3 +13,23 @@ record() {
 }
 record tools_surface "contree-mcp tools surface: tools/resources/templates/prompts lists (remote backend, no backend calls)"
 record tools_calls "contree-mcp tool calls that need no backend: guides, registry token page, validation errors, prompts, completion"
+
+# The embedded-engine transcript: a fresh engine home (busybox seeded) and workdir, one lockstep session.
+# Sends refer to server-chosen values by <uuid-N> (N-th UUID the server sent) and <rsync-N>.
+ENGINE_TMP=$(mktemp -d)
+trap 'rm -rf "$ENGINE_TMP"' EXIT
+VARS=$($PY -m tests.tools.test_engine_transcript "$ENGINE_TMP")
+HOME_DIR=$(echo "$VARS" | sed -n 's/^home=//p')
+WORK_DIR=$(echo "$VARS" | sed -n 's/^workdir=//p')
+MASKS=""
+for f in mcp_version duration consumed_cpu consumed_memory image_size block_input block_output cost elapsed_time \
+  involuntary_switches max_rss monotonic_time page_faults page_faults_io shared_memory signals swaps \
+  system_cpu_time unshared_memory user_cpu_time voluntary_switches; do
+  MASKS="$MASKS --mask $f"
+done
+# shellcheck disable=SC2086
+cat tests/tools/transcript_inputs/tools_engine.ndjson |
+  PYTHONPATH=$PWD $PY -m protocol.transcript record --out fixtures/transcripts/tools_engine.jsonl \
+    --description "contree-mcp on the embedded engine: all 19 tools, every resource, template and prompt, a completion" \
+    --var "home=$HOME_DIR" --var "workdir=$WORK_DIR" --numbered-uuids --capture rsync --lockstep $MASKS \
+    --cwd "$WORK_DIR" -- '{python}' -m tools --backend local --home '{home}' --allowed-root '{workdir}' > /dev/null

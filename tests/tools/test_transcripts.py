@@ -11,11 +11,13 @@ import pytest
 from protocol import transcript
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = sorted((ROOT / "fixtures" / "transcripts").glob("tools_*.jsonl"))
+# tools_engine*.jsonl need an engine home and a workdir: test_engine_transcript.py replays them.
+FILES = sorted(p for p in (ROOT / "fixtures" / "transcripts").glob("tools_*.jsonl") if "engine" not in p.stem)
 
 
 def test_tool_transcripts_exist() -> None:
     assert [p.name for p in FILES] == ["tools_calls.jsonl", "tools_surface.jsonl"]
+    assert (ROOT / "fixtures" / "transcripts" / "tools_engine.jsonl").exists()
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
