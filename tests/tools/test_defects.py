@@ -671,3 +671,34 @@ async def test_33_download_honours_cancellation_and_leaves_nothing(tmp_path: Pat
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
     assert os.listdir(dest) == []
+
+
+async def test_52_every_call_and_field_in_the_guides_is_real(tmp_path: Path) -> None:
+    import re
+
+    import msgspec
+
+    from tools.guides import GUIDES, guide_text
+    from tools.models import OperationOutput, WaitOperationsOutput
+
+    reg, _ = make_registry(FakeBackend(), tmp_path)
+    text = "\n".join(guide_text(g, kind) for g in GUIDES for kind in ("local", "contree"))
+    names = "|".join(sorted(reg.tools, key=len, reverse=True))
+    calls = list(re.finditer(rf"\b({names})\(([^()]*)\)", text))
+    assert len(calls) >= 30  # the guides are example-heavy; the pattern really finds them
+    unknown = [
+        (c.group(0), kw)
+        for c in calls
+        for kw in re.findall(r"(?:^|[,(]\s*)(\w+)\s*=", c.group(2))
+        if kw not in reg.tools[c.group(1)].input_schema.get("properties", {})
+    ]
+    assert unknown == []  # 0.5.0's guides: list_operations(kind=…, until=…) that the tool did not take
+    assert re.findall(r'destination="(?!/)[^"]*"', text) == []  # relative destinations are rejected
+    results = re.search(r"Results: (.*?)\.\n", text, re.S)
+    assert results, "the reference guide lists run's result fields"
+    run_fields = {f.name for f in msgspec.structs.fields(OperationOutput)}
+    promised = set(re.findall(r"`(\w+)`", results.group(1)))
+    assert len(promised) >= 10 and promised <= run_fields, promised - run_fields
+    wait_fields = {f.name for f in msgspec.structs.fields(WaitOperationsOutput)}
+    assert {"pending", "timed_out", "completed"} <= wait_fields
+    assert "UUID prefix" not in text.replace("never a UUID prefix", "")
