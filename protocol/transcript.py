@@ -405,10 +405,15 @@ class StdioProcess:
             raise TranscriptMismatch(f"the server exited with {code}")
         return rest
 
-    async def kill(self) -> None:
+    async def kill(self, grace: float = 10.0) -> None:
+        # SIGTERM first: a server holding resources (sandboxes, mounts, firewall rules) releases them.
         if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 async def replay_stdio(
