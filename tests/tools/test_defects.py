@@ -702,3 +702,26 @@ async def test_52_every_call_and_field_in_the_guides_is_real(tmp_path: Path) -> 
     wait_fields = {f.name for f in msgspec.structs.fields(WaitOperationsOutput)}
     assert {"pending", "timed_out", "completed"} <= wait_fields
     assert "UUID prefix" not in text.replace("never a UUID prefix", "")
+
+
+class _SlowImportBackend(FakeBackend):
+    async def import_image(self, request: Any) -> str:
+        self.imports.append(request)
+        return self.add_op("PENDING", "image_import")
+
+
+async def test_21_import_wait_is_bounded_and_sends_progress(tmp_path: Path) -> None:
+    backend = _SlowImportBackend()
+    reg, state = make_registry(backend, tmp_path)
+    state.run_grace_seconds = 0.3
+    ctx = FakeContext()
+    args = {
+        "registry_url": "docker://alpine:3.20",
+        "timeout": 1,
+        "i_accept_that_anonymous_access_might_be_rate_limited": True,
+    }
+    out = await asyncio.wait_for(call(reg, "import_image", args, ctx), 10)
+    assert not out.get("isError"), out
+    result = out["structuredContent"]["result"]
+    assert (result["status"], result["kind"]) == ("PENDING", "image_import")
+    assert ctx.progress_calls and backend.cancelled == []
