@@ -725,3 +725,53 @@ async def test_21_import_wait_is_bounded_and_sends_progress(tmp_path: Path) -> N
     result = out["structuredContent"]["result"]
     assert (result["status"], result["kind"]) == ("PENDING", "image_import")
     assert ctx.progress_calls and backend.cancelled == []
+
+
+def test_39_lineage_retention_follows_last_use_not_creation(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from tools.lineage import EdgeStore
+
+    path = tmp_path / "lineage.db"
+    store = EdgeStore(path)
+    store.record("p", "child", "parent", operation_id="op1", kind="instance")
+    store.close()
+    old = time.time() - 100 * 86400
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE lineage SET created_at=?", (old,))  # created long ago, updated just now
+    store = EdgeStore(path)
+    store.prune(60)
+    assert store.row("p", "child") is not None  # 0.5.0 pruned by created_at: gone after 60 days
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE lineage SET updated_at=?", (old,))
+    store = EdgeStore(path)
+    store.prune(60)
+    assert store.row("p", "child") is None
+    store.close()
+
+
+async def test_39_using_a_directory_state_keeps_it(tmp_path: Path) -> None:
+    import time
+
+    reg, state = make_registry(FakeBackend(), tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    sid = (await call(reg, "rsync", {"source": str(tmp_path / "f.txt"), "destination": "/d"}))[
+        "structuredContent"
+    ]["result"]
+    db = state.dirstates._db
+    db.execute("UPDATE states SET used_at=?", (time.time() - 100 * 86400,))
+    db.commit()
+    await call(
+        reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
+    )
+    state.dirstates.prune(60)  # the run just used it
+    assert await state.dirstates.injected_files(None, sid)
+    db.execute("UPDATE states SET used_at=?", (time.time() - 100 * 86400,))
+    db.commit()
+    state.dirstates.prune(60)
+    out = await call(reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid})
+    assert out["isError"] and "Directory state not found" in text_of(out)
+    await asyncio.sleep(0.05)
+    await state.close()
