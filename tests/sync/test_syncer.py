@@ -284,3 +284,42 @@ async def test_engine_revalidation_checks_blob_records(
     assert report.files_uploaded == 1 and fixed.entries[0].uuid != first.entries[0].uuid
     blob = engine.blobs.path_for(fixed.entries[0].uuid)
     assert blob is not None and blob.read_bytes() == b"engine"
+
+
+class _FailingTransfer:
+    """Accepts every batch but the one holding `poison`; counts what it was asked."""
+
+    needs_sha256 = False
+    target = "failing:test"
+
+    def __init__(self, poison: str) -> None:
+        self.poison = poison
+        self.asked: list[str] = []
+
+    async def ensure_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
+        from contree.sync.transfer import Sent
+
+        self.asked += [p for p, _ in items]
+        if any(p.endswith(self.poison) for p, _ in items):
+            raise RuntimeError("backend refused")
+        return [Sent("0" * 64, "u-" + d.xxh128, d.size) for _, d in items]
+
+    async def missing(self, refs: dict[str, tuple[str, str]]) -> set[str]:
+        return set()
+
+
+async def test_a_failing_transfer_stops_the_sync_and_what_was_read_stays_learnt(
+    tmp_path: Path, cache: StateCache
+) -> None:
+    src = tmp_path / "src"
+    tree(src, {f"d{i % 3}/f{i:03}.txt": f"content {i}" for i in range(300)})  # several read batches
+    transfer = _FailingTransfer("f150.txt")
+    with pytest.raises(RuntimeError, match="backend refused"):
+        await sync_tree(str(src), "/app", cache=cache, transfer=transfer)  # type: ignore[arg-type]
+    learnt = cache.files_under(str(src))
+    assert learnt and all(p.startswith(str(src)) for p in learnt)
+    # Contents the target accepted are remembered: the next sync sends only the rest.
+    again = _FailingTransfer("never")
+    manifest, report = await sync_tree(str(src), "/app", cache=cache, transfer=again)  # type: ignore[arg-type]
+    assert len(manifest.entries) == 300
+    assert 0 < len(again.asked) < 300 and any(p.endswith("f150.txt") for p in again.asked)
