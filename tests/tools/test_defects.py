@@ -4,6 +4,7 @@ fail on contree-mcp 0.5.0's behaviour. (Transport-level ones are tested through 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -774,4 +775,40 @@ async def test_39_using_a_directory_state_keeps_it(tmp_path: Path) -> None:
     out = await call(reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid})
     assert out["isError"] and "Directory state not found" in text_of(out)
     await asyncio.sleep(0.05)
+    await state.close()
+
+
+async def test_26_list_operations_sends_offset_until_and_normalised_status(tmp_path: Path) -> None:
+    from contree.backend import OperationQuery
+
+    backend = FakeBackend()
+    seen: list[OperationQuery] = []
+    original = backend.list_operations
+
+    async def recording(query: OperationQuery) -> Any:
+        seen.append(query)
+        return await original(query)
+
+    backend.list_operations = recording  # type: ignore[method-assign]
+    reg, _ = make_registry(backend, tmp_path)
+    for alias, status in (("pending", "PENDING"), ("running", "EXECUTING"), ("failed", "FAILED")):
+        args = {"status": alias, "offset": 5, "until": "2h", "limit": 7}
+        out = await call(reg, "list_operations", args)
+        assert not out.get("isError"), out
+        query = seen[-1]
+        assert (query.status, query.offset, query.until, query.limit) == (status, 5, "2h", 7)
+
+
+async def test_10_state_ids_are_unguessable(tmp_path: Path) -> None:
+    reg, state = make_registry(FakeBackend(), tmp_path)
+    ids = []
+    for i in range(6):
+        (tmp_path / f"f{i}.txt").write_text(f"content {i}")
+        out = await call(reg, "rsync", {"source": str(tmp_path / f"f{i}.txt"), "destination": "/d"})
+        ids.append(out["structuredContent"]["result"])
+    assert len(set(ids)) == 6 and max(ids) > 2**32  # drawn from a large space, not a counter
+    assert all(abs(a - b) > 1000 for a, b in itertools.pairwise(ids))
+    same = tmp_path / "f0.txt"
+    theirs = await call(reg, "rsync", {"source": str(same), "destination": "/d"}, FakeContext("bob"))
+    assert theirs["structuredContent"]["result"] != ids[0]  # same content, another principal: another id
     await state.close()
