@@ -812,3 +812,57 @@ async def test_10_state_ids_are_unguessable(tmp_path: Path) -> None:
     theirs = await call(reg, "rsync", {"source": str(same), "destination": "/d"}, FakeContext("bob"))
     assert theirs["structuredContent"]["result"] != ids[0]  # same content, another principal: another id
     await state.close()
+
+
+class _SpecialFilesBackend(FakeBackend):
+    async def list_directory(self, image_uuid: str, path: str) -> Any:
+        from contree import api
+
+        def item(name: str, mode: int, **flags: bool) -> api.FileItem:
+            base = {
+                "is_dir": False,
+                "is_regular": False,
+                "is_symlink": False,
+                "is_socket": False,
+                "is_fifo": False,
+            }
+            return api.FileItem(
+                size=0,
+                path=f"{path.rstrip('/')}/{name}",
+                owner="root",
+                group="root",
+                mode=mode,
+                mtime=0,
+                nlink=1,
+                uid=0,
+                gid=0,
+                **{**base, **flags},
+                symlink_to="",
+            )
+
+        return api.DirectoryList(
+            path=path,
+            files=[
+                item("pipe", 0o010644, is_fifo=True),
+                item("sock", 0o140755, is_socket=True),
+                item("null", 0o020666),
+                item("sda", 0o060660),
+                item("plain", 0o100644, is_regular=True),
+                item("sub", 0o040755, is_dir=True),
+            ],
+        )
+
+
+async def test_36_the_list_files_tool_names_special_files(tmp_path: Path) -> None:
+    reg, _ = make_registry(_SpecialFilesBackend(), tmp_path)
+    out = await call(reg, "list_files", {"image": "busybox:latest", "path": "/dev"})
+    assert not out.get("isError"), out
+    kinds = {f["name"]: f["type"] for f in out["structuredContent"]["files"]}
+    assert kinds == {
+        "pipe": "fifo",
+        "sock": "socket",
+        "null": "char_device",
+        "sda": "block_device",
+        "plain": "file",
+        "sub": "directory",
+    }
