@@ -114,12 +114,15 @@ def digest_bytes(data: bytes, *, with_sha256: bool = True) -> FileDigest:
                       chunks_of(data))
 
 
-def digest_file(path: str | os.PathLike[str], *, with_sha256: bool = True) -> FileDigest:
+def digest_file(
+    path: str | os.PathLike[str], *, with_sha256: bool = True, size_hint: int | None = None
+) -> FileDigest:
     """Read `path` once (blocking): chunk list, xxh3-128 and (when asked: it is the slowest part) sha256
-    of the whole content; without it `sha256` is ""."""
+    of the whole content; without it `sha256` is "". `size_hint` (the size a scan just saw) saves an
+    fstat; a wrong hint costs only speed."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        size = os.fstat(fd).st_size if size_hint is None else size_hint
         if size <= STREAM_BLOCK:
             data = _read_small(fd, size)
             if data is not None:

@@ -21,7 +21,7 @@ from contree.sync.transfer import Transfer
 
 ProgressCallback = Callable[[int, int, str], Awaitable[None]]
 DEFAULT_CONCURRENCY = 4
-_SAVE_EVERY = 2048  # read files per cache transaction while reading (one per batch cost 3x more)
+_SAVE_EVERY = 16384  # read files per cache transaction while reading: a large sync keeps what it learnt
 _PROGRESS_EVERY = 0.25
 # Blobs a sync reuses without reading are re-confirmed with the target this often (as 0.5.0's 24 h
 # revalidation); in between, run re-uploads a vanished blob on demand (COMPAT §15.38).
@@ -100,7 +100,7 @@ def _plan(
 
 def _read(found: Found, need_sha: bool) -> FileDigest:
     try:
-        return digest_file(found.path, with_sha256=need_sha)
+        return digest_file(found.path, with_sha256=need_sha, size_hint=found.stat[0])
     except FileChangedError:
         raise
     except OSError as exc:

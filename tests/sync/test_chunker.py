@@ -128,3 +128,12 @@ def test_a_file_that_grows_past_one_read_is_streamed(tmp_path: Path) -> None:
         assert _read_small(fd, 100) == b"x" * 300  # stat was stale: everything there is, is read
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("hint", [0, 5, MIN_CHUNK, STREAM_BLOCK, 3 * STREAM_BLOCK])
+def test_a_wrong_size_hint_costs_only_speed(tmp_path: Path, hint: int) -> None:
+    for size in (7, MIN_CHUNK + 3, STREAM_BLOCK + 5):
+        data = pseudo_random(size, size + hint)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        assert digest_file(path, size_hint=hint) == digest_bytes(data)
