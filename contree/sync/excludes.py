@@ -70,6 +70,9 @@ def glob_to_regex(glob: str) -> str:
     return "".join(out)
 
 
+_NOTHING = re.compile(r"(?!)")  # matches nothing: no rule can exclude a file
+
+
 @dataclass(frozen=True)
 class Rule:
     pattern: str
@@ -140,6 +143,16 @@ class Excludes:
         base = rel_dir.strip("/") + "/" if rel_dir.strip("/") else ""
         extra = tuple(r for r in (compile_rule(line, base) for line in lines) if r is not None)
         return self._of(self.rules + extra) if extra else self
+
+    def file_screen(self) -> re.Pattern[str] | None:
+        """For a scanner's per-file loop: when this returns a pattern, a file whose basename it does not
+        fullmatch is not excluded (one regex call instead of `excluded`); None means ask `excluded`."""
+        if self._scoped:
+            return None
+        by_name, by_path = self._screens[False]
+        if by_path is not None:
+            return None
+        return by_name if by_name is not None else _NOTHING
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
         name = rel.rsplit("/", 1)[-1]

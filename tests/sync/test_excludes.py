@@ -70,3 +70,18 @@ def test_comments_blank_lines_and_nested_gitignore_scope() -> None:
     assert nested.excluded("pkg/gen", True) and not nested.excluded("gen", True)
     assert nested.excluded("pkg/a/b.tmp", False) and not nested.excluded("other/b.tmp", False)
     assert not nested.excluded("pkg/ok.tmp", False)
+
+
+@pytest.mark.parametrize(
+    "patterns", [[], ["*.log", "tmp?"], ["docs/*.md"], ["!keep.pyc"], ["build/"], ["/top.txt", "x[0-9]"]]
+)
+def test_file_screen_never_lets_an_excluded_file_through(patterns: list[str]) -> None:
+    rules = Excludes(patterns)
+    screen = rules.file_screen()
+    names = ["a.py", "b.pyc", "keep.pyc", "run.log", "tmp1", "top.txt", "x7", "readme.md", "dist", "ok"]
+    for rel in [*names, *(f"docs/{n}" for n in names), *(f"sub/dir/{n}" for n in names)]:
+        name = rel.rsplit("/", 1)[-1]
+        if screen is not None and screen.fullmatch(name) is None:
+            assert not rules.excluded(rel, False), (patterns, rel)
+    scoped = rules.child("sub", ["*.py"])
+    assert scoped.file_screen() is None  # nested .gitignore rules: every file asks `excluded`
