@@ -32,11 +32,11 @@ async def test_a_cache_with_the_old_schema_is_used_as_is(tmp_path: Path) -> None
     tree(src, {"a.txt": "alpha", "b/c.txt": "gamma"})
     backend = FakeFiles()
     cache = StateCache(db)
-    _, r1 = await sync_tree(str(src), "/app", cache=cache, transfer=transfer_for(backend))
+    _, r1 = await sync_tree(str(src), "/app", cache=cache, transfer=transfer_for(backend))  # type: ignore[arg-type]
     cache.close()
     cache = StateCache(db)
     (src / "a.txt").rename(src / "moved.txt")  # answered by the batched inode lookup
-    again, r2 = await sync_tree(str(src), "/app", cache=cache, transfer=transfer_for(backend))
+    again, r2 = await sync_tree(str(src), "/app", cache=cache, transfer=transfer_for(backend))  # type: ignore[arg-type]
     assert r1.files_uploaded == 2 and r2.files_changed == 0 and r2.files_uploaded == 0
     assert sorted(e.path for e in again.entries) == ["/app/b/c.txt", "/app/moved.txt"]
     assert "WITHOUT ROWID" not in _schema(db, "files")
