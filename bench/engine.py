@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,46 +178,92 @@ async def _engine_run(
     return took, op
 
 
-def _bare_crun_bundle(work: Path, rootfs: Path, rt: SandboxRuntime) -> Callable[[], float]:
-    """`crun run` of our hardened config for `sh -c 'echo hi'` on a plain directory; returns a timer."""
-    from contree.engine import oci_config, seccomp
+@contextlib.contextmanager
+def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Iterator[Callable[[], float]]:
+    """`crun run` of the config the engine generates for `sh -c 'echo hi'`, networking off: same
+    namespaces (user namespace mappings when the engine uses them, over idmapped lowers and a shifted
+    upper, bound like the runtime does), seccomp, caps, rlimits, /etc binds and a limits cgroup with the
+    engine's default limits. The overlay and the limits cgroup are set up once (pre-mounted rootfs);
+    crun creates and removes its own leaf per run. Yields a timer of one run."""
+    from contree.engine import oci_config, spawn
+    from contree.engine.cgroups import CgroupLimits
+    from contree.engine.network import NetworkInfo, SandboxNetwork
+    from contree.engine.overlay import bind_mount, mount_overlay, unmount
+    from contree.engine.sandbox import SandboxSpec
 
-    bundle, root = work / "bare", work / "bare-root"
-    bundle.mkdir()
-    opts = oci_config.ConfigOptions(
-        rootfs=rootfs, cgroups_path=f"{rt.cgroups.parent}/bare/ctr", pids_limit=256,
-        rlimits=rt.rlimits, seccomp_bpf_b64=seccomp.compiled_bpf_b64())
-    proc = oci_config.process_section(["sh", "-c", "echo hi"], [], "/", 0, 0, rt.rlimits)
-    (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
+    bundle, box = work / "bare", work / "bare-box"
+    upper, wk, merged = box / "upper", box / "work", box / "merged"
+    for d in (bundle, upper, wk, merged):
+        d.mkdir(parents=True)
+    # Where the runtime binds rootfs too: a path the sandbox's mapped root may traverse (tmp is 0700).
+    bind = rt.rootfs_binds / "bare"
+    idmap = rt.idmap
+    plan = spawn.plan_process(command="echo hi", args=[], shell=True, env=None, cwd="/", uid=0, gid=0,
+                              image_env={}, image_cwd="/")
+    spec = SandboxSpec(sandbox_id="bare", rootfs=merged, argv=plan.argv,
+                       env=[f"{k}={v}" for k, v in plan.env.items()], cwd=plan.cwd, networking=False,
+                       stdin=False)
+    if idmap is None:
+        mount_overlay(layers, upper, wk, merged)
+    else:
+        with idmap.lowers(layers) as lowers:
+            mount_overlay(lowers, upper, wk, merged)
+    mounts = [merged]
+    try:
+        rootfs = merged
+        if idmap is not None:
+            idmap.shift_in(upper, merged)
+            bind.mkdir(mode=0o755)
+            bind_mount(merged, bind)
+            mounts.append(bind)
+            rootfs = bind
+        rt.cgroups.create("bare", CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit,
+                                               cpu_quota=spec.cpu_quota))
+        opts = oci_config.ConfigOptions(
+            rootfs=rootfs, hostname=spec.hostname, cgroups_path=rt.cgroups.runtime_path("bare"),
+            netns_path=None, memory_bytes=None, pids_limit=None, cpu_quota=None, rlimits=rt.rlimits,
+            seccomp=rt.config.seccomp, seccomp_bpf_b64=rt._seccomp_b64,
+            extra_mounts=rt._etc_mounts(spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none"))),
+            uid_mappings=None if idmap is None else [oci_config.IdMapping(
+                containerID=0, hostID=idmap.base, size=idmap.size)])
+        proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, rt.rlimits)
+        config = oci_config.build_config(opts, proc)
+        (bundle / "config.json").write_text(json.dumps(config))
+        linux = config["linux"]
+        userns = f"0->{idmap.base} ({idmap.size} ids), idmapped lowers, shifted upper" if idmap else "off"
+        sec = "precompiled bpf" if rt._seccomp_b64 else ("json" if "seccomp" in linux else "off")
+        print(f"  bare bundle: runtime {rt.runtime}; namespaces "
+              f"{','.join(n['type'] for n in linux['namespaces'])}; user ns {userns}; seccomp {sec}; "
+              f"{len(config['process']['capabilities']['bounding'])} caps; "
+              f"{len(config['process']['rlimits'])} rlimits; {len(config['mounts'])} mounts; cgroup "
+              f"{rt.cgroups.runtime_path('bare')} (pids {spec.pids_limit}); no network setup")
 
-    def run() -> float:
-        t = time.perf_counter()
-        out = subprocess.run([rt.binary, "--root", str(root), "run", "--bundle", str(bundle),
-                              f"b{uuid.uuid4().hex[:10]}"], stdin=subprocess.DEVNULL, capture_output=True,
-                             check=True).stdout
-        assert out == b"hi\n", out
-        return time.perf_counter() - t
+        def run() -> float:
+            t = time.perf_counter()
+            res = subprocess.run([*rt.runtime_argv(), "run", "--bundle", str(bundle),
+                                  f"b{uuid.uuid4().hex[:10]}"], stdin=subprocess.DEVNULL, capture_output=True)
+            assert res.returncode == 0 and res.stdout == b"hi\n", res
+            return time.perf_counter() - t
 
-    return run
+        yield run
+    finally:
+        with contextlib.suppress(Exception):
+            rt.cgroups.remove("bare")
+        for m in reversed(mounts):
+            unmount(m)
+        with contextlib.suppress(OSError):
+            bind.rmdir()
 
 
 async def _echo_hi_engine_vs_crun(work: Path) -> None:
     engine, image = await _local_engine(work, 4)
     try:
         assert engine.store is not None
-        layer = engine.store.layer_paths(engine.store.get(image))[0]
-        bare = _bare_crun_bundle(work, layer, engine.runtime)
-        samples: dict[str, list[float]] = {"bare": [], "engine": [], "engine_net": []}
-        for i in range(WARMUPS + RUNS):
-            got = {"bare": bare(),
-                   "engine": (await _engine_run(engine, image, "echo hi", disposable=True,
-                                                networking=api.InstanceNetworking(enabled=False)))[0],
-                   "engine_net": (await _engine_run(engine, image, "echo hi", disposable=True))[0]}
-            if i >= WARMUPS:
-                for k, v in got.items():
-                    samples[k].append(v)
+        layers = engine.store.layer_paths(engine.store.get(image))
+        with _bare_crun_bundle(work, layers, engine.runtime) as bare:
+            samples = await _echo_hi_samples(engine, image, bare)
         base = _median_ms(samples["bare"])
-        print(_row("bare crun run, hardened bundle", samples["bare"]))
+        print(_row("bare crun run, same hardened bundle", samples["bare"]))
         print(_row("LocalEngine spawn -> completion, networking off", samples["engine"], base))
         print(_row("LocalEngine spawn -> completion, networking on", samples["engine_net"], base))
         ratio = _median_ms(samples["engine"]) / base
@@ -224,6 +271,21 @@ async def _echo_hi_engine_vs_crun(work: Path) -> None:
               f"{'OK' if ratio <= 1.5 else 'OVER TARGET'}")
     finally:
         await engine.close()
+
+
+async def _echo_hi_samples(
+    engine: LocalEngine, image: str, bare: Callable[[], float]
+) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"bare": [], "engine": [], "engine_net": []}
+    for i in range(WARMUPS + RUNS):
+        got = {"bare": await asyncio.to_thread(bare),
+               "engine": (await _engine_run(engine, image, "echo hi", disposable=True,
+                                            networking=api.InstanceNetworking(enabled=False)))[0],
+               "engine_net": (await _engine_run(engine, image, "echo hi", disposable=True))[0]}
+        if i >= WARMUPS:
+            for k, v in got.items():
+                samples[k].append(v)
+    return samples
 
 
 def _dirty_the_disk(work: Path, stop: threading.Event) -> None:
