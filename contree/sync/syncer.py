@@ -250,6 +250,8 @@ async def sync_tree(
         await asyncio.gather(*list(sending), *saves)
     except BaseException:
         stop.set()
+        for task in list(sending):  # a failed or cancelled sync abandons its transfers in flight
+            task.cancel()
         # Whatever was learnt stays learnt, even when one file failed.
         await asyncio.gather(reading, *list(sending), *saves, return_exceptions=True)
         await asyncio.to_thread(cache.save, unsaved, transfer.target, list(new_blobs), plan.removed)

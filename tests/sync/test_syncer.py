@@ -3,6 +3,7 @@ and the two transfers (remote sha256 dedup, engine chunks)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -323,3 +324,31 @@ async def test_a_failing_transfer_stops_the_sync_and_what_was_read_stays_learnt(
     manifest, report = await sync_tree(str(src), "/app", cache=cache, transfer=again)  # type: ignore[arg-type]
     assert len(manifest.entries) == 300 and report.files_changed < 300
     assert 0 < len(again.asked) < 300 and any(p.endswith("f150.txt") for p in again.asked)
+
+
+class _StallingTransfer(_FailingTransfer):
+    """Never finishes a batch: the sync can only end by being cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("never")
+        self.started = asyncio.Event()
+
+    async def ensure_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
+        self.started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_cancelled_sync_keeps_what_it_read(tmp_path: Path, cache: StateCache) -> None:
+    src = tmp_path / "src"
+    tree(src, {f"f{i:03}.txt": f"content {i}" for i in range(300)})
+    transfer = _StallingTransfer()
+    task = asyncio.create_task(sync_tree(str(src), "/app", cache=cache, transfer=transfer))  # type: ignore[arg-type]
+    await asyncio.wait_for(transfer.started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cache.files_under(str(src))  # read before the cancel: remembered
+    again = _FailingTransfer("never")
+    manifest, _ = await sync_tree(str(src), "/app", cache=cache, transfer=again)  # type: ignore[arg-type]
+    assert len(manifest.entries) == 300 and len(again.asked) == 300  # nothing was accepted before
