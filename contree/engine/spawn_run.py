@@ -126,6 +126,9 @@ class InstanceRun:
             mounted = True
             try:
                 mounted = await self._run(job, image, sandbox_dir)
+                # The start of the teardown (cgroup rmdir, unbind, bundle removal) is synchronous and
+                # takes ~1 ms; yield once so followers of the event log see `completion` before it.
+                await asyncio.sleep(0)
             finally:
                 # The outcome is recorded and announced first; tearing the sandbox down (runtime state,
                 # cgroup, netns, scratch dirs) happens after, off the caller's latency. A crash in
