@@ -145,29 +145,22 @@ def _walk(root: Path) -> Iterator[os.DirEntry[str]]:
 
 def tree_size(root: Path) -> int:
     """Bytes of regular files below `root`, hardlinked files counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for entry in _walk(root):
-        st = entry.stat(follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode):
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            total += st.st_size
-        elif stat.S_ISLNK(st.st_mode):
-            total += st.st_size
-    return total
+    return _measure(root, strip=False)
 
 
 def clean_and_measure(upper: Path) -> int:
     """`clean_upper` and `tree_size` in one walk (a commit is on a run's latency path)."""
+    return _measure(upper, strip=True)
+
+
+def _measure(root: Path, *, strip: bool) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
-    _strip_overlay_xattrs(os.fspath(upper))
-    for entry in _walk(upper):
-        _strip_overlay_xattrs(entry.path)
+    if strip:
+        _strip_overlay_xattrs(os.fspath(root))
+    for entry in _walk(root):
+        if strip:
+            _strip_overlay_xattrs(entry.path)
         st = entry.stat(follow_symlinks=False)
         if stat.S_ISREG(st.st_mode):
             if st.st_nlink > 1:
