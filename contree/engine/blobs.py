@@ -138,23 +138,7 @@ class BlobStore:
 
     def _record(self, digest: str, size: int) -> api.FileResponse:
         """Insert or bump the record of `digest` (re-uploads keep their uuid; `updated_at` moves)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT uuid FROM files WHERE sha256 = ?", (digest,)).fetchone()
-                if row is None:
-                    file_uuid = str(uuidlib.uuid4())
-                    self._db.execute("INSERT INTO files VALUES (?,?,?,?,?)",
-                                     (file_uuid, digest, size, now, now))
-                else:
-                    file_uuid = row[0]
-                    self._db.execute("UPDATE files SET updated_at = ? WHERE uuid = ?", (now, file_uuid))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return api.FileResponse(uuid=file_uuid, sha256=digest, size=size)
+        return self._record_many([(digest, size)])[0]
 
     @staticmethod
     def _file(row: tuple[str, str, int, float, float]) -> api.File:
@@ -201,6 +185,7 @@ class BlobStore:
         return self._record_many(done)
 
     def _record_many(self, items: builtins.list[tuple[str, int]]) -> builtins.list[api.FileResponse]:
+        """`_record` for a batch, in one transaction."""
         now = time.time()
         out: builtins.list[api.FileResponse] = []
         with self._lock:
