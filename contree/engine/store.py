@@ -191,15 +191,7 @@ def clean_upper(upper: Path) -> int:
     count = 0
     for path in [os.fspath(upper)] + [e.path for e in _walk(upper)]:
         count += 1
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM):
-                continue
-            raise
-        for name in names:
-            if name.startswith(_OVERLAY_XATTR) and name != _OPAQUE:
-                os.removexattr(path, name, follow_symlinks=False)
+        _strip_overlay_xattrs(path)
     return count - 1
 
 
