@@ -2,6 +2,8 @@
 
 The caller mounts the rootfs (overlay) and unmounts it afterwards; this module does everything between:
 `SandboxRuntime.start(spec)` → `RunningSandbox` (pipes, `wait`, `kill`, `exec`) → `cleanup`.
+`start` is `stage` (bundle dir, limits cgroup, network: nothing that needs the rootfs) then `launch`
+(rootfs bind, config, runtime process), so a caller can stage while it is still mounting the rootfs.
 
 The runtime process is spawned with `posix_spawn` and reaped with `os.wait4` once its pidfd is readable,
 so the result carries the kernel's rusage for the whole tree the runtime waited for; asyncio's child
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "NoRuntimeAvailable", "ProcessExit", "RunningProcess", "RunningSandbox", "RuntimeConfig", "SandboxExit",
-    "SandboxRuntime", "SandboxSpec",
+    "SandboxRuntime", "SandboxSpec", "StagedSandbox",
 ]
 
 RUN_DIR = Path("/run/contree-engine")
@@ -402,6 +404,15 @@ class RunningSandbox:
             raise RuntimeError(f"cleanup of sandbox {self.sandbox_id}: " + "; ".join(errors))
 
 
+class StagedSandbox(msgspec.Struct, kw_only=True):
+    """A sandbox `stage`d but not launched yet: its bundle dir (with the /etc files written), limits
+    cgroup and network exist. Hand it to `launch`, or to `abort` to undo it."""
+    spec: SandboxSpec
+    bundle: Path
+    net: SandboxNetwork
+    etc_files: list[str]  # the names under /etc whose per-sandbox copy is in the bundle
+
+
 class SandboxRuntime:
     def __init__(self, config: RuntimeConfig, info: HostInfo, runtime: str, binary: str,
                  cgroups: CgroupManager, network: NetworkManager, engine_id: str) -> None:
@@ -418,6 +429,7 @@ class SandboxRuntime:
         self.rlimits = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
         self._seccomp_b64: str | None = None
         self._active: dict[str, RunningSandbox] = {}
+        self._staged: set[str] = set()
         self._lock_fd = -1
         # Set when sandboxes run in a user namespace: the caller mounts lowers through
         # `idmap.lowers(...)`, calls `idmap.shift_in` before start and `idmap.shift_out` before commit.
@@ -475,41 +487,52 @@ class SandboxRuntime:
             argv += ["--platform=ptrace"]
         return argv
 
-    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
-        """Bind per-sandbox resolv.conf/hosts/hostname over the image's files (never written into it)."""
+    def _etc_files(self, spec: SandboxSpec, net: SandboxNetwork) -> dict[str, str]:
+        """Per-sandbox resolv.conf/hosts/hostname, bound over the image's files (never written into it)."""
         files = {"hostname": f"{spec.hostname}\n",
                  "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{spec.hostname}\n"}
         if net.resolv_conf:
             files["resolv.conf"] = net.resolv_conf
+        return files
+
+    @staticmethod
+    def _etc_binds(rootfs: Path, bundle: Path, names: list[str]) -> list[dict[str, Any]]:
+        """Mounts for the files of `names` (already in `bundle`) that the image has as regular files in a
+        real /etc: creating a mount point would leave a file in the sandbox's upper layer."""
         mounts = []
-        for name, text in files.items():
+        for name in names:
             try:
-                st = os.lstat(spec.rootfs / "etc" / name)
+                st = os.lstat(rootfs / "etc" / name)
             except OSError:
-                continue  # creating a mount point would leave a file in the image's upper layer
-            if not stat.S_ISREG(st.st_mode) or not stat.S_ISDIR(os.lstat(spec.rootfs / "etc").st_mode):
                 continue
-            src = bundle / name
-            src.write_text(text)
-            mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(src),
+            if not stat.S_ISREG(st.st_mode) or not stat.S_ISDIR(os.lstat(rootfs / "etc").st_mode):
+                continue
+            mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(bundle / name),
                            "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"]})
         return mounts
 
+    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
+        """Write the per-sandbox /etc files into `bundle` and return the mounts that bind them."""
+        files = self._etc_files(spec, net)
+        for name, text in files.items():
+            (bundle / name).write_text(text)
+        return self._etc_binds(spec.rootfs, bundle, list(files))
+
     async def start(self, spec: SandboxSpec) -> RunningSandbox:
+        """`stage` then `launch`: the rootfs must already be mounted."""
+        return await self.launch(await self.stage(spec))
+
+    async def stage(self, spec: SandboxSpec) -> StagedSandbox:
+        """Everything that does not need the rootfs yet: the bundle dir with the /etc files, the limits
+        cgroup and the network (which can take tens of ms with veth + NAT)."""
         sid = spec.sandbox_id
-        if sid in self._active:
+        if sid in self._active or sid in self._staged:
             raise ValueError(f"sandbox {sid} is already running")
         bundle = self.bundles / sid
         bundle.mkdir(parents=True, exist_ok=False)
+        self._staged.add(sid)
         net: SandboxNetwork | None = None
-        bind: Path | None = None
         try:
-            rootfs = spec.rootfs
-            if self.idmap is not None:
-                bind = self.rootfs_binds / sid
-                bind.mkdir(mode=0o755)
-                bind_mount(spec.rootfs, bind)
-                rootfs = bind
             quota = spec.cpu_quota
             if quota is not None and self.config.budget_cpus is not None:
                 quota = min(quota, self.config.budget_cpus)  # v1 refuses a child quota above its parent's
@@ -525,13 +548,47 @@ class SandboxRuntime:
             except Exception as exc:
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
+            files = self._etc_files(spec, net)
+            for name, text in files.items():
+                (bundle / name).write_text(text)
+        except BaseException:
+            await self._unstage(sid, bundle, net)
+            raise
+        return StagedSandbox(spec=spec, bundle=bundle, net=net, etc_files=list(files))
+
+    async def abort(self, staged: StagedSandbox) -> None:
+        """Undo a `stage` that will not be launched."""
+        await self._unstage(staged.spec.sandbox_id, staged.bundle, staged.net)
+
+    async def _unstage(self, sid: str, bundle: Path, net: SandboxNetwork | None) -> None:
+        with contextlib.suppress(Exception):
+            self.cgroups.remove(sid)
+        if net is not None:
+            with contextlib.suppress(Exception):
+                await self.network.teardown(net)
+        shutil.rmtree(bundle, ignore_errors=True)
+        self._staged.discard(sid)
+
+    async def launch(self, staged: StagedSandbox) -> RunningSandbox:
+        """Start the runtime process of a staged sandbox; its rootfs must be mounted by now. On failure
+        the staging is undone too."""
+        spec, bundle, net = staged.spec, staged.bundle, staged.net
+        sid = spec.sandbox_id
+        bind: Path | None = None
+        try:
+            rootfs = spec.rootfs
+            if self.idmap is not None:
+                bind = self.rootfs_binds / sid
+                bind.mkdir(mode=0o755)
+                bind_mount(spec.rootfs, bind)
+                rootfs = bind
             opts = oci_config.ConfigOptions(
                 rootfs=rootfs, hostname=spec.hostname, cgroups_path=self.cgroups.runtime_path(sid),
                 # Limits live on our `<parent>/<sid>` cgroup only: a limit hit there is counted there
                 # (OOM kills, refused forks), and those counters outlive the runtime's own leaf.
                 netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
-                rlimits=self.rlimits, seccomp=self.config.seccomp,
-                seccomp_bpf_b64=self._seccomp_b64, extra_mounts=self._etc_mounts(spec, bundle, net),
+                rlimits=self.rlimits, seccomp=self.config.seccomp, seccomp_bpf_b64=self._seccomp_b64,
+                extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files),
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
                     containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
@@ -541,18 +598,14 @@ class SandboxRuntime:
                 argv.append("--network=none")
             child = await _Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.cgroups.remove(sid)
-            if net is not None:
-                with contextlib.suppress(Exception):
-                    await self.network.teardown(net)
-            shutil.rmtree(bundle, ignore_errors=True)
             if bind is not None:
                 with contextlib.suppress(OSError):
                     _release_bind(bind)
+            await self.abort(staged)
             raise
         sandbox = RunningSandbox(self, spec, child, bundle, net)
         sandbox.rootfs_bind = bind
+        self._staged.discard(sid)
         self._active[sid] = sandbox
         return sandbox
 

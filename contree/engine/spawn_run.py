@@ -44,6 +44,7 @@ from contree.engine.oplog import (
     now_iso,
 )
 from contree.engine.overlay import mount_overlay, unmount
+from contree.engine.sandbox import SandboxSpec, StagedSandbox
 from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree, tree_size
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 
@@ -145,13 +146,18 @@ class InstanceRun:
         try:
             try:
                 mounted = True
-                plan = await asyncio.to_thread(self._prepare, image, sandbox_dir)
+                plan = self._plan(image)
                 self.main_cwd = plan.cwd
-                record.status = EXECUTING
-                record.started_at = time.time()
-                oplog.save(record)
+                staged = await self._prepare_and_stage(image, sandbox_dir, plan)
+                try:
+                    record.status = EXECUTING
+                    record.started_at = time.time()
+                    oplog.save(record)
+                except BaseException:
+                    await self.engine.runtime.abort(staged)
+                    raise
                 self.deadline = time.monotonic() + self.timeout
-                main = await self._start_main(plan, sandbox_dir)
+                main = await self._start_main(plan, sandbox_dir, staged)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -196,8 +202,69 @@ class InstanceRun:
 
     # ------------------------------------------------------------------ preparation (thread)
 
-    def _prepare(self, image: ImageRecord, sandbox_dir: Path) -> spawn.ProcessPlan:
-        """Mount the overlay, inject files, create the cwd; returns the main process plan."""
+    def _plan(self, image: ImageRecord) -> spawn.ProcessPlan:
+        request = self.request
+        return spawn.plan_process(
+            command=request.command,
+            args=list(request.args),
+            shell=request.shell,
+            env=request.env,
+            cwd=request.cwd,
+            uid=request.uid,
+            gid=request.gid,
+            image_env=_env_dict(image.config.env),
+            image_cwd=image.config.cwd or "/",
+        )
+
+    async def _prepare_and_stage(
+        self, image: ImageRecord, sandbox_dir: Path, plan: spawn.ProcessPlan
+    ) -> StagedSandbox:
+        """Mount the rootfs (a worker thread) while the runtime stages the sandbox (bundle, cgroup,
+        network) on the loop: they are independent, and the mount is mostly waiting on the disk."""
+        runtime = self.engine.runtime
+        mount = asyncio.get_running_loop().run_in_executor(None, self._prepare, image, sandbox_dir, plan)
+        stage = asyncio.ensure_future(runtime.stage(self._sandbox_spec(plan, sandbox_dir)))
+        cancelled = False
+        while not (mount.done() and stage.done()):
+            try:
+                await asyncio.wait({mount, stage})
+            except asyncio.CancelledError:
+                # Settle both first: the mount thread cannot be interrupted, and a staged cgroup or
+                # netns must not be left behind.
+                cancelled = True
+        failure = mount.exception() or stage.exception()
+        if cancelled or failure is not None:
+            if stage.exception() is None:
+                await runtime.abort(stage.result())
+            if cancelled:
+                raise asyncio.CancelledError
+            assert failure is not None
+            raise failure
+        return stage.result()
+
+    def _sandbox_spec(self, plan: spawn.ProcessPlan, sandbox_dir: Path) -> SandboxSpec:
+        request = self.request
+        return SandboxSpec(
+            sandbox_id=self.record.uuid,
+            rootfs=sandbox_dir / "rootfs",
+            argv=plan.argv,
+            env=[f"{k}={v}" for k, v in plan.env.items()],
+            cwd=plan.cwd,
+            uid=plan.uid,
+            gid=plan.gid,
+            hostname=request.hostname,
+            networking=request.networking.enabled if request.networking is not None else True,
+            stdin=any(self._stdin()),
+        )
+
+    def _stdin(self) -> tuple[bytes, bool]:
+        """The initial stdin data, and whether stdin stays open after it."""
+        request = self.request
+        data = api.decode_stream(request.stdin) if request.stdin is not None else b""
+        return data, request.stdin is not None and not request.stdin.close
+
+    def _prepare(self, image: ImageRecord, sandbox_dir: Path, plan: spawn.ProcessPlan) -> None:
+        """Mount the overlay, inject files, create the cwd (in a worker thread)."""
         engine = self.engine
         store = engine.store
         assert store is not None
@@ -211,18 +278,6 @@ class InstanceRun:
         else:
             with idmap.lowers(store.layer_paths(image)) as lowers:
                 mount_overlay(lowers, upper, work, rootfs)
-        image_env = _env_dict(image.config.env)
-        plan = spawn.plan_process(
-            command=request.command,
-            args=list(request.args),
-            shell=request.shell,
-            env=request.env,
-            cwd=request.cwd,
-            uid=request.uid,
-            gid=request.gid,
-            image_env=image_env,
-            image_cwd=image.config.cwd or "/",
-        )
         blobs = engine._blobs()
         for path, entry in (request.files or {}).items():
             blob = blobs.path_for(entry.uuid)
@@ -242,36 +297,20 @@ class InstanceRun:
             raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
         if idmap is not None:
             idmap.shift_in(upper, rootfs)  # what was written above, as the sandbox's root sees it
-        return plan
 
     def _unmount(self, sandbox_dir: Path) -> None:
         unmount(sandbox_dir / "rootfs")
 
     # ------------------------------------------------------------------ running
 
-    async def _start_main(self, plan: spawn.ProcessPlan, sandbox_dir: Path) -> Process:
+    async def _start_main(self, plan: spawn.ProcessPlan, sandbox_dir: Path, staged: StagedSandbox) -> Process:
         engine = self.engine
         events = self.events
         assert events is not None
         request = self.request
-        networking = request.networking.enabled if request.networking is not None else True
-        stdin_data = api.decode_stream(request.stdin) if request.stdin is not None else b""
-        keep_open = request.stdin is not None and not request.stdin.close
-        from contree.engine.sandbox import SandboxSpec
-
-        spec = SandboxSpec(
-            sandbox_id=self.record.uuid,
-            rootfs=sandbox_dir / "rootfs",
-            argv=plan.argv,
-            env=[f"{k}={v}" for k, v in plan.env.items()],
-            cwd=plan.cwd,
-            uid=plan.uid,
-            gid=plan.gid,
-            hostname=request.hostname,
-            networking=networking,
-            stdin=bool(stdin_data) or keep_open,
-        )
-        self.sandbox = await engine.runtime.start(spec)
+        networking = staged.spec.networking
+        stdin_data, keep_open = self._stdin()
+        self.sandbox = await engine.runtime.launch(staged)
         sb = self.sandbox
         uname = platform.uname()
         events.append(
