@@ -118,9 +118,6 @@ class InstanceRun:
         store, oplog = engine.store, engine.oplog
         assert store is not None and oplog is not None
         record = self.record
-        record.status = ASSIGNED
-        oplog.save(record)
-        self.events = oplog.open_log(record.uuid)
         sandbox_dir = store.sandboxes_dir / record.uuid
         image = store.get(self.image_uuid)
         with store.pinned(image.layers):
@@ -139,8 +136,8 @@ class InstanceRun:
     async def _run(self, job: Job, image: ImageRecord, sandbox_dir: Path) -> bool:
         """Everything up to the `completion` event; returns whether the rootfs is still mounted."""
         oplog = self.engine.oplog
-        assert oplog is not None and self.events is not None
-        record, events = self.record, self.events
+        assert oplog is not None
+        record = self.record
         reason = "job_complete"
         mounted = False
         try:
@@ -180,7 +177,8 @@ class InstanceRun:
         except SpawnFailed as exc:
             reason = "spawn_failed"
             record.status, record.error = FAILED, str(exc)
-            events.append("stderr", msgspec.to_builtins(api.encode_event_stream(f"{exc}\n".encode())), 0)
+            message = api.encode_event_stream(f"{exc}\n".encode())
+            self._event_log().append("stderr", msgspec.to_builtins(message), 0)
         except LayerTooLarge as exc:
             record.status, record.error = FAILED, exc.message
         except asyncio.CancelledError:
@@ -194,6 +192,7 @@ class InstanceRun:
                 record.result_image_uuid = None
                 record.image_size = None
             record.finished_at = time.time()
+            events = self._event_log()
             events.append("shutdown", {"stopped_at": now_iso(), "reason": reason}, 0)
             events.append("completion", completion_data(record))
             oplog.save(record)
@@ -201,6 +200,14 @@ class InstanceRun:
         return mounted
 
     # ------------------------------------------------------------------ preparation (thread)
+
+    def _event_log(self) -> EventLog:
+        """The run's event log, opened on first use."""
+        if self.events is None:
+            oplog = self.engine.oplog
+            assert oplog is not None
+            self.events = oplog.open_log(self.record.uuid)
+        return self.events
 
     def _plan(self, image: ImageRecord) -> spawn.ProcessPlan:
         request = self.request
@@ -223,6 +230,12 @@ class InstanceRun:
         network) on the loop: they are independent, and the mount is mostly waiting on the disk."""
         runtime = self.engine.runtime
         mount = asyncio.get_running_loop().run_in_executor(None, self._prepare, image, sandbox_dir, plan)
+        # While the mount is under way:
+        oplog = self.engine.oplog
+        assert oplog is not None
+        self.record.status = ASSIGNED
+        oplog.save(self.record)
+        self._event_log()
         stage = asyncio.ensure_future(runtime.stage(self._sandbox_spec(plan, sandbox_dir)))
         cancelled = False
         while not (mount.done() and stage.done()):
