@@ -39,7 +39,7 @@ from contree.engine.oplog import (
 )
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import engine_id_for, recover_host
-from contree.engine.spawn_run import InstanceRun, result_from_fold
+from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
 from contree.engine.store import MAX_DEPTH, ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.timeparse import isoformat
@@ -103,6 +103,7 @@ class LocalEngine:
         self.store = await asyncio.to_thread(Store, self.home)
         await asyncio.to_thread(self.store.recover)
         await asyncio.to_thread(self.store.gc)  # layers orphaned by a crash mid-import or mid-squash
+        await asyncio.to_thread(self.store.make_spare_scratch, SPARE_SCRATCH_DIRS)
         self.oplog = OperationLog(self.home)
         interrupted = self.oplog.recover()
         if interrupted:

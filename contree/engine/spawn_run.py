@@ -57,6 +57,7 @@ READ_BYTES = 65536
 PUMP_GRACE = 5.0  # seconds to drain pipes after the process exited (grandchildren may hold them)
 STDIN_WRITE_LIMIT = 30.0  # seconds a write_stdin call waits for a child that does not read
 LAYER_POLL = 1.0  # seconds between size checks of a running sandbox's upper dir
+SPARE_SCRATCH_DIRS = 2  # empty scratch dirs kept ready (Store.scratch_dir): runs waiting beyond that mkdir
 
 
 class SpawnFailed(Exception):
@@ -146,13 +147,8 @@ class InstanceRun:
                 plan = self._plan(image)
                 self.main_cwd = plan.cwd
                 staged = await self._prepare_and_stage(image, sandbox_dir, plan)
-                try:
-                    record.status = EXECUTING
-                    record.started_at = time.time()
-                    oplog.save(record)
-                except BaseException:
-                    await self.engine.runtime.abort(staged)
-                    raise
+                record.status = EXECUTING
+                record.started_at = time.time()
                 self.deadline = time.monotonic() + self.timeout
                 main = await self._start_main(plan, sandbox_dir, staged)
             except asyncio.CancelledError:
@@ -226,18 +222,33 @@ class InstanceRun:
     async def _prepare_and_stage(
         self, image: ImageRecord, sandbox_dir: Path, plan: spawn.ProcessPlan
     ) -> StagedSandbox:
-        """Mount the rootfs (a worker thread) while the runtime stages the sandbox (bundle, cgroup,
-        network) on the loop: they are independent, and the mount is mostly waiting on the disk."""
+        """Mount the rootfs while the runtime stages the sandbox (bundle, cgroup, network).
+
+        The staging goes first, up to its first real wait (the network setup's `ip` processes); the
+        mount runs meanwhile. It runs inline when nothing is injected: ~0.5 ms of syscalls, cheaper than a
+        thread hop, and a worker thread would contend with the staging for the GIL. Injected files
+        (any size) are copied in a worker thread.
+        """
         runtime = self.engine.runtime
-        mount = asyncio.get_running_loop().run_in_executor(None, self._prepare, image, sandbox_dir, plan)
-        # While the mount is under way:
-        oplog = self.engine.oplog
-        assert oplog is not None
-        self.record.status = ASSIGNED
-        oplog.save(self.record)
-        self._event_log()
+        self.record.status = ASSIGNED  # in memory only: EXECUTING is persisted once the runtime started
         stage = asyncio.ensure_future(runtime.stage(self._sandbox_spec(plan, sandbox_dir)))
+        loop = asyncio.get_running_loop()
+        mount: asyncio.Future[None] = loop.create_future()
         cancelled = False
+        try:
+            await asyncio.sleep(0)  # let the staging start
+        except asyncio.CancelledError:
+            cancelled = True
+            mount.set_result(None)  # nothing was mounted
+        else:
+            if self.request.files:
+                mount = loop.run_in_executor(None, self._prepare, image, sandbox_dir, plan)
+            else:
+                try:
+                    self._prepare(image, sandbox_dir, plan)
+                    mount.set_result(None)
+                except Exception as exc:
+                    mount.set_exception(exc)
         while not (mount.done() and stage.done()):
             try:
                 await asyncio.wait({mount, stage})
@@ -277,14 +288,13 @@ class InstanceRun:
         return data, request.stdin is not None and not request.stdin.close
 
     def _prepare(self, image: ImageRecord, sandbox_dir: Path, plan: spawn.ProcessPlan) -> None:
-        """Mount the overlay, inject files, create the cwd (in a worker thread)."""
+        """Mount the overlay, inject files, create the cwd."""
         engine = self.engine
         store = engine.store
         assert store is not None
         request = self.request
+        sandbox_dir = store.scratch_dir(sandbox_dir.name)
         upper, work, rootfs = sandbox_dir / "upper", sandbox_dir / "work", sandbox_dir / "rootfs"
-        for d in (upper, work, rootfs):
-            d.mkdir(parents=True, exist_ok=True)
         idmap = engine.runtime.idmap if engine.runtime is not None else None
         if idmap is None:
             mount_overlay(store.layer_paths(image), upper, work, rootfs)
@@ -318,13 +328,16 @@ class InstanceRun:
 
     async def _start_main(self, plan: spawn.ProcessPlan, sandbox_dir: Path, staged: StagedSandbox) -> Process:
         engine = self.engine
-        events = self.events
-        assert events is not None
         request = self.request
         networking = staged.spec.networking
         stdin_data, keep_open = self._stdin()
         self.sandbox = await engine.runtime.launch(staged)
         sb = self.sandbox
+        # While the runtime starts the sandbox (milliseconds this process would otherwise idle):
+        oplog = engine.oplog
+        assert oplog is not None
+        oplog.save(self.record)
+        events = self._event_log()
         uname = platform.uname()
         events.append(
             "init",
@@ -547,6 +560,9 @@ class InstanceRun:
             except Exception:
                 log.exception("sandbox cleanup of %s failed", self.record.uuid)
 
+        store = self.engine.store
+        assert store is not None
+
         def cleanup_dirs() -> None:
             with contextlib.suppress(OSError):
                 unmount(sandbox_dir / "rootfs")
@@ -554,6 +570,8 @@ class InstanceRun:
                 remove_tree(sandbox_dir)
             except OSError:
                 log.exception("could not remove %s", sandbox_dir)
+            with contextlib.suppress(OSError):
+                store.make_spare_scratch(SPARE_SCRATCH_DIRS)  # for the next run, while nobody waits
 
         await asyncio.to_thread(cleanup_dirs)
 

@@ -195,6 +195,9 @@ def clean_upper(upper: Path) -> int:
     return count - 1
 
 
+_SCRATCH_SUBDIRS = ("upper", "work", "rootfs")
+
+
 class Store:
     """Images and layers of one engine home. Thread-safe (one SQLite connection behind a lock)."""
 
@@ -218,6 +221,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._spares: list[Path] = []  # empty scratch dirs made ahead, see `scratch_dir`
 
     def close(self) -> None:
         with self._lock:
@@ -258,6 +262,37 @@ class Store:
     def layer_paths(self, image: ImageRecord) -> list[Path]:
         """The image's layer directories, top first (what `mount_overlay` takes)."""
         return [self.layers_dir / lid for lid in image.layers]
+
+    def scratch_dir(self, name: str) -> Path:
+        """`sandboxes/<name>` with empty `upper/`, `work/` and `rootfs/` for a run.
+
+        A spare made by `make_spare_scratch` is renamed into place when there is one: four mkdirs on the
+        layer filesystem cost 0.3-0.8 ms here, on the run's way to its start; a rename costs 10 us.
+        """
+        target = self.sandboxes_dir / name
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            try:
+                os.rename(spare, target)
+                return target
+            except OSError:
+                remove_tree(spare)
+        for sub in _SCRATCH_SUBDIRS:
+            (target / sub).mkdir(parents=True)
+        return target
+
+    def make_spare_scratch(self, keep: int) -> None:
+        """Make spare scratch dirs until `keep` wait (from a run's teardown, off anyone's latency)."""
+        while True:
+            with self._lock:
+                if len(self._spares) >= keep:
+                    return
+            path = self.sandboxes_dir / f".spare-{uuidlib.uuid4().hex}"
+            for sub in _SCRATCH_SUBDIRS:
+                (path / sub).mkdir(parents=True)
+            with self._lock:
+                self._spares.append(path)
 
     def staging_dir(self, prefix: str = "stage") -> Path:
         """A fresh empty directory under `tmp/` (same filesystem as the layers, so it can be renamed in)."""
@@ -608,7 +643,8 @@ class Store:
         for area in (self.tmp_dir, self.sandboxes_dir):
             for entry in area.iterdir():
                 remove_tree(entry)
-                actions.append(f"removed {entry}")
+                if not entry.name.startswith(".spare-"):  # a previous engine's spares: nothing to report
+                    actions.append(f"removed {entry}")
         with self._lock:
             known = {r[0] for r in self._db.execute("SELECT id FROM layers")}
         for entry in self.layers_dir.iterdir():
