@@ -256,6 +256,7 @@ async def test_sandboxes_of_an_engine_that_died_are_killed_by_the_next_one(mount
             async with open_runtime(mount_guard / "b", network_mode="none") as successor:
                 assert successor.engine_id != dead.engine_id
                 assert not dead.cgroups.exists(None), "the dead engine's cgroups are still there"
+                assert not dead.bundles.exists(), "the dead engine's bundles are still there"
                 ex = await asyncio.wait_for(sb.wait(), 10)
                 assert ex.signal == signal.SIGKILL or ex.exit_code == 128 + signal.SIGKILL
         finally:

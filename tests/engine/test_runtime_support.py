@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 from contree.engine.network import NETNS_DIR, NetworkInfo
+from contree.engine import sandbox
 from contree.engine.overlay import mount_overlay
 from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
 from contree.engine.userns import IdMap
@@ -46,6 +47,10 @@ def leftovers(rt: SandboxRuntime) -> list[str]:
         found.append(f"egress cgroup {rt.network.egress_cgroup}")
     if rt.root_dir.exists():
         found.append(f"runtime state {rt.root_dir}")
+    if rt.bundles.exists():
+        found.append(f"bundles {rt.bundles}")
+    if sandbox._engine_lock_path(rt.engine_id).exists():
+        found.append(f"engine lock file of {rt.engine_id}")
     deadline = time.monotonic() + 3
     while True:  # veth pairs disappear asynchronously once their namespace is freed
         links = [n for n in os.listdir("/sys/class/net") if n.startswith(rt.network.if_prefix)]

@@ -12,7 +12,7 @@ import pytest
 from contree import api
 from contree.engine.local import LocalEngine
 from contree.engine.sandbox import SandboxRuntime
-from tests.contract.conftest import local_engine, run
+from tests.contract.conftest import local_engine, run, stdout_of
 from tests.engine.test_runtime_support import NETNS_DIR
 
 pytestmark = pytest.mark.engine
@@ -72,3 +72,28 @@ async def test_cancelling_a_run_while_it_is_staged_leaves_nothing(engine: LocalE
         assert not (engine.store.sandboxes_dir / spawned.uuid).exists()  # type: ignore[union-attr]
     finally:
         await engine.close()
+
+
+async def test_runs_with_networking_get_a_fresh_spare_namespace_each(engine: LocalEngine) -> None:
+    """After a run with networking, the teardown sets up the next run's network ahead; every run still
+    gets a namespace of its own, and closing the engine removes the spare."""
+    rt = engine.runtime
+    assert rt is not None
+    try:
+        if rt.network.mode != "nat":
+            pytest.fail(f"this host should give NAT networking, got {rt.network.mode}: {rt.network.error}")
+        image = await engine.resolve_tag("busybox:latest")
+        seen = []
+        for _ in range(3):
+            done = await run(engine, image, "readlink /proc/self/ns/net; ip -o link | cut -d: -f2", disposable=True)
+            await engine.drain()
+            ns, *links = stdout_of(done).split()
+            assert {link.split("@")[0] for link in links} == {"eth0", "lo"}, links
+            seen.append(ns)
+            assert len(rt._spare_nets) == 1, "no spare network was set up by the teardown"
+        assert len(set(seen)) == 3, f"a network namespace was reused: {seen}"
+        spare = rt._spare_nets[0].netns_name
+        assert spare is not None and (NETNS_DIR / spare).exists()
+    finally:
+        await engine.close()
+    assert not (NETNS_DIR / spare).exists(), "the spare network outlived the engine"
