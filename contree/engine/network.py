@@ -13,6 +13,12 @@ slirp4netns opens the sandbox's sockets as a host process, so it runs in a cgrou
 (`contree-net-<tag>` in the unified hierarchy) and an OUTPUT chain matched with `-m cgroup --path` refuses
 the host itself (anything routed via `lo`) and private ranges, like the NAT filter.
 
+With user namespaces, a sandbox's netns is owned by a user namespace of its own (the engine's id
+mapping), which the sandbox then joins: only then may it mount a sysfs that shows its own interfaces. A
+netns owned by the host's user namespace makes the runtime bind the host's /sys instead, which shows
+the host's interfaces and cgroup tree (the sandbox's own `lo` only netns, made by the runtime, always
+was owned by the sandbox).
+
 Addresses are /30s of a configurable /16; a slot is owned through an flock on a lock file under
 `/run/contree-engine/ipam/`, which the kernel releases if the process dies, so concurrent instances
 never collide and a crashed instance's slots become reusable (its leftover veth/netns are removed then).
@@ -38,6 +44,7 @@ import msgspec
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
+USERNS_DIR = Path("/run/contree-engine/userns")  # the owner of `NETNS_DIR/<name>` is `USERNS_DIR/<name>`
 IPAM_DIR = Path("/run/contree-engine/ipam")
 TAG_DIR = Path("/run/contree-engine/tags")
 _CHAIN_RE = re.compile(r"\bCT-([0-9a-f]{4})-(FWD|RET|IN|NAT|OUT)\b")
@@ -51,8 +58,10 @@ BLOCKED_RANGES = [
 ]
 
 _MNT_DETACH = 2
+_MS_BIND = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 
 
 class InterfaceCounters(msgspec.Struct, kw_only=True):
@@ -174,10 +183,11 @@ def _unified_root() -> Path:
 
 
 def _delete_netns_prefixed(prefix: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(NETNS_DIR):
-            if name.startswith(prefix):
-                delete_netns(name)
+    for where in (NETNS_DIR, USERNS_DIR):
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(where):
+                if name.startswith(prefix):
+                    delete_netns(name)
 
 
 def _rmdir_quiet(path: Path) -> None:
@@ -253,16 +263,63 @@ def _deletion_script(saved: str, tag: str) -> str:
 
 
 def delete_netns(name: str) -> None:
-    """`ip netns del` without a process: detach the bind mount that keeps the namespace alive."""
-    path = NETNS_DIR / name
-    if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
-            log.warning("umount %s: %s", path, os.strerror(err))
+    """`ip netns del` without a process: detach the bind mounts that keep the namespace (and the user
+    namespace that owns it, if any) alive."""
+    for path in (NETNS_DIR / name, USERNS_DIR / name):
+        if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
+                log.warning("umount %s: %s", path, os.strerror(err))
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _write_id_maps(pid: int, base: int, size: int) -> None:
+    for map_name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{map_name}", "w") as fh:
+            fh.write(f"0 {base} {size}\n")
+
+
+async def make_owned_netns(name: str, base: int, size: int) -> str:
+    """A network namespace `NETNS_DIR/<name>` owned by a fresh user namespace that maps container ids
+    0..size-1 to host ids base..; returns that user namespace's file (`USERNS_DIR/<name>`).
+
+    A helper (`unshare -U -n sh`, util-linux) creates both and waits while we write its id maps and
+    bind its namespaces to the two files; `unshare --map-users` would go through newuidmap, which
+    /etc/subuid does not allow."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise NetworkError("unshare not found: install the Debian package util-linux")
+    proc = await asyncio.create_subprocess_exec(
+        unshare, "--user", "--net", "--", "/bin/sh", "-c", "echo ready; read x",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+        if await asyncio.wait_for(proc.stdout.readline(), 10) != b"ready\n":
+            err = (await proc.stderr.read()).decode(errors="replace").strip()
+            raise NetworkError(f"cannot create the sandbox's user and network namespaces: {err}")
+        _write_id_maps(proc.pid, base, size)
+        for ns, target in (("net", NETNS_DIR / name), ("user", USERNS_DIR / name)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+            source = f"/proc/{proc.pid}/ns/{ns}".encode()
+            if _libc.mount(source, str(target).encode(), None, _MS_BIND, None) != 0:
+                err_no = ctypes.get_errno()
+                raise NetworkError(f"cannot keep the {ns} namespace at {target}: {os.strerror(err_no)}")
+    except BaseException:
+        delete_netns(name)
+        raise
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return str(USERNS_DIR / name)
 
 
 class Slot:
@@ -285,6 +342,7 @@ class SandboxNetwork(msgspec.Struct, kw_only=True):
     info: NetworkInfo
     netns_path: str | None = None  # None: let the runtime create a fresh netns (only `lo`)
     netns_name: str | None = None
+    userns_path: str | None = None  # the user namespace that owns netns_path: the sandbox joins both
     host_if: str | None = None
     resolv_conf: str = ""
     slot: object | None = None  # Slot, kept opaque for msgspec
@@ -309,6 +367,8 @@ class NetworkManager:
         self._tag_fd = -1
         self._seq = 0
         self.egress_cgroup: Path | None = None  # slirp mode
+        # (base, size) when sandboxes run in a user namespace: each netns is then owned by one of its own.
+        self.userns_map: tuple[int, int] | None = None
 
     # ---- engine-level setup ----
 
@@ -496,8 +556,7 @@ class NetworkManager:
         if len(parts) != 2:
             return
         netns, host_if = parts
-        if (NETNS_DIR / netns).exists():
-            delete_netns(netns)
+        delete_netns(netns)
         if _link_exists(host_if):
             try:
                 await _run("ip", "link", "del", host_if)
@@ -533,8 +592,10 @@ class NetworkManager:
                 netns_path=str(NETNS_DIR / netns), netns_name=netns, host_if=host_if,
                 resolv_conf=self._resolv_conf(), slot=slot)
             try:
+                if self.userns_map is not None:
+                    net.userns_path = await make_owned_netns(netns, *self.userns_map)
                 await _run("ip", "-b", "-", stdin="\n".join([
-                    f"netns add {netns}",
+                    *([] if net.userns_path else [f"netns add {netns}"]),
                     f"link add {host_if} type veth peer name eth0 netns {netns}",
                     f"addr add {host_ip}/30 dev {host_if}",
                     # No IPv6 link-local address: the filter is IPv4 only, so the host must not be
@@ -557,10 +618,14 @@ class NetworkManager:
         assert self.egress_cgroup is not None
         self._seq += 1
         netns = f"contree-{self.tag}-s{self._seq}"
-        await _run("ip", "netns", "add", netns)
+        userns_path = None
+        if self.userns_map is not None:
+            userns_path = await make_owned_netns(netns, *self.userns_map)
+        else:
+            await _run("ip", "netns", "add", netns)
         net = SandboxNetwork(
             info=NetworkInfo(mode="slirp", configured=NetConfigured(**SLIRP_CONFIG)),
-            netns_path=str(NETNS_DIR / netns), netns_name=netns,
+            netns_path=str(NETNS_DIR / netns), netns_name=netns, userns_path=userns_path,
             resolv_conf=f"nameserver {SLIRP_CONFIG['nameserver']}\n")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, exit_w = os.pipe2(os.O_CLOEXEC)

@@ -49,8 +49,9 @@ class ConfigOptions(msgspec.Struct, kw_only=True):
     seccomp_bpf_b64: str | None = None  # crun only: precompiled filter, skips the per-start compile
     shm_bytes: int = 64 << 20
     extra_mounts: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    uid_mappings: list[IdMapping] | None = None  # user namespace when set
+    uid_mappings: list[IdMapping] | None = None  # a new user namespace when set
     gid_mappings: list[IdMapping] | None = None
+    userns_path: str | None = None  # join this (already mapped) user namespace instead
 
 
 def clamp_rlimits(hard: dict[str, int]) -> dict[str, int]:
@@ -133,7 +134,9 @@ def build_config(opts: ConfigOptions, process: dict[str, Any]) -> dict[str, Any]
                         or os.path.exists(p)],
         "readonlyPaths": list(READONLY_PATHS),
     }
-    if opts.uid_mappings is not None:
+    if opts.userns_path is not None:
+        namespaces.append({"type": "user", "path": opts.userns_path})
+    elif opts.uid_mappings is not None:
         namespaces.append({"type": "user"})
         linux["uidMappings"] = [msgspec.to_builtins(m) for m in opts.uid_mappings]
         linux["gidMappings"] = [msgspec.to_builtins(m) for m in (opts.gid_mappings or opts.uid_mappings)]

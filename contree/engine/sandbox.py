@@ -474,6 +474,8 @@ class SandboxRuntime:
         rt = cls(config, info, runtime, binary, cgroups, network, engine_id)
         rt._lock_fd = lock_fd
         rt.idmap = idmap
+        if idmap is not None:
+            network.userns_map = (idmap.base, idmap.size)
         rt.root_dir.mkdir(parents=True, exist_ok=True)
         rt.bundles.mkdir(parents=True, exist_ok=True)
         if idmap is not None:
@@ -620,6 +622,8 @@ class SandboxRuntime:
                 netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
                 rlimits=self.rlimits, seccomp=self.config.seccomp, seccomp_bpf_b64=self._seccomp_b64,
                 extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files),
+                # A prepared netns comes with the user namespace that owns it (same id mapping).
+                userns_path=net.userns_path,
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
                     containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)

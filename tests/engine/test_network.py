@@ -342,3 +342,19 @@ async def test_stale_rules_under_a_reclaimed_tag_are_replaced_not_doubled(
     assert _chains().count(f"-A FORWARD -i {again.if_prefix}+ -j {again.chain}-FWD") == 1
     await again.close()
     assert f"{again.chain}-" not in _chains()
+
+
+@pytest.mark.parametrize(("mode", "link"), [("nat", "eth0"), ("slirp", "tap0")])
+async def test_sysfs_shows_the_sandboxes_own_network_not_the_hosts(mount_guard: Path, rootfs: Path,
+                                                                   mode: str, link: str) -> None:
+    """The prepared netns is owned by a user namespace of the sandbox's own, so the runtime mounts a
+    sysfs for it; with a netns owned by the host's user namespace it would bind the host's /sys, which
+    lists the host's interfaces and its cgroup tree (other sandboxes' names included)."""
+    async with open_runtime(mount_guard, network_mode=mode) as rt:
+        r = await run(rt, rootfs, "ls /sys/class/net; echo --; grep ' /sys ' /proc/self/mountinfo; echo --; "
+                                  "find /sys/fs/cgroup -maxdepth 2 -name contree-engine")
+    links, sysfs, cgroup_leak = r.out.split("--\n")
+    assert sorted(links.split()) == sorted([link, "lo"]), r.out + r.err
+    host = os.stat("/sys").st_dev
+    assert f" {os.major(host)}:{os.minor(host)} " not in sysfs, f"the host's sysfs is bound: {sysfs}"
+    assert cgroup_leak.strip() == "", f"the host's cgroup tree is visible: {cgroup_leak}"
