@@ -56,17 +56,16 @@ class ServerState:
     def spawn_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a best-effort task (lineage tracking) that must never take the server down."""
 
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:
-                log.debug("background task %s failed: %s", name, exc)
-
-        task = asyncio.get_running_loop().create_task(guarded(), name=name)
+        # The coroutine is the task itself (no wrapper): a task cancelled before its first step still
+        # closes it, where a wrapper's inner coroutine would be dropped "never awaited".
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("background task %s failed: %s", task.get_name(), task.exception())
 
     async def close(self) -> None:
         for task in list(self._background):
