@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -52,6 +51,8 @@ ROOTFS_BINDS = RUN_DIR / "rootfs"
 BUNDLES = RUN_DIR / "bundles"
 # NAT networks set up ahead for the next runs with networking (two `ip` processes, ~5 ms per run).
 SPARE_NETWORKS = 1
+# Limits cgroups made ahead (v1: renamed into place, 0.2 ms less per run); v2 cannot rename.
+SPARE_CGROUPS = 2
 _SPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -367,7 +368,7 @@ class RunningSandbox:
         proc = oci_config.process_section(argv, list(env or []), cwd, uid, gid, self._rt.rlimits)
         proc_file = self.bundle / f"exec-{self._exec_seq}.json"
         pid_file = self.bundle / f"exec-{self._exec_seq}.pid"
-        proc_file.write_text(json.dumps(proc))
+        proc_file.write_bytes(msgspec.json.encode(proc))
         child = await _Child.spawn(
             [*self._rt.runtime_argv(), "exec", "--process", str(proc_file), "--pid-file", str(pid_file),
              self.sandbox_id], stdin=stdin)
@@ -407,8 +408,7 @@ class RunningSandbox:
         self._rt._active.pop(self.sandbox_id, None)
         if errors:
             raise RuntimeError(f"cleanup of sandbox {self.sandbox_id}: " + "; ".join(errors))
-        if self.spec.networking:
-            await self._rt.make_spares()  # this run used one: ready the next one's while nobody waits
+        await self._rt.make_spares(network=self.spec.networking)  # the next run's, while nobody waits
 
 
 class StagedSandbox(msgspec.Struct, kw_only=True):
@@ -439,6 +439,8 @@ class SandboxRuntime:
         self._staged: set[str] = set()
         self._spare_nets: list[SandboxNetwork] = []
         self._spares_coming = 0
+        self._spare_cgroups: list[tuple[str, CgroupLimits]] = []
+        self._last_limits: CgroupLimits | None = None
         self._closing = False
         self._lock_fd = -1
         # Set when sandboxes run in a user namespace: the caller mounts lowers through
@@ -548,8 +550,10 @@ class SandboxRuntime:
             quota = spec.cpu_quota
             if quota is not None and self.config.budget_cpus is not None:
                 quota = min(quota, self.config.budget_cpus)  # v1 refuses a child quota above its parent's
-            self.cgroups.create(sid, CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit,
-                                                  cpu_quota=quota))
+            limits = CgroupLimits(memory_bytes=spec.memory_bytes, pids=spec.pids_limit, cpu_quota=quota)
+            self._last_limits = limits
+            if not self._adopt_spare_cgroup(sid, limits):
+                self.cgroups.create(sid, limits)
             try:
                 if self.runtime == "runsc" and spec.networking:
                     # Debian's runsc (2022) refuses the prepared netns ("root network namespace").
@@ -570,10 +574,34 @@ class SandboxRuntime:
             raise
         return StagedSandbox(spec=spec, bundle=bundle, net=net, etc_files=list(files))
 
-    async def make_spares(self) -> None:
-        """Set up a NAT network for a next run while nobody waits (a run's teardown calls this once
-        runs use networking). A spare is a fresh namespace that no sandbox has been in."""
-        if self.network.mode != "nat":
+    def _adopt_spare_cgroup(self, sid: str, limits: CgroupLimits) -> bool:
+        for i, (name, made_with) in enumerate(self._spare_cgroups):
+            if made_with == limits:
+                del self._spare_cgroups[i]
+                if self.cgroups.adopt(name, sid):
+                    return True
+                with contextlib.suppress(OSError):
+                    self.cgroups.remove(name)
+                return False
+        return False
+
+    async def make_spares(self, *, network: bool) -> None:
+        """Make what the next runs will need while nobody waits (a run's teardown calls this): limits
+        cgroups like the last run's (v1), and after a run with networking a NAT network. A spare is
+        fresh: no sandbox has been in it."""
+        limits = self._last_limits
+        while (not self.cgroups.v2 and limits is not None and not self._closing
+               and len(self._spare_cgroups) < SPARE_CGROUPS):
+            name = f"spare-{secrets.token_hex(6)}"
+            try:
+                self.cgroups.create(name, limits)
+            except OSError as exc:
+                log.debug("no spare cgroup: %s", exc)
+                with contextlib.suppress(OSError):
+                    self.cgroups.remove(name)
+                break
+            self._spare_cgroups.append((name, limits))
+        if not network or self.network.mode != "nat":
             return
         while not self._closing and len(self._spare_nets) + self._spares_coming < SPARE_NETWORKS:
             self._spares_coming += 1
@@ -627,7 +655,8 @@ class SandboxRuntime:
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
                     containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
-            (bundle / "config.json").write_text(json.dumps(oci_config.build_config(opts, proc)))
+            # msgspec: 15 us for the ~15 KB config, json.dumps took 150 us of the run's path.
+            (bundle / "config.json").write_bytes(msgspec.json.encode(oci_config.build_config(opts, proc)))
             argv = [*self.runtime_argv()]
             if self.runtime == "runsc":
                 argv.append("--network=none")
@@ -658,6 +687,7 @@ class SandboxRuntime:
     async def close(self) -> None:
         """Stop every sandbox still running and remove what `create` made."""
         self._closing = True
+        self._spare_cgroups.clear()  # removed with the parent below
         for sandbox in list(self._active.values()):
             with contextlib.suppress(Exception):
                 await sandbox.cleanup()

@@ -215,3 +215,21 @@ def test_seccomp_profile_allows_nothing_it_denies() -> None:
     assert not allowed & set(seccomp.DENIED)
     assert not allowed & {"clone", "clone3", "unshare", "keyctl", "bpf", "mount", "personality"}
     assert prof.defaultAction == "SCMP_ACT_ERRNO" and prof.defaultErrnoRet == 38
+
+
+async def test_a_spare_cgroup_keeps_the_limits_and_oom_reporting(runtime: SandboxRuntime,
+                                                                 rootfs: Path) -> None:
+    """A run's teardown makes cgroups with its limits for the next runs (v1 renames one into place): the
+    adopted cgroup still enforces the memory limit and its OOM kill is still reported."""
+    first = await run(runtime, rootfs, "true", memory_bytes=32 << 20)
+    assert first.exit.exit_code == 0
+    if runtime.cgroups.v2:
+        assert runtime._spare_cgroups == []  # v2 cannot rename: no spares are made
+    else:
+        assert [limits.memory_bytes for _, limits in runtime._spare_cgroups] == [32 << 20] * 2
+    spares = {name for name, _ in runtime._spare_cgroups}
+    r = await run(runtime, rootfs, "exec tail /dev/zero", memory_bytes=32 << 20)
+    assert r.exit.exit_code == 137 and r.exit.oom_killed
+    assert r.exit.memory_peak_bytes is not None and r.exit.memory_peak_bytes <= (32 << 20) + (1 << 20)
+    if spares:
+        assert len(spares - {name for name, _ in runtime._spare_cgroups}) == 1, "no spare was adopted"
