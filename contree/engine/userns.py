@@ -206,10 +206,36 @@ def _entries(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                     stack.append(e.path)
 
 
-def _chown(path: str, st: os.stat_result, uid: int | None, gid: int | None) -> None:
+_FCAPS = "security.capability"
+_FCAPS_V3 = 0x03000000  # VFS_CAP_REVISION_3: the xattr ends with the uid of the namespace's root
+
+
+def _chown(path: str, st: os.stat_result, uid: int | None, gid: int | None,
+           fn: Callable[[int], int | None] | None = None) -> None:
+    caps = _file_caps(path, st)
     os.lchown(path, st.st_uid if uid is None else uid, st.st_gid if gid is None else gid)
     if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(path, stat.S_IMODE(st.st_mode))  # chown cleared setuid/setgid
+    if caps is not None:
+        os.setxattr(path, _FCAPS, _shift_caps_root(caps, fn), follow_symlinks=False)  # chown dropped them too
+
+
+def _file_caps(path: str, st: os.stat_result) -> bytes | None:
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        return os.getxattr(path, _FCAPS, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _shift_caps_root(caps: bytes, fn: Callable[[int], int | None] | None) -> bytes:
+    """File capabilities set inside a sandbox are v3 and name its root by host id (BASE+0): move that id
+    like the owners (the kernel stores a root of 0 as v2, which every sandbox's root then owns)."""
+    if fn is None or len(caps) != 24 or int.from_bytes(caps[:4], "little") & 0xFF000000 != _FCAPS_V3:
+        return caps
+    root = fn(int.from_bytes(caps[20:], "little"))
+    return caps if root is None else caps[:20] + root.to_bytes(4, "little")
 
 
 def _shift(root: Path, fn: Callable[[int], int | None]) -> int:
@@ -220,6 +246,6 @@ def _shift(root: Path, fn: Callable[[int], int | None]) -> int:
             continue
         uid, gid = fn(st.st_uid), fn(st.st_gid)
         if uid is not None or gid is not None:
-            _chown(os.path.join(root, rel) if rel else os.fspath(root), st, uid, gid)
+            _chown(os.path.join(root, rel) if rel else os.fspath(root), st, uid, gid, fn)
             changed += 1
     return changed

@@ -65,6 +65,31 @@ def test_shift_round_trip_keeps_modes_and_whiteouts(tmp_path: Path) -> None:
         idmap.close()
 
 
+def test_shift_out_keeps_file_capabilities_with_their_root_moved(tmp_path: Path) -> None:
+    """`setcap` in a sandbox stores v3 capabilities naming the sandbox's root by host id (BASE); the
+    commit's chown would drop them, and a layer must name its root as container id 0."""
+    _require_root()
+    idmap = IdMap.create()
+    try:
+        upper = tmp_path / "upper"
+        upper.mkdir()
+        tool = upper / "ping"
+        tool.write_bytes(b"\x7fELF")
+        os.lchown(tool, BASE, BASE)
+        net_raw = 1 << 13
+        v3 = b"".join(x.to_bytes(4, "little") for x in (0x03000001, net_raw, 0, 0, 0, BASE))
+        os.setxattr(tool, "security.capability", v3)
+        assert os.getxattr(tool, "security.capability") == v3
+        idmap.shift_out(upper)
+        assert (os.lstat(tool).st_uid, os.lstat(tool).st_gid) == (0, 0)
+        caps = os.getxattr(tool, "security.capability")
+        assert int.from_bytes(caps[4:8], "little") == net_raw
+        # Root 0 is stored as v2 (20 bytes, no root id) by the kernel; a v3 one must name root 0.
+        assert len(caps) == 20 or int.from_bytes(caps[20:24], "little") == 0, caps.hex()
+    finally:
+        idmap.close()
+
+
 def test_idmapped_lowers_show_layer_owners_shifted(tmp_path: Path) -> None:
     _require_root()
     idmap = IdMap.create()
