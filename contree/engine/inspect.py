@@ -240,6 +240,25 @@ def _tarinfo(name: str, node: Node, r: Resolver, links: dict[tuple[int, int], st
     return info
 
 
+def _xattr_headers(fd: int) -> dict[str, str]:
+    """A regular file's extended attributes as PAX `SCHILY.xattr.*` records (what GNU tar and bsdtar
+    read back with --xattrs): file capabilities, user.* attributes. Overlay's own are not content."""
+    headers = {}
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return {}
+    for name in names:
+        if name.startswith("trusted.overlay."):
+            continue
+        try:
+            value = os.getxattr(fd, name)
+        except OSError:
+            continue
+        headers[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
+    return headers
+
+
 def archive_chunks(store: Store, image: ImageRecord, path: str) -> Iterator[bytes]:
     """A POSIX PAX tar of `path`, streamed: a directory's content at the archive root, a file as one entry.
     Errors are raised before the first chunk."""
@@ -257,25 +276,28 @@ def _tar_stream(r: Resolver, top: Node) -> Iterator[bytes]:
         info = _tarinfo(name, node, r, links)
         if info is None:
             continue
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        yield header
-        written += len(header)
-        if info.type == tarfile.REGTYPE and info.size:
-            fd = r.open_file(node)
-            try:
-                remaining = info.size
-                while remaining > 0:
-                    data = os.read(fd, min(CHUNK, remaining))
-                    if not data:
-                        break  # the file shrank: pad with zeros, the header already promised the size
-                    remaining -= len(data)
-                    written += len(data)
-                    yield data
-                if remaining:
-                    yield bytes(remaining)
-                    written += remaining
-            finally:
+        fd = r.open_file(node) if info.type == tarfile.REGTYPE and info.size else -1
+        try:
+            if fd >= 0:
+                info.pax_headers = _xattr_headers(fd)
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            yield header
+            written += len(header)
+            remaining = info.size if fd >= 0 else 0
+            while remaining > 0:
+                data = os.read(fd, min(CHUNK, remaining))
+                if not data:
+                    break  # the file shrank: pad with zeros, the header already promised the size
+                remaining -= len(data)
+                written += len(data)
+                yield data
+            if remaining:
+                yield bytes(remaining)
+                written += remaining
+        finally:
+            if fd >= 0:
                 os.close(fd)
+        if fd >= 0:
             pad = -info.size % _BLOCK
             if pad:
                 yield bytes(pad)

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import stat
+import subprocess
 import tarfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -273,3 +274,26 @@ async def test_grep_roots_through_hostile_links_stay_in_the_image(grep: Grep, im
     host = re.escape(HOST_PASSWD_LINE)  # differs from the image's first line (/bin/sh)
     outside = await grep(image, pattern=[host], path=["/rootlink/etc", "/src/up", "/etc/evil"])
     assert outside.matches == []
+
+
+def test_archive_carries_file_xattrs_that_gnu_tar_restores(store: Store, tmp_path: Path) -> None:
+    """File capabilities (binary) and user.* attributes travel as PAX SCHILY.xattr records."""
+    stage = store.staging_dir()
+    tool = stage / "bin" / "tool"
+    tool.parent.mkdir()
+    tool.write_bytes(b"\x7fELF-ish")
+    v2_caps = b"".join(x.to_bytes(4, "little") for x in (0x02000001, 1 << 13, 0, 0, 0))
+    os.setxattr(tool, "security.capability", v2_caps)
+    os.setxattr(tool, "user.note", b"kept")
+    image = store.create_image_from_layer_dir(stage)
+    data = b"".join(inspect.archive_chunks(store, image, "/bin"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        headers = tar.getmember("tool").pax_headers
+    assert headers["SCHILY.xattr.user.note"] == "kept"
+    assert headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == v2_caps
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-xf", "-", "-C", str(out)], input=data,
+                   check=True, capture_output=True)
+    assert os.getxattr(out / "tool", "user.note") == b"kept"
+    assert os.getxattr(out / "tool", "security.capability") == v2_caps
