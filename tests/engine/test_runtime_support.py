@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from contree.engine.network import NETNS_DIR, NetworkInfo
 from contree.engine import sandbox
+from contree.engine.network import NETNS_DIR, NetworkInfo
 from contree.engine.overlay import mount_overlay
 from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
 from contree.engine.userns import IdMap

@@ -85,7 +85,8 @@ async def test_runs_with_networking_get_a_fresh_spare_namespace_each(engine: Loc
         image = await engine.resolve_tag("busybox:latest")
         seen = []
         for _ in range(3):
-            done = await run(engine, image, "readlink /proc/self/ns/net; ip -o link | cut -d: -f2", disposable=True)
+            done = await run(engine, image, "readlink /proc/self/ns/net; ip -o link | cut -d: -f2",
+                             disposable=True)
             await engine.drain()
             ns, *links = stdout_of(done).split()
             assert {link.split("@")[0] for link in links} == {"eth0", "lo"}, links
