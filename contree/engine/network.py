@@ -606,7 +606,7 @@ class NetworkManager:
                     f"addr add {sbx_ip}/30 dev eth0", "link set eth0 addrgenmode none", "link set eth0 up",
                     "link set lo up",
                     f"route add default via {host_ip}", ""]))
-            except NetworkError:
+            except BaseException:  # a cancel too (a spare is set up during an engine's shutdown)
                 await self.teardown(net)
                 raise
             return net

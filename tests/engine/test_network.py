@@ -358,3 +358,20 @@ async def test_sysfs_shows_the_sandboxes_own_network_not_the_hosts(mount_guard: 
     host = os.stat("/sys").st_dev
     assert f" {os.major(host)}:{os.minor(host)} " not in sysfs, f"the host's sysfs is bound: {sysfs}"
     assert cgroup_leak.strip() == "", f"the host's cgroup tree is visible: {cgroup_leak}"
+
+
+async def test_a_cancelled_network_setup_leaves_nothing(mount_guard: Path) -> None:
+    """A spare network is set up during a run's teardown, which an engine's shutdown may cancel at any
+    point: nothing of it may stay."""
+    async with open_runtime(mount_guard, network_mode="nat") as rt:
+        for delay in (0.0, 0.001, 0.003, 0.006, 0.012):
+            task = asyncio.ensure_future(rt.network.setup(True))
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is None:
+                await rt.network.teardown(task.result())  # it finished first: an ordinary teardown
+            prefix = f"contree-{rt.network.tag}-"
+            left = [n for d in (NETNS_DIR, netmod.USERNS_DIR) if d.is_dir()
+                    for n in os.listdir(d) if n.startswith(prefix)]
+            assert left == [], f"after a cancel at {delay * 1000:.0f} ms: {left}"
