@@ -438,7 +438,8 @@ class SandboxRuntime:
         self._active: dict[str, RunningSandbox] = {}
         self._staged: set[str] = set()
         self._spare_nets: list[SandboxNetwork] = []
-        self._spares_coming = 0
+        # Spares being set up; a run that finds none ready claims one of these (removes it) and waits.
+        self._spares_coming: list[asyncio.Future[SandboxNetwork | None]] = []
         self._spare_cgroups: list[tuple[str, CgroupLimits]] = []
         self._last_limits: CgroupLimits | None = None
         self._closing = False
@@ -559,8 +560,8 @@ class SandboxRuntime:
                     # Debian's runsc (2022) refuses the prepared netns ("root network namespace").
                     net = SandboxNetwork(info=NetworkInfo(
                         mode="none", error="networking is not supported with the runsc runtime yet"))
-                elif spec.networking and self._spare_nets:
-                    net = self._spare_nets.pop()
+                elif spec.networking and (self._spare_nets or self._spares_coming):
+                    net = await self._take_spare_network()
                 else:
                     net = await self.network.setup(spec.networking)
             except Exception as exc:
@@ -603,19 +604,43 @@ class SandboxRuntime:
             self._spare_cgroups.append((name, limits))
         if not network or self.network.mode != "nat":
             return
-        while not self._closing and len(self._spare_nets) + self._spares_coming < SPARE_NETWORKS:
-            self._spares_coming += 1
+        while not self._closing and len(self._spare_nets) + len(self._spares_coming) < SPARE_NETWORKS:
+            coming: asyncio.Future[SandboxNetwork | None] = asyncio.get_running_loop().create_future()
+            self._spares_coming.append(coming)
+            net: SandboxNetwork | None = None
             try:
                 net = await self.network.setup(True)
             except Exception as exc:
                 log.debug("no spare network: %s", exc)
-                return
             finally:
-                self._spares_coming -= 1
-            if self._closing:
-                await self.network.teardown(net)
+                failed = net is None
+                if coming in self._spares_coming:  # nobody claimed it: keep it
+                    self._spares_coming.remove(coming)
+                    if net is not None and self._closing:
+                        await self.network.teardown(net)
+                    elif net is not None:
+                        self._spare_nets.append(net)
+                    net = None
+                coming.set_result(net)  # to a claimer; None: it sets its own up
+            if failed:
                 return
-            self._spare_nets.append(net)
+
+    async def _take_spare_network(self) -> SandboxNetwork:
+        """A ready spare, else the one being set up (it is ready sooner than a new one), else a new one."""
+        if self._spare_nets:
+            return self._spare_nets.pop()
+        coming = self._spares_coming.pop(0)
+        try:
+            net = await asyncio.shield(coming)
+        except asyncio.CancelledError:
+            if not coming.done():
+                self._spares_coming.insert(0, coming)  # unclaimed: it becomes an ordinary spare
+            else:
+                got = coming.result()
+                if got is not None:
+                    self._spare_nets.append(got)  # delivered as we were cancelled: keep it
+            raise
+        return net if net is not None else await self.network.setup(True)
 
     async def abort(self, staged: StagedSandbox) -> None:
         """Undo a `stage` that will not be launched."""

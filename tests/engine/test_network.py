@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from contree.engine import network as netmod
@@ -375,3 +376,32 @@ async def test_a_cancelled_network_setup_leaves_nothing(mount_guard: Path) -> No
             left = [n for d in (NETNS_DIR, netmod.USERNS_DIR) if d.is_dir()
                     for n in os.listdir(d) if n.startswith(prefix)]
             assert left == [], f"after a cancel at {delay * 1000:.0f} ms: {left}"
+
+
+async def test_a_run_claims_the_spare_network_being_set_up(runtime: SandboxRuntime, rootfs: Path) -> None:
+    """Back-to-back runs: the next run waits for the spare its predecessor's teardown is setting up
+    (sooner ready than a new one) instead of setting up a second network; a claimer that is cancelled
+    hands it back as an ordinary spare."""
+    spec = SandboxSpec(sandbox_id="claim", rootfs=rootfs, argv=["true"], stdin=False)
+    making = asyncio.ensure_future(runtime.make_spares(network=True))
+    await asyncio.sleep(0)
+    assert len(runtime._spares_coming) == 1
+    staged = await runtime.stage(spec)
+    await making
+    try:
+        assert staged.net.netns_name is not None and staged.net.info.mode == "nat"
+        # The claimed one was replaced by the next spare, a namespace of its own.
+        assert len(runtime._spare_nets) == 1 and runtime._spares_coming == []
+        assert runtime._spare_nets[0].netns_name != staged.net.netns_name
+    finally:
+        await runtime.abort(staged)
+    await runtime.network.teardown(runtime._spare_nets.pop())
+    making = asyncio.ensure_future(runtime.make_spares(network=True))
+    await asyncio.sleep(0)
+    claimer = asyncio.ensure_future(runtime.stage(msgspec.structs.replace(spec, sandbox_id="claim2")))
+    await asyncio.sleep(0.001)
+    claimer.cancel()
+    await asyncio.wait({claimer})
+    await making
+    assert len(runtime._spare_nets) == 1, "the cancelled claimer's spare was lost"
+    assert not runtime.cgroups.exists("claim2") and not (runtime.bundles / "claim2").exists()
