@@ -41,6 +41,9 @@ from pathlib import Path
 
 import msgspec
 
+from contree.engine.overlay import bind_mount
+from contree.engine.userns import write_id_maps
+
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
@@ -58,10 +61,8 @@ BLOCKED_RANGES = [
 ]
 
 _MNT_DETACH = 2
-_MS_BIND = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 
 
 class InterfaceCounters(msgspec.Struct, kw_only=True):
@@ -276,12 +277,6 @@ def delete_netns(name: str) -> None:
             pass
 
 
-def _write_id_maps(pid: int, base: int, size: int) -> None:
-    for map_name in ("uid_map", "gid_map"):
-        with open(f"/proc/{pid}/{map_name}", "w") as fh:
-            fh.write(f"0 {base} {size}\n")
-
-
 async def make_owned_netns(name: str, base: int, size: int) -> str:
     """A network namespace `NETNS_DIR/<name>` owned by a fresh user namespace that maps container ids
     0..size-1 to host ids base..; returns that user namespace's file (`USERNS_DIR/<name>`).
@@ -300,14 +295,14 @@ async def make_owned_netns(name: str, base: int, size: int) -> str:
         if await asyncio.wait_for(proc.stdout.readline(), 10) != b"ready\n":
             err = (await proc.stderr.read()).decode(errors="replace").strip()
             raise NetworkError(f"cannot create the sandbox's user and network namespaces: {err}")
-        _write_id_maps(proc.pid, base, size)
+        write_id_maps(proc.pid, base, size)
         for ns, target in (("net", NETNS_DIR / name), ("user", USERNS_DIR / name)):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch()
-            source = f"/proc/{proc.pid}/ns/{ns}".encode()
-            if _libc.mount(source, str(target).encode(), None, _MS_BIND, None) != 0:
-                err_no = ctypes.get_errno()
-                raise NetworkError(f"cannot keep the {ns} namespace at {target}: {os.strerror(err_no)}")
+            try:
+                bind_mount(Path(f"/proc/{proc.pid}/ns/{ns}"), target)
+            except OSError as exc:
+                raise NetworkError(f"cannot keep the {ns} namespace at {target}: {exc.strerror}") from exc
     except BaseException:
         delete_netns(name)
         raise

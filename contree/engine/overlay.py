@@ -155,7 +155,7 @@ def mount_overlay(
 
 
 def bind_mount(source: Path, target: Path) -> None:
-    """Bind `source` (not its submounts) on `target`, an existing directory."""
+    """Bind `source` (not its submounts) on `target`, an existing directory (a file for a file)."""
     if _libc.mount(os.fsencode(source), os.fsencode(target), None, _MS_BIND, None) != 0:
         err = ctypes.get_errno()
         raise OverlayError(err, f"bind mount of {source} on {target} failed: {os.strerror(err)}")

@@ -526,12 +526,16 @@ class SandboxRuntime:
                            "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"]})
         return mounts
 
-    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
-        """Write the per-sandbox /etc files into `bundle` and return the mounts that bind them."""
+    def _write_etc_files(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[str]:
+        """Write the per-sandbox /etc files into `bundle`; returns their names."""
         files = self._etc_files(spec, net)
         for name, text in files.items():
             (bundle / name).write_text(text)
-        return self._etc_binds(spec.rootfs, bundle, list(files))
+        return list(files)
+
+    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
+        """Write the per-sandbox /etc files into `bundle` and return the mounts that bind them."""
+        return self._etc_binds(spec.rootfs, bundle, self._write_etc_files(spec, bundle, net))
 
     async def start(self, spec: SandboxSpec) -> RunningSandbox:
         """`stage` then `launch`: the rootfs must already be mounted."""
@@ -567,13 +571,11 @@ class SandboxRuntime:
             except Exception as exc:
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
-            files = self._etc_files(spec, net)
-            for name, text in files.items():
-                (bundle / name).write_text(text)
+            etc_files = self._write_etc_files(spec, bundle, net)
         except BaseException:
             await self._unstage(sid, bundle, net)
             raise
-        return StagedSandbox(spec=spec, bundle=bundle, net=net, etc_files=list(files))
+        return StagedSandbox(spec=spec, bundle=bundle, net=net, etc_files=etc_files)
 
     def _adopt_spare_cgroup(self, sid: str, limits: CgroupLimits) -> bool:
         for i, (name, made_with) in enumerate(self._spare_cgroups):
@@ -827,6 +829,12 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
         held[name] = fd  # keep it while cleaning, so a successor waits for us
         return True
 
+    def dead_entries(parent: Path) -> list[Path]:
+        """The per-engine entries of `parent` (named by engine id) whose engine is dead."""
+        if not parent.is_dir():
+            return []
+        return [e for e in parent.iterdir() if e.name in held or is_dead(e.name)]
+
     try:
         done = sweep_dead_parents(info, CGROUP_ROOT_NAME, is_dead)
         for name in held:
@@ -835,19 +843,15 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
                 if root.is_dir():
                     shutil.rmtree(root, ignore_errors=True)
                     done.append(f"removed runtime state {root}")
-        if BUNDLES.is_dir():
-            for entry in BUNDLES.iterdir():
-                if entry.name in held or is_dead(entry.name):
-                    shutil.rmtree(entry, ignore_errors=True)
-                    done.append(f"removed bundles {entry}")
-        if ROOTFS_BINDS.is_dir():
-            for entry in ROOTFS_BINDS.iterdir():
-                if entry.name in held or is_dead(entry.name):
-                    try:
-                        _release_binds(entry)
-                        done.append(f"released rootfs binds {entry}")
-                    except OSError as exc:  # never block start-up on it: report and go on
-                        done.append(f"could not release rootfs binds {entry}: {exc}")
+        for entry in dead_entries(BUNDLES):
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed bundles {entry}")
+        for entry in dead_entries(ROOTFS_BINDS):
+            try:
+                _release_binds(entry)
+                done.append(f"released rootfs binds {entry}")
+            except OSError as exc:  # never block start-up on it: report and go on
+                done.append(f"could not release rootfs binds {entry}: {exc}")
         return done
     finally:
         for name, fd in held.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import platform
@@ -278,11 +279,12 @@ class InstanceRun:
             gid=plan.gid,
             hostname=request.hostname,
             networking=request.networking.enabled if request.networking is not None else True,
-            stdin=any(self._stdin()),
+            stdin=any(self._stdin),
         )
 
+    @functools.cached_property
     def _stdin(self) -> tuple[bytes, bool]:
-        """The initial stdin data, and whether stdin stays open after it."""
+        """The initial stdin data (decoded once), and whether stdin stays open after it."""
         request = self.request
         data = api.decode_stream(request.stdin) if request.stdin is not None else b""
         return data, request.stdin is not None and not request.stdin.close
@@ -330,7 +332,7 @@ class InstanceRun:
         engine = self.engine
         request = self.request
         networking = staged.spec.networking
-        stdin_data, keep_open = self._stdin()
+        stdin_data, keep_open = self._stdin
         self.sandbox = await engine.runtime.launch(staged)
         sb = self.sandbox
         # While the runtime starts the sandbox (milliseconds this process would otherwise idle):

@@ -195,7 +195,10 @@ def clean_upper(upper: Path) -> int:
     return count - 1
 
 
-_SCRATCH_SUBDIRS = ("upper", "work", "rootfs")
+def _make_scratch(path: Path) -> None:
+    """A run's scratch dir: `path` with empty upper/, work/ and rootfs/."""
+    for sub in ("upper", "work", "rootfs"):
+        (path / sub).mkdir(parents=True)
 
 
 class Store:
@@ -278,8 +281,7 @@ class Store:
                 return target
             except OSError:
                 remove_tree(spare)
-        for sub in _SCRATCH_SUBDIRS:
-            (target / sub).mkdir(parents=True)
+        _make_scratch(target)
         return target
 
     def make_spare_scratch(self, keep: int) -> None:
@@ -289,8 +291,7 @@ class Store:
                 if len(self._spares) >= keep:
                     return
             path = self.sandboxes_dir / f".spare-{uuidlib.uuid4().hex}"
-            for sub in _SCRATCH_SUBDIRS:
-                (path / sub).mkdir(parents=True)
+            _make_scratch(path)
             with self._lock:
                 self._spares.append(path)
 

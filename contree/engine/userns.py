@@ -81,10 +81,7 @@ def _userns_fd(base: int, size: int) -> int:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise UsernsUnavailable(errno.EPERM, f"cannot create a user namespace: {err or 'unshare failed'} "
                                     "(user.max_user_namespaces = 0?)")
-        mapping = f"0 {base} {size}\n"
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{proc.pid}/{name}", "w") as f:
-                f.write(mapping)
+        write_id_maps(proc.pid, base, size)
         return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         with contextlib.suppress(OSError):
@@ -98,6 +95,14 @@ def _userns_fd(base: int, size: int) -> int:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def write_id_maps(pid: int, base: int, size: int) -> None:
+    """Map ids 0..size-1 of the user namespace of process `pid` (made by us, so root may write any
+    mapping) to host ids base.. ."""
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {base} {size}\n")
 
 
 def idmapped_clone(path: Path | str, userns_fd: int) -> int:
