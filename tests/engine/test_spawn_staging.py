@@ -19,6 +19,9 @@ pytestmark = pytest.mark.engine
 
 
 def staged_leftovers(rt: SandboxRuntime, op_uuid: str) -> list[str]:
+    """What of the run `op_uuid` is still there. A spare network its teardown made for the next run is
+    not the run's (it is made when the run got as far as starting its sandbox)."""
+    spares = {net.netns_name for net in rt._spare_nets}
     found = []
     if rt.cgroups.exists(op_uuid):
         found.append(f"cgroup {op_uuid}")
@@ -27,7 +30,8 @@ def staged_leftovers(rt: SandboxRuntime, op_uuid: str) -> list[str]:
     if (rt.rootfs_binds / op_uuid).exists():
         found.append(f"rootfs bind {op_uuid}")
     if NETNS_DIR.is_dir():
-        found += [f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith(f"contree-{rt.network.tag}-")]
+        found += [f"netns {n}" for n in os.listdir(NETNS_DIR)
+                  if n.startswith(f"contree-{rt.network.tag}-") and n not in spares]
     return found
 
 
