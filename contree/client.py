@@ -124,8 +124,18 @@ class RemoteBackend:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout),
+                connector=self._make_connector(),
             )
         return self._session
+
+    def _make_connector(self) -> aiohttp.BaseConnector | None:
+        """The connector of a new session; None = TCP (a subclass may reach its server otherwise)."""
+        return None
+
+    async def _reconnect(self) -> bool:
+        """Called when connecting failed: True when the server was brought back (the request is then
+        sent once more at once). A plain API server cannot be restarted from here."""
+        return False
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -167,6 +177,7 @@ class RemoteBackend:
                 total=None, sock_connect=self.connect_timeout, sock_read=self.timeout
             )
         attempt = timeouts = 0
+        reconnected = False
         while True:
             try:
                 response = await session.request(
@@ -180,7 +191,12 @@ class RemoteBackend:
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # A connect error means nothing reached the server; other drops may have been processed.
-                safe = idempotent or isinstance(exc, aiohttp.ClientConnectorError)
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                if refused and not reconnected and await self._reconnect():
+                    reconnected = True
+                    session = self._get_session()
+                    continue
+                safe = idempotent or refused
                 # A server that let a whole request time out gets one more chance, not `retries` more
                 # full timeouts (which would turn a 300 s limit into half an hour).
                 if isinstance(exc, TimeoutError):
@@ -385,18 +401,25 @@ class RemoteBackend:
 
     async def _upload_stream(self, url: URL, data: AsyncIterator[bytes]) -> aiohttp.ClientResponse:
         # A consumed iterator cannot be replayed: one attempt only.
-        session = self._get_session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
-        try:
-            response = await session.post(
-                url,
-                data=data,
-                headers={"Content-Type": "application/octet-stream"},
-                allow_redirects=False,
-                timeout=timeout,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(f"POST {url.path}: upload failed: {exc or type(exc).__name__}") from None
+        reconnected = False
+        while True:
+            try:
+                response = await self._get_session().post(
+                    url,
+                    data=data,
+                    headers={"Content-Type": "application/octet-stream"},
+                    allow_redirects=False,
+                    timeout=timeout,
+                )
+                break
+            except aiohttp.ClientConnectorError as exc:
+                # nothing was sent (the body is read only once connected): the iterator is still whole
+                if reconnected or not await self._reconnect():
+                    raise Unavailable(f"POST {url.path}: upload failed: {exc}") from None
+                reconnected = True
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise Unavailable(f"POST {url.path}: upload failed: {exc or type(exc).__name__}") from None
         if response.status not in (200, 201):
             raise await self._error(
                 "POST", url, response, parse_retry_after(response.headers.get("Retry-After"))

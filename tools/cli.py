@@ -26,6 +26,9 @@ SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
+    ("engine", "serve"): ("contree.service.cli", "serve_main"),
+    ("engine", "stop"): ("contree.service.cli", "stop_main"),
+    ("engine", "status"): ("contree.service.cli", "status_main"),
 }
 
 
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
-        "'engine check …'.",
+        "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …'.",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
     p.add_argument("--mode", choices=("stdio", "http"), default="stdio", help="transport (default: stdio)")
@@ -232,13 +235,24 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
     if config.kind == "local":
-        from contree.engine.local import LocalEngine
+        from contree.service.client import ServiceBackend
 
-        # The engine re-checks local image sources when it opens them, after import_image's own check:
-        # a symlink swapped in between cannot lead the import out of the allowed roots.
-        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)))
-        await engine.start()
-        log.info("embedded engine at %s", config.home)
+        # The home's engine service (started on demand) is shared by every session. It re-checks local
+        # image sources against our allowed roots when it opens them, after import_image's own check:
+        # a symlink swapped in between cannot lead the import out of them.
+        engine = ServiceBackend(
+            config.home.absolute(),
+            import_roots=[str(p) for p in allowed_roots(args)],
+            client_name=f"contree-mcp {args.mode}",
+            user_agent=f"contree-mcp/{__version__}",
+            version=__version__,
+        )
+        try:
+            status = await engine.connect()
+        except BaseException:
+            await engine.close()
+            raise
+        log.info("engine service at %s (pid %d, contree-mcp %s)", config.home, status.pid, status.version)
         return engine, "local", config.home / "mcp"
     backend = await open_configured_backend(config, user_agent=f"contree-mcp/{__version__}")
     log.info("%s", config.describe())
@@ -246,10 +260,19 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from contree.service.starter import EngineStartError
     from protocol.server import Server
     from tools.app import build_registry, build_state
 
-    backend, kind, cache_dir = await open_backend(args)
+    try:
+        backend, kind, cache_dir = await open_backend(args)
+    except EngineStartError as exc:
+        log.error("%s", exc)  # one line, no traceback
+        if args.mode == "stdio":
+            from tools.engine_error import answer_with_error
+
+            await asyncio.to_thread(answer_with_error, str(exc))
+        return 1
     roots = allowed_roots(args)
     state = build_state(
         backend,

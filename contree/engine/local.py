@@ -86,7 +86,8 @@ class LocalEngine:
     async def start(self) -> None:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self._lock_home()
+        if self._lock_fd < 0:
+            self.lock_home()
         try:
             await self._open()
         except BaseException:
@@ -119,8 +120,11 @@ class LocalEngine:
         config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
         return msgspec.structs.replace(config, engine_id=engine_id)
 
-    def _lock_home(self) -> None:
-        """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'."""
+    def lock_home(self) -> None:
+        """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'.
+
+        `start()` takes the lock itself; the engine service takes it first (Conflict = another engine
+        holds the home), so it knows it won before it binds the home's socket."""
         fd = os.open(self.home / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -213,19 +217,26 @@ class LocalEngine:
         store.get(source)
         return source
 
-    async def import_image(self, request: api.ImageImportRequest) -> str:
+    async def import_image(
+        self, request: api.ImageImportRequest, *, local_roots: tuple[str, ...] | None = None
+    ) -> str:
+        """`local_roots`: where local sources may be read for this request, instead of the engine's own
+        `import_roots` (the engine service passes the allowed roots of the MCP server that asked)."""
         _, oplog, queue = self._parts()
+        roots = self.import_roots if local_roots is None else local_roots
         if not request.registry.url:
             raise BadRequest("registry.url is required")
         if request.timeout < 1:
             raise BadRequest("timeout must be at least 1 second")
         meta = api.metadata_from(api.ImageImportMetadata.masked(request))
         record = oplog.create("image_import", image_uuid=None, metadata=meta)
-        queue.submit(record.uuid, "image_import", lambda job: self._run_import(job, request),
+        queue.submit(record.uuid, "image_import", lambda job: self._run_import(job, request, roots),
                      self._dropped)
         return record.uuid
 
-    async def _run_import(self, job: Job, request: api.ImageImportRequest) -> None:
+    async def _run_import(
+        self, job: Job, request: api.ImageImportRequest, roots: tuple[str, ...] | None
+    ) -> None:
         from contree.oci import importer
 
         store, oplog, _ = self._parts()
@@ -235,7 +246,7 @@ class LocalEngine:
         oplog.save(record)
         events = oplog.open_log(record.uuid)
         timeout = min(request.timeout, self.limits.images_import_max_timeout)
-        options = msgspec.structs.replace(importer.default_options(), local_roots=self.import_roots)
+        options = msgspec.structs.replace(importer.default_options(), local_roots=roots)
         task = asyncio.create_task(
             importer.import_image(store, request, operation_id=record.uuid, options=options)
         )

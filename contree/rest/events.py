@@ -64,6 +64,9 @@ async def stream_events(
             pending = asyncio.create_task(_next(iterator))
         await response.write_eof()
         return response
+    except ConnectionResetError:
+        # The client stopped reading (a follower leaves once it has seen `completion`): nothing to report.
+        return response
     finally:
         if pending is not None and not pending.done():
             pending.cancel()

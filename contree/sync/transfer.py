@@ -9,7 +9,7 @@ assembled from chunks it already holds, so a one-byte edit of a large file moves
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,7 @@ from contree import api
 from contree.backend import Backend
 from contree.engine.blobs import BlobStore
 from contree.errors import NotFound
-from contree.sync.chunker import FileChangedError, FileDigest, read_chunks
+from contree.sync.chunker import Chunk, FileChangedError, FileDigest, read_chunks
 
 _STREAM = 1024 * 1024
 UPLOAD_CONCURRENCY = 8  # concurrent backend calls per sync
@@ -48,11 +48,27 @@ class Transfer(Protocol):
         ...
 
 
+class ChunkStore(Protocol):
+    """An engine's chunk store across a process boundary (`ServiceBackend.chunk_store`)."""
+
+    target: str
+
+    async def missing_chunks(self, digests: Sequence[str]) -> set[str]: ...
+    async def put_chunks(self, items: Sequence[tuple[str, bytes]]) -> None: ...
+    async def put_files(self, datas: Sequence[bytes]) -> list[api.FileResponse]: ...
+    async def assemble(self, digests: Sequence[str]) -> api.FileResponse: ...
+    async def missing_files(self, refs: Sequence[str]) -> set[str]: ...
+
+
 def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
-    """The engine's chunk store when the backend has one, else the plain Backend file API."""
+    """The engine's chunk store when the backend has one (in this process, or the engine service's),
+    else the plain Backend file API."""
     blobs = getattr(backend, "blobs", None)
     if isinstance(blobs, BlobStore):
         return ChunkTransfer(blobs, target or f"engine:{blobs.root}")
+    store = getattr(backend, "chunk_store", None)
+    if store is not None:
+        return RemoteChunkTransfer(store, target or store.target)
     base = getattr(backend, "base", None)  # RemoteBackend's API root: stable across restarts
     default = f"remote:{base}" if isinstance(base, str) else f"backend:{type(backend).__name__}:{id(backend)}"
     return RemoteTransfer(backend, target or default)
@@ -162,6 +178,80 @@ class ChunkTransfer:
         return Sent(resp.sha256, resp.uuid, sent)
 
 
+
+class RemoteChunkTransfer:
+    """`ChunkTransfer` through the engine service: the scan and the reads stay in this process (which
+    runs as the user), only chunks the engine lacks travel, small files in batches."""
+
+    needs_sha256 = False
+
+    def __init__(self, store: ChunkStore, target: str) -> None:
+        self.store = store
+        self.target = target
+
+    async def ensure(self, path: str, digest: FileDigest) -> Sent:
+        return (await self.ensure_batch([(path, digest)]))[0]
+
+    async def ensure_batch(self, items: list[tuple[str, FileDigest]]) -> list[Sent]:
+        out: dict[int, Sent] = {}
+        small = [i for i, (_, d) in enumerate(items) if len(d.chunks) <= 1]
+        for group in _batches(small, lambda i: items[i][1].size, _BATCH_BYTES):
+            datas = await asyncio.to_thread(_read_files, [items[i] for i in group])
+            for i, data, resp in zip(group, datas, await self.store.put_files(datas), strict=True):
+                out[i] = Sent(resp.sha256, resp.uuid, len(data))
+        for i, (path, digest) in enumerate(items):
+            if i not in out:
+                out[i] = await self._ensure_chunked(path, digest)
+        return [out[i] for i in range(len(items))]
+
+    async def missing(self, refs: dict[str, tuple[str, str]]) -> set[str]:
+        gone = await self.store.missing_files([uuid for _, uuid in refs.values()])
+        return {k for k, (_, uuid) in refs.items() if uuid in gone}
+
+    async def _ensure_chunked(self, path: str, digest: FileDigest) -> Sent:
+        digests = [c.digest for c in digest.chunks]
+        missing = await self.store.missing_chunks(sorted(set(digests)))
+        wanted, seen = [], set()
+        for c in digest.chunks:
+            if c.digest in missing and c.digest not in seen:
+                seen.add(c.digest)
+                wanted.append(c)
+        sent = 0
+        for group in _batches(list(range(len(wanted))), lambda i: wanted[i].length, _BATCH_BYTES):
+            chunks = [wanted[i] for i in group]
+            datas = await asyncio.to_thread(_read_chunk_datas, path, chunks)
+            await self.store.put_chunks([(c.digest, d) for c, d in zip(chunks, datas, strict=True)])
+            sent += sum(len(d) for d in datas)
+        resp = await self.store.assemble(digests)
+        if resp.size != digest.size:
+            raise FileChangedError(path)
+        return Sent(resp.sha256, resp.uuid, sent)
+
+
+_BATCH_BYTES = 8 << 20  # one request carries at most this much (plus one item)
+
+
+def _batches(indexes: list[int], size: Callable[[int], int], limit: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in indexes:
+        if current and total + size(i) > limit:
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _read_files(items: list[tuple[str, FileDigest]]) -> list[bytes]:
+    return [_read_whole(path, digest) for path, digest in items]
+
+
+def _read_chunk_datas(path: str, chunks: list[Chunk]) -> list[bytes]:
+    return [data for _, data in read_chunks(path, chunks)]
 
 
 def _read_whole(path: str, digest: FileDigest) -> bytes:

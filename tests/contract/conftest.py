@@ -1,7 +1,8 @@
 """The `backend` fixture of the Backend contract suite.
 
-Param "local" is a `LocalEngine` in `tmp_path`; other params (e.g. "remote" = RemoteBackend → REST
-server → LocalEngine) wrap the same engine, so every contract test runs against each. Each backend
+Param "local" is a `LocalEngine` in `tmp_path`; "remote" = RemoteBackend → REST server (TCP, token) →
+that engine; "service" = ServiceBackend → the home's unix socket → the engine service hosting a
+LocalEngine of its own (what every MCP server uses). Every contract test runs against each. Each backend
 starts with one image tagged `busybox:latest` (`busybox` fixture = its UUID).
 """
 
@@ -60,10 +61,14 @@ async def local_engine(home: Path, tree: Path) -> LocalEngine:
     return engine
 
 
-@pytest.fixture(params=["local", "remote"])
+@pytest.fixture(params=["local", "remote", "service"])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, busybox_tree: Path
 ) -> AsyncIterator[Backend]:
+    if request.param == "service":
+        async with hosted_service(tmp_path / "home", busybox_tree) as client:
+            yield client
+        return
     engine = await local_engine(tmp_path / "home", busybox_tree)
     try:
         if request.param == "remote":
@@ -91,6 +96,38 @@ async def served(engine: LocalEngine) -> AsyncIterator[Backend]:
     finally:
         await client.close()
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def hosted_service(home: Path, tree: Path) -> AsyncIterator[Backend]:
+    """ServiceBackend → `home/engine.sock` → EngineService (run in this event loop) → LocalEngine."""
+    from contree.service.client import ServiceBackend
+    from contree.service.server import EngineService
+
+    service = EngineService(home, idle_exit=None, handle_signals=False)
+    reports: list[tuple[str, str]] = []
+    reported = asyncio.Event()
+
+    def report(kind: str, message: str) -> None:
+        reports.append((kind, message))
+        reported.set()
+
+    task = asyncio.create_task(service.serve(report))
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.wait([task, asyncio.ensure_future(reported.wait())], return_when="FIRST_COMPLETED")
+        assert reports and reports[0][0] == "ready", (reports, task)
+        assert service.engine.store is not None
+        seed_busybox(service.engine, tree)
+        client = ServiceBackend(home, client_name="contract")
+        await client.connect()
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        service.request_stop("now")
+        await task
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""sync_tree against both real backends of the contract suite: the embedded engine (chunk transfer) and
-RemoteBackend → REST server → engine (sha256 existence check, streamed uploads); the synced state is
-then injected into a run and read back inside the sandbox."""
+"""sync_tree against the real backends of the contract suite: the embedded engine (chunk transfer), the
+engine service (the same chunk store through its socket: only missing chunks travel) and RemoteBackend →
+REST server → engine (sha256 existence check, streamed uploads); the synced state is then injected into
+a run and read back inside the sandbox."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from contree.backend import Backend
 from contree.sync import StateCache, sync_tree, transfer_for
-from contree.sync.transfer import ChunkTransfer, RemoteTransfer
+from contree.sync.transfer import ChunkTransfer, RemoteChunkTransfer, RemoteTransfer
 from tests.contract.conftest import backend, busybox, busybox_tree, run, stdout_of
 from tests.sync.helpers import pseudo_random, tree
 
@@ -23,7 +24,13 @@ async def test_sync_then_run_on_each_backend(backend: Backend, busybox: str, tmp
     os.chmod(src / "hello.sh", 0o755)
     cache = StateCache(tmp_path / "sync.db")
     transfer = transfer_for(backend)
-    assert isinstance(transfer, ChunkTransfer if hasattr(backend, "store") else RemoteTransfer)
+    if hasattr(backend, "store"):
+        expected: type = ChunkTransfer
+    elif hasattr(backend, "chunk_store"):
+        expected = RemoteChunkTransfer
+    else:
+        expected = RemoteTransfer
+    assert isinstance(transfer, expected)
     manifest, cold = await sync_tree(str(src), "/s", cache=cache, transfer=transfer)
     assert cold.files_uploaded == 3 and cold.bytes_sent == len(big) + len("echo hello from sync\n") + 3
     resp = await run(
@@ -40,7 +47,7 @@ async def test_sync_then_run_on_each_backend(backend: Backend, busybox: str, tmp
     (src / "big.bin").write_bytes(bytes(big))
     edited, after = await sync_tree(str(src), "/s", cache=cache, transfer=transfer)
     assert edited.id != manifest.id and after.files_uploaded == 1
-    if isinstance(transfer, ChunkTransfer):
+    if isinstance(transfer, ChunkTransfer | RemoteChunkTransfer):
         assert after.bytes_sent < len(big) // 2  # about one chunk
     else:
         assert after.bytes_sent == len(big)  # the REST API stores whole files

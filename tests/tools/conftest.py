@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pytest
 
 from tests import prereqs
 from tests.netutil import server_process
+from tests.service_util import stop_service
 
 BUSYBOX_TAG = "busybox:latest"
 
@@ -40,11 +41,15 @@ def seed_busybox(home: Path) -> str:
 
 
 @pytest.fixture
-def engine_home(tmp_path: Path) -> Path:
+def engine_home(tmp_path: Path) -> Iterator[Path]:
+    """A seeded home; the engine service the servers under test start in it is stopped afterwards."""
     require_engine_host()
     home = tmp_path / "engine"
     seed_busybox(home)
-    return home
+    try:
+        yield home
+    finally:
+        stop_service(home)
 
 
 @pytest.fixture

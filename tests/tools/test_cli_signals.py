@@ -1,18 +1,33 @@
-"""A SIGTERM'd server (what MCP clients send after closing stdin) releases what the engine set up."""
+"""A SIGTERM'd MCP server (what clients send after closing stdin) exits cleanly and leaves the shared
+engine service running; a SIGTERM'd engine service releases everything the engine set up."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
 
+from contree.service.control import ControlConnection
 from tests.tools.conftest import server_command
 
 
-def _engine_chains() -> set[str]:
+def _engine_chains(tag: str) -> set[str]:
     out = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[1] for line in out.splitlines() if line.startswith("-N CT-")}
+    return {line.split()[1] for line in out.splitlines() if line.startswith(f"-N CT-{tag}-")}
+
+
+def _network_tag(service: ControlConnection) -> str:
+    """The tag of the service's firewall chains: the tag lock it holds (other engines on this machine,
+    e.g. other test runs, have chains of their own)."""
+    fds = Path(f"/proc/{service.status.pid}/fd")
+    for fd in fds.iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("/run/contree-engine/tags/") and target.endswith(".lock"):
+            service.refresh()  # still answering: the pid was the service's while we looked
+            return Path(target).stem
+    raise AssertionError("the service holds no network tag lock")
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -20,7 +35,9 @@ def _mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
 
 
-def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Path, workdir: Path) -> None:
+def test_sigterm_of_the_service_after_a_networked_run_removes_rules_and_mounts(
+    engine_home: Path, workdir: Path
+) -> None:
     proc = subprocess.Popen(
         [*server_command(), "--backend", "local", "--home", str(engine_home), "--allowed-root", str(workdir)],
         cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -44,10 +61,14 @@ def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Pat
         result = reply["result"]["structuredContent"]["result"]
         assert result["exit_code"] == 0, result
         assert int(result["stdout"].strip()) >= 2  # lo plus the sandbox's NAT interface
-        chains_during = _engine_chains()
-        assert chains_during, "a networked run sets up the engine's firewall chains"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        with ControlConnection(engine_home, pin=True) as service:  # still there: work outlives sessions
+            assert service.status.state == "ready"
+            tag = _network_tag(service)
+            assert _engine_chains(tag), "a networked run sets up the engine's firewall chains"
+            signal.pidfd_send_signal(service.pidfd, signal.SIGTERM)
+            assert service.wait_exit(30)
     finally:
         if proc.poll() is None:  # a failed assertion above: still let the engine clean up
             proc.send_signal(signal.SIGTERM)
@@ -56,5 +77,5 @@ def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Pat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-    assert not _engine_chains() & chains_during
+    assert not _engine_chains(tag)
     assert _mounts_under(engine_home) == []

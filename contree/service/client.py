@@ -1,0 +1,186 @@
+"""`ServiceBackend`: the embedded engine of a home, reached through its service's unix socket.
+
+It is `RemoteBackend` over an aiohttp `UnixConnector` (the same `/v1` REST API), plus what an MCP server
+did in-process before: image lineage, imports checked against its own allowed roots, and the sync chunk
+store (only chunks the engine lacks travel). While open it holds an attach stream, so the service counts
+it as a client and does not exit idle under it. When the service has gone (stopped, killed) the next
+request starts a new one and is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from contree import api
+from contree.client import RemoteBackend
+from contree.errors import Unavailable
+from contree.service import control
+from contree.service.paths import SocketAddress
+from contree.service.starter import EngineStartError, ensure_service
+
+log = logging.getLogger("contree.service")
+
+ROOT = "http://contree-engine"
+LEASE_RETRY = 1.0  # seconds between attempts to re-attach after the service went away
+LEASE_READ_TIMEOUT = 120.0  # several missed heartbeats: the service hangs or is gone
+
+_msgpack = msgspec.msgpack.Encoder()
+_strings = msgspec.msgpack.Decoder(list[str])
+_file_responses = msgspec.json.Decoder(list[api.FileResponse])
+_file_response = msgspec.json.Decoder(api.FileResponse)
+
+
+class ServiceBackend(RemoteBackend):
+    """`import_roots`: directories local image sources must resolve into (sent with every import, the
+    engine re-checks them when it opens the source); None = no restriction beyond the user's own rights.
+    `client_name` is what `engine status` lists for this client."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        import_roots: Sequence[str] | None = None,
+        client_name: str = "client",
+        user_agent: str | None = None,
+        version: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        super().__init__(
+            f"{ROOT}/v1", token=None, user_agent=user_agent, timeout=timeout, connect_timeout=10.0
+        )
+        self.home = Path(home)
+        self.import_roots = tuple(import_roots) if import_roots is not None else None
+        self.client_name = client_name
+        self.version = version
+        self.status: control.ServiceStatus | None = None
+        self._address = SocketAddress(self.home)
+        self._restart = asyncio.Lock()
+        self._generation = 0
+        self._lease: asyncio.Task[None] | None = None
+        self.attached = asyncio.Event()
+        self.chunk_store = ServiceChunkStore(self)
+
+    def __repr__(self) -> str:
+        return f"ServiceBackend({str(self.home)!r})"
+
+    async def connect(self) -> control.ServiceStatus:
+        """Reach (or start) the home's service and attach to it. Raises EngineStartError."""
+        self.status = await ensure_service(self.home, version=self.version)
+        if self._lease is None:
+            self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
+        return self.status
+
+    def _make_connector(self) -> aiohttp.BaseConnector | None:
+        return aiohttp.UnixConnector(path=self._address.path)
+
+    async def _reconnect(self) -> bool:
+        """The socket refused us: the service has gone. Start (or find) its successor."""
+        generation = self._generation
+        async with self._restart:
+            if generation == self._generation:  # nobody else did it while we waited
+                try:
+                    self.status = await ensure_service(self.home, version=self.version)
+                except EngineStartError as exc:
+                    raise Unavailable(str(exc)) from None
+                self._generation += 1
+                log.info("reconnected to the engine service at %s (pid %d)", self.home, self.status.pid)
+        return True
+
+    async def _hold_lease(self) -> None:
+        """Keep one attach stream open while this backend lives; re-attach (never start) after drops."""
+        url = URL(ROOT + control.ATTACH_PATH).with_query(name=self.client_name)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=LEASE_READ_TIMEOUT)
+        while True:
+            try:
+                async with self._get_session().get(url, timeout=timeout) as response:
+                    if response.status == 200:
+                        self.attached.set()
+                        async for _ in response.content.iter_any():
+                            pass
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            self.attached.clear()
+            await asyncio.sleep(LEASE_RETRY)
+
+    async def close(self) -> None:
+        if self._lease is not None:
+            self._lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease
+            self._lease = None
+        await super().close()
+        self._address.close()
+
+    # ------------------------------------------------------------ what the engine adds to the API
+
+    async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
+        """Parent, children, ancestors, root and depth (the engine's own records), shaped exactly as
+        `LocalEngine.image_lineage` returns them."""
+        url = URL(ROOT + control.LINEAGE_PATH.format(uuid=self._image(image_uuid)))
+        lineage = await self._json(control.ImageLineage, "GET", url)
+        return {f: getattr(lineage, f) for f in lineage.__struct_fields__}
+
+    async def import_image(self, request: api.ImageImportRequest) -> str:
+        if self.import_roots is None:
+            return await super().import_image(request)
+        payload = control.ServiceImport(request=request, local_roots=list(self.import_roots))
+        result = await self._json(
+            api.ImageImportResponse,
+            "POST",
+            URL(ROOT + control.IMPORT_PATH),
+            payload=payload,
+            idempotent=False,
+            ok=(201, 200),
+        )
+        return result.uuid
+
+    async def _post_msgpack(self, path: str, payload: Any, *, ok: Sequence[int] = (200,)) -> bytes:
+        # Everything here is content-addressed, so a replay is harmless: idempotent.
+        response = await self._request(
+            "POST",
+            URL(ROOT + path),
+            body=_msgpack.encode(payload),
+            content_type=control.MSGPACK,
+            idempotent=True,
+            ok=ok,
+        )
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+
+class ServiceChunkStore:
+    """The service's sync chunk store (xxh3-128 chunks, assembled into file blobs by the engine)."""
+
+    def __init__(self, backend: ServiceBackend) -> None:
+        self._backend = backend
+        self.target = f"engine:{backend.home / 'blobs'}"
+
+    async def missing_chunks(self, digests: Sequence[str]) -> set[str]:
+        raw = await self._backend._post_msgpack(control.CHUNKS_MISSING_PATH, list(digests))
+        return set(_strings.decode(raw))
+
+    async def put_chunks(self, items: Sequence[tuple[str, bytes]]) -> None:
+        await self._backend._post_msgpack(control.CHUNKS_PATH, list(items), ok=(204, 200))
+
+    async def put_files(self, datas: Sequence[bytes]) -> list[api.FileResponse]:
+        raw = await self._backend._post_msgpack(control.FILES_BATCH_PATH, list(datas))
+        return _file_responses.decode(raw)
+
+    async def assemble(self, digests: Sequence[str]) -> api.FileResponse:
+        raw = await self._backend._post_msgpack(control.FILES_ASSEMBLE_PATH, list(digests))
+        return _file_response.decode(raw)
+
+    async def missing_files(self, refs: Sequence[str]) -> set[str]:
+        raw = await self._backend._post_msgpack(control.FILES_MISSING_PATH, list(refs))
+        return set(_strings.decode(raw))
