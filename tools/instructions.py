@@ -71,7 +71,8 @@ same UUID. Untagged images may be garbage-collected: tag what you keep.
 `run(..., wait=false)` returns `{{"operation_id": ...}}` at once. Join with
 `wait_operations(operation_ids=[...], mode="all"|"any", timeout=...)`: operations still running at the
 deadline are listed in `pending` (`timed_out: true`) and keep running; nothing is cancelled unless
-`cancel_pending=true`. States: PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED.
+`cancel_pending=true`. Operations run in the engine, not in this session: they outlive it, and a later
+session joins them by id. States: PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED.
 
 ## Server version
 `whoami()` reports `mcp_version` (and `mcp_upgrade`, always null here: this server never checks for updates).

@@ -151,7 +151,10 @@ async def build_request(
 async def wait_for_run(
     state: ServerState, ctx: RequestContext, operation_id: str, seconds: float
 ) -> dict[str, Any]:
-    """Follow a run to its end with progress; cancelling this coroutine cancels the operation."""
+    """Follow a run to its end with progress. When the client cancels the request
+    (`notifications/cancelled`), the operation is cancelled too; when the client merely goes away (its
+    session closes, its HTTP stream drops), the run keeps going to its end in the engine, like the
+    reference's, and any later session can read it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds + state.run_grace_seconds
     tail = OutputTail()
@@ -172,6 +175,8 @@ async def wait_for_run(
     try:
         return await follow_until_terminal(state.backend, operation_id, deadline, on_event)
     except asyncio.CancelledError:
+        if not ctx.cancelled.is_set():
+            raise  # the session ended, not the request: the operation outlives it
         # The client gave up on a call that started this operation: stop the sandbox too (§15.22).
         async def cancel() -> None:
             try:

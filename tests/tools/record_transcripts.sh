@@ -17,7 +17,8 @@ record tools_calls "contree-mcp tool calls that need no backend: guides, registr
 # The embedded-engine transcript: a fresh engine home (busybox seeded) and workdir, one lockstep session.
 # Sends refer to server-chosen values by <uuid-N> (N-th UUID the server sent) and <rsync-N>.
 ENGINE_TMP=$(mktemp -d)
-trap 'rm -rf "$ENGINE_TMP"' EXIT
+# the server starts the home's engine service, which outlives it: stop it before removing the home
+trap '$PY -m contree.service stop --now --home "$ENGINE_TMP/engine" > /dev/null; rm -rf "$ENGINE_TMP"' EXIT
 VARS=$($PY -m tests.tools.test_engine_transcript "$ENGINE_TMP")
 HOME_DIR=$(echo "$VARS" | sed -n 's/^home=//p')
 WORK_DIR=$(echo "$VARS" | sed -n 's/^workdir=//p')

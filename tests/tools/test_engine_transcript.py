@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import transcript
+from tests.service_util import stop_service
 from tests.tools.conftest import require_engine_host, seed_busybox
 from tests.tools.test_import_roots import write_layout
 
@@ -39,13 +40,16 @@ def prepare(base: Path) -> dict[str, str]:
 async def test_engine_transcript_replays(tmp_path: Path) -> None:
     require_engine_host()
     variables = prepare(tmp_path)
-    await transcript.replay_stdio(
-        FILE,
-        cwd=variables["workdir"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        variables=variables,
-        wait=60.0,
-    )
+    try:
+        await transcript.replay_stdio(
+            FILE,
+            cwd=variables["workdir"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            variables=variables,
+            wait=60.0,
+        )
+    finally:
+        stop_service(Path(variables["home"]))
     # The download step really wrote the file into the workdir.
     assert (Path(variables["workdir"]) / "out" / "greeting.txt").read_text() == "made by run\n"
 
