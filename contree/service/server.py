@@ -146,7 +146,7 @@ class EngineService:
                  os.getpid())
         try:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.engine.lock_home()
+            await self.engine.lock_home()
         except Conflict:
             report("busy", f"another engine holds {self.home}")
             return EXIT_BUSY
