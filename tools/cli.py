@@ -241,7 +241,7 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
         # image sources against our allowed roots when it opens them, after import_image's own check:
         # a symlink swapped in between cannot lead the import out of them.
         engine = ServiceBackend(
-            config.home.absolute(),
+            config.home,
             import_roots=[str(p) for p in allowed_roots(args)],
             client_name=f"contree-mcp {args.mode}",
             user_agent=f"contree-mcp/{__version__}",

@@ -78,8 +78,10 @@ def time_filter(query: Mapping[str, str], name: str) -> str | None:
 
 def required(query: Mapping[str, str], name: str) -> str:
     value = query.get(name)
-    if value is None or value == "":
+    if value is None:
         raise BadRequest(f"missing required query parameter: {name}")
+    if value == "":
+        raise BadRequest(f"{name} must not be empty")
     return value
 
 

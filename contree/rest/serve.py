@@ -1,4 +1,8 @@
-"""`contree-mcp serve-api`: the embedded engine as a self-hosted Contree REST API."""
+"""`contree-mcp serve-api`: the embedded engine as a self-hosted Contree REST API.
+
+It is one more client of the home's engine service (attaching to it, or starting it), so a TCP API and
+local MCP sessions share one engine; stopping serve-api stops only the TCP listener.
+"""
 
 from __future__ import annotations
 
@@ -59,12 +63,20 @@ async def serve(
         await runner.cleanup()
 
 
-async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> None:
-    from contree.engine.local import LocalEngine
+async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> int:
+    from contree.service.client import ServiceBackend
+    from contree.service.starter import EngineStartError
 
-    # API clients must never make the engine read arbitrary host files as image archives.
-    engine = LocalEngine(home, import_roots=import_roots)
-    await engine.start()
+    # API clients must never make the engine read arbitrary host files as image archives: the service
+    # checks every import of ours against these roots (none = local sources refused).
+    engine = ServiceBackend(home, import_roots=import_roots, client_name="serve-api")
+    try:
+        status = await engine.connect()
+    except EngineStartError as exc:
+        await engine.close()
+        print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
+        return 1
+    log.info("engine service at %s (pid %d)", home, status.pid)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -72,16 +84,15 @@ async def _run(host: str, port: int, home: Path, token: str | None, import_roots
     try:
         await serve(engine, host, port, token=token, stop=stop)
     finally:
-        try:
-            await engine.close()
-        except Exception as exc:  # the API is already down; report the engine's own cleanup problem
-            log.error("closing the engine: %s", exc)
+        await engine.close()  # detaches; the service exits once idle
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="contree-mcp serve-api",
-        description="Serve the embedded engine as a Contree REST API at /v1 (a self-hosted Contree).",
+        description="Serve the embedded engine as a Contree REST API at /v1 (a self-hosted Contree). It "
+        "attaches to (or starts) the home's engine service, which local MCP sessions share.",
     )
     parser.add_argument(
         "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to bind (default {DEFAULT_LISTEN})"
@@ -129,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
         import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
-        asyncio.run(_run(host, port, home, token, import_roots))
+        return asyncio.run(_run(host, port, home, token, import_roots))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0

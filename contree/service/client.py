@@ -57,7 +57,7 @@ class ServiceBackend(RemoteBackend):
         super().__init__(
             f"{ROOT}/v1", token=None, user_agent=user_agent, timeout=timeout, connect_timeout=10.0
         )
-        self.home = Path(home)
+        self.home = Path(home).absolute()  # the service runs in /, and messages name the full path
         self.import_roots = tuple(import_roots) if import_roots is not None else None
         self.client_name = client_name
         self.version = version

@@ -288,7 +288,21 @@ async def test_unknown_route_has_error_body(http: aiohttp.ClientSession) -> None
         await error_of(r)
     async with http.put("/v1/images") as r:
         assert r.status == 405
+        assert {m.strip() for m in r.headers["Allow"].split(",")} == {"GET", "HEAD"}
         await error_of(r)
+    async with http.post("/v1/operations/00000000-0000-4000-8000-000000000000") as r:
+        assert r.status == 405
+        assert {m.strip() for m in r.headers["Allow"].split(",")} == {"GET", "HEAD", "DELETE"}
+
+
+async def test_an_empty_path_is_named_empty_not_missing(http: aiohttp.ClientSession) -> None:
+    uuid = "00000000-0000-4000-8000-000000000000"
+    for endpoint in ("list", "download", "archive"):
+        async with http.get(f"/v1/inspect/{uuid}/{endpoint}", params={"path": ""}) as r:
+            assert r.status == 400 and (await error_of(r)).message() == "path must not be empty", endpoint
+        async with http.get(f"/v1/inspect/{uuid}/{endpoint}") as r:
+            assert r.status == 400
+            assert (await error_of(r)).message() == "missing required query parameter: path", endpoint
 
 
 async def test_too_early_without_a_backend_delay_still_has_retry_after(

@@ -72,8 +72,11 @@ async def test_serve_binds_loopback_and_requires_the_token(capsys: pytest.Captur
 
 @pytest.mark.slow
 def test_serve_api_command_on_the_embedded_engine(tmp_path: Path) -> None:
-    """The real command: LocalEngine in a temp home, loopback port, token; SIGTERM stops it cleanly."""
+    """The real command: it starts the temp home's engine service and serves it on a loopback port with a
+    token; SIGTERM stops the API cleanly and leaves the service to other clients."""
+    from contree.service.control import probe
     from tests.contract.conftest import require_engine_host
+    from tests.service_util import stop_service
 
     require_engine_host()
     code = "import sys; from contree.rest import main; raise SystemExit(main(sys.argv[1:]))"
@@ -95,12 +98,16 @@ def test_serve_api_command_on_the_embedded_engine(tmp_path: Path) -> None:
             urllib.request.urlopen(f"{url}/whoami", timeout=10)
         assert info.value.code == 401
         _assert_local_import_refused(url)
+        status = probe(tmp_path / "home")
+        assert status is not None and [c.name for c in status.clients] == ["serve-api"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        assert probe(tmp_path / "home") is not None  # the engine service stays for other clients
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        stop_service(tmp_path / "home")
 
 
 def _assert_local_import_refused(url: str) -> None:

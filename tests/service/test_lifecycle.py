@@ -13,6 +13,7 @@ import socket
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.service.conftest import (
     wait_for,
     wait_status,
 )
+from tests.tools.conftest import server_command
 from tools.version import __version__
 
 
@@ -231,3 +233,29 @@ async def test_a_failed_start_leaves_no_fresh_home_behind(tmp_path: Path) -> Non
     code = await service.serve(lambda kind, message: reports.append((kind, message)))
     assert code == 1 and reports == [("error", "no usable OCI runtime (simulated)")]
     assert not home.exists()
+
+
+async def test_serve_api_and_mcp_sessions_share_one_engine(engine_home: Path, workdir: Path) -> None:
+    """A TCP API client and a local MCP session see the same images through one engine service."""
+    import aiohttp
+
+    from tests.netutil import free_port, server_process
+    from tests.tools.conftest import mcp_session
+    from tests.tools.test_sdk_tools import result
+
+    port = free_port()
+    argv = [*server_command(), "serve-api", "--listen", f"127.0.0.1:{port}", "--home", str(engine_home)]
+    url = f"http://127.0.0.1:{port}/v1"
+    log = workdir.parent / "api.log"
+    async with server_process(argv, ready_url=url + "/whoami", log=log, name="serve-api"):
+        async with mcp_session(engine_home, workdir) as s:
+            session: Any = s
+            run = {"command": "echo via-mcp > /f", "image": "busybox:latest", "disposable": False}
+            made = result(await session.call_tool("run", run))
+            status = probe(engine_home)
+            assert status is not None
+            assert sorted(c.name for c in status.clients) == ["contree-mcp stdio", "serve-api"]
+            async with aiohttp.ClientSession() as http:
+                params = {"path": "/f"}
+                async with http.get(f"{url}/inspect/{made['result_image']}/download", params=params) as r:
+                    assert r.status == 200 and await r.read() == b"via-mcp\n"
