@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import configparser
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -104,7 +104,7 @@ class BackendConfig:
     def describe(self) -> str:
         """One log line, secrets excluded."""
         if self.kind == "local":
-            return f"backend: embedded engine, state in {self.home}"
+            return f"backend: embedded engine (the engine service of {self.home})"
         project = self.project or "-"
         return f"backend: Contree API {self.url} (auth={self.auth_type}, project={project}; {self.source})"
 
@@ -351,13 +351,27 @@ def resolve_backend_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> 
     )
 
 
-async def open_backend(config: BackendConfig, *, user_agent: str | None = None) -> Backend:
-    """The configured Backend, started (the embedded engine is imported only when used)."""
+async def open_backend(
+    config: BackendConfig,
+    *,
+    user_agent: str | None = None,
+    import_roots: Sequence[str] | None = None,
+    client_name: str = "client",
+) -> Backend:
+    """The configured Backend, ready to use. The embedded engine is the home's engine service, attached
+    (and started when nothing answers; `contree.service.starter.EngineStartError` when it cannot start);
+    `import_roots` bound the local image sources it reads for us. The Contree API client connects lazily."""
     if config.kind == "local":
-        from contree.engine.local import LocalEngine
+        from contree.service.client import ServiceBackend
 
-        engine = LocalEngine(config.home)
-        await engine.start()
+        engine = ServiceBackend(
+            config.home, import_roots=import_roots, client_name=client_name, user_agent=user_agent
+        )
+        try:
+            await engine.connect()
+        except BaseException:
+            await engine.close()
+            raise
         return engine
     from contree.client import RemoteBackend
 

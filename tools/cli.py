@@ -234,28 +234,18 @@ def allowed_roots(args: argparse.Namespace) -> list[Path]:
 async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
-    if config.kind == "local":
-        from contree.service.client import ServiceBackend
-
-        # The home's engine service (started on demand) is shared by every session. It re-checks local
-        # image sources against our allowed roots when it opens them, after import_image's own check:
-        # a symlink swapped in between cannot lead the import out of them.
-        engine = ServiceBackend(
-            config.home,
-            import_roots=[str(p) for p in allowed_roots(args)],
-            client_name=f"contree-mcp {args.mode}",
-            user_agent=f"contree-mcp/{__version__}",
-            version=__version__,
-        )
-        try:
-            status = await engine.connect()
-        except BaseException:
-            await engine.close()
-            raise
-        log.info("engine service at %s (pid %d, contree-mcp %s)", config.home, status.pid, status.version)
-        return engine, "local", config.home / "mcp"
-    backend = await open_configured_backend(config, user_agent=f"contree-mcp/{__version__}")
+    # Local: the home's engine service (started on demand), shared by every session. It re-checks local
+    # image sources against our allowed roots when it opens them, after import_image's own check: a
+    # symlink swapped in between cannot lead the import out of them.
+    backend = await open_configured_backend(
+        config,
+        user_agent=f"contree-mcp/{__version__}",
+        import_roots=[str(p) for p in allowed_roots(args)],
+        client_name=f"contree-mcp {args.mode}",
+    )
     log.info("%s", config.describe())
+    if config.kind == "local":
+        return backend, "local", config.home / "mcp"
     return backend, "contree", config.config_home / "mcp"
 
 

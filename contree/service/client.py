@@ -75,6 +75,9 @@ class ServiceBackend(RemoteBackend):
     async def connect(self) -> control.ServiceStatus:
         """Reach (or start) the home's service and attach to it. Raises EngineStartError."""
         self.status = await ensure_service(self.home, version=self.version)
+        log.info(
+            "engine service at %s (pid %d, contree-mcp %s)", self.home, self.status.pid, self.status.version
+        )
         if self._lease is None:
             self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
         return self.status

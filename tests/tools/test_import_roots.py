@@ -14,6 +14,7 @@ import pytest
 
 from contree import api
 from tests.oci.harness import Entry, build_image
+from tests.service_util import stop_service
 from tests.tools.conftest import mcp_session, require_engine_host
 from tests.tools.fakes import FakeBackend, call, make_registry
 
@@ -106,14 +107,17 @@ async def poll_terminal(engine: Any, op_id: str) -> api.OperationResponse:
 async def test_an_in_root_layout_imports_through_the_server(tmp_path: Path, workdir: Path) -> None:
     require_engine_host()
     write_layout(workdir / "layout")
-    async with mcp_session(tmp_path / "engine", workdir) as session:
-        result = await session.call_tool(  # type: ignore[attr-defined]
-            "import_image", {"registry_url": f"oci:{workdir / 'layout'}", "tag": "from-layout:v1"}
-        )
-        out = result.structuredContent["result"]
-        assert not result.isError and out["status"] == "SUCCESS", out
-        assert out["result_tag"] == "from-layout:v1"
-        read = await session.call_tool(  # type: ignore[attr-defined]
-            "read_file", {"image": "from-layout:v1", "path": "/hello.txt"}
-        )
-        assert not read.isError and "hi from a layout" in read.content[0].text
+    try:
+        async with mcp_session(tmp_path / "engine", workdir) as session:
+            result = await session.call_tool(  # type: ignore[attr-defined]
+                "import_image", {"registry_url": f"oci:{workdir / 'layout'}", "tag": "from-layout:v1"}
+            )
+            out = result.structuredContent["result"]
+            assert not result.isError and out["status"] == "SUCCESS", out
+            assert out["result_tag"] == "from-layout:v1"
+            read = await session.call_tool(  # type: ignore[attr-defined]
+                "read_file", {"image": "from-layout:v1", "path": "/hello.txt"}
+            )
+            assert not read.isError and "hi from a layout" in read.content[0].text
+    finally:
+        stop_service(tmp_path / "engine")

@@ -1,0 +1,72 @@
+"""What the service adds to the REST API for its MCP clients: each client's allowed roots checked by the
+engine when it opens a local image source, the engine's lineage, and the sync chunk store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from contree import api
+from contree.errors import BadRequest
+from tests.service.conftest import service_client, wait_status
+from tests.tools.test_import_roots import write_layout
+
+
+async def test_each_client_s_roots_bound_its_local_imports(engine_home: Path, tmp_path: Path) -> None:
+    """Two clients of one service with different allowed roots: the engine re-checks the roots of the
+    client that asked when it opens the source (a symlink swapped in after the tool's check)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_layout(tmp_path / "outside-layout")
+    os.symlink(tmp_path / "outside-layout", root / "layout")
+    request = api.ImageImportRequest(registry=api.ImageRegistry(url=f"oci:{root / 'layout'}"))
+    async with (
+        service_client(engine_home, "narrow", import_roots=[str(root)]) as narrow,
+        service_client(engine_home, "wide", import_roots=[str(tmp_path)]) as wide,
+    ):
+        refused = await wait_status(narrow, await narrow.import_image(request), {"SUCCESS", "FAILED"})
+        assert refused.status == "FAILED" and "outside the directories allowed" in (refused.error or "")
+        imported = await wait_status(wide, await wide.import_image(request), {"SUCCESS", "FAILED"})
+        assert imported.status == "SUCCESS", imported
+        with pytest.raises(BadRequest, match="absolute"):
+            relative = type(narrow)(engine_home, import_roots=["relative/dir"])
+            try:
+                await relative.connect()
+                await relative.import_image(request)
+            finally:
+                await relative.close()
+
+
+async def test_lineage_and_chunks_through_the_socket(engine_home: Path) -> None:
+    import xxhash
+
+    async with service_client(engine_home) as client:
+        busybox = await client.resolve_tag("busybox:latest")
+        spawned = await client.spawn(
+            api.InstanceSpawnRequest(command="touch /x", image=busybox, shell=True, disposable=False)
+        )
+        done = await wait_status(client, spawned.uuid, {"SUCCESS", "FAILED"})
+        child = done.result_image_uuid
+        assert child is not None
+        lineage = await client.image_lineage(child)
+        assert lineage["parent"].uuid == busybox and lineage["depth"] == 1 and lineage["root"].uuid == busybox
+
+        store = client.chunk_store
+        a, b = b"a" * 70_000, b"b" * 50_000
+        da, db = xxhash.xxh3_128_hexdigest(a), xxhash.xxh3_128_hexdigest(b)
+        assert await store.missing_chunks([da, db]) == {da, db}
+        await store.put_chunks([(da, a)])
+        assert await store.missing_chunks([da, db]) == {db}
+        with pytest.raises(BadRequest, match="hashes to"):
+            await store.put_chunks([(db, a)])  # content must match its digest
+        await store.put_chunks([(db, b)])
+        whole = await store.assemble([da, db, da])
+        assert whole.size == 190_000
+        [small] = await store.put_files([b"tiny"])
+        assert small.size == 4
+        unknown = "00000000-0000-4000-8000-000000000000"
+        assert await store.missing_files([whole.uuid, small.uuid, unknown]) == {unknown}
+        got = await client.get_file(whole.sha256)
+        assert got.uuid == whole.uuid
