@@ -1,0 +1,268 @@
+"""Engine service benchmarks (`make bench` → `python -m bench service`).
+
+1. `echo hi` through MCP (JSON-RPC parse → dispatch → the `run` tool → result), once with the engine in
+   this process (LocalEngine) and once through the home's socket to the engine service (ServiceBackend),
+   interleaved, after warm-ups. Target: the service adds ≤ 2 ms (median).
+2. stdio start → `initialize` answered, with the service already running; beside it the interpreter
+   floor (`python -c "import asyncio, msgspec"`) and the same server on the Contree API backend (no
+   engine at all), interleaved. Target ≤ 150 ms.
+3. Auto-start: `contree-mcp` on a home whose service is not running → the first `run` of `echo hi` done
+   (initialize, engine service start, run). Target ≤ 1.5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+RUNS = 30
+WARMUPS = 3
+STARTS = 7
+COLD_STARTS = 5
+LATEST = "2025-11-25"
+INIT = {"protocolVersion": LATEST, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+ECHO = {"command": "echo hi", "image": "busybox:latest", "networking": False}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _message(rid: int | None, method: str, params: Any = None) -> bytes:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if rid is not None:
+        message["id"] = rid
+    if params is not None:
+        message["params"] = params
+    return msgspec.json.encode(message)
+
+
+def _seed(home: Path) -> None:
+    from contree.engine.bootstrap import bootstrap_images
+    from contree.engine.store import Store
+
+    store = Store(home)
+    try:
+        list(bootstrap_images(store, ("busybox",)))
+    finally:
+        store.close()
+
+
+def _engine_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "contree.service", *args]
+
+
+def _stop_service(home: Path) -> None:
+    subprocess.run(_engine_command("stop", "--now", "--home", str(home)), capture_output=True, timeout=120)
+
+
+def _stdout(result: dict[str, Any]) -> Any:
+    structured = result.get("structuredContent") or {}
+    return structured.get("result", structured).get("stdout")
+
+
+# ---------------------------------------------------------------- 1. echo hi: in-process vs service
+
+
+class McpClient:
+    """The MCP server stack in this process (protocol.Server + the tool registry) fed JSON-RPC bytes."""
+
+    def __init__(self, backend: Any, cache: Path) -> None:
+        from protocol.server import Server
+        from tools.app import build_registry, build_state
+
+        self.state = build_state(backend, "local", cache_dir=cache, allowed_roots=[cache])
+        self.server = Server(build_registry(self.state))
+        self.session = self.server.create_session(transport="bench")
+        self.replies: list[bytes] = []
+        self.session.set_default_sink(self._sink)
+        self._next = 1
+
+    async def _sink(self, data: bytes) -> None:
+        self.replies.append(data)
+
+    async def send(self, data: bytes) -> list[bytes]:
+        self.replies = []
+        await self.session.dispatch(self.session.parse(data), self._sink)
+        return self.replies
+
+    async def start(self) -> None:
+        await self.send(_message(0, "initialize", INIT))
+        await self.send(_message(None, "notifications/initialized"))
+
+    async def run_echo(self) -> float:
+        rid, self._next = self._next, self._next + 1
+        started = time.perf_counter()
+        replies = await self.send(_message(rid, "tools/call", {"name": "run", "arguments": ECHO}))
+        took = time.perf_counter() - started
+        result = msgspec.json.decode(replies[-1])["result"]
+        assert not result.get("isError") and _stdout(result) == "hi\n", result
+        return took
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.state.close()
+
+
+async def _settle_local(engine: Any) -> None:
+    await engine.drain()  # sandbox teardown runs after the result; keep it out of the next sample
+
+
+async def _settle_service(home: Path) -> None:
+    from contree.service.control import probe
+
+    while True:
+        status = await asyncio.to_thread(probe, home)
+        if status is None or status.running_operations + status.pending_operations == 0:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def _echo_in_process_vs_service(work: Path) -> tuple[float, float]:
+    from contree.engine.local import LocalEngine
+    from contree.service.client import ServiceBackend
+
+    local_home, service_home = work / "local", work / "service"
+    _seed(local_home)
+    _seed(service_home)
+    engine = LocalEngine(local_home)
+    await engine.start()
+    started = await asyncio.to_thread(
+        subprocess.run,
+        _engine_command("serve", "--home", str(service_home), "--detach", "--idle-exit", "never"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert started.returncode == 0, started.stderr
+    remote = ServiceBackend(service_home, client_name="bench")
+    try:
+        await remote.connect()
+        local_client, service_client = McpClient(engine, work / "c1"), McpClient(remote, work / "c2")
+        await local_client.start()
+        await service_client.start()
+        local: list[float] = []
+        service: list[float] = []
+        for i in range(WARMUPS + RUNS):
+            # alternate the order so neither side always follows the other's teardown
+            pairs = [(local_client, local), (service_client, service)]
+            for client, samples in pairs if i % 2 == 0 else reversed(pairs):
+                took = await client.run_echo()
+                await (_settle_local(engine) if client is local_client else _settle_service(service_home))
+                if i >= WARMUPS:
+                    samples.append(took)
+        await local_client.close()
+        await service_client.close()
+    finally:
+        await engine.close()
+        await remote.close()
+        _stop_service(service_home)
+    return statistics.median(local) * 1000, statistics.median(service) * 1000
+
+
+# ---------------------------------------------------------------- 2./3. stdio starts
+
+
+async def _stdio_until(argv: list[str], cwd: Path, env: dict[str, str], *, run: bool) -> float:
+    """Seconds from spawning the server to `initialize` answered (run=False) or to the first `echo hi`
+    run's result (run=True)."""
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, limit=16 << 20,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(_message(0, "initialize", INIT) + b"\n")
+    if run:
+        proc.stdin.write(_message(None, "notifications/initialized") + b"\n")
+        proc.stdin.write(_message(1, "tools/call", {"name": "run", "arguments": ECHO}) + b"\n")
+    await proc.stdin.drain()
+    wanted = 1 if run else 0
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{argv[0]} closed stdout before answering")
+        reply = msgspec.json.decode(line)
+        if reply.get("id") == wanted:
+            break
+    took = time.perf_counter() - started
+    if run:
+        assert _stdout(reply["result"]) == "hi\n", reply
+    else:
+        assert reply["result"]["protocolVersion"] == LATEST, reply
+    proc.stdin.close()
+    await proc.wait()
+    return took
+
+
+async def _floor() -> float:
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import asyncio, msgspec")
+    await proc.wait()
+    return time.perf_counter() - started
+
+
+def _server() -> list[str]:
+    script = Path(sys.executable).parent / "contree-mcp"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tools"]
+
+
+async def _starts(work: Path) -> dict[str, float]:
+    home = work / "start"
+    _seed(home)
+    env = {**os.environ, "CONTREE_ENGINE_IDLE_EXIT": "10m"}
+    local = [*_server(), "--backend", "local", "--home", str(home), "--allowed-root", str(work)]
+    remote = [*_server(), "--backend", "contree", "--url", "http://127.0.0.1:9", "--token", "t",
+              "--auth-type", "jwt", "--cache-files", ":memory:", "--cache-general", ":memory:"]
+    figures: dict[str, list[float]] = {"floor": [], "service": [], "api": [], "cold": []}
+    try:
+        await _stdio_until(local, work, env, run=True)  # starts the service and warms the caches
+        for _ in range(STARTS):
+            figures["floor"].append(await _floor())
+            figures["service"].append(await _stdio_until(local, work, env, run=False))
+            figures["api"].append(await _stdio_until(remote, work, env, run=False))
+        for _ in range(COLD_STARTS):
+            await asyncio.to_thread(_stop_service, home)
+            figures["cold"].append(await _stdio_until(local, work, env, run=True))
+    finally:
+        _stop_service(home)
+    return {key: statistics.median(values) * 1000 for key, values in figures.items()}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="contree-bench-service-") as tmp:
+        work = Path(tmp)
+        try:
+            local, service = asyncio.run(_echo_in_process_vs_service(work / "echo"))
+            starts = asyncio.run(_starts(work))
+        finally:
+            for home in (work / "echo" / "service", work / "start"):
+                if home.exists():
+                    _stop_service(home)
+            shutil.rmtree(work, ignore_errors=True)
+    added = service - local
+    print(f"echo hi through MCP, {RUNS} runs each after {WARMUPS} warm-ups, interleaved (networking off):")
+    print(f"  {'engine in this process':<44} median {local:8.2f} ms")
+    print(f"  {'MCP -> socket -> engine service':<44} median {service:8.2f} ms  ({service / local:4.2f}x)")
+    print(f"  service adds {added:.2f} ms per run")
+    print(f"stdio start -> initialize answered, {STARTS} starts each, interleaved:")
+    print(f"  {'interpreter floor (import asyncio, msgspec)':<44} median {starts['floor']:8.1f} ms")
+    print(f"  {'contree-mcp, engine service running':<44} median {starts['service']:8.1f} ms")
+    print(f"  {'contree-mcp, Contree API backend (no engine)':<44} median {starts['api']:8.1f} ms")
+    print(f"auto-start: no service running -> first echo hi done, {COLD_STARTS} starts:")
+    print(f"  {'contree-mcp, cold engine service':<44} median {starts['cold']:8.1f} ms")
+    for name, ok in (
+        ("the service adds <= 2 ms per run", added <= 2.0),
+        ("start -> initialized <= 150 ms (service running)", starts["service"] <= 150),
+        ("cold auto-start -> first run <= 1.5 s", starts["cold"] <= 1500),
+    ):
+        print(f"target {name}: {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
