@@ -292,14 +292,14 @@ async def serve(args: argparse.Namespace) -> int:
             raise
         log.info("stopping on signal")
     finally:
-        # Sandboxes, mounts, cgroups and firewall rules are released here, also on SIGTERM.
+        # Also on SIGTERM: sessions close and the backend detaches (the engine service keeps the work).
         await server.close()
         await state.close()
     return 0
 
 
 def _stop_on_signals() -> asyncio.Event:
-    """SIGTERM/SIGHUP cancel the serving task so that the engine shuts down cleanly (SIGINT already does)."""
+    """SIGTERM/SIGHUP cancel the serving task so that the server shuts down cleanly (SIGINT already does)."""
     stopping = asyncio.Event()
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
