@@ -16,6 +16,9 @@ from tools.convert import TERMINAL, as_dict, operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
 from tools.state import ServerState
+from tools.waiting import poll_until_terminal
+
+CANCEL_SETTLE = 2.0
 
 POLL_INTERVAL = 0.5
 LIST_PAGE = 1000  # the API's maximum page
@@ -303,5 +306,8 @@ GUIDES:
                 await state.backend.cancel_operation(op_id)
             except Conflict:
                 pass
-            status = str(as_dict(await state.backend.get_operation(op_id)).get("status") or "")
+            # The engine (a service process, or the cloud) settles the cancel on its own time: report the
+            # outcome when it lands within CANCEL_SETTLE seconds, else the status it has by then.
+            deadline = asyncio.get_running_loop().time() + CANCEL_SETTLE
+            status = str((await poll_until_terminal(state.backend, op_id, deadline)).get("status") or "")
         return CancelOutput(cancelled=status not in ("SUCCESS", "FAILED"), operation_id=op_id, status=status)

@@ -140,17 +140,36 @@ async def test_21_run_wait_is_bounded_and_sends_progress(tmp_path: Path) -> None
 async def test_22_cancelling_a_waiting_run_cancels_its_operation(tmp_path: Path) -> None:
     backend = FakeBackend()
     reg, _ = make_registry(backend, tmp_path)
+    ctx = FakeContext()
     task = asyncio.create_task(
-        call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "timeout": 100})
+        call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "timeout": 100}, ctx)
     )
     while not backend.spawned:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
+    ctx.cancelled.set()  # what notifications/cancelled does before it cancels the handler
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     (op_id,) = backend.ops
     assert backend.cancelled == [op_id]
+
+
+async def test_22_a_waiting_run_outlives_a_session_that_ends(tmp_path: Path) -> None:
+    """The reference's semantics: a client that goes away (no notifications/cancelled) cancels nothing."""
+    backend = FakeBackend()
+    reg, _ = make_registry(backend, tmp_path)
+    task = asyncio.create_task(
+        call(reg, "run", {"command": "sleep 100", "image": "busybox:latest", "timeout": 100}, FakeContext())
+    )
+    while not backend.spawned:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    task.cancel()  # the session closed: its handlers are cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (op_id,) = backend.ops
+    assert backend.cancelled == [] and backend.ops[op_id]["status"] != "CANCELLED"
 
 
 # --- files and inspection --------------------------------------------------------------------------
