@@ -259,3 +259,16 @@ async def test_serve_api_and_mcp_sessions_share_one_engine(engine_home: Path, wo
                 params = {"path": "/f"}
                 async with http.get(f"{url}/inspect/{made['result_image']}/download", params=params) as r:
                     assert r.status == 200 and await r.read() == b"via-mcp\n"
+
+
+def test_http_mode_reports_an_engine_that_cannot_start_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.netutil import free_port
+
+    (tmp_path / "file").write_text("not a directory")
+    home = tmp_path / "file" / "home"
+    argv = [*server_command(), "--mode", "http", "--http-port", str(free_port()), "--home", str(home)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr == f"[ERROR] the engine at {home} could not start: Not a directory: {home}\n"
