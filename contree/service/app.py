@@ -71,8 +71,8 @@ def _gate(service: EngineService) -> Any:
         state = service.state
         if state == "starting":
             return error_response(503, f"the engine at {service.home} is starting", retry_after=1)
-        if not service.engine_open:
-            return error_response(503, f"the engine at {service.home} has stopped")
+        if not service.engine_open or service.closing.is_set():
+            return error_response(503, f"the engine at {service.home} is shutting down", retry_after=1)
         if state == "stopping" and request.method == "POST" and path in NEW_WORK:
             return error_response(
                 503,

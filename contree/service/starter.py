@@ -40,7 +40,9 @@ log = logging.getLogger("contree.service")
 
 START_TIMEOUT = 120.0  # crash recovery of a big store may take a while; the control surface says so
 SKEW_WAIT = 5.0
-NON_SERVICE_HOLDER_WAIT = 5.0  # the lock is held but no socket appears: an engine that is not a service
+# The lock is held but no socket answers: a service closing its engine (it unlinks its socket first; closing
+# cancels running work with a 10 s grace), or an engine that is no service. Past this, it is the latter.
+NON_SERVICE_HOLDER_WAIT = 20.0
 POLL = 0.02
 
 

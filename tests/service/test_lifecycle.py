@@ -194,7 +194,12 @@ def hold_engine_lock(home: Path) -> int:
     return fd
 
 
-async def test_a_lock_held_by_an_engine_that_serves_no_socket_is_reported(fresh_home: Path) -> None:
+async def test_a_lock_held_by_an_engine_that_serves_no_socket_is_reported(
+    fresh_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contree.service import starter
+
+    monkeypatch.setattr(starter, "NON_SERVICE_HOLDER_WAIT", 2.0)  # 20 s covers a service closing its engine
     fd = hold_engine_lock(fresh_home)
     try:
         with pytest.raises(EngineStartError) as caught:
@@ -272,3 +277,15 @@ def test_http_mode_reports_an_engine_that_cannot_start_in_one_line(tmp_path: Pat
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr == f"[ERROR] the engine at {home} could not start: Not a directory: {home}\n"
+
+
+async def test_a_client_arriving_while_the_service_shuts_down_gets_its_successor(engine_home: Path) -> None:
+    async with service_client(engine_home) as client:
+        op = await spawn(client, "sleep 60")
+        await wait_status(client, op, {"EXECUTING"})
+        with ControlConnection(engine_home, pin=True) as old:
+            old.stop("now")  # cancels the run; the engine closes while the next client arrives
+            async with service_client(engine_home, "late") as late:
+                assert old.wait_exit(0)
+                assert late.status is not None and late.status.pid != old.status.pid
+                assert (await late.get_operation(op)).status == "CANCELLED"
