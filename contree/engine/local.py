@@ -25,6 +25,7 @@ from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
+from contree.engine.home import prepare_home
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -85,7 +86,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        prepare_home(self.home)  # 0700, or refused/repaired before anything in it is used
         self._lock_home()
         try:
             await self._open()

@@ -101,9 +101,11 @@ def mount_overlay(
     committed layer's data reaches the disk by normal writeback, like every other file the store does
     not fsync.
 
-    Always `nodev` (device nodes in an image never reach host devices). Without an upper the mount is
-    read-only. A single lower without an upper gets an empty second lower, because overlayfs refuses a
-    read-only mount of one layer ("at least 2 lowerdir are needed").
+    Always `nodev` and `nosuid`: device nodes in an image never reach host devices, and a setuid file
+    of an image is never setuid on the host, through this mount or any bind of it (binds keep the
+    flags; inside a sandbox they change nothing, its processes run with no_new_privs). Without an upper
+    the mount is read-only. A single lower without an upper gets an empty second lower, because
+    overlayfs refuses a read-only mount of one layer ("at least 2 lowerdir are needed").
     """
     if not lowers:
         raise OverlayError(errno.EINVAL, "an overlay needs at least one lower layer")
@@ -137,7 +139,7 @@ def mount_overlay(
             detail = _kernel_messages(fsfd)
             raise OverlayError(exc.errno, f"overlay mount on {target} failed: {exc.strerror}"
                                + (f" ({detail})" if detail else "")) from exc
-        attrs = _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+        attrs = _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_RDONLY if readonly else 0)
         try:
             mfd = _call(_SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
                         ctypes.c_uint(attrs))

@@ -478,13 +478,12 @@ class SandboxRuntime:
         rt._lock_fd = lock_fd
         rt.idmap = idmap
         if idmap is not None:
-            network.userns_map = (idmap.base, idmap.size)
-        rt.root_dir.mkdir(parents=True, exist_ok=True)
-        rt.bundles.mkdir(parents=True, exist_ok=True)
+            network.userns_map = (idmap.base, idmap.gid_base, idmap.size)
+        # The runtime's state and the bundles hold each sandbox's config (its environment): root only.
+        _run_dir(rt.root_dir, None)
+        _run_dir(rt.bundles, None)
         if idmap is not None:
-            rt.rootfs_binds.mkdir(parents=True, exist_ok=True)
-            for d in (RUN_DIR, ROOTFS_BINDS, rt.rootfs_binds):
-                d.chmod(0o755)
+            _run_dir(rt.rootfs_binds, idmap.gid_base)
         if config.seccomp and runtime == "crun":
             try:
                 rt._seccomp_b64 = seccomp.compiled_bpf_b64()
@@ -680,7 +679,9 @@ class SandboxRuntime:
                 # A prepared netns comes with the user namespace that owns it (same id mapping).
                 userns_path=net.userns_path,
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
-                    containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
+                    containerID=0, hostID=self.idmap.base, size=self.idmap.size)],
+                gid_mappings=None if self.idmap is None else [oci_config.IdMapping(
+                    containerID=0, hostID=self.idmap.gid_base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
             # msgspec: 15 us for the ~15 KB config, json.dumps took 150 us of the run's path.
             (bundle / "config.json").write_bytes(msgspec.json.encode(oci_config.build_config(opts, proc)))
@@ -747,6 +748,22 @@ class SandboxRuntime:
             self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
+
+
+def _run_dir(path: Path, group: int | None) -> None:
+    """A per-engine dir under RUN_DIR that no other local user may enter: 0700, or root:`group` 0710
+    when the sandbox's remapped root (host gid `group`) must traverse it (the rootfs binds: the
+    runtime reaches the rootfs as that root). Either way no other user reaches a running sandbox's
+    files, setuid binaries included, or its config. The dirs above are 0711: traversable by every
+    engine's sandboxes, listable by no one."""
+    for shared in reversed(path.parents):
+        if shared == RUN_DIR or RUN_DIR in shared.parents:
+            shared.mkdir(mode=0o711, exist_ok=True)
+            if stat.S_IMODE(shared.stat().st_mode) & 0o066:
+                shared.chmod(0o711)
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chown(path, os.geteuid(), os.getegid() if group is None else group)
+    path.chmod(0o700 if group is None else 0o710)
 
 
 def _release_bind(point: Path) -> None:
