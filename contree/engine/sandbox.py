@@ -27,12 +27,12 @@ from typing import Any
 
 import msgspec
 
-from contree.engine import hostcheck, oci_config, seccomp
+from contree.engine import hostcheck, oci_config, seccomp, subids
 from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
 from contree.engine.overlay import bind_mount, mounts_under, unmount
-from contree.engine.userns import DEFAULT_BASE, DEFAULT_SIZE, IdMap, UsernsUnavailable
+from contree.engine.userns import IdMap, UsernsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     cgroup_parent: str | None = None  # default /contree-engine/<engine-id>
     # None = on when the host supports it (logged when not); True = required; False = off.
     userns: bool | None = None
-    userns_base: int = DEFAULT_BASE  # container id u is host id userns_base+u
+    # Container id u is host id userns_base+u (uids and gids). None: the engine's own range, recorded as
+    # `contree-engine` in /etc/subuid and /etc/subgid (allocated at first start, see subids.py).
+    userns_base: int | None = None
     subnet: str = DEFAULT_SUBNET
     ipam_dir: Path = IPAM_DIR
     seccomp: bool = True
@@ -786,13 +788,23 @@ def _release_binds(parent: Path) -> None:
 
 
 def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
-    """The user namespace sandboxes get, or None (refused when `userns=True`, logged when automatic)."""
+    """The user namespace sandboxes get, or None (refused when `userns=True`, logged when automatic).
+    A host id range that another user shares is always refused: falling back to no user namespace
+    would give sandboxes the host's root instead."""
     if config.userns is False:
         return None
     try:
         if runtime == "runsc":
             raise UsernsUnavailable("runsc keeps its own user namespace; layers are not idmapped for it")
-        return IdMap.create(config.userns_base, DEFAULT_SIZE, probe_dir=config.state_dir)
+        try:
+            if config.userns_base is None:
+                ids = subids.engine_range()
+            else:
+                subids.check_base(config.userns_base, config.userns_base)
+                ids = subids.IdRange(config.userns_base, config.userns_base, subids.SIZE)
+        except (subids.SubidError, OSError) as exc:
+            raise NoRuntimeAvailable(f"the sandboxes' host id range: {exc}") from exc
+        return IdMap.create(ids.uid, ids.size, probe_dir=config.state_dir, gid_base=ids.gid)
     except (UsernsUnavailable, OSError) as exc:
         if config.userns:
             raise NoRuntimeAvailable(f"user namespace requested but unavailable: {exc}") from exc

@@ -3,7 +3,8 @@
 Layers stay on disk with their real (container) owners, so stores, inspect, import and archives need
 no translation. A sandbox gets:
 
-* a user namespace mapping container ids 0..SIZE-1 to host ids BASE..BASE+SIZE-1;
+* a user namespace mapping container ids 0..SIZE-1 to host ids BASE..BASE+SIZE-1 (gids to their own
+  base), the engine's own range from /etc/subuid and /etc/subgid (`subids.py`), which no user holds;
 * its lower layers as *idmapped* detached mounts (`open_tree(OPEN_TREE_CLONE)` +
   `mount_setattr(MOUNT_ATTR_IDMAP)`), so a layer file owned by 0 shows up as host BASE, i.e. root
   inside. The overlay itself cannot be idmapped (EINVAL), and an idmapped upper fails (the mounter's
@@ -30,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BASE = 100000
 DEFAULT_SIZE = 65536
 
 _SYS_OPEN_TREE = 428
@@ -129,7 +129,7 @@ class IdMap:
     userns_fd: int
 
     @classmethod
-    def create(cls, base: int = DEFAULT_BASE, size: int = DEFAULT_SIZE,
+    def create(cls, base: int, size: int = DEFAULT_SIZE,
                probe_dir: Path | None = None, gid_base: int | None = None) -> IdMap:
         """Detect support (user namespaces, and idmapped mounts on the filesystem of `probe_dir`, which
         should be where the layers live) and build the map (`gid_base` defaults to `base`)."""

@@ -19,9 +19,10 @@ from contree import api
 from contree.engine.home import UnsafeHome, prepare_home
 from contree.engine.local import LocalEngine
 from contree.engine.overlay import _unescape
+from contree.engine.sandbox import NoRuntimeAvailable, RuntimeConfig
 from tests.contract.conftest import run, stderr_of, wait_done
 from tests.engine.conftest import LocalUser, require_root
-from tests.engine.test_userns import _find_process
+from tests.engine.test_userns import _find_process, _uids
 
 pytestmark = pytest.mark.engine
 
@@ -154,3 +155,37 @@ def test_a_home_below_a_directory_others_can_write_is_refused(open_parent: Path)
         prepare_home(shared / "home")
     shared.chmod(0o1777)  # like /tmp: only the owner of an entry may rename it
     prepare_home(shared / "home")
+
+
+async def test_a_users_default_subordinate_ids_cannot_reach_a_sandboxs_processes(
+        engine: tuple[LocalEngine, str], throwaway_user: LocalUser) -> None:
+    """`useradd` delegates a range of host ids to every new user; through newuidmap the user becomes
+    those ids. The sandboxes' ids must not be among them: `kill -0` on a sandbox's process fails."""
+    eng, image = engine
+    uids, gids = throwaway_user.subid_range("/etc/subuid"), throwaway_user.subid_range("/etc/subgid")
+    as_their_root = (f"unshare --map-users={uids[0]},0,{uids[1]} --map-groups={gids[0]},0,{gids[1]} "
+                     "--setuid 0 --setgid 0 --")
+    sleeper = await eng.spawn(api.InstanceSpawnRequest(command="exec sleep 48.25", shell=True, image=image,
+                                                       timeout=60))
+    try:
+        pid = await _find_process("sleep", "48.25")
+        sandbox_root = _uids(pid)[0]
+        works = throwaway_user.run(f"{as_their_root} id -u")
+        assert works.stdout == "0\n", f"the attack itself does not work here: {works.stderr}"
+        attack = throwaway_user.run(f"{as_their_root} kill -0 {pid}")
+        assert attack.returncode != 0 and "not permitted" in attack.stderr, (
+            f"{throwaway_user.name} (host ids {uids[0]}+{uids[1]}) signalled a sandbox process of host "
+            f"uid {sandbox_root}")
+        assert not uids[0] <= sandbox_root < uids[0] + uids[1]
+    finally:
+        await eng.cancel_operation(sleeper.uuid)
+        await wait_done(eng, sleeper.uuid)
+
+
+async def test_start_refuses_a_range_that_a_user_holds(open_parent: Path, throwaway_user: LocalUser) -> None:
+    start, _ = throwaway_user.subid_range("/etc/subuid")
+    home = open_parent / "home"
+    eng = LocalEngine(home, runtime_config=RuntimeConfig(state_dir=home / "runtime", userns_base=start,
+                                                         network_mode="none"))
+    with pytest.raises(NoRuntimeAvailable, match=f"shared with {throwaway_user.name}:{start}:"):
+        await eng.start()
