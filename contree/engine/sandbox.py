@@ -744,9 +744,7 @@ class SandboxRuntime:
         if self.idmap is not None:
             self.idmap.close()
         if self._lock_fd >= 0:
-            with contextlib.suppress(OSError):
-                _engine_lock_path(self.engine_id).unlink()  # one file per engine id would pile up
-            os.close(self._lock_fd)
+            release_engine_lock(self.engine_id, self._lock_fd)
             self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
@@ -817,7 +815,8 @@ def _engine_lock_path(engine_id: str) -> Path:
     return RUN_DIR / "engines" / f"{engine_id}.lock"
 
 
-def _try_engine_lock(engine_id: str) -> int:
+def try_engine_lock(engine_id: str) -> int:
+    """An fd holding `engine_id`'s lock (the engine is alive while someone holds it), or -1."""
     path = _engine_lock_path(engine_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -829,12 +828,18 @@ def _try_engine_lock(engine_id: str) -> int:
     return fd
 
 
+def release_engine_lock(engine_id: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        _engine_lock_path(engine_id).unlink()  # one file per engine id would pile up
+    os.close(fd)
+
+
 async def _lock_engine(engine_id: str, patience: float = 10.0) -> int:
     """Hold `engine_id` for the runtime's life. Another engine may briefly hold it while sweeping up
     after a dead predecessor with the same id, so wait a little before giving up."""
     deadline = time.monotonic() + patience
     while True:
-        fd = _try_engine_lock(engine_id)
+        fd = try_engine_lock(engine_id)
         if fd >= 0:
             return fd
         if time.monotonic() > deadline:
@@ -852,7 +857,7 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
         if name == own:
             held[name] = -1
             return True
-        fd = _try_engine_lock(name)
+        fd = try_engine_lock(name)
         if fd < 0:
             return False
         held[name] = fd  # keep it while cleaning, so a successor waits for us
@@ -885,9 +890,7 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
     finally:
         for name, fd in held.items():
             if fd >= 0:
-                with contextlib.suppress(OSError):
-                    _engine_lock_path(name).unlink()
-                os.close(fd)
+                release_engine_lock(name, fd)
 
 
 def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:
