@@ -31,7 +31,7 @@ from contree.engine import hostcheck, oci_config, seccomp, subids
 from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
-from contree.engine.overlay import bind_mount, mounts_under, unmount
+from contree.engine.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
 from contree.engine.userns import IdMap, UsernsUnavailable
 
 log = logging.getLogger(__name__)
@@ -481,11 +481,18 @@ class SandboxRuntime:
         rt.idmap = idmap
         if idmap is not None:
             network.userns_map = (idmap.base, idmap.gid_base, idmap.size)
-        # The runtime's state and the bundles hold each sandbox's config (its environment): root only.
-        _run_dir(rt.root_dir, None)
-        _run_dir(rt.bundles, None)
-        if idmap is not None:
-            _run_dir(rt.rootfs_binds, idmap.gid_base)
+        try:
+            # The runtime's state and the bundles hold each sandbox's config (its environment): root only.
+            _run_dir(rt.root_dir, None)
+            _run_dir(rt.bundles, None)
+            # A tmpfs of the engine's own: a sandbox's mountinfo shows the source of its /etc binds as
+            # a path inside it (/<sandbox>/hosts), never a host path; and bundles stay off the disk.
+            mount_tmpfs(rt.bundles)
+            if idmap is not None:
+                _run_dir(rt.rootfs_binds, idmap.gid_base)
+        except BaseException:
+            await rt.close()
+            raise
         if config.seccomp and runtime == "crun":
             try:
                 rt._seccomp_b64 = seccomp.compiled_bpf_b64()
@@ -736,7 +743,10 @@ class SandboxRuntime:
         except Exception as exc:
             errors.append(f"cgroups: {exc}")
         shutil.rmtree(self.root_dir, ignore_errors=True)
-        shutil.rmtree(self.bundles, ignore_errors=True)
+        try:
+            _release_bundles(self.bundles)
+        except OSError as exc:
+            errors.append(f"bundles: {exc}")
         try:
             _release_binds(self.rootfs_binds)
         except OSError as exc:
@@ -772,6 +782,13 @@ def _release_bind(point: Path) -> None:
     unmount(point)
     with contextlib.suppress(FileNotFoundError):
         point.rmdir()
+
+
+def _release_bundles(path: Path) -> None:
+    """Unmount an engine's bundles tmpfs (and anything mounted below it), then remove the dir."""
+    for point in mounts_under(path):
+        unmount(point)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _release_binds(parent: Path) -> None:
@@ -878,8 +895,11 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
                     shutil.rmtree(root, ignore_errors=True)
                     done.append(f"removed runtime state {root}")
         for entry in dead_entries(BUNDLES):
-            shutil.rmtree(entry, ignore_errors=True)
-            done.append(f"removed bundles {entry}")
+            try:
+                _release_bundles(entry)
+                done.append(f"removed bundles {entry}")
+            except OSError as exc:
+                done.append(f"could not remove bundles {entry}: {exc}")
         for entry in dead_entries(ROOTFS_BINDS):
             try:
                 _release_binds(entry)

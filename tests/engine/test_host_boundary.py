@@ -20,7 +20,7 @@ from contree.engine.home import UnsafeHome, prepare_home
 from contree.engine.local import LocalEngine
 from contree.engine.overlay import _unescape
 from contree.engine.sandbox import NoRuntimeAvailable, RuntimeConfig
-from tests.contract.conftest import run, stderr_of, wait_done
+from tests.contract.conftest import run, stderr_of, stdout_of, wait_done
 from tests.engine.conftest import LocalUser, require_root
 from tests.engine.test_userns import _find_process, _uids
 
@@ -189,3 +189,26 @@ async def test_start_refuses_a_range_that_a_user_holds(open_parent: Path, throwa
                                                          network_mode="none"))
     with pytest.raises(NoRuntimeAvailable, match=f"shared with {throwaway_user.name}:{start}:"):
         await eng.start()
+
+
+@pytest.mark.parametrize("userns", [None, False], ids=["userns", "no-userns"])
+async def test_a_sandboxs_mountinfo_shows_no_host_path(open_parent: Path, busybox_rootfs: Path,
+                                                      userns: bool | None) -> None:
+    """Overlay names its layers in mountinfo as they were given, and binds show their source's path
+    inside its filesystem: neither may tell a sandbox where the engine home or its bundle is."""
+    home = open_parent / "home"
+    eng = LocalEngine(home, runtime_config=RuntimeConfig(state_dir=home / "runtime", userns=userns))
+    await eng.start()
+    try:
+        assert eng.store is not None and eng.runtime is not None
+        stage = eng.store.staging_dir("seed")
+        shutil.copytree(busybox_rootfs, stage / "layer", symlinks=True)
+        image = eng.store.create_image_from_layer_dirs([stage / "layer"]).uuid
+        done = await run(eng, image, "cat /proc/self/mountinfo", disposable=True)
+        mountinfo = stdout_of(done)
+        assert " / / " in mountinfo and "/etc/hosts" in mountinfo, mountinfo
+        for host_path in (str(home), str(open_parent), "/run/contree-engine", eng.runtime.engine_id):
+            shown = [line for line in mountinfo.splitlines() if host_path in line]
+            assert not shown, f"{host_path} is visible inside the sandbox:\n" + "\n".join(shown)
+    finally:
+        await eng.close()
