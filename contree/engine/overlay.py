@@ -93,7 +93,22 @@ def mount_overlay(
     readonly: bool = False,
     volatile: bool = True,
 ) -> None:
-    """Mount an overlay of `lowers` (top layer first) with an optional upper/work pair on `target`.
+    """`open_overlay` attached on `target`."""
+    _attach(open_overlay(lowers, upper, work, readonly=readonly, volatile=volatile, target=target), target)
+
+
+def open_overlay(
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    *,
+    readonly: bool = False,
+    volatile: bool = True,
+    target: Path | None = None,
+) -> int:
+    """A detached overlay mount of `lowers` (top layer first) with an optional upper/work pair: an fd
+    usable as `/proc/self/fd/<fd>` (by this process and its children), unmounted when the last user of
+    it is gone. `target` only names the mount in errors.
 
     `volatile` (with an upper): the overlay never syncs. Without it, unmounting syncs the whole
     filesystem that holds the upper (`ovl_sync_fs`), which costs 3 ms idle and 50 ms when other
@@ -124,6 +139,7 @@ def mount_overlay(
     except OSError as exc:
         raise OverlayError(exc.errno, f"fsopen(overlay) failed: {exc.strerror} "
                            "(needs kernel ≥ 6.8 and root)") from exc
+    where = target if target is not None else "a detached mount"
     held: list[int] = []
     try:
         try:
@@ -139,7 +155,7 @@ def mount_overlay(
                   ctypes.c_int(0))
         except OSError as exc:
             detail = _kernel_messages(fsfd)
-            raise OverlayError(exc.errno, f"overlay mount on {target} failed: {exc.strerror}"
+            raise OverlayError(exc.errno, f"overlay mount on {where} failed: {exc.strerror}"
                                + (f" ({detail})" if detail else "")) from exc
         attrs = _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_RDONLY if readonly else 0)
         try:
@@ -151,7 +167,7 @@ def mount_overlay(
         os.close(fsfd)
         for fd in held:
             os.close(fd)
-    _attach(mfd, target)
+    return mfd
 
 
 def _by_fd(path: Path, held: list[int]) -> str:
