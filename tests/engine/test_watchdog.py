@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from contree.engine.cgroups import CgroupManager
 from contree.engine.local import LocalEngine
 from contree.engine.network import NETNS_DIR
 from contree.engine.overlay import mounts_under
+from tests.contract.conftest import run
 from tests.engine.conftest import require_root
 from tests.engine.test_userns import _find_process
 
@@ -175,3 +177,24 @@ async def test_a_sandbox_dies_at_its_deadline_while_the_engine_is_stopped(tmp_pa
         finally:
             os.close(sleeper)
             hosted.proc.send_signal(signal.SIGCONT)
+
+
+async def test_a_dead_watchdog_is_replaced_and_a_closing_engine_stops_it(tmp_path: Path, tree: Path) -> None:
+    engine = LocalEngine(tmp_path / "home")
+    await engine.start()
+    try:
+        assert engine.store is not None and engine.watchdog is not None
+        first = engine.watchdog._proc
+        assert first is not None
+        first.kill()
+        first.wait(10)
+        stage = engine.store.staging_dir("seed")
+        shutil.copytree(tree, stage / "layer", symlinks=True)
+        image = engine.store.create_image_from_layer_dirs([stage / "layer"]).uuid
+        done = await run(engine, image, "echo hi", disposable=True)
+        assert done.status == "SUCCESS"
+        second = engine.watchdog._proc
+        assert second is not None and second is not first and second.poll() is None
+    finally:
+        await engine.close()
+    assert second.wait(10) == 0, "the watchdog did not exit when its engine closed"
