@@ -76,6 +76,8 @@ class Watchdog:
         finally:
             os.close(engine)
             os.close(logfile)
+        assert self._proc.stdin is not None
+        os.set_blocking(self._proc.stdin.fileno(), False)  # a stopped watchdog never blocks the engine
         for sid, at in self._deadlines.items():
             self._send(f"deadline {sid} {at!r}")
 
@@ -86,7 +88,11 @@ class Watchdog:
         try:
             if proc.poll() is not None:
                 raise BrokenPipeError
-            proc.stdin.write(f"{line}\n".encode())
+            if proc.stdin.write(f"{line}\n".encode()) is None:
+                raise BlockingIOError
+        except BlockingIOError:
+            # Its pipe is full (stopped, or far behind): this deadline is only the engine's to keep.
+            log.warning("the engine's watchdog (pid %d) does not read its pipe; %r dropped", proc.pid, line)
         except (BrokenPipeError, ValueError):
             log.error("the engine's watchdog (pid %d) died (status %s); starting a new one", proc.pid,
                       proc.poll())
@@ -109,10 +115,18 @@ class Watchdog:
         proc, self._proc = self._proc, None
         if proc is None or proc.stdin is None:
             return
-        try:
-            proc.stdin.write(b"stop\n")
-        except BrokenPipeError:
-            pass
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                if proc.stdin.write(b"stop\n") is not None:
+                    break
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:
+                break
+            if time.monotonic() > deadline:
+                break  # stuck: it then waits for this process to exit and finds nothing left to release
+            time.sleep(0.01)  # its pipe is full: let it catch up
         proc.stdin.close()
         proc.poll()
 

@@ -198,3 +198,25 @@ async def test_a_dead_watchdog_is_replaced_and_a_closing_engine_stops_it(tmp_pat
     finally:
         await engine.close()
     assert second.wait(10) == 0, "the watchdog did not exit when its engine closed"
+
+
+async def test_a_stopped_watchdog_never_blocks_the_engine(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    require_root()
+    from contree.engine.watchdog import Watchdog
+
+    dog = Watchdog.start(engine_id="feedc0de", cgroup_parent="/contree-engine/feedc0de", home=tmp_path)
+    proc = dog._proc
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        def flood() -> None:  # far more than a pipe holds
+            for i in range(3000):
+                dog.deadline(f"sandbox-{i:05d}-with-a-long-enough-name", time.monotonic() + 3600)
+
+        await asyncio.wait_for(asyncio.to_thread(flood), 30)
+        assert "does not read its pipe" in caplog.text
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        dog.stop()
+    assert proc.wait(10) == 0
