@@ -25,6 +25,9 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "publish"): ("tools.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
+    ("images", "published"): ("tools.publish", "published_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
 }
 
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
         "'engine check …'.",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
-        "directory states, lineage and registry credentials",
+        "images, tags, directory states, lineage and registry credentials, plus the images the operator "
+        "shares (tagged outside this server, or 'contree-mcp images publish')",
     )
     p.set_defaults(http_tokens={})
     p.add_argument(

@@ -25,7 +25,6 @@ from tools.models import (
     ListFilesOutput,
     ReadFileOutput,
 )
-from tools.refs import resolve_image
 from tools.state import ServerState
 
 IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
@@ -198,7 +197,7 @@ GUIDES:
     async def list_files(params: ListFilesParams, ctx: RequestContext) -> ListFilesOutput:
         directory = normalize_dir(params.path)
         with backend_errors(f"{params.image}:{directory}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             listing = as_dict(await state.backend.list_directory(image, directory))
         entries = [file_entry(directory, item) for item in listing.get("files") or []]
         start = 0
@@ -235,7 +234,7 @@ GUIDES:
         path = params.path if params.path.startswith("/") else "/" + params.path
         limit = min(params.max_bytes or state.read_max_bytes, state.read_max_bytes)
         with backend_errors(f"{params.image}:{path}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             data, more = await read_bounded(state.backend, image, path, params.offset, limit)
             size = params.offset + len(data)
             if more:
@@ -292,7 +291,7 @@ GUIDES:
             after=params.after,
         )
         with backend_errors(f"grep in {params.image}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             result = as_dict(await state.backend.grep(image, query))
         matches = [
             GrepMatchOutput(

@@ -134,7 +134,7 @@ async def wait_operations_impl(
                 continue
             out.results[op_id] = operation_output(got, cap=state.cap_for(op_id))
             if got.get("status") in TERMINAL:
-                state.lineage.observe(got, ctx.principal)
+                state.observe(got, ctx.principal)
                 out.completed.append(op_id)
                 active.remove(op_id)
         done = len(out.completed) + len(out.errors)
@@ -210,7 +210,7 @@ GUIDES:
             op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
         data = as_dict(op)
         if data.get("status") in TERMINAL:
-            state.lineage.observe(data, ctx.principal)
+            state.observe(data, ctx.principal)
         return operation_output(data, cap=state.cap_for(params.operation_id.strip()))
 
     @registry.tool(
@@ -246,7 +246,7 @@ GUIDES:
             else:
                 ops = await state.backend.list_operations(query)
         for op in ops:
-            state.lineage.observe(op, ctx.principal)
+            state.observe(op, ctx.principal)
         return OperationListOutput(operations=[summary_output(o) for o in ops])
 
 

@@ -18,7 +18,6 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.convert import TERMINAL, decode_stream, operation_output
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
-from tools.refs import resolve_image
 from tools.state import ServerState
 from tools.waiting import OutputTail, follow_until_terminal
 
@@ -100,7 +99,7 @@ def stdin_repr(text: str) -> api.ClosableStreamRepr:
 async def build_request(
     params: RunParams, state: ServerState, principal: str | None
 ) -> api.InstanceSpawnRequest:
-    image = await resolve_image(state.backend, params.image)
+    image = await state.images.resolve(params.image, principal)
     files: dict[str, api.InjectedFile] = {}
     if params.directory_state_id is not None:
         files.update(await state.dirstates.injected_files(principal, params.directory_state_id))
@@ -191,7 +190,7 @@ async def track_in_background(
     loop = asyncio.get_running_loop()
     op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
     if op.get("status") in TERMINAL:
-        state.lineage.observe(op, principal)
+        state.observe(op, principal)
         await notify(f"contree://operations/instance/{operation_id}")
 
 
@@ -252,7 +251,7 @@ GUIDES:
         with backend_errors(f"Operation {operation_id}"):
             op = await wait_for_run(state, ctx, operation_id, params.timeout)
         if op.get("status") in TERMINAL:
-            state.lineage.observe(op, ctx.principal)
+            state.observe(op, ctx.principal)
             await ctx.notify_resource_updated(f"contree://operations/instance/{operation_id}")
         else:
             log.warning("run %s still %s after its deadline", operation_id, op.get("status"))
