@@ -253,7 +253,10 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
 async def serve(args: argparse.Namespace) -> int:
     from protocol.server import Server
     from tools.app import build_registry, build_state
+    from tools.worker_threads import WorkerThreads
 
+    # a worker stuck in a syscall must not keep the server alive once it was told to stop
+    asyncio.get_running_loop().set_default_executor(WorkerThreads())
     backend, kind, cache_dir = await open_backend(args)
     roots = allowed_roots(args)
     state = build_state(

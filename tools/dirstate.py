@@ -23,6 +23,7 @@ import msgspec
 from contree import api
 from contree.backend import Backend
 from contree.errors import NotFound
+from contree.fsutil import open_regular
 from protocol.errors import ToolError
 from tools.convert import as_dict
 
@@ -40,7 +41,8 @@ class ManifestEntry(msgspec.Struct, array_like=True):
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        # never blocks on a FIFO, never follows a link swapped in after the caller's checks
+        with open(open_regular(path), "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
     except OSError as exc:
@@ -49,7 +51,8 @@ def sha256_file(path: str) -> str:
 
 
 async def file_chunks(path: str) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:  # noqa: ASYNC230 - reads happen in a worker thread below
+    fd = await asyncio.to_thread(open_regular, path)
+    with open(fd, "rb") as f:  # noqa: ASYNC230 - wraps the fd opened in the thread above
         while chunk := await asyncio.to_thread(f.read, CHUNK):
             yield chunk
 

@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from contree.fsutil import NotRegularFile, open_regular
 from contree.sync.excludes import Excludes
 from contree.sync.state import StatKey
 
@@ -40,10 +41,10 @@ def _inside(real: str, root: str) -> bool:
 
 def _read_gitignore(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(open_regular(path, follow_symlinks=True), encoding="utf-8", errors="replace") as f:
             return f.read().splitlines()
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotRegularFile):
+        return []  # a FIFO named .gitignore is not read: opening it would wait for a writer
     except OSError as exc:
         raise SyncError(f"cannot read {path}: {exc.strerror}") from None
 
