@@ -25,10 +25,22 @@ from contree.backend import Backend
 from contree.errors import NotFound
 from contree.fsutil import open_regular
 from protocol.errors import ToolError
+from tools.bounds import MAX_STATE_ID
 from tools.convert import as_dict
 
 CHUNK = 1024 * 1024
-MAX_ID = 2**53
+MAX_ID = MAX_STATE_ID
+
+
+def parse_state_id(state_id: int | str) -> int:
+    """The integer a `directory_state_id` names (given as a number or a string of digits)."""
+    try:
+        number = int(str(state_id).strip())
+    except ValueError:
+        raise ToolError(f"Directory state not found: {state_id}") from None
+    if not 1 <= number <= MAX_ID:
+        raise ToolError(f"directory_state_id must be between 1 and {MAX_ID}, got {number}")
+    return number
 
 
 class ManifestEntry(msgspec.Struct, array_like=True):
@@ -145,7 +157,7 @@ class DirectoryStates:
     async def restore_blobs(self, backend: Backend, principal: str | None, state_id: int | str) -> int:
         """Re-upload the blobs of a state that vanished from the backend (COMPAT §15.38), from the synced
         host files when their content is unchanged. Returns how many were uploaded."""
-        number = int(str(state_id).strip())
+        number = parse_state_id(state_id)
         entries = self.load(principal, number)
         origin = self.origin_of(principal, number)
         if not entries or origin is None:
@@ -182,10 +194,7 @@ class DirectoryStates:
         return msgspec.msgpack.decode(row[0], type=list[ManifestEntry])
 
     async def injected_files(self, principal: str | None, state_id: int | str) -> dict[str, api.InjectedFile]:
-        try:
-            number = int(str(state_id).strip())
-        except ValueError:
-            raise ToolError(f"Directory state not found: {state_id}") from None
+        number = parse_state_id(state_id)
         entries = self.load(principal, number)
         if entries is None:
             raise ToolError(f"Directory state not found: {state_id}")

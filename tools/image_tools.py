@@ -9,6 +9,7 @@ from msgspec import Meta
 
 from contree.backend import ImageQuery
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_OFFSET
 from tools.errors import backend_errors
 from tools.models import ImageListOutput, ImageOutput
 from tools.refs import validate_tag
@@ -17,7 +18,7 @@ from tools.state import ServerState
 
 class ListImagesParams(msgspec.Struct, kw_only=True):
     limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of images to return.")] = 100
-    offset: Annotated[int, Meta(ge=0, description="Number of images to skip (paging).")] = 0
+    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Number of images to skip (paging).")] = 0
     tagged: Annotated[bool, Meta(description="Only images that carry a tag.")] = False
     tag_prefix: Annotated[
         str | None,

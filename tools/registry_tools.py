@@ -18,6 +18,7 @@ from contree.oci.credentials import PAT_PAGES, validate_credentials
 from contree.oci.reference import parse_source, registry_host
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_SECONDS
 from tools.convert import TERMINAL, as_dict, operation_output
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, ResultRef, TokenObtainOutput
@@ -64,7 +65,7 @@ class ImportImageParams(msgspec.Struct, kw_only=True):
         Meta(description="Import without stored registry credentials (anonymous pulls may be rate limited)."),
     ] = False
     timeout: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_SECONDS)] | None,
         Meta(description="Seconds the import may take (backend default 300)."),
     ] = None
 

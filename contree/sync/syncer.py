@@ -174,7 +174,9 @@ async def sync_tree(
     )
     plan = await asyncio.to_thread(_plan, source, scanned, snap, cache, transfer.target, need_sha)
     if not plan.files:
-        raise SyncError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
+        shown = "; ".join(plan.skipped[:5]) + ("; …" if len(plan.skipped) > 5 else "")
+        why = f" (skipped: {shown})" if shown else ""
+        raise SyncError(f"Nothing to sync in {source}: every file is excluded or not a regular file{why}")
     report = SyncReport(
         files_scanned=len(plan.files), files_removed=len(plan.removed), skipped=plan.skipped
     )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from contree import fsutil
-from contree.sync import Excludes, StateCache, sync_tree, syncer, transfer_for
+from contree.sync import Excludes, StateCache, SyncError, sync_tree, syncer, transfer_for
 from contree.sync.chunker import FileChangedError
 from tests.sync.helpers import EngineHolder, FakeFiles, tree
 
@@ -130,3 +130,70 @@ def test_open_regular_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None
         assert os.get_blocking(fd) and os.read(fd, 10) == b"x"
     finally:
         os.close(fd)
+
+
+# --- names a sandbox path cannot carry, hard links leaving the tree (issue 17 item 9) -------------------
+
+
+def make_bytes_tree(root: Path, files: dict[bytes, bytes]) -> None:
+    for rel, content in files.items():
+        path = os.fsencode(root) + b"/" + rel
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+
+
+@pytest.mark.parametrize("kind", ["remote", "engine"])
+async def test_names_that_are_not_utf8_are_reported_and_skipped(tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "src"
+    make_bytes_tree(
+        src, {b"ok.txt": b"ok", b"bad\xff.txt": b"x", b"dir\xfe/inner.txt": b"y", b"d/\xe9t\xe9": b"z"}
+    )
+    backend = FakeFiles() if kind == "remote" else EngineHolder(tmp_path / "blobs")
+    manifest, report = await sync_tree(
+        str(src), "/app", cache=StateCache(None), transfer=transfer_for(backend)
+    )
+    assert [e.path for e in manifest.entries] == ["/app/ok.txt"]
+    assert sorted(report.skipped) == [
+        "bad\\xff.txt (file name is not UTF-8, not synced)",
+        "d/\\xe9t\\xe9 (file name is not UTF-8, not synced)",
+        "dir\\xfe (file name is not UTF-8, not synced)",
+    ]
+
+
+async def test_a_hard_link_to_a_file_outside_the_tree_is_not_synced(tmp_path: Path) -> None:
+    outside = tmp_path / "private" / "id_rsa"
+    outside.parent.mkdir()
+    outside.write_text("PRIVATE KEY")
+    src = tmp_path / "src"
+    tree(src, {"main.py": "print(1)\n"})
+    os.link(outside, src / "innocent.txt")
+    backend = FakeFiles()
+    manifest, report = await sync_tree(
+        str(src), "/app", cache=StateCache(None), transfer=transfer_for(backend)
+    )
+    assert [e.path for e in manifest.entries] == ["/app/main.py"]
+    assert report.skipped == ["innocent.txt (hard link to a file outside the synced files, not synced)"]
+    assert b"PRIVATE KEY" not in backend.blobs.values()
+    # named alone, it is refused with the reason
+    with pytest.raises(SyncError, match=r"innocent\.txt \(hard link to a file outside the synced files"):
+        await sync_tree(
+            str(src / "innocent.txt"), "/app", cache=StateCache(None), transfer=transfer_for(backend)
+        )
+
+
+async def test_hard_links_within_the_tree_are_synced(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    tree(src, {"a.txt": "same", "sub/other.txt": "x"})
+    os.link(src / "a.txt", src / "sub" / "b.txt")
+    os.symlink("a.txt", src / "alias.txt")
+    manifest, report = await sync_tree(
+        str(src), "/app", cache=StateCache(None), transfer=transfer_for(FakeFiles())
+    )
+    assert [e.path for e in manifest.entries] == [
+        "/app/a.txt",
+        "/app/alias.txt",
+        "/app/sub/b.txt",
+        "/app/sub/other.txt",
+    ]
+    assert report.skipped == []
