@@ -102,15 +102,15 @@ class ImageScope:
             await self.require(uuid, principal)
             return uuid
         assert tag is not None
-        own = self._sql.one(
-            "SELECT image FROM principal_tag WHERE principal=? AND tag=?", (_key(principal), tag)
-        )
+        own = self._own_image(principal, tag)
+        if own is None and await self._settle_pending(principal, tag):
+            own = self._own_image(principal, tag)
         if own is not None:
             try:
-                await self.require(own[0], principal)
+                await self.require(own, principal)
             except NotFound:
                 raise tag_not_found(tag) from None
-            return str(own[0])
+            return own
         try:
             # a backend tag is a shared tag: its image is visible to everybody
             return await self.backend.resolve_tag(tag)
@@ -144,6 +144,12 @@ class ImageScope:
             "SELECT 1 FROM image_owner WHERE principal=? AND image=?", (_key(principal), uuid)
         )
         return row is not None
+
+    def _own_image(self, principal: str | None, tag: str) -> str | None:
+        row = self._sql.one(
+            "SELECT image FROM principal_tag WHERE principal=? AND tag=?", (_key(principal), tag)
+        )
+        return str(row[0]) if row else None
 
     def _own_tag(self, principal: str | None, uuid: str) -> str | None:
         row = self._sql.one(
@@ -278,6 +284,25 @@ class ImageScope:
             "INSERT OR REPLACE INTO pending_tag VALUES (?,?,?,?)",
             (operation_id, _key(principal), tag, time.time()),
         )
+
+    async def _settle_pending(self, principal: str | None, tag: str) -> bool:
+        """Apply `tag` if an import of this principal that asked for it has ended since (an import with
+        wait=false that nobody looked at again); True when a tag was applied."""
+        rows = self._sql.all(
+            "SELECT operation_id FROM pending_tag WHERE principal=? AND tag=?", (_key(principal), tag)
+        )
+        applied = False
+        for (op_id,) in rows:
+            try:
+                op = as_dict(await self.backend.get_operation(op_id))
+            except NotFound:
+                op = {"status": "CANCELLED"}
+            if op.get("status") == "SUCCESS":
+                self.observe(op, principal)
+                applied = True
+            elif op.get("status") in ("FAILED", "CANCELLED"):
+                self._sql.write("DELETE FROM pending_tag WHERE operation_id=?", (op_id,))
+        return applied
 
     def result_tag(self, operation_id: str, principal: str | None, image: str | None) -> str | None:
         """The principal's tag on an import's result (None unscoped: the backend reports its own)."""

@@ -215,6 +215,20 @@ async def test_a_wait_false_import_is_tagged_when_it_is_seen_finished(scoped: Sc
     assert "not found" in error_text(await scoped.call("get_image", {"image": "alpine:3"}, BOB))
 
 
+async def test_a_wait_false_import_nobody_looked_at_is_tagged_when_its_tag_is_used(scoped: Scoped) -> None:
+    args = {
+        "registry_url": "alpine:3",
+        "tag": "alpine:3",
+        "wait": False,
+        "i_accept_that_anonymous_access_might_be_rate_limited": True,
+    }
+    op = (await scoped.ok("import_image", args, ALICE))["result"]["operation_id"]
+    image = scoped.backend.ops[op]["result_image_uuid"]  # the fake's import has already ended
+    out = await scoped.ok("run", {"command": "true", "image": "alpine:3", "wait": False}, ALICE)
+    assert out["result"]["operation_id"] and scoped.backend.spawned[-1].image == image
+    assert "not found" in error_text(await scoped.call("get_image", {"image": "alpine:3"}, BOB))
+
+
 async def test_images_tagged_by_the_operator_and_published_ones_are_shared(scoped: Scoped) -> None:
     operator_tagged = scoped.backend.add_image("common/python:3.12")
     untagged = scoped.backend.add_image(None)
