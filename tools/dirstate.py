@@ -174,6 +174,12 @@ class DirectoryStates:
             except NotFound:
                 pass
             host = source if single_file else source + "/" + entry.path[len(destination) :].lstrip("/")
+            # rsync syncs an in-tree symlink as its target's content: read the target, never a file
+            # outside the synced tree (and the content must still be what was synced)
+            real = await asyncio.to_thread(os.path.realpath, host)
+            if real != source and not real.startswith(source.rstrip("/") + "/"):
+                raise ToolError(f"{host} changed since rsync and its old content is gone: run rsync again")
+            host = real
             sha = await asyncio.to_thread(sha256_file, host)
             if sha != entry.sha256:
                 raise ToolError(f"{host} changed since rsync and its old content is gone: run rsync again")
