@@ -25,6 +25,9 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "publish"): ("tools.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
+    ("images", "published"): ("tools.publish", "published_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
 }
 
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
         "'engine check …'.",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
-        "directory states, lineage and registry credentials",
+        "images, tags, directory states, lineage and registry credentials, plus the images the operator "
+        "shares (tagged outside this server, or 'contree-mcp images publish')",
     )
     p.set_defaults(http_tokens={})
     p.add_argument(
@@ -248,7 +253,10 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
 async def serve(args: argparse.Namespace) -> int:
     from protocol.server import Server
     from tools.app import build_registry, build_state
+    from tools.worker_threads import WorkerThreads
 
+    # a worker stuck in a syscall must not keep the server alive once it was told to stop
+    asyncio.get_running_loop().set_default_executor(WorkerThreads())
     backend, kind, cache_dir = await open_backend(args)
     roots = allowed_roots(args)
     state = build_state(
