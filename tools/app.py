@@ -23,6 +23,7 @@ from tools import (
     sync_tools,
 )
 from tools.dirstate import DirectoryStates
+from tools.image_scope import ImageScope
 from tools.instructions import instructions
 from tools.lineage import EdgeStore, Lineage
 from tools.owners import OperationOwners
@@ -50,11 +51,14 @@ def build_state(
     dirstates.prune(prune_days)
     owners = OperationOwners(general_db or cache_dir / "operations.db", scoped=scoped_operations)
     owners.prune(prune_days)
+    images = ImageScope(backend, general_db or cache_dir / "operations.db", owners, scoped=scoped_operations)
+    images.prune(prune_days)
     return ServerState(
         backend=backend,
         backend_kind=backend_kind,
         lineage=Lineage(backend, store, native=not scoped_operations),
         dirstates=dirstates,
+        images=images,
         credentials=CredentialStore(cache_dir / "registry-credentials.json"),
         allowed_roots=[p.resolve() for p in allowed_roots],
         cache_dir=cache_dir,

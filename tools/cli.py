@@ -25,6 +25,9 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "publish"): ("tools.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
+    ("images", "published"): ("tools.publish", "published_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
         "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …'.",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
-        "directory states, lineage and registry credentials",
+        "images, tags, directory states, lineage and registry credentials, plus the images the operator "
+        "shares (tagged outside this server, or 'contree-mcp images publish')",
     )
     p.set_defaults(http_tokens={})
     p.add_argument(
@@ -253,7 +258,10 @@ async def serve(args: argparse.Namespace) -> int:
     from contree.service.starter import EngineStartError
     from protocol.server import Server
     from tools.app import build_registry, build_state
+    from tools.worker_threads import WorkerThreads
 
+    # a worker stuck in a syscall must not keep the server alive once it was told to stop
+    asyncio.get_running_loop().set_default_executor(WorkerThreads())
     try:
         backend, kind, cache_dir = await open_backend(args)
     except EngineStartError as exc:

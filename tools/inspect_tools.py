@@ -10,10 +10,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from contree import api
 from contree.backend import Backend, GrepQuery
 from contree.errors import BackendError
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_BYTES, MAX_OFFSET
 from tools.convert import as_dict
 from tools.errors import backend_errors
 from tools.models import (
@@ -25,17 +27,23 @@ from tools.models import (
     ListFilesOutput,
     ReadFileOutput,
 )
-from tools.refs import resolve_image
 from tools.state import ServerState
 
 IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
+
+
+# A page of list_files stops at this many bytes of entries: the result carries each entry twice (as
+# structuredContent and as indented JSON text), and the whole result stays within 64 KiB.
+LIST_PAGE_BYTES = 56 * 1024
+LIST_MAX_LIMIT = 10000
 
 
 class ListFilesParams(msgspec.Struct, kw_only=True):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
     limit: Annotated[
-        Annotated[int, Meta(ge=1)] | None, Meta(description="Entries per page (default: all).")
+        Annotated[int, Meta(ge=1, le=LIST_MAX_LIMIT)] | None,
+        Meta(description="Entries per page at most (a page also ends before the result passes 64 KiB)."),
     ] = None
     cursor: Annotated[str | None, Meta(description="next_cursor of the previous page.")] = None
 
@@ -44,10 +52,10 @@ class ReadFileParams(msgspec.Struct, kw_only=True):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Absolute path of a regular file in the image.")]
     offset: Annotated[
-        int, Meta(ge=0, description="Byte offset to start reading at (for paging big files).")
+        int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset to start reading at (for paging big files).")
     ] = 0
     max_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
         Meta(description="Bytes to return at most (capped by the server's limit)."),
     ] = None
 
@@ -99,6 +107,29 @@ def file_type(item: dict[str, Any]) -> FileType:
     if stat.S_ISBLK(mode):
         return "block_device"
     return "file"
+
+
+_entry_encoder = msgspec.json.Encoder()
+
+
+def entry_cost(entry: FileEntry) -> int:
+    """Bytes an entry adds to the result: its JSON in structuredContent, again indented in the text block
+    (about 64 bytes of indentation), where quotes and backslashes are escaped once more."""
+    raw = _entry_encoder.encode(entry)
+    return 2 * len(raw) + 96 + raw.count(b'"') + raw.count(b"\\")
+
+
+def page_of(directory: str, items: list[Any], start: int, limit: int | None) -> list[FileEntry]:
+    """Entries from `start`: at most `limit`, and no more than LIST_PAGE_BYTES (at least one)."""
+    page: list[FileEntry] = []
+    used = 0
+    for item in items[start : start + (limit or LIST_MAX_LIMIT)]:
+        entry = file_entry(directory, as_dict(item))
+        used += entry_cost(entry)
+        if page and used > LIST_PAGE_BYTES:
+            break
+        page.append(entry)
+    return page
 
 
 def file_entry(directory: str, item: dict[str, Any]) -> FileEntry:
@@ -187,9 +218,11 @@ TL;DR: PURPOSE: look inside an image without starting a {state.sandbox_word}. CO
 
 USAGE:
 - list_files(image="busybox:latest", path="/etc"). One directory level, no recursion.
+- Large directories come in pages (at most `limit` entries, and never past 64 KiB): when next_cursor is
+  set, call again with cursor=<next_cursor>.
 
-RETURNS: {{path, count, files: [{{name, path, type (file, directory, symlink, fifo, socket, char_device,
-block_device), size, mode (e.g. "0o100644"), target}}]}}
+RETURNS: {{path, count, total, next_cursor, hint, files: [{{name, path, type (file, directory, symlink, fifo,
+socket, char_device, block_device), size, mode (e.g. "0o100644"), target}}]}}
 
 GUIDES:
 - [USEFUL] contree://guide/reference""",
@@ -198,19 +231,32 @@ GUIDES:
     async def list_files(params: ListFilesParams, ctx: RequestContext) -> ListFilesOutput:
         directory = normalize_dir(params.path)
         with backend_errors(f"{params.image}:{directory}"):
-            image = await resolve_image(state.backend, params.image)
-            listing = as_dict(await state.backend.list_directory(image, directory))
-        entries = [file_entry(directory, item) for item in listing.get("files") or []]
+            image = await state.images.resolve(params.image, ctx.principal)
+            listing = await state.backend.list_directory(image, directory)
+        # Only the page is converted: a directory of 100,000 entries costs one slice, not 100,000 dicts.
+        items = (
+            listing.files if isinstance(listing, api.DirectoryList) else as_dict(listing).get("files") or []
+        )
         start = 0
         if params.cursor:
             try:
-                start = max(0, int(params.cursor))
+                start = int(params.cursor)
             except ValueError:
-                raise ToolError(f"invalid cursor {params.cursor!r}") from None
-        end = len(entries) if params.limit is None else start + params.limit
-        page = entries[start:end]
-        more = str(end) if end < len(entries) else None
-        return ListFilesOutput(path=directory, count=len(page), files=page, next_cursor=more)
+                raise ToolError(f"invalid cursor {params.cursor!r}: pass the next_cursor of a page") from None
+            if not 0 <= start <= len(items):
+                raise ToolError(f"invalid cursor {params.cursor!r}: the directory has {len(items)} entries")
+        page = page_of(directory, items, start, params.limit)
+        end = start + len(page)
+        more = str(end) if end < len(items) else None
+        hint = None
+        if more is not None:
+            hint = (
+                f"Entries {start + 1}-{end} of {len(items)}: call list_files(image={params.image!r}, "
+                f"path={directory!r}, cursor={more!r}) for the next page."
+            )
+        return ListFilesOutput(
+            path=directory, count=len(page), files=page, next_cursor=more, total=len(items), hint=hint
+        )
 
     @registry.tool(
         name="read_file",
@@ -235,7 +281,7 @@ GUIDES:
         path = params.path if params.path.startswith("/") else "/" + params.path
         limit = min(params.max_bytes or state.read_max_bytes, state.read_max_bytes)
         with backend_errors(f"{params.image}:{path}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             data, more = await read_bounded(state.backend, image, path, params.offset, limit)
             size = params.offset + len(data)
             if more:
@@ -292,7 +338,7 @@ GUIDES:
             after=params.after,
         )
         with backend_errors(f"grep in {params.image}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             result = as_dict(await state.backend.grep(image, query))
         matches = [
             GrepMatchOutput(

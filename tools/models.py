@@ -185,10 +185,14 @@ class FileEntry(msgspec.Struct, kw_only=True):
 
 
 class ListFilesOutput(msgspec.Struct, kw_only=True):
+    """One page of a directory: `count` entries of `total`; `next_cursor` (with `hint`) when more follow."""
+
     path: str
     count: int
     files: list[FileEntry]
     next_cursor: str | None = None
+    total: int | None = None
+    hint: str | None = None
 
 
 class ReadFileOutput(msgspec.Struct, kw_only=True):

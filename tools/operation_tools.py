@@ -12,6 +12,7 @@ from contree.backend import OperationQuery
 from contree.errors import BackendError, Conflict
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_OFFSET, MAX_WAIT_SECONDS
 from tools.convert import TERMINAL, as_dict, operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
@@ -63,7 +64,7 @@ class ListOperationsParams(msgspec.Struct, kw_only=True):
         Meta(description="Created after: ISO 8601, unix seconds or an interval ago (15m, 2h, 1d)."),
     ] = None
     kind: Annotated[str | None, Meta(description="Alias of 'type'.")] = None
-    offset: Annotated[int, Meta(ge=0, description="Operations to skip (paging).")] = 0
+    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Operations to skip (paging).")] = 0
     until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
 
 
@@ -72,7 +73,12 @@ class WaitOperationsParams(msgspec.Struct, kw_only=True):
         list[str], Meta(description="Operation ids to wait for (duplicates are ignored).")
     ]
     timeout: Annotated[
-        float, Meta(ge=0, description="Seconds to wait in total; unfinished ids are listed in 'pending'.")
+        float,
+        Meta(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Seconds to wait in total; unfinished ids are listed in 'pending'.",
+        ),
     ] = 300.0
     mode: Annotated[
         Literal["all", "any"],
@@ -137,7 +143,7 @@ async def wait_operations_impl(
                 continue
             out.results[op_id] = operation_output(got, cap=state.cap_for(op_id))
             if got.get("status") in TERMINAL:
-                state.lineage.observe(got, ctx.principal)
+                state.observe(got, ctx.principal)
                 out.completed.append(op_id)
                 active.remove(op_id)
         done = len(out.completed) + len(out.errors)
@@ -213,7 +219,7 @@ GUIDES:
             op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
         data = as_dict(op)
         if data.get("status") in TERMINAL:
-            state.lineage.observe(data, ctx.principal)
+            state.observe(data, ctx.principal)
         return operation_output(data, cap=state.cap_for(params.operation_id.strip()))
 
     @registry.tool(
@@ -249,7 +255,7 @@ GUIDES:
             else:
                 ops = await state.backend.list_operations(query)
         for op in ops:
-            state.lineage.observe(op, ctx.principal)
+            state.observe(op, ctx.principal)
         return OperationListOutput(operations=[summary_output(o) for o in ops])
 
 

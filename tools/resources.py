@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 
-from contree.backend import ImageQuery
 from contree.errors import BackendError, NotFound
 from protocol.content import ResourceContents
 from protocol.errors import ResourceNotFound
@@ -19,15 +18,14 @@ from tools.convert import as_dict, decode_stream, operation_output
 from tools.guides import GUIDES, guide_text
 from tools.inspect_tools import decode_text, normalize_dir, read_bounded
 from tools.prompts import PROMPTS
-from tools.refs import resolve_image
 from tools.state import ServerState
 
 STREAMS = ("stdout", "stderr")
 
 
-async def _resolve(state: ServerState, uri: str, image: str) -> str:
+async def _resolve(state: ServerState, ctx: RequestContext, uri: str, image: str) -> str:
     try:
-        return await resolve_image(state.backend, image)
+        return await state.images.resolve(image, ctx.principal)
     except Exception as exc:
         raise ResourceNotFound(uri, f"Image not found: {image} ({exc})") from None
 
@@ -129,7 +127,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def read_file(ctx: RequestContext, image: str, path: str) -> list[ResourceContents]:
         uri = f"contree://image/{image}/read/{path}"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         target = "/" + path.lstrip("/")
         try:
             data, more = await read_bounded(state.backend, uuid, target, 0, state.read_max_bytes)
@@ -161,7 +159,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def image_ls(ctx: RequestContext, image: str, path: str) -> str:
         uri = f"contree://image/{image}/ls/{path}"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         directory = normalize_dir(path if path not in ("", ".") else "/")
         try:
             listing = as_dict(await state.backend.list_directory(uuid, directory))
@@ -181,7 +179,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def image_lineage(ctx: RequestContext, image: str) -> str:
         uri = f"contree://image/{image}/lineage"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         view = await state.lineage.view(uuid, ctx.principal)
         return msgspec.json.format(msgspec.json.encode(view), indent=2).decode()
 
@@ -293,12 +291,10 @@ def register_templates(registry: Registry, state: ServerState) -> None:
 def register_completions(registry: Registry, state: ServerState) -> None:
     async def image_tags(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
         prefix = value[4:] if value.startswith("tag:") else value
-        query = ImageQuery(limit=100, tagged=True, tag=prefix.rstrip(":/.") or None)
         try:
-            images = await state.backend.list_images(query)
+            tags = await state.images.tags(prefix, ctx.principal)
         except BackendError:
             return []
-        tags = sorted({t for i in images if (t := as_dict(i).get("tag")) and t.startswith(prefix)})
         return [("tag:" + t) if value.startswith("tag:") else t for t in tags]
 
     for template in (

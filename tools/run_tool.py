@@ -15,10 +15,10 @@ from contree import api
 from contree.errors import BadRequest, NotFound, Unprocessable
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_BYTES, MAX_ID, MAX_SECONDS, MAX_STATE_ID
 from tools.convert import TERMINAL, decode_stream, operation_output
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
-from tools.refs import resolve_image
 from tools.state import ServerState
 from tools.waiting import OutputTail, follow_until_terminal
 
@@ -32,8 +32,8 @@ class InjectedFileSpec(msgspec.Struct, kw_only=True):
     mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3,4}$", description="Permission bits, e.g. '0755'.")] = (
         "0644"
     )
-    uid: Annotated[int, Meta(ge=0)] = 0
-    gid: Annotated[int, Meta(ge=0)] = 0
+    uid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
+    gid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
 
 
 class RunParams(msgspec.Struct, kw_only=True):
@@ -51,16 +51,19 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(description="Merge 'env' into the image's stored environment and keep it in the result image."),
     ] = False
     cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the image default.")] = ""
-    uid: Annotated[int, Meta(ge=0, description="User id of the process.")] = 0
-    gid: Annotated[int, Meta(ge=0, description="Group id of the process.")] = 0
-    timeout: Annotated[int, Meta(ge=1, description="Seconds before the command is killed.")] = 30
+    uid: Annotated[int, Meta(ge=0, le=MAX_ID, description="User id of the process.")] = 0
+    gid: Annotated[int, Meta(ge=0, le=MAX_ID, description="Group id of the process.")] = 0
+    timeout: Annotated[
+        int, Meta(ge=1, le=MAX_SECONDS, description="Seconds before the command is killed.")
+    ] = 30
     disposable: Annotated[
         bool,
         Meta(description="true: discard filesystem changes. false: save them as a new image (result_image)."),
     ] = True
     stdin: Annotated[str | None, Meta(description="Text written to the command's standard input.")] = None
     directory_state_id: Annotated[
-        int | str | None, Meta(description="Id returned by rsync: injects that synced directory.")
+        Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
+        Meta(description="Id returned by rsync: injects that synced directory."),
     ] = None
     files: Annotated[
         dict[str, str | InjectedFileSpec] | None,
@@ -74,7 +77,7 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
     ] = 8000
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
         Meta(description="Cap on bytes written to the filesystem (default 12 GiB)."),
     ] = None
     args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
@@ -97,10 +100,30 @@ def stdin_repr(text: str) -> api.ClosableStreamRepr:
     return api.ClosableStreamRepr(value=base64.b64encode(raw).decode(), encoding="base64", close=True)
 
 
+def check_c_strings(params: RunParams) -> None:
+    """NUL cannot travel in argv, the environment or a path: it would silently cut the string there
+    (`echo a\\u0000b; echo after` would run `echo a`)."""
+    fields: list[tuple[str, str]] = [("command", params.command), ("cwd", params.cwd)]
+    fields += [(f"args[{i}]", arg) for i, arg in enumerate(params.args or [])]
+    for key, value in (params.env or {}).items():
+        fields.append(("an env name", key))
+        if value is not None and "\x00" not in key:
+            fields.append((f"env[{key!r}]", value))
+    if params.hostname:
+        fields.append(("hostname", params.hostname))
+    for where, text in fields:
+        if "\x00" in text:
+            # values are not echoed: env values may be secrets
+            raise ToolError(
+                f"{where} contains a NUL byte (\\u0000), which no command line, environment or path can carry"
+            )
+
+
 async def build_request(
     params: RunParams, state: ServerState, principal: str | None
 ) -> api.InstanceSpawnRequest:
-    image = await resolve_image(state.backend, params.image)
+    check_c_strings(params)
+    image = await state.images.resolve(params.image, principal)
     files: dict[str, api.InjectedFile] = {}
     if params.directory_state_id is not None:
         files.update(await state.dirstates.injected_files(principal, params.directory_state_id))
@@ -196,7 +219,7 @@ async def track_in_background(
     loop = asyncio.get_running_loop()
     op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
     if op.get("status") in TERMINAL:
-        state.lineage.observe(op, principal)
+        state.observe(op, principal)
         await notify(f"contree://operations/instance/{operation_id}")
 
 
@@ -257,7 +280,7 @@ GUIDES:
         with backend_errors(f"Operation {operation_id}"):
             op = await wait_for_run(state, ctx, operation_id, params.timeout)
         if op.get("status") in TERMINAL:
-            state.lineage.observe(op, ctx.principal)
+            state.observe(op, ctx.principal)
             await ctx.notify_resource_updated(f"contree://operations/instance/{operation_id}")
         else:
             log.warning("run %s still %s after its deadline", operation_id, op.get("status"))

@@ -15,6 +15,7 @@ from tools.owners import OperationOwners
 if TYPE_CHECKING:
     from contree.oci.credentials import CredentialStore
     from tools.dirstate import DirectoryStates
+    from tools.image_scope import ImageScope
     from tools.lineage import Lineage
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ServerState:
     backend_kind: Literal["local", "contree"]
     lineage: Lineage
     dirstates: DirectoryStates
+    images: ImageScope
     credentials: CredentialStore
     allowed_roots: list[Path]
     cache_dir: Path
@@ -53,6 +55,11 @@ class ServerState:
     def sandbox_word(self) -> str:
         return "sandbox" if self.backend_kind == "local" else "microVM"
 
+    def observe(self, op: Any, principal: str | None) -> None:
+        """What a terminal operation of `principal` implies: a lineage edge, its result image as its own."""
+        self.lineage.observe(op, principal)
+        self.images.observe(op, principal)
+
     def spawn_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a best-effort task (lineage tracking) that must never take the server down."""
 
@@ -74,4 +81,5 @@ class ServerState:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.lineage.close()
         self.owners.close()
+        self.images.close()
         await self.backend.close()

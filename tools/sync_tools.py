@@ -21,7 +21,6 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.dirstate import ManifestEntry, ensure_blob, sha256_file
 from tools.errors import backend_errors
 from tools.models import DownloadOutput, DownloadSource, UploadOutput
-from tools.refs import resolve_image
 from tools.roots import expand, require_inside
 from tools.state import ServerState
 
@@ -278,7 +277,7 @@ GUIDES:
         destination = expand(params.destination, "destination")
         path = params.path if params.path.startswith("/") else "/" + params.path
         with backend_errors(f"{params.image}:{path}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             size, sha = await write_download(
                 state, image, path, destination, params.executable, params.overwrite
             )

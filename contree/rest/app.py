@@ -14,6 +14,7 @@ from aiohttp import web
 from contree import api
 from contree.backend import Backend
 from contree.errors import BackendError
+from contree.rest.guard import RequestGuard
 from contree.rest.handlers import Handlers
 
 log = logging.getLogger("contree.rest")
@@ -93,16 +94,19 @@ def build_app(
     backend: Backend,
     *,
     token: str | None = None,
+    guard: RequestGuard | None = None,
     keepalive: float = 15.0,
     client_max_size: int = 256 << 20,
 ) -> web.Application:
     """Serve `backend` at `/v1`. With `token`, every request needs `Authorization: Bearer <token>`.
+    `guard` (default: a loopback listener's) refuses what a web page could make a browser send.
 
     `client_max_size` caps JSON request bodies (spawn stdin is inline); `POST /files` streams and has
     no cap."""
     middlewares: list[Any] = [_error_middleware]
     if token:
         middlewares.insert(0, _auth_middleware(token))
+    middlewares.insert(0, (guard or RequestGuard()).middleware(error_response))
     app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     h = Handlers(backend, keepalive=keepalive)
     r = app.router

@@ -136,7 +136,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
 
 def stop_main(argv: Sequence[str] | None = None) -> int:
-    from contree.service.control import ControlConnection, ControlError, ServiceGone
+    from contree.service.control import ControlConnection, ControlError, ServiceGone, ServiceUnresponsive
 
     parser = argparse.ArgumentParser(
         prog="contree-mcp engine stop",
@@ -155,10 +155,13 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
     except ServiceGone:
         print(f"no engine service is running at {home}")
         return 0
+    except ServiceUnresponsive as exc:
+        print(f"contree-mcp engine stop: {exc}; try again", file=sys.stderr)
+        return 1
     with conn:
         try:
             status = conn.stop("now" if args.now else "drain")
-        except (ControlError, ServiceGone) as exc:
+        except (ControlError, ServiceGone, ServiceUnresponsive) as exc:
             print(f"contree-mcp engine stop: {exc}", file=sys.stderr)
             return 1
         work = status.running_operations + status.pending_operations
@@ -180,7 +183,7 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
-    from contree.service.control import probe
+    from contree.service.control import ServiceUnresponsive, probe
 
     parser = argparse.ArgumentParser(
         prog="contree-mcp engine status",
@@ -191,7 +194,11 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     home = _home(args.home)
-    status = probe(home)
+    try:
+        status = probe(home)
+    except ServiceUnresponsive as exc:
+        print(f"contree-mcp engine status: {exc}", file=sys.stderr)
+        return 1
     if status is None:
         if args.json:
             print(json.dumps({"running": False, "home": str(home)}))

@@ -29,7 +29,7 @@ from contree.service.starter import EngineStartError, ensure_service
 
 log = logging.getLogger("contree.service")
 
-ROOT = "http://contree-engine"
+ROOT = "http://localhost"  # a loopback name: the REST guard refuses any other Host
 LEASE_RETRY = 1.0  # seconds between attempts to re-attach after the service went away
 LEASE_READ_TIMEOUT = 120.0  # several missed heartbeats: the service hangs or is gone
 

@@ -30,6 +30,7 @@ from contree.service.control import (
     ControlConnection,
     ServiceGone,
     ServiceStatus,
+    ServiceUnresponsive,
     package_version,
     skew,
 )
@@ -72,7 +73,7 @@ async def ensure_service(
     asked_to_retire = False
     busy_since: float | None = None
     while True:
-        conn = await _connect(home)
+        conn = await _connect(home, deadline)
         if conn is not None:
             busy_since = None
             with conn:
@@ -121,13 +122,22 @@ async def ensure_service(
         await asyncio.sleep(POLL)
 
 
-async def _connect(home: Path) -> ControlConnection | None:
-    try:
-        return await asyncio.to_thread(ControlConnection, home, pin=True)
-    except ServiceGone:
-        return None
-    except OSError as exc:
-        raise EngineStartError(home, f"cannot reach {socket_path(home)}: {exc.strerror or exc}") from None
+async def _connect(home: Path, deadline: float) -> ControlConnection | None:
+    """A connection to the running service; None when nothing answers (start one). A service that is
+    alive but slow (a loaded machine) is waited for, never replaced."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await asyncio.to_thread(ControlConnection, home, pin=True)
+        except ServiceGone:
+            return None
+        except ServiceUnresponsive as exc:
+            if loop.time() >= deadline:
+                raise EngineStartError(home, str(exc)) from None
+            log.warning("%s; waiting for it", exc)
+        except OSError as exc:
+            reason = f"cannot reach {socket_path(home)}: {exc.strerror or exc}"
+            raise EngineStartError(home, reason) from None
 
 
 async def _wait_stopping(conn: ControlConnection, home: Path, deadline: float) -> None:

@@ -178,7 +178,8 @@ async def test_download_is_atomic_confined_and_respects_overwrite(tmp_path: Path
 async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path) -> None:
     backend = FakeBackend()
     src = tmp_path / "proj"
-    tree(src, {"a/b.txt": "bee", "c.txt": "sea"})
+    tree(src, {"a/b.txt": "bee", "c.txt": "sea", "build/out.txt": "dee"})
+    (src / "alias.txt").symlink_to("build/out.txt")  # synced as its (excluded) target's content
     reg, state = make_registry(backend, tmp_path)
     sid = (await call(reg, "rsync", {"source": str(src), "destination": "/w"}))["structuredContent"]["result"]
     backend.files.clear()  # the server garbage-collected every blob
@@ -197,7 +198,7 @@ async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path)
         reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
     )
     assert not out.get("isError"), out
-    assert sorted(backend.blobs.values()) == [b"bee", b"sea"]
+    assert sorted(backend.blobs.values()) == [b"bee", b"dee", b"sea"]
     (src / "c.txt").write_text("changed")
     backend.files.clear()
     changed = await call(
