@@ -156,9 +156,12 @@ class EngineService:
             await self._abort_start()
             raise
         self.engine_open = True
+        # a stop asked for while the engine opened takes effect now
         if self.stop_mode is None:
             self.state = "ready"
-        elif self.stop_mode != "idle":
+        elif self.stop_mode == "idle":
+            self.state = "retiring"
+        else:
             self.state = "stopping"
         log.info("contree-mcp %s engine service ready at %s (pid %d)", self.version, self.home, os.getpid())
         report("ready", str(socket_path(self.home)))
