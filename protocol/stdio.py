@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -17,6 +19,7 @@ from protocol.server import Server
 log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
+PIPE_SIZE = 1 << 20  # a large message (a page of output) then takes a few writes, not one per 64 KiB
 _PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
 
 
@@ -73,6 +76,9 @@ def _feed_from_thread(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamRea
 async def _stdout_writer() -> Writer:
     loop = asyncio.get_running_loop()
     fd = os.dup(sys.stdout.fileno())
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        with contextlib.suppress(OSError):  # above pipe-max-size, or the user's pipe quota is used up
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     # Anything else printed by mistake goes to stderr: stdout carries only protocol.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr

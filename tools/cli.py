@@ -16,6 +16,7 @@ from typing import Any
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
+from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -88,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_READ_MAX_BYTES,
         help=f"read_file cap in bytes (default: {DEFAULT_READ_MAX_BYTES})",
+    )
+    p.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="embedded engine: stdout+stderr bytes one run may store, e.g. 512M (default 1G); output beyond "
+        "it is counted, not kept, and the result says output_quota_exceeded",
     )
     p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
     p.add_argument(
@@ -232,11 +241,16 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
     if config.kind == "local":
-        from contree.engine.local import LocalEngine
+        from contree.engine.local import EngineLimits, LocalEngine
 
+        limits = EngineLimits()
+        if args.output_quota is not None:
+            limits = EngineLimits(output_quota_bytes=args.output_quota)
         # The engine re-checks local image sources when it opens them, after import_image's own check:
         # a symlink swapped in between cannot lead the import out of the allowed roots.
-        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)))
+        engine = LocalEngine(
+            config.home, import_roots=tuple(str(p) for p in allowed_roots(args)), limits=limits
+        )
         await engine.start()
         log.info("embedded engine at %s", config.home)
         return engine, "local", config.home / "mcp"

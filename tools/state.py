@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from contree.backend import Backend
+from tools.budget import RESULT_BUDGET
 from tools.owners import OperationOwners
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class ServerState:
     http_port: int = 9452
     run_grace_seconds: float = 120.0
     owners: OperationOwners = field(default_factory=OperationOwners)
+    # False once the backend answered that it keeps no whole output (the Contree cloud): event logs then
+    output_paging: bool = True
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _caps: dict[str, int] = field(default_factory=dict)
 
@@ -48,6 +51,12 @@ class ServerState:
 
     def cap_for(self, operation_id: str) -> int:
         return self._caps.get(operation_id, DEFAULT_TRUNCATE_OUTPUT_AT)
+
+    def output_cap(self, requested: int) -> tuple[int, int | None]:
+        """(bytes of each stream's head and tail, result budget) for a caller's truncate_output_at: the
+        default stays within RESULT_BUDGET; more can be asked for explicitly, up to read_max_bytes."""
+        cap = min(requested, max(self.read_max_bytes, DEFAULT_TRUNCATE_OUTPUT_AT))
+        return cap, RESULT_BUDGET if requested <= DEFAULT_TRUNCATE_OUTPUT_AT else None
 
     @property
     def sandbox_word(self) -> str:

@@ -22,13 +22,14 @@ from typing import Any
 import msgspec
 
 from contree import api
-from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.backend import MAX_OUTPUT_PAGE, FileQuery, GrepQuery, ImageQuery, OperationQuery, OutputPage
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
     CANCELLED,
+    DEFAULT_OUTPUT_QUOTA,
     EXECUTING,
     FAILED,
     SUCCESS,
@@ -53,6 +54,7 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     instance_max_concurrency: int = max(4, 2 * (os.cpu_count() or 1))
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
+    output_quota_bytes: int = DEFAULT_OUTPUT_QUOTA  # stdout+stderr one run may store (the rest is counted)
 
 
 class LocalEngine:
@@ -104,7 +106,7 @@ class LocalEngine:
         await asyncio.to_thread(self.store.recover)
         await asyncio.to_thread(self.store.gc)  # layers orphaned by a crash mid-import or mid-squash
         await asyncio.to_thread(self.store.make_spare_scratch, SPARE_SCRATCH_DIRS)
-        self.oplog = OperationLog(self.home)
+        self.oplog = OperationLog(self.home, output_quota=self.limits.output_quota_bytes)
         interrupted = self.oplog.recover()
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
@@ -352,6 +354,18 @@ class LocalEngine:
         async for event in oplog.events(operation_id, follow=follow, spid=spid, since=since):
             yield event
 
+    async def read_output(
+        self, operation_id: str, stream: str, *, spid: int = 1, offset: int = 0,
+        limit: int = MAX_OUTPUT_PAGE, tail: bool = False,
+    ) -> OutputPage:
+        """A page of a process's whole stored stdout/stderr (beyond the API: the event log and
+        `InstanceResult` keep only `truncate_output_at` bytes)."""
+        _, oplog, _ = self._parts()
+        _check_uuid(operation_id, "operation")
+        return await asyncio.to_thread(
+            oplog.read_output, operation_id, stream, spid=spid, offset=offset, limit=limit, tail=tail
+        )
+
     # ------------------------------------------------------------------ subprocesses
 
     def _live_run(self, operation_id: str) -> InstanceRun:
@@ -458,6 +472,7 @@ class LocalEngine:
                 "instance_max_concurrency": lim.instance_max_concurrency,
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
+                "output_quota_bytes": lim.output_quota_bytes,
             },
             operations_stat={},
         )

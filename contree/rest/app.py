@@ -120,6 +120,7 @@ def build_app(
     r.add_get("/v1/operations/{op}/subprocesses/{spid}", h.get_subprocess)
     r.add_delete("/v1/operations/{op}/subprocesses/{spid}", h.kill_subprocess)
     r.add_post("/v1/operations/{op}/subprocesses/{spid}/stdin", h.write_stdin)
+    r.add_get("/v1/operations/{op}/subprocesses/{spid}/{stream:stdout|stderr}", h.read_output)
     r.add_get("/v1/inspect", h.inspect_root_redirect)
     r.add_get("/v1/inspect/", h.inspect_by_tag)
     r.add_get("/v1/inspect/{uuid}", h.inspect_image_redirect)

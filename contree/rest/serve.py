@@ -17,6 +17,7 @@ from aiohttp import web
 from contree.backend import Backend
 from contree.config import engine_home
 from contree.rest.app import build_app
+from contree.units import parse_size
 
 log = logging.getLogger("contree.rest")
 
@@ -59,11 +60,19 @@ async def serve(
         await runner.cleanup()
 
 
-async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> None:
-    from contree.engine.local import LocalEngine
+async def _run(
+    host: str,
+    port: int,
+    home: Path,
+    token: str | None,
+    import_roots: tuple[str, ...],
+    output_quota: int | None = None,
+) -> None:
+    from contree.engine.local import EngineLimits, LocalEngine
 
     # API clients must never make the engine read arbitrary host files as image archives.
-    engine = LocalEngine(home, import_roots=import_roots)
+    limits = EngineLimits() if output_quota is None else EngineLimits(output_quota_bytes=output_quota)
+    engine = LocalEngine(home, import_roots=import_roots, limits=limits)
     await engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "repeatable (default: none, local sources are refused)",
     )
     parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return parser
@@ -129,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
         import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
-        asyncio.run(_run(host, port, home, token, import_roots))
+        asyncio.run(_run(host, port, home, token, import_roots, args.output_quota))
     except KeyboardInterrupt:
         pass
     return 0
