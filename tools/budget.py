@@ -22,6 +22,20 @@ def result_size(value: Any) -> int:
     return len(msgspec.json.format(_encoder.encode(value), indent=2))
 
 
+def keep_fitting(value: Any, items: list[Any], budget: int) -> int:
+    """Shorten `items` (a list inside `value`) in place to the longest head with which `value` fits
+    `budget`; returns how many were dropped."""
+    if result_size(value) <= budget:
+        return 0
+    everything, lo, hi = list(items), 0, len(items)  # lo items fit, hi + 1 do not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        items[:] = everything[:mid]
+        lo, hi = (mid, hi) if result_size(value) <= budget else (lo, mid - 1)
+    items[:] = everything[:lo]
+    return len(everything) - lo
+
+
 def json_len(text: str) -> int:
     """Bytes of `text` as a JSON string (quotes and escapes included)."""
     return len(_encoder.encode(text))

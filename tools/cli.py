@@ -28,6 +28,36 @@ SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
 }
+# What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
+GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
+    "images": (
+        "Manage the embedded engine's images.",
+        {"bootstrap": "create the busybox:latest and debian:bookworm base images"},
+    ),
+    "engine": (
+        "Look after the embedded engine's state directory.",
+        {"check": "report consistency problems of the store (exit status 1 when there are any)"},
+    ),
+}
+
+
+def group_help(group: str) -> str:
+    summary, commands = GROUP_HELP[group]
+    width = max(len(name) for name in commands)
+    lines = [f"usage: contree-mcp {group} {{{','.join(commands)}}} ...", "", summary, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", f"Run 'contree-mcp {group} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_group(group: str, rest: list[str]) -> int:
+    """`contree-mcp images|engine` without a known command: its own help (0 for --help, else 2)."""
+    if rest[:1] in (["-h"], ["--help"]):
+        print(group_help(group))
+        return 0
+    what = f"unknown command {rest[0]!r}" if rest else "a command is required"
+    print(f"{group_help(group)}\n\ncontree-mcp {group}: error: {what}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module, attr) in SUBCOMMANDS.items():
         if tuple(args_list[: len(words)]) == words:
             return int(_entry(module, attr)(args_list[len(words) :]) or 0)
+    if args_list and args_list[0] in GROUP_HELP:
+        return run_group(args_list[0], args_list[1:])
     parser = build_parser()
     legacy = legacy_defaults(parser, os.environ)
     args = parser.parse_args(args_list)

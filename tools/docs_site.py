@@ -113,7 +113,7 @@ def _type_of(prop: dict[str, Any]) -> str:
     if "anyOf" in prop:
         return " | ".join(_type_of(p) for p in prop["anyOf"])
     if "enum" in prop:
-        return " | ".join(json.dumps(v) for v in prop["enum"])
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in prop["enum"])
     t = prop.get("type", "object" if "$ref" in prop else "any")
     if t == "array":
         return f"array<{_type_of(prop.get('items', {}))}>"
@@ -129,7 +129,7 @@ def _example(name: str, schema: dict[str, Any]) -> str:
         args[key] = {"integer": 1, "number": 1.0, "boolean": True, "array": ["…"]}.get(
             prop.get("type", ""), "…"
         )
-    return f"{name}({', '.join(f'{k}={json.dumps(v)}' for k, v in args.items())})"
+    return f"{name}({', '.join(f'{k}={json.dumps(v, ensure_ascii=False)}' for k, v in args.items())})"
 
 
 def tools_body(registry: Registry) -> str:
@@ -149,7 +149,9 @@ def tools_body(registry: Registry) -> str:
         schema = tool.input_schema
         required = set(schema.get("required", []))
         for pname, prop in schema.get("properties", {}).items():
-            default = "required" if pname in required else json.dumps(prop.get("default"))
+            default = (
+                "required" if pname in required else json.dumps(prop.get("default"), ensure_ascii=False)
+            )
             rows.append(
                 f"<tr><td><code>{html.escape(pname)}</code></td><td><code>{html.escape(_type_of(prop))}</code></td>"
                 f"<td><code>{html.escape(default)}</code></td>"

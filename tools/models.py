@@ -146,6 +146,7 @@ class OperationSummaryOutput(msgspec.Struct, kw_only=True):
 
 class OperationListOutput(msgspec.Struct, kw_only=True):
     operations: list[OperationSummaryOutput]
+    hint: str | None = None
 
 
 class WaitOperationsOutput(msgspec.Struct, kw_only=True):
@@ -230,6 +231,8 @@ class GrepOutput(msgspec.Struct, kw_only=True):
     patterns: list[str]
     truncated: bool = False
     matches: list[GrepMatchOutput] = msgspec.field(default_factory=list)
+    next_offset: int | None = None
+    hint: str | None = None
 
 
 class GuideOutput(msgspec.Struct, kw_only=True):

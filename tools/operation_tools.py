@@ -13,7 +13,7 @@ from contree.errors import BackendError, BadRequest, Conflict
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
-from tools.budget import RESULT_BUDGET, fit_bytes, result_size
+from tools.budget import RESULT_BUDGET, fit_bytes, keep_fitting, result_size
 from tools.convert import TERMINAL, as_dict, operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
@@ -325,7 +325,11 @@ GUIDES:
                 ops = await state.backend.list_operations(query)
         for op in ops:
             state.lineage.observe(op, ctx.principal)
-        return OperationListOutput(operations=[summary_output(o) for o in ops])
+        out = OperationListOutput(operations=[summary_output(o) for o in ops])
+        if keep_fitting(out, out.operations, RESULT_BUDGET - 512):
+            shown = len(out.operations)
+            out.hint = f"{shown} operations shown; the next: list_operations(offset={params.offset + shown})"
+        return out
 
 
 def register_wait_cancel(registry: Registry, state: ServerState) -> None:
