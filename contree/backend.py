@@ -81,6 +81,31 @@ class OutputReader(Protocol):
     ) -> OutputPage: ...
 
 
+class DiskUsage(msgspec.Struct, kw_only=True):
+    """What an engine home holds, in bytes (`reclaimable`: what `images prune --untagged` would free)."""
+
+    home: str
+    total_bytes: int
+    images: int
+    tagged_images: int
+    layers: int
+    layer_bytes: int
+    reclaimable_images: int
+    reclaimable_bytes: int
+    output_bytes: int
+    uploads_bytes: int
+    chunks_bytes: int
+    other_bytes: int  # operation event logs, databases
+
+
+@runtime_checkable
+class EngineAdmin(Protocol):
+    """A backend that manages its own disk (the embedded engine, directly or over its REST API)."""
+
+    async def delete_image(self, image_uuid: str) -> int: ...  # bytes freed
+    async def disk_usage(self) -> DiskUsage: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One Contree namespace. Every method may raise BackendError subclasses."""

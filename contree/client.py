@@ -26,7 +26,15 @@ import msgspec
 from yarl import URL
 
 from contree import api
-from contree.backend import MAX_OUTPUT_PAGE, FileQuery, GrepQuery, ImageQuery, OperationQuery, OutputPage
+from contree.backend import (
+    MAX_OUTPUT_PAGE,
+    DiskUsage,
+    FileQuery,
+    GrepQuery,
+    ImageQuery,
+    OperationQuery,
+    OutputPage,
+)
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
 from contree.rest.sse import SseParser
 
@@ -42,6 +50,11 @@ HEALTHY_STREAM_SECONDS = 5.0
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
+
+
+class _Deleted(msgspec.Struct):
+    uuid: str
+    freed_bytes: int
 
 
 def _version() -> str:
@@ -350,6 +363,21 @@ class RemoteBackend:
         await self._empty(
             "DELETE", self._url("images", self._image(image_uuid), "tag"), ok=(204, 200), params=params
         )
+
+    async def delete_image(self, image_uuid: str) -> int:
+        """The embedded engine's image deletion (`DELETE /images/{uuid}`, beyond the Contree API). The
+        cloud has no such endpoint (404/405): it collects untagged images itself."""
+        url = self._url("images", self._image(image_uuid))
+        try:
+            freed = await self._json(_Deleted, "DELETE", url, ok=(200,))
+        except BackendError as exc:
+            if exc.status == 405:
+                raise NotFound("this server cannot delete images") from None
+            raise
+        return freed.freed_bytes
+
+    async def disk_usage(self) -> DiskUsage:
+        return await self._json(DiskUsage, "GET", self._url("engine", "disk_usage"))
 
     async def import_image(self, request: api.ImageImportRequest) -> str:
         result = await self._json(

@@ -26,13 +26,17 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "prune"): ("tools.maintenance", "prune_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
 }
 # What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
 GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
     "images": (
         "Manage the embedded engine's images.",
-        {"bootstrap": "create the busybox:latest and debian:bookworm base images"},
+        {
+            "bootstrap": "create the busybox:latest and debian:bookworm base images",
+            "prune": "free disk: unused layers, old run output, uploads; untagged images (--untagged)",
+        },
     ),
     "engine": (
         "Look after the embedded engine's state directory.",

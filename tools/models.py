@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from contree.backend import DiskUsage
+
 
 class ResultRef(msgspec.Struct, kw_only=True):
     image: str | None = None
@@ -180,6 +182,7 @@ class WhoAmIOutput(msgspec.Struct, kw_only=True):
     mcp_version: str = ""
     mcp_upgrade: UpgradeInfo | None = None
     backend: str = ""
+    disk_usage: DiskUsage | None = None  # the embedded engine's home: what it holds, what prune frees
 
 
 FileType = Literal["file", "directory", "symlink", "fifo", "socket", "char_device", "block_device"]

@@ -40,6 +40,7 @@ class ServerState:
     owners: OperationOwners = field(default_factory=OperationOwners)
     # False once the backend answered that it keeps no whole output (the Contree cloud): event logs then
     output_paging: bool = True
+    disk_admin: bool = True  # False once the backend answered that it cannot delete images (the cloud)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _caps: dict[str, int] = field(default_factory=dict)
 

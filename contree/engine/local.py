@@ -22,7 +22,15 @@ from typing import Any
 import msgspec
 
 from contree import api
-from contree.backend import MAX_OUTPUT_PAGE, FileQuery, GrepQuery, ImageQuery, OperationQuery, OutputPage
+from contree.backend import (
+    MAX_OUTPUT_PAGE,
+    DiskUsage,
+    FileQuery,
+    GrepQuery,
+    ImageQuery,
+    OperationQuery,
+    OutputPage,
+)
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.operations import Job, OperationQueue
@@ -38,6 +46,7 @@ from contree.engine.oplog import (
     completion_data,
     fold_process,
 )
+from contree.engine.prune import disk_usage
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
@@ -204,6 +213,21 @@ class LocalEngine:
     async def delete_tag(self, image_uuid: str, tag: str | None = None) -> None:
         store, _, _ = self._parts()
         store.delete_tag(_check_uuid(image_uuid, "image"), tag)
+
+    async def delete_image(self, image_uuid: str) -> int:
+        """Delete an untagged image no operation uses and no other image descends from, with the layers
+        only it used (beyond the API: the Contree cloud collects untagged images itself). Returns the
+        bytes freed; Conflict names why an image must stay."""
+        store, oplog, _ = self._parts()
+        pruned = await asyncio.to_thread(
+            store.delete_image, _check_uuid(image_uuid, "image"), in_use=oplog.busy
+        )
+        return pruned.bytes
+
+    async def disk_usage(self) -> DiskUsage:
+        """What the engine home holds (beyond the API)."""
+        store, oplog, _ = self._parts()
+        return await asyncio.to_thread(disk_usage, self.home, store, oplog.busy)
 
     async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
         """Parent, children, ancestors (nearest first), root and depth of an image (for the tools)."""

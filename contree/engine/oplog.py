@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -481,6 +482,38 @@ class OperationLog:
         ).fetchall()
         return [self._records.get(op_uuid) or _record_decoder.decode(blob) for op_uuid, blob in rows]
 
+    def records(self) -> Iterator[OpRecord]:
+        """Every operation, oldest first (maintenance: prune, disk usage)."""
+        for (blob,) in self._db.execute("SELECT record FROM operations ORDER BY seq"):
+            yield _record_decoder.decode(blob)
+
+    def busy(self) -> tuple[set[str], set[str]]:
+        """(input images, ids) of the operations still queued or running, in any process."""
+        rows = self._db.execute(
+            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(TERMINAL)
+        ).fetchall()
+        found = [_record_decoder.decode(blob) for (blob,) in rows]
+        return {r.image_uuid for r in found if r.image_uuid}, {r.uuid for r in found}
+
+    def prune_output(self, *, finished_before: float, dry_run: bool = False) -> tuple[int, int]:
+        """Delete the output spills of runs that ended before `finished_before` (their event logs keep
+        what the API records); returns (runs, bytes)."""
+        if not self.output_dir.is_dir():
+            return 0, 0
+        count = size = 0
+        for entry in list(self.output_dir.iterdir()):
+            try:
+                record = self.get(entry.name)
+            except (NotFound, ValueError):
+                record = None  # not an operation of this home: nothing can read it
+            if record is not None and not (record.terminal and (record.finished_at or 0) < finished_before):
+                continue
+            count += 1
+            size += sum(f.stat().st_size for f in entry.iterdir()) if entry.is_dir() else 0
+            if not dry_run:
+                shutil.rmtree(entry, ignore_errors=True)
+        return count, size
+
     # ---- events
 
     def log_path(self, op_uuid: str) -> Path:
@@ -528,6 +561,8 @@ class OperationLog:
         try:
             fd = os.open(self.output_dir / op_uuid / name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            if record.terminal and not (self.output_dir / op_uuid).is_dir():  # pruned meanwhile
+                return self._output_from_events(record, spid, stream, offset, limit, tail)
             if spid != 1 and not fold_process(self.read_events(op_uuid), spid).spawned:
                 raise NotFound(f"operation {op_uuid} has no process {spid}") from None
             fd = -1

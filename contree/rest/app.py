@@ -106,6 +106,8 @@ def build_app(
     r.add_get("/v1/images", h.list_images)
     r.add_patch("/v1/images/{uuid}/tag", h.set_tag)
     r.add_delete("/v1/images/{uuid}/tag", h.delete_tag)
+    r.add_delete("/v1/images/{uuid}", h.delete_image)
+    r.add_get("/v1/engine/disk_usage", h.disk_usage)
     r.add_post("/v1/images/import", h.import_image)
     r.add_post("/v1/files", h.upload_file)
     r.add_get("/v1/files", h.list_files)

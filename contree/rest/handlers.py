@@ -15,6 +15,7 @@ from contree import api
 from contree.backend import (
     MAX_OUTPUT_PAGE,
     Backend,
+    EngineAdmin,
     FileQuery,
     GrepQuery,
     ImageQuery,
@@ -147,6 +148,21 @@ class Handlers:
         uuid = params.image_uuid(request.match_info["uuid"], missing=NotFound)
         await self.backend.delete_tag(uuid, request.query.get("tag") or None)
         return web.Response(status=204)
+
+    def _admin(self) -> EngineAdmin:
+        if not isinstance(self.backend, EngineAdmin):
+            raise NotFound("this backend does not manage its own disk")
+        return self.backend
+
+    async def delete_image(self, request: web.Request) -> web.StreamResponse:
+        """Extension (not in the Contree API): delete an untagged, unused image; 200 {freed_bytes}."""
+        uuid = params.image_uuid(request.match_info["uuid"], missing=NotFound)
+        freed = await self._admin().delete_image(uuid)
+        return json_response({"uuid": uuid, "freed_bytes": freed})
+
+    async def disk_usage(self, request: web.Request) -> web.StreamResponse:
+        """Extension (not in the Contree API): what the engine home holds."""
+        return json_response(await self._admin().disk_usage())
 
     async def import_image(self, request: web.Request) -> web.StreamResponse:
         body = await decode_body(request, api.ImageImportRequest)

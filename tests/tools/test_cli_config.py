@@ -182,7 +182,7 @@ def test_the_server_logs_the_legacy_deprecation_warning(tmp_path: Path) -> None:
     assert out.returncode == 1 and "No API token configured." in out.stderr
 
 
-@pytest.mark.parametrize(("group", "commands"), [("images", ["bootstrap"]), ("engine", ["check"])])
+@pytest.mark.parametrize(("group", "commands"), [("images", ["bootstrap", "prune"]), ("engine", ["check"])])
 def test_command_groups_print_their_own_help(
     group: str, commands: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
