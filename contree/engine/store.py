@@ -234,6 +234,26 @@ def clean_upper(upper: Path) -> int:
     return count - 1
 
 
+PIN_WAIT = 0.25  # seconds a pin waits for a prune's brief exclusive probe of a layer
+
+
+def _share_lock(fd: int, layer_id: str) -> None:
+    """A shared flock on a layer directory. Callers run on an event loop, so it never blocks for long:
+    a prune holds a layer exclusively only while it decides (milliseconds) or deletes it (then it is
+    gone anyway)."""
+    delay = 0.001
+    deadline = time.monotonic() + PIN_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise NotFound(f"layer {layer_id} is being deleted (pruned)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 def _make_scratch(path: Path) -> None:
     """A run's scratch dir: `path` with empty upper/, work/ and rootfs/."""
     for sub in ("upper", "work", "rootfs"):
@@ -615,7 +635,7 @@ class Store:
                 except FileNotFoundError:
                     continue
                 fds.append(fd)
-                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a prune holds it to delete it
+                _share_lock(fd, lid)
                 try:
                     same = os.stat(self.layers_dir / lid).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
