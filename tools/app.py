@@ -71,7 +71,7 @@ def build_registry(state: ServerState) -> Registry:
         name="contree-mcp",
         version=__version__,
         title="Contree sandboxes",
-        instructions=instructions(state.backend_kind),
+        instructions=instructions(state.guidance_now()),
     )
     # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
     image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below

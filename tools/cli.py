@@ -314,6 +314,10 @@ async def serve(args: argparse.Namespace) -> int:
         prune_days=args.cache_prune_days,
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
+    if kind == "local":
+        from tools.catalog import describe_images
+
+        state.catalog = await describe_images(backend)  # the guidance names this engine's images
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()

@@ -97,6 +97,6 @@ GUIDES:
             )
         return GuideOutput(
             section=section,
-            content=guide_text(section, state.backend_kind),
+            content=guide_text(section, await state.guidance()),
             available_sections=sorted(GUIDES),
         )

@@ -267,10 +267,12 @@ TL;DR: PURPOSE: check a run or import started with wait=false. COST: free.
 
 USAGE:
 - get_operation(operation_id="<id>"); inflight=true adds the output produced so far by a running command.
+- get_operation(operation_id="<id>", stream="stdout", offset=8000) pages through a whole stream (in
+  'stdout'; 'hint' names the next offset): every byte a run wrote stays readable.
 - Statuses: PENDING, ASSIGNED, EXECUTING, then SUCCESS, FAILED or CANCELLED.
 
-RETURNS: {operation_id, status, kind, exit_code, stdout, stderr, stdout_truncated, stderr_truncated,
-timed_out, result_image, filesystem_changed, error, duration, ...}
+RETURNS: {uuid, status, kind, exit_code, stdout, stderr, stdout_truncated, stdout_tail, stdout_bytes, hint,
+timed_out, result_image_uuid, filesystem_changed, error, duration, resources, ...}
 
 GUIDES:
 - [USEFUL] contree://guide/async

@@ -236,7 +236,8 @@ USAGE:
 - The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are
   dropped.
 
-RETURNS: {{operation_id, status, result_image, result_tag, error, ...}} or {{operation_id}} when wait=false
+RETURNS: {{uuid, status, result_image_uuid, result: {{image, tag}}, error, ...}} or {{operation_id}} when
+wait=false
 
 GUIDES:
 - [USEFUL] contree://guide/reference

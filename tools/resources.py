@@ -66,7 +66,7 @@ def register_guides(registry: Registry, state: ServerState) -> None:
 
         def make(name: str):
             async def read(ctx: RequestContext) -> str:
-                return guide_text(name, state.backend_kind)
+                return guide_text(name, await state.guidance())
 
             return read
 
@@ -92,7 +92,7 @@ def register_guide_template(registry: Registry, state: ServerState) -> None:
     async def guide(ctx: RequestContext, section: str) -> str:
         if section not in GUIDES:
             raise ResourceNotFound(f"contree://guide/{section}", f"Unknown guide section {section!r}")
-        return guide_text(section, state.backend_kind)
+        return guide_text(section, await state.guidance())
 
     @registry.completion("ref/resource", "contree://guide/{section}", "section")
     async def sections(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:

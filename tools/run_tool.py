@@ -236,6 +236,13 @@ async def track_in_background(
 def register(registry: Registry, state: ServerState) -> None:
     word = state.sandbox_word
     cost = f"Spawns {word}."
+    guidance = state.guidance_now()
+    pick = (
+        f"Use an image that exists here (list_images(tagged=true); e.g. \"{guidance.shell_image()}\"; the "
+        "instructions say what each contains) before importing one."
+        if guidance.local
+        else 'Prefer existing images: list_images(tag_prefix="common/") before import_image.'
+    )
 
     @registry.tool(
         name="run",
@@ -245,18 +252,19 @@ def register(registry: Registry, state: ServerState) -> None:
 TL;DR: PURPOSE: run a shell command in a fresh {word} from an immutable image. COST: one {word} per call.
 
 USAGE:
-- Prefer existing images: list_images(tag_prefix="common/") before import_image.
+- {pick}
 - Stage local files first with rsync (directory_state_id) or upload (files={{"/app/x.py": "<file uuid>"}}).
 - disposable=true (default) discards changes; disposable=false saves them as a new image: chain by passing
-  result_image as the next 'image', and tag useful ones as {{scope}}/{{purpose}}/{{base}}.
+  result_image_uuid as the next 'image', and tag useful ones as {{scope}}/{{purpose}}/{{base}}.
 - wait=false returns {{operation_id}} at once; join with wait_operations.
 - Pass variables with env={{...}}, not 'export' (each run is a fresh process). cwd="" = image default.
-- Output beyond truncate_output_at bytes is cut (stdout_truncated/stderr_truncated say so); the full
-  streams stay readable at stdout_resource / stderr_resource.
+- The result keeps the first truncate_output_at bytes of each stream (stdout, stderr) and the last ones
+  (stdout_tail, stderr_tail); every byte stays readable (hint says how: stdout_resource, or
+  get_operation(operation_id, stream="stdout", offset=...)).
 
-RETURNS: {{operation_id, status, exit_code, stdout, stderr, stdout_truncated, stderr_truncated, timed_out,
-result_image, filesystem_changed, duration, ...}} or {{operation_id}} when wait=false. status SUCCESS means it
-ran; the command's outcome is exit_code.
+RETURNS: {{uuid, status, exit_code, stdout, stderr, stdout_truncated, stdout_bytes, stdout_tail, hint,
+timed_out, result_image_uuid, filesystem_changed, duration, ...}} (about 64 KiB at most) or {{operation_id}}
+when wait=false. status SUCCESS means it ran; the command's outcome is exit_code.
 
 GUIDES:
 - [ESSENTIAL] contree://guide/workflow
