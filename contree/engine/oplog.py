@@ -555,8 +555,11 @@ class OperationLog:
         live = self._live.get(op_uuid)
         spill = live.output if live is not None else None
         dropped = (spill.dropped if spill is not None else record.output_dropped).get(name, 0)
-        quota = spill.quota if spill is not None else record.output_quota
-        if quota is None or (not (self.output_dir / op_uuid).is_dir() and record.terminal):
+        # A run cut short by an engine crash was saved before its spill existed: its quota is this one's.
+        quota = spill.quota if spill is not None else (record.output_quota or self.output_quota)
+        if not (self.output_dir / op_uuid).is_dir() and (record.terminal or record.output_quota is None):
+            # no spill: a run of an engine before spills existed, one whose spill was pruned, or one that
+            # wrote nothing (its events say so too)
             return self._output_from_events(record, spid, stream, offset, limit, tail)
         try:
             fd = os.open(self.output_dir / op_uuid / name, os.O_RDONLY | os.O_CLOEXEC)

@@ -183,6 +183,23 @@ async def test_output_quota_keeps_the_first_bytes_of_a_run_and_counts_the_rest(t
     again.close()
 
 
+async def test_output_of_a_run_cut_short_by_an_engine_crash_stays_readable(tmp_path: Path) -> None:
+    oplog = OperationLog(tmp_path)
+    rec = oplog.create("instance", image_uuid="img", metadata={})
+    rec.status = EXECUTING
+    oplog.save(rec)  # saved before the run opened its log and spill, as the engine does
+    log = oplog.open_log(rec.uuid)
+    out = StreamRecorder(log, 1, "stdout", truncate_at=3)
+    out.feed(b"written before the crash\n")
+    log.close_file()  # the process dies: nothing else is saved
+    oplog._db.close()
+    again = OperationLog(tmp_path)
+    assert again.recover() == [rec.uuid]
+    page = again.read_output(rec.uuid, "stdout")
+    assert (page.data, page.complete, page.quota) == (b"written before the crash\n", True, again.output_quota)
+    again.close()
+
+
 async def test_runs_from_before_output_spills_are_read_from_their_event_log(tmp_path: Path) -> None:
     oplog = OperationLog(tmp_path)
     rec = oplog.create("instance", image_uuid="img", metadata={})
