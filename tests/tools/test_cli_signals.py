@@ -21,6 +21,7 @@ def _mounts_under(path: Path) -> list[str]:
 
 
 def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Path, workdir: Path) -> None:
+    before = _engine_chains()  # other engines on this machine keep theirs: only the new ones are ours
     proc = subprocess.Popen(
         [*server_command(), "--backend", "local", "--home", str(engine_home), "--allowed-root", str(workdir)],
         cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -44,7 +45,7 @@ def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Pat
         result = reply["result"]["structuredContent"]["result"]
         assert result["exit_code"] == 0, result
         assert int(result["stdout"].strip()) >= 2  # lo plus the sandbox's NAT interface
-        chains_during = _engine_chains()
+        chains_during = _engine_chains() - before
         assert chains_during, "a networked run sets up the engine's firewall chains"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
