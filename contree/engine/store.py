@@ -234,7 +234,7 @@ def clean_upper(upper: Path) -> int:
     return count - 1
 
 
-PIN_WAIT = 0.25  # seconds a pin waits for a prune's brief exclusive probe of a layer
+PIN_WAIT = 1.0  # seconds a pin waits for a prune's brief exclusive probe of a layer
 
 
 def _share_lock(fd: int, layer_id: str) -> None:
@@ -737,7 +737,11 @@ class Store:
             try:
                 keep: set[str] = set()
                 for image in images:
-                    if image.tag is not None or image.uuid in busy or self._pinned_elsewhere(image, locked):
+                    if (
+                        image.tag is not None
+                        or image.uuid in busy
+                        or (not dry_run and self._pinned_elsewhere(image, locked))  # a dry run blocks no pin
+                    ):
                         keep.add(image.uuid)
                     elif created_before is not None and image.created_at >= created_before and only is None:
                         keep.add(image.uuid)
