@@ -31,6 +31,7 @@ import msgspec
 
 from contree import api
 from contree.backend import MAX_OUTPUT_PAGE, OutputPage
+from contree.engine.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
 from contree.timeparse import parse_timestamp
 
@@ -152,7 +153,7 @@ class OutputSpill:
             return
         fd = self._fds.get(name)
         if fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.dir)
             fd = self._fds[name] = os.open(
                 self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -353,7 +354,8 @@ class OperationLog:
         self.output_dir = home / "output"
         self.size_cap = size_cap
         self.output_quota = output_quota
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
+        private_file(home / "operations.db")
         self._db = sqlite3.connect(home / "operations.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
