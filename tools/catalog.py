@@ -87,13 +87,16 @@ class Catalog(msgspec.Struct, kw_only=True):
         return "\n".join(rows)
 
 
-async def describe_images(backend: Backend, limit: int = MAX_IMAGES) -> Catalog:
-    """Inspect the backend's tagged images (newest first, at most `limit`)."""
+async def describe_images(backend: Backend, limit: int = MAX_IMAGES, *, shared_only: bool = False) -> Catalog:
+    """Inspect the backend's tagged images (newest first, at most `limit`). `shared_only` (a server whose
+    clients each see their own images) keeps to images no client's operation made (bootstrapped ones)."""
     try:
         images = await backend.list_images(ImageQuery(limit=limit, tagged=True))
     except BackendError as exc:
         log.warning("cannot list images for the guides: %s", exc)
         return Catalog()
+    if shared_only:
+        images = [i for i in images if not as_dict(i).get("operation_uuid")]
     found = await asyncio.gather(*(_describe(backend, as_dict(i)) for i in images))
     return Catalog(images=sorted((i for i in found if i is not None), key=lambda i: i.tag))
 

@@ -317,7 +317,8 @@ async def serve(args: argparse.Namespace) -> int:
     if kind == "local":
         from tools.catalog import describe_images
 
-        state.catalog = await describe_images(backend)  # the guidance names this engine's images
+        # the guidance names this engine's images (with per-client scoping: only the shared ones)
+        state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()

@@ -74,7 +74,7 @@ class ServerState:
         loop = asyncio.get_running_loop()
         stale = self.catalog is None or loop.time() - self._catalog_at > CATALOG_TTL
         if self.backend_kind == "local" and stale:
-            self.catalog = await describe_images(self.backend)
+            self.catalog = await describe_images(self.backend, shared_only=self.owners.scoped)
             self._catalog_at = loop.time()
         return self.guidance_now()
 

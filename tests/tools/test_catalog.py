@@ -10,7 +10,9 @@ from tools.catalog import describe_images
 from tools.guidance import Guidance
 
 
-def make_image(home: Path, tag: str, files: dict[str, str], dirs: tuple[str, ...] = ()) -> None:
+def make_image(
+    home: Path, tag: str, files: dict[str, str], dirs: tuple[str, ...] = (), operation: str | None = None
+) -> None:
     store = Store(home)
     try:
         stage = store.staging_dir("catalog")
@@ -20,7 +22,7 @@ def make_image(home: Path, tag: str, files: dict[str, str], dirs: tuple[str, ...
             target.write_text(body)
         for path in dirs:
             (stage / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        store.create_image_from_layer_dirs([stage], config=ImageConfig(), tag=tag)
+        store.create_image_from_layer_dirs([stage], config=ImageConfig(), tag=tag, operation_id=operation)
     finally:
         store.close()
 
@@ -39,8 +41,14 @@ async def test_images_are_described_by_what_they_contain(engine_home: Path) -> N
         dirs=("/usr/lib/python3.9", "/usr/lib/python3.12"),
     )
     make_image(engine_home, "data:1", {"/data/x": "no shell here"})
+    make_image(engine_home, "alice/own:1", {"/bin/sh": ""}, operation="2f0c2a8e-0000-4000-8000-000000000001")
     async with LocalEngine(engine_home) as engine:
         catalog = await describe_images(engine)
+        shared = await describe_images(engine, shared_only=True)  # a client's own images stay its own
+    assert "alice/own:1" in {i.tag for i in catalog.images} and "alice/own:1" not in {
+        i.tag for i in shared.images
+    }
+    catalog.images = [i for i in catalog.images if i.tag != "alice/own:1"]
     by_tag = {i.tag: i for i in catalog.images}
     assert set(by_tag) == {"busybox:latest", "ubuntu:noble", "tools:1", "data:1"}
     alpine = by_tag["ubuntu:noble"]
