@@ -17,6 +17,7 @@ from contree.backend import Backend
 from contree.config import engine_home
 from contree.rest.app import build_app
 from contree.rest.guard import RequestGuard, is_loopback
+from contree.units import parse_size
 
 log = logging.getLogger("contree.rest")
 
@@ -93,10 +94,12 @@ async def _run(
     home: Path,
     import_roots: tuple[str, ...],
 ) -> None:
-    from contree.engine.local import LocalEngine
+    from contree.engine.local import EngineLimits, LocalEngine
 
     # API clients must never make the engine read arbitrary host files as image archives.
-    engine = LocalEngine(home, import_roots=import_roots)
+    quota = args.output_quota
+    limits = EngineLimits() if quota is None else EngineLimits(output_quota_bytes=quota)
+    engine = LocalEngine(home, import_roots=import_roots, limits=limits)
     await engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -166,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="directory local image sources (oci-archive:, docker-archive:, oci:) may be read from; "
         "repeatable (default: none, local sources are refused)",
+    )
+    parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
