@@ -34,7 +34,8 @@ async def test_default_results_fit_64_kib_and_say_how_to_get_more(engine_home: P
                     "command": "mkdir /data && seq 1 600000 > /data/big.txt && "
                     "head -c 4000000 /dev/urandom > /data/big.bin && "
                     "for i in $(seq 3000); do echo needle-$i; done > /data/needles.txt && "
-                    "printf '\\001\\002\\003%.0s' $(seq 4000) > /data/controls.txt && wc -c /data/big.txt",
+                    "printf '\\001\\002\\003%.0s' $(seq 4000) > /data/controls.txt && "
+                    "mkdir /data/many && cd /data/many && touch $(seq 1 5000) && wc -c /data/big.txt",
                     "image": "busybox:latest",
                     "disposable": False,
                     "timeout": 120,
@@ -67,6 +68,12 @@ async def test_default_results_fit_64_kib_and_say_how_to_get_more(engine_home: P
             and binary["bytes_size"] == 4_000_000
         )
         sized(await session.call_tool("read_file", {"image": image, "path": "/data/controls.txt"}))
+
+        listing = sized(await session.call_tool("list_files", {"image": "busybox:latest", "path": "/bin"}))
+        assert listing["total"] == listing["count"] == len(listing["files"]) > 50
+        many = sized(await session.call_tool("list_files", {"image": image, "path": "/data/many"}))
+        assert many["total"] == 5000 and 0 < many["count"] < 5000  # a page, and how to get the next one
+        assert many["next_cursor"] and many["hint"]
 
         found = sized(await session.call_tool("grep", {"image": image, "pattern": "needle", "path": "/data"}))
         assert found["truncated"] is True and 0 < len(found["matches"]) < 3000
