@@ -45,7 +45,7 @@ INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
 def _tool_count() -> int:
-    from protocol.conformance import build_registry
+    from protocol.testing.conformance import build_registry
 
     return len(build_registry().tools)
 
@@ -235,7 +235,7 @@ async def _answer(resp: aiohttp.ClientResponse) -> Any:
 
 
 def _ours(mode: str, port: int = 0) -> list[str]:
-    argv = [sys.executable, "-m", "protocol.conformance", "--mode", mode]
+    argv = [sys.executable, "-m", "protocol.testing.conformance", "--mode", mode]
     return [*argv, "--http-port", str(port)] if mode == "http" else argv
 
 

@@ -1,46 +1,119 @@
-"""The sans-IO MCP session: bytes in → parsed frame; request → reply bytes; no asyncio, no I/O.
+"""The sans-IO MCP core: `Session.receive(bytes) -> [events]`, one state machine for both protocol eras.
 
-Transports and `protocol.server` own concurrency; everything here is plain state and rules, so each
-rule is unit-testable by feeding bytes and reading bytes (the h11 model).
+Every protocol rule lives here (h11's "rule 1"): framing and batches, version negotiation and gating,
+the handshake era's lifecycle (initialize, logging level, subscriptions) and the stateless era's
+per-request envelope (`_meta`, HTTP headers, resultType, caching, input-required results, tasks),
+cancellation, progress, pagination, server→client requests. Nothing here does I/O or touches asyncio: the
+shell feeds bytes in, sends the `Reply`/`Notify`/`Ask` events out, runs a handler for each `Dispatch` and
+reports its outcome with `finish`.
+
+Era of a request: one carrying the 2026-07-28 `_meta` keys (or, on a Streamable HTTP POST without a
+session, a 2026-07-28 `MCP-Protocol-Version` header) is served statelessly; anything else belongs to the
+handshake era and to the connection's `initialize`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
-from protocol import versions
+from protocol import headers as http_headers
+from protocol import mrtr, versions
 from protocol.catalog import Catalog
-from protocol.context import LEVELS
+from protocol.content import for_version
 from protocol.errors import (
+    INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    REQUEST_REJECTED,
+    CallFailed,
+    ClientRequestError,
+    HeaderMismatch,
+    InputRequired,
+    InvalidMeta,
     InvalidParams,
+    InvalidRequest,
     McpError,
+    MethodNotFound,
+    MissingClientCapability,
+    ResourceNotFound,
+    UnsupportedVersion,
 )
+from protocol.events import (
+    Answer,
+    Batch,
+    Call,
+    Cancel,
+    Client,
+    Dispatch,
+    Event,
+    Listen,
+    Provide,
+    StopTask,
+)
+from protocol.headers import HttpHeaders
 from protocol.messages import (
+    CallToolParams,
+    CallToolResult,
+    CancelledParams,
+    CompleteParams,
+    CompleteResult,
+    Completion,
+    CursorParams,
+    DiscoverResult,
+    Envelope,
+    GetPromptParams,
+    GetPromptResult,
     Implementation,
+    InitializeParams,
     InitializeResult,
+    InputRequest,
+    InputRequiredResult,
     Invalid,
+    ListenFilter,
+    ListenParams,
+    LogParams,
     Message,
     Notification,
+    Params,
+    ProgressParams,
+    PromptMessage,
+    ReadResourceParams,
+    ReadResourceResult,
     Request,
-    RequestId,
     Response,
+    SetLevelParams,
+    TaskParams,
+    TaskUpdateParams,
+    UriParams,
     encode,
     encode_error,
+    encode_notification,
+    encode_raw_result,
+    encode_request,
+    encode_result,
+    with_fields,
 )
-from protocol.registry import Registry
+from protocol.registry import ReadOutcome, Registry
+from protocol.stateless import (
+    CLIENT_CAPABILITIES_KEY,
+    CLIENT_INFO_KEY,
+    LOG_LEVEL_KEY,
+    NO_CACHE,
+    PROTOCOL_VERSION_KEY,
+    SUBSCRIPTION_ID_KEY,
+    ResultEnvelope,
+    is_modern_meta,
+)
+from protocol.tasks import EXTENSION as TASKS_EXTENSION
+from protocol.tasks import TaskRecord, TaskStore
+from protocol.types import Ask, Notify, Reply, RequestId
 
-_decode = msgspec.json.Decoder().decode
-
-# Methods answered at once from session state (no handler task needed).
+# Handshake-era methods answered at once from session state.
 SYNC_METHODS = frozenset(
     {
         "ping",
@@ -54,237 +127,272 @@ SYNC_METHODS = frozenset(
         "resources/unsubscribe",
     }
 )
-# Methods that run registry handlers (awaitable, cancellable).
-ASYNC_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
-MAX_INFLIGHT = 1024
-MAX_SUBSCRIPTIONS = 1024
-TOO_MANY_REQUESTS = -32000  # implementation-defined range
-_LIST_KINDS = {
+# Methods whose answer needs a handler (both eras).
+HANDLER_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
+# 2026-07-28 methods answered at once; `initialize`, `ping`, `logging/setLevel`, `resources/(un)subscribe`,
+# `tasks/result` and `tasks/list` do not exist there.
+MODERN_SYNC = frozenset(
+    {
+        "server/discover",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "prompts/list",
+        "tasks/get",
+        "tasks/update",
+        "tasks/cancel",
+    }
+)
+MODERN_METHODS = MODERN_SYNC | HANDLER_METHODS | {"subscriptions/listen"}
+# Methods that may answer with input_required (SEP-2322).
+MRTR_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+LIST_KINDS = {
     "tools/list": "tools",
     "resources/list": "resources",
     "resources/templates/list": "resources/templates",
     "prompts/list": "prompts",
 }
+CAPABILITY_FOR = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+LIST_CHANGED = {
+    "tools": "notifications/tools/list_changed",
+    "resources": "notifications/resources/list_changed",
+    "prompts": "notifications/prompts/list_changed",
+}
+MAX_INFLIGHT = 1024
+MAX_SUBSCRIPTIONS = 1024
+MAX_LISTENS = 64
+MAX_PENDING_ASKS = 64
+COMPLETION_LIMIT = 100
+
+_frame_decoder = msgspec.json.Decoder(Envelope | list[msgspec.Raw])
+_message_decoder = msgspec.json.Decoder(Envelope)
+_meta_decoder = msgspec.json.Decoder(Params)
+_Struct = TypeVar("_Struct", bound=msgspec.Struct)
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+# Friendly names for params fields that fail to decode (the wording of the handshake era's messages).
+_FIELD_HINTS = {
+    "name": "must be a string",
+    "uri": "must be a string",
+    "protocolVersion": "must be a string",
+    "arguments": "must be an object",
+    "taskId": "must be a string",
+    "inputResponses": "must map keys to objects",
+    "requestState": "must be a string",
+    "notifications": "must be an object",
+}
 
 
-@lru_cache(maxsize=1)
-def package_version(dist: str = "contree-mcp") -> str:
-    """The installed version, read from the dist-info METADATA without importing importlib.metadata
-    (which costs tens of milliseconds of start-up)."""
-    prefix = dist.replace("-", "_") + "-"
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith(prefix) and name.endswith(".dist-info"):
-                try:
-                    with open(os.path.join(entry, name, "METADATA"), encoding="utf-8") as f:
-                        for line in f:
-                            if line.startswith("Version:"):
-                                return line.split(":", 1)[1].strip()
-                except OSError:
-                    continue
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
-class Frame:
-    """One transport frame (one JSON value), decoded and classified."""
-
-    __slots__ = ("batch", "error_reply", "has_async", "has_requests", "is_initialize", "messages")
+class Core:
+    """What every session of one server shares: the registry, cached listings, tasks and the secret that
+    signs request states and mints task ids. `clock` is wall-clock seconds (the shell passes time.time)."""
 
     def __init__(
         self,
-        messages: list[Message],
+        registry: Registry,
         *,
-        batch: bool = False,
-        error_reply: bytes | None = None,
+        secret: bytes,
+        clock: Callable[[], float],
+        page_size: int = 100,
+        discover_cache_ms: int = 3_600_000,
     ) -> None:
-        self.messages = messages
-        self.batch = batch
-        self.error_reply = error_reply
-        # has_requests: an answer will follow (HTTP answers 202 otherwise).
-        # has_async: a handler task will run (stdio dispatches such frames concurrently).
-        has_requests = error_reply is not None
-        has_async = False
-        for m in messages:
-            t = type(m)
-            if t is Request:
-                has_requests = True
-                if m.method in ASYNC_METHODS:  # type: ignore[union-attr]
-                    has_async = True
-            elif t is Invalid and m.reply is not None:  # type: ignore[union-attr]
-                has_requests = True
-        self.has_requests = has_requests
-        self.has_async = has_async
-        self.is_initialize = not batch and len(messages) == 1 and _is_initialize(messages[0])
+        self.registry = registry
+        self.secret = secret
+        self.clock = clock
+        info = Implementation(
+            name=registry.name,
+            version=registry.version or "0.0.0",
+            title=registry.title,
+            description=registry.description,
+            website_url=registry.website_url,
+        )
+        self.envelope = ResultEnvelope(info)
+        self.catalog = Catalog(registry, page_size, self.envelope)
+        self.tasks = TaskStore(secret, clock)
+        self.discover_cache_ms = discover_cache_ms
+        self._discover: tuple[int, bytes] | None = None
+
+    def has_tasks(self) -> bool:
+        return any(t.tasks != "forbidden" for t in self.registry.tools.values())
+
+    def discover(self) -> bytes:
+        """The server/discover result (both eras' versions, the stateless capabilities), cached."""
+        generation = self.registry.generation
+        if self._discover is None or self._discover[0] != generation:
+            r = self.registry
+            capabilities: dict[str, Any] = {
+                "tools": {"listChanged": True},
+                "resources": {"subscribe": True, "listChanged": True},
+                "prompts": {"listChanged": True},
+                "completions": {},
+                "logging": {},
+            }
+            if self.has_tasks():
+                capabilities["extensions"] = {TASKS_EXTENSION: {}}
+            body = encode(DiscoverResult(list(versions.ADVERTISED), capabilities, r.instructions))
+            hint = msgspec.structs.replace(r.list_cache, ttl_ms=self.discover_cache_ms)
+            self._discover = (generation, self.envelope.wrap(body, hint))
+        return self._discover[1]
 
 
-def _is_initialize(m: Message) -> bool:
-    return type(m) is Request and m.method == "initialize"
+class _Running(msgspec.Struct):
+    """Protocol state of one handler run: progress so far, cancellation, the task it became."""
 
-
-def _valid_id(value: Any) -> bool:
-    t = type(value)
-    return t is str or t is int
-
-
-def classify(value: Any) -> Message:
-    """One decoded JSON value → Request / Notification / Response / Invalid (with its error reply)."""
-    if type(value) is not dict:
-        return Invalid(encode_error(None, INVALID_REQUEST, "Invalid Request: expected a JSON object"))
-    has_id = "id" in value
-    rid = value.get("id")
-    reply_id = rid if has_id and _valid_id(rid) else None
-    if value.get("jsonrpc") != "2.0":
-        return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"'))
-    if "method" in value:
-        method = value["method"]
-        if type(method) is not str:
-            return Invalid(
-                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "method" must be a string')
-            )
-        params = value.get("params")
-        if "params" in value and type(params) is not dict:
-            if not has_id:
-                return Invalid(None)
-            return Invalid(
-                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "params" must be an object')
-            )
-        if not has_id:
-            return Notification(method, params)
-        if reply_id is None:
-            return Invalid(
-                encode_error(None, INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
-            )
-        return Request(reply_id, method, params)
-    if has_id and ("result" in value or "error" in value):
-        error = value.get("error")
-        if (
-            reply_id is None
-            or ("result" in value) == ("error" in value)
-            or ("error" in value and type(error) is not dict)
-        ):
-            return Invalid(None)  # a malformed response is never answered
-        return Response(reply_id, value.get("result"), error)
-    return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: missing "method"'))
+    call: Call
+    last_progress: float | None = None
+    cancelled: bool = False
+    task: TaskRecord | None = None
 
 
 class Session:
-    """Per-connection protocol state: negotiation, capabilities, log level, subscriptions, in-flight ids."""
+    """Per-connection protocol state: the negotiated revision (handshake era), capabilities, log level,
+    subscriptions, listen streams, in-flight requests and pending server→client requests.
 
-    def __init__(self, registry: Registry, catalog: Catalog) -> None:
-        self.registry = registry
-        self.catalog = catalog
+    `http=True`: a Streamable HTTP POST that came without a session id: `initialize` may start a session,
+    a stateless request is served, anything else needs a session (400)."""
+
+    def __init__(self, core: Core, *, principal: str | None = None, http: bool = False) -> None:
+        self.core = core
+        self.registry = core.registry
+        self.principal = principal
+        self.http = http
         self.protocol_version: str | None = None
         self.client_capabilities: dict[str, Any] = {}
         self.client_info: dict[str, Any] = {}
         self.initialized = False  # notifications/initialized received
         self.log_level: int | None = None
         self.subscriptions: set[str] = set()
-        self.inflight: dict[RequestId, Any] = {}
+        self.listens: dict[RequestId, ListenFilter] = {}
+        self.inflight: dict[RequestId, int] = {}  # request id → serial of its run
         self.max_inflight = MAX_INFLIGHT
+        self.closed = False
+        self._runs: dict[int, _Running] = {}
+        self._serial = 0
+        self._asks: dict[int, RequestId | None] = {}  # our server→client request id → the call it serves
+        self._next_ask = 0
 
-    # ------------------------------------------------------------ framing
+    # ================================================================ input
 
-    def parse(self, data: bytes | str) -> Frame:
+    def receive(self, data: bytes | str, headers: HttpHeaders | None = None) -> list[Event]:
+        """One transport frame (a JSON value) → what to send and what to run."""
         try:
-            value = _decode(data)
+            decoded = _frame_decoder.decode(data)
+        except msgspec.ValidationError:  # neither an object nor an array, or not JSON at all
+            try:
+                msgspec.json.decode(data)
+            except (msgspec.DecodeError, RecursionError, ValueError):
+                return [_frame_error(PARSE_ERROR, "Parse error")]
+            return [_frame_error(INVALID_REQUEST, "Invalid Request: expected a JSON object")]
         except (msgspec.DecodeError, RecursionError, ValueError):
-            return Frame([], error_reply=encode_error(None, PARSE_ERROR, "Parse error"))
-        if type(value) is not list:
-            m = classify(value)
-            return Frame([m], error_reply=m.reply if type(m) is Invalid else None)
-        if not value:
-            return Frame(
-                [],
-                batch=True,
-                error_reply=encode_error(None, INVALID_REQUEST, "Invalid Request: empty batch"),
-            )
+            return [_frame_error(PARSE_ERROR, "Parse error")]
+        if type(decoded) is Envelope:
+            return self._message(classify(decoded), headers)
+        items: list[msgspec.Raw] = decoded
+        if not items:
+            return [_frame_error(INVALID_REQUEST, "Invalid Request: empty batch")]
         if not versions.allows_batches(self.protocol_version):
-            return Frame(
-                [],
-                batch=True,
-                error_reply=encode_error(
-                    None,
-                    INVALID_REQUEST,
-                    f"Invalid Request: batches are not allowed in {self.protocol_version}",
-                ),
-            )
-        messages = [classify(v) for v in value]
-        if any(_is_initialize(m) for m in messages):
-            return Frame(
-                [],
-                batch=True,
-                error_reply=encode_error(None, INVALID_REQUEST, "Invalid Request: initialize in a batch"),
-            )
-        return Frame(messages, batch=True)
+            message = f"Invalid Request: batches are not allowed in {self.protocol_version}"
+            return [_frame_error(INVALID_REQUEST, message)]
+        messages = [_classify_raw(item) for item in items]
+        if any(type(m) is Request and m.method == "initialize" for m in messages):
+            return [_frame_error(INVALID_REQUEST, "Invalid Request: initialize in a batch")]
+        events: list[Event] = []
+        for m in messages:
+            events.extend(self._message(m, None))
+        return [Batch(tuple(events))]
 
-    # ------------------------------------------------------------ requests
+    def _message(self, m: Message, headers: HttpHeaders | None) -> list[Event]:
+        t = type(m)
+        if t is Request:
+            return self._request(m, headers)  # type: ignore[arg-type]
+        if t is Notification:
+            return self._notification(m, headers)  # type: ignore[arg-type]
+        if t is Response:
+            return self._response(m)  # type: ignore[arg-type]
+        reply = m.reply  # type: ignore[union-attr]
+        return [] if reply is None else [Reply(None, reply)]
 
-    def precheck(self, req: Request) -> bytes | None:
-        """The error to answer instead of running `req` (unknown method, not initialized, duplicate id)."""
-        method = req.method
-        if method not in SYNC_METHODS and method not in ASYNC_METHODS:
-            return encode_error(req.id, METHOD_NOT_FOUND, f"Method not found: {method}")
-        if self.protocol_version is None and method != "initialize" and method != "ping":
-            return encode_error(req.id, INVALID_REQUEST, "Invalid Request: the session is not initialized")
-        if req.id in self.inflight:
-            return encode_error(
-                req.id, INVALID_REQUEST, f"Invalid Request: id {req.id!r} is already in flight"
-            )
-        if len(self.inflight) >= self.max_inflight and method in ASYNC_METHODS:
-            # Per-session memory stays bounded (MCP-PROTOCOL.md §7); the client may retry later.
-            return encode_error(req.id, TOO_MANY_REQUESTS, "Too many requests in flight; retry later")
-        return None
-
-    def handle_sync(self, req: Request) -> bytes:
-        """Answer a SYNC_METHODS request (after precheck)."""
-        rid = encode(req.id)
-        method = req.method
+    def _request(self, req: Request, headers: HttpHeaders | None) -> list[Event]:
+        meta = None
+        if req.params is not None:
+            try:
+                meta = _meta_decoder.decode(req.params).meta
+            except msgspec.ValidationError:
+                pass  # a non-object `_meta`: the typed params of the method say so
+        if is_modern_meta(meta) or (
+            headers is not None
+            and headers.protocol_version is not None
+            and headers.protocol_version.strip() not in versions.SUPPORTED
+        ):
+            return self._stateless(req, meta, headers)
         try:
-            if method == "ping":
-                return b'{"jsonrpc":"2.0","id":%s,"result":{}}' % rid
-            params = req.params or {}
-            if method == "initialize":
-                result = self.initialize(params)
-            else:
-                version = self.protocol_version or versions.LATEST
-                kind = _LIST_KINDS.get(method)
-                if kind is not None:
-                    result = self.catalog.page(kind, version, params.get("cursor"))
-                elif method == "logging/setLevel":
-                    self.set_level(params.get("level"))
-                    result = b"{}"
-                elif method == "resources/subscribe":
-                    uri = self._uri(params)
-                    self.registry.find_resource(uri)  # ResourceNotFound (-32002) for URIs nobody serves
-                    if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-                        raise InvalidParams("Too many subscriptions in this session")
-                    self.subscriptions.add(uri)
-                    result = b"{}"
-                else:  # resources/unsubscribe: always succeeds for a well-formed URI
-                    self.subscriptions.discard(self._uri(params))
-                    result = b"{}"
+            return self._handshake(req, meta)
         except McpError as exc:
-            return encode_error(req.id, exc.code, exc.message, exc.data)
-        return b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (rid, result)
+            return [_error_reply(req.id, exc)]
 
-    def initialize(self, params: dict[str, Any]) -> bytes:
+    # ================================================================ handshake era
+
+    def _handshake(self, req: Request, meta: dict[str, Any] | None) -> list[Event]:
+        method = req.method
+        if self.http and self.protocol_version is None and method != "initialize":
+            return [self._needs_session(req)]
+        if method not in SYNC_METHODS and method not in HANDLER_METHODS:
+            raise MethodNotFound(f"Method not found: {method}")
+        if self.protocol_version is None and method != "initialize" and method != "ping":
+            raise InvalidRequest("Invalid Request: the session is not initialized")
+        if req.id in self.inflight:
+            raise InvalidRequest(f"Invalid Request: id {req.id!r} is already in flight")
+        if method in HANDLER_METHODS:
+            if len(self.inflight) >= self.max_inflight:
+                # Per-session memory stays bounded (MCP-PROTOCOL.md §7); the client may retry later.
+                raise McpError("Too many requests in flight; retry later", code=REQUEST_REJECTED)
+            version = self.protocol_version or versions.LATEST
+            params = self._handler_params(req)
+            return [
+                self._dispatch(req, params, version, meta, client=None, answers={}, task_support="forbidden")
+            ]
+        return [Reply(req.id, encode_raw_result(req.id, self._sync(req, method)))]
+
+    def _needs_session(self, req: Request) -> Reply:
+        """A sessionless POST that is neither initialize nor stateless; -32601 for unknown methods so that
+        `server/discover` probes (mcp 2.x) fall back to initialize at once."""
+        if req.method not in SYNC_METHODS and req.method not in HANDLER_METHODS:
+            return Reply(
+                req.id, encode_error(req.id, METHOD_NOT_FOUND, f"Method not found: {req.method}"), 400
+            )
+        return _frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")
+
+    def _sync(self, req: Request, method: str) -> bytes:
+        if method == "ping":
+            return b"{}"
+        if method == "initialize":
+            return self._initialize(_params(req.params, InitializeParams))
+        version = self.protocol_version or versions.LATEST
+        kind = LIST_KINDS.get(method)
+        if kind is not None:
+            return self.core.catalog.page(kind, version, _params(req.params, CursorParams).cursor)
+        if method == "logging/setLevel":
+            self.set_level(_params(req.params, SetLevelParams).level)
+            return b"{}"
+        uri = _params(req.params, UriParams).uri
+        if method == "resources/subscribe":
+            self.registry.find_resource(uri)  # ResourceNotFound (-32002) for URIs nobody serves
+            if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+                raise InvalidParams("Too many subscriptions in this session")
+            self.subscriptions.add(uri)
+        else:  # resources/unsubscribe: always succeeds for a well-formed URI
+            self.subscriptions.discard(uri)
+        return b"{}"
+
+    def _initialize(self, params: InitializeParams) -> bytes:
         if self.protocol_version is not None:
-            raise McpError("Invalid Request: already initialized", code=INVALID_REQUEST)
-        requested = params.get("protocolVersion")
-        if type(requested) is not str:
-            raise InvalidParams('Invalid params: "protocolVersion" must be a string')
-        version = versions.negotiate(requested)
-        caps = params.get("capabilities")
-        info = params.get("clientInfo")
+            raise InvalidRequest("Invalid Request: already initialized")
+        version = versions.negotiate(params.protocol_version)
+        caps, info = params.capabilities, params.client_info
         self.client_capabilities = caps if type(caps) is dict else {}
         self.client_info = info if type(info) is dict else {}
         self.protocol_version = version
@@ -304,7 +412,7 @@ class Session:
         newest = versions.has_icons(version)
         info = Implementation(
             name=r.name,
-            version=r.version or package_version(),
+            version=r.version or "0.0.0",
             title=r.title if versions.has_structured(version) else None,
             description=r.description if newest else None,
             website_url=r.website_url if newest else None,
@@ -312,37 +420,695 @@ class Session:
         return InitializeResult(version, capabilities, info, r.instructions)
 
     def set_level(self, level: Any) -> None:
-        if type(level) is not str or level not in LEVELS:
+        if type(level) is not str or level not in versions.LEVELS:
             raise McpError(
                 f"Invalid params: unknown log level {level!r}",
                 code=INVALID_PARAMS,
-                data={"levels": list(LEVELS)},
+                data={"levels": list(versions.LEVELS)},
             )
-        self.log_level = LEVELS[level]
+        self.log_level = versions.LEVELS[level]
 
-    def _uri(self, params: dict[str, Any]) -> str:
-        uri = params.get("uri")
-        if type(uri) is not str:
-            raise InvalidParams('Invalid params: "uri" must be a string')
-        return uri
+    # ================================================================ stateless era (2026-07-28)
 
-    # ------------------------------------------------------------ notifications
+    def _stateless(
+        self, req: Request, meta: dict[str, Any] | None, headers: HttpHeaders | None
+    ) -> list[Event]:
+        try:
+            version, client = self._envelope(req, meta, headers)
+            method = req.method
+            if method not in MODERN_METHODS:
+                raise _not_found(method)
+            if req.id in self.inflight or req.id in self.listens:
+                raise InvalidRequest(f"Invalid Request: id {req.id!r} is already in flight")
+            if method in HANDLER_METHODS:
+                if len(self.inflight) >= self.max_inflight:
+                    raise McpError("Too many requests in flight; retry later", code=REQUEST_REJECTED)
+                return [self._stateless_call(req, version, meta, client, headers)]
+            if method == "subscriptions/listen":
+                return self._listen(req, client)
+            if method.startswith("tasks/"):
+                return self._task_request(req, client, headers)
+            if method == "server/discover":
+                return [Reply(req.id, encode_raw_result(req.id, self.core.discover()))]
+            cursor = _params(req.params, CursorParams).cursor
+            return [
+                Reply(
+                    req.id,
+                    encode_raw_result(req.id, self.core.catalog.page(LIST_KINDS[method], version, cursor)),
+                )
+            ]
+        except McpError as exc:
+            return [_error_reply(req.id, _for_modern(exc), modern=True)]
 
-    def notification(self, n: Notification) -> RequestId | None:
-        """Apply a client notification; returns the request id to cancel for notifications/cancelled."""
-        if n.method == "notifications/initialized":
-            self.initialized = True
-        elif n.method == "notifications/cancelled":
-            rid = (n.params or {}).get("requestId")
-            if _valid_id(rid):
-                return rid
-        return None
+    def _envelope(
+        self, req: Request, meta: dict[str, Any] | None, headers: HttpHeaders | None
+    ) -> tuple[str, Client]:
+        """The request's own version and client (the order of the checks decides which error wins)."""
+        if headers is not None and headers.protocol_version is None:
+            raise http_headers_mismatch("the MCP-Protocol-Version header is required")
+        version = meta.get(PROTOCOL_VERSION_KEY) if type(meta) is dict else None
+        caps = meta.get(CLIENT_CAPABILITIES_KEY) if type(meta) is dict else None
+        if type(version) is not str or type(caps) is not dict:
+            raise InvalidMeta(
+                f'Invalid params: "_meta" must carry "{PROTOCOL_VERSION_KEY}" (a string) and '
+                f'"{CLIENT_CAPABILITIES_KEY}" (an object)'
+            )
+        assert meta is not None
+        if headers is not None:
+            assert headers.protocol_version is not None
+            if headers.protocol_version.strip() != version:
+                raise http_headers_mismatch(
+                    f"MCP-Protocol-Version header value {headers.protocol_version.strip()[:64]!r} does not "
+                    f"match _meta value {version[:64]!r}"
+                )
+            http_headers.check_method(headers, req.method)
+        if version not in versions.MODERN:
+            raise UnsupportedVersion(version, list(versions.ADVERTISED))
+        info = meta.get(CLIENT_INFO_KEY)
+        level = meta.get(LOG_LEVEL_KEY)
+        threshold = None
+        if level is not None:
+            if type(level) is not str or level not in versions.LEVELS:
+                raise McpError(
+                    f"Invalid params: unknown log level {level!r}",
+                    code=INVALID_PARAMS,
+                    data={"levels": list(versions.LEVELS)},
+                )
+            threshold = versions.LEVELS[level]
+        return version, Client(caps, info if type(info) is dict else {}, threshold)
 
-    # ------------------------------------------------------------ helpers for handlers and contexts
+    def _stateless_call(
+        self,
+        req: Request,
+        version: str,
+        meta: dict[str, Any] | None,
+        client: Client,
+        headers: HttpHeaders | None,
+    ) -> Dispatch:
+        params = self._handler_params(req)
+        target = ""
+        arguments: Any = None
+        task_support = "forbidden"
+        if type(params) is CallToolParams:
+            tool = self.registry.visible_tool(params.name, version)
+            if tool is None:
+                raise InvalidParams(f"Unknown tool: {params.name}", data={"name": params.name})
+            if headers is not None:
+                http_headers.check_name(headers, req.method, params.name)
+                http_headers.check_params(headers, tool.mirrored, params.arguments or {})
+            if tool.tasks != "forbidden":
+                if _has_tasks(client):
+                    task_support = tool.tasks
+                elif tool.tasks == "required":
+                    raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
+            target, arguments = params.name, params.arguments
+        elif type(params) is GetPromptParams:
+            if headers is not None:
+                http_headers.check_name(headers, req.method, params.name)
+            target, arguments = params.name, params.arguments
+        elif type(params) is ReadResourceParams:
+            if headers is not None:
+                http_headers.check_name(headers, req.method, params.uri)
+            target = params.uri
+        answers: dict[str, dict[str, Any]] = {}
+        if type(params) is not CompleteParams:
+            state = params.request_state
+            if state is not None:
+                answers = mrtr.open_state(
+                    self.core.secret,
+                    state,
+                    method=req.method,
+                    target=target,
+                    arguments=mrtr.arguments_digest(arguments),
+                    principal=self.principal,
+                    now=self.core.clock(),
+                )
+            given = params.input_responses
+            if given:
+                answers = {**answers, **given}
+        return self._dispatch(
+            req, params, version, meta, client=client, answers=answers, task_support=task_support
+        )
+
+    def _listen(self, req: Request, client: Client) -> list[Event]:
+        wanted = _params(req.params, ListenParams).notifications
+        if wanted.task_ids and not _has_tasks(client):
+            raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
+        if len(self.listens) >= MAX_LISTENS:
+            raise McpError("Too many subscriptions/listen streams; retry later", code=REQUEST_REJECTED)
+        self.listens[req.id] = wanted
+        # Acknowledge what we honour: every filter field is supported.
+        ack = encode_notification(
+            "notifications/subscriptions/acknowledged",
+            {"_meta": {SUBSCRIPTION_ID_KEY: req.id}, "notifications": msgspec.to_builtins(wanted)},
+        )
+        return [Listen(req.id), Notify(ack, related=req.id)]
+
+    def end_listen(self, listen_id: RequestId) -> Reply | None:
+        """The graceful end of a listen stream (the server closes it): its response."""
+        if self.listens.pop(listen_id, None) is None:
+            return None
+        meta = {**self.core.envelope.meta, SUBSCRIPTION_ID_KEY: listen_id}
+        return Reply(listen_id, encode_result(listen_id, {"resultType": "complete", "_meta": meta}))
+
+    def _task_request(self, req: Request, client: Client, headers: HttpHeaders | None) -> list[Event]:
+        if not _has_tasks(client):
+            raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
+        method = req.method
+        if method not in ("tasks/get", "tasks/update", "tasks/cancel"):
+            raise _not_found(method)
+        params: TaskParams = _params(req.params, TaskUpdateParams if method == "tasks/update" else TaskParams)
+        if headers is not None:
+            http_headers.check_name(headers, method, params.task_id)
+        tasks = self.core.tasks
+        record = tasks.get(params.task_id, self.principal)
+        events: list[Event] = []
+        if method == "tasks/get":
+            body = with_fields(self.core.envelope.complete, tasks.encode(record, detailed=True))
+            return [Reply(req.id, encode_raw_result(req.id, body))]
+        if method == "tasks/update":
+            accepted = tasks.provide(record, params.input_responses)  # type: ignore[attr-defined]
+            if accepted:
+                events.append(Provide(record.task_id, accepted))
+        elif tasks.cancel(record):
+            events.append(StopTask(record.task_id))
+        events.insert(0, Reply(req.id, encode_raw_result(req.id, b"{" + self.core.envelope.complete + b"}")))
+        return events
+
+    # ================================================================ handlers
+
+    def _handler_params(self, req: Request) -> Any:
+        method = req.method
+        if method == "tools/call":
+            return _params(req.params, CallToolParams)
+        if method == "resources/read":
+            return _params(req.params, ReadResourceParams)
+        if method == "prompts/get":
+            return _params(req.params, GetPromptParams)
+        params = _params(req.params, CompleteParams)
+        ref = params.ref
+        if type(ref.name if ref.type == "ref/prompt" else ref.uri) is not str:
+            raise InvalidParams("Invalid params: ref and argument name are required")
+        return params
+
+    def _dispatch(
+        self,
+        req: Request,
+        params: Any,
+        version: str,
+        meta: dict[str, Any] | None,
+        *,
+        client: Client | None,
+        answers: dict[str, dict[str, Any]],
+        task_support: str,
+    ) -> Dispatch:
+        token = meta.get("progressToken") if meta is not None else None
+        if type(token) is not str and type(token) is not int:
+            token = None
+        self._serial += 1
+        call = Call(
+            serial=self._serial,
+            id=req.id,
+            method=req.method,
+            params=params,
+            version=version,
+            modern=client is not None,
+            progress_token=token,
+            client=client,
+            answers=answers,
+            task_support=task_support,
+        )
+        self.inflight[req.id] = call.serial
+        self._runs[call.serial] = _Running(call)
+        return Dispatch(call)
+
+    def finish(self, call: Call, result: Any = None, error: BaseException | None = None) -> list[Event]:
+        """A handler's outcome → its reply (nothing if the request was cancelled; a task keeps it)."""
+        running = self._runs.pop(call.serial, None)
+        if running is None:
+            return []
+        if self.inflight.get(call.id) == call.serial:
+            del self.inflight[call.id]
+        if running.task is not None:
+            self._task_outcome(running.task, call, result, error)
+            return []
+        if running.cancelled:
+            return []
+        if error is not None:
+            return [self._error_outcome(call, error)]
+        body = self._result(call, result)
+        return [Reply(call.id, encode_raw_result(call.id, body))]
+
+    def _result(self, call: Call, result: Any) -> bytes:
+        version = call.version
+        method = call.method
+        hint = None
+        if method == "tools/call":
+            r: CallToolResult = result
+            result = CallToolResult(
+                for_version(r.content, version),
+                r.structured_content if versions.has_structured(version) else None,
+                r.is_error,
+            )
+        elif method == "resources/read":
+            outcome: ReadOutcome = result
+            result = ReadResourceResult(outcome.contents)
+            # A result that depends on answers given in this exchange must not be cached (SEP-2549).
+            hint = outcome.cache if not call.answers else NO_CACHE
+        elif method == "prompts/get":
+            prompt: GetPromptResult = result
+            result = GetPromptResult(
+                [PromptMessage(pm.role, for_version([pm.content], version)[0]) for pm in prompt.messages],
+                prompt.description,
+            )
+        else:  # completion/complete
+            values: list[str] = result
+            result = CompleteResult(
+                Completion(values[:COMPLETION_LIMIT], len(values), len(values) > COMPLETION_LIMIT)
+            )
+        body = encode(result)
+        if call.modern:
+            return self.core.envelope.wrap(body, hint)
+        return body
+
+    def _error_outcome(self, call: Call, error: BaseException) -> Reply:
+        if isinstance(error, InputRequired):
+            if call.modern and call.method in MRTR_METHODS:
+                return Reply(call.id, encode_raw_result(call.id, self._input_required(call, error)))
+            error = McpError("Internal error: the handler asked the client outside a stateless call")
+        if isinstance(error, McpError):
+            return _error_reply(call.id, _for_modern(error) if call.modern else error, modern=call.modern)
+        return Reply(call.id, encode_error(call.id, INTERNAL_ERROR, "Internal error"))
+
+    def _input_required(self, call: Call, asked: InputRequired) -> bytes:
+        params = call.params
+        target = ""
+        arguments: Any = None
+        if type(params) is CallToolParams or type(params) is GetPromptParams:
+            target, arguments = params.name, params.arguments
+        elif type(params) is ReadResourceParams:
+            target = params.uri
+        state = mrtr.seal(
+            self.core.secret,
+            method=call.method,
+            target=target,
+            arguments=mrtr.arguments_digest(arguments),
+            principal=self.principal,
+            now=self.core.clock(),
+            answers=call.answers,
+        )
+        requests = {k: InputRequest(m, _wire_input(m, p)) for k, (m, p) in asked.requests.items()}
+        body = encode(InputRequiredResult("input_required", input_requests=requests, request_state=state))
+        return with_fields(self.core.envelope.meta_member, body)
+
+    def cancelled(self, call: Call) -> bool:
+        running = self._runs.get(call.serial)
+        return running is None or running.cancelled
+
+    # ================================================================ what handlers send
+
+    def progress(
+        self, call: Call, progress: float, total: float | None, message: str | None
+    ) -> Notify | None:
+        """notifications/progress for `call`, if allowed: a token, still running, strictly increasing."""
+        running = self._runs.get(call.serial)
+        if running is None or running.cancelled:
+            return None
+        if running.task is not None:
+            if message:
+                self.core.tasks.note(running.task, message)
+            return None
+        if call.progress_token is None:
+            return None
+        if running.last_progress is not None and progress <= running.last_progress:
+            return None
+        running.last_progress = progress
+        if message is not None and not versions.has_annotations(call.version):
+            message = None
+        params = ProgressParams(call.progress_token, progress, total, message)
+        return Notify(encode_notification("notifications/progress", params), related=call.id)
+
+    def log(self, call: Call | None, level: str, data: Any, logger: str | None = None) -> Notify | None:
+        """notifications/message at `level` if the client asked for it (session level, or the stateless
+        request's own `logLevel`; nothing at all without one)."""
+        if call is None:
+            if not self.log_enabled(level):
+                return None
+            return Notify(encode_notification("notifications/message", LogParams(level, data, logger)))
+        running = self._runs.get(call.serial)
+        if running is None or running.cancelled or running.task is not None:
+            return None
+        threshold = call.client.log_level if call.client is not None else self.log_level
+        if threshold is None or versions.LEVELS.get(level, 7) < threshold:
+            return None
+        return Notify(
+            encode_notification("notifications/message", LogParams(level, data, logger)), related=call.id
+        )
 
     def log_enabled(self, level: str) -> bool:
         threshold = self.log_level
-        return threshold is not None and LEVELS.get(level, 7) >= threshold
+        return threshold is not None and versions.LEVELS.get(level, 7) >= threshold
 
-    def has_progress_message(self) -> bool:
-        return versions.has_annotations(self.protocol_version or versions.LATEST)
+    def capabilities(self, call: Call) -> dict[str, Any]:
+        return call.client.capabilities if call.client is not None else self.client_capabilities
+
+    def client_identity(self, call: Call) -> dict[str, Any]:
+        return call.client.info if call.client is not None else self.client_info
+
+    def require(self, call: Call, methods: list[str]) -> None:
+        """Every server→client method needs its client capability: -32021 for a stateless request; a
+        ClientRequestError (the tool reports it) in the handshake era."""
+        caps = self.capabilities(call)
+        missing: dict[str, Any] = {
+            CAPABILITY_FOR[m]: {} for m in methods if m in CAPABILITY_FOR and CAPABILITY_FOR[m] not in caps
+        }
+        if not missing:
+            return
+        if call.modern:
+            raise MissingClientCapability(missing)
+        raise ClientRequestError(f"the client does not support {', '.join(missing)}", code=METHOD_NOT_FOUND)
+
+    def ask(self, call: Call, method: str, params: dict[str, Any]) -> Ask:
+        """A handshake-era server→client request for `call` (bounded; the shell awaits the Answer)."""
+        if self.closed:
+            raise ClientRequestError("the session is closed")
+        self.require(call, [method])
+        if len(self._asks) >= MAX_PENDING_ASKS:
+            raise ClientRequestError("too many pending requests to the client")
+        self._next_ask += 1
+        rid = self._next_ask
+        self._asks[rid] = call.id
+        return Ask(rid, encode_request(rid, method, params), related=call.id)
+
+    def forget(self, ask_id: int) -> None:
+        """The shell stopped waiting for server→client request `ask_id` (timeout, cancel)."""
+        self._asks.pop(ask_id, None)
+
+    # ================================================================ tasks (2026-07-28 extension)
+
+    def promote(self, call: Call, status: str | None = None) -> Reply | None:
+        """Turn a running stateless call into a task: the CreateTaskResult to send, or None if it cannot."""
+        running = self._runs.get(call.serial)
+        if (
+            running is None
+            or running.cancelled
+            or running.task is not None
+            or call.task_support == "forbidden"
+        ):
+            return None
+        record = self.core.tasks.create(self.principal, status)
+        if record is None:
+            return None
+        running.task = record
+        if self.inflight.get(call.id) == call.serial:
+            del self.inflight[call.id]  # answered: the client may reuse the id
+        body = with_fields(self.core.envelope.task, self.core.tasks.encode(record, detailed=False))
+        return Reply(call.id, encode_raw_result(call.id, body))
+
+    def task_of(self, call: Call) -> TaskRecord | None:
+        running = self._runs.get(call.serial)
+        return running.task if running is not None else None
+
+    def park(self, call: Call, requests: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, str]:
+        """A task asks the client: it waits in input_required; returns the handler's key → wire key."""
+        record = self.task_of(call)
+        if record is None:
+            raise ClientRequestError("the call is not a task")
+        wire = {k: InputRequest(m, _wire_input(m, p)) for k, (m, p) in requests.items()}
+        return self.core.tasks.park(record, wire)
+
+    def _task_outcome(self, record: TaskRecord, call: Call, result: Any, error: BaseException | None) -> None:
+        tasks = self.core.tasks
+        if error is None:
+            tasks.complete(record, self._result(call, result))
+        elif isinstance(error, McpError):
+            exc = _for_modern(error)
+            tasks.fail(record, {"code": exc.code, "message": exc.message, **_data(exc)}, exc.message)
+        elif isinstance(error, Exception | InputRequired):
+            tasks.fail(record, {"code": INTERNAL_ERROR, "message": "Internal error"}, "Internal error")
+        else:  # the work was stopped (server shutdown): nobody will finish it
+            tasks.cancel(record)
+
+    def task_notice(self, task_id: str) -> list[Notify]:
+        """notifications/tasks for this session's listen streams that follow task `task_id`."""
+        out: list[Notify] = []
+        for listen_id, wanted in self.listens.items():
+            if task_id in wanted.task_ids:
+                record = self.core.tasks.records.get(task_id)
+                if record is None or record.principal != self.principal:
+                    continue
+                body = self.core.tasks.encode(record, detailed=True)
+                meta = encode({SUBSCRIPTION_ID_KEY: listen_id})
+                params = with_fields(b'"_meta":' + meta, body)
+                out.append(
+                    Notify(
+                        b'{"jsonrpc":"2.0","method":"notifications/tasks","params":%s}' % params, listen_id
+                    )
+                )
+        return out
+
+    # ================================================================ notifications in
+
+    def _notification(self, n: Notification, headers: HttpHeaders | None) -> list[Event]:
+        if self.http and self.protocol_version is None:
+            if (
+                headers is None
+                or headers.protocol_version is None
+                or headers.protocol_version in versions.SUPPORTED
+            ):
+                return [_frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
+            return []  # stateless HTTP defines no client notifications: accepted, ignored
+        if n.method == "notifications/initialized":
+            self.initialized = True
+        elif n.method == "notifications/cancelled":
+            try:
+                rid = _params(n.params, CancelledParams).request_id
+            except McpError:
+                return []
+            if type(rid) is not str and type(rid) is not int:
+                return []
+            if rid in self.listens:
+                del self.listens[rid]  # stdio: the client ends its subscription
+                return []
+            serial = self.inflight.get(rid)
+            if serial is None:
+                return []  # unknown or finished: races are tolerated
+            running = self._runs.get(serial)
+            if running is not None:
+                running.cancelled = True
+            del self.inflight[rid]
+            return [Cancel(rid)]
+        return []
+
+    def _response(self, r: Response) -> list[Event]:
+        if self.http and self.protocol_version is None:
+            return [_frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
+        if type(r.id) is not int or r.id not in self._asks:
+            return []
+        del self._asks[r.id]
+        return [Answer(r.id, r.result, r.error)]
+
+    # ================================================================ notifications out
+
+    def list_changed(self, kind: str) -> list[Notify]:
+        """notifications/<kind>/list_changed for listen streams that asked, and for an initialized
+        handshake session when the registry announces changes."""
+        method = LIST_CHANGED.get(kind)
+        if method is None:
+            return []
+        out: list[Notify] = []
+        if self.protocol_version is not None and self.registry.announce_list_changes:
+            out.append(Notify(encode_notification(method)))
+        for listen_id, wanted in self.listens.items():
+            if (
+                (kind == "tools" and wanted.tools_list_changed)
+                or (kind == "prompts" and wanted.prompts_list_changed)
+                or (kind == "resources" and wanted.resources_list_changed)
+            ):
+                out.append(
+                    Notify(
+                        encode_notification(method, {"_meta": {SUBSCRIPTION_ID_KEY: listen_id}}), listen_id
+                    )
+                )
+        return out
+
+    def resource_updated(self, uri: str) -> list[Notify]:
+        out: list[Notify] = []
+        if uri in self.subscriptions:
+            out.append(Notify(encode_notification("notifications/resources/updated", {"uri": uri})))
+        for listen_id, wanted in self.listens.items():
+            if uri in wanted.resource_subscriptions:
+                params = {"_meta": {SUBSCRIPTION_ID_KEY: listen_id}, "uri": uri}
+                out.append(Notify(encode_notification("notifications/resources/updated", params), listen_id))
+        return out
+
+    # ================================================================ shutdown
+
+    def close(self) -> list[Event]:
+        """The connection ends: cancel what runs (tasks live on) and end listen streams gracefully."""
+        if self.closed:
+            return []
+        self.closed = True
+        events: list[Event] = []
+        for listen_id in list(self.listens):
+            reply = self.end_listen(listen_id)
+            if reply is not None:
+                events.append(reply)
+        for running in list(self._runs.values()):
+            if running.task is None and not running.cancelled:
+                running.cancelled = True
+                events.append(Cancel(running.call.id))
+        self.inflight.clear()
+        self._asks.clear()
+        return events
+
+
+# ==================================================================== parsing helpers
+
+
+def _valid_id(value: Any) -> bool:
+    t = type(value)
+    return t is str or t is int
+
+
+def _is_object(raw: msgspec.Raw) -> bool:
+    return bytes(memoryview(raw)[:1]) == b"{"
+
+
+def classify(env: Envelope) -> Message:
+    """One decoded JSON object → Request / Notification / Response / Invalid (with its error reply)."""
+    unset = msgspec.UNSET
+    has_id = env.id is not unset
+    rid = env.id if has_id else None
+    reply_id = rid if has_id and _valid_id(rid) else None
+    if env.jsonrpc != "2.0":
+        return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"'))
+    if env.method is not unset:
+        method = env.method
+        if type(method) is not str:
+            return Invalid(
+                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "method" must be a string')
+            )
+        params = env.params
+        if params is not unset and not _is_object(params):
+            if not has_id:
+                return Invalid(None)
+            return Invalid(
+                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "params" must be an object')
+            )
+        raw = None if params is unset else params
+        if not has_id:
+            return Notification(method, raw)
+        if reply_id is None:
+            return Invalid(
+                encode_error(None, INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
+            )
+        return Request(reply_id, method, raw)
+    if has_id and (env.result is not unset or env.error is not unset):
+        has_result, has_error = env.result is not unset, env.error is not unset
+        if reply_id is None or has_result == has_error or (has_error and type(env.error) is not dict):
+            return Invalid(None)  # a malformed response is never answered
+        return Response(reply_id, env.result if has_result else None, env.error if has_error else None)
+    return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: missing "method"'))
+
+
+def _classify_raw(raw: msgspec.Raw) -> Message:
+    try:
+        return classify(_message_decoder.decode(raw))
+    except msgspec.ValidationError:
+        return Invalid(encode_error(None, INVALID_REQUEST, "Invalid Request: expected a JSON object"))
+
+
+def _params(raw: msgspec.Raw | None, kind: type[_Struct]) -> _Struct:
+    """Typed params from the request bytes; a bad field is -32602 naming it."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(b"{}" if raw is None else raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidParams(_params_message(str(exc), kind)) from None
+
+
+def _params_message(detail: str, kind: type[Any]) -> str:
+    """The handshake era's wording for a bad field (clients and golden transcripts rely on it)."""
+    path = ""
+    if "- at `$." in detail:
+        path = detail.split("- at `$.", 1)[1].split("`", 1)[0]
+    if "missing required field `" in detail:
+        missing = detail.split("missing required field `", 1)[1].split("`", 1)[0]
+        path = f"{path}.{missing}" if path else missing
+    field = path.split(".", 1)[0].split("[", 1)[0]
+    if kind is CompleteParams:
+        if path == "argument.value":
+            return 'Invalid params: "argument.value" must be a string'
+        if path in ("argument.name", "ref.type", "ref.name", "ref.uri"):
+            return "Invalid params: ref and argument name are required"
+        if field in ("ref", "argument"):
+            return 'Invalid params: "ref" and "argument" must be objects'
+    if kind is GetPromptParams and field == "arguments":
+        return 'Invalid params: "arguments" must map names to strings'
+    hint = _FIELD_HINTS.get(field)
+    if hint:
+        return f'Invalid params: "{field}" {hint}'
+    return f"Invalid params: {detail}"
+
+
+# ==================================================================== reply helpers
+
+
+def _frame_error(code: int, message: str) -> Reply:
+    """An error about the whole frame (id unknown): HTTP answers it with 400."""
+    return Reply(None, encode_error(None, code, message), 400)
+
+
+def _error_reply(rid: RequestId, exc: McpError, *, modern: bool = False) -> Reply:
+    return Reply(rid, encode_error(rid, exc.code, exc.message, exc.data), exc.status if modern else 200)
+
+
+def _data(exc: McpError) -> dict[str, Any]:
+    return {} if exc.data is None else {"data": exc.data}
+
+
+def _not_found(method: str) -> MethodNotFound:
+    exc = MethodNotFound(f"Method not found: {method}")
+    exc.status = 404  # the stateless HTTP binding's answer for unknown methods
+    return exc
+
+
+def http_headers_mismatch(what: str) -> McpError:
+    return HeaderMismatch(f"Header mismatch: {what}")
+
+
+def _for_modern(exc: McpError) -> McpError:
+    """2026-07-28 answers a missing resource with -32602 (-32002 must not be emitted)."""
+    if isinstance(exc, ResourceNotFound):
+        return InvalidParams(exc.message, data=exc.data)
+    return exc
+
+
+def _has_tasks(client: Client) -> bool:
+    extensions = client.capabilities.get("extensions")
+    return type(extensions) is dict and TASKS_EXTENSION in extensions
+
+
+def _wire_input(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The stateless form of a server→client request: URL elicitation lost `elicitationId` in 2026-07-28
+    (the retry itself says the interaction finished)."""
+    if method == "elicitation/create" and "elicitationId" in params:
+        return {k: v for k, v in params.items() if k != "elicitationId"}
+    return params
+
+
+__all__ = [
+    "CAPABILITY_FOR",
+    "HANDLER_METHODS",
+    "MAX_INFLIGHT",
+    "MAX_SUBSCRIPTIONS",
+    "SYNC_METHODS",
+    "CallFailed",
+    "Core",
+    "Session",
+    "classify",
+    "encode_result",
+]

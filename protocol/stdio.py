@@ -11,13 +11,15 @@ import threading
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
+from protocol.events import Event, runs_handlers
 from protocol.messages import encode_error
 from protocol.server import Server
+from protocol.types import Outgoing, Reply
 
 log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
-_PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
+_PARSE_ERROR = Reply(None, encode_error(None, PARSE_ERROR, "Parse error"))
 
 
 class Writer(Protocol):
@@ -99,12 +101,12 @@ async def serve_stdio(
     out = writer
     broken: list[BaseException] = []
 
-    async def sink(data: bytes) -> None:
+    async def sink(message: Outgoing) -> None:
         if broken:
             return  # the client stopped reading; keep consuming stdin until EOF
         try:
             # One write call per message keeps lines whole; drain gives back-pressure.
-            out.write(data + b"\n")
+            out.write(message.data + b"\n")
             await out.drain()
         except (ConnectionError, OSError) as exc:
             broken.append(exc)
@@ -114,9 +116,9 @@ async def serve_stdio(
     session.set_default_sink(sink)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def run(frame: Any) -> None:
+    async def run(events: list[Event]) -> None:
         try:
-            await session.dispatch(frame, sink)
+            await session.run(events, sink)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -135,14 +137,14 @@ async def serve_stdio(
         line = line.strip()
         if not line:
             continue
-        frame = session.parse(line)
-        if frame.has_async:
-            task = asyncio.get_running_loop().create_task(run(frame))
+        events = session.receive(line)
+        if runs_handlers(events):
+            task = asyncio.get_running_loop().create_task(run(events))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         else:
             # Quick methods, notifications (cancel!) and client responses are handled in line order.
-            await run(frame)
+            await run(events)
     if tasks:
         _done, pending = await asyncio.wait(list(tasks), timeout=eof_grace)
         for task in pending:

@@ -19,11 +19,12 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from protocol.conformance import build_registry
 from protocol.content import TextContent
-from protocol.http import HttpSettings, build_app
+from protocol.http_app import build_app
+from protocol.http_guard import HttpSettings
 from protocol.registry import Registry, RequestContext, ToolResult
 from protocol.server import Server
+from protocol.testing.conformance import build_registry
 from tests.netutil import free_port
 
 BOTH = "application/json, text/event-stream"
@@ -194,11 +195,20 @@ def node_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def conformance_server(*extra: str) -> Iterator[str]:
-    """`python -m protocol.conformance --mode http` on a free loopback port; yields the /mcp URL
+    """`python -m protocol.testing.conformance --mode http` on a free loopback port; yields the /mcp URL
     (spelled with `localhost`, as the DNS-rebinding scenario requires)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "protocol.conformance", "--mode", "http", "--http-port", str(port), *extra],
+        [
+            sys.executable,
+            "-m",
+            "protocol.testing.conformance",
+            "--mode",
+            "http",
+            "--http-port",
+            str(port),
+            *extra,
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -1,9 +1,10 @@
 """mcp==2.3.0 client check, run with `.validators/py2/bin/python` (not collected by pytest: no test_ prefix).
 
-    py2_check.py [--mode auto|legacy] stdio -- <server argv…>
-    py2_check.py [--mode auto|legacy] http <url>
+    py2_check.py [--mode auto|legacy|2026-07-28] [--expect VERSION] stdio -- <server argv…>
+    py2_check.py [--mode auto|legacy|2026-07-28] [--expect VERSION] http <url>
 
-`mode="auto"` sends `server/discover` before `initialize`; a server that ignores it costs every client 10 s,
+`mode="auto"` sends `server/discover` first and stays in the stateless era (2026-07-28) when the server
+answers it, else falls back to `initialize`; a server that ignored the probe would cost every client 10 s,
 so the connect time is a check of its own. Prints `PASS <check>` / `FAIL <check>: why`, then
 `connect_seconds=<s>` and `N passed, N failed`; exits 0 only if everything passed.
 """
@@ -36,19 +37,23 @@ class Report:
             print(f"FAIL {name}: {why}", flush=True)
 
 
-async def exercise(target: Any, mode: str, report: Report) -> None:
+async def exercise(target: Any, mode: str, expect: str, report: Report) -> None:
     started = time.perf_counter()
     async with Client(target, mode=mode, read_timeout_seconds=20) as client:  # type: ignore[arg-type]
         connected = time.perf_counter() - started
         print(f"connect_seconds={connected:.3f}", flush=True)
         report.check("connect is fast", connected < CONNECT_BUDGET, f"{connected:.2f} s")
-        report.check(
-            "negotiated 2025-11-25", client.protocol_version == "2025-11-25", str(client.protocol_version)
-        )
-        info = client.server_info
-        report.check("serverInfo", info is not None and info.name == "contree-mcp-conformance", repr(info))
-        await client.send_ping()
-        report.check("ping", True)
+        report.check(f"negotiated {expect}", client.protocol_version == expect, str(client.protocol_version))
+        if mode in ("auto", "legacy"):
+            info = client.server_info
+            name = info.name if info is not None else None
+        else:  # a pinned version skips discovery: ask for it
+            raw = await client.session.send_discover(expect)
+            name = raw.get("_meta", {}).get("io.modelcontextprotocol/serverInfo", {}).get("name")
+        report.check("serverInfo", name == "contree-mcp-conformance", repr(name))
+        if expect != "2026-07-28":  # ping is gone from the stateless era
+            await client.send_ping()
+            report.check("ping", True)
         names: list[str] = []
         cursor: str | None = None
         while True:
@@ -78,6 +83,7 @@ async def exercise(target: Any, mode: str, report: Report) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", default="auto")
+    parser.add_argument("--expect", default="2026-07-28", help="the version the client must settle on")
     parser.add_argument("transport", choices=("stdio", "http"))
     parser.add_argument("target", nargs="+")
     args = parser.parse_args(argv)
@@ -88,7 +94,7 @@ def main(argv: list[str]) -> int:
         target = args.target[0]
     report = Report()
     try:
-        asyncio.run(exercise(target, args.mode, report))
+        asyncio.run(exercise(target, args.mode, args.expect, report))
     except Exception as exc:  # any client error is a failed run, reported, not a traceback
         report.check("session", False, f"{type(exc).__name__}: {exc}")
     print(f"{report.passed} passed, {report.failed} failed", flush=True)

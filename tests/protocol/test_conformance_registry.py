@@ -8,7 +8,8 @@ import struct
 import zlib
 from typing import Any
 
-from protocol.conformance import JSON_SCHEMA_2020_12, PNG, WAV, build_registry
+from protocol.testing.conformance import JSON_SCHEMA_2020_12, PNG, WAV, build_registry
+from protocol.types import Outgoing
 from tests.protocol.conftest import Harness
 
 TOOLS = {
@@ -118,16 +119,15 @@ async def test_reconnection_tool_asks_the_transport_to_close_its_stream(ready: H
     closed: list[int] = []
 
     class StreamSink:
-        async def __call__(self, data: bytes) -> None:
-            ready.sent.append(data)
+        async def __call__(self, message: Outgoing) -> None:
+            ready.sent.append(message.data)
 
         async def close_stream(self, retry_ms: int) -> None:
             closed.append(retry_ms)
 
-    frame = ready.session.parse(
-        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"test_reconnection"}}'
+    await ready.session.handle(
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"test_reconnection"}}', StreamSink()
     )
-    await ready.session.dispatch(frame, StreamSink())
     assert closed == [100]
     assert b"Reconnection test completed" in ready.sent[-1]
 

@@ -15,10 +15,11 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from protocol import transcript as t
-from protocol.conformance import build_registry
-from protocol.http import HttpSettings, build_app
+from protocol.http_app import build_app
+from protocol.http_guard import HttpSettings
 from protocol.server import Server
+from protocol.testing import transcript as t
+from protocol.testing.conformance import build_registry
 from tests.protocol.httpkit import POST_HEADERS, REPO, events
 
 # lifecycle.jsonl sends ping and tools/list before `initialize`: over HTTP such requests have no session
@@ -27,7 +28,7 @@ STDIO_ONLY = {"lifecycle"}
 TRANSCRIPTS = [
     p
     for p in sorted((REPO / "fixtures" / "transcripts").glob("*.jsonl"))
-    if "protocol.conformance" in t.load(p).argv and p.stem not in STDIO_ONLY
+    if "protocol.testing.conformance" in t.load(p).argv and p.stem not in STDIO_ONLY
 ]
 
 
@@ -101,7 +102,7 @@ async def test_http_replay_detects_a_wrong_expectation(tmp_path: Path) -> None:
     path.write_text(
         t.dump(
             [
-                {"meta": {"description": "x", "argv": ["{python}", "-m", "protocol.conformance"]}},
+                {"meta": {"description": "x", "argv": ["{python}", "-m", "protocol.testing.conformance"]}},
                 {"send": {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}},
                 {"send": {"jsonrpc": "2.0", "id": 1, "method": "ping"}},
                 {"expect": [{"jsonrpc": "2.0", "id": 1, "result": {}}]},

@@ -14,9 +14,9 @@ Volatile values are normalised to placeholders on both sides; in a `send`, the p
 ("{workdir}") are substituted into sends and argv; their values become "{NAME}" again in server output.
 Fields named in meta "mask" get the value "<masked>" wherever they occur, including inside JSON text blocks.
 
-    python -m protocol.transcript record --out F.jsonl [--description TEXT] [--var NAME=VALUE ...]
+    python -m protocol.testing.transcript record --out F.jsonl [--description TEXT] [--var NAME=VALUE ...]
         [--mask FIELD ...] [--lockstep] -- <server argv>
-    python -m protocol.transcript replay F.jsonl [...]
+    python -m protocol.testing.transcript replay F.jsonl [...]
 """
 
 from __future__ import annotations
@@ -542,7 +542,7 @@ def _request_id(message: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m protocol.transcript",
+        prog="python -m protocol.testing.transcript",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
