@@ -1,4 +1,5 @@
-"""The fixture tools, resources and prompts the official MCP conformance suite calls (MCP-PROTOCOL.md §10.2).
+"""The fixture tools, resources and prompts the official MCP conformance suite calls (MCP-PROTOCOL.md §10.2):
+those of the handshake era here, those of 2026-07-28 in `stateless_fixtures`.
 
 `python -m protocol.testing.conformance --mode stdio|http --http-listen 127.0.0.1 --http-port N` serves them;
 `contree-mcp --conformance` calls `main`.
@@ -19,6 +20,7 @@ from protocol.content import AudioContent, EmbeddedResource, ImageContent, Resou
 from protocol.errors import ToolError
 from protocol.messages import GetPromptResult, PromptMessage
 from protocol.registry import PromptArgument, Registry, RequestContext, ToolResult
+from protocol.testing import stateless_fixtures
 
 
 def _png_1x1_red() -> bytes:
@@ -352,6 +354,7 @@ def build_registry(version: str | None = None) -> Registry:
     async def complete_id(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
         return [v for v in ("1", "12", "123") if v.startswith(value)]
 
+    stateless_fixtures.register(r)
     return r
 
 

@@ -32,15 +32,24 @@ TOOLS = {
 
 def test_fixture_names() -> None:
     r = build_registry()
-    assert set(r.tools) == TOOLS
+    # What the handshake era sees; the 2026-07-28 fixtures are registered `since` that revision.
+    assert {n for n, t in r.tools.items() if t.since is None} == TOOLS
     assert set(r.resources) == {"test://static-text", "test://static-binary", "test://watched-resource"}
     assert set(r.templates) == {"test://template/{id}/data"}
-    assert set(r.prompts) == {
+    assert {n for n, p in r.prompts.items() if p.since is None} == {
         "test_simple_prompt",
         "test_prompt_with_arguments",
         "test_prompt_with_embedded_resource",
         "test_prompt_with_image",
     }
+    stateless = {n for n, t in r.tools.items() if t.since == "2026-07-28"}
+    assert {
+        "test_missing_capability",
+        "test_input_required_result_elicitation",
+        "greet",
+        "slow_compute",
+    } <= stateless
+    assert {n for n, t in r.tools.items() if t.tasks == "required"} == {"failing_job", "test_tool_with_task"}
 
 
 def test_everything_has_a_description() -> None:

@@ -1,7 +1,8 @@
 """The golden protocol transcripts (fixtures/transcripts) replayed over Streamable HTTP.
 
-Each client frame becomes one POST; JSON bodies, SSE events and HTTP-level JSON-RPC errors are fed back
-to the replayer in arrival order, so the same expectations hold as over stdio.
+Each client frame becomes one POST (a 2026-07-28 frame with the headers that mirror its body); JSON
+bodies, SSE events and HTTP-level JSON-RPC errors are fed back to the replayer in arrival order, so the
+same expectations hold as over stdio.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class HttpTransport:
 
     async def send(self, data: bytes) -> None:
         # Returns once the server has taken the frame (headers back), so the next frame cannot overtake it.
-        resp = await self.client.post("/mcp", data=data, headers={**POST_HEADERS, **self.headers})
+        headers = {**POST_HEADERS, **self.headers, **stateless_headers(data)}
+        resp = await self.client.post("/mcp", data=data, headers=headers)
         session = resp.headers.get("Mcp-Session-Id")
         if session and "Mcp-Session-Id" not in self.headers:
             self.headers["Mcp-Session-Id"] = session
@@ -69,6 +71,27 @@ class HttpTransport:
         for task in list(self.readers):
             task.cancel()
         await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+def stateless_headers(data: bytes) -> dict[str, str]:
+    """What a 2026-07-28 client adds to a POST: the headers mirroring the body (SEP-2243)."""
+    try:
+        message = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or "io.modelcontextprotocol/protocolVersion" not in meta:
+        return {}
+    headers = {"MCP-Protocol-Version": str(meta["io.modelcontextprotocol/protocolVersion"])}
+    if "id" in message:
+        headers["Mcp-Method"] = message["method"]
+        name = params.get(
+            {"resources/read": "uri"}.get(message["method"], "taskId" if "taskId" in params else "name")
+        )
+        if isinstance(name, str):
+            headers["Mcp-Name"] = name
+    return headers
 
 
 def _page_size(argv: list[str]) -> int:
