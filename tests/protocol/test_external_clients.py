@@ -76,6 +76,43 @@ def test_mcp2_legacy_mode_over_http() -> None:
         _run_py2("--mode", "legacy", "--expect", "2025-11-25", "http", url)
 
 
+# ---------------------------------------------------------------- TypeScript SDK client
+
+
+def run_ts_sdk(target: list[str], **env: str) -> str:
+    """tests/protocol/ts_sdk_check.mjs with the pinned @modelcontextprotocol/sdk; asserts it passed."""
+    sdk = validators() / "tssdk" / "node_modules" / "@modelcontextprotocol" / "sdk"
+    if not (sdk / "package.json").exists():
+        pytest.fail(f"{sdk} is missing: run `make install-validators`")
+    proc = subprocess.run(
+        ["node", str(REPO / "tests" / "protocol" / "ts_sdk_check.mjs"), *target],
+        cwd=REPO,
+        env={**node_env(), "SDK": str(sdk), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+TS_FIXTURES = {
+    "CALL": '{"name": "test_tool_with_progress", "progress": true}',
+    "PROMPT": '{"name": "test_prompt_with_arguments", "arguments": {"arg1": "a", "arg2": "b"}}',
+    "READ": "test://template/7/data",
+}
+
+
+def test_ts_sdk_over_stdio() -> None:
+    run_ts_sdk(["stdio", "--", *STDIO_SERVER], **TS_FIXTURES)
+
+
+def test_ts_sdk_over_streamable_http() -> None:
+    with conformance_server() as url:
+        out = run_ts_sdk(["http", url], **TS_FIXTURES)
+    assert "PASS negotiated 2025-11-25" in out
+
+
 # ---------------------------------------------------------------- Inspector CLI v1
 
 
