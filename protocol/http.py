@@ -195,17 +195,17 @@ class StreamableHttp:
     def _headers(self, hs: HttpSession | None) -> dict[str, str]:
         return {} if hs is None else {SESSION_HEADER: hs.id}
 
-    def _json(self, hs: HttpSession | None, sink: _PostSink) -> web.Response:
-        replies = sink.replies
+    def _json(self, hs: HttpSession | None, replies: list[Reply]) -> web.Response:
         if not replies:
             return web.Response(status=202, headers=self._headers(hs))
         if len(replies) == 1:
             body, status = replies[0].data, replies[0].status
         else:
             body, status = b"[" + b",".join(r.data for r in replies) + b"]", 200
-        return web.Response(
-            body=body, status=status, content_type="application/json", headers=self._headers(hs)
-        )
+        headers = {"Content-Type": "application/json"}
+        if hs is not None:
+            headers[SESSION_HEADER] = hs.id
+        return web.Response(body=body, status=status, headers=headers)
 
     def _evict_idle(self) -> bool:
         idle = [hs for hs in self.sessions.values() if not hs.busy()]
@@ -235,18 +235,19 @@ class StreamableHttp:
             return error_response(415, REQUEST_REJECTED, "Unsupported Media Type: use application/json")
         body = await request.read()
         # 2026-07-28 ignores Mcp-Session-Id: a stateless request never joins a handshake session.
-        if SESSION_HEADER not in request.headers or is_modern_header(request.headers.get(VERSION_HEADER)):
+        headers = request.headers
+        if SESSION_HEADER not in headers or is_modern_header(headers.get(VERSION_HEADER)):
             return await self._sessionless(request, body, principal)
         hs = self._lookup(request, principal)
         if isinstance(hs, web.Response):
             return hs
-        return await self._answer(request, hs, hs.session.receive(body), stateless=False)
+        return await self._answer(request, hs.session, hs.session.receive(body), hs=hs)
 
     async def _sessionless(
         self, request: web.Request, body: bytes, principal: str | None
     ) -> web.StreamResponse:
         """A POST without a session: `initialize` (a new session), a stateless request, or a 400."""
-        session = self.server.create_session(transport="http", principal=principal, http=True)
+        session = self.server.create_session(transport="http", principal=principal, http=True, register=False)
         keep = False
         try:
             events = session.receive(body, stateless_headers(request))
@@ -255,31 +256,34 @@ class StreamableHttp:
                     return error_response(
                         503, REQUEST_REJECTED, "Too many sessions", headers={"Retry-After": "5"}
                     )
+                self.server.register(session)
                 hs = HttpSession(session, self.settings)
-                sink = _PostSink(hs, json_only=True)
-                await session.run(events, sink)
+                replies = await _collect(session, events)
                 keep = True
                 self.sessions[hs.id] = hs
-                return self._json(hs, sink)
-            return await self._answer(request, HttpSession(session, self.settings), events, stateless=True)
+                return self._json(hs, replies)
+            if any(type(e) is Listen for e in events):
+                self.server.register(session)  # list changes and resource updates must find its stream
+            return await self._answer(request, session, events, hs=None)
         finally:
             if not keep:
                 await session.close()
 
     async def _answer(
-        self, request: web.Request, hs: HttpSession, events: list[Event], *, stateless: bool
+        self, request: web.Request, session: ServerSession, events: list[Event], *, hs: HttpSession | None
     ) -> web.StreamResponse:
-        session = hs.session
-        shown = None if stateless else hs
+        """The HTTP answer to one POST's events; `hs` is the handshake session (None: a stateless POST)."""
+        shown = hs
+        stateless = hs is None
         if not expects_reply(events):
             await session.run(events, _discard)
             return web.Response(status=202, headers=self._headers(shown))
-        sink = _PostSink(hs, json_only=self.settings.json_response and not stateless)
         if not runs_handlers(events):
             # ping, lists, setLevel, discover, tasks/*…: answered inline, only responses come out.
-            await session.run(events, sink)
-            sink.finish()
-            return self._json(shown, sink)
+            return self._json(shown, await _collect(session, events))
+        if hs is None:
+            hs = HttpSession(session, self.settings)  # the streams and work of this one request
+        sink = _PostSink(hs, json_only=self.settings.json_response and not stateless)
         listen = any(type(e) is Listen for e in events)
         if listen:
             sink.listening = True
@@ -297,7 +301,7 @@ class StreamableHttp:
                 timer.cancel()
             stream = sink.stream
             if stream is None:
-                return self._json(shown, sink)
+                return self._json(shown, sink.replies)
             head = b""
             poll_after = None
             if not stateless:
@@ -448,3 +452,17 @@ def _stream_sink(stream: EventStream) -> Any:
 
 async def _discard(message: Outgoing) -> None:
     return None
+
+
+async def _collect(session: ServerSession, events: list[Event]) -> list[Reply]:
+    """Run events that only answer (no handler): their replies, for one JSON body."""
+    replies: list[Reply] = []
+
+    async def sink(message: Outgoing) -> None:
+        if type(message) is Reply:
+            replies.append(message)
+        else:  # nothing but replies is expected here; anything else belongs to the session's stream
+            await session.send_unrelated(message)
+
+    await session.run(events, sink)
+    return replies

@@ -122,6 +122,9 @@ class Guard:
             hosts.add("*" if _is_wildcard(settings.listen) else settings.listen.lower())
         self._hosts = hosts
         self._origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
+        # (Host, Origin) → which check failed (None: both pass). Clients repeat the same two headers on
+        # every request, so each pair is judged once; the table is bounded.
+        self._verdicts: dict[tuple[str | None, str | None], str | None] = {}
 
     def host_allowed(self, host: str | None) -> bool:
         if not host:
@@ -162,15 +165,27 @@ class Guard:
                 found = principal
         return found is not None, found
 
+    def _verdict(self, host: str | None, origin: str | None) -> str | None:
+        key = (host, origin)
+        if key in self._verdicts:
+            return self._verdicts[key]
+        verdict = None
+        if not self.host_allowed(host):
+            verdict = "Forbidden: Host header not allowed"
+        elif origin is not None and not self.origin_allowed(origin, host):
+            verdict = "Forbidden: Origin not allowed"
+        if len(self._verdicts) >= 1024:
+            self._verdicts.clear()
+        self._verdicts[key] = verdict
+        return verdict
+
     def check(self, request: web.Request) -> web.Response | str | None:
         """An error response, or the principal (None without auth)."""
-        host = request.headers.get("Host")
-        if not self.host_allowed(host):
-            return error_response(403, REQUEST_REJECTED, "Forbidden: Host header not allowed")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin, host):
-            return error_response(403, REQUEST_REJECTED, "Forbidden: Origin not allowed")
-        ok, principal = self.principal(request.headers.get("Authorization"))
+        headers = request.headers
+        refused = self._verdict(headers.get("Host"), headers.get("Origin"))
+        if refused is not None:
+            return error_response(403, REQUEST_REJECTED, refused)
+        ok, principal = self.principal(headers.get("Authorization"))
         if not ok:
             given = "Authorization" in request.headers
             challenge = 'Bearer error="invalid_token"' if given else "Bearer"
@@ -192,7 +207,21 @@ def error_response(
     )
 
 
+_accepted: dict[tuple[str, str], bool] = {}
+
+
 def accepts(accept: str, wanted: str) -> bool:
+    """Whether an Accept header admits `wanted` (memoised: clients send the same header every time)."""
+    key = (accept, wanted)
+    known = _accepted.get(key)
+    if known is None:
+        if len(_accepted) >= 1024:
+            _accepted.clear()
+        known = _accepted[key] = _accepts(accept, wanted)
+    return known
+
+
+def _accepts(accept: str, wanted: str) -> bool:
     major = wanted.split("/", 1)[0]
     for item in accept.split(","):
         media = item.split(";", 1)[0].strip().lower()

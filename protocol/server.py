@@ -72,11 +72,17 @@ class Server:
         registry.add_listener(self._list_changed)
 
     def create_session(
-        self, *, transport: str, principal: str | None = None, http: bool = False
+        self, *, transport: str, principal: str | None = None, http: bool = False, register: bool = True
     ) -> ServerSession:
+        """A new session; `register=False` for one that may live only as long as one HTTP request (it is
+        registered later with `register` if it turns into a handshake session or a listen stream)."""
         session = ServerSession(self, transport=transport, principal=principal, http=http)
-        self.sessions[session.session_id] = session
+        if register:
+            self.register(session)
         return session
+
+    def register(self, session: ServerSession) -> None:
+        self.sessions[session.session_id] = session
 
     def get_session(self, session_id: str) -> ServerSession | None:
         return self.sessions.get(session_id)
@@ -178,8 +184,7 @@ class ServerSession:
         self.server = server
         self.transport = transport
         self.principal = principal
-        # 192 bits from the CSPRNG; urlsafe base64 is visible ASCII (valid as Mcp-Session-Id).
-        self.session_id = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        self._session_id: str | None = None
         self.core = Session(server.core, principal=principal, http=http)
         self.closed = False
         self._default_sink: Sink | None = None
@@ -190,6 +195,13 @@ class ServerSession:
         self._by_id: dict[RequestId, _Work] = {}
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._listen_sinks: dict[RequestId, Sink] = {}
+
+    @property
+    def session_id(self) -> str:
+        if self._session_id is None:
+            # 192 bits from the CSPRNG; urlsafe base64 is visible ASCII (valid as Mcp-Session-Id).
+            self._session_id = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        return self._session_id
 
     @property
     def protocol_version(self) -> str | None:
@@ -484,7 +496,8 @@ class ServerSession:
         if self.closed:
             return
         self.closed = True
-        self.server.sessions.pop(self.session_id, None)
+        if self._session_id is not None:
+            self.server.sessions.pop(self._session_id, None)
         for event in self.core.close():
             if type(event) is Reply:
                 sink = self._listen_sinks.get(event.id)  # type: ignore[arg-type]
