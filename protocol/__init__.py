@@ -6,15 +6,19 @@ The core (no I/O, no asyncio; importable and testable on its own):
     errors.py      every error code (one meaning each) and the exceptions that carry them
     content.py     content blocks and resource contents
     messages.py    JSON-RPC envelopes, typed request params, MCP result shapes
+    jsonrpc.py     framing: a frame's bytes → typed messages and params, and the errors they may earn
     schema.py      JSON Schemas derived from msgspec types
     registry.py    the tool/resource/prompt/completion registry `tools/` fills (docs/contracts.md §1)
     context.py     RequestContext: what a handler may do (its Host is the shell)
     catalog.py     paginated, version-gated, cached listings
     events.py      what the core hands the shell: Dispatch, Cancel, Answer, Listen, Provide, StopTask, Batch
+    methods.py     which methods each era knows and what answering them takes
     headers.py     2026-07-28 HTTP header rules (Mcp-Method, Mcp-Name, Mcp-Param-*)
     stateless.py   2026-07-28 envelope: `_meta` keys, resultType, caching hints, serverInfo
     mrtr.py        2026-07-28 input-required results: the signed requestState
     tasks.py       the Tasks extension: task records and their state machine
+    results.py     result shapes per revision (initialize, handler results, input_required)
+    core.py        what all sessions of a server share (registry, listings, discovery, tasks, secret)
     session.py     the state machine: `Session.receive(bytes) -> [events]`, `finish`, `progress`, …
 
 The shell and transports (asyncio):

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from protocol.errors import InvalidParams
+from protocol.messages import CallToolParams, GetPromptParams, HandlerParams, ReadResourceParams
 
 STATE_TTL = 3600.0  # seconds a requestState stays valid
 MAX_STATE = 256 * 1024  # characters; a state is echoed on every retry, so it stays bounded
@@ -36,6 +37,16 @@ class _State(msgspec.Struct, array_like=True, frozen=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(_State).decode
+
+
+def binding(params: HandlerParams) -> tuple[str, str]:
+    """What a state is bound to besides method and principal: the target (tool/prompt name, resource URI)
+    and a digest of the arguments."""
+    if type(params) is CallToolParams or type(params) is GetPromptParams:
+        return params.name, arguments_digest(params.arguments)
+    if type(params) is ReadResourceParams:
+        return params.uri, arguments_digest(None)
+    return "", arguments_digest(None)
 
 
 def arguments_digest(arguments: Any) -> str:

@@ -14,76 +14,53 @@ handshake era and to the connection's `initialize`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from protocol import headers as http_headers
-from protocol import mrtr, versions
-from protocol.catalog import Catalog
-from protocol.content import for_version
+from protocol import mrtr, results, versions
+from protocol.core import Core
 from protocol.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
-    PARSE_ERROR,
     REQUEST_REJECTED,
-    CallFailed,
     ClientRequestError,
-    HeaderMismatch,
     InputRequired,
-    InvalidMeta,
     InvalidParams,
     InvalidRequest,
     McpError,
     MethodNotFound,
     MissingClientCapability,
-    ResourceNotFound,
-    UnsupportedVersion,
 )
-from protocol.events import (
-    Answer,
-    Batch,
-    Call,
-    Cancel,
-    Client,
-    Dispatch,
-    Event,
-    Listen,
-    Provide,
-    StopTask,
-)
+from protocol.events import Answer, Batch, Call, Cancel, Client, Dispatch, Event, Listen, Provide, StopTask
 from protocol.headers import HttpHeaders
+from protocol.jsonrpc import (
+    classify,
+    classify_raw,
+    decode_frame,
+    decode_meta,
+    decode_params,
+    error_reply,
+    frame_error,
+)
 from protocol.messages import (
     CallToolParams,
-    CallToolResult,
     CancelledParams,
     CompleteParams,
-    CompleteResult,
-    Completion,
     CursorParams,
-    DiscoverResult,
-    Envelope,
     GetPromptParams,
-    GetPromptResult,
-    Implementation,
     InitializeParams,
-    InitializeResult,
     InputRequest,
-    InputRequiredResult,
-    Invalid,
     ListenFilter,
     ListenParams,
     LogParams,
     Message,
     Notification,
-    Params,
     ProgressParams,
-    PromptMessage,
     ReadResourceParams,
-    ReadResourceResult,
     Request,
     Response,
     SetLevelParams,
@@ -98,145 +75,33 @@ from protocol.messages import (
     encode_result,
     with_fields,
 )
-from protocol.registry import ReadOutcome, Registry
+from protocol.methods import (
+    CAPABILITY_FOR,
+    HANDLER_METHODS,
+    LIST_CHANGED,
+    LIST_KINDS,
+    MODERN_METHODS,
+    MRTR_METHODS,
+    SYNC_METHODS,
+)
 from protocol.stateless import (
-    CLIENT_CAPABILITIES_KEY,
-    CLIENT_INFO_KEY,
-    LOG_LEVEL_KEY,
-    NO_CACHE,
-    PROTOCOL_VERSION_KEY,
     SUBSCRIPTION_ID_KEY,
-    ResultEnvelope,
+    for_modern,
+    has_tasks,
     is_modern_meta,
+    not_found,
+    request_envelope,
+    wire_input,
 )
 from protocol.tasks import EXTENSION as TASKS_EXTENSION
-from protocol.tasks import TaskRecord, TaskStore
+from protocol.tasks import TaskRecord
 from protocol.types import Ask, Notify, Reply, RequestId
 
-# Handshake-era methods answered at once from session state.
-SYNC_METHODS = frozenset(
-    {
-        "ping",
-        "initialize",
-        "logging/setLevel",
-        "tools/list",
-        "resources/list",
-        "resources/templates/list",
-        "prompts/list",
-        "resources/subscribe",
-        "resources/unsubscribe",
-    }
-)
-# Methods whose answer needs a handler (both eras).
-HANDLER_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
-# 2026-07-28 methods answered at once; `initialize`, `ping`, `logging/setLevel`, `resources/(un)subscribe`,
-# `tasks/result` and `tasks/list` do not exist there.
-MODERN_SYNC = frozenset(
-    {
-        "server/discover",
-        "tools/list",
-        "resources/list",
-        "resources/templates/list",
-        "prompts/list",
-        "tasks/get",
-        "tasks/update",
-        "tasks/cancel",
-    }
-)
-MODERN_METHODS = MODERN_SYNC | HANDLER_METHODS | {"subscriptions/listen"}
-# Methods that may answer with input_required (SEP-2322).
-MRTR_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
-LIST_KINDS = {
-    "tools/list": "tools",
-    "resources/list": "resources",
-    "resources/templates/list": "resources/templates",
-    "prompts/list": "prompts",
-}
-CAPABILITY_FOR = {
-    "sampling/createMessage": "sampling",
-    "elicitation/create": "elicitation",
-    "roots/list": "roots",
-}
-LIST_CHANGED = {
-    "tools": "notifications/tools/list_changed",
-    "resources": "notifications/resources/list_changed",
-    "prompts": "notifications/prompts/list_changed",
-}
 MAX_INFLIGHT = 1024
 MAX_SUBSCRIPTIONS = 1024
 MAX_LISTENS = 64
 MAX_PENDING_ASKS = 64
 COMPLETION_LIMIT = 100
-
-_frame_decoder = msgspec.json.Decoder(Envelope | list[msgspec.Raw])
-_message_decoder = msgspec.json.Decoder(Envelope)
-_meta_decoder = msgspec.json.Decoder(Params)
-_Struct = TypeVar("_Struct", bound=msgspec.Struct)
-_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
-
-# Friendly names for params fields that fail to decode (the wording of the handshake era's messages).
-_FIELD_HINTS = {
-    "name": "must be a string",
-    "uri": "must be a string",
-    "protocolVersion": "must be a string",
-    "arguments": "must be an object",
-    "taskId": "must be a string",
-    "inputResponses": "must map keys to objects",
-    "requestState": "must be a string",
-    "notifications": "must be an object",
-}
-
-
-class Core:
-    """What every session of one server shares: the registry, cached listings, tasks and the secret that
-    signs request states and mints task ids. `clock` is wall-clock seconds (the shell passes time.time)."""
-
-    def __init__(
-        self,
-        registry: Registry,
-        *,
-        secret: bytes,
-        clock: Callable[[], float],
-        page_size: int = 100,
-        discover_cache_ms: int = 3_600_000,
-    ) -> None:
-        self.registry = registry
-        self.secret = secret
-        self.clock = clock
-        info = Implementation(
-            name=registry.name,
-            version=registry.version or "0.0.0",
-            title=registry.title,
-            description=registry.description,
-            website_url=registry.website_url,
-        )
-        self.envelope = ResultEnvelope(info)
-        self.catalog = Catalog(registry, page_size, self.envelope)
-        self.tasks = TaskStore(secret, clock)
-        self.discover_cache_ms = discover_cache_ms
-        self._discover: tuple[int, bytes] | None = None
-
-    def has_tasks(self) -> bool:
-        return any(t.tasks != "forbidden" for t in self.registry.tools.values())
-
-    def discover(self) -> bytes:
-        """The server/discover result (both eras' versions, the stateless capabilities), cached."""
-        generation = self.registry.generation
-        if self._discover is None or self._discover[0] != generation:
-            r = self.registry
-            capabilities: dict[str, Any] = {
-                "tools": {"listChanged": True},
-                "resources": {"subscribe": True, "listChanged": True},
-                "prompts": {"listChanged": True},
-                "completions": {},
-                "logging": {},
-            }
-            if self.has_tasks():
-                capabilities["extensions"] = {TASKS_EXTENSION: {}}
-            body = encode(DiscoverResult(list(versions.ADVERTISED), capabilities, r.instructions))
-            hint = msgspec.structs.replace(r.list_cache, ttl_ms=self.discover_cache_ms)
-            self._discover = (generation, self.envelope.wrap(body, hint))
-        return self._discover[1]
 
 
 class _Running(msgspec.Struct):
@@ -279,27 +144,20 @@ class Session:
 
     def receive(self, data: bytes | str, headers: HttpHeaders | None = None) -> list[Event]:
         """One transport frame (a JSON value) → what to send and what to run."""
-        try:
-            decoded = _frame_decoder.decode(data)
-        except msgspec.ValidationError:  # neither an object nor an array, or not JSON at all
-            try:
-                msgspec.json.decode(data)
-            except (msgspec.DecodeError, RecursionError, ValueError):
-                return [_frame_error(PARSE_ERROR, "Parse error")]
-            return [_frame_error(INVALID_REQUEST, "Invalid Request: expected a JSON object")]
-        except (msgspec.DecodeError, RecursionError, ValueError):
-            return [_frame_error(PARSE_ERROR, "Parse error")]
-        if type(decoded) is Envelope:
+        decoded = decode_frame(data)
+        if isinstance(decoded, Reply):
+            return [decoded]
+        if not isinstance(decoded, list):
             return self._message(classify(decoded), headers)
-        items: list[msgspec.Raw] = decoded
+        items = decoded
         if not items:
-            return [_frame_error(INVALID_REQUEST, "Invalid Request: empty batch")]
+            return [frame_error(INVALID_REQUEST, "Invalid Request: empty batch")]
         if not versions.allows_batches(self.protocol_version):
             message = f"Invalid Request: batches are not allowed in {self.protocol_version}"
-            return [_frame_error(INVALID_REQUEST, message)]
-        messages = [_classify_raw(item) for item in items]
+            return [frame_error(INVALID_REQUEST, message)]
+        messages = [classify_raw(item) for item in items]
         if any(type(m) is Request and m.method == "initialize" for m in messages):
-            return [_frame_error(INVALID_REQUEST, "Invalid Request: initialize in a batch")]
+            return [frame_error(INVALID_REQUEST, "Invalid Request: initialize in a batch")]
         events: list[Event] = []
         for m in messages:
             events.extend(self._message(m, None))
@@ -317,12 +175,7 @@ class Session:
         return [] if reply is None else [Reply(None, reply)]
 
     def _request(self, req: Request, headers: HttpHeaders | None) -> list[Event]:
-        meta = None
-        if req.params is not None:
-            try:
-                meta = _meta_decoder.decode(req.params).meta
-            except msgspec.ValidationError:
-                pass  # a non-object `_meta`: the typed params of the method say so
+        meta = decode_meta(req.params)
         if is_modern_meta(meta) or (
             headers is not None
             and headers.protocol_version is not None
@@ -332,7 +185,7 @@ class Session:
         try:
             return self._handshake(req, meta)
         except McpError as exc:
-            return [_error_reply(req.id, exc)]
+            return [error_reply(req.id, exc)]
 
     # ================================================================ handshake era
 
@@ -364,21 +217,21 @@ class Session:
             return Reply(
                 req.id, encode_error(req.id, METHOD_NOT_FOUND, f"Method not found: {req.method}"), 400
             )
-        return _frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")
+        return frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")
 
     def _sync(self, req: Request, method: str) -> bytes:
         if method == "ping":
             return b"{}"
         if method == "initialize":
-            return self._initialize(_params(req.params, InitializeParams))
+            return self._initialize(decode_params(req.params, InitializeParams))
         version = self.protocol_version or versions.LATEST
         kind = LIST_KINDS.get(method)
         if kind is not None:
-            return self.core.catalog.page(kind, version, _params(req.params, CursorParams).cursor)
+            return self.core.catalog.page(kind, version, decode_params(req.params, CursorParams).cursor)
         if method == "logging/setLevel":
-            self.set_level(_params(req.params, SetLevelParams).level)
+            self.set_level(decode_params(req.params, SetLevelParams).level)
             return b"{}"
-        uri = _params(req.params, UriParams).uri
+        uri = decode_params(req.params, UriParams).uri
         if method == "resources/subscribe":
             self.registry.find_resource(uri)  # ResourceNotFound (-32002) for URIs nobody serves
             if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
@@ -396,28 +249,7 @@ class Session:
         self.client_capabilities = caps if type(caps) is dict else {}
         self.client_info = info if type(info) is dict else {}
         self.protocol_version = version
-        return encode(self.initialize_result(version))
-
-    def initialize_result(self, version: str) -> InitializeResult:
-        r = self.registry
-        changes = r.announce_list_changes
-        capabilities: dict[str, Any] = {
-            "tools": {"listChanged": changes},
-            "resources": {"subscribe": True, "listChanged": changes},
-            "prompts": {"listChanged": changes},
-            "logging": {},
-        }
-        if versions.has_annotations(version):
-            capabilities["completions"] = {}
-        newest = versions.has_icons(version)
-        info = Implementation(
-            name=r.name,
-            version=r.version or "0.0.0",
-            title=r.title if versions.has_structured(version) else None,
-            description=r.description if newest else None,
-            website_url=r.website_url if newest else None,
-        )
-        return InitializeResult(version, capabilities, info, r.instructions)
+        return encode(results.initialize_result(self.registry, version))
 
     def set_level(self, level: Any) -> None:
         if type(level) is not str or level not in versions.LEVELS:
@@ -434,10 +266,10 @@ class Session:
         self, req: Request, meta: dict[str, Any] | None, headers: HttpHeaders | None
     ) -> list[Event]:
         try:
-            version, client = self._envelope(req, meta, headers)
+            version, client = request_envelope(req.method, meta, headers)
             method = req.method
             if method not in MODERN_METHODS:
-                raise _not_found(method)
+                raise not_found(method)
             if req.id in self.inflight or req.id in self.listens:
                 raise InvalidRequest(f"Invalid Request: id {req.id!r} is already in flight")
             if method in HANDLER_METHODS:
@@ -450,7 +282,7 @@ class Session:
                 return self._task_request(req, client, headers)
             if method == "server/discover":
                 return [Reply(req.id, encode_raw_result(req.id, self.core.discover()))]
-            cursor = _params(req.params, CursorParams).cursor
+            cursor = decode_params(req.params, CursorParams).cursor
             return [
                 Reply(
                     req.id,
@@ -458,44 +290,8 @@ class Session:
                 )
             ]
         except McpError as exc:
-            return [_error_reply(req.id, _for_modern(exc), modern=True)]
-
-    def _envelope(
-        self, req: Request, meta: dict[str, Any] | None, headers: HttpHeaders | None
-    ) -> tuple[str, Client]:
-        """The request's own version and client (the order of the checks decides which error wins)."""
-        if headers is not None and headers.protocol_version is None:
-            raise http_headers_mismatch("the MCP-Protocol-Version header is required")
-        version = meta.get(PROTOCOL_VERSION_KEY) if type(meta) is dict else None
-        caps = meta.get(CLIENT_CAPABILITIES_KEY) if type(meta) is dict else None
-        if type(version) is not str or type(caps) is not dict:
-            raise InvalidMeta(
-                f'Invalid params: "_meta" must carry "{PROTOCOL_VERSION_KEY}" (a string) and '
-                f'"{CLIENT_CAPABILITIES_KEY}" (an object)'
-            )
-        assert meta is not None
-        if headers is not None:
-            assert headers.protocol_version is not None
-            if headers.protocol_version.strip() != version:
-                raise http_headers_mismatch(
-                    f"MCP-Protocol-Version header value {headers.protocol_version.strip()[:64]!r} does not "
-                    f"match _meta value {version[:64]!r}"
-                )
-            http_headers.check_method(headers, req.method)
-        if version not in versions.MODERN:
-            raise UnsupportedVersion(version, list(versions.ADVERTISED))
-        info = meta.get(CLIENT_INFO_KEY)
-        level = meta.get(LOG_LEVEL_KEY)
-        threshold = None
-        if level is not None:
-            if type(level) is not str or level not in versions.LEVELS:
-                raise McpError(
-                    f"Invalid params: unknown log level {level!r}",
-                    code=INVALID_PARAMS,
-                    data={"levels": list(versions.LEVELS)},
-                )
-            threshold = versions.LEVELS[level]
-        return version, Client(caps, info if type(info) is dict else {}, threshold)
+            exc = for_modern(exc)
+            return [error_reply(req.id, exc, status=exc.status)]
 
     def _stateless_call(
         self,
@@ -506,8 +302,6 @@ class Session:
         headers: HttpHeaders | None,
     ) -> Dispatch:
         params = self._handler_params(req)
-        target = ""
-        arguments: Any = None
         task_support = "forbidden"
         if type(params) is CallToolParams:
             tool = self.registry.visible_tool(params.name, version)
@@ -517,29 +311,27 @@ class Session:
                 http_headers.check_name(headers, req.method, params.name)
                 http_headers.check_params(headers, tool.mirrored, params.arguments or {})
             if tool.tasks != "forbidden":
-                if _has_tasks(client):
+                if has_tasks(client):
                     task_support = tool.tasks
                 elif tool.tasks == "required":
                     raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
-            target, arguments = params.name, params.arguments
         elif type(params) is GetPromptParams:
             if headers is not None:
                 http_headers.check_name(headers, req.method, params.name)
-            target, arguments = params.name, params.arguments
         elif type(params) is ReadResourceParams:
             if headers is not None:
                 http_headers.check_name(headers, req.method, params.uri)
-            target = params.uri
         answers: dict[str, dict[str, Any]] = {}
         if type(params) is not CompleteParams:
             state = params.request_state
             if state is not None:
+                target, arguments = mrtr.binding(params)
                 answers = mrtr.open_state(
                     self.core.secret,
                     state,
                     method=req.method,
                     target=target,
-                    arguments=mrtr.arguments_digest(arguments),
+                    arguments=arguments,
                     principal=self.principal,
                     now=self.core.clock(),
                 )
@@ -551,8 +343,8 @@ class Session:
         )
 
     def _listen(self, req: Request, client: Client) -> list[Event]:
-        wanted = _params(req.params, ListenParams).notifications
-        if wanted.task_ids and not _has_tasks(client):
+        wanted = decode_params(req.params, ListenParams).notifications
+        if wanted.task_ids and not has_tasks(client):
             raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
         if len(self.listens) >= MAX_LISTENS:
             raise McpError("Too many subscriptions/listen streams; retry later", code=REQUEST_REJECTED)
@@ -572,12 +364,14 @@ class Session:
         return Reply(listen_id, encode_result(listen_id, {"resultType": "complete", "_meta": meta}))
 
     def _task_request(self, req: Request, client: Client, headers: HttpHeaders | None) -> list[Event]:
-        if not _has_tasks(client):
+        if not has_tasks(client):
             raise MissingClientCapability({"extensions": {TASKS_EXTENSION: {}}})
         method = req.method
         if method not in ("tasks/get", "tasks/update", "tasks/cancel"):
-            raise _not_found(method)
-        params: TaskParams = _params(req.params, TaskUpdateParams if method == "tasks/update" else TaskParams)
+            raise not_found(method)
+        params: TaskParams = decode_params(
+            req.params, TaskUpdateParams if method == "tasks/update" else TaskParams
+        )
         if headers is not None:
             http_headers.check_name(headers, method, params.task_id)
         tasks = self.core.tasks
@@ -600,12 +394,12 @@ class Session:
     def _handler_params(self, req: Request) -> Any:
         method = req.method
         if method == "tools/call":
-            return _params(req.params, CallToolParams)
+            return decode_params(req.params, CallToolParams)
         if method == "resources/read":
-            return _params(req.params, ReadResourceParams)
+            return decode_params(req.params, ReadResourceParams)
         if method == "prompts/get":
-            return _params(req.params, GetPromptParams)
-        params = _params(req.params, CompleteParams)
+            return decode_params(req.params, GetPromptParams)
+        params = decode_params(req.params, CompleteParams)
         ref = params.ref
         if type(ref.name if ref.type == "ref/prompt" else ref.uri) is not str:
             raise InvalidParams("Invalid params: ref and argument name are required")
@@ -656,70 +450,23 @@ class Session:
             return []
         if error is not None:
             return [self._error_outcome(call, error)]
-        body = self._result(call, result)
+        body = results.shape(call, result, self.core.envelope)
         return [Reply(call.id, encode_raw_result(call.id, body))]
-
-    def _result(self, call: Call, result: Any) -> bytes:
-        version = call.version
-        method = call.method
-        hint = None
-        if method == "tools/call":
-            r: CallToolResult = result
-            result = CallToolResult(
-                for_version(r.content, version),
-                r.structured_content if versions.has_structured(version) else None,
-                r.is_error,
-            )
-        elif method == "resources/read":
-            outcome: ReadOutcome = result
-            result = ReadResourceResult(outcome.contents)
-            # A result that depends on answers given in this exchange must not be cached (SEP-2549).
-            hint = outcome.cache if not call.answers else NO_CACHE
-        elif method == "prompts/get":
-            prompt: GetPromptResult = result
-            result = GetPromptResult(
-                [PromptMessage(pm.role, for_version([pm.content], version)[0]) for pm in prompt.messages],
-                prompt.description,
-            )
-        else:  # completion/complete
-            values: list[str] = result
-            result = CompleteResult(
-                Completion(values[:COMPLETION_LIMIT], len(values), len(values) > COMPLETION_LIMIT)
-            )
-        body = encode(result)
-        if call.modern:
-            return self.core.envelope.wrap(body, hint)
-        return body
 
     def _error_outcome(self, call: Call, error: BaseException) -> Reply:
         if isinstance(error, InputRequired):
             if call.modern and call.method in MRTR_METHODS:
-                return Reply(call.id, encode_raw_result(call.id, self._input_required(call, error)))
+                body = results.input_required(
+                    call, error, self.core.envelope, self.core.secret, self.core.clock(), self.principal
+                )
+                return Reply(call.id, encode_raw_result(call.id, body))
             error = McpError("Internal error: the handler asked the client outside a stateless call")
         if isinstance(error, McpError):
-            return _error_reply(call.id, _for_modern(error) if call.modern else error, modern=call.modern)
+            if not call.modern:
+                return error_reply(call.id, error)
+            error = for_modern(error)
+            return error_reply(call.id, error, status=error.status)
         return Reply(call.id, encode_error(call.id, INTERNAL_ERROR, "Internal error"))
-
-    def _input_required(self, call: Call, asked: InputRequired) -> bytes:
-        params = call.params
-        target = ""
-        arguments: Any = None
-        if type(params) is CallToolParams or type(params) is GetPromptParams:
-            target, arguments = params.name, params.arguments
-        elif type(params) is ReadResourceParams:
-            target = params.uri
-        state = mrtr.seal(
-            self.core.secret,
-            method=call.method,
-            target=target,
-            arguments=mrtr.arguments_digest(arguments),
-            principal=self.principal,
-            now=self.core.clock(),
-            answers=call.answers,
-        )
-        requests = {k: InputRequest(m, _wire_input(m, p)) for k, (m, p) in asked.requests.items()}
-        body = encode(InputRequiredResult("input_required", input_requests=requests, request_state=state))
-        return with_fields(self.core.envelope.meta_member, body)
 
     def cancelled(self, call: Call) -> bool:
         running = self._runs.get(call.serial)
@@ -834,16 +581,17 @@ class Session:
         record = self.task_of(call)
         if record is None:
             raise ClientRequestError("the call is not a task")
-        wire = {k: InputRequest(m, _wire_input(m, p)) for k, (m, p) in requests.items()}
+        wire = {k: InputRequest(m, wire_input(m, p)) for k, (m, p) in requests.items()}
         return self.core.tasks.park(record, wire)
 
     def _task_outcome(self, record: TaskRecord, call: Call, result: Any, error: BaseException | None) -> None:
         tasks = self.core.tasks
         if error is None:
-            tasks.complete(record, self._result(call, result))
+            tasks.complete(record, results.shape(call, result, self.core.envelope))
         elif isinstance(error, McpError):
-            exc = _for_modern(error)
-            tasks.fail(record, {"code": exc.code, "message": exc.message, **_data(exc)}, exc.message)
+            exc = for_modern(error)
+            data = {} if exc.data is None else {"data": exc.data}
+            tasks.fail(record, {"code": exc.code, "message": exc.message, **data}, exc.message)
         elif isinstance(error, Exception | InputRequired):
             tasks.fail(record, {"code": INTERNAL_ERROR, "message": "Internal error"}, "Internal error")
         else:  # the work was stopped (server shutdown): nobody will finish it
@@ -876,13 +624,13 @@ class Session:
                 or headers.protocol_version is None
                 or headers.protocol_version in versions.SUPPORTED
             ):
-                return [_frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
+                return [frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
             return []  # stateless HTTP defines no client notifications: accepted, ignored
         if n.method == "notifications/initialized":
             self.initialized = True
         elif n.method == "notifications/cancelled":
             try:
-                rid = _params(n.params, CancelledParams).request_id
+                rid = decode_params(n.params, CancelledParams).request_id
             except McpError:
                 return []
             if type(rid) is not str and type(rid) is not int:
@@ -902,7 +650,7 @@ class Session:
 
     def _response(self, r: Response) -> list[Event]:
         if self.http and self.protocol_version is None:
-            return [_frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
+            return [frame_error(REQUEST_REJECTED, "Bad Request: Mcp-Session-Id header is required")]
         if type(r.id) is not int or r.id not in self._asks:
             return []
         del self._asks[r.id]
@@ -963,152 +711,13 @@ class Session:
         return events
 
 
-# ==================================================================== parsing helpers
-
-
-def _valid_id(value: Any) -> bool:
-    t = type(value)
-    return t is str or t is int
-
-
-def _is_object(raw: msgspec.Raw) -> bool:
-    return bytes(memoryview(raw)[:1]) == b"{"
-
-
-def classify(env: Envelope) -> Message:
-    """One decoded JSON object → Request / Notification / Response / Invalid (with its error reply)."""
-    unset = msgspec.UNSET
-    has_id = env.id is not unset
-    rid = env.id if has_id else None
-    reply_id = rid if has_id and _valid_id(rid) else None
-    if env.jsonrpc != "2.0":
-        return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"'))
-    if env.method is not unset:
-        method = env.method
-        if type(method) is not str:
-            return Invalid(
-                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "method" must be a string')
-            )
-        params = env.params
-        if params is not unset and not _is_object(params):
-            if not has_id:
-                return Invalid(None)
-            return Invalid(
-                encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: "params" must be an object')
-            )
-        raw = None if params is unset else params
-        if not has_id:
-            return Notification(method, raw)
-        if reply_id is None:
-            return Invalid(
-                encode_error(None, INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
-            )
-        return Request(reply_id, method, raw)
-    if has_id and (env.result is not unset or env.error is not unset):
-        has_result, has_error = env.result is not unset, env.error is not unset
-        if reply_id is None or has_result == has_error or (has_error and type(env.error) is not dict):
-            return Invalid(None)  # a malformed response is never answered
-        return Response(reply_id, env.result if has_result else None, env.error if has_error else None)
-    return Invalid(encode_error(reply_id, INVALID_REQUEST, 'Invalid Request: missing "method"'))
-
-
-def _classify_raw(raw: msgspec.Raw) -> Message:
-    try:
-        return classify(_message_decoder.decode(raw))
-    except msgspec.ValidationError:
-        return Invalid(encode_error(None, INVALID_REQUEST, "Invalid Request: expected a JSON object"))
-
-
-def _params(raw: msgspec.Raw | None, kind: type[_Struct]) -> _Struct:
-    """Typed params from the request bytes; a bad field is -32602 naming it."""
-    decoder = _decoders.get(kind)
-    if decoder is None:
-        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
-    try:
-        return decoder.decode(b"{}" if raw is None else raw)
-    except msgspec.ValidationError as exc:
-        raise InvalidParams(_params_message(str(exc), kind)) from None
-
-
-def _params_message(detail: str, kind: type[Any]) -> str:
-    """The handshake era's wording for a bad field (clients and golden transcripts rely on it)."""
-    path = ""
-    if "- at `$." in detail:
-        path = detail.split("- at `$.", 1)[1].split("`", 1)[0]
-    if "missing required field `" in detail:
-        missing = detail.split("missing required field `", 1)[1].split("`", 1)[0]
-        path = f"{path}.{missing}" if path else missing
-    field = path.split(".", 1)[0].split("[", 1)[0]
-    if kind is CompleteParams:
-        if path == "argument.value":
-            return 'Invalid params: "argument.value" must be a string'
-        if path in ("argument.name", "ref.type", "ref.name", "ref.uri"):
-            return "Invalid params: ref and argument name are required"
-        if field in ("ref", "argument"):
-            return 'Invalid params: "ref" and "argument" must be objects'
-    if kind is GetPromptParams and field == "arguments":
-        return 'Invalid params: "arguments" must map names to strings'
-    hint = _FIELD_HINTS.get(field)
-    if hint:
-        return f'Invalid params: "{field}" {hint}'
-    return f"Invalid params: {detail}"
-
-
-# ==================================================================== reply helpers
-
-
-def _frame_error(code: int, message: str) -> Reply:
-    """An error about the whole frame (id unknown): HTTP answers it with 400."""
-    return Reply(None, encode_error(None, code, message), 400)
-
-
-def _error_reply(rid: RequestId, exc: McpError, *, modern: bool = False) -> Reply:
-    return Reply(rid, encode_error(rid, exc.code, exc.message, exc.data), exc.status if modern else 200)
-
-
-def _data(exc: McpError) -> dict[str, Any]:
-    return {} if exc.data is None else {"data": exc.data}
-
-
-def _not_found(method: str) -> MethodNotFound:
-    exc = MethodNotFound(f"Method not found: {method}")
-    exc.status = 404  # the stateless HTTP binding's answer for unknown methods
-    return exc
-
-
-def http_headers_mismatch(what: str) -> McpError:
-    return HeaderMismatch(f"Header mismatch: {what}")
-
-
-def _for_modern(exc: McpError) -> McpError:
-    """2026-07-28 answers a missing resource with -32602 (-32002 must not be emitted)."""
-    if isinstance(exc, ResourceNotFound):
-        return InvalidParams(exc.message, data=exc.data)
-    return exc
-
-
-def _has_tasks(client: Client) -> bool:
-    extensions = client.capabilities.get("extensions")
-    return type(extensions) is dict and TASKS_EXTENSION in extensions
-
-
-def _wire_input(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The stateless form of a server→client request: URL elicitation lost `elicitationId` in 2026-07-28
-    (the retry itself says the interaction finished)."""
-    if method == "elicitation/create" and "elicitationId" in params:
-        return {k: v for k, v in params.items() if k != "elicitationId"}
-    return params
-
-
 __all__ = [
     "CAPABILITY_FOR",
     "HANDLER_METHODS",
     "MAX_INFLIGHT",
     "MAX_SUBSCRIPTIONS",
     "SYNC_METHODS",
-    "CallFailed",
     "Core",
     "Session",
     "classify",
-    "encode_result",
 ]
