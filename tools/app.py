@@ -12,6 +12,7 @@ from contree.backend import Backend
 from contree.oci.credentials import CredentialStore
 from protocol.registry import Registry
 from tools import (
+    disk_tools,
     image_tools,
     info_tools,
     inspect_tools,
@@ -74,7 +75,7 @@ def build_registry(state: ServerState) -> Registry:
         name="contree-mcp",
         version=__version__,
         title="Contree sandboxes",
-        instructions=instructions(state.backend_kind),
+        instructions=instructions(state.guidance_now()),
     )
     # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
     image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below
@@ -93,6 +94,9 @@ def build_registry(state: ServerState) -> Registry:
         "run", "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations",
         "cancel_operation", "whoami", "list_files", "read_file", "grep", "get_guide",
     ]  # fmt: skip
+    # beyond the reference's 19 (COMPAT §14: new names only, after them)
+    disk_tools.register(registry, state)
+    order.append("delete_image")
     registry.tools = {name: registry.tools[name] for name in order}
     resources.register_templates(registry, state)
     resources.register_guides(registry, state)

@@ -16,6 +16,7 @@ from typing import Any
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
+from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -28,11 +29,48 @@ SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("images", "publish"): ("tools.publish", "publish_main"),
     ("images", "unpublish"): ("tools.publish", "unpublish_main"),
     ("images", "published"): ("tools.publish", "published_main"),
+    ("images", "prune"): ("tools.maintenance", "prune_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),
 }
+# What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
+GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
+    "images": (
+        "Manage the embedded engine's images.",
+        {
+            "bootstrap": "create the busybox:latest and debian:bookworm base images",
+            "prune": "free disk: unused layers, old run output, uploads; untagged images (--untagged)",
+            "publish": "share images with every principal of --http-tokens-file servers",
+            "unpublish": "stop sharing images published before",
+            "published": "list the published images",
+        },
+    ),
+    "engine": (
+        "Look after the embedded engine's state directory.",
+        {"check": "report consistency problems of the store (exit status 1 when there are any)"},
+    ),
+}
+
+
+def group_help(group: str) -> str:
+    summary, commands = GROUP_HELP[group]
+    width = max(len(name) for name in commands)
+    lines = [f"usage: contree-mcp {group} {{{','.join(commands)}}} ...", "", summary, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", f"Run 'contree-mcp {group} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_group(group: str, rest: list[str]) -> int:
+    """`contree-mcp images|engine` without a known command: its own help (0 for --help, else 2)."""
+    if rest[:1] in (["-h"], ["--help"]):
+        print(group_help(group))
+        return 0
+    what = f"unknown command {rest[0]!r}" if rest else "a command is required"
+    print(f"{group_help(group)}\n\ncontree-mcp {group}: error: {what}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_READ_MAX_BYTES,
         help=f"read_file cap in bytes (default: {DEFAULT_READ_MAX_BYTES})",
     )
+    p.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="embedded engine: stdout+stderr bytes one run may store, e.g. 512M (default 1G); output beyond "
+        "it is counted, not kept, and the result says output_quota_exceeded. An engine setting: applies "
+        "when this server starts the home's engine service (contree-mcp engine stop, to change it)",
+    )
     p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
     p.add_argument(
         "--auth-type",
@@ -120,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conformance",
         action="store_true",
-        help="serve the MCP conformance fixture server instead (protocol.conformance)",
+        help="serve the MCP conformance fixture server instead (protocol.testing.conformance)",
     )
     return p
 
@@ -195,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module, attr) in SUBCOMMANDS.items():
         if tuple(args_list[: len(words)]) == words:
             return int(_entry(module, attr)(args_list[len(words) :]) or 0)
+    if args_list and args_list[0] in GROUP_HELP:
+        return run_group(args_list[0], args_list[1:])
     parser = build_parser()
     legacy = legacy_defaults(parser, os.environ)
     args = parser.parse_args(args_list)
@@ -203,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", message)
     if args.conformance:
         conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
-        return int(_entry("protocol.conformance", "main")(conf) or 0)
+        conf += ["--server-version", __version__]
+        return int(_entry("protocol.testing.conformance", "main")(conf) or 0)
     args.http_token = args.http_token or os.environ.get("CONTREE_MCP_HTTP_TOKEN") or None
     if args.http_tokens_file is not None:
         try:
@@ -247,6 +297,7 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
         user_agent=f"contree-mcp/{__version__}",
         import_roots=[str(p) for p in allowed_roots(args)],
         client_name=f"contree-mcp {args.mode}",
+        output_quota=args.output_quota,
     )
     log.info("%s", config.describe())
     if config.kind == "local":
@@ -285,6 +336,11 @@ async def serve(args: argparse.Namespace) -> int:
         prune_days=args.cache_prune_days,
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
+    if kind == "local":
+        from tools.catalog import describe_images
+
+        # the guidance names this engine's images (with per-client scoping: only the shared ones)
+        state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()
@@ -325,8 +381,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
-    from protocol.http import HttpSettings
-    from protocol.http import serve_http as serve
+    from protocol.http_app import serve_http as serve
+    from protocol.http_guard import HttpSettings
     from tools.docs_site import docs_routes
 
     settings = HttpSettings(

@@ -214,12 +214,13 @@ class DirectoryStates:
             raise ToolError(f"Directory state has no files: {state_id}")
         return {e.path: api.InjectedFile(uuid=e.uuid, mode=e.mode) for e in entries}
 
-    def prune(self, older_than_days: float) -> None:
-        """Retention by last use (COMPAT §15.39): states nobody used for that long."""
+    def prune(self, older_than_days: float) -> int:
+        """Retention by last use (COMPAT §15.39): states nobody used for that long; returns how many."""
         cutoff = time.time() - older_than_days * 86400
         with self._lock:
-            self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,))
+            gone = self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,)).rowcount
             self._db.commit()
+        return int(gone)
 
     def close(self) -> None:
         with self._lock:

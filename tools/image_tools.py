@@ -50,6 +50,13 @@ class SetTagParams(msgspec.Struct, kw_only=True):
 
 def register(registry: Registry, state: ServerState) -> None:
     free = "Free (no VM)."
+    guidance = state.guidance_now()
+    example = guidance.shell_image()
+    search = (
+        f'list_images(tagged=true) lists this engine\'s images (e.g. "{example}").'
+        if guidance.local
+        else 'list_images(tag_prefix="common/") finds shared, ready-made environments.'
+    )
 
     @registry.tool(
         name="list_images",
@@ -59,7 +66,7 @@ def register(registry: Registry, state: ServerState) -> None:
 TL;DR: PURPOSE: find an existing image before importing or building one. COST: free, no {state.sandbox_word}.
 
 USAGE:
-- list_images(tag_prefix="common/") finds shared, ready-made environments.
+- {search}
 - list_images(tagged=true) hides the untagged intermediate images of earlier runs.
 - since/until accept ISO 8601, unix seconds or intervals (600s, 15m, 2h, 3d, 1w).
 
@@ -92,7 +99,7 @@ GUIDES:
 TL;DR: PURPOSE: resolve a tag to its UUID or check that an image exists. COST: free.
 
 USAGE:
-- get_image(image="busybox:latest"), get_image(image="tag:common/python/debian:bookworm") or a UUID.
+- get_image(image="{example}"), get_image(image="tag:{example}") or a UUID.
 
 RETURNS: {{uuid, tag, created_at, operation_uuid}}
 

@@ -16,6 +16,7 @@ from contree.errors import BackendError
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.bounds import MAX_BYTES, MAX_OFFSET
+from tools.budget import RESULT_BUDGET, fit_prefix, json_len, keep_fitting
 from tools.convert import as_dict
 from tools.errors import backend_errors
 from tools.models import (
@@ -29,6 +30,10 @@ from tools.models import (
 )
 from tools.state import ServerState
 
+READ_OVERHEAD = 2048  # bytes of a read_file result that are not the content (fields, hint)
+GREP_OVERHEAD = 1024  # room for next_offset and the hint
+GREP_DEFAULT_TOTAL = 1000
+GREP_MAX_TOTAL = 10000  # the API's cap on max_total
 IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
 
 
@@ -74,7 +79,10 @@ class GrepParams(msgspec.Struct, kw_only=True):
     ] = None
     max_total: Annotated[
         Annotated[int, Meta(ge=1, le=10000)] | None,
-        Meta(description="Matches in total at most (default 1000)."),
+        Meta(
+            description="Matches in total at most (default 1000, and no more than fit about 64 KiB; "
+            "an explicit value may fill the server's --read-max-bytes)."
+        ),
     ] = None
     case: Annotated[
         Literal["sensitive", "insensitive", "smart"] | None,
@@ -82,6 +90,9 @@ class GrepParams(msgspec.Struct, kw_only=True):
     ] = None
     before: Annotated[int, Meta(ge=0, le=50, description="Context lines before each match.")] = 0
     after: Annotated[int, Meta(ge=0, le=50, description="Context lines after each match.")] = 0
+    offset: Annotated[
+        int, Meta(ge=0, le=9999, description="Matches to skip: the next_offset of the previous page.")
+    ] = 0
 
 
 def normalize_dir(path: str) -> str:
@@ -279,7 +290,9 @@ GUIDES:
     )
     async def read_file(params: ReadFileParams, ctx: RequestContext) -> ReadFileOutput:
         path = params.path if params.path.startswith("/") else "/" + params.path
-        limit = min(params.max_bytes or state.read_max_bytes, state.read_max_bytes)
+        # The default fits an agent's context (RESULT_BUDGET); more only when asked, up to --read-max-bytes.
+        budget = None if params.max_bytes else RESULT_BUDGET - READ_OVERHEAD
+        limit = min(params.max_bytes or RESULT_BUDGET, state.read_max_bytes)
         with backend_errors(f"{params.image}:{path}"):
             image = await state.images.resolve(params.image, ctx.principal)
             data, more = await read_bounded(state.backend, image, path, params.offset, limit)
@@ -287,21 +300,27 @@ GUIDES:
             if more:
                 size = await file_size(state.backend, image, path) or size
         text = decode_text(data, more)
+        if text is not None:
+            if budget is not None and json_len(text) > budget:
+                text = fit_prefix(text, budget)
+            data = text.encode()  # a character cut at the end is left for the next call
+        elif budget is not None:
+            data = data[: budget * 3 // 4]  # base64 grows it by a third
+        end = params.offset + len(data)
+        more = more or end < size
         hint = None
         if more:
             hint = (
-                f"File is larger than {limit} bytes: call read_file again with "
-                f"offset={params.offset + len(data)}"
-                " or copy it with download()."
+                f"{path} has {size if size > end else 'more than ' + str(end)} bytes; this is bytes "
+                f"{params.offset}..{end}. Call read_file again with "
+                f"offset={end} (max_bytes up to {state.read_max_bytes}), "
+                "or copy it with download()."
             )
-        if text is None:
-            content, encoding = base64.b64encode(data).decode(), "base64"
-        else:
-            content, encoding = text, "utf-8"
+        content = text if text is not None else base64.b64encode(data).decode()
         return ReadFileOutput(
             path=params.path,
             content=content,
-            encoding=encoding,  # type: ignore[arg-type]
+            encoding="utf-8" if text is not None else "base64",
             bytes_size=size,
             truncated=more,
             offset=params.offset,
@@ -327,12 +346,18 @@ GUIDES:
         annotations=ro,
     )
     async def grep(params: GrepParams, ctx: RequestContext) -> GrepOutput:
+        want = params.max_total or GREP_DEFAULT_TOTAL
+        if params.offset + want > GREP_MAX_TOTAL:
+            raise ToolError(
+                f"offset + max_total may reach {GREP_MAX_TOTAL} matches at most: narrow the search with "
+                "path or glob instead"
+            )
         query = GrepQuery(
             pattern=as_list(params.pattern),
             path=as_list(params.path) or ["/"],
             glob=as_list(params.glob),
             max_count=params.max_count,
-            max_total=params.max_total or 1000,
+            max_total=params.offset + want,
             case=params.case or "sensitive",
             before=params.before,
             after=params.after,
@@ -340,7 +365,17 @@ GUIDES:
         with backend_errors(f"grep in {params.image}"):
             image = await state.images.resolve(params.image, ctx.principal)
             result = as_dict(await state.backend.grep(image, query))
-        matches = [
+        found = result.get("matches") or []
+        out = GrepOutput(
+            path=str(result.get("path") or query.path[0]),
+            patterns=list(result.get("patterns") or query.pattern),
+            truncated=bool(result.get("truncated", False)),
+        )
+        # The default fits an agent's context; an explicit max_total may fill --read-max-bytes.
+        budget = (
+            max(state.read_max_bytes, RESULT_BUDGET) if params.max_total else RESULT_BUDGET
+        ) - GREP_OVERHEAD
+        out.matches = [
             GrepMatchOutput(
                 path=str(m.get("path", "")),
                 line_number=int(m.get("line_number") or 0),
@@ -349,11 +384,17 @@ GUIDES:
                 line_bytes=m.get("line_bytes"),
                 submatches=[msgspec.convert(s, GrepSubmatch) for s in m.get("submatches") or []],
             )
-            for m in result.get("matches") or []
+            for m in found[params.offset : params.offset + want]
         ]
-        return GrepOutput(
-            path=str(result.get("path") or query.path[0]),
-            patterns=list(result.get("patterns") or query.pattern),
-            truncated=bool(result.get("truncated", False)),
-            matches=matches,
-        )
+        keep_fitting(out, out.matches, budget)
+        end = params.offset + len(out.matches)
+        more = len(found) > end
+        if more or out.truncated:
+            out.truncated = True
+            out.next_offset = end if end < GREP_MAX_TOTAL else None
+            out.hint = (
+                f"Matches {params.offset}..{end} shown"
+                + (f"; more from grep(..., offset={end})" if out.next_offset is not None else "")
+                + f" (max_total up to {GREP_MAX_TOTAL} with offset; or narrow with path/glob)."
+            )
+        return out

@@ -237,12 +237,14 @@ USAGE:
 - The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are
   dropped.
 
-RETURNS: {{operation_id, status, result_image, result_tag, error, ...}} or {{operation_id}} when wait=false
+RETURNS: {{uuid, status, result_image_uuid, result: {{image, tag}}, error, ...}} or {{operation_id}} when
+wait=false
 
 GUIDES:
 - [USEFUL] contree://guide/reference
 - [USEFUL] contree://guide/tagging""",
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=True),
+        tasks="optional",  # a long import becomes a task for 2026-07-28 clients with the Tasks extension
     )
     async def import_image(params: ImportImageParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         url = params.registry_url.strip()
@@ -298,7 +300,7 @@ GUIDES:
         if as_dict(op).get("status") in TERMINAL:
             state.observe(op, ctx.principal)
         out = operation_output(op)
-        if own_tag := state.images.result_tag(operation_id, ctx.principal, out.result_image):
+        if own_tag := state.images.result_tag(operation_id, ctx.principal, out.result_image_uuid):
             result = msgspec.structs.replace(out.result or ResultRef(), tag=own_tag)
-            out = msgspec.structs.replace(out, result_tag=own_tag, result=result)
+            out = msgspec.structs.replace(out, result=result)
         return out

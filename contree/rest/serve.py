@@ -21,6 +21,7 @@ from contree.backend import Backend
 from contree.config import engine_home
 from contree.rest.app import build_app
 from contree.rest.guard import RequestGuard, is_loopback
+from contree.units import parse_size
 
 log = logging.getLogger("contree.rest")
 
@@ -102,7 +103,9 @@ async def _run(
 
     # API clients must never make the engine read arbitrary host files as image archives: the service
     # checks every import of ours against these roots (none = local sources refused).
-    engine = ServiceBackend(home, import_roots=import_roots, client_name="serve-api")
+    engine = ServiceBackend(
+        home, import_roots=import_roots, client_name="serve-api", output_quota=args.output_quota
+    )
     try:
         status = await engine.connect()
     except EngineStartError as exc:
@@ -177,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="directory local image sources (oci-archive:, docker-archive:, oci:) may be read from; "
         "repeatable (default: none, local sources are refused)",
+    )
+    parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept. "
+        "An engine setting: applies when serve-api starts the home's engine service",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

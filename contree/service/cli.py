@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from contree.units import parse_size
+
 IDLE_EXIT_ENV = "CONTREE_ENGINE_IDLE_EXIT"
 DEFAULT_IDLE_EXIT = "10m"
 EXIT_NOT_RUNNING = 3
@@ -77,6 +79,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         "the reason it could not start on stderr (exit 1)",
     )
     parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     parser.add_argument("--start-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
@@ -117,11 +126,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     )
     import asyncio
 
+    from contree.engine.local import EngineLimits, LocalEngine
     from contree.service.server import EngineService
 
     async def run() -> int:
+        quota = args.output_quota
+        limits = EngineLimits() if quota is None else EngineLimits(output_quota_bytes=quota)
         service = EngineService(
             home, idle_exit=args.idle_exit, version=args.report_version, created_home=created_home,
+            engine=LocalEngine(home, limits=limits),
             **({"api": args.report_api} if args.report_api is not None else {}),
         )
         return await service.serve(report)

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from contree.service.control import (
@@ -56,8 +57,8 @@ class EngineStartError(Exception):
         self.reason = reason
 
 
-def service_command(home: Path) -> list[str]:
-    return [sys.executable, "-m", "contree.service", "serve", "--home", str(home), "--detach"]
+def service_command(home: Path, options: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "contree.service", "serve", "--home", str(home), "--detach", *options]
 
 
 async def ensure_service(
@@ -66,7 +67,9 @@ async def ensure_service(
     version: str | None = None,
     start_timeout: float = START_TIMEOUT,
     skew_wait: float = SKEW_WAIT,
+    options: Sequence[str] = (),
 ) -> ServiceStatus:
+    """`options`: `engine serve` options (engine settings) for a service this call starts."""
     version = version or package_version()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + start_timeout
@@ -101,7 +104,7 @@ async def ensure_service(
                         return _attach_other(status, version, newer=False)
                     continue
         else:
-            code, message = await _launch(home)
+            code, message = await _launch(home, options)
             if code == EXIT_READY:
                 continue
             if code != EXIT_BUSY:
@@ -178,14 +181,14 @@ def _attach_other(status: ServiceStatus, version: str, *, newer: bool) -> Servic
     return status
 
 
-async def _launch(home: Path) -> tuple[int, str]:
+async def _launch(home: Path, options: Sequence[str]) -> tuple[int, str]:
     """Run `engine serve --detach` to completion: (exit status, its one-line message)."""
     started = time.monotonic()
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *service_command(home),
+            *service_command(home, options),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid as uuidlib
 from collections.abc import AsyncIterator
@@ -240,7 +239,7 @@ class FakeContext:
         self.logs: list[Any] = []
         self.updated: list[str] = []
         self.client_capabilities: dict[str, Any] = {}
-        self.cancelled = asyncio.Event()  # set = the client sent notifications/cancelled for this request
+        self.cancel_requested = False  # True = the client sent notifications/cancelled for this request
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         self.progress_calls.append((progress, total, message))

@@ -192,8 +192,8 @@ async def test_a_principals_import_tag_is_its_own(scoped: Scoped) -> None:
     }
     out = (await scoped.ok("import_image", args, BOB))["result"]
     assert scoped.backend.imports[-1].tag is None  # never a backend (shared) tag
-    assert out["result_tag"] == "busybox:latest" and out["result"]["tag"] == "busybox:latest"
-    image = out["result_image"]
+    assert out["result"]["tag"] == "busybox:latest"
+    image = out["result_image_uuid"]
     assert (await scoped.ok("get_image", {"image": "busybox:latest"}, BOB))["uuid"] == image
     assert (await scoped.ok("get_image", {"image": "busybox:latest"}, ALICE))[
         "uuid"
@@ -381,7 +381,7 @@ async def test_two_http_principals_cannot_read_or_retag_each_others_images(
             {"command": "echo s3cret-of-alice > /secret", "image": "busybox:latest", "disposable": False},
         )
         assert not made.isError, text(made)
-        secret = made.structuredContent["result"]["result_image"]
+        secret = made.structuredContent["result"]["result_image_uuid"]
         # item 2: Bob neither lists nor reads Alice's image
         listed = await call_as(base, bob, "list_images", {})
         assert secret not in json.dumps(listed.structuredContent)
@@ -401,7 +401,7 @@ async def test_two_http_principals_cannot_read_or_retag_each_others_images(
             "run",
             {"command": "echo trojan > /marker", "image": "busybox:latest", "disposable": False},
         )
-        bobs = trojan.structuredContent["result"]["result_image"]
+        bobs = trojan.structuredContent["result"]["result_image_uuid"]
         tagged = await call_as(base, bob, "set_tag", {"image_uuid": bobs, "tag": "busybox:latest"})
         assert not tagged.isError, text(tagged)
         victim = await call_as(
