@@ -31,6 +31,19 @@ from tests.tools.test_sdk_tools import result
 SEQ = "".join(f"{i}\n" for i in range(1, 20001))  # ~109 KB: far beyond the result's 8000-byte cut
 
 
+async def read_all(session: Any, uri: str) -> str:
+    """A paged output resource read to its end (`_meta.next_offset` until it reaches `total_bytes` of a
+    `complete` stream)."""
+    text, offset = "", 0
+    for _ in range(1000):
+        item = (await session.read_resource(AnyUrl(f"{uri}?offset={offset}"))).contents[0]
+        text += item.text
+        offset = item.meta["next_offset"]
+        if item.meta["complete"] and offset >= item.meta["total_bytes"]:
+            return text
+    raise AssertionError(f"{uri} did not end")
+
+
 class User:
     """A throwaway user environment: HOME and XDG_DATA_HOME in tmp_path, no Contree settings, so
     `contree-mcp` picks the embedded engine and its default home `$XDG_DATA_HOME/contree-mcp`."""
@@ -120,7 +133,7 @@ async def test_sessions_on_the_default_home_share_one_engine_and_work_outlives_t
         assert status is not None and len(status.clients) == 2, status  # one service, both attached
 
         made = await a.run("echo shared > /shared.txt", disposable=False)
-        image = made["result_image"]
+        image = made["result_image_uuid"]
         read = result(await b.session.call_tool("read_file", {"image": image, "path": "/shared.txt"}))
         assert read["content"] == "shared\n"
         busybox = result(await b.session.call_tool("get_image", {"image": "busybox:latest"}))["uuid"]
@@ -145,8 +158,7 @@ async def test_sessions_on_the_default_home_share_one_engine_and_work_outlives_t
 
         waited = result(await b.session.call_tool("wait_operations", {"operation_ids": [op], "timeout": 120}))
         assert waited["results"][op]["status"] == "SUCCESS" and waited["results"][op]["exit_code"] == 0
-        full = (await b.session.read_resource(AnyUrl(f"contree://operations/instance/{op}/stdout"))).contents
-        assert full[0].text == SEQ
+        assert await read_all(b.session, f"contree://operations/instance/{op}/stdout") == SEQ
     finally:
         await asyncio.gather(a.close(), b.close())
 
