@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,7 @@ async def test_five_servers_started_at_once_share_exactly_one_service(user: User
         status = probe(user.home)
         assert status is not None and len(status.clients) == 5, status
         def services() -> list[str]:
-            return [line for line in _command_lines() if "contree.service" in line and str(user.home) in line]
+            return _top_processes(lambda line: "contree.service" in line and str(user.home) in line)
 
         await wait_for(lambda: len(services()) == 1, 20)  # the losers of the race attached and exited
     finally:
@@ -231,12 +231,19 @@ async def test_an_engine_that_cannot_start_is_a_clear_error_for_the_client(
     assert f"[ERROR] {error}\n" in stderr
 
 
-def _command_lines() -> list[str]:
-    lines = []
+def _top_processes(matches: Callable[[str], bool]) -> list[str]:
+    """Command lines of the matching processes, one snapshot, leaving out those whose parent matches too
+    (a service's own forked helpers carry its command line until they exec)."""
+    found: dict[str, tuple[str, str]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                continue
-    return lines
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if matches(line):
+            parent = next((r.split()[1] for r in status.splitlines() if r.startswith("PPid:")), "")
+            found[entry.name] = (parent, line)
+    return [line for parent, line in found.values() if parent not in found]
