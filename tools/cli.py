@@ -16,6 +16,9 @@ from typing import Any
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
+from contree.engine.limits import LimitConfigError
+from contree.engine.limits import add_arguments as add_limit_arguments
+from contree.engine.limits import settings_from as limit_settings
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the MCP conformance fixture server instead (protocol.conformance)",
     )
+    add_limit_arguments(p)
     return p
 
 
@@ -213,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
+        limit_settings(args)
+    except LimitConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
@@ -232,11 +241,12 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
     if config.kind == "local":
-        from contree.engine.local import LocalEngine
+        from contree.engine.local import EngineLimits, LocalEngine
 
         # The engine re-checks local image sources when it opens them, after import_image's own check:
         # a symlink swapped in between cannot lead the import out of the allowed roots.
-        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)))
+        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)),
+                             limits=EngineLimits(resources=limit_settings(args)))
         await engine.start()
         log.info("embedded engine at %s", config.home)
         return engine, "local", config.home / "mcp"

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from tools.models import ImageOutput, OperationOutput, OperationSummaryOutput, Resources, ResultRef
+from tools.models import ImageOutput, OperationOutput, OperationSummaryOutput, Resources, ResultRef, RunLimits
 
 TERMINAL = frozenset({"SUCCESS", "FAILED", "CANCELLED"})
 
@@ -55,6 +55,14 @@ def _resources(raw: Any) -> Resources | None:
         return None
     fields = set(Resources.__struct_fields__)
     return msgspec.convert({k: v for k, v in data.items() if k in fields}, Resources)
+
+
+def _limits(raw: Any) -> RunLimits | None:
+    data = as_dict(raw)
+    if not data:
+        return None
+    fields = set(RunLimits.__struct_fields__)
+    return msgspec.convert({k: v for k, v in data.items() if k in fields}, RunLimits)
 
 
 def operation_output(
@@ -105,6 +113,8 @@ def operation_output(
         stdout_truncated=out_trunc,
         stderr_truncated=err_trunc,
         signal=signal if isinstance(signal, int) and signal >= 0 else None,
+        oom_killed=bool(state.get("oom_killed", False)),
+        limits=_limits(result.get("limits")),
         resources=_resources(result.get("resources")),
         stdout_resource=f"{resource_base}/{op_id}/stdout" if kind == "instance" and op_id else None,
         stderr_resource=f"{resource_base}/{op_id}/stderr" if kind == "instance" and op_id else None,

@@ -38,6 +38,15 @@ class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
     voluntary_switches: int | None = None
 
 
+class RunLimits(msgspec.Struct, kw_only=True):
+    """The limits a run ran under (embedded engine); a missing field was not enforced."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    max_layer_bytes: int | None = None
+
+
 class OperationOutput(msgspec.Struct, kw_only=True):
     """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command."""
 
@@ -66,6 +75,8 @@ class OperationOutput(msgspec.Struct, kw_only=True):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     signal: int | None = None
+    oom_killed: bool = False
+    limits: RunLimits | None = None
     resources: Resources | None = None
     stdout_resource: str | None = None
     stderr_resource: str | None = None

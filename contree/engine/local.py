@@ -25,6 +25,7 @@ from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
+from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -53,6 +54,8 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     instance_max_concurrency: int = max(4, 2 * (os.cpu_count() or 1))
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
+    # Sandbox memory/CPU/pids: defaults, per-run maxima and the engine's total (None = from the host).
+    resources: ResourceSettings = msgspec.field(default_factory=ResourceSettings)
 
 
 class LocalEngine:
@@ -78,6 +81,7 @@ class LocalEngine:
         self.runtime: Any = None
         self.blobs: BlobStore | None = None
         self._runs: dict[str, InstanceRun] = {}
+        self.sandbox_limits: LimitPolicy | None = None  # resolved from `limits.resources` at start
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
 
@@ -108,12 +112,27 @@ class LocalEngine:
         interrupted = self.oplog.recover()
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
-        self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
+        await self._start_runtime(engine_id)
         self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
             "image_import": self.limits.images_import_max_concurrency,
         })
+
+    async def _start_runtime(self, engine_id: str) -> None:
+        """The runtime, its parent cgroup carrying the engine's total budget, and the sandbox limits."""
+        host = await asyncio.to_thread(HostResources.detect)
+        config = self._runtime_config(engine_id)
+        wanted = self.limits.resources
+        # A runtime_config that names a budget (tests, embedders) wins over the settings' totals.
+        settings = msgspec.structs.replace(
+            wanted, total_memory_bytes=config.budget_memory_bytes or wanted.total_memory_bytes,
+            total_cpus=config.budget_cpus or wanted.total_cpus,
+            total_pids=config.budget_pids or wanted.total_pids)
+        total = resolve_policy(settings, host).total  # refuses a misordered configuration before any setup
+        self.runtime = await SandboxRuntime.create(msgspec.structs.replace(
+            config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
+        self.sandbox_limits = resolve_policy(settings, host, self.runtime.cgroups.enforceable())
 
     def _runtime_config(self, engine_id: str) -> Any:
         config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
@@ -286,10 +305,13 @@ class LocalEngine:
             if await asyncio.to_thread(self._blobs().path_for, entry.uuid) is None:
                 raise NotFound(f"files[{path!r}]: file {entry.uuid} not found (upload it first)")
         timeout = spawn.resolve_timeout(request.timeout, self.limits.instance_max_timeout)
+        assert self.sandbox_limits is not None
+        limits = self.sandbox_limits.for_request(request.resources_limits)
         meta = api.metadata_from(api.OperationInstanceMetadata.from_request(request, image=image_uuid))
         record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
         run = InstanceRun(
             engine=self, record=record, request=request, image_uuid=image_uuid, timeout=timeout,
+            limits=limits,
         )
         self._runs[record.uuid] = run
         queue.submit(record.uuid, "instance", self._run_instance, self._dropped)
@@ -458,6 +480,7 @@ class LocalEngine:
                 "instance_max_concurrency": lim.instance_max_concurrency,
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
+                **(self.sandbox_limits.whoami() if self.sandbox_limits is not None else {}),
             },
             operations_stat={},
         )

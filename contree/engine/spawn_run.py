@@ -29,6 +29,7 @@ import msgspec
 
 from contree import api
 from contree.engine import spawn
+from contree.engine.limits import SandboxLimits
 from contree.engine.operations import Job
 from contree.engine.oplog import (
     ASSIGNED,
@@ -94,8 +95,10 @@ class InstanceRun:
         request: api.InstanceSpawnRequest,
         image_uuid: str,
         timeout: int,
+        limits: SandboxLimits | None = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or SandboxLimits()
         self.record = record
         self.request = request
         self.image_uuid = image_uuid
@@ -110,8 +113,8 @@ class InstanceRun:
         self._watchers: set[asyncio.Task[None]] = set()
         self._main_exit: asyncio.Task[Any] | None = None
         self.layer_error: str | None = None
-        limits = request.resources_limits
-        self.max_layer_bytes = limits.max_layer_bytes if limits is not None else api.DEFAULT_MAX_LAYER_BYTES
+        asked = request.resources_limits
+        self.max_layer_bytes = asked.max_layer_bytes if asked is not None else api.DEFAULT_MAX_LAYER_BYTES
 
     # ------------------------------------------------------------------ main flow
 
@@ -161,6 +164,7 @@ class InstanceRun:
             exit_data = await self._finish_process(main)
             await self._stop_sandbox()
             result = result_from_exit(main, exit_data)
+            result.limits = self._applied_limits()
             self._account(exit_data)
             record.metadata["result"] = msgspec.to_builtins(result)
             if job.cancelled.is_set() and reason == "signal":
@@ -280,6 +284,9 @@ class InstanceRun:
             hostname=request.hostname,
             networking=request.networking.enabled if request.networking is not None else True,
             stdin=any(self._stdin),
+            memory_bytes=self.limits.memory_bytes,
+            cpu_quota=self.limits.cpus,
+            pids_limit=self.limits.pids,
         )
 
     @functools.cached_property
@@ -489,6 +496,11 @@ class InstanceRun:
         proc.exited.set()
         assert self.events is not None
         self.events.append("exit", exit_data(proc, info), proc.spid)
+
+    def _applied_limits(self) -> api.InstanceLimits:
+        lim = self.limits
+        return api.InstanceLimits(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids,
+                                  max_layer_bytes=self.max_layer_bytes)
 
     def _account(self, info: Any) -> None:
         record = self.record
@@ -851,7 +863,7 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
             block_input_ops=int(info.inblock),
             block_output_ops=int(info.oublock),
         )
-    return {
+    data = {
         "pid": proc.pid,
         "code": code,
         "signal": sig,
@@ -860,6 +872,9 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
         "duration_ms": int((time.monotonic() - proc.started) * 1000),
         "resources": resources,
     }
+    if getattr(info, "oom_killed", False):
+        data["oom_killed"] = True  # an extension: absent otherwise, as in the cloud's events
+    return data
 
 
 def result_from_exit(proc: Process, info: Any) -> api.InstanceResult:
@@ -886,6 +901,7 @@ def result_from_fold(folded: FoldedProcess) -> api.InstanceResult:
         state.signal = int(ex.get("signal", -1))
         state.timed_out = bool(ex.get("timed_out", False))
         state.core_dump = bool(ex.get("core_dump", False))
+        state.oom_killed = bool(ex.get("oom_killed", False))
         r = ex.get("resources") or {}
         resources = api.InstanceResources(
             block_input=r.get("block_input_ops", 0),

@@ -16,6 +16,8 @@ from aiohttp import web
 
 from contree.backend import Backend
 from contree.config import engine_home
+from contree.engine.limits import LimitConfigError, ResourceSettings, settings_from
+from contree.engine.limits import add_arguments as add_limit_arguments
 from contree.rest.app import build_app
 
 log = logging.getLogger("contree.rest")
@@ -59,11 +61,12 @@ async def serve(
         await runner.cleanup()
 
 
-async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> None:
-    from contree.engine.local import LocalEngine
+async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...],
+               resources: ResourceSettings) -> None:
+    from contree.engine.local import EngineLimits, LocalEngine
 
     # API clients must never make the engine read arbitrary host files as image archives.
-    engine = LocalEngine(home, import_roots=import_roots)
+    engine = LocalEngine(home, import_roots=import_roots, limits=EngineLimits(resources=resources))
     await engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    add_limit_arguments(parser)
     return parser
 
 
@@ -128,8 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
+        resources = settings_from(args)
+    except LimitConfigError as exc:
+        print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
+        return 2
+    try:
         import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
-        asyncio.run(_run(host, port, home, token, import_roots))
+        asyncio.run(_run(host, port, home, token, import_roots, resources))
     except KeyboardInterrupt:
         pass
     return 0
