@@ -47,6 +47,8 @@ from contree.timeparse import isoformat
 
 log = logging.getLogger(__name__)
 
+LOCK_GRACE_S = 0.5
+
 
 class EngineLimits(msgspec.Struct, kw_only=True):
     squash_depth: int = MAX_DEPTH  # an image deeper than this many layers is flattened after its run
@@ -90,7 +92,7 @@ class LocalEngine:
     async def start(self) -> None:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self._lock_home()
+        await self._lock_home()
         try:
             await self._open()
         except BaseException:
@@ -138,14 +140,23 @@ class LocalEngine:
         config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
         return msgspec.structs.replace(config, engine_id=engine_id)
 
-    def _lock_home(self) -> None:
-        """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'."""
+    async def _lock_home(self) -> None:
+        """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'.
+
+        Right after an engine was killed, a child it was forking can still hold the lock's open file
+        description until it execs (seen in test_crash: gone within milliseconds), so a lock that frees
+        up within LOCK_GRACE_S is not taken for a live engine."""
         fd = os.open(self.home / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Conflict(f"another engine is running on {self.home}") from None
+        deadline = time.monotonic() + LOCK_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Conflict(f"another engine is running on {self.home}") from None
+                await asyncio.sleep(0.01)
         self._lock_fd = fd
 
     async def close(self) -> None:
