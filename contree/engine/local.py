@@ -84,6 +84,7 @@ class LocalEngine:
         self.blobs: BlobStore | None = None
         self._runs: dict[str, InstanceRun] = {}
         self.sandbox_limits: LimitPolicy | None = None  # resolved from `limits.resources` at start
+        self._layer_cap: int | None = None
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
 
@@ -135,6 +136,8 @@ class LocalEngine:
         self.runtime = await SandboxRuntime.create(msgspec.structs.replace(
             config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
         self.sandbox_limits = resolve_policy(settings, host, self.runtime.cgroups.enforceable())
+        # A run's changes are held in memory (upperfs): without a memory limit, bound them by the host.
+        self._layer_cap = self.sandbox_limits.maximum.memory_bytes or host.memory_bytes // 4
 
     def _runtime_config(self, engine_id: str) -> Any:
         config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
@@ -322,7 +325,7 @@ class LocalEngine:
         record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
         run = InstanceRun(
             engine=self, record=record, request=request, image_uuid=image_uuid, timeout=timeout,
-            limits=limits,
+            limits=limits, layer_cap=self._layer_cap,
         )
         self._runs[record.uuid] = run
         queue.submit(record.uuid, "instance", self._run_instance, self._dropped)
