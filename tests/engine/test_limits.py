@@ -217,3 +217,24 @@ def test_sizes_on_the_command_line(text: str, size: int) -> None:
 def test_bad_sizes_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+@pytest.mark.engine
+async def test_the_engine_total_bounds_all_sandboxes_together(mount_guard: Path,
+                                                            busybox_rootfs: Path) -> None:
+    """Two runs, each well within its own 256 MiB, together beyond the engine's 320 MiB: the OOM killer
+    of the engine's parent cgroup ends one of them, and its result says so."""
+    eng = LocalEngine(mount_guard / "home", limits=EngineLimits(resources=ResourceSettings(
+        memory_bytes=256 * MIB, total_memory_bytes=320 * MIB)))
+    await eng.start()
+    try:
+        image = seed_busybox(eng, busybox_rootfs)
+        hold = "exec awk 'BEGIN { s = sprintf(\"%150000000s\", \"\"); system(\"sleep 4\") }'"
+        runs = await asyncio.gather(*(run(eng, image, hold, disposable=True, timeout=60) for _ in range(2)))
+        states = [result_of(r).state for r in runs]
+        assert all(s is not None for s in states)
+        killed = [s for s in states if s is not None and s.oom_killed]
+        assert killed and all(s.signal == 9 for s in killed), states
+        assert all(r.consumed_memory is not None and r.consumed_memory * 1024 < 256 * MIB for r in runs)
+    finally:
+        await eng.close()
