@@ -61,7 +61,6 @@ STDIN_WRITE_LIMIT = 30.0  # seconds a write_stdin call waits for a child that do
 # The kernel refuses writes beyond max_layer_bytes (upperfs); this only ends a run that ran into the
 # limit early instead of at its timeout (it fails either way). statvfs: microseconds per check.
 LAYER_POLL = 0.25
-LAYER_HEADROOM = 32 << 20  # of a run's memory limit, kept for its processes when its changes are large
 SPARE_SCRATCH_DIRS = 2  # empty scratch dirs kept ready (Store.scratch_dir): runs waiting beyond that mkdir
 
 
@@ -118,19 +117,10 @@ class InstanceRun:
         self._main_exit: asyncio.Task[Any] | None = None
         self.layer_error: str | None = None
         asked = request.resources_limits
-        self.max_layer_bytes = asked.max_layer_bytes if asked is not None else api.DEFAULT_MAX_LAYER_BYTES
-        # The upper is memory charged to the run (upperfs): it gets the run's memory limit minus room for
-        # its processes, so a writer that runs out meets ENOSPC (a clear layer error), not the OOM killer.
-        memory = self.limits.memory_bytes
-        cap = memory - max(LAYER_HEADROOM, memory // 8) if memory is not None else layer_cap
-        asked_bytes = self.max_layer_bytes
-        if cap is not None:
-            self.max_layer_bytes = max(1, min(self.max_layer_bytes, cap))
+        self.max_layer_bytes, self.layer_limit = upperfs.limit_for(
+            asked.max_layer_bytes if asked is not None else api.DEFAULT_MAX_LAYER_BYTES,
+            self.limits.memory_bytes, layer_cap)
         self.layer_budget = upperfs.LayerBudget.for_limit(self.max_layer_bytes)
-        self.layer_limit = f"max_layer_bytes={self.max_layer_bytes}"
-        if self.max_layer_bytes < asked_bytes:
-            self.layer_limit += (f" (of {asked_bytes} asked: a run's changes are held in memory and get its "
-                                 f"memory limit, {memory or cap}, minus room for its processes)")
 
     # ------------------------------------------------------------------ main flow
 

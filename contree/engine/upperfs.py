@@ -40,6 +40,24 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 
 
+MEMORY_HEADROOM = 16 << 20  # at least this much of a run's memory stays for its processes
+
+
+def limit_for(asked: int, memory: int | None, cap: int | None = None) -> tuple[int, str]:
+    """The layer limit of a run that asked for `asked` bytes under a memory limit of `memory` (or, with
+    none, under `cap`), and how errors name it. The layer's pages are the run's memory: it gets its
+    memory limit minus room for its processes, so a writer that runs out meets ENOSPC, not the OOM
+    killer."""
+    if memory is not None:
+        cap = memory - max(MEMORY_HEADROOM, memory // 8)
+    limit = asked if cap is None else max(1, min(asked, cap))
+    text = f"max_layer_bytes={limit}"
+    if limit < asked:
+        text += (f" (of {asked} asked: a run's changes are held in memory and get its memory limit, "
+                 f"{memory if memory is not None else cap}, minus room for its processes)")
+    return limit, text
+
+
 class LayerTooLarge(Unprocessable):
     """The run's filesystem changes exceed `max_layer_bytes`."""
 

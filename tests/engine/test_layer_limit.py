@@ -28,6 +28,20 @@ from tests.engine.test_store import _simple_image, _view
 pytestmark = pytest.mark.engine
 
 
+# ---- the limit a run gets ----
+
+
+def test_a_runs_layer_limit_leaves_its_processes_room_in_its_memory() -> None:
+    assert upperfs.limit_for(1_000_000, 512 * MIB) == (1_000_000, "max_layer_bytes=1000000")
+    limit, text = upperfs.limit_for(api.DEFAULT_MAX_LAYER_BYTES, 512 * MIB)
+    assert limit == 448 * MIB  # 1/8 kept for the processes
+    assert text.startswith(f"max_layer_bytes={448 * MIB} (of {api.DEFAULT_MAX_LAYER_BYTES} asked")
+    assert upperfs.limit_for(1 << 30, 64 * MIB)[0] == 48 * MIB  # at least 16 MiB kept
+    assert upperfs.limit_for(1 << 30, 16 * MIB)[0] == 1  # nothing left to store
+    assert upperfs.limit_for(1 << 30, None, 256 * MIB)[0] == 256 * MIB  # no memory limit: the engine's cap
+    assert upperfs.limit_for(1 << 30, None, None) == (1 << 30, "max_layer_bytes=1073741824")
+
+
 # ---- the commit of an upper that lives on its own filesystem ----
 
 
@@ -308,9 +322,9 @@ async def test_the_layer_limit_leaves_the_runs_processes_room_in_its_memory(engi
     done = await run(engine, image, "head -c 200m /dev/zero > /f; sleep 600", disposable=True,
                      resources_limits=asked, timeout=120)
     result = result_of(done)
-    assert result.limits is not None and result.limits.max_layer_bytes == 96 * MIB
+    assert result.limits is not None and result.limits.max_layer_bytes == 112 * MIB
     assert result.state is not None and not result.state.oom_killed
-    assert done.status == "FAILED" and "max_layer_bytes=100663296 (of 1073741824 asked" in (done.error or "")
+    assert done.status == "FAILED" and "max_layer_bytes=117440512 (of 1073741824 asked" in (done.error or "")
     assert "memory limit, 134217728" in (done.error or "")
     plain = await run(engine, image, "true", disposable=True)
     assert result_of(plain).limits.max_layer_bytes == 448 * MIB  # type: ignore[union-attr]
