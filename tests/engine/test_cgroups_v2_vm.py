@@ -78,7 +78,7 @@ def test_limits_oom_and_cleanup_on_a_cgroup_v2_kernel(tmp_path: Path) -> None:
     require_binary("cpio", "cpio")
     if not Path("/bin/busybox").is_file():
         pytest.fail("/bin/busybox not found: install the Debian package busybox-static")
-    if not REPO.is_relative_to("/") or os.stat(REPO).st_dev != os.stat("/").st_dev:
+    if os.stat(REPO).st_dev != os.stat("/").st_dev:
         pytest.fail(f"{REPO} must be on the root filesystem (the VM sees the host's root over 9p)")
     kernel, modules = _kernel()
     initramfs = _initramfs(tmp_path, modules)
@@ -87,10 +87,10 @@ def test_limits_oom_and_cleanup_on_a_cgroup_v2_kernel(tmp_path: Path) -> None:
          "-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-no-reboot", "-nodefaults",
          "-serial", "stdio", "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"],
         capture_output=True, text=True, errors="replace", timeout=600, stdin=subprocess.DEVNULL)
-    lines = [line for line in res.stdout.splitlines() if line.startswith("V2RESULT ")]
+    lines = [line.split("V2RESULT ", 1)[1] for line in res.stdout.splitlines() if "V2RESULT " in line]
     assert lines, f"the VM printed no result:\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"
-    got = json.loads(lines[-1].removeprefix("V2RESULT "))
-    assert "error" not in got, got
+    got = json.loads(lines[-1])
+    assert "error" not in got, got.get("error")
     assert got["mode"] == "v2" and got["enforceable"] == ["cpu", "memory", "pids"]
     assert got["parent"] == {"memory.max": str(768 << 20), "memory.swap.max": "0", "cpu.max": "100000 100000",
                              "pids.max": "4096"}
