@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from contree import api
 
 if TYPE_CHECKING:
+    from contree.engine.limits import SandboxLimits
     from contree.engine.local import LocalEngine
     from contree.engine.sandbox import SandboxRuntime
 
@@ -179,7 +180,8 @@ async def _engine_run(
 
 
 @contextlib.contextmanager
-def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Iterator[Callable[[], float]]:
+def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
+                      limits: SandboxLimits | None = None) -> Iterator[Callable[[], float]]:
     """`crun run` of the config the engine generates for `sh -c 'echo hi'`, networking off: same
     namespaces (user namespace mappings when the engine uses them, over idmapped lowers and a shifted
     upper, bound like the runtime does), seccomp, caps, rlimits, /etc binds and a limits cgroup with the
@@ -187,6 +189,7 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
     crun creates and removes its own leaf per run. Yields a timer of one run."""
     from contree.engine import oci_config, spawn
     from contree.engine.cgroups import CgroupLimits
+    from contree.engine.limits import SandboxLimits
     from contree.engine.network import NetworkInfo, SandboxNetwork
     from contree.engine.overlay import bind_mount, mount_overlay, unmount
     from contree.engine.sandbox import SandboxSpec
@@ -200,9 +203,10 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
     idmap = rt.idmap
     plan = spawn.plan_process(command="echo hi", args=[], shell=True, env=None, cwd="/", uid=0, gid=0,
                               image_env={}, image_cwd="/")
+    lim = limits or SandboxLimits(pids=256)
     spec = SandboxSpec(sandbox_id="bare", rootfs=merged, argv=plan.argv,
                        env=[f"{k}={v}" for k, v in plan.env.items()], cwd=plan.cwd, networking=False,
-                       stdin=False)
+                       stdin=False, memory_bytes=lim.memory_bytes, cpu_quota=lim.cpus, pids_limit=lim.pids)
     if idmap is None:
         mount_overlay(layers, upper, wk, merged)
     else:
@@ -236,7 +240,8 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
               f"{','.join(n['type'] for n in linux['namespaces'])}; user ns {userns}; seccomp {sec}; "
               f"{len(config['process']['capabilities']['bounding'])} caps; "
               f"{len(config['process']['rlimits'])} rlimits; {len(config['mounts'])} mounts; cgroup "
-              f"{rt.cgroups.runtime_path('bare')} (pids {spec.pids_limit}); no network setup")
+              f"{rt.cgroups.runtime_path('bare')} (memory {spec.memory_bytes}, cpus {spec.cpu_quota}, pids "
+              f"{spec.pids_limit}); no network setup")
 
         def run() -> float:
             t = time.perf_counter()
@@ -260,7 +265,8 @@ async def _echo_hi_engine_vs_crun(work: Path) -> None:
     try:
         assert engine.store is not None
         layers = engine.store.layer_paths(engine.store.get(image))
-        with _bare_crun_bundle(work, layers, engine.runtime) as bare:
+        policy = engine.sandbox_limits
+        with _bare_crun_bundle(work, layers, engine.runtime, policy.default if policy else None) as bare:
             samples = await _echo_hi_samples(engine, image, bare)
         base = _median_ms(samples["bare"])
         print(_row("bare crun run, same hardened bundle", samples["bare"]))
