@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
 
+from contree.engine.network import TAG_DIR
 from tests.tools.conftest import server_command
 
 
-def _engine_chains() -> set[str]:
+def _chains(tags: set[str]) -> set[str]:
+    """The iptables chains of engines holding these network tags (other engines may run beside us)."""
     out = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[1] for line in out.splitlines() if line.startswith("-N CT-")}
+    chains = {line.split()[1] for line in out.splitlines() if line.startswith("-N CT-")}
+    return {c for c in chains if c.split("-")[1] in tags}
+
+
+def _tags_held_by(pid: int) -> set[str]:
+    """Network tags whose lock files the (live) server process holds open."""
+    tags = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = Path(os.readlink(fd)) if fd.is_symlink() else None
+        if target is not None and target.parent == TAG_DIR and target.suffix == ".lock":
+            tags.add(target.stem)
+    return tags
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -44,7 +58,8 @@ def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Pat
         result = reply["result"]["structuredContent"]["result"]
         assert result["exit_code"] == 0, result
         assert int(result["stdout"].strip()) >= 2  # lo plus the sandbox's NAT interface
-        chains_during = _engine_chains()
+        tags = _tags_held_by(proc.pid)
+        chains_during = _chains(tags)
         assert chains_during, "a networked run sets up the engine's firewall chains"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
@@ -56,5 +71,5 @@ def test_sigterm_after_a_networked_run_removes_rules_and_mounts(engine_home: Pat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-    assert not _engine_chains() & chains_during
+    assert not _chains(tags)
     assert _mounts_under(engine_home) == []
