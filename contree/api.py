@@ -56,6 +56,8 @@ CWD_PATTERN = r"^((/[^/]*)+/?)?$"
 DEFAULT_TRUNCATE_OUTPUT_AT = 1048576
 MAX_TRUNCATE_OUTPUT_AT = 10485760
 DEFAULT_MAX_LAYER_BYTES = 12884901888
+MAX_CPUS = 65536.0  # bounds of the resources_limits extensions (the engine's own maxima are lower)
+MAX_PIDS = 4194304  # the kernel's pid_max ceiling
 DEFAULT_HOSTNAME = "linuxkit"
 DEFAULT_IMPORT_TIMEOUT = 300
 
@@ -113,9 +115,9 @@ class InstanceResourcesLimits(msgspec.Struct, kw_only=True, forbid_unknown_field
     max_layer_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_LAYER_BYTES
     # Extensions of the embedded engine (absent = the engine's default; the cloud does not know them):
     # raise or lower one run's cgroup limits within `whoami.limits.instance_max_*`.
-    memory_bytes: Annotated[int, msgspec.Meta(ge=1)] | UnsetType = UNSET
-    cpus: Annotated[float, msgspec.Meta(gt=0)] | UnsetType = UNSET
-    pids: Annotated[int, msgspec.Meta(ge=1)] | UnsetType = UNSET
+    memory_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | UnsetType = UNSET
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=MAX_CPUS)] | UnsetType = UNSET
+    pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIDS)] | UnsetType = UNSET
 
 
 class InstanceNetworking(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

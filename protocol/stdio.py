@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -17,6 +19,8 @@ from protocol.server import Server
 log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
+WRITE_SLICE = 256 * 1024
+PIPE_SIZE = 1 << 20  # a large message (a page of output) then takes a few writes, not one per 64 KiB
 _PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
 
 
@@ -73,6 +77,9 @@ def _feed_from_thread(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamRea
 async def _stdout_writer() -> Writer:
     loop = asyncio.get_running_loop()
     fd = os.dup(sys.stdout.fileno())
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        with contextlib.suppress(OSError):  # above pipe-max-size, or the user's pipe quota is used up
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     # Anything else printed by mistake goes to stderr: stdout carries only protocol.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
@@ -98,14 +105,25 @@ async def serve_stdio(
         writer = await _stdout_writer()
     out = writer
     broken: list[BaseException] = []
+    write_lock = asyncio.Lock()
 
     async def sink(data: bytes) -> None:
         if broken:
             return  # the client stopped reading; keep consuming stdin until EOF
         try:
-            # One write call per message keeps lines whole; drain gives back-pressure.
-            out.write(data + b"\n")
-            await out.drain()
+            # One message at a time (the lock), so lines never interleave; a large one goes in slices with
+            # a drain after each: asyncio's pipe transport moves its whole remaining buffer after every
+            # partial write, which is quadratic for a message of megabytes (a page of output).
+            async with write_lock:
+                if len(data) < WRITE_SLICE:
+                    out.write(data + b"\n")
+                else:
+                    view = memoryview(data)
+                    for start in range(0, len(view), WRITE_SLICE):
+                        out.write(view[start : start + WRITE_SLICE])
+                        await out.drain()
+                    out.write(b"\n")
+                await out.drain()
         except (ConnectionError, OSError) as exc:
             broken.append(exc)
             log.warning("stdout is closed (%s); dropping further output", exc)

@@ -19,6 +19,7 @@ from contree.config import open_backend as open_configured_backend
 from contree.engine.limits import LimitConfigError
 from contree.engine.limits import add_arguments as add_limit_arguments
 from contree.engine.limits import settings_from as limit_settings
+from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -28,8 +29,48 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "publish"): ("tools.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
+    ("images", "published"): ("tools.publish", "published_main"),
+    ("images", "prune"): ("tools.maintenance", "prune_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
 }
+# What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
+GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
+    "images": (
+        "Manage the embedded engine's images.",
+        {
+            "bootstrap": "create the busybox:latest and debian:bookworm base images",
+            "prune": "free disk: unused layers, old run output, uploads; untagged images (--untagged)",
+            "publish": "share images with every principal of --http-tokens-file servers",
+            "unpublish": "stop sharing images published before",
+            "published": "list the published images",
+        },
+    ),
+    "engine": (
+        "Look after the embedded engine's state directory.",
+        {"check": "report consistency problems of the store (exit status 1 when there are any)"},
+    ),
+}
+
+
+def group_help(group: str) -> str:
+    summary, commands = GROUP_HELP[group]
+    width = max(len(name) for name in commands)
+    lines = [f"usage: contree-mcp {group} {{{','.join(commands)}}} ...", "", summary, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", f"Run 'contree-mcp {group} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_group(group: str, rest: list[str]) -> int:
+    """`contree-mcp images|engine` without a known command: its own help (0 for --help, else 2)."""
+    if rest[:1] in (["-h"], ["--help"]):
+        print(group_help(group))
+        return 0
+    what = f"unknown command {rest[0]!r}" if rest else "a command is required"
+    print(f"{group_help(group)}\n\ncontree-mcp {group}: error: {what}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
         "'engine check …'.",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
@@ -54,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
-        "directory states, lineage and registry credentials",
+        "images, tags, directory states, lineage and registry credentials, plus the images the operator "
+        "shares (tagged outside this server, or 'contree-mcp images publish')",
     )
     p.set_defaults(http_tokens={})
     p.add_argument(
@@ -91,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_READ_MAX_BYTES,
         help=f"read_file cap in bytes (default: {DEFAULT_READ_MAX_BYTES})",
+    )
+    p.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="embedded engine: stdout+stderr bytes one run may store, e.g. 512M (default 1G); output beyond "
+        "it is counted, not kept, and the result says output_quota_exceeded",
     )
     p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
     p.add_argument(
@@ -191,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module, attr) in SUBCOMMANDS.items():
         if tuple(args_list[: len(words)]) == words:
             return int(_entry(module, attr)(args_list[len(words) :]) or 0)
+    if args_list and args_list[0] in GROUP_HELP:
+        return run_group(args_list[0], args_list[1:])
     parser = build_parser()
     legacy = legacy_defaults(parser, os.environ)
     args = parser.parse_args(args_list)
@@ -243,10 +296,13 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
     if config.kind == "local":
         from contree.engine.local import EngineLimits, LocalEngine
 
+        quota = {} if args.output_quota is None else {"output_quota_bytes": args.output_quota}
+        limits = EngineLimits(resources=limit_settings(args), **quota)
         # The engine re-checks local image sources when it opens them, after import_image's own check:
         # a symlink swapped in between cannot lead the import out of the allowed roots.
-        engine = LocalEngine(config.home, import_roots=tuple(str(p) for p in allowed_roots(args)),
-                             limits=EngineLimits(resources=limit_settings(args)))
+        engine = LocalEngine(
+            config.home, import_roots=tuple(str(p) for p in allowed_roots(args)), limits=limits
+        )
         await engine.start()
         log.info("embedded engine at %s", config.home)
         return engine, "local", config.home / "mcp"
@@ -258,7 +314,10 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
 async def serve(args: argparse.Namespace) -> int:
     from protocol.server import Server
     from tools.app import build_registry, build_state
+    from tools.worker_threads import WorkerThreads
 
+    # a worker stuck in a syscall must not keep the server alive once it was told to stop
+    asyncio.get_running_loop().set_default_executor(WorkerThreads())
     backend, kind, cache_dir = await open_backend(args)
     roots = allowed_roots(args)
     state = build_state(
@@ -274,6 +333,11 @@ async def serve(args: argparse.Namespace) -> int:
         prune_days=args.cache_prune_days,
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
+    if kind == "local":
+        from tools.catalog import describe_images
+
+        # the guidance names this engine's images (with per-client scoping: only the shared ones)
+        state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()

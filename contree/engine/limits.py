@@ -18,6 +18,7 @@ import msgspec
 
 from contree import api
 from contree.errors import BadRequest
+from contree.units import parse_size
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -177,7 +178,6 @@ def _ordered(name: str, default: float, most: float, total: float, least: float)
 
 # ---- command-line settings (`contree-mcp --backend local …` and `contree-mcp serve-api`) ----
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": MIB, "g": GIB, "t": 1 << 40}
 _FLAGS = (
     ("--sandbox-memory", "memory_bytes", "memory of a run that asks for none (default: host RAM / 4, "
      "0.5-8 GiB)"),
@@ -192,18 +192,15 @@ _FLAGS = (
 )
 
 
-def parse_size(text: str) -> int:
-    """`4G`, `512M`, `1.5g`, `1048576` → bytes (binary units)."""
-    value = text.strip().lower().removesuffix("b").removesuffix("i")
-    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
-    number = value[: len(value) - len(unit)]
-    try:
-        size = int(float(number) * _SIZE_UNITS[unit])
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
-    if size < 1:
-        raise ValueError(f"not a size: {text!r} (must be positive)")
-    return size
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(f"must be positive, got {text!r}")
+        return value
+
+    convert.__name__ = getattr(kind, "__name__", "value")  # argparse names it in its error
+    return convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, text in _FLAGS:
         kind: Callable[[str], float] = (parse_size if "memory" in field else
                                         float if "cpus" in field else int)
-        group.add_argument(flag, dest=f"limit_{field}", type=kind, default=None, help=text,
+        group.add_argument(flag, dest=f"limit_{field}", type=_positive(kind), default=None, help=text,
                            metavar="SIZE" if "memory" in field else "N")
 
 

@@ -3,6 +3,7 @@ within the engine's maximum, reported by whoami and in the result, bounded by th
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from contree.engine.limits import (
     LimitConfigError,
     ResourceSettings,
     SandboxLimits,
-    parse_size,
+    add_arguments,
     resolve_policy,
+    settings_from,
 )
 from contree.engine.local import EngineLimits, LocalEngine
 from contree.errors import BadRequest
@@ -207,16 +209,14 @@ def _cgroup_limits(engine: LocalEngine, sandbox: str | None) -> tuple[int, float
             int((pids / "pids.max").read_text()))
 
 
-@pytest.mark.parametrize(("text", "size"), [("512M", 512 * MIB), ("4G", 4 * GIB), ("1.5g", 3 * GIB // 2),
-                                             ("2GiB", 2 * GIB), ("65536", 65536), ("64k", 65536)])
-def test_sizes_on_the_command_line(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "G", "lots", "-1G", "0"])
-def test_bad_sizes_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size(text)
+def test_limit_flags_take_sizes_and_refuse_zero() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--sandbox-memory", "512M", "--sandbox-cpus", "0.5", "--engine-pids", "4096"])
+    assert settings_from(args) == ResourceSettings(memory_bytes=512 * MIB, cpus=0.5, total_pids=4096)
+    for bad in (["--sandbox-memory", "0"], ["--sandbox-cpus", "-1"], ["--sandbox-pids", "lots"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
 
 
 @pytest.mark.engine

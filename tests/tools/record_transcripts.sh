@@ -25,7 +25,8 @@ WORK_DIR=$(echo "$VARS" | sed -n 's/^workdir=//p')
 MASKS=""
 for f in mcp_version duration consumed_cpu consumed_memory image_size block_input block_output cost elapsed_time \
   involuntary_switches max_rss monotonic_time page_faults page_faults_io shared_memory signals swaps \
-  system_cpu_time unshared_memory user_cpu_time voluntary_switches; do
+  system_cpu_time unshared_memory user_cpu_time voluntary_switches total_bytes layer_bytes reclaimable_bytes \
+  output_bytes uploads_bytes chunks_bytes other_bytes freed_bytes; do
   MASKS="$MASKS --mask $f"
 done
 # shellcheck disable=SC2086
