@@ -116,7 +116,7 @@ class InstanceResourcesLimits(msgspec.Struct, kw_only=True, forbid_unknown_field
     # Extensions of the embedded engine (absent = the engine's default; the cloud does not know them):
     # raise or lower one run's cgroup limits within `whoami.limits.instance_max_*`.
     memory_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | UnsetType = UNSET
-    cpus: Annotated[float, msgspec.Meta(gt=0, le=MAX_CPUS)] | UnsetType = UNSET
+    cpus: Annotated[float, msgspec.Meta(ge=0.01, le=MAX_CPUS)] | UnsetType = UNSET
     pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIDS)] | UnsetType = UNSET
 
 

@@ -89,7 +89,7 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(description="Memory limit in bytes (embedded engine; default and maximum: whoami limits)."),
     ] = None
     cpus: Annotated[
-        Annotated[float, Meta(gt=0, le=api.MAX_CPUS)] | None,
+        Annotated[float, Meta(ge=0.01, le=api.MAX_CPUS)] | None,
         Meta(description="CPU limit in cores, e.g. 1.5 (embedded engine; default and maximum: whoami)."),
     ] = None
     pids: Annotated[
