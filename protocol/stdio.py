@@ -13,15 +13,17 @@ import threading
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
+from protocol.events import Event, runs_handlers
 from protocol.messages import encode_error
 from protocol.server import Server
+from protocol.types import Outgoing, Reply
 
 log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
 WRITE_SLICE = 256 * 1024
 PIPE_SIZE = 1 << 20  # a large message (a page of output) then takes a few writes, not one per 64 KiB
-_PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
+_PARSE_ERROR = Reply(None, encode_error(None, PARSE_ERROR, "Parse error"))
 
 
 class Writer(Protocol):
@@ -107,7 +109,7 @@ async def serve_stdio(
     broken: list[BaseException] = []
     write_lock = asyncio.Lock()
 
-    async def sink(data: bytes) -> None:
+    async def sink(message: Outgoing) -> None:
         if broken:
             return  # the client stopped reading; keep consuming stdin until EOF
         try:
@@ -115,10 +117,10 @@ async def serve_stdio(
             # a drain after each: asyncio's pipe transport moves its whole remaining buffer after every
             # partial write, which is quadratic for a message of megabytes (a page of output).
             async with write_lock:
-                if len(data) < WRITE_SLICE:
-                    out.write(data + b"\n")
+                if len(message.data) < WRITE_SLICE:
+                    out.write(message.data + b"\n")
                 else:
-                    view = memoryview(data)
+                    view = memoryview(message.data)
                     for start in range(0, len(view), WRITE_SLICE):
                         out.write(view[start : start + WRITE_SLICE])
                         await out.drain()
@@ -132,9 +134,9 @@ async def serve_stdio(
     session.set_default_sink(sink)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def run(frame: Any) -> None:
+    async def run(events: list[Event]) -> None:
         try:
-            await session.dispatch(frame, sink)
+            await session.run(events, sink)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -153,14 +155,14 @@ async def serve_stdio(
         line = line.strip()
         if not line:
             continue
-        frame = session.parse(line)
-        if frame.has_async:
-            task = asyncio.get_running_loop().create_task(run(frame))
+        events = session.receive(line)
+        if runs_handlers(events):
+            task = asyncio.get_running_loop().create_task(run(events))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         else:
             # Quick methods, notifications (cancel!) and client responses are handled in line order.
-            await run(frame)
+            await run(events)
     if tasks:
         _done, pending = await asyncio.wait(list(tasks), timeout=eof_grace)
         for task in pending:

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conformance",
         action="store_true",
-        help="serve the MCP conformance fixture server instead (protocol.conformance)",
+        help="serve the MCP conformance fixture server instead (protocol.testing.conformance)",
     )
     add_limit_arguments(p)
     return p
@@ -252,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", message)
     if args.conformance:
         conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
-        return int(_entry("protocol.conformance", "main")(conf) or 0)
+        conf += ["--server-version", __version__]
+        return int(_entry("protocol.testing.conformance", "main")(conf) or 0)
     args.http_token = args.http_token or os.environ.get("CONTREE_MCP_HTTP_TOKEN") or None
     if args.http_tokens_file is not None:
         try:
@@ -378,8 +379,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
-    from protocol.http import HttpSettings
-    from protocol.http import serve_http as serve
+    from protocol.http_app import serve_http as serve
+    from protocol.http_guard import HttpSettings
     from tools.docs_site import docs_routes
 
     settings = HttpSettings(

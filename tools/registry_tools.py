@@ -244,6 +244,7 @@ GUIDES:
 - [USEFUL] contree://guide/reference
 - [USEFUL] contree://guide/tagging""",
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=True),
+        tasks="optional",  # a long import becomes a task for 2026-07-28 clients with the Tasks extension
     )
     async def import_image(params: ImportImageParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         url = params.registry_url.strip()

@@ -12,14 +12,23 @@ import msgspec
 from contree.errors import BackendError, BadRequest, NotFound
 from protocol.content import ResourceContents
 from protocol.errors import InvalidParams, ResourceNotFound
-from protocol.registry import Registry, RequestContext
+from protocol.registry import CacheHint, Registry, RequestContext
 from tools import output
 from tools.convert import as_dict
 from tools.guides import GUIDES, guide_text
 from tools.inspect_tools import decode_text, normalize_dir, read_bounded
 from tools.prompts import PROMPTS
+from tools.refs import is_uuid
 from tools.state import ServerState
 
+# 2026-07-28 caching hints. Guides ship with the server: the same for everyone.
+GUIDE_CACHE = CacheHint(3_600_000, "public")
+# An image never changes once made, so what is read from it by UUID stays true; by tag it may move.
+IMAGE_CACHE = CacheHint(86_400_000, "private")
+
+
+def image_cache(variables: dict[str, str]) -> CacheHint:
+    return IMAGE_CACHE if is_uuid(variables.get("image", "")) else CacheHint()
 
 async def _resolve(state: ServerState, ctx: RequestContext, uri: str, image: str) -> str:
     try:
@@ -74,6 +83,7 @@ def register_guides(registry: Registry, state: ServerState) -> None:
             title=f"Contree Guide: {section.capitalize()}",
             description=f"Guide section on {section}",
             mime_type="text/markdown",
+            cache=GUIDE_CACHE,
         )(make(section))
 
 
@@ -86,6 +96,7 @@ def register_guide_template(registry: Registry, state: ServerState) -> None:
         title="Contree Guide",
         description="A guide section: workflow, reference, quickstart, state, async, tagging or errors.",
         mime_type="text/markdown",
+        cache=GUIDE_CACHE,
     )
     async def guide(ctx: RequestContext, section: str) -> str:
         if section not in GUIDES:
@@ -112,6 +123,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
             "read_file tool with offset, or download."
         ),
         mime_type="text/plain",
+        cache=image_cache,
     )
     async def read_file(ctx: RequestContext, image: str, path: str) -> list[ResourceContents]:
         uri = f"contree://image/{image}/read/{path}"
@@ -144,6 +156,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         title="Directory listing of an image",
         description="An `ls -l`-style listing of a directory in an image; `ls/` or `ls/.` lists the root.",
         mime_type="text/plain",
+        cache=image_cache,
     )
     async def image_ls(ctx: RequestContext, image: str, path: str) -> str:
         uri = f"contree://image/{image}/ls/{path}"

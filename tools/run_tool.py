@@ -309,6 +309,9 @@ GUIDES:
 - [ESSENTIAL] contree://guide/state
 - [USEFUL] contree://guide/async""",
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=False, open_world=True),
+        # 2026-07-28 clients with the Tasks extension: a wait=true run still going after a second becomes a
+        # task (polled with tasks/get; live output in its statusMessage); wait=false stays an operation id.
+        tasks="optional",
     )
     async def run(params: RunParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         with backend_errors("run"):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol import transcript
+from protocol.testing import transcript
 from tests.tools.conftest import require_engine_host, seed_busybox
 from tests.tools.test_import_roots import write_layout
 
