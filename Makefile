@@ -10,8 +10,10 @@ HTTP_PORT ?= 9452
 PYTEST_ARGS ?=
 
 # Debian packages the engine, the OCI fixtures and the browser tests use.
+# qemu-system-x86 + linux-image-amd64 (+ cpio): the cgroup v2 VM of tests/engine/test_cgroups_v2_vm.py.
 APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap \
-	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl
+	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl \
+	qemu-system-x86 linux-image-amd64 cpio
 
 .PHONY: install install-system install-python install-validators run serve-stdio bootstrap test lint bench clean check-api
 

@@ -42,8 +42,8 @@ _file_response = msgspec.json.Decoder(api.FileResponse)
 class ServiceBackend(RemoteBackend):
     """`import_roots`: directories local image sources must resolve into (sent with every import, the
     engine re-checks them when it opens the source); None = no restriction beyond the user's own rights.
-    `client_name` is what `engine status` lists for this client. `output_quota` (bytes of output one run
-    may store) configures a service this client starts; a running one keeps its own setting."""
+    `client_name` is what `engine status` lists for this client. `engine_options` (`engine serve` flags:
+    output quota, sandbox limits) configure a service this client starts; a running one keeps its own."""
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class ServiceBackend(RemoteBackend):
         user_agent: str | None = None,
         version: str | None = None,
         timeout: float = 300.0,
-        output_quota: int | None = None,
+        engine_options: Sequence[str] = (),
     ) -> None:
         super().__init__(
             f"{ROOT}/v1", token=None, user_agent=user_agent, timeout=timeout, connect_timeout=10.0
@@ -63,7 +63,7 @@ class ServiceBackend(RemoteBackend):
         self.import_roots = tuple(import_roots) if import_roots is not None else None
         self.client_name = client_name
         self.version = version
-        self.output_quota = output_quota
+        self.engine_options = list(engine_options)
         self.status: control.ServiceStatus | None = None
         self._address: SocketAddress | None = None  # made once the home exists (a first start creates it)
         self._restart = asyncio.Lock()
@@ -77,28 +77,20 @@ class ServiceBackend(RemoteBackend):
 
     async def connect(self) -> control.ServiceStatus:
         """Reach (or start) the home's service and attach to it. Raises EngineStartError."""
-        self.status = await ensure_service(self.home, version=self.version, options=self._service_options())
-        if self.output_quota is not None:
-            await self._check_output_quota()
+        reached = await ensure_service(self.home, version=self.version, options=self.engine_options)
+        self.status = reached.status
+        if self.engine_options and not reached.started:
+            log.warning(
+                "the engine service at %s was already running: it keeps its own settings, not %s "
+                "(contree-mcp engine stop --home %s, then start again, to apply them)",
+                self.home, " ".join(self.engine_options), self.home,
+            )
         log.info(
             "engine service at %s (pid %d, contree-mcp %s)", self.home, self.status.pid, self.status.version
         )
         if self._lease is None:
             self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
         return self.status
-
-    def _service_options(self) -> list[str]:
-        """`engine serve` options for a service this client starts (engine settings it asked for)."""
-        return [] if self.output_quota is None else ["--output-quota", str(self.output_quota)]
-
-    async def _check_output_quota(self) -> None:
-        kept = (await self.whoami()).limits.get("output_quota_bytes")
-        if kept != self.output_quota:
-            log.warning(
-                "the engine service at %s keeps %s bytes of output per run, not the %d asked for: it was "
-                "started with another --output-quota (contree-mcp engine stop --home %s, then start again)",
-                self.home, kept, self.output_quota, self.home,
-            )
 
     def _make_connector(self) -> aiohttp.BaseConnector | None:
         if self._address is None:
@@ -111,9 +103,10 @@ class ServiceBackend(RemoteBackend):
         async with self._restart:
             if generation == self._generation:  # nobody else did it while we waited
                 try:
-                    self.status = await ensure_service(
-                        self.home, version=self.version, options=self._service_options()
+                    reached = await ensure_service(
+                        self.home, version=self.version, options=self.engine_options
                     )
+                    self.status = reached.status
                 except EngineStartError as exc:
                     raise Unavailable(str(exc)) from None
                 self._generation += 1
