@@ -143,6 +143,9 @@ class ExecSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     gid: NonNegative = 0
     stdin: ClosableStreamRepr | None = None
     truncate_output_at: NonNegative = DEFAULT_TRUNCATE_OUTPUT_AT
+    # Extension (the API has none, CONTREE-API §14 #12): seconds before the process is killed. The
+    # embedded engine's long-lived sandboxes honour it; absent = as long as the instance runs.
+    timeout: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
 
 
 class InstanceSpawnRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -50,11 +50,20 @@ from contree.engine.oplog import (
 )
 from contree.engine.prune import disk_usage
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
+from contree.engine.sandboxes import SandboxManager
 from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
 from contree.engine.store import MAX_DEPTH, ImageRecord, Store
 from contree.engine.watchdog import Watchdog
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
+from contree.sandbox_api import (
+    DEFAULT_TTL,
+    PortForward,
+    SandboxInfo,
+    SandboxRequest,
+    SandboxSnapshot,
+    StopSandboxRequest,
+)
 from contree.timeparse import isoformat
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,8 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
     output_quota_bytes: int = DEFAULT_OUTPUT_QUOTA  # stdout+stderr one run may store (the rest is counted)
+    sandbox_max_count: int = 16  # long-lived sandboxes running at once (beside instance_max_concurrency)
+    sandbox_max_ttl: int = 24 * 3600  # the longest idle lifetime a sandbox may ask for (seconds)
     # Sandbox memory/CPU/pids: defaults, per-run maxima and the engine's total (None = from the host).
     resources: ResourceSettings = msgspec.field(default_factory=ResourceSettings)
 
@@ -97,6 +108,7 @@ class LocalEngine:
         self.blobs: BlobStore | None = None
         self.watchdog: Watchdog | None = None
         self._runs: dict[str, InstanceRun] = {}
+        self.sandboxes = SandboxManager(self)  # long-lived sandboxes (sandbox_api.SandboxHost)
         self.sandbox_limits: LimitPolicy | None = None  # resolved from `limits.resources` at start
         self._layer_cap: int | None = None
         self._lock_fd = -1
@@ -138,6 +150,7 @@ class LocalEngine:
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
             "image_import": self.limits.images_import_max_concurrency,
+            "sandbox": self.limits.sandbox_max_count,
         })
 
     async def _start_runtime(self, engine_id: str) -> None:
@@ -187,6 +200,7 @@ class LocalEngine:
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
+        self.sandboxes.close()
         if self.runtime is not None:
             runtime, self.runtime = self.runtime, None
             try:
@@ -491,6 +505,33 @@ class LocalEngine:
             raise BadRequest(str(exc)) from None
         await self._live_run(operation_id).write_stdin(spid, data, close=chunk.close)
 
+    async def wait_subprocess(self, operation_id: str, spid: int, wait: float) -> api.InstanceResult:
+        """`get_subprocess` once the process exited or `wait` seconds passed (beyond the API)."""
+        return await self.sandboxes.wait_subprocess(operation_id, spid, wait)
+
+    # ------------------------------------------------------------------ long-lived sandboxes
+
+    async def start_sandbox(self, request: SandboxRequest) -> SandboxInfo:
+        return await self.sandboxes.start(request)
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        return self.sandboxes.list()
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self.sandboxes.get(sandbox_id)
+
+    async def expose_port(self, sandbox_id: str, port: int) -> PortForward:
+        return (await self.sandboxes.expose(sandbox_id, port))[0]
+
+    async def close_port(self, sandbox_id: str, port: int) -> None:
+        await self.sandboxes.close_port(sandbox_id, port)
+
+    async def snapshot_sandbox(self, sandbox_id: str) -> SandboxSnapshot:
+        return await self.sandboxes.snapshot(sandbox_id)
+
+    async def stop_sandbox(self, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
+        return await self.sandboxes.stop(sandbox_id, request)
+
     # ------------------------------------------------------------------ inspect
 
     def _image_for_inspect(self, image_uuid: str) -> ImageRecord:
@@ -552,6 +593,9 @@ class LocalEngine:
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
                 "output_quota_bytes": lim.output_quota_bytes,
+                "sandbox_max_count": lim.sandbox_max_count,
+                "sandbox_max_ttl_seconds": lim.sandbox_max_ttl,
+                "sandbox_default_ttl_seconds": min(DEFAULT_TTL, lim.sandbox_max_ttl),
                 **(self.sandbox_limits.whoami() if self.sandbox_limits is not None else {}),
             },
             operations_stat={},

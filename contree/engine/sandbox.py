@@ -70,6 +70,10 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
     pids_limit: int | None = 256
     cpu_quota: float | None = None  # cores
     stdin: bool = True  # a pipe; False = /dev/null. Output always goes through pipes.
+    # A long-lived sandbox's init: host descriptors its process gets as fds 3, 4, … (`--preserve-fds`),
+    # and OCI mounts beyond the standard ones (its binary, bound into the sandbox's own /dev).
+    pass_fds: list[int] = msgspec.field(default_factory=list)
+    extra_mounts: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class RuntimeConfig(msgspec.Struct, kw_only=True):
@@ -167,7 +171,7 @@ class _Child:
         self.stderr: asyncio.StreamReader
 
     @classmethod
-    async def spawn(cls, argv: list[str], *, stdin: bool) -> _Child:
+    async def spawn(cls, argv: list[str], *, stdin: bool, pass_fds: list[int] | None = None) -> _Child:
         pipes = {}
         fds_to_close = []
         try:
@@ -184,6 +188,8 @@ class _Child:
                 actions.append((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0))
             actions.append((os.POSIX_SPAWN_DUP2, pipes[1][1], 1))
             actions.append((os.POSIX_SPAWN_DUP2, pipes[2][1], 2))
+            for n, fd in enumerate(pass_fds or (), start=3):  # dup2 clears close-on-exec on the copy
+                actions.append((os.POSIX_SPAWN_DUP2, fd, n))
             # posix_spawn is vfork+exec: it returns as soon as the child execs, so it does not block.
             pid = os.posix_spawn(  # noqa: ASYNC221
                 argv[0], argv, _SPAWN_ENV, file_actions=actions, setsid=True, setsigmask=(),
@@ -684,7 +690,7 @@ class SandboxRuntime:
                 # (OOM kills, refused forks), and those counters outlive the runtime's own leaf.
                 netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
                 rlimits=self.rlimits, seccomp=self.config.seccomp, seccomp_bpf_b64=self._seccomp_b64,
-                extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files),
+                extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files) + spec.extra_mounts,
                 # A prepared netns comes with the user namespace that owns it (same id mapping).
                 userns_path=net.userns_path,
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
@@ -697,7 +703,9 @@ class SandboxRuntime:
             argv = [*self.runtime_argv()]
             if self.runtime == "runsc":
                 argv.append("--network=none")
-            child = await _Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
+            preserve = [f"--preserve-fds={len(spec.pass_fds)}"] if spec.pass_fds else []
+            child = await _Child.spawn([*argv, "run", *preserve, "--bundle", str(bundle), sid],
+                                       stdin=spec.stdin, pass_fds=spec.pass_fds)
         except BaseException:
             if bind is not None:
                 with contextlib.suppress(OSError):

@@ -89,6 +89,8 @@ class Process:
 class InstanceRun:
     """One instance operation from ASSIGNED to its `completion` event and the sandbox teardown."""
 
+    MAIN_FROM_IMAGE = True  # spid 1's executable is the image's (a long-lived sandbox brings its own)
+
     def __init__(
         self,
         *,
@@ -339,7 +341,8 @@ class InstanceRun:
             if exc.errno != errno.ENOSPC:
                 raise
             raise LayerTooLarge(f"the injected files and cwd do not fit in {self.layer_limit}") from None
-        if not find_executable(rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH), plan.cwd):
+        path = plan.env.get("PATH", spawn.DEFAULT_PATH)
+        if self.MAIN_FROM_IMAGE and not find_executable(rootfs, plan.argv[0], path, plan.cwd):
             what = "shell" if plan.shell else "executable"
             raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
         if idmap is not None:
@@ -392,9 +395,13 @@ class InstanceRun:
         task.add_done_callback(self._watchers.discard)
 
     def _register(
-        self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int, keep_open: bool
+        self, spid: int, handle: Any, pid: int, plan: spawn.ProcessPlan, truncate_at: int, keep_open: bool,
+        timeout: float | None = None,
     ) -> Process:
+        """`timeout`: the process's own (seconds, 0 = none), else what is left of the operation's."""
         events = self.events
+        if timeout is None:
+            timeout = max(1, int(self.deadline - time.monotonic() + 0.5))
         assert events is not None
         events.append(
             "spawn",
@@ -406,7 +413,7 @@ class InstanceRun:
                 "cwd": plan.cwd,
                 "uid": plan.uid,
                 "gid": plan.gid,
-                "timeout": max(1, int(self.deadline - time.monotonic() + 0.5)),
+                "timeout": int(timeout),
                 "truncate_at": truncate_at,
                 "env": mask_env(plan.env),
             },
