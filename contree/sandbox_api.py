@@ -11,7 +11,7 @@ stop that may commit.
     POST   /v1/sandboxes                      SandboxRequest      -> 201 SandboxInfo (running)
     GET    /v1/sandboxes                                          -> 200 SandboxList (running ones)
     GET    /v1/sandboxes/{id}                                     -> 200 SandboxInfo (also once ended)
-    POST   /v1/sandboxes/{id}/ports           PortRequest         -> 201 PortForward (200: already)
+    POST   /v1/sandboxes/{id}/ports           PortRequest         -> 200 PortForward (an existing one too)
     DELETE /v1/sandboxes/{id}/ports/{port}                        -> 204
     POST   /v1/sandboxes/{id}/snapshot                            -> 201 SandboxSnapshot
     POST   /v1/sandboxes/{id}/stop            StopSandboxRequest  -> 200 SandboxInfo (ended)
@@ -29,7 +29,7 @@ from contree import api
 
 __all__ = [
     "DEFAULT_TTL", "MAX_WAIT", "PortForward", "PortRequest", "SandboxHost", "SandboxInfo", "SandboxList",
-    "SandboxRequest", "SandboxSnapshot", "StopSandboxRequest",
+    "SandboxRequest", "SandboxSnapshot", "StopSandboxRequest", "process_exited",
 ]
 
 DEFAULT_TTL = 1800  # seconds of idleness before a sandbox is stopped
@@ -117,6 +117,12 @@ class SandboxSnapshot(msgspec.Struct, kw_only=True):
 class StopSandboxRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     commit: bool = False  # keep the filesystem as a new image (SandboxInfo.result_image)
     grace_seconds: Annotated[float, Meta(ge=0, le=60)] = 2.0  # SIGTERM, then SIGKILL after this long
+
+
+def process_exited(result: api.InstanceResult) -> bool:
+    """Whether a subprocess result is final (a running process reports exit_code = signal = -1)."""
+    state = result.state
+    return state is not None and (state.exit_code != -1 or state.signal != -1)
 
 
 @runtime_checkable

@@ -21,6 +21,7 @@ from tools import (
     registry_tools,
     resources,
     run_tool,
+    sandbox_tools,
     sync_tools,
 )
 from tools.dirstate import DirectoryStates
@@ -97,6 +98,9 @@ def build_registry(state: ServerState) -> Registry:
     # beyond the reference's 19 (COMPAT §14: new names only, after them)
     disk_tools.register(registry, state)
     order.append("delete_image")
+    sandbox_tools.register(registry, state)
+    order += ["start_sandbox", "exec", "write_stdin", "signal_process", "get_process", "expose_port",
+              "snapshot_sandbox", "stop_sandbox", "list_sandboxes"]
     registry.tools = {name: registry.tools[name] for name in order}
     resources.register_templates(registry, state)
     resources.register_guides(registry, state)

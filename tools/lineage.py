@@ -206,7 +206,7 @@ class Lineage:
                 op = as_dict(await self._backend.get_operation(entry.operation_id))
             except BackendError:
                 return entry
-            entry.command = command_of(op)
+            entry.command = command_of(op, image=uuid)
             if op.get("kind") == "image_import":
                 entry.registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
         return entry
@@ -273,16 +273,31 @@ class Lineage:
         self._store.close()
 
 
-def command_of(op: dict[str, Any]) -> str | None:
-    """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS."""
+def command_of(op: dict[str, Any], image: str | None = None) -> str | None:
+    """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS. For a
+    long-lived sandbox: the commands run in it before `image` (a snapshot of it) was taken."""
     meta = as_dict(op.get("metadata"))
     command = meta.get("command")
     if not isinstance(command, str) or op.get("kind") not in (None, "instance"):
         return None
+    sandbox = as_dict(meta.get("sandbox"))
+    if sandbox:
+        return sandbox_commands(sandbox, image)
     args = meta.get("args")
     if isinstance(args, list) and args:
         command = " ".join([command, *map(str, args)])
     return command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 1] + "…"
+
+
+def sandbox_commands(sandbox: dict[str, Any], image: str | None = None) -> str:
+    """'sandbox: cmd1; cmd2; …' — what ran in a sandbox before `image` was taken from it (all so far
+    when `image` is not one of its snapshots)."""
+    commands = [str(c) for c in sandbox.get("commands") or []]
+    taken = as_dict(sandbox.get("snapshot_commands")).get(image or "")
+    if isinstance(taken, int):
+        commands = commands[:taken]
+    text = "sandbox: " + ("; ".join(commands) if commands else "(no commands)")
+    return text if len(text) <= COMMAND_CHARS else text[: COMMAND_CHARS - 1] + "…"
 
 
 def _uuid_of(value: Any) -> str | None:

@@ -60,13 +60,14 @@ class StreamPage(msgspec.Struct, kw_only=True):
 
 
 async def fetch(
-    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False
+    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False,
+    spid: int = 1,
 ) -> OutputPage:
     """Raw bytes of a stream: from the engine's spill, else (cloud) from the recorded event log."""
-    page = await engine_page(state, operation_id, stream, offset=offset, limit=limit, tail=tail)
+    page = await engine_page(state, operation_id, stream, offset=offset, limit=limit, tail=tail, spid=spid)
     if page is not None:
         return page
-    whole, dropped, complete = await events_stream(state, operation_id, stream)
+    whole, dropped, complete = await events_stream(state, operation_id, stream, spid=spid)
     start = max(0, len(whole) - limit) if tail else offset
     if start > len(whole):
         raise ValueError(f"offset {offset} is beyond the end of {stream} ({len(whole)} bytes recorded)")
@@ -76,22 +77,27 @@ async def fetch(
 
 
 async def engine_page(
-    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False
+    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False,
+    spid: int = 1,
 ) -> OutputPage | None:
     """The engine's page of a stream; None when the backend keeps no whole output (remembered)."""
     backend = state.backend
     if not state.output_paging or not isinstance(backend, OutputReader):
         return None
     try:
-        return await backend.read_output(operation_id, stream, offset=offset, limit=limit, tail=tail)
+        return await backend.read_output(operation_id, stream, spid=spid, offset=offset, limit=limit,
+                                         tail=tail)
     except NotFound:
         # The callers checked that the operation exists: this server has no output paging.
         state.output_paging = False
         return None
 
 
-async def events_stream(state: ServerState, operation_id: str, stream: str) -> tuple[bytes, int, bool]:
-    """(bytes, bytes not recorded, log complete) of spid 1's stream, read from the operation's event log."""
+async def events_stream(
+    state: ServerState, operation_id: str, stream: str, *, spid: int = 1
+) -> tuple[bytes, int, bool]:
+    """(bytes, bytes not recorded, log complete) of a process's stream, read from the operation's event
+    log (spid 1: the main process)."""
     chunks: list[bytes] = []
     dropped = 0
     complete = False
@@ -100,7 +106,7 @@ async def events_stream(state: ServerState, operation_id: str, stream: str) -> t
         kind = data.get("type")
         if kind == "completion":
             complete = True
-        if data.get("spid", 1) not in (1, None):
+        if data.get("spid", 1) not in ((1, None) if spid == 1 else (spid,)):
             continue
         payload = as_dict(data.get("data"))
         if kind == stream:
@@ -131,11 +137,12 @@ async def read_page(
     offset: int,
     limit: int,
     json_budget: int | None = None,
+    spid: int = 1,
 ) -> StreamPage:
     """Bytes [offset, offset+limit) of a stream, never ending inside a UTF-8 character: a text page stops
     at the last whole character (or, when the limit is smaller than the first character, holds that one
     character). `json_budget` shortens a text page whose JSON form would be larger."""
-    raw = await fetch(state, operation_id, stream, offset=offset, limit=limit + UTF8_SLACK)
+    raw = await fetch(state, operation_id, stream, offset=offset, limit=limit + UTF8_SLACK, spid=spid)
     data = raw.data
     if len(data) > limit:
         cut = utf8_boundary(data, limit)
@@ -169,6 +176,24 @@ def stream_uri(operation_id: str, stream: str) -> str:
     return f"{RESOURCE_BASE}/{operation_id}/{stream}"
 
 
+class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a shaped result's streams are read whole: a run's (spid 1) or a sandbox process's."""
+
+    operation_id: str
+    spid: int = 1
+    resource_base: str | None = None  # …/<stream> is the resource; None: the run's stream resource
+    tool_call: str | None = None  # '<tool>(<args>, stream="{stream}", offset={offset})' template
+
+    def uri(self, stream: str) -> str:
+        if self.resource_base is None:
+            return stream_uri(self.operation_id, stream)
+        return f"{self.resource_base}/{stream}"
+
+    def call(self, stream: str, offset: int) -> str:
+        template = self.tool_call or 'get_operation(operation_id, stream="{stream}", offset={offset})'
+        return template.format(stream=stream, offset=offset)
+
+
 class _View(msgspec.Struct, kw_only=True):
     """One stream of a result while it is being shaped: head bytes, tail bytes and what is beyond."""
 
@@ -185,13 +210,13 @@ class _View(msgspec.Struct, kw_only=True):
 
 
 async def _view(
-    state: ServerState, op_id: str, stream: str, recorded: Any, cap: int, truncated: bool
+    state: ServerState, op_id: str, stream: str, recorded: Any, cap: int, truncated: bool, spid: int = 1
 ) -> _View:
     raw, api_cut = stream_raw(recorded)
     head = raw[: head_length(raw, cap)]
     if not truncated:
         return _View(head=head, total=len(raw))
-    page = await engine_page(state, op_id, stream, offset=0, limit=cap, tail=True)
+    page = await engine_page(state, op_id, stream, offset=0, limit=cap, tail=True, spid=spid)
     if page is not None and page.quota is not None:
         start = max(page.offset, len(head))
         return _View(
@@ -205,10 +230,10 @@ async def _view(
     return _View(head=head, total=len(raw), tail=raw[start:], recorded_only=api_cut)
 
 
-def _fit(out: OperationOutput, views: dict[str, _View], budget: int) -> None:
+def _fit(out: Any, views: dict[str, _View], budget: int, place: StreamPlace) -> None:
     """Shorten tails, then heads, until the result fits `budget` (bytes of pretty JSON)."""
     for _ in range(12):
-        _fill(out, views, hint=False)
+        _fill(out, views, place, hint=False)
         excess = result_size(out) - (budget - HINT_ROOM)
         if excess <= 0:
             return
@@ -227,7 +252,7 @@ def _fit(out: OperationOutput, views: dict[str, _View], budget: int) -> None:
             view.head = view.head[:keep]
 
 
-def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
+def _fill(out: Any, views: dict[str, _View], place: StreamPlace, *, hint: bool) -> None:
     notes: list[str] = []
     for name, view in views.items():
         cut = view.cut
@@ -235,9 +260,9 @@ def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
         setattr(out, f"{name}_truncated", cut)
         setattr(out, f"{name}_bytes", view.total)
         setattr(out, f"{name}_tail", as_text(view.tail) if view.tail else None)
-        setattr(out, f"{name}_resource", stream_uri(out.uuid, name) if cut else None)
+        setattr(out, f"{name}_resource", place.uri(name) if cut else None)
         if hint and cut:
-            notes.append(_note(out.uuid, name, view))
+            notes.append(_note(place, name, view))
     dropped = sum(v.dropped for v in views.values())
     out.output_quota_exceeded = dropped > 0
     out.output_bytes_kept = sum(v.total for v in views.values()) if dropped else None
@@ -245,7 +270,7 @@ def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
         out.hint = " ".join(notes)
 
 
-def _note(op_id: str, name: str, view: _View) -> str:
+def _note(place: StreamPlace, name: str, view: _View) -> str:
     shown = f"the first {len(view.head)} bytes ({name})"
     if view.tail:
         shown += f" and the last {len(view.tail)} ({name}_tail)"
@@ -253,8 +278,8 @@ def _note(op_id: str, name: str, view: _View) -> str:
     rest = view.total - len(view.head) - len(view.tail)
     if rest > 0:
         note += (
-            f" Read the rest with resources/read {stream_uri(op_id, name)}?offset={len(view.head)}"
-            f'&limit=<bytes>, or get_operation(operation_id, stream="{name}", offset={len(view.head)}).'
+            f" Read the rest with resources/read {place.uri(name)}?offset={len(view.head)}"
+            f"&limit=<bytes>, or {place.call(name, len(view.head))}."
         )
     if view.recorded_only:
         note += f" The Contree API recorded only these {view.total} bytes of {name}; the rest was not kept."
@@ -277,11 +302,22 @@ async def shape(
     if out.kind != "instance" or not out.uuid:
         return out
     recorded = as_dict(as_dict(data.get("metadata")).get("result"))
+    await shape_streams(state, out, StreamPlace(operation_id=out.uuid), recorded, cap=cap, budget=budget)
+    return out
+
+
+async def shape_streams(
+    state: ServerState, out: Any, place: StreamPlace, recorded: dict[str, Any], *, cap: int,
+    budget: int | None,
+) -> None:
+    """Fill `out`'s stream fields (`stdout`, `stdout_truncated`, `stdout_tail`, `stdout_bytes`,
+    `stdout_resource`, the same for stderr, `hint`, `output_quota_exceeded`, `output_bytes_kept`) from a
+    process's recorded result, within `budget` bytes of the whole result."""
     views = {
-        name: await _view(state, out.uuid, name, recorded.get(name), cap, getattr(out, f"{name}_truncated"))
+        name: await _view(state, place.operation_id, name, recorded.get(name), cap,
+                          getattr(out, f"{name}_truncated"), place.spid)
         for name in STREAMS
     }
     if budget is not None:
-        _fit(out, views, budget)
-    _fill(out, views, hint=True)
-    return out
+        _fit(out, views, budget, place)
+    _fill(out, views, place, hint=True)

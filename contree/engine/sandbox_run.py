@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCHDOG_SLACK = 120.0  # seconds the watchdog's deadline stays ahead of the idle expiry
-MAX_COMMANDS = 200  # commands remembered for the lineage of a sandbox's images
+MAX_COMMANDS = 100  # commands remembered (the first ones) for the lineage of a sandbox's images
 COMMAND_CHARS = 200
 FREEZE_TIMEOUT = 5.0
 
@@ -81,6 +81,7 @@ class SandboxRun(InstanceRun):
         self.commands: list[str] = []
         self.started_commands = 0
         self.snapshots: list[str] = []
+        self.snapshot_commands: dict[str, int] = {}  # image -> processes started before it was taken
         self._busy: dict[int, int] = {}  # spid -> lease token of a foreground process
         self._stop_request: tuple[bool, float] | None = None  # (commit, grace)
         self._stop_wake = asyncio.Event()
@@ -246,8 +247,8 @@ class SandboxRun(InstanceRun):
         text = " ".join([spec.command, *spec.args]) if spec.args else spec.command
         if len(text) > COMMAND_CHARS:
             text = text[: COMMAND_CHARS - 1] + "…"
-        self.commands.append(text)
-        del self.commands[:-MAX_COMMANDS]
+        if len(self.commands) < MAX_COMMANDS:  # the first ones: what a lineage entry shows
+            self.commands.append(text)
 
     def _record_failed_start(self, spid: int, plan: spawn.ProcessPlan, truncate_at: int, why: str) -> None:
         """A process that could not start is recorded like one that exited 127 saying why (as a shell
@@ -331,6 +332,7 @@ class SandboxRun(InstanceRun):
             result = child or image
             if child is not None:
                 self.snapshots.append(child.uuid)
+                self.snapshot_commands[child.uuid] = self.started_commands
                 self._record_sandbox()
                 assert engine.oplog is not None
                 engine.oplog.save(self.record)
@@ -369,6 +371,7 @@ class SandboxRun(InstanceRun):
             "commands": list(self.commands),
             "started_commands": self.started_commands,
             "snapshots": list(self.snapshots),
+            "snapshot_commands": dict(self.snapshot_commands),
             "stop_reason": self.stop_reason,
         }
 

@@ -1,4 +1,5 @@
-"""The seven guide sections (markdown files beside this module), shared by get_guide and the resources."""
+"""The guide sections (the reference's seven, then ours; markdown files beside this module), shared by
+get_guide and the resources."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from importlib import resources
 
 from tools.guidance import Guidance
 
-GUIDES: tuple[str, ...] = ("workflow", "reference", "quickstart", "state", "async", "tagging", "errors")
+GUIDES: tuple[str, ...] = (
+    "workflow", "reference", "quickstart", "state", "async", "tagging", "errors", "sandboxes",
+)
 
 
 @cache
