@@ -255,6 +255,10 @@ GUIDES:
 
 TL;DR: PURPOSE: find a sandbox started earlier (its id, ports, idle time). COST: free.
 
+USAGE:
+- list_sandboxes() → the running sandboxes this caller started; stopped ones are not listed (get_operation
+  with a sandbox_id still reads one).
+
 RETURNS: {sandboxes: [{sandbox_id, image, state, expires_at, idle_seconds, processes_running, ports:
 [{port, url}], snapshots, ...}]}
 
@@ -273,11 +277,12 @@ GUIDES:
     @registry.tool(
         name="stop_sandbox",
         title="Stop a sandbox",
-        description="""Stop a long-lived sandbox (SIGTERM to its processes, SIGKILL 2 s later).
+        description="""Stop a long-lived sandbox, optionally keeping its files as an image. Free (no VM).
 
 TL;DR: PURPOSE: end a sandbox, optionally keeping its filesystem as an image. COST: free.
 
 USAGE:
+- Its processes get SIGTERM, then SIGKILL 2 s later.
 - stop_sandbox(sandbox_id) discards its changes; commit=true keeps them as a new image (result_image,
   a child of the image it started from), like run(disposable=false).
 - Exposed ports close; exec afterwards is an error. Its processes' output stays readable.
@@ -313,7 +318,7 @@ GUIDES:
     @registry.tool(
         name="exec",
         title="Run a command in a sandbox",
-        description=f"""Run a command inside a running long-lived sandbox (state persists between execs).
+        description=f"""Run a command in a running long-lived sandbox (state persists). Free (no VM).
 
 TL;DR: PURPOSE: the next command in a sandbox from start_sandbox: same files, same running processes.
 COST: free (the {word} is already running).
@@ -432,11 +437,12 @@ GUIDES:
     @registry.tool(
         name="write_stdin",
         title="Write to a process's stdin",
-        description="""Write text (or bytes) to the stdin of a process started with exec(background=true).
+        description="""Write to the stdin of a process started with exec. Free (no VM).
 
 TL;DR: PURPOSE: feed a REPL, a `cat`, an interactive tool line by line. COST: free.
 
 USAGE:
+- Its stdin must be open: exec(background=true) leaves it open (or keep_stdin_open=true).
 - write_stdin(sandbox_id, process_id, data="print(1)\\n"); data_base64 for bytes; close=true sends EOF
   after the data (or alone). Read what it answered with get_process.
 
@@ -459,9 +465,13 @@ GUIDES:
     @registry.tool(
         name="signal_process",
         title="Signal a sandbox process",
-        description="""Send a signal to a process started with exec (and to what it started).
+        description="""Send a signal to a process started with exec. Free (no VM).
 
 TL;DR: PURPOSE: stop a background server (TERM), interrupt a REPL (INT), reload (HUP). COST: free.
+
+USAGE:
+- signal_process(sandbox_id, process_id) sends TERM to the process and what it started (its process
+  group); signal="INT" | "HUP" | "KILL" | "USR1" | a number.
 
 RETURNS: the process after up to 2 s: {status (running|exited|killed), exit_code, signal, stdout, ...}
 
@@ -483,7 +493,7 @@ GUIDES:
     @registry.tool(
         name="expose_port",
         title="Expose a sandbox port on this machine",
-        description="""Forward a TCP port of a running sandbox to 127.0.0.1 on the machine the engine runs on.
+        description="""Forward a sandbox's TCP port to 127.0.0.1 on the engine's machine. Free (no VM).
 
 TL;DR: PURPOSE: open a dev server in a browser, curl an API from the host. COST: free.
 
@@ -507,13 +517,13 @@ GUIDES:
         return ExposePortOutput(
             sandbox_id=sandbox_id, port=forward.port, url=forward.url, host=forward.host,
             host_port=forward.host_port,
-            hint=f"{forward.url} reaches port {forward.port} in the sandbox from this machine only "
-            "(127.0.0.1); it closes when the sandbox stops")
+            hint=f"url reaches port {forward.port} in the sandbox from this machine only (127.0.0.1); "
+            "it closes when the sandbox stops")
 
     @registry.tool(
         name="snapshot_sandbox",
         title="Snapshot a running sandbox",
-        description="""Save a running sandbox's filesystem as a new image; the sandbox keeps running.
+        description="""Save a running sandbox's filesystem as a new image while it runs. Free (no VM).
 
 TL;DR: PURPOSE: a rollback point or a branch point of live work (a database loaded, a build done).
 COST: free; the sandbox's processes pause while its changes are copied (pause_ms).
