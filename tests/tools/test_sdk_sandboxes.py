@@ -10,17 +10,75 @@ error and the port is closed; an idle sandbox is reaped after its TTL; nothing i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from mcp.shared.exceptions import McpError
+from pydantic import AnyUrl
+
+from contree.engine.local import LocalEngine
 from contree.engine.spawn_recover import engine_id_for
+from tests.netutil import free_port
 from tests.service_util import stop_service
-from tests.tools.conftest import mcp_session
+from tests.tools.conftest import http_server, mcp_session, require_engine_host, seed_busybox
+from tests.tools.fakes import call as registry_call
+from tests.tools.fakes import make_registry
 from tests.tools.test_sdk_tools import read, result
+
+# what the engine has beyond the Contree API: the cloud has none of it
+ENGINE_EXTRAS = frozenset(
+    (
+        "read_output",
+        "delete_image",
+        "disk_usage",
+        "image_lineage",
+        "wait_subprocess",
+        "start_sandbox",
+        "list_sandboxes",
+        "get_sandbox",
+        "expose_port",
+        "close_port",
+        "snapshot_sandbox",
+        "stop_sandbox",
+        "blobs",
+        "chunk_store",
+    )
+)
+
+
+class CloudLike:
+    """A real engine seen the way the Contree cloud looks to the tools: the API only."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self._engine = engine
+
+    async def whoami(self) -> Any:
+        me = await self._engine.whoami()
+        me.limits = {k: v for k, v in (me.limits or {}).items() if not k.startswith("sandbox_")}
+        return me
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ENGINE_EXTRAS:
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+async def reg_call(reg: Any, tool: str, args: dict[str, Any]) -> Any:
+    return await registry_call(reg, tool, args)
+
+
+async def fcall(reg: Any, tool: str, args: dict[str, Any]) -> Any:
+    out = await registry_call(reg, tool, args)
+    assert not out.get("isError"), out["content"][0]["text"]
+    return out["structuredContent"]
 
 
 async def call(session: Any, tool: str, args: dict[str, Any]) -> Any:
@@ -282,3 +340,105 @@ async def test_exec_errors_are_clear(engine_home: Path, workdir: Path) -> None:
         await call(session, "stop_sandbox", {"sandbox_id": sid})
         assert "has already stopped" in await error(session, "stop_sandbox", {"sandbox_id": sid})
     assert stop_service(engine_home)
+
+
+async def test_one_principal_cannot_reach_anothers_sandbox(
+    engine_home: Path, workdir: Path, tmp_path: Path
+) -> None:
+    """--http-tokens-file: another principal's sandbox reads as not found for exec, stdin, signals,
+    processes, ports, snapshots, stop, the process output resources, and is not listed."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice tok-alice-0123456789\nmallory tok-mallory-0123456789\n")
+    os.chmod(tokens, 0o600)
+
+    @contextlib.asynccontextmanager
+    async def as_(base: str, token: str) -> AsyncIterator[Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with streamablehttp_client(f"{base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+    port = free_port()
+    async with http_server(engine_home, workdir, port, "--http-tokens-file", str(tokens)) as base:
+        async with as_(base, "tok-alice-0123456789") as alice, as_(base, "tok-mallory-0123456789") as mallory:
+            box = await call(alice, "start_sandbox", {"image": "busybox:latest", "networking": False})
+            sid = box["sandbox_id"]
+            proc = await call(alice, "exec", {"sandbox_id": sid, "command": "cat", "background": True})
+            spid = proc["process_id"]
+            for tool, args in [
+                ("exec", {"sandbox_id": sid, "command": "echo pwned > /pwned"}),
+                ("write_stdin", {"sandbox_id": sid, "process_id": spid, "data": "x", "close": True}),
+                ("signal_process", {"sandbox_id": sid, "process_id": spid, "signal": "KILL"}),
+                ("get_process", {"sandbox_id": sid, "process_id": spid}),
+                ("expose_port", {"sandbox_id": sid, "port": 80}),
+                ("snapshot_sandbox", {"sandbox_id": sid}),
+                ("stop_sandbox", {"sandbox_id": sid}),
+            ]:
+                text = await error(mallory, tool, args)
+                assert f"sandbox {sid}: not found" in text, (tool, text)
+            assert (await call(mallory, "list_sandboxes", {}))["sandboxes"] == []
+            with pytest.raises(McpError, match="not found"):
+                await mallory.read_resource(AnyUrl(f"contree://sandboxes/{sid}/processes/{spid}/stdout"))
+            # nothing of it happened: alice's sandbox and process are as she left them
+            still = await call(alice, "get_process", {"sandbox_id": sid, "process_id": spid})
+            assert still["status"] == "running"
+            look = await call(alice, "exec", {"sandbox_id": sid, "command": "ls /pwned 2>&1; true"})
+            assert "No such file" in look["stdout"]
+            assert [b["sandbox_id"] for b in (await call(alice, "list_sandboxes", {}))["sandboxes"]] == [sid]
+            await call(alice, "stop_sandbox", {"sandbox_id": sid})
+
+
+async def test_cloud_sandboxes_use_the_subprocess_api_and_name_what_is_missing(tmp_path: Path) -> None:
+    """A backend without the engine's sandbox extension (the Contree cloud, here a real engine behind a
+    whoami without the sandbox limits): sandboxes are instances waiting on their stdin, processes go
+    through the subprocess API, and ports and live snapshots are errors naming the missing capability."""
+    require_engine_host()
+    seed_busybox(tmp_path / "home")
+    async with LocalEngine(tmp_path / "home") as engine:
+        reg, state = make_registry(CloudLike(engine), tmp_path, kind="contree")
+        try:
+            box = await fcall(reg, "start_sandbox", {"image": "busybox:latest", "networking": False})
+            sid = box["sandbox_id"]
+            op = await engine.get_operation(sid)
+            assert op.status == "EXECUTING" and "contree-mcp sandbox" in (op.metadata or {})["command"]
+            first = await fcall(reg, "exec", {"sandbox_id": sid, "command": "echo kept > /kept"})
+            assert first["exit_code"] == 0
+            again = await fcall(reg, "exec", {"sandbox_id": sid, "command": "cat /kept"})
+            assert again["stdout"] == "kept\n"
+            slow = await fcall(reg, "exec", {"sandbox_id": sid, "command": "sleep 30", "timeout": 1})
+            assert slow["status"] == "timed_out"
+            cat = await fcall(reg, "exec", {"sandbox_id": sid, "command": "cat", "background": True})
+            await fcall(
+                reg,
+                "write_stdin",
+                {"sandbox_id": sid, "process_id": cat["process_id"], "data": "via the API\n", "close": True},
+            )
+            fed = await fcall(
+                reg, "get_process", {"sandbox_id": sid, "process_id": cat["process_id"], "wait": 10}
+            )
+            assert fed["stdout"] == "via the API\n" and fed["status"] == "exited"
+            for tool, capability in (
+                ("expose_port", "port forwarding"),
+                ("snapshot_sandbox", "live snapshots"),
+            ):
+                args: dict[str, Any] = {"sandbox_id": sid, **({"port": 80} if tool == "expose_port" else {})}
+                out = await reg_call(reg, tool, args)
+                assert out.get("isError") and capability in out["content"][0]["text"]
+                assert "Contree cloud" in out["content"][0]["text"]
+            listed = await fcall(reg, "list_sandboxes", {})
+            assert [b["sandbox_id"] for b in listed["sandboxes"]] == [sid]
+            kept = await fcall(reg, "stop_sandbox", {"sandbox_id": sid, "commit": True})
+            assert kept["state"] == "stopped" and kept["result_image"]
+            out = await reg_call(reg, "exec", {"sandbox_id": sid, "command": "true"})
+            assert out.get("isError") and "has stopped" in out["content"][0]["text"]
+            gone = await fcall(reg, "start_sandbox", {"image": "busybox:latest", "networking": False})
+            await fcall(reg, "stop_sandbox", {"sandbox_id": gone["sandbox_id"]})
+            cancelled = await engine.get_operation(gone["sandbox_id"])
+            assert cancelled.status == "CANCELLED"
+        finally:
+            await engine.drain()
+            await state.close()  # closes the engine too
