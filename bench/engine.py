@@ -225,7 +225,9 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
             seccomp=rt.config.seccomp, seccomp_bpf_b64=rt._seccomp_b64,
             extra_mounts=rt._etc_mounts(spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none"))),
             uid_mappings=None if idmap is None else [oci_config.IdMapping(
-                containerID=0, hostID=idmap.base, size=idmap.size)])
+                containerID=0, hostID=idmap.base, size=idmap.size)],
+            gid_mappings=None if idmap is None else [oci_config.IdMapping(
+                containerID=0, hostID=idmap.gid_base, size=idmap.size)])
         proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, rt.rlimits)
         config = oci_config.build_config(opts, proc)
         (bundle / "config.json").write_text(json.dumps(config))

@@ -30,6 +30,7 @@ import xxhash
 
 from contree import api
 from contree.backend import FileQuery
+from contree.engine.home import private_dir, private_file
 from contree.engine.resolver import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.timeparse import isoformat, parse_timestamp
@@ -77,7 +78,7 @@ class _Staged:
 
     def __init__(self, tmp_dir: Path) -> None:
         self.path = tmp_dir / f"upload-{uuidlib.uuid4().hex}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.sha = hashlib.sha256()
         self.size = 0
 
@@ -98,7 +99,7 @@ class _Staged:
         if dest.exists():
             self.path.unlink()
         else:
-            os.chmod(self.path, 0o444)
+            os.chmod(self.path, 0o400)
             os.rename(self.path, dest)
             _fsync_dir(dest_dir)
         return digest, self.size
@@ -120,10 +121,11 @@ class BlobStore:
         self.chunks_dir = self.root / "chunks"
         self.tmp_dir = self.root / "tmp"
         for d in (self.root, self.files_dir, self.chunks_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         for leftover in self.tmp_dir.iterdir():  # half-written uploads of a previous process
             leftover.unlink(missing_ok=True)
         self._lock = threading.Lock()
+        private_file(self.root / "files.db")
         self._db = sqlite3.connect(self.root / "files.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -174,7 +176,7 @@ class BlobStore:
                 if dest.exists():
                     one.path.unlink()
                 else:
-                    os.chmod(one.path, 0o444)
+                    os.chmod(one.path, 0o400)
                     os.rename(one.path, dest)
                 done.append((digest, one.size))
             _fsync_dir(self.files_dir)
@@ -304,7 +306,7 @@ class BlobStore:
             raise BadRequest(f"chunk content hashes to {actual}, not {digest}")
         if path.exists():
             return
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = self.tmp_dir / f"chunk-{uuidlib.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -330,7 +332,7 @@ class BlobStore:
             if todo:
                 _syncfs(self.tmp_dir)
             for tmp, path in todo:
-                path.parent.mkdir(exist_ok=True)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
                 os.rename(tmp, path)
         except BaseException:
             for tmp, _ in todo:

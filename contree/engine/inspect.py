@@ -1,7 +1,7 @@
 """Inspect an image without a sandbox (CONTREE-API §12): list, download, archive, grep.
 
 Everything but grep reads through the userspace resolver (`Store.resolver`), so every path and symlink
-resolves inside the image. grep runs ripgrep over a read-only overlay mount of the image, on search
+resolves inside the image. grep runs ripgrep over a detached read-only overlay mount of the image, on search
 roots first resolved inside the image (ripgrep itself never follows a symlink); without `rg` a Python
 `re` search over the resolver gives the same result shape (regex dialects differ slightly).
 """
@@ -27,7 +27,7 @@ import msgspec
 
 from contree import api
 from contree.backend import GrepQuery
-from contree.engine.overlay import mount_overlay, unmount
+from contree.engine.overlay import open_overlay
 from contree.engine.resolver import Node, Resolver, normalize
 from contree.engine.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
@@ -404,20 +404,19 @@ async def grep(store: Store, image: ImageRecord, query: GrepQuery, *, rg: str | 
         return await asyncio.to_thread(grep_sync, store, image, query)
     roots = await asyncio.to_thread(_roots, store, image, query.path)
     collector = _Collector(query.max_total, query.after)
-    mnt = await asyncio.to_thread(store.staging_dir, "grep-mnt")
-    mnt.chmod(0o700)
     with store.pinned(image.layers):
-        await asyncio.to_thread(mount_overlay, store.layer_paths(image), None, None, mnt, readonly=True)
+        # Detached: never in the host's mount table, where other processes could reach it or a dead
+        # engine would leave it; rg gets it as its cwd and it goes away with the fd and rg.
+        mnt = await asyncio.to_thread(open_overlay, store.layer_paths(image), None, None, readonly=True)
         try:
             async with asyncio.timeout(deadline):
                 for shown, node in roots:
-                    if not await _rg_root(rg, mnt, query, shown, node, collector):
+                    if not await _rg_root(rg, Path(f"/proc/self/fd/{mnt}"), query, shown, node, collector):
                         break
         except TimeoutError:
             collector.truncated = True
         finally:
-            unmount(mnt)  # synchronous on purpose: it must happen even when the task is cancelled
-            mnt.rmdir()
+            os.close(mnt)  # synchronous on purpose: it must happen even when the task is cancelled
     return api.GrepResult(path=normalize(query.path[0]), patterns=list(query.pattern),
                           matches=collector.matches, truncated=collector.truncated)
 

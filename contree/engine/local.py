@@ -25,6 +25,7 @@ from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
+from contree.engine.home import prepare_home
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -41,6 +42,7 @@ from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
 from contree.engine.store import MAX_DEPTH, ImageRecord, Store
+from contree.engine.watchdog import Watchdog
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.timeparse import isoformat
 
@@ -79,6 +81,7 @@ class LocalEngine:
         self.queue: OperationQueue | None = None
         self.runtime: Any = None
         self.blobs: BlobStore | None = None
+        self.watchdog: Watchdog | None = None
         self._runs: dict[str, InstanceRun] = {}
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
@@ -87,7 +90,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         """Open the store and the operation log, recover from a previous crash, start the runtime."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        prepare_home(self.home)  # 0700, or refused/repaired before anything in it is used
         if self._lock_fd < 0:
             await self.lock_home()
         try:
@@ -112,6 +115,9 @@ class LocalEngine:
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
         self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
+        # Kills the sandboxes at their deadline and releases everything at once if this process dies.
+        self.watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=self.runtime.cgroups.parent,
+                                       home=self.home)
         self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
@@ -154,6 +160,9 @@ class LocalEngine:
                 await runtime.close()
             except Exception:  # keep closing: the databases and the home lock must be released
                 log.exception("closing the sandbox runtime failed")
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.oplog is not None:
             self.oplog.close()
             self.oplog = None

@@ -277,9 +277,10 @@ def delete_netns(name: str) -> None:
             pass
 
 
-async def make_owned_netns(name: str, base: int, size: int) -> str:
+async def make_owned_netns(name: str, base: int, gid_base: int, size: int) -> str:
     """A network namespace `NETNS_DIR/<name>` owned by a fresh user namespace that maps container ids
-    0..size-1 to host ids base..; returns that user namespace's file (`USERNS_DIR/<name>`).
+    0..size-1 to host uids base.. and gids gid_base..; returns that user namespace's file
+    (`USERNS_DIR/<name>`).
 
     A helper (`unshare -U -n sh`, util-linux) creates both and waits while we write its id maps and
     bind its namespaces to the two files; `unshare --map-users` would go through newuidmap, which
@@ -295,7 +296,7 @@ async def make_owned_netns(name: str, base: int, size: int) -> str:
         if await asyncio.wait_for(proc.stdout.readline(), 10) != b"ready\n":
             err = (await proc.stderr.read()).decode(errors="replace").strip()
             raise NetworkError(f"cannot create the sandbox's user and network namespaces: {err}")
-        write_id_maps(proc.pid, base, size)
+        write_id_maps(proc.pid, base, gid_base, size)
         for ns, target in (("net", NETNS_DIR / name), ("user", USERNS_DIR / name)):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch()
@@ -362,8 +363,9 @@ class NetworkManager:
         self._tag_fd = -1
         self._seq = 0
         self.egress_cgroup: Path | None = None  # slirp mode
-        # (base, size) when sandboxes run in a user namespace: each netns is then owned by one of its own.
-        self.userns_map: tuple[int, int] | None = None
+        # (uid base, gid base, size) when sandboxes run in a user namespace: each netns is then owned by
+        # one of its own.
+        self.userns_map: tuple[int, int, int] | None = None
 
     # ---- engine-level setup ----
 

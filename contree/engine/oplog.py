@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from contree import api
+from contree.engine.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
 from contree.timeparse import parse_timestamp
 
@@ -278,7 +279,8 @@ class OperationLog:
         self.home = home
         self.dir = home / "operations"
         self.size_cap = size_cap
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
+        private_file(home / "operations.db")
         self._db = sqlite3.connect(home / "operations.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -31,6 +31,7 @@ _FSMOUNT_CLOEXEC = 0x1
 _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
+_MOUNT_ATTR_NOEXEC = 0x8
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MNT_DETACH = 0x2
 
@@ -92,7 +93,22 @@ def mount_overlay(
     readonly: bool = False,
     volatile: bool = True,
 ) -> None:
-    """Mount an overlay of `lowers` (top layer first) with an optional upper/work pair on `target`.
+    """`open_overlay` attached on `target`."""
+    _attach(open_overlay(lowers, upper, work, readonly=readonly, volatile=volatile, target=target), target)
+
+
+def open_overlay(
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    *,
+    readonly: bool = False,
+    volatile: bool = True,
+    target: Path | None = None,
+) -> int:
+    """A detached overlay mount of `lowers` (top layer first) with an optional upper/work pair: an fd
+    usable as `/proc/self/fd/<fd>` (by this process and its children), unmounted when the last user of
+    it is gone. `target` only names the mount in errors.
 
     `volatile` (with an upper): the overlay never syncs. Without it, unmounting syncs the whole
     filesystem that holds the upper (`ovl_sync_fs`), which costs 3 ms idle and 50 ms when other
@@ -101,9 +117,11 @@ def mount_overlay(
     committed layer's data reaches the disk by normal writeback, like every other file the store does
     not fsync.
 
-    Always `nodev` (device nodes in an image never reach host devices). Without an upper the mount is
-    read-only. A single lower without an upper gets an empty second lower, because overlayfs refuses a
-    read-only mount of one layer ("at least 2 lowerdir are needed").
+    Always `nodev` and `nosuid`: device nodes in an image never reach host devices, and a setuid file
+    of an image is never setuid on the host, through this mount or any bind of it (binds keep the
+    flags; inside a sandbox they change nothing, its processes run with no_new_privs). Without an upper
+    the mount is read-only. A single lower without an upper gets an empty second lower, because
+    overlayfs refuses a read-only mount of one layer ("at least 2 lowerdir are needed").
     """
     if not lowers:
         raise OverlayError(errno.EINVAL, "an overlay needs at least one lower layer")
@@ -121,13 +139,15 @@ def mount_overlay(
     except OSError as exc:
         raise OverlayError(exc.errno, f"fsopen(overlay) failed: {exc.strerror} "
                            "(needs kernel ≥ 6.8 and root)") from exc
+    where = target if target is not None else "a detached mount"
+    held: list[int] = []
     try:
         try:
             for layer in lowers:
-                _set_string(fsfd, "lowerdir+", os.fspath(layer))
+                _set_string(fsfd, "lowerdir+", _by_fd(layer, held))
             if upper is not None and work is not None:
-                _set_string(fsfd, "upperdir", os.fspath(upper))
-                _set_string(fsfd, "workdir", os.fspath(work))
+                _set_string(fsfd, "upperdir", _by_fd(upper, held))
+                _set_string(fsfd, "workdir", _by_fd(work, held))
                 if volatile:
                     _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_SET_FLAG), b"volatile",
                           None, ctypes.c_int(0))
@@ -135,9 +155,9 @@ def mount_overlay(
                   ctypes.c_int(0))
         except OSError as exc:
             detail = _kernel_messages(fsfd)
-            raise OverlayError(exc.errno, f"overlay mount on {target} failed: {exc.strerror}"
+            raise OverlayError(exc.errno, f"overlay mount on {where} failed: {exc.strerror}"
                                + (f" ({detail})" if detail else "")) from exc
-        attrs = _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+        attrs = _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_RDONLY if readonly else 0)
         try:
             mfd = _call(_SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
                         ctypes.c_uint(attrs))
@@ -145,6 +165,29 @@ def mount_overlay(
             raise OverlayError(exc.errno, f"fsmount failed: {exc.strerror}") from exc
     finally:
         os.close(fsfd)
+        for fd in held:
+            os.close(fd)
+    return mfd
+
+
+def _by_fd(path: Path, held: list[int]) -> str:
+    """`path` as `/proc/self/fd/N` of an O_PATH fd kept in `held` until the mount is made.
+
+    Overlay shows its layers in mountinfo as they were named, and a sandbox reads its own mountinfo:
+    named this way, no path of the engine home (the user's name, the layout) reaches it."""
+    name = os.fspath(path)
+    if name.startswith("/proc/self/fd/"):
+        return name
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OverlayError(exc.errno or errno.EINVAL, f"overlay layer {name}: {exc.strerror}") from exc
+    held.append(fd)
+    return f"/proc/self/fd/{fd}"
+
+
+def _attach(mfd: int, target: Path) -> None:
+    """move_mount the detached mount `mfd` onto `target`, then close it."""
     try:
         _call(_SYS_MOVE_MOUNT, ctypes.c_int(mfd), b"", ctypes.c_int(-100), os.fsencode(target),
               ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
@@ -152,6 +195,27 @@ def mount_overlay(
         raise OverlayError(exc.errno, f"move_mount to {target} failed: {exc.strerror}") from exc
     finally:
         os.close(mfd)
+
+
+def mount_tmpfs(target: Path, *, mode: int = 0o700, size: str = "64m") -> None:
+    """A fresh tmpfs on `target` (nosuid, nodev, noexec)."""
+    try:
+        fsfd = _call(_SYS_FSOPEN, b"tmpfs", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    except OSError as exc:
+        raise OverlayError(exc.errno, f"fsopen(tmpfs) failed: {exc.strerror}") from exc
+    try:
+        try:
+            _set_string(fsfd, "mode", f"{mode:o}")
+            _set_string(fsfd, "size", size)
+            _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None,
+                  ctypes.c_int(0))
+            mfd = _call(_SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                        ctypes.c_uint(_MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC))
+        except OSError as exc:
+            raise OverlayError(exc.errno, f"tmpfs on {target} failed: {exc.strerror}") from exc
+    finally:
+        os.close(fsfd)
+    _attach(mfd, target)
 
 
 def bind_mount(source: Path, target: Path) -> None:

@@ -27,12 +27,12 @@ from typing import Any
 
 import msgspec
 
-from contree.engine import hostcheck, oci_config, seccomp
+from contree.engine import hostcheck, oci_config, seccomp, subids
 from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
-from contree.engine.overlay import bind_mount, mounts_under, unmount
-from contree.engine.userns import DEFAULT_BASE, DEFAULT_SIZE, IdMap, UsernsUnavailable
+from contree.engine.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
+from contree.engine.userns import IdMap, UsernsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     cgroup_parent: str | None = None  # default /contree-engine/<engine-id>
     # None = on when the host supports it (logged when not); True = required; False = off.
     userns: bool | None = None
-    userns_base: int = DEFAULT_BASE  # container id u is host id userns_base+u
+    # Container id u is host id userns_base+u (uids and gids). None: the engine's own range, recorded as
+    # `contree-engine` in /etc/subuid and /etc/subgid (allocated at first start, see subids.py).
+    userns_base: int | None = None
     subnet: str = DEFAULT_SUBNET
     ipam_dir: Path = IPAM_DIR
     seccomp: bool = True
@@ -478,13 +480,19 @@ class SandboxRuntime:
         rt._lock_fd = lock_fd
         rt.idmap = idmap
         if idmap is not None:
-            network.userns_map = (idmap.base, idmap.size)
-        rt.root_dir.mkdir(parents=True, exist_ok=True)
-        rt.bundles.mkdir(parents=True, exist_ok=True)
-        if idmap is not None:
-            rt.rootfs_binds.mkdir(parents=True, exist_ok=True)
-            for d in (RUN_DIR, ROOTFS_BINDS, rt.rootfs_binds):
-                d.chmod(0o755)
+            network.userns_map = (idmap.base, idmap.gid_base, idmap.size)
+        try:
+            # The runtime's state and the bundles hold each sandbox's config (its environment): root only.
+            _run_dir(rt.root_dir, None)
+            _run_dir(rt.bundles, None)
+            # A tmpfs of the engine's own: a sandbox's mountinfo shows the source of its /etc binds as
+            # a path inside it (/<sandbox>/hosts), never a host path; and bundles stay off the disk.
+            mount_tmpfs(rt.bundles)
+            if idmap is not None:
+                _run_dir(rt.rootfs_binds, idmap.gid_base)
+        except BaseException:
+            await rt.close()
+            raise
         if config.seccomp and runtime == "crun":
             try:
                 rt._seccomp_b64 = seccomp.compiled_bpf_b64()
@@ -680,7 +688,9 @@ class SandboxRuntime:
                 # A prepared netns comes with the user namespace that owns it (same id mapping).
                 userns_path=net.userns_path,
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
-                    containerID=0, hostID=self.idmap.base, size=self.idmap.size)])
+                    containerID=0, hostID=self.idmap.base, size=self.idmap.size)],
+                gid_mappings=None if self.idmap is None else [oci_config.IdMapping(
+                    containerID=0, hostID=self.idmap.gid_base, size=self.idmap.size)])
             proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
             # msgspec: 15 us for the ~15 KB config, json.dumps took 150 us of the run's path.
             (bundle / "config.json").write_bytes(msgspec.json.encode(oci_config.build_config(opts, proc)))
@@ -733,7 +743,10 @@ class SandboxRuntime:
         except Exception as exc:
             errors.append(f"cgroups: {exc}")
         shutil.rmtree(self.root_dir, ignore_errors=True)
-        shutil.rmtree(self.bundles, ignore_errors=True)
+        try:
+            _release_bundles(self.bundles)
+        except OSError as exc:
+            errors.append(f"bundles: {exc}")
         try:
             _release_binds(self.rootfs_binds)
         except OSError as exc:
@@ -741,12 +754,26 @@ class SandboxRuntime:
         if self.idmap is not None:
             self.idmap.close()
         if self._lock_fd >= 0:
-            with contextlib.suppress(OSError):
-                _engine_lock_path(self.engine_id).unlink()  # one file per engine id would pile up
-            os.close(self._lock_fd)
+            release_engine_lock(self.engine_id, self._lock_fd)
             self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
+
+
+def _run_dir(path: Path, group: int | None) -> None:
+    """A per-engine dir under RUN_DIR that no other local user may enter: 0700, or root:`group` 0710
+    when the sandbox's remapped root (host gid `group`) must traverse it (the rootfs binds: the
+    runtime reaches the rootfs as that root). Either way no other user reaches a running sandbox's
+    files, setuid binaries included, or its config. The dirs above are 0711: traversable by every
+    engine's sandboxes, listable by no one."""
+    for shared in reversed(path.parents):
+        if shared == RUN_DIR or RUN_DIR in shared.parents:
+            shared.mkdir(mode=0o711, exist_ok=True)
+            if stat.S_IMODE(shared.stat().st_mode) & 0o066:
+                shared.chmod(0o711)
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chown(path, os.geteuid(), os.getegid() if group is None else group)
+    path.chmod(0o700 if group is None else 0o710)
 
 
 def _release_bind(point: Path) -> None:
@@ -755,6 +782,13 @@ def _release_bind(point: Path) -> None:
     unmount(point)
     with contextlib.suppress(FileNotFoundError):
         point.rmdir()
+
+
+def _release_bundles(path: Path) -> None:
+    """Unmount an engine's bundles tmpfs (and anything mounted below it), then remove the dir."""
+    for point in mounts_under(path):
+        unmount(point)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _release_binds(parent: Path) -> None:
@@ -769,13 +803,23 @@ def _release_binds(parent: Path) -> None:
 
 
 def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
-    """The user namespace sandboxes get, or None (refused when `userns=True`, logged when automatic)."""
+    """The user namespace sandboxes get, or None (refused when `userns=True`, logged when automatic).
+    A host id range that another user shares is always refused: falling back to no user namespace
+    would give sandboxes the host's root instead."""
     if config.userns is False:
         return None
     try:
         if runtime == "runsc":
             raise UsernsUnavailable("runsc keeps its own user namespace; layers are not idmapped for it")
-        return IdMap.create(config.userns_base, DEFAULT_SIZE, probe_dir=config.state_dir)
+        try:
+            if config.userns_base is None:
+                ids = subids.engine_range()
+            else:
+                subids.check_base(config.userns_base, config.userns_base)
+                ids = subids.IdRange(config.userns_base, config.userns_base, subids.SIZE)
+        except (subids.SubidError, OSError) as exc:
+            raise NoRuntimeAvailable(f"the sandboxes' host id range: {exc}") from exc
+        return IdMap.create(ids.uid, ids.size, probe_dir=config.state_dir, gid_base=ids.gid)
     except (UsernsUnavailable, OSError) as exc:
         if config.userns:
             raise NoRuntimeAvailable(f"user namespace requested but unavailable: {exc}") from exc
@@ -788,7 +832,8 @@ def _engine_lock_path(engine_id: str) -> Path:
     return RUN_DIR / "engines" / f"{engine_id}.lock"
 
 
-def _try_engine_lock(engine_id: str) -> int:
+def try_engine_lock(engine_id: str) -> int:
+    """An fd holding `engine_id`'s lock (the engine is alive while someone holds it), or -1."""
     path = _engine_lock_path(engine_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -800,12 +845,18 @@ def _try_engine_lock(engine_id: str) -> int:
     return fd
 
 
+def release_engine_lock(engine_id: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        _engine_lock_path(engine_id).unlink()  # one file per engine id would pile up
+    os.close(fd)
+
+
 async def _lock_engine(engine_id: str, patience: float = 10.0) -> int:
     """Hold `engine_id` for the runtime's life. Another engine may briefly hold it while sweeping up
     after a dead predecessor with the same id, so wait a little before giving up."""
     deadline = time.monotonic() + patience
     while True:
-        fd = _try_engine_lock(engine_id)
+        fd = try_engine_lock(engine_id)
         if fd >= 0:
             return fd
         if time.monotonic() > deadline:
@@ -823,7 +874,7 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
         if name == own:
             held[name] = -1
             return True
-        fd = _try_engine_lock(name)
+        fd = try_engine_lock(name)
         if fd < 0:
             return False
         held[name] = fd  # keep it while cleaning, so a successor waits for us
@@ -844,8 +895,11 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
                     shutil.rmtree(root, ignore_errors=True)
                     done.append(f"removed runtime state {root}")
         for entry in dead_entries(BUNDLES):
-            shutil.rmtree(entry, ignore_errors=True)
-            done.append(f"removed bundles {entry}")
+            try:
+                _release_bundles(entry)
+                done.append(f"removed bundles {entry}")
+            except OSError as exc:
+                done.append(f"could not remove bundles {entry}: {exc}")
         for entry in dead_entries(ROOTFS_BINDS):
             try:
                 _release_binds(entry)
@@ -856,9 +910,7 @@ def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
     finally:
         for name, fd in held.items():
             if fd >= 0:
-                with contextlib.suppress(OSError):
-                    _engine_lock_path(name).unlink()
-                os.close(fd)
+                release_engine_lock(name, fd)
 
 
 def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:

@@ -6,10 +6,14 @@ finds that state by name: kill every process in the engine's cgroup tree, delete
 container records and remove the cgroups. Only then can the store unmount and delete the sandboxes'
 directories. The dead engine's network namespaces and iptables rules are swept by the network
 manager itself when the new runtime starts (`network.sweep_dead_rules`).
+
+The engine's watchdog (`watchdog.py`) does all of it the moment the engine process dies, without
+waiting for a next start: `release_dead_engine`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -21,8 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contree.engine import hostcheck
+from contree.engine import hostcheck, network, sandbox
 from contree.engine.cgroups import CgroupManager
+from contree.engine.overlay import mounts_under, unmount
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,35 @@ def recover_host(engine_id: str) -> list[str]:
             shutil.rmtree(root, ignore_errors=True)
             actions.append(f"removed runtime state {root}")
     return actions
+
+
+def release_dead_engine(engine_id: str, home: Path, patience: float = 15.0) -> list[str]:
+    """Everything the dead engine `engine_id` left on the host, released now: its sandboxes, their
+    cgroups, runtime state, bundles, rootfs binds, network namespaces and iptables chains, and the
+    overlay mounts in its home (the directories there are left to the next start's recovery).
+
+    The engine's id lock is held meanwhile, so a successor on the same home waits before it starts
+    sandboxes of its own. Another engine's start-up may hold it for a moment while it sweeps dead
+    engines (not the home's mounts): that is waited for. A holder that keeps it is a successor on the
+    same home, which recovers by itself: then nothing is done."""
+    deadline = time.monotonic() + patience
+    while (fd := sandbox.try_engine_lock(engine_id)) < 0:
+        if time.monotonic() > deadline:
+            return []
+        time.sleep(0.05)
+    try:
+        actions = recover_host(engine_id)
+        actions += sandbox.sweep_dead_engines(hostcheck.detect(), own=engine_id)
+        actions += asyncio.run(network.sweep_dead_rules())
+        for point in mounts_under(home):
+            try:
+                unmount(point)
+                actions.append(f"unmounted {point}")
+            except OSError as exc:
+                actions.append(f"could not unmount {point}: {exc}")
+        return actions
+    finally:
+        sandbox.release_engine_lock(engine_id, fd)
 
 
 def _runtime_processes(engine_id: str) -> list[int]:

@@ -335,6 +335,8 @@ class InstanceRun:
         stdin_data, keep_open = self._stdin
         self.sandbox = await engine.runtime.launch(staged)
         sb = self.sandbox
+        if engine.watchdog is not None:  # ends it at the deadline even if this process cannot
+            engine.watchdog.deadline(sb.sandbox_id, self.deadline)
         # While the runtime starts the sandbox (milliseconds this process would otherwise idle):
         oplog = engine.oplog
         assert oplog is not None
@@ -561,6 +563,8 @@ class InstanceRun:
                 await sb.cleanup()
             except Exception:
                 log.exception("sandbox cleanup of %s failed", self.record.uuid)
+            if self.engine.watchdog is not None:
+                self.engine.watchdog.done(sb.sandbox_id)
 
         store = self.engine.store
         assert store is not None

@@ -44,6 +44,7 @@ import msgspec
 
 from contree import api
 from contree.backend import ImageQuery
+from contree.engine.home import private_dir, private_file
 from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
 from contree.engine.resolver import Resolver
 from contree.errors import BadRequest, NotFound, Unprocessable
@@ -211,12 +212,13 @@ class Store:
         self.blobs_dir = self.home / "blobs"
         self.sandboxes_dir = self.home / "sandboxes"
         for d in (self.home, self.layers_dir, self.tmp_dir, self.blobs_dir, self.sandboxes_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)  # layers keep setuid files and device nodes: never reachable by other users
         self._lock = threading.RLock()
         self._pins: Counter[str] = Counter()
         # Open layer fds per layer list: what makes a read from a deep image cost microseconds. An evicted
         # resolver closes its fds when its last user drops it.
         self._resolvers: OrderedDict[tuple[str, ...], Resolver] = OrderedDict()
+        private_file(self.home / "images.db")
         self._db = sqlite3.connect(self.home / "images.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit costs no fsync and the database stays consistent after power loss

@@ -3,7 +3,8 @@
 Layers stay on disk with their real (container) owners, so stores, inspect, import and archives need
 no translation. A sandbox gets:
 
-* a user namespace mapping container ids 0..SIZE-1 to host ids BASE..BASE+SIZE-1;
+* a user namespace mapping container ids 0..SIZE-1 to host ids BASE..BASE+SIZE-1 (gids to their own
+  base), the engine's own range from /etc/subuid and /etc/subgid (`subids.py`), which no user holds;
 * its lower layers as *idmapped* detached mounts (`open_tree(OPEN_TREE_CLONE)` +
   `mount_setattr(MOUNT_ATTR_IDMAP)`), so a layer file owned by 0 shows up as host BASE, i.e. root
   inside. The overlay itself cannot be idmapped (EINVAL), and an idmapped upper fails (the mounter's
@@ -30,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BASE = 100000
 DEFAULT_SIZE = 65536
 
 _SYS_OPEN_TREE = 428
@@ -63,8 +63,9 @@ def _syscall(nr: int, *args: object) -> int:
     return res
 
 
-def _userns_fd(base: int, size: int) -> int:
-    """An fd of a fresh user namespace mapping 0..size-1 to base..; it lives as long as the fd.
+def _userns_fd(base: int, gid_base: int, size: int) -> int:
+    """An fd of a fresh user namespace mapping ids 0..size-1 to base.. (gids to gid_base..); it lives as
+    long as the fd.
 
     A helper (`unshare -U sh`, util-linux) creates it and waits; we write its maps and keep
     /proc/<pid>/ns/user. A Python-level fork of this threaded process could deadlock in the child
@@ -81,7 +82,7 @@ def _userns_fd(base: int, size: int) -> int:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise UsernsUnavailable(errno.EPERM, f"cannot create a user namespace: {err or 'unshare failed'} "
                                     "(user.max_user_namespaces = 0?)")
-        write_id_maps(proc.pid, base, size)
+        write_id_maps(proc.pid, base, gid_base, size)
         return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         with contextlib.suppress(OSError):
@@ -97,12 +98,12 @@ def _userns_fd(base: int, size: int) -> int:
                 stream.close()
 
 
-def write_id_maps(pid: int, base: int, size: int) -> None:
+def write_id_maps(pid: int, base: int, gid_base: int, size: int) -> None:
     """Map ids 0..size-1 of the user namespace of process `pid` (made by us, so root may write any
-    mapping) to host ids base.. ."""
-    for name in ("uid_map", "gid_map"):
+    mapping) to host uids base.. and host gids gid_base.. ."""
+    for name, start in (("uid_map", base), ("gid_map", gid_base)):
         with open(f"/proc/{pid}/{name}", "w") as f:
-            f.write(f"0 {base} {size}\n")
+            f.write(f"0 {start} {size}\n")
 
 
 def idmapped_clone(path: Path | str, userns_fd: int) -> int:
@@ -121,19 +122,22 @@ def idmapped_clone(path: Path | str, userns_fd: int) -> int:
 
 @dataclass(frozen=True)
 class IdMap:
-    """The engine's host id range for sandboxes plus the user namespace that idmaps lower layers."""
-    base: int
+    """The engine's host id ranges for sandboxes plus the user namespace that idmaps lower layers."""
+    base: int  # container uid u is host uid base+u
+    gid_base: int  # container gid g is host gid gid_base+g
     size: int
     userns_fd: int
 
     @classmethod
-    def create(cls, base: int = DEFAULT_BASE, size: int = DEFAULT_SIZE,
-               probe_dir: Path | None = None) -> IdMap:
+    def create(cls, base: int, size: int = DEFAULT_SIZE,
+               probe_dir: Path | None = None, gid_base: int | None = None) -> IdMap:
         """Detect support (user namespaces, and idmapped mounts on the filesystem of `probe_dir`, which
-        should be where the layers live) and build the map."""
-        if base <= 0 or size <= 0 or base + size > 2**32 - 2:
-            raise UsernsUnavailable(errno.EINVAL, f"bad id range {base}+{size}")
-        fd = _userns_fd(base, size)
+        should be where the layers live) and build the map (`gid_base` defaults to `base`)."""
+        gid_base = base if gid_base is None else gid_base
+        for start in (base, gid_base):
+            if start <= 0 or size <= 0 or start + size > 2**32 - 2:
+                raise UsernsUnavailable(errno.EINVAL, f"bad id range {start}+{size}")
+        fd = _userns_fd(base, gid_base, size)
         try:
             if probe_dir is not None:
                 probe_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +153,7 @@ class IdMap:
         except BaseException:
             os.close(fd)
             raise
-        return cls(base=base, size=size, userns_fd=fd)
+        return cls(base=base, gid_base=gid_base, size=size, userns_fd=fd)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -183,7 +187,7 @@ class IdMap:
             if _is_whiteout(st):
                 continue
             uid = self.base + st.st_uid if st.st_uid < self.size else None
-            gid = self.base + st.st_gid if st.st_gid < self.size else None
+            gid = self.gid_base + st.st_gid if st.st_gid < self.size else None
             if uid is not None or gid is not None:
                 _chown(os.path.join(merged, rel) if rel else os.fspath(merged), st, uid, gid)
                 changed += 1
@@ -191,7 +195,11 @@ class IdMap:
 
     def shift_out(self, upper: Path) -> int:
         """Back to container ids before commit: BASE+u → u; ids outside the range are left alone."""
-        return _shift(upper, lambda i: i - self.base if self.base <= i < self.base + self.size else None)
+        return _shift(upper, _back(self.base, self.size), _back(self.gid_base, self.size))
+
+
+def _back(base: int, size: int) -> Callable[[int], int | None]:
+    return lambda i: i - base if base <= i < base + size else None
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -243,13 +251,14 @@ def _shift_caps_root(caps: bytes, fn: Callable[[int], int | None] | None) -> byt
     return caps if root is None else caps[:20] + root.to_bytes(4, "little")
 
 
-def _shift(root: Path, fn: Callable[[int], int | None]) -> int:
-    """lchown `root` and everything below it through `fn`; returns how many entries changed."""
+def _shift(root: Path, fn: Callable[[int], int | None], gid_fn: Callable[[int], int | None]) -> int:
+    """lchown `root` and everything below it through `fn` (uids) and `gid_fn`; returns how many entries
+    changed."""
     changed = 0
     for rel, st in _entries(root):
         if _is_whiteout(st):
             continue
-        uid, gid = fn(st.st_uid), fn(st.st_gid)
+        uid, gid = fn(st.st_uid), gid_fn(st.st_gid)
         if uid is not None or gid is not None:
             _chown(os.path.join(root, rel) if rel else os.fspath(root), st, uid, gid, fn)
             changed += 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,43 @@ def mutate() -> Callable[[Store, ImageRecord, Mutation], Path]:
         return upper
 
     return run
+
+
+@dataclass(frozen=True)
+class LocalUser:
+    """A throwaway unprivileged account made with `useradd` (so it also got useradd's default
+    subordinate id ranges in /etc/subuid and /etc/subgid)."""
+    name: str
+    uid: int
+    gid: int
+
+    def run(self, script: str, *, timeout: float = 60, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """`sh -c script` as this user (no supplementary groups), from `/`."""
+        return subprocess.run(["/bin/sh", "-c", script], user=self.uid, group=self.gid, extra_groups=[],
+                              cwd="/", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def subid_range(self, path: str) -> tuple[int, int]:
+        """(start, count) of this user's entry in /etc/subuid or /etc/subgid."""
+        for line in Path(path).read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name == self.name:
+                start, _, count = rest.partition(":")
+                return int(start), int(count)
+        raise AssertionError(f"useradd gave {self.name} no range in {path}")
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[LocalUser]:
+    """A fresh local user, removed (with its subordinate ids) at teardown even when the test failed."""
+    require_root()
+    useradd = require_binary("useradd", "passwd")
+    userdel = require_binary("userdel", "passwd")
+    name = f"ctt{secrets.token_hex(4)}"
+    subprocess.run([useradd, "--no-create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield LocalUser(name=name, uid=pw.pw_uid, gid=pw.pw_gid)
+    finally:
+        subprocess.run([userdel, "--force", name], check=False, capture_output=True)

@@ -125,6 +125,10 @@ async def test_fork_bomb_stops_at_the_pids_limit(runtime: SandboxRuntime, rootfs
             assert current is not None and current <= limit
             peak = max(peak, current)
             refused = refused_now or 0
+        if peak == 0:  # it never ran: say why (seen once under heavy load)
+            await sb.kill()
+            err = await asyncio.wait_for(sb.stderr.read(), 10)
+            pytest.fail(f"the fork bomb never started: {await sb.wait()}, stderr {err!r}")
         assert refused > 0, f"the pids limit never refused a fork (peak {peak} processes)"
         await sb.kill()
         ex = await asyncio.wait_for(sb.wait(), 30)

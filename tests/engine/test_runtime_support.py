@@ -23,6 +23,7 @@ from contree.engine import sandbox
 from contree.engine.network import NETNS_DIR, NetworkInfo
 from contree.engine.overlay import mount_overlay
 from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
+from contree.engine.subids import engine_range
 from contree.engine.userns import IdMap
 from tests.engine.conftest import require_binary, require_root
 
@@ -88,7 +89,8 @@ def overlay_rootfs(lower: Path, tmp: Path, *, userns: bool = True) -> Path:
         mount_overlay([lower], upper, work, merged)
         return merged
     if _idmap is None:
-        _idmap = IdMap.create()  # same default range as every runtime's, so any of them can use it
+        ids = engine_range()  # the range every runtime uses, so any of them can use this rootfs
+        _idmap = IdMap.create(ids.uid, ids.size, gid_base=ids.gid)
     with _idmap.lowers([lower]) as views:
         mount_overlay(views, upper, work, merged)
     _idmap.shift_in(upper, merged)

@@ -87,16 +87,17 @@ async def test_runs_with_networking_get_a_fresh_spare_namespace_each(engine: Loc
         if rt.network.mode != "nat":
             pytest.fail(f"this host should give NAT networking, got {rt.network.mode}: {rt.network.error}")
         image = await engine.resolve_tag("busybox:latest")
-        seen = []
-        for _ in range(3):
-            done = await run(engine, image, "readlink /proc/self/ns/net; ip -o link | cut -d: -f2",
-                             disposable=True)
+        # A namespace's inode number is recycled once it is freed, so freshness is told by its own
+        # loopback: no packet ever crossed it before this run, which then sends one.
+        script = ("awk '/lo:/ {print $3}' /proc/net/dev; nc -w 1 127.0.0.1 9 </dev/null 2>/dev/null; "
+                  "ip -o link | cut -d: -f2")
+        for n in range(3):
+            done = await run(engine, image, script, disposable=True)
             await engine.drain()
-            ns, *links = stdout_of(done).split()
+            lo_packets, *links = stdout_of(done).split()
             assert {link.split("@")[0] for link in links} == {"eth0", "lo"}, links
-            seen.append(ns)
+            assert lo_packets == "0", f"run {n + 1} got a network namespace that was used before"
             assert len(rt._spare_nets) == 1, "no spare network was set up by the teardown"
-        assert len(set(seen)) == 3, f"a network namespace was reused: {seen}"
         spare = rt._spare_nets[0].netns_name
         assert spare is not None and (NETNS_DIR / spare).exists()
     finally:

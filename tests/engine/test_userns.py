@@ -16,12 +16,18 @@ from contree.engine.local import LocalEngine
 from contree.engine.overlay import mount_overlay, unmount
 from contree.engine.sandbox import RuntimeConfig
 from contree.engine.store import Store
-from contree.engine.userns import DEFAULT_BASE, IdMap
+from contree.engine.subids import engine_range
+from contree.engine.userns import IdMap
 from tests.contract.conftest import run, stderr_of, stdout_of, wait_done
 
 pytestmark = pytest.mark.engine
 
-BASE = DEFAULT_BASE
+BASE = 100000  # any range works for the tests without a sandbox
+
+
+def _engine_base() -> int:
+    """The host uid of a sandbox's root: the engine's own range (allocated on first use when missing)."""
+    return engine_range().uid
 
 
 def _require_root() -> None:
@@ -34,7 +40,8 @@ def _require_root() -> None:
 
 def test_shift_round_trip_keeps_modes_and_whiteouts(tmp_path: Path) -> None:
     _require_root()
-    idmap = IdMap.create()
+    gid_base = BASE + 300000  # /etc/subgid may give the engine another range than /etc/subuid
+    idmap = IdMap.create(BASE, gid_base=gid_base)
     try:
         lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
         for d in (lower, upper, work, merged):
@@ -49,10 +56,10 @@ def test_shift_round_trip_keeps_modes_and_whiteouts(tmp_path: Path) -> None:
             os.lchown(merged / "d" / "link", 7, 8)
             assert idmap.shift_in(upper, merged) == 4  # upper root, d, suid, link
             st = os.lstat(merged / "d" / "suid")
-            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (BASE + 1000, BASE + 1001, 0o4755)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (BASE + 1000, gid_base + 1001, 0o4755)
             assert os.lstat(upper / "d" / "suid").st_uid == BASE + 1000  # on disk, not just cached
             assert os.lstat(merged / "d" / "link").st_uid == BASE + 7
-            assert os.lstat(merged).st_uid == BASE
+            assert (os.lstat(merged).st_uid, os.lstat(merged).st_gid) == (BASE, gid_base)
         finally:
             unmount(merged)
         os.mknod(upper / "d" / "gone", stat.S_IFCHR | 0o000, os.makedev(0, 0))  # a whiteout
@@ -69,7 +76,7 @@ def test_shift_out_keeps_file_capabilities_with_their_root_moved(tmp_path: Path)
     """`setcap` in a sandbox stores v3 capabilities naming the sandbox's root by host id (BASE); the
     commit's chown would drop them, and a layer must name its root as container id 0."""
     _require_root()
-    idmap = IdMap.create()
+    idmap = IdMap.create(BASE)
     try:
         upper = tmp_path / "upper"
         upper.mkdir()
@@ -92,7 +99,7 @@ def test_shift_out_keeps_file_capabilities_with_their_root_moved(tmp_path: Path)
 
 def test_idmapped_lowers_show_layer_owners_shifted(tmp_path: Path) -> None:
     _require_root()
-    idmap = IdMap.create()
+    idmap = IdMap.create(BASE)
     try:
         lower = tmp_path / "lower"
         lower.mkdir()
@@ -124,8 +131,8 @@ def test_detection_refuses_a_filesystem_without_idmapped_mounts(mount_guard: Pat
         d.mkdir()
     mount_overlay([lower], upper, work, merged)
     with pytest.raises(UsernsUnavailable, match="idmapped mounts unsupported"):
-        IdMap.create(probe_dir=merged)
-    IdMap.create(probe_dir=lower).close()
+        IdMap.create(BASE, probe_dir=merged)
+    IdMap.create(BASE, probe_dir=lower).close()
 
 
 # ---------------------------------------------------------------- LocalEngine
@@ -162,7 +169,7 @@ def _seed_owned(store: Store, busybox_rootfs: Path) -> str:
 async def test_on_by_default(engine: tuple[LocalEngine, str]) -> None:
     eng, _ = engine
     assert eng.runtime is not None and eng.runtime.idmap is not None
-    assert eng.runtime.idmap.base == BASE
+    assert eng.runtime.idmap.base == _engine_base()
 
 
 async def test_image_owner_seen_inside_and_through_inspect(engine: tuple[LocalEngine, str]) -> None:
@@ -205,11 +212,12 @@ async def test_process_and_upper_files_are_in_the_host_range(engine: tuple[Local
         command=f"touch /mine && su u -s /bin/sh -c 'touch /home/u/theirs' && exec sleep {marker}",
         shell=True, image=image, timeout=60))
     try:
+        base = _engine_base()
         pid = await _find_process("sleep", marker)
-        assert _uids(pid) == [BASE] * 4
+        assert _uids(pid) == [base] * 4
         upper = store.sandboxes_dir / spawned.uuid / "upper"
-        assert os.lstat(upper / "mine").st_uid == BASE
-        assert os.lstat(upper / "home" / "u" / "theirs").st_uid == BASE + 1000
+        assert os.lstat(upper / "mine").st_uid == base
+        assert os.lstat(upper / "home" / "u" / "theirs").st_uid == base + 1000
     finally:
         await eng.cancel_operation(spawned.uuid)
         await wait_done(eng, spawned.uuid)
