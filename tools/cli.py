@@ -25,7 +25,7 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
-    ("engine", "check"): ("contree.engine.store", "check_main"),
+    ("engine", "check"): ("contree.engine.rootless.check", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),

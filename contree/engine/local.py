@@ -117,7 +117,7 @@ class LocalEngine:
         self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
         # Kills the sandboxes at their deadline and releases everything at once if this process dies.
         self.watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=self.runtime.cgroups.parent,
-                                       home=self.home)
+                                       home=self.home, runtime_root=self.runtime.root_dir)
         self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,

@@ -115,6 +115,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if os.geteuid() != 0:  # the rootless engine: its own user, mount and pid namespaces first
+        from contree.engine.rootless.namespaces import NamespaceError, enter
+
+        try:
+            plan = enter(home, close_in_supervisors=[pipe.fd] if args.detach else [])
+        except (NamespaceError, OSError) as exc:
+            report("error", f"cannot start the rootless engine: {exc}")
+            return 1
+        logging.getLogger("contree.service").info("rootless engine: %s", plan.describe())
     import asyncio
 
     from contree.service.server import EngineService

@@ -24,6 +24,7 @@ from typing import Literal
 
 from aiohttp import web
 
+from contree.engine import rootless
 from contree.engine.local import LocalEngine
 from contree.errors import BackendError, Conflict
 from contree.service.app import build_service_app
@@ -123,7 +124,7 @@ class EngineService:
         return ServiceStatus(
             version=self.version,
             api=self.api,
-            pid=os.getpid(),
+            pid=rootless.host_pid(),  # a rootless engine runs in a pid namespace of its own
             home=str(self.home),
             socket=str(self.home / "engine.sock"),
             log=str(log_path(self.home)),
