@@ -10,7 +10,7 @@ HTTP_PORT ?= 9452
 PYTEST_ARGS ?=
 
 # Debian packages the engine, the OCI fixtures and the browser tests use.
-APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap \
+APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap python3-venv \
 	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl
 
 .PHONY: install install-system install-python install-validators run serve-stdio bootstrap test lint bench clean check-api

@@ -49,6 +49,7 @@ from contree.timeparse import isoformat
 log = logging.getLogger(__name__)
 
 LOCK_GRACE_S = 0.5
+NETWORK_ENV = "CONTREE_ENGINE_NETWORK"  # auto | nat | slirp | pasta (rootless) | none
 
 
 class EngineLimits(msgspec.Struct, kw_only=True):
@@ -125,7 +126,8 @@ class LocalEngine:
         })
 
     def _runtime_config(self, engine_id: str) -> Any:
-        config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
+        config = self.runtime_config or RuntimeConfig(
+            state_dir=self.home / "runtime", network_mode=os.environ.get(NETWORK_ENV) or "auto")
         return msgspec.structs.replace(config, engine_id=engine_id)
 
     async def lock_home(self) -> None:

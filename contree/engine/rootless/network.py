@@ -1,9 +1,13 @@
-"""Sandbox networking of a rootless engine: pasta (else slirp4netns) behind an egress filter.
+"""Sandbox networking of a rootless engine: slirp4netns or pasta behind an egress filter.
 
 A user cannot make veth pairs or NAT on the host, so a sandbox's network namespace is connected by a
-user-mode stack running as the engine: pasta (Debian package passt) turns the sandbox's connections into
-sockets of its own on the host; slirp4netns does the same through a tap device and is the fallback.
-The policy is root mode's (`contree/engine/network.py`):
+user-mode stack running as the engine, which turns the sandbox's connections into sockets of its own on
+the host: slirp4netns (Debian package slirp4netns) or pasta (package passt). `auto` takes slirp4netns when
+it is installed: Debian 12's pasta (passt 0.0~git20230309) stalls 27-55 % of short TCP transfers from the
+host into a sandbox on current kernels (the data is re-sent forever: passt's MSG_PEEK/MSG_TRUNC window
+problem, podman#20170), slirp4netns none of them (docs/rootless.md). pasta is used when it is the only
+stack, or on request (`CONTREE_ENGINE_NETWORK=pasta`). The policy is root mode's
+(`contree/engine/network.py`):
 
 * the host's loopback is unreachable: pasta runs with `--no-map-gw` (by default it maps the gateway
   address to the host's 127.0.0.1) and with every port forwarding off (`-t/-u/-T/-U none`; pasta's
@@ -154,8 +158,7 @@ class RootlessNetwork:
         if wanted == "none":
             return cls(directory, plan, "none",
                        error="networking is disabled by the operator (--network none)")
-        candidates = {"auto": ("pasta", "slirp4netns"), "pasta": ("pasta",), "slirp": ("slirp4netns",),
-                      "nat": ("pasta", "slirp4netns")}.get(wanted, ("pasta", "slirp4netns"))
+        candidates = {"pasta": ("pasta",), "slirp": ("slirp4netns",)}.get(wanted, ("slirp4netns", "pasta"))
         from contree.engine.hostcheck import find_binary
 
         for name in candidates:
