@@ -62,7 +62,7 @@ class ServiceBackend(RemoteBackend):
         self.client_name = client_name
         self.version = version
         self.status: control.ServiceStatus | None = None
-        self._address = SocketAddress(self.home)
+        self._address: SocketAddress | None = None  # made once the home exists (a first start creates it)
         self._restart = asyncio.Lock()
         self._generation = 0
         self._lease: asyncio.Task[None] | None = None
@@ -83,6 +83,8 @@ class ServiceBackend(RemoteBackend):
         return self.status
 
     def _make_connector(self) -> aiohttp.BaseConnector | None:
+        if self._address is None:
+            self._address = SocketAddress(self.home)
         return aiohttp.UnixConnector(path=self._address.path)
 
     async def _reconnect(self) -> bool:
@@ -121,7 +123,9 @@ class ServiceBackend(RemoteBackend):
                 await self._lease
             self._lease = None
         await super().close()
-        self._address.close()
+        if self._address is not None:
+            self._address.close()
+            self._address = None
 
     # ------------------------------------------------------------ what the engine adds to the API
 

@@ -37,7 +37,7 @@ from contree.service.control import (
     package_version,
 )
 from contree.service.idle import IdleClock, engine_blockers
-from contree.service.paths import LOG_NAME, SocketAddress, log_path
+from contree.service.paths import LOG_NAME, SOCKET_NAME, SocketAddress, log_path, socket_path
 
 log = logging.getLogger("contree.service")
 
@@ -126,7 +126,7 @@ class EngineService:
             api=self.api,
             pid=rootless.host_pid(),  # a rootless engine runs in a pid namespace of its own
             home=str(self.home),
-            socket=str(self.home / "engine.sock"),
+            socket=str(socket_path(self.home)),
             log=str(log_path(self.home)),
             state=self.state,
             started_at=self.started_at,
@@ -171,7 +171,7 @@ class EngineService:
         elif self.stop_mode != "idle":
             self.state = "stopping"
         log.info("contree-mcp %s engine service ready at %s (pid %d)", self.version, self.home, os.getpid())
-        report("ready", str(self.home / "engine.sock"))
+        report("ready", str(socket_path(self.home)))
         if self.handle_signals:
             self._handle_signals()
         try:
@@ -184,7 +184,7 @@ class EngineService:
         """Bind a fresh socket beside the final path, make it 0600, then rename it over the final
         path (replacing a dead service's socket atomically)."""
         self._address = SocketAddress(self.home)
-        tmp = SocketAddress(self.home, f".engine.sock.{secrets.token_hex(6)}")
+        tmp = SocketAddress(self.home, f".{SOCKET_NAME}.{secrets.token_hex(6)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(tmp.path)

@@ -34,7 +34,7 @@ from contree.service.control import (
     skew,
 )
 from contree.service.daemon import EXIT_BUSY, EXIT_READY
-from contree.service.paths import log_path
+from contree.service.paths import log_path, socket_path
 
 log = logging.getLogger("contree.service")
 
@@ -127,7 +127,7 @@ async def _connect(home: Path) -> ControlConnection | None:
     except ServiceGone:
         return None
     except OSError as exc:
-        raise EngineStartError(home, f"cannot reach {home / 'engine.sock'}: {exc.strerror or exc}") from None
+        raise EngineStartError(home, f"cannot reach {socket_path(home)}: {exc.strerror or exc}") from None
 
 
 async def _wait_stopping(conn: ControlConnection, home: Path, deadline: float) -> None:

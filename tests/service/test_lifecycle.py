@@ -289,3 +289,18 @@ async def test_a_client_arriving_while_the_service_shuts_down_gets_its_successor
                 assert old.wait_exit(0)
                 assert late.status is not None and late.status.pid != old.status.pid
                 assert (await late.get_operation(op)).status == "CANCELLED"
+
+
+async def test_a_home_too_long_for_a_socket_path_still_gets_its_service(tmp_path: Path) -> None:
+    from tests.service_util import stop_service
+
+    home = tmp_path / ("long-" * 12) / ("path-" * 8) / "home"  # well past sockaddr_un's 108 bytes
+    assert len(str(home / "engine.sock")) > 108
+    try:
+        async with service_client(home) as client:
+            assert (await client.whoami()).token_uuid
+            status = engine_cli("status", "--home", str(home))
+            assert status.returncode == 0 and "state:      ready" in status.stdout
+    finally:
+        stop_service(home)
+    assert probe(home) is None
