@@ -75,14 +75,17 @@ class RootlessUser:
         return str(self.venv / "bin" / "contree-mcp")
 
     def env(self, **extra: str) -> dict[str, str]:
-        """A login-like environment: no Contree settings, the user's own HOME and PATH."""
+        """A login-like environment: no Contree settings, the user's own HOME and PATH; never a shared
+        engine service this machine may run (only the test that starts one points at it)."""
         return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "PATH": USER_PATH,
-                "LANG": "C.UTF-8", "CONTREE_ENGINE_IDLE_EXIT": "120s", "PYTHONUNBUFFERED": "1", **extra}
+                "LANG": "C.UTF-8", "CONTREE_ENGINE_IDLE_EXIT": "120s", "PYTHONUNBUFFERED": "1",
+                "CONTREE_ENGINE_SYSTEM_SOCKET": "off", **extra}
 
-    def as_user(self, argv: Sequence[str]) -> list[str]:
-        """`argv` run as this user (no supplementary groups), for launchers that take a command line."""
-        return ["/usr/bin/setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--",
-                *argv]
+    def as_user(self, argv: Sequence[str], *, groups: bool = False) -> list[str]:
+        """`argv` run as this user, for launchers that take a command line: no supplementary groups, or
+        (`groups`) those /etc/group gives the user, as a login would."""
+        return ["/usr/bin/setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+                "--init-groups" if groups else "--clear-groups", "--", *argv]
 
     def run(self, argv: Sequence[str], *, timeout: float = 300, env: dict[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -145,9 +148,10 @@ def _real_uid(pid: int) -> int:
 
 
 def build_wheelhouse(target: Path) -> None:
-    """Wheels of this checkout and of its dependencies in `target` (a copy of the tracked files is built,
-    so the checkout gets no build/ directory)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    """Wheels of this checkout and of its dependencies in `target` (a copy of its files, new ones too but
+    not what git ignores, is built, so the checkout gets no build/ directory)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout
     source = target.parent / "source"
     source.mkdir()
     for name in files.decode().split("\0"):

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),
+    ("engine", "unshare"): ("contree.service.cli", "unshare_main"),
 }
 
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
-        "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …'.",
+        "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …' "
+        "(readiness), 'engine unshare CMD' (a command in the rootless engine's user namespace).",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
     p.add_argument("--mode", choices=("stdio", "http"), default="stdio", help="transport (default: stdio)")

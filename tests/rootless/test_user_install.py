@@ -39,14 +39,14 @@ def busybox(rootless_user: RootlessUser) -> str:
 
 
 @asynccontextmanager
-async def session(user: RootlessUser, *, home: Path | None = None, env: dict[str, str] | None = None
-                  ) -> AsyncIterator[Any]:
+async def session(user: RootlessUser, *, home: Path | None = None, env: dict[str, str] | None = None,
+                  groups: bool = False) -> AsyncIterator[Any]:
     """`contree-mcp` as the user starts it from an MCP client: stdio, no flags (unless another `home`),
-    the user's environment."""
+    the user's environment (and with `groups` its supplementary groups)."""
     argv = [user.contree_mcp, *(["--backend", "local", "--home", str(home)] if home else [])]
-    params = StdioServerParameters(command="/usr/bin/setpriv", args=user.as_user(argv)[1:],
+    params = StdioServerParameters(command="/usr/bin/setpriv", args=user.as_user(argv, groups=groups)[1:],
                                    cwd=str(user.home), env=user.env(**(env or {})))
-    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{user.name}-servers.log", "a") as errlog:  # noqa: ASYNC230
+    with open(user.home / "servers.log", "a") as errlog:  # noqa: ASYNC230 - removed with the user
         async with stdio_client(params, errlog=errlog) as (read, write):
             async with ClientSession(read, write) as s:
                 await s.initialize()
@@ -242,3 +242,15 @@ async def test_two_sessions_share_the_users_engine(rootless_user: RootlessUser, 
         with open(f"/proc/{status.pid}/status") as fh:  # noqa: ASYNC230 - procfs
             nspid = next(line for line in fh if line.startswith("NSpid:"))
         assert nspid.split()[1:] == [str(status.pid), "2"], nspid
+
+
+def test_engine_unshare_removes_what_the_users_own_tools_cannot(rootless_user: RootlessUser) -> None:
+    scratch = rootless_user.home / "shifted"
+    rootless_user.cli("engine", "unshare", "sh", "-c",
+                      f"mkdir {scratch} && touch {scratch}/f && chown 1000:1000 {scratch}/f {scratch}")
+    start, _ = rootless_user.subordinate("subuid")
+    assert (scratch / "f").stat().st_uid == start + 999  # a container id, not the user, on the host
+    plain = rootless_user.run(["rm", "-rf", str(scratch)], check=False)
+    assert plain.returncode != 0 and scratch.exists()
+    rootless_user.cli("engine", "unshare", "rm", "-rf", str(scratch))
+    assert not scratch.exists()

@@ -110,6 +110,19 @@ def enter(home: Path, *, close_in_supervisors: Iterable[int] = ()) -> ids.IdPlan
     return the_plan
 
 
+def enter_userns() -> ids.IdPlan:
+    """Enter only the engine's user (and a private mount) namespace, as root inside, with no home to
+    check or create: for a command run there (`contree-mcp engine unshare rm -rf HOME`)."""
+    global _plan
+    if rootless.active():
+        return _plan or ids.plan_for()
+    the_plan = ids.plan_for()
+    _enter_userns(the_plan)
+    _unshare(_CLONE_NEWNS, "mount namespace")
+    _plan = the_plan
+    return the_plan
+
+
 def _enter_userns(the_plan: ids.IdPlan) -> None:
     """unshare(CLONE_NEWUSER), then a forked helper (still in the parent namespace, as newuidmap
     requires) writes our maps; we become root inside."""
