@@ -254,3 +254,17 @@ def test_engine_unshare_removes_what_the_users_own_tools_cannot(rootless_user: R
     assert plain.returncode != 0 and scratch.exists()
     rootless_user.cli("engine", "unshare", "rm", "-rf", str(scratch))
     assert not scratch.exists()
+
+
+@pytest.mark.slow
+async def test_bootstrap_debian_as_the_user(rootless_user: RootlessUser) -> None:
+    """mmdebstrap runs inside the engine's namespace, where the user is root (~30-50 s, the Debian mirror)."""
+    out = rootless_user.cli("images", "bootstrap", "--only", "debian", timeout=1200).stdout
+    assert out.strip().splitlines()[-1].startswith("debian:bookworm\t")
+    async with session(rootless_user) as s:
+        r = await run(s, "python3 -c 'print(6 * 7)'; stat -c %u:%g /etc/shadow",
+                      image="debian:bookworm", timeout=120)
+    assert r["stdout"] == "42\n0:42\n", r  # /etc/shadow belongs to group shadow (42) inside
+    start, _ = rootless_user.subordinate("subgid")
+    shadow = list((rootless_user.engine_home / "layers").glob("*/etc/shadow"))
+    assert shadow and {p.stat().st_gid for p in shadow} == {start + 41}  # shifted on disk

@@ -48,6 +48,13 @@ class RuntimeStateKiller:
     def runtime_path(self, name: str) -> str:
         return ""  # no cgroup: the runtime gets no cgroupsPath
 
+    def enforceable(self) -> frozenset[str]:
+        """The limits really applied to sandboxes (the rest are reported as absent)."""
+        return frozenset(ENFORCED)
+
+    def oom_killed(self, stats: CgroupStats, *, died_of_sigkill: bool) -> bool:
+        return False  # no memory limit, so no OOM kill of the sandbox's own
+
     def setup_parent(self, budget: CgroupLimits | None = None) -> None:
         return None
 
