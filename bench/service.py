@@ -2,7 +2,8 @@
 
 1. `echo hi` through MCP (JSON-RPC parse → dispatch → the `run` tool → result), once with the engine in
    this process (LocalEngine) and once through the home's socket to the engine service (ServiceBackend),
-   interleaved, after warm-ups. Target: the service adds ≤ 2 ms (median).
+   interleaved, after warm-ups. Target: the service adds ≤ 2 ms (median). For scale, the median of one
+   small request through the socket, back to back.
 2. stdio start → `initialize` answered, with the service already running; beside it the interpreter
    floor (`python -c "import asyncio, msgspec"`) and the same server on the Contree API backend (no
    engine at all), interleaved. Target ≤ 150 ms.
@@ -25,10 +26,11 @@ from typing import Any
 
 import msgspec
 
-RUNS = 30
+RUNS = 40
 WARMUPS = 3
 STARTS = 7
 COLD_STARTS = 5
+QUIET = 0.1  # seconds after each sample for the engine's background tidying
 LATEST = "2025-11-25"
 INIT = {"protocolVersion": LATEST, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
 ECHO = {"command": "echo hi", "image": "busybox:latest", "networking": False}
@@ -125,7 +127,19 @@ async def _settle_service(home: Path) -> None:
         await asyncio.sleep(0.005)
 
 
-async def _echo_in_process_vs_service(work: Path) -> tuple[float, float]:
+async def _round_trip(backend: Any) -> float:
+    """Median ms of one small API request through the socket, back to back (`whoami`)."""
+    for _ in range(20):
+        await backend.whoami()
+    samples = []
+    for _ in range(200):
+        started = time.perf_counter()
+        await backend.whoami()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+async def _echo_in_process_vs_service(work: Path) -> tuple[float, float, float, float]:
     from contree.engine.local import LocalEngine
     from contree.service.client import ServiceBackend
 
@@ -154,15 +168,22 @@ async def _echo_in_process_vs_service(work: Path) -> tuple[float, float]:
             for client, samples in pairs if i % 2 == 0 else reversed(pairs):
                 took = await client.run_echo()
                 await (_settle_local(engine) if client is local_client else _settle_service(service_home))
+                # the engine finishes tidying up (spare scratch directories, in worker threads) after its
+                # queue drained: in this process, that would slow the other side's next sample
+                await asyncio.sleep(QUIET)
                 if i >= WARMUPS:
                     samples.append(took)
         await local_client.close()
         await service_client.close()
+        round_trip = await _round_trip(remote)
     finally:
         await engine.close()
         await remote.close()
         _stop_service(service_home)
-    return statistics.median(local) * 1000, statistics.median(service) * 1000
+    # the cost of the service: the median of paired differences (each pair ran back to back), which
+    # the machine's drift between pairs does not bias the way two separate medians can
+    added = statistics.median(s - lo for s, lo in zip(service, local, strict=True)) * 1000
+    return statistics.median(local) * 1000, statistics.median(service) * 1000, added, round_trip
 
 
 # ---------------------------------------------------------------- 2./3. stdio starts
@@ -238,18 +259,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="contree-bench-service-") as tmp:
         work = Path(tmp)
         try:
-            local, service = asyncio.run(_echo_in_process_vs_service(work / "echo"))
+            local, service, added, round_trip = asyncio.run(_echo_in_process_vs_service(work / "echo"))
             starts = asyncio.run(_starts(work))
         finally:
             for home in (work / "echo" / "service", work / "start"):
                 if home.exists():
                     _stop_service(home)
             shutil.rmtree(work, ignore_errors=True)
-    added = service - local
     print(f"echo hi through MCP, {RUNS} runs each after {WARMUPS} warm-ups, interleaved (networking off):")
     print(f"  {'engine in this process':<44} median {local:8.2f} ms")
     print(f"  {'MCP -> socket -> engine service':<44} median {service:8.2f} ms  ({service / local:4.2f}x)")
-    print(f"  service adds {added:.2f} ms per run")
+    print(f"  service adds {added:.2f} ms per run, median of paired differences (4 requests: tag, spawn,")
+    print("  event stream, result;", end="")
+    print(f" one request back to back through the socket takes {round_trip:.2f} ms)")
     print(f"stdio start -> initialize answered, {STARTS} starts each, interleaved:")
     print(f"  {'interpreter floor (import asyncio, msgspec)':<44} median {starts['floor']:8.1f} ms")
     print(f"  {'contree-mcp, engine service running':<44} median {starts['service']:8.1f} ms")

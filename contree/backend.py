@@ -54,6 +54,58 @@ class GrepQuery(msgspec.Struct, kw_only=True):
     after: int = 0
 
 
+MAX_OUTPUT_PAGE = 64 << 20  # bytes one read_output call returns at most
+
+
+class OutputPage(msgspec.Struct, kw_only=True):
+    """A byte range of one process's stored stdout/stderr (`read_output`, beyond the Contree API).
+
+    `total` = bytes stored so far; `complete` = the stream will not grow; `dropped` = bytes the process
+    wrote that were not stored (the engine's per-run output `quota`, or the cap of an event log)."""
+
+    data: bytes
+    offset: int
+    total: int
+    complete: bool
+    dropped: int = 0
+    quota: int | None = None
+
+
+@runtime_checkable
+class OutputReader(Protocol):
+    """A backend that keeps whole streams (the embedded engine, directly or over its REST API)."""
+
+    async def read_output(
+        self, operation_id: str, stream: str, *, spid: int = 1, offset: int = 0,
+        limit: int = MAX_OUTPUT_PAGE, tail: bool = False,
+    ) -> OutputPage: ...
+
+
+class DiskUsage(msgspec.Struct, kw_only=True):
+    """What an engine home holds, in bytes (`reclaimable`: what `images prune --untagged` would free)."""
+
+    home: str
+    total_bytes: int
+    images: int
+    tagged_images: int
+    layers: int
+    layer_bytes: int
+    reclaimable_images: int
+    reclaimable_bytes: int
+    output_bytes: int
+    uploads_bytes: int
+    chunks_bytes: int
+    other_bytes: int  # operation event logs, databases
+
+
+@runtime_checkable
+class EngineAdmin(Protocol):
+    """A backend that manages its own disk (the embedded engine, directly or over its REST API)."""
+
+    async def delete_image(self, image_uuid: str) -> int: ...  # bytes freed
+    async def disk_usage(self) -> DiskUsage: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One Contree namespace. Every method may raise BackendError subclasses."""

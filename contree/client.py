@@ -26,7 +26,15 @@ import msgspec
 from yarl import URL
 
 from contree import api
-from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.backend import (
+    MAX_OUTPUT_PAGE,
+    DiskUsage,
+    FileQuery,
+    GrepQuery,
+    ImageQuery,
+    OperationQuery,
+    OutputPage,
+)
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
 from contree.rest.sse import SseParser
 
@@ -42,6 +50,11 @@ HEALTHY_STREAM_SECONDS = 5.0
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
+
+
+class _Deleted(msgspec.Struct):
+    uuid: str
+    freed_bytes: int
 
 
 def _version() -> str:
@@ -367,6 +380,21 @@ class RemoteBackend:
             "DELETE", self._url("images", self._image(image_uuid), "tag"), ok=(204, 200), params=params
         )
 
+    async def delete_image(self, image_uuid: str) -> int:
+        """The embedded engine's image deletion (`DELETE /images/{uuid}`, beyond the Contree API). The
+        cloud has no such endpoint (404/405): it collects untagged images itself."""
+        url = self._url("images", self._image(image_uuid))
+        try:
+            freed = await self._json(_Deleted, "DELETE", url, ok=(200,))
+        except BackendError as exc:
+            if exc.status == 405:
+                raise NotFound("this server cannot delete images") from None
+            raise
+        return freed.freed_bytes
+
+    async def disk_usage(self) -> DiskUsage:
+        return await self._json(DiskUsage, "GET", self._url("engine", "disk_usage"))
+
     async def import_image(self, request: api.ImageImportRequest) -> str:
         result = await self._json(
             api.ImageImportResponse,
@@ -573,6 +601,39 @@ class RemoteBackend:
     async def write_stdin(self, operation_id: str, spid: int, chunk: api.ClosableStreamRepr) -> None:
         url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid), "stdin")
         await self._empty("POST", url, ok=(204, 200), payload=chunk, idempotent=False)
+
+    async def read_output(
+        self, operation_id: str, stream: str, *, spid: int = 1, offset: int = 0,
+        limit: int = MAX_OUTPUT_PAGE, tail: bool = False,
+    ) -> OutputPage:
+        """The embedded engine's output paging (`GET …/subprocesses/{spid}/stdout|stderr`, beyond the
+        Contree API). A server without it answers 404: callers fall back to the event log."""
+        if stream not in ("stdout", "stderr"):
+            raise BadRequest(f"unknown stream {stream!r}: stdout or stderr")
+        url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid), stream)
+        query = {"offset": str(offset), "limit": str(limit), "tail": "1" if tail else "0"}
+        response = await self._request("GET", url, params=query, idempotent=True)
+        try:
+            data = await response.read()
+            head = response.headers
+            total = head.get("Contree-Output-Total")
+            if total is None:
+                raise NotFound(f"GET {url.path}: not an output page (the server keeps no whole output)")
+            quota = head.get("Contree-Output-Quota")
+            return OutputPage(
+                data=data,
+                offset=int(head.get("Contree-Output-Offset", offset)),
+                total=int(total),
+                complete=head.get("Contree-Output-Complete") == "1",
+                dropped=int(head.get("Contree-Output-Dropped", 0)),
+                quota=int(quota) if quota is not None else None,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"GET {url.path}: reading the response failed: {exc}") from None
+        except ValueError as exc:
+            raise Unavailable(f"GET {url.path}: malformed output headers: {exc}") from None
+        finally:
+            response.release()
 
     # ------------------------------------------------------------ inspect
 

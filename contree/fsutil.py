@@ -1,11 +1,14 @@
 """Private files written atomically: readers see the old content or the new, never a torn or briefly
-world-readable file (credentials, tokens, profiles)."""
+world-readable file (credentials, tokens, profiles); host files opened for reading only when they are
+regular files."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,3 +46,46 @@ def exclusive_file(path: str | os.PathLike[str]) -> Iterator[int]:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+class NotRegularFile(OSError):
+    """The path names something else than a regular file (now: it may have been one a moment ago)."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file ({what})", str(path))
+        self.what = what
+
+
+def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> int:
+    """A read-only fd on the regular file at `path`, by default never through a symlink in its last
+    component.
+
+    The open itself cannot block: a FIFO swapped in for a file (between a scan and its read) would
+    otherwise stall `open()` until a writer appears. What was opened is checked on the descriptor, so no
+    later swap can change the answer; the fd is returned in blocking mode."""
+    try:
+        nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | nofollow | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(path, "a symbolic link") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, _kind(mode))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+    ):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"

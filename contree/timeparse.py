@@ -44,6 +44,14 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def parse_interval(value: str) -> float:
+    """Seconds of an interval like `600s`, `15m`, `2h`, `3d`, `1w`; ValueError naming the value."""
+    match = _INTERVAL.match(value)
+    if match is None:
+        raise ValueError(f"invalid age {value!r}: use a number with s, m, h, d or w (e.g. 7d)")
+    return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
 def parse_timestamp(value: str, *, now: datetime | None = None) -> float:
     """`parse_time` as unix seconds (what the engine's SQLite columns compare against)."""
     return parse_time(value, now=now).timestamp()

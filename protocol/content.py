@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -23,10 +23,13 @@ class ResourceContents(msgspec.Struct, rename="camel", omit_defaults=True):
     mime_type: str | None = None
     text: str | None = None
     blob: str | None = None
+    meta: dict[str, Any] | None = msgspec.field(default=None, name="_meta")
 
     @classmethod
-    def from_bytes(cls, uri: str, data: bytes, mime_type: str | None = None) -> ResourceContents:
-        return cls(uri, mime_type, blob=base64.b64encode(data).decode("ascii"))
+    def from_bytes(
+        cls, uri: str, data: bytes, mime_type: str | None = None, meta: dict[str, Any] | None = None
+    ) -> ResourceContents:
+        return cls(uri, mime_type, blob=base64.b64encode(data).decode("ascii"), meta=meta)
 
 
 class TextContent(msgspec.Struct, tag="text", tag_field="type", omit_defaults=True):

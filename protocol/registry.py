@@ -11,18 +11,20 @@ import re
 import sys
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import msgspec
 
-from protocol import schema
+from protocol import headers, schema
 from protocol.content import Content, ResourceContents, TextContent
 from protocol.context import RequestContext
-from protocol.errors import InvalidParams, McpError, ResourceNotFound, ToolError
+from protocol.errors import CallFailed, InvalidParams, McpError, ResourceNotFound, ToolError
 from protocol.messages import CallToolResult, GetPromptResult, Icon, PromptMessage
+from protocol.stateless import NO_CACHE, CacheHint
 
 __all__ = [
+    "CacheHint",
     "PromptArgument",
     "PromptDef",
     "Registry",
@@ -33,6 +35,9 @@ __all__ = [
     "ToolDef",
     "ToolResult",
 ]
+
+TaskSupport = Literal["forbidden", "optional", "required"]
+CachePolicy = CacheHint | Callable[[dict[str, str]], CacheHint]
 
 log = logging.getLogger("protocol.registry")
 
@@ -76,7 +81,10 @@ class ToolDef(msgspec.Struct, kw_only=True):
     params_type: Any  # a Struct type, dict (raw arguments) or None (no parameters)
     wrap_result: bool
     icons: list[Icon] | None = None
-    execution: dict[str, Any] | None = None
+    execution: dict[str, Any] | None = None  # 2025-11-25's `execution` member, passed through as given
+    tasks: TaskSupport = "forbidden"  # the 2026-07-28 Tasks extension
+    since: str | None = None  # listed and callable from this revision on (None: every revision)
+    mirrored: tuple[headers.HeaderParam, ...] = ()  # `x-mcp-header` arguments
 
 
 class ResourceDef(msgspec.Struct, kw_only=True):
@@ -88,6 +96,8 @@ class ResourceDef(msgspec.Struct, kw_only=True):
     fn: Callable[..., Awaitable[Any]]
     size: int | None = None
     icons: list[Icon] | None = None
+    cache: CachePolicy = NO_CACHE
+    since: str | None = None
 
 
 class TemplateDef(msgspec.Struct, kw_only=True):
@@ -100,6 +110,8 @@ class TemplateDef(msgspec.Struct, kw_only=True):
     pattern: re.Pattern[str]
     variables: list[str]
     icons: list[Icon] | None = None
+    cache: CachePolicy = NO_CACHE
+    since: str | None = None
 
 
 class PromptDef(msgspec.Struct, kw_only=True):
@@ -109,6 +121,14 @@ class PromptDef(msgspec.Struct, kw_only=True):
     arguments: list[PromptArgument]
     fn: Callable[..., Awaitable[Any]]
     icons: list[Icon] | None = None
+    since: str | None = None
+
+
+class ReadOutcome(msgspec.Struct, frozen=True):
+    """What resources/read produced: the contents and how long a client may keep them."""
+
+    contents: list[ResourceContents]
+    cache: CacheHint = NO_CACHE
 
 
 CompletionFn = Callable[[RequestContext, str, dict[str, str]], Awaitable[list[str]]]
@@ -147,6 +167,7 @@ class Registry:
         description: str | None = None,
         website_url: str | None = None,
         announce_list_changes: bool = False,
+        list_cache: CacheHint = CacheHint(300_000, "public"),
     ) -> None:
         self.name = name
         self.version = version
@@ -156,6 +177,8 @@ class Registry:
         self.website_url = website_url
         # True: capabilities declare listChanged and sessions get notifications/<kind>/list_changed.
         self.announce_list_changes = announce_list_changes
+        # Caching hint of every listing page (2026-07-28): the same for every caller, hence public.
+        self.list_cache = list_cache
         self.tools: dict[str, ToolDef] = {}
         self.resources: dict[str, ResourceDef] = {}
         self.templates: dict[str, TemplateDef] = {}
@@ -178,7 +201,11 @@ class Registry:
         output_schema: dict[str, Any] | None = None,
         icons: list[Icon] | None = None,
         execution: dict[str, Any] | None = None,
+        tasks: TaskSupport = "forbidden",
+        since: str | None = None,
     ) -> Callable[[ToolFn], ToolFn]:
+        """Register a tool. `tasks`: whether a 2026-07-28 call may become a task (Tasks extension);
+        `since`: the first revision that lists it."""
         if not _TOOL_NAME.fullmatch(name):
             raise ValueError(f"tool name {name!r} must be 1-128 characters of [A-Za-z0-9_.-]")
         # Types defined in the registering function (not at module level) resolve through its locals.
@@ -218,6 +245,9 @@ class Registry:
                 wrap_result=wrap,
                 icons=icons,
                 execution=execution,
+                tasks=tasks,
+                since=since,
+                mirrored=headers.mirrored_params(in_schema),
             )
             self._changed("tools")
             return fn
@@ -234,7 +264,11 @@ class Registry:
         mime_type: str | None = None,
         size: int | None = None,
         icons: list[Icon] | None = None,
+        cache: CachePolicy = NO_CACHE,
+        since: str | None = None,
     ) -> Callable[[ToolFn], ToolFn]:
+        """Register a static resource; `cache` is its caching hint (2026-07-28), `since` as for tools."""
+
         def decorate(fn: ToolFn) -> ToolFn:
             self.resources[uri] = ResourceDef(
                 uri=uri,
@@ -245,6 +279,8 @@ class Registry:
                 fn=fn,
                 size=size,
                 icons=icons,
+                cache=cache,
+                since=since,
             )
             self._changed("resources")
             return fn
@@ -260,7 +296,11 @@ class Registry:
         description: str | None = None,
         mime_type: str | None = None,
         icons: list[Icon] | None = None,
+        cache: CachePolicy = NO_CACHE,
+        since: str | None = None,
     ) -> Callable[[ToolFn], ToolFn]:
+        """Register a URI template; `cache` may be a function of the matched variables (an image read by
+        UUID is immutable, one by tag is not)."""
         pattern, variables = compile_template(uri_template)
 
         def decorate(fn: ToolFn) -> ToolFn:
@@ -274,6 +314,8 @@ class Registry:
                 pattern=pattern,
                 variables=variables,
                 icons=icons,
+                cache=cache,
+                since=since,
             )
             self._changed("resources")
             return fn
@@ -288,6 +330,7 @@ class Registry:
         title: str | None = None,
         arguments: list[PromptArgument] | None = None,
         icons: list[Icon] | None = None,
+        since: str | None = None,
     ) -> Callable[[ToolFn], ToolFn]:
         def decorate(fn: ToolFn) -> ToolFn:
             self.prompts[name] = PromptDef(
@@ -297,6 +340,7 @@ class Registry:
                 arguments=list(arguments or []),
                 fn=fn,
                 icons=icons,
+                since=since,
             )
             self._changed("prompts")
             return fn
@@ -332,9 +376,15 @@ class Registry:
 
     # ------------------------------------------------------------ invocation
 
+    def visible_tool(self, name: str, version: str) -> ToolDef | None:
+        tool = self.tools.get(name)
+        if tool is None or (tool.since is not None and tool.since > version):
+            return None
+        return tool
+
     async def call_tool(self, name: str, arguments: dict[str, Any], ctx: RequestContext) -> CallToolResult:
         tool = self.tools.get(name)
-        if tool is None:
+        if tool is None or (tool.since is not None and tool.since > ctx.protocol_version):
             raise InvalidParams(f"Unknown tool: {name}", data={"name": name})
         try:
             if tool.params_type is None:
@@ -346,6 +396,8 @@ class Registry:
                 value = await tool.fn(params, ctx)
         except msgspec.ValidationError as exc:
             return _tool_error(name, f"invalid arguments: {exc}")
+        except CallFailed:
+            raise
         except (ToolError, McpError) as exc:  # expected failures (incl. a client refusing a request)
             return _tool_error(name, exc.message)
         except Exception as exc:
@@ -360,30 +412,41 @@ class Registry:
         structured = {"result": builtins} if tool.wrap_result else builtins
         return CallToolResult([TextContent(text)], structured)
 
-    def find_resource(self, uri: str) -> tuple[Callable[..., Awaitable[Any]], dict[str, str], str | None]:
+    def find_resource(self, uri: str) -> tuple[ResourceDef | TemplateDef, dict[str, str]]:
+        """The resource or template serving `uri` and the template's variables (ResourceNotFound if none)."""
         static = self.resources.get(uri)
         if static is not None:
-            return static.fn, {}, static.mime_type
+            return static, {}
         for template in self.templates.values():
             m = template.pattern.fullmatch(uri)
             if m is not None:
-                return template.fn, {k: unquote(v) for k, v in m.groupdict().items()}, template.mime_type
+                return template, {k: unquote(v) for k, v in m.groupdict().items()}
         raise ResourceNotFound(uri)
 
-    async def read_resource(self, uri: str, ctx: RequestContext) -> list[ResourceContents]:
-        fn, variables, mime_type = self.find_resource(uri)
-        value = await fn(ctx, **variables)
+    async def read(self, uri: str, ctx: RequestContext) -> ReadOutcome:
+        found, variables = self.find_resource(uri)
+        if found.since is not None and found.since > ctx.protocol_version:
+            raise ResourceNotFound(uri)
+        value = await found.fn(ctx, **variables)
+        mime_type = found.mime_type
+        contents: list[ResourceContents]
         if isinstance(value, str):
-            return [ResourceContents(uri, mime_type, text=value)]
-        if isinstance(value, bytes | bytearray):
-            return [ResourceContents.from_bytes(uri, bytes(value), mime_type)]
-        if isinstance(value, ResourceContents):
-            return [value]
-        return list(value)
+            contents = [ResourceContents(uri, mime_type, text=value)]
+        elif isinstance(value, bytes | bytearray):
+            contents = [ResourceContents.from_bytes(uri, bytes(value), mime_type)]
+        elif isinstance(value, ResourceContents):
+            contents = [value]
+        else:
+            contents = list(value)
+        cache = found.cache if isinstance(found.cache, CacheHint) else found.cache(variables)
+        return ReadOutcome(contents, cache)
+
+    async def read_resource(self, uri: str, ctx: RequestContext) -> list[ResourceContents]:
+        return (await self.read(uri, ctx)).contents
 
     async def get_prompt(self, name: str, arguments: dict[str, str], ctx: RequestContext) -> GetPromptResult:
         prompt = self.prompts.get(name)
-        if prompt is None:
+        if prompt is None or (prompt.since is not None and prompt.since > ctx.protocol_version):
             raise InvalidParams(f"Unknown prompt: {name}", data={"name": name})
         missing = [a.name for a in prompt.arguments if a.required and not arguments.get(a.name)]
         if missing:

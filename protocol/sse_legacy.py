@@ -2,7 +2,7 @@
 
 The session lives as long as its `GET /sse` connection: the first event names (with a relative URL, which
 the Python SDK requires) where to POST; every answer and server message travels on that stream as
-`event: message`. Same Host/Origin/bearer checks as Streamable HTTP (`protocol.http.Guard`).
+`event: message`. Same Host/Origin/bearer checks as Streamable HTTP (`protocol.http_guard.Guard`).
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.http import (
-    BAD_REQUEST_CODE,
-    SESSION_NOT_FOUND_CODE,
-    SSE_HEADERS,
-    Guard,
-    HttpSettings,
-    accepts,
-    error_response,
-    sse_event,
-)
+from protocol.errors import REQUEST_REJECTED, SESSION_NOT_FOUND
+from protocol.events import Event, runs_handlers
+from protocol.http_guard import Guard, HttpSettings, accepts, error_response
 from protocol.server import Server, ServerSession
+from protocol.sse import SSE_HEADERS, sse_event
+from protocol.types import Outgoing, Reply
 
 log = logging.getLogger("protocol.sse_legacy")
 
@@ -66,9 +61,9 @@ class _Connection:
                 self.ended.set()
                 raise
 
-    async def send(self, data: bytes) -> None:
-        """The session's sink: one `message` event per JSON-RPC frame."""
-        await self.write(sse_event(None, data))
+    async def send(self, message: Outgoing) -> None:
+        """The session's sink: one `message` event per JSON-RPC message."""
+        await self.write(sse_event(None, message.data))
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -93,9 +88,9 @@ class LegacySse:
         if isinstance(principal, web.Response):
             return principal
         if not accepts(request.headers.get("Accept", "text/event-stream"), "text/event-stream"):
-            return error_response(406, BAD_REQUEST_CODE, "Not Acceptable: Accept must list text/event-stream")
+            return error_response(406, REQUEST_REJECTED, "Not Acceptable: Accept must list text/event-stream")
         if len(self.connections) >= self.settings.max_sessions:
-            return error_response(503, BAD_REQUEST_CODE, "Too many sessions", headers={"Retry-After": "5"})
+            return error_response(503, REQUEST_REJECTED, "Too many sessions", headers={"Retry-After": "5"})
         session = self.server.create_session(transport="sse", principal=principal)
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         conn = _Connection(session, response, request.transport, self.settings.write_timeout)
@@ -137,27 +132,27 @@ class LegacySse:
             return principal
         session_id = request.query.get("session_id")
         if not session_id:
-            return error_response(400, BAD_REQUEST_CODE, "Bad Request: session_id is required")
+            return error_response(400, REQUEST_REJECTED, "Bad Request: session_id is required")
         conn = self.connections.get(session_id)
         if conn is None or conn.ended.is_set() or conn.session.principal != principal:
-            return error_response(404, SESSION_NOT_FOUND_CODE, "Session not found")
+            return error_response(404, SESSION_NOT_FOUND, "Session not found")
         if request.content_type != "application/json":
-            return error_response(415, BAD_REQUEST_CODE, "Unsupported Media Type: use application/json")
+            return error_response(415, REQUEST_REJECTED, "Unsupported Media Type: use application/json")
         body = await request.read()
         session = conn.session
-        frame = session.parse(body)
-        if not frame.messages and frame.error_reply is not None:
-            return web.Response(status=400, body=frame.error_reply, content_type="application/json")
-        if frame.has_async:
-            conn.spawn(self._dispatch(conn, frame))
+        events = session.receive(body)
+        if len(events) == 1 and type(events[0]) is Reply and events[0].status == 400:
+            return web.Response(status=400, body=events[0].data, content_type="application/json")
+        if runs_handlers(events):
+            conn.spawn(self._dispatch(conn, events))
         else:
             # Quick methods and notifications (cancellation!) keep their arrival order.
-            await self._dispatch(conn, frame)
+            await self._dispatch(conn, events)
         return web.Response(status=202, text="Accepted")
 
-    async def _dispatch(self, conn: _Connection, frame: Any) -> None:
+    async def _dispatch(self, conn: _Connection, events: list[Event]) -> None:
         try:
-            await conn.session.dispatch(frame, conn.send)
+            await conn.session.run(events, conn.send)
         except (ConnectionError, RuntimeError):
             pass  # the stream went away; the session closes with it
         except Exception:

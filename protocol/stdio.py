@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -11,13 +13,17 @@ import threading
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
+from protocol.events import Event, runs_handlers
 from protocol.messages import encode_error
 from protocol.server import Server
+from protocol.types import Outgoing, Reply
 
 log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
-_PARSE_ERROR = encode_error(None, PARSE_ERROR, "Parse error")
+WRITE_SLICE = 256 * 1024
+PIPE_SIZE = 1 << 20  # a large message (a page of output) then takes a few writes, not one per 64 KiB
+_PARSE_ERROR = Reply(None, encode_error(None, PARSE_ERROR, "Parse error"))
 
 
 class Writer(Protocol):
@@ -73,6 +79,9 @@ def _feed_from_thread(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamRea
 async def _stdout_writer() -> Writer:
     loop = asyncio.get_running_loop()
     fd = os.dup(sys.stdout.fileno())
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        with contextlib.suppress(OSError):  # above pipe-max-size, or the user's pipe quota is used up
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     # Anything else printed by mistake goes to stderr: stdout carries only protocol.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
@@ -98,14 +107,25 @@ async def serve_stdio(
         writer = await _stdout_writer()
     out = writer
     broken: list[BaseException] = []
+    write_lock = asyncio.Lock()
 
-    async def sink(data: bytes) -> None:
+    async def sink(message: Outgoing) -> None:
         if broken:
             return  # the client stopped reading; keep consuming stdin until EOF
         try:
-            # One write call per message keeps lines whole; drain gives back-pressure.
-            out.write(data + b"\n")
-            await out.drain()
+            # One message at a time (the lock), so lines never interleave; a large one goes in slices with
+            # a drain after each: asyncio's pipe transport moves its whole remaining buffer after every
+            # partial write, which is quadratic for a message of megabytes (a page of output).
+            async with write_lock:
+                if len(message.data) < WRITE_SLICE:
+                    out.write(message.data + b"\n")
+                else:
+                    view = memoryview(message.data)
+                    for start in range(0, len(view), WRITE_SLICE):
+                        out.write(view[start : start + WRITE_SLICE])
+                        await out.drain()
+                    out.write(b"\n")
+                await out.drain()
         except (ConnectionError, OSError) as exc:
             broken.append(exc)
             log.warning("stdout is closed (%s); dropping further output", exc)
@@ -114,9 +134,9 @@ async def serve_stdio(
     session.set_default_sink(sink)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def run(frame: Any) -> None:
+    async def run(events: list[Event]) -> None:
         try:
-            await session.dispatch(frame, sink)
+            await session.run(events, sink)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -135,14 +155,14 @@ async def serve_stdio(
         line = line.strip()
         if not line:
             continue
-        frame = session.parse(line)
-        if frame.has_async:
-            task = asyncio.get_running_loop().create_task(run(frame))
+        events = session.receive(line)
+        if runs_handlers(events):
+            task = asyncio.get_running_loop().create_task(run(events))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         else:
             # Quick methods, notifications (cancel!) and client responses are handled in line order.
-            await run(frame)
+            await run(events)
     if tasks:
         _done, pending = await asyncio.wait(list(tasks), timeout=eof_grace)
         for task in pending:

@@ -11,7 +11,7 @@ import os
 import signal
 from pathlib import Path
 
-from contree.service.control import ControlConnection, ServiceGone
+from contree.service.control import ControlConnection, ServiceGone, ServiceUnresponsive
 
 TEST_IDLE_EXIT = "120s"  # a service a crashed test run left behind goes away by itself
 STORE_TREES = frozenset(("layers", "sandboxes", "blobs", "tmp", "operations", "runtime"))
@@ -20,9 +20,16 @@ STORE_TREES = frozenset(("layers", "sandboxes", "blobs", "tmp", "operations", "r
 def stop_service(home: Path, *, timeout: float = 60.0) -> bool:
     """Stop the home's service (cancelling its work) and wait for its exit; SIGKILL it if it hangs.
     Returns whether one was running."""
-    try:
-        conn = ControlConnection(home, pin=True, timeout=10.0)
-    except ServiceGone:
+    for attempt in range(3):
+        try:
+            conn = ControlConnection(home, pin=True, timeout=10.0)
+            break
+        except ServiceGone:
+            return False
+        except ServiceUnresponsive:
+            if attempt == 2:
+                raise
+    else:  # pragma: no cover - the loop either breaks or raises
         return False
     with conn:
         try:

@@ -12,6 +12,7 @@ from contree.backend import Backend
 from contree.oci.credentials import CredentialStore
 from protocol.registry import Registry
 from tools import (
+    disk_tools,
     image_tools,
     info_tools,
     inspect_tools,
@@ -23,6 +24,7 @@ from tools import (
     sync_tools,
 )
 from tools.dirstate import DirectoryStates
+from tools.image_scope import ImageScope
 from tools.instructions import instructions
 from tools.lineage import EdgeStore, Lineage
 from tools.owners import OperationOwners
@@ -50,11 +52,14 @@ def build_state(
     dirstates.prune(prune_days)
     owners = OperationOwners(general_db or cache_dir / "operations.db", scoped=scoped_operations)
     owners.prune(prune_days)
+    images = ImageScope(backend, general_db or cache_dir / "operations.db", owners, scoped=scoped_operations)
+    images.prune(prune_days)
     return ServerState(
         backend=backend,
         backend_kind=backend_kind,
         lineage=Lineage(backend, store, native=not scoped_operations),
         dirstates=dirstates,
+        images=images,
         credentials=CredentialStore(cache_dir / "registry-credentials.json"),
         allowed_roots=[p.resolve() for p in allowed_roots],
         cache_dir=cache_dir,
@@ -70,7 +75,7 @@ def build_registry(state: ServerState) -> Registry:
         name="contree-mcp",
         version=__version__,
         title="Contree sandboxes",
-        instructions=instructions(state.backend_kind),
+        instructions=instructions(state.guidance_now()),
     )
     # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
     image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below
@@ -89,6 +94,9 @@ def build_registry(state: ServerState) -> Registry:
         "run", "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations",
         "cancel_operation", "whoami", "list_files", "read_file", "grep", "get_guide",
     ]  # fmt: skip
+    # beyond the reference's 19 (COMPAT §14: new names only, after them)
+    disk_tools.register(registry, state)
+    order.append("delete_image")
     registry.tools = {name: registry.tools[name] for name in order}
     resources.register_templates(registry, state)
     resources.register_guides(registry, state)

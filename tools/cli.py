@@ -16,6 +16,7 @@ from typing import Any
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
+from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
@@ -25,12 +26,59 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "publish"): ("tools.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
+    ("images", "published"): ("tools.publish", "published_main"),
+    ("images", "prune"): ("tools.maintenance", "prune_main"),
     ("engine", "check"): ("contree.engine.rootless.check", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),
     ("engine", "unshare"): ("contree.service.cli", "unshare_main"),
 }
+# What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
+GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
+    "images": (
+        "Manage the embedded engine's images.",
+        {
+            "bootstrap": "create the busybox:latest and debian:bookworm base images",
+            "prune": "free disk: unused layers, old run output, uploads; untagged images (--untagged)",
+            "publish": "share images with every principal of --http-tokens-file servers",
+            "unpublish": "stop sharing images published before",
+            "published": "list the published images",
+        },
+    ),
+    "engine": (
+        "Run and look after the embedded engine.",
+        {
+            "check": "can this user run the engine here (each missing piece with its fix), then the "
+            "store's consistency (exit status 1 when something must be fixed)",
+            "serve": "run the home's engine service (what MCP servers start by themselves)",
+            "stop": "stop the home's (or a --socket's) engine service",
+            "status": "show the home's (or a --socket's) engine service",
+            "unshare": "run a command in the rootless engine's user namespace (e.g. rm -rf of a home)",
+        },
+    ),
+}
+
+
+def group_help(group: str) -> str:
+    summary, commands = GROUP_HELP[group]
+    width = max(len(name) for name in commands)
+    lines = [f"usage: contree-mcp {group} {{{','.join(commands)}}} ...", "", summary, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", f"Run 'contree-mcp {group} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_group(group: str, rest: list[str]) -> int:
+    """`contree-mcp images|engine` without a known command: its own help (0 for --help, else 2)."""
+    if rest[:1] in (["-h"], ["--help"]):
+        print(group_help(group))
+        return 0
+    what = f"unknown command {rest[0]!r}" if rest else "a command is required"
+    print(f"{group_help(group)}\n\ncontree-mcp {group}: error: {what}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contree-mcp",
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
+        "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
         "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …' "
         "(readiness), 'engine unshare CMD' (a command in the rootless engine's user namespace).",
     )
@@ -56,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="one '<principal> <token>' line per HTTP client; each sees only its own operations, "
-        "directory states, lineage and registry credentials",
+        "images, tags, directory states, lineage and registry credentials, plus the images the operator "
+        "shares (tagged outside this server, or 'contree-mcp images publish')",
     )
     p.set_defaults(http_tokens={})
     p.add_argument(
@@ -94,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_READ_MAX_BYTES,
         help=f"read_file cap in bytes (default: {DEFAULT_READ_MAX_BYTES})",
     )
+    p.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="embedded engine: stdout+stderr bytes one run may store, e.g. 512M (default 1G); output beyond "
+        "it is counted, not kept, and the result says output_quota_exceeded. An engine setting: applies "
+        "when this server starts the home's engine service (contree-mcp engine stop, to change it)",
+    )
     p.add_argument("--profile", default=None, help="auth.ini profile (env CONTREE_PROFILE)")
     p.add_argument(
         "--auth-type",
@@ -117,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conformance",
         action="store_true",
-        help="serve the MCP conformance fixture server instead (protocol.conformance)",
+        help="serve the MCP conformance fixture server instead (protocol.testing.conformance)",
     )
     return p
 
@@ -192,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for words, (module, attr) in SUBCOMMANDS.items():
         if tuple(args_list[: len(words)]) == words:
             return int(_entry(module, attr)(args_list[len(words) :]) or 0)
+    if args_list and args_list[0] in GROUP_HELP:
+        return run_group(args_list[0], args_list[1:])
     parser = build_parser()
     legacy = legacy_defaults(parser, os.environ)
     args = parser.parse_args(args_list)
@@ -200,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", message)
     if args.conformance:
         conf = ["--mode", args.mode, "--http-listen", args.http_listen, "--http-port", str(args.http_port)]
-        return int(_entry("protocol.conformance", "main")(conf) or 0)
+        conf += ["--server-version", __version__]
+        return int(_entry("protocol.testing.conformance", "main")(conf) or 0)
     args.http_token = args.http_token or os.environ.get("CONTREE_MCP_HTTP_TOKEN") or None
     if args.http_tokens_file is not None:
         try:
@@ -244,6 +306,7 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
         user_agent=f"contree-mcp/{__version__}",
         import_roots=[str(p) for p in allowed_roots(args)],
         client_name=f"contree-mcp {args.mode}",
+        output_quota=args.output_quota,
     )
     log.info("%s", config.describe())
     if config.kind == "local":
@@ -255,7 +318,10 @@ async def serve(args: argparse.Namespace) -> int:
     from contree.service.starter import EngineStartError
     from protocol.server import Server
     from tools.app import build_registry, build_state
+    from tools.worker_threads import WorkerThreads
 
+    # a worker stuck in a syscall must not keep the server alive once it was told to stop
+    asyncio.get_running_loop().set_default_executor(WorkerThreads())
     try:
         backend, kind, cache_dir = await open_backend(args)
     except EngineStartError as exc:
@@ -279,6 +345,11 @@ async def serve(args: argparse.Namespace) -> int:
         prune_days=args.cache_prune_days,
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
+    if kind == "local":
+        from tools.catalog import describe_images
+
+        # the guidance names this engine's images (with per-client scoping: only the shared ones)
+        state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()
@@ -319,8 +390,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
-    from protocol.http import HttpSettings
-    from protocol.http import serve_http as serve
+    from protocol.http_app import serve_http as serve
+    from protocol.http_guard import HttpSettings
     from tools.docs_site import docs_routes
 
     settings = HttpSettings(

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from tools.budget import utf8_boundary
 from tools.models import ImageOutput, OperationOutput, OperationSummaryOutput, Resources, ResultRef
 
 TERMINAL = frozenset({"SUCCESS", "FAILED", "CANCELLED"})
@@ -22,8 +23,8 @@ def as_dict(value: Any) -> dict[str, Any]:
     return out if isinstance(out, dict) else {}
 
 
-def decode_stream(stream: Any, cap: int | None = None) -> tuple[str, bool]:
-    """(text, truncated) for a StreamRepr, cut at `cap` bytes; read as UTF-8 with replacement."""
+def stream_raw(stream: Any) -> tuple[bytes, bool]:
+    """(bytes, truncated by the backend) of a StreamRepr."""
     data = as_dict(stream)
     value = data.get("value") or ""
     if data.get("encoding") == "base64":
@@ -33,10 +34,22 @@ def decode_stream(stream: Any, cap: int | None = None) -> tuple[str, bool]:
             raw = value.encode()
     else:
         raw = value.encode()
-    truncated = bool(data.get("truncated", False))
-    if cap is not None and len(raw) > cap:
-        raw, truncated = raw[:cap], True
-    return raw.decode("utf-8", errors="replace"), truncated
+    return raw, bool(data.get("truncated", False))
+
+
+def head_length(raw: bytes, cap: int | None) -> int:
+    """Bytes of a stream shown as its head: all of it, or `cap` bytes cut back to a character boundary."""
+    if cap is None or len(raw) <= cap:
+        return len(raw)
+    return utf8_boundary(raw, cap)
+
+
+def decode_stream(stream: Any, cap: int | None = None) -> tuple[str, bool]:
+    """(text, truncated) for a StreamRepr, cut at `cap` bytes (never inside a character); read as UTF-8
+    with replacement."""
+    raw, truncated = stream_raw(stream)
+    n = head_length(raw, cap)
+    return raw[:n].decode("utf-8", errors="replace"), truncated or n < len(raw)
 
 
 def image_output(image: Any) -> ImageOutput:
@@ -57,10 +70,9 @@ def _resources(raw: Any) -> Resources | None:
     return msgspec.convert({k: v for k, v in data.items() if k in fields}, Resources)
 
 
-def operation_output(
-    op: Any, *, cap: int | None = None, resource_base: str = "contree://operations/instance"
-) -> OperationOutput:
-    """The flat OperationOutput. Never copies `metadata` (it echoes `env` values and file maps)."""
+def operation_output(op: Any, *, cap: int | None = None, with_resources: bool = False) -> OperationOutput:
+    """The flat OperationOutput with each stream's head (`cap` bytes). Never copies `metadata` (it echoes
+    `env` values and file maps). Tails, sizes and resource URIs of cut streams: `tools.output.shape`."""
     data = as_dict(op)
     status = str(data.get("status") or "")
     kind = str(data.get("kind") or "")
@@ -79,9 +91,8 @@ def operation_output(
     changed: bool | None = None
     if kind == "instance" and status == "SUCCESS":
         changed = bool(result_image) and result_image != image_uuid
-    op_id = str(data.get("uuid") or "")
     return OperationOutput(
-        uuid=op_id,
+        uuid=str(data.get("uuid") or ""),
         status=status,
         kind=kind,
         error=data.get("error"),
@@ -97,17 +108,11 @@ def operation_output(
         timed_out=bool(state.get("timed_out", False)),
         stdout=stdout,
         stderr=stderr,
-        operation_id=op_id,
-        state=status,
-        result_image=result_image if status == "SUCCESS" else None,
-        result_tag=res.get("tag") if res else None,
         filesystem_changed=changed,
+        signal=signal if isinstance(signal, int) and signal >= 0 else None,
         stdout_truncated=out_trunc,
         stderr_truncated=err_trunc,
-        signal=signal if isinstance(signal, int) and signal >= 0 else None,
-        resources=_resources(result.get("resources")),
-        stdout_resource=f"{resource_base}/{op_id}/stdout" if kind == "instance" and op_id else None,
-        stderr_resource=f"{resource_base}/{op_id}/stderr" if kind == "instance" and op_id else None,
+        resources=_resources(result.get("resources")) if with_resources else None,
     )
 
 

@@ -23,11 +23,24 @@ import msgspec
 from contree import api
 from contree.backend import Backend
 from contree.errors import NotFound
+from contree.fsutil import open_regular
 from protocol.errors import ToolError
+from tools.bounds import MAX_STATE_ID
 from tools.convert import as_dict
 
 CHUNK = 1024 * 1024
-MAX_ID = 2**53
+MAX_ID = MAX_STATE_ID
+
+
+def parse_state_id(state_id: int | str) -> int:
+    """The integer a `directory_state_id` names (given as a number or a string of digits)."""
+    try:
+        number = int(str(state_id).strip())
+    except ValueError:
+        raise ToolError(f"Directory state not found: {state_id}") from None
+    if not 1 <= number <= MAX_ID:
+        raise ToolError(f"directory_state_id must be between 1 and {MAX_ID}, got {number}")
+    return number
 
 
 class ManifestEntry(msgspec.Struct, array_like=True):
@@ -40,7 +53,8 @@ class ManifestEntry(msgspec.Struct, array_like=True):
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        # never blocks on a FIFO, never follows a link swapped in after the caller's checks
+        with open(open_regular(path), "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
     except OSError as exc:
@@ -49,7 +63,8 @@ def sha256_file(path: str) -> str:
 
 
 async def file_chunks(path: str) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:  # noqa: ASYNC230 - reads happen in a worker thread below
+    fd = await asyncio.to_thread(open_regular, path)
+    with open(fd, "rb") as f:  # noqa: ASYNC230 - wraps the fd opened in the thread above
         while chunk := await asyncio.to_thread(f.read, CHUNK):
             yield chunk
 
@@ -142,7 +157,7 @@ class DirectoryStates:
     async def restore_blobs(self, backend: Backend, principal: str | None, state_id: int | str) -> int:
         """Re-upload the blobs of a state that vanished from the backend (COMPAT §15.38), from the synced
         host files when their content is unchanged. Returns how many were uploaded."""
-        number = int(str(state_id).strip())
+        number = parse_state_id(state_id)
         entries = self.load(principal, number)
         origin = self.origin_of(principal, number)
         if not entries or origin is None:
@@ -159,6 +174,12 @@ class DirectoryStates:
             except NotFound:
                 pass
             host = source if single_file else source + "/" + entry.path[len(destination) :].lstrip("/")
+            # rsync syncs an in-tree symlink as its target's content: read the target, never a file
+            # outside the synced tree (and the content must still be what was synced)
+            real = await asyncio.to_thread(os.path.realpath, host)
+            if real != source and not real.startswith(source.rstrip("/") + "/"):
+                raise ToolError(f"{host} changed since rsync and its old content is gone: run rsync again")
+            host = real
             sha = await asyncio.to_thread(sha256_file, host)
             if sha != entry.sha256:
                 raise ToolError(f"{host} changed since rsync and its old content is gone: run rsync again")
@@ -179,10 +200,7 @@ class DirectoryStates:
         return msgspec.msgpack.decode(row[0], type=list[ManifestEntry])
 
     async def injected_files(self, principal: str | None, state_id: int | str) -> dict[str, api.InjectedFile]:
-        try:
-            number = int(str(state_id).strip())
-        except ValueError:
-            raise ToolError(f"Directory state not found: {state_id}") from None
+        number = parse_state_id(state_id)
         entries = self.load(principal, number)
         if entries is None:
             raise ToolError(f"Directory state not found: {state_id}")
@@ -196,12 +214,13 @@ class DirectoryStates:
             raise ToolError(f"Directory state has no files: {state_id}")
         return {e.path: api.InjectedFile(uuid=e.uuid, mode=e.mode) for e in entries}
 
-    def prune(self, older_than_days: float) -> None:
-        """Retention by last use (COMPAT §15.39): states nobody used for that long."""
+    def prune(self, older_than_days: float) -> int:
+        """Retention by last use (COMPAT §15.39): states nobody used for that long; returns how many."""
         cutoff = time.time() - older_than_days * 86400
         with self._lock:
-            self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,))
+            gone = self._db.execute("DELETE FROM states WHERE used_at < ?", (cutoff,)).rowcount
             self._db.commit()
+        return int(gone)
 
     def close(self) -> None:
         with self._lock:

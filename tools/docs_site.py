@@ -13,6 +13,7 @@ from aiohttp import web
 
 from protocol.registry import Registry
 from tools import markdown
+from tools.guidance import TOOL_EXAMPLES, Guidance
 from tools.guides import GUIDES, guide_text
 from tools.state import ServerState
 
@@ -113,7 +114,7 @@ def _type_of(prop: dict[str, Any]) -> str:
     if "anyOf" in prop:
         return " | ".join(_type_of(p) for p in prop["anyOf"])
     if "enum" in prop:
-        return " | ".join(json.dumps(v) for v in prop["enum"])
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in prop["enum"])
     t = prop.get("type", "object" if "$ref" in prop else "any")
     if t == "array":
         return f"array<{_type_of(prop.get('items', {}))}>"
@@ -122,17 +123,7 @@ def _type_of(prop: dict[str, Any]) -> str:
     return str(t)
 
 
-def _example(name: str, schema: dict[str, Any]) -> str:
-    args = {}
-    for key in schema.get("required", []):
-        prop = schema.get("properties", {}).get(key, {})
-        args[key] = {"integer": 1, "number": 1.0, "boolean": True, "array": ["…"]}.get(
-            prop.get("type", ""), "…"
-        )
-    return f"{name}({', '.join(f'{k}={json.dumps(v)}' for k, v in args.items())})"
-
-
-def tools_body(registry: Registry) -> str:
+def tools_body(registry: Registry, guidance: Guidance) -> str:
     parts = ["<ul>" + "".join(f'<li><a href="#{t}">{t}</a></li>' for t in registry.tools) + "</ul>"]
     for tool in registry.tools.values():
         first = tool.description.split("\n\n", 1)[0]
@@ -149,7 +140,9 @@ def tools_body(registry: Registry) -> str:
         schema = tool.input_schema
         required = set(schema.get("required", []))
         for pname, prop in schema.get("properties", {}).items():
-            default = "required" if pname in required else json.dumps(prop.get("default"))
+            default = (
+                "required" if pname in required else json.dumps(prop.get("default"), ensure_ascii=False)
+            )
             rows.append(
                 f"<tr><td><code>{html.escape(pname)}</code></td><td><code>{html.escape(_type_of(prop))}</code></td>"
                 f"<td><code>{html.escape(default)}</code></td>"
@@ -164,7 +157,8 @@ def tools_body(registry: Registry) -> str:
         parts.append(
             f'<section class=item id="{tool.name}"><h3><code>{tool.name}</code>{"".join(badges)}</h3>'
             f"<p>{html.escape(first)}</p>{params}"
-            f"<p>Example:</p><pre><code>{html.escape(_example(tool.name, schema))}</code></pre>"
+            f"<p>Example:</p><pre><code>{html.escape(guidance.render(TOOL_EXAMPLES.get(tool.name, '')))}"
+            "</code></pre>"
             "<details><summary>Full "
             f"description</summary><pre><code>{html.escape(tool.description)}</code></pre>"
             "</details></section>"
@@ -215,7 +209,7 @@ def guides_body(state: ServerState) -> str:
     for g in GUIDES:
         parts.append(
             f'<details class=item id="guide-{g}"><summary><code>contree://guide/{g}</code></summary>'
-            f"{markdown.render(guide_text(g, state.backend_kind), heading_offset=2)}</details>"
+            f"{markdown.render(guide_text(g, state.guidance_now()), heading_offset=2)}</details>"
         )
     return "".join(parts)
 
@@ -227,7 +221,7 @@ def render_site(
     bodies = {
         "/": setup_body(state, listen, port, token),
         "/instructions": markdown.render(registry.instructions or "", heading_offset=1),
-        "/tools": tools_body(registry),
+        "/tools": tools_body(registry, state.guidance_now()),
         "/resources": resources_body(registry),
         "/prompts": prompts_body(registry),
         "/guides": guides_body(state),

@@ -9,16 +9,16 @@ from msgspec import Meta
 
 from contree.backend import ImageQuery
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.convert import image_output
+from tools.bounds import MAX_OFFSET
 from tools.errors import backend_errors
 from tools.models import ImageListOutput, ImageOutput
-from tools.refs import resolve_image, split_ref, validate_tag
+from tools.refs import validate_tag
 from tools.state import ServerState
 
 
 class ListImagesParams(msgspec.Struct, kw_only=True):
     limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of images to return.")] = 100
-    offset: Annotated[int, Meta(ge=0, description="Number of images to skip (paging).")] = 0
+    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Number of images to skip (paging).")] = 0
     tagged: Annotated[bool, Meta(description="Only images that carry a tag.")] = False
     tag_prefix: Annotated[
         str | None,
@@ -50,6 +50,13 @@ class SetTagParams(msgspec.Struct, kw_only=True):
 
 def register(registry: Registry, state: ServerState) -> None:
     free = "Free (no VM)."
+    guidance = state.guidance_now()
+    example = guidance.shell_image()
+    search = (
+        f'list_images(tagged=true) lists this engine\'s images (e.g. "{example}").'
+        if guidance.local
+        else 'list_images(tag_prefix="common/") finds shared, ready-made environments.'
+    )
 
     @registry.tool(
         name="list_images",
@@ -59,7 +66,7 @@ def register(registry: Registry, state: ServerState) -> None:
 TL;DR: PURPOSE: find an existing image before importing or building one. COST: free, no {state.sandbox_word}.
 
 USAGE:
-- list_images(tag_prefix="common/") finds shared, ready-made environments.
+- {search}
 - list_images(tagged=true) hides the untagged intermediate images of earlier runs.
 - since/until accept ISO 8601, unix seconds or intervals (600s, 15m, 2h, 3d, 1w).
 
@@ -82,12 +89,7 @@ GUIDES:
             until=params.until,
         )
         with backend_errors("list_images"):
-            images = await state.backend.list_images(query)
-        out = [image_output(i) for i in images]
-        if prefix:
-            # The backend matches the stripped prefix ("common" also matches "commonx/…").
-            out = [i for i in out if i.tag is not None and i.tag.startswith(prefix)]
-        return ImageListOutput(images=out)
+            return ImageListOutput(images=await state.images.list_images(query, ctx.principal, prefix))
 
     @registry.tool(
         name="get_image",
@@ -97,7 +99,7 @@ GUIDES:
 TL;DR: PURPOSE: resolve a tag to its UUID or check that an image exists. COST: free.
 
 USAGE:
-- get_image(image="busybox:latest"), get_image(image="tag:common/python/debian:bookworm") or a UUID.
+- get_image(image="{example}"), get_image(image="tag:{example}") or a UUID.
 
 RETURNS: {{uuid, tag, created_at, operation_uuid}}
 
@@ -107,8 +109,7 @@ GUIDES:
     )
     async def get_image(params: GetImageParams, ctx: RequestContext) -> ImageOutput:
         with backend_errors(f"Image {params.image!r}"):
-            uuid = await resolve_image(state.backend, params.image)
-            return image_output(await state.backend.get_image(uuid))
+            return await state.images.get(params.image, ctx.principal)
 
     @registry.tool(
         name="set_tag",
@@ -131,13 +132,9 @@ GUIDES:
     )
     async def set_tag(params: SetTagParams, ctx: RequestContext) -> ImageOutput:
         with backend_errors(f"Image {params.image_uuid!r}"):
-            uuid, _ = split_ref(params.image_uuid)
-            if uuid is None:
-                uuid = await resolve_image(state.backend, params.image_uuid)
+            uuid = await state.images.resolve(params.image_uuid, ctx.principal)
             if params.remove_tag:
-                await state.backend.delete_tag(uuid, validate_tag(params.remove_tag))
-                return image_output(await state.backend.get_image(uuid))
+                return await state.images.delete_tag(uuid, validate_tag(params.remove_tag), ctx.principal)
             if params.tag:
-                return image_output(await state.backend.set_tag(uuid, validate_tag(params.tag)))
-            await state.backend.delete_tag(uuid, None)
-            return image_output(await state.backend.get_image(uuid))
+                return await state.images.set_tag(uuid, validate_tag(params.tag), ctx.principal)
+            return await state.images.delete_tag(uuid, None, ctx.principal)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from contree.backend import EngineAdmin
+from contree.errors import BackendError, NotFound
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.convert import as_dict
@@ -15,6 +18,8 @@ from tools.guides import GUIDES, guide_text
 from tools.models import GuideOutput, WhoAmIOutput
 from tools.state import ServerState
 from tools.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 class GuideParams(msgspec.Struct, kw_only=True):
@@ -34,8 +39,9 @@ TL;DR: PURPOSE: check permissions and limits (e.g. after a 403). COST: free.
 USAGE:
 - whoami(). On the embedded engine every permission is granted and the limits are the engine's own.
 
-RETURNS: {token_uuid, token_expiration, permissions, limits, operations_stat, mcp_version, mcp_upgrade,
-backend}
+RETURNS: {token_uuid, token_expiration, permissions, limits (output_quota_bytes: output one run may
+store), operations_stat, mcp_version, mcp_upgrade, backend, disk_usage (embedded engine: bytes of
+images, layers, run output, uploads; reclaimable_bytes = what deleting unused untagged images frees)}
 
 GUIDES:
 - [USEFUL] contree://guide/errors""",
@@ -44,6 +50,14 @@ GUIDES:
     async def whoami(ctx: RequestContext) -> WhoAmIOutput:
         with backend_errors("whoami"):
             me = as_dict(await state.backend.whoami())
+        usage = None
+        if isinstance(state.backend, EngineAdmin) and state.disk_admin:
+            try:
+                usage = await state.backend.disk_usage()
+            except NotFound:
+                state.disk_admin = False  # a server without the engine's extensions (the cloud)
+            except BackendError as exc:
+                log.debug("disk usage unavailable: %s", exc)
         return WhoAmIOutput(
             token_uuid=str(me.get("token_uuid") or ""),
             token_expiration=me.get("token_expiration"),
@@ -53,6 +67,7 @@ GUIDES:
             mcp_version=__version__,
             mcp_upgrade=None,
             backend=state.backend_kind,
+            disk_usage=usage,
         )
 
 
@@ -82,6 +97,6 @@ GUIDES:
             )
         return GuideOutput(
             section=section,
-            content=guide_text(section, state.backend_kind),
+            content=guide_text(section, await state.guidance()),
             available_sections=sorted(GUIDES),
         )

@@ -10,10 +10,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from contree import api
 from contree.backend import Backend, GrepQuery
 from contree.errors import BackendError
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_BYTES, MAX_OFFSET
+from tools.budget import RESULT_BUDGET, fit_prefix, json_len, keep_fitting
 from tools.convert import as_dict
 from tools.errors import backend_errors
 from tools.models import (
@@ -25,17 +28,27 @@ from tools.models import (
     ListFilesOutput,
     ReadFileOutput,
 )
-from tools.refs import resolve_image
 from tools.state import ServerState
 
+READ_OVERHEAD = 2048  # bytes of a read_file result that are not the content (fields, hint)
+GREP_OVERHEAD = 1024  # room for next_offset and the hint
+GREP_DEFAULT_TOTAL = 1000
+GREP_MAX_TOTAL = 10000  # the API's cap on max_total
 IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
+
+
+# A page of list_files stops at this many bytes of entries: the result carries each entry twice (as
+# structuredContent and as indented JSON text), and the whole result stays within 64 KiB.
+LIST_PAGE_BYTES = 56 * 1024
+LIST_MAX_LIMIT = 10000
 
 
 class ListFilesParams(msgspec.Struct, kw_only=True):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
     limit: Annotated[
-        Annotated[int, Meta(ge=1)] | None, Meta(description="Entries per page (default: all).")
+        Annotated[int, Meta(ge=1, le=LIST_MAX_LIMIT)] | None,
+        Meta(description="Entries per page at most (a page also ends before the result passes 64 KiB)."),
     ] = None
     cursor: Annotated[str | None, Meta(description="next_cursor of the previous page.")] = None
 
@@ -44,10 +57,10 @@ class ReadFileParams(msgspec.Struct, kw_only=True):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Absolute path of a regular file in the image.")]
     offset: Annotated[
-        int, Meta(ge=0, description="Byte offset to start reading at (for paging big files).")
+        int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset to start reading at (for paging big files).")
     ] = 0
     max_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
         Meta(description="Bytes to return at most (capped by the server's limit)."),
     ] = None
 
@@ -66,7 +79,10 @@ class GrepParams(msgspec.Struct, kw_only=True):
     ] = None
     max_total: Annotated[
         Annotated[int, Meta(ge=1, le=10000)] | None,
-        Meta(description="Matches in total at most (default 1000)."),
+        Meta(
+            description="Matches in total at most (default 1000, and no more than fit about 64 KiB; "
+            "an explicit value may fill the server's --read-max-bytes)."
+        ),
     ] = None
     case: Annotated[
         Literal["sensitive", "insensitive", "smart"] | None,
@@ -74,6 +90,9 @@ class GrepParams(msgspec.Struct, kw_only=True):
     ] = None
     before: Annotated[int, Meta(ge=0, le=50, description="Context lines before each match.")] = 0
     after: Annotated[int, Meta(ge=0, le=50, description="Context lines after each match.")] = 0
+    offset: Annotated[
+        int, Meta(ge=0, le=9999, description="Matches to skip: the next_offset of the previous page.")
+    ] = 0
 
 
 def normalize_dir(path: str) -> str:
@@ -99,6 +118,29 @@ def file_type(item: dict[str, Any]) -> FileType:
     if stat.S_ISBLK(mode):
         return "block_device"
     return "file"
+
+
+_entry_encoder = msgspec.json.Encoder()
+
+
+def entry_cost(entry: FileEntry) -> int:
+    """Bytes an entry adds to the result: its JSON in structuredContent, again indented in the text block
+    (about 64 bytes of indentation), where quotes and backslashes are escaped once more."""
+    raw = _entry_encoder.encode(entry)
+    return 2 * len(raw) + 96 + raw.count(b'"') + raw.count(b"\\")
+
+
+def page_of(directory: str, items: list[Any], start: int, limit: int | None) -> list[FileEntry]:
+    """Entries from `start`: at most `limit`, and no more than LIST_PAGE_BYTES (at least one)."""
+    page: list[FileEntry] = []
+    used = 0
+    for item in items[start : start + (limit or LIST_MAX_LIMIT)]:
+        entry = file_entry(directory, as_dict(item))
+        used += entry_cost(entry)
+        if page and used > LIST_PAGE_BYTES:
+            break
+        page.append(entry)
+    return page
 
 
 def file_entry(directory: str, item: dict[str, Any]) -> FileEntry:
@@ -187,9 +229,11 @@ TL;DR: PURPOSE: look inside an image without starting a {state.sandbox_word}. CO
 
 USAGE:
 - list_files(image="busybox:latest", path="/etc"). One directory level, no recursion.
+- Large directories come in pages (at most `limit` entries, and never past 64 KiB): when next_cursor is
+  set, call again with cursor=<next_cursor>.
 
-RETURNS: {{path, count, files: [{{name, path, type (file, directory, symlink, fifo, socket, char_device,
-block_device), size, mode (e.g. "0o100644"), target}}]}}
+RETURNS: {{path, count, total, next_cursor, hint, files: [{{name, path, type (file, directory, symlink, fifo,
+socket, char_device, block_device), size, mode (e.g. "0o100644"), target}}]}}
 
 GUIDES:
 - [USEFUL] contree://guide/reference""",
@@ -198,19 +242,32 @@ GUIDES:
     async def list_files(params: ListFilesParams, ctx: RequestContext) -> ListFilesOutput:
         directory = normalize_dir(params.path)
         with backend_errors(f"{params.image}:{directory}"):
-            image = await resolve_image(state.backend, params.image)
-            listing = as_dict(await state.backend.list_directory(image, directory))
-        entries = [file_entry(directory, item) for item in listing.get("files") or []]
+            image = await state.images.resolve(params.image, ctx.principal)
+            listing = await state.backend.list_directory(image, directory)
+        # Only the page is converted: a directory of 100,000 entries costs one slice, not 100,000 dicts.
+        items = (
+            listing.files if isinstance(listing, api.DirectoryList) else as_dict(listing).get("files") or []
+        )
         start = 0
         if params.cursor:
             try:
-                start = max(0, int(params.cursor))
+                start = int(params.cursor)
             except ValueError:
-                raise ToolError(f"invalid cursor {params.cursor!r}") from None
-        end = len(entries) if params.limit is None else start + params.limit
-        page = entries[start:end]
-        more = str(end) if end < len(entries) else None
-        return ListFilesOutput(path=directory, count=len(page), files=page, next_cursor=more)
+                raise ToolError(f"invalid cursor {params.cursor!r}: pass the next_cursor of a page") from None
+            if not 0 <= start <= len(items):
+                raise ToolError(f"invalid cursor {params.cursor!r}: the directory has {len(items)} entries")
+        page = page_of(directory, items, start, params.limit)
+        end = start + len(page)
+        more = str(end) if end < len(items) else None
+        hint = None
+        if more is not None:
+            hint = (
+                f"Entries {start + 1}-{end} of {len(items)}: call list_files(image={params.image!r}, "
+                f"path={directory!r}, cursor={more!r}) for the next page."
+            )
+        return ListFilesOutput(
+            path=directory, count=len(page), files=page, next_cursor=more, total=len(items), hint=hint
+        )
 
     @registry.tool(
         name="read_file",
@@ -233,29 +290,37 @@ GUIDES:
     )
     async def read_file(params: ReadFileParams, ctx: RequestContext) -> ReadFileOutput:
         path = params.path if params.path.startswith("/") else "/" + params.path
-        limit = min(params.max_bytes or state.read_max_bytes, state.read_max_bytes)
+        # The default fits an agent's context (RESULT_BUDGET); more only when asked, up to --read-max-bytes.
+        budget = None if params.max_bytes else RESULT_BUDGET - READ_OVERHEAD
+        limit = min(params.max_bytes or RESULT_BUDGET, state.read_max_bytes)
         with backend_errors(f"{params.image}:{path}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             data, more = await read_bounded(state.backend, image, path, params.offset, limit)
             size = params.offset + len(data)
             if more:
                 size = await file_size(state.backend, image, path) or size
         text = decode_text(data, more)
+        if text is not None:
+            if budget is not None and json_len(text) > budget:
+                text = fit_prefix(text, budget)
+            data = text.encode()  # a character cut at the end is left for the next call
+        elif budget is not None:
+            data = data[: budget * 3 // 4]  # base64 grows it by a third
+        end = params.offset + len(data)
+        more = more or end < size
         hint = None
         if more:
             hint = (
-                f"File is larger than {limit} bytes: call read_file again with "
-                f"offset={params.offset + len(data)}"
-                " or copy it with download()."
+                f"{path} has {size if size > end else 'more than ' + str(end)} bytes; this is bytes "
+                f"{params.offset}..{end}. Call read_file again with "
+                f"offset={end} (max_bytes up to {state.read_max_bytes}), "
+                "or copy it with download()."
             )
-        if text is None:
-            content, encoding = base64.b64encode(data).decode(), "base64"
-        else:
-            content, encoding = text, "utf-8"
+        content = text if text is not None else base64.b64encode(data).decode()
         return ReadFileOutput(
             path=params.path,
             content=content,
-            encoding=encoding,  # type: ignore[arg-type]
+            encoding="utf-8" if text is not None else "base64",
             bytes_size=size,
             truncated=more,
             offset=params.offset,
@@ -281,20 +346,36 @@ GUIDES:
         annotations=ro,
     )
     async def grep(params: GrepParams, ctx: RequestContext) -> GrepOutput:
+        want = params.max_total or GREP_DEFAULT_TOTAL
+        if params.offset + want > GREP_MAX_TOTAL:
+            raise ToolError(
+                f"offset + max_total may reach {GREP_MAX_TOTAL} matches at most: narrow the search with "
+                "path or glob instead"
+            )
         query = GrepQuery(
             pattern=as_list(params.pattern),
             path=as_list(params.path) or ["/"],
             glob=as_list(params.glob),
             max_count=params.max_count,
-            max_total=params.max_total or 1000,
+            max_total=params.offset + want,
             case=params.case or "sensitive",
             before=params.before,
             after=params.after,
         )
         with backend_errors(f"grep in {params.image}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             result = as_dict(await state.backend.grep(image, query))
-        matches = [
+        found = result.get("matches") or []
+        out = GrepOutput(
+            path=str(result.get("path") or query.path[0]),
+            patterns=list(result.get("patterns") or query.pattern),
+            truncated=bool(result.get("truncated", False)),
+        )
+        # The default fits an agent's context; an explicit max_total may fill --read-max-bytes.
+        budget = (
+            max(state.read_max_bytes, RESULT_BUDGET) if params.max_total else RESULT_BUDGET
+        ) - GREP_OVERHEAD
+        out.matches = [
             GrepMatchOutput(
                 path=str(m.get("path", "")),
                 line_number=int(m.get("line_number") or 0),
@@ -303,11 +384,17 @@ GUIDES:
                 line_bytes=m.get("line_bytes"),
                 submatches=[msgspec.convert(s, GrepSubmatch) for s in m.get("submatches") or []],
             )
-            for m in result.get("matches") or []
+            for m in found[params.offset : params.offset + want]
         ]
-        return GrepOutput(
-            path=str(result.get("path") or query.path[0]),
-            patterns=list(result.get("patterns") or query.pattern),
-            truncated=bool(result.get("truncated", False)),
-            matches=matches,
-        )
+        keep_fitting(out, out.matches, budget)
+        end = params.offset + len(out.matches)
+        more = len(found) > end
+        if more or out.truncated:
+            out.truncated = True
+            out.next_offset = end if end < GREP_MAX_TOTAL else None
+            out.hint = (
+                f"Matches {params.offset}..{end} shown"
+                + (f"; more from grep(..., offset={end})" if out.next_offset is not None else "")
+                + f" (max_total up to {GREP_MAX_TOTAL} with offset; or narrow with path/glob)."
+            )
+        return out

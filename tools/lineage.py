@@ -15,10 +15,23 @@ from typing import Any
 
 import msgspec
 
+from contree.errors import BackendError
+from contree.timeparse import isoformat
 from tools.convert import as_dict
 from tools.sqlite_cache import SqliteCache
 
 MAX_WALK = 50
+COMMAND_CHARS = 200  # an entry's command is shown up to this many characters
+
+
+class LineageEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What made one image: its operation, the command (or the registry it was imported from), when."""
+
+    operation_id: str | None = None
+    command: str | None = None
+    registry_url: str | None = None
+    created_at: str | None = None
+    tag: str | None = None
 
 
 class LineageView(msgspec.Struct, kw_only=True):
@@ -31,6 +44,8 @@ class LineageView(msgspec.Struct, kw_only=True):
     depth: int = 0
     is_known: bool = False
     data: dict[str, Any] | None = None
+    # every image named above → what made it, so branches can be told apart
+    entries: dict[str, LineageEntry] = msgspec.field(default_factory=dict)
 
 
 class EdgeStore:
@@ -46,12 +61,17 @@ class EdgeStore:
                 "CREATE INDEX IF NOT EXISTS lineage_parent ON lineage (principal, parent)",
             ],
         )
+        if "command" not in {row[1] for row in self._sql.all("PRAGMA table_info(lineage)")}:
+            self._sql.write("ALTER TABLE lineage ADD COLUMN command TEXT")  # caches of older versions
 
     def record(self, principal: str, image: str, parent: str | None, **data: str | None) -> None:
         now = time.time()
         self._sql.write(
-            "INSERT INTO lineage VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (principal, image) DO UPDATE SET"
-            " parent=COALESCE(excluded.parent, parent), updated_at=excluded.updated_at",
+            "INSERT INTO lineage (principal, image, parent, operation_id, kind, registry_url, tag,"
+            " created_at, updated_at, command) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (principal, image) DO UPDATE SET"
+            " parent=COALESCE(excluded.parent, parent), operation_id=COALESCE(excluded.operation_id,"
+            " operation_id), command=COALESCE(excluded.command, command), updated_at=excluded.updated_at",
             (
                 principal,
                 image,
@@ -62,17 +82,19 @@ class EdgeStore:
                 data.get("tag"),
                 now,
                 now,
+                data.get("command"),
             ),
         )
 
     def row(self, principal: str, image: str) -> dict[str, Any] | None:
         found = self._sql.one(
-            "SELECT parent, operation_id, kind, registry_url, tag FROM lineage WHERE principal=? AND image=?",
+            "SELECT parent, operation_id, kind, registry_url, tag, command, created_at FROM lineage"
+            " WHERE principal=? AND image=?",
             (principal, image),
         )
         if found is None:
             return None
-        keys = ("parent_image", "operation_id", "kind", "registry_url", "tag")
+        keys = ("parent_image", "operation_id", "kind", "registry_url", "tag", "command", "created_at")
         return {k: v for k, v in zip(keys, found, strict=True) if v is not None}
 
     def children(self, principal: str, image: str) -> list[str]:
@@ -123,8 +145,11 @@ class Lineage:
             return
         source = data.get("image_uuid")
         if source and source != result:
+            command = command_of(data)
             self._store.record(key, source, None, kind="image")
-            self._store.record(key, result, source, operation_id=data.get("uuid"), kind="instance")
+            self._store.record(
+                key, result, source, operation_id=data.get("uuid"), kind="instance", command=command
+            )
 
     async def view(self, image: str, principal: str | None = None) -> LineageView:
         if self._native:
@@ -141,7 +166,7 @@ class Lineage:
         descendants = [u for u in (_uuid_of(c) for c in raw.get("descendants") or []) if u]
         if not descendants:
             descendants = await self._walk_children(children)
-        return LineageView(
+        view = LineageView(
             image=image,
             parent=parent,
             children=children,
@@ -152,6 +177,39 @@ class Lineage:
             is_known=bool(raw.get("is_known", True)),
             data=None,
         )
+        for uuid in dict.fromkeys([image, *ancestors, *children, *descendants]):
+            view.entries[uuid] = await self._native_entry(uuid)
+        own = view.entries[image]
+        view.data = {
+            k: v
+            for k, v in {
+                "parent_image": parent,
+                "operation_id": own.operation_id,
+                "command": own.command,
+                "created_at": own.created_at,
+            }.items()
+            if v is not None
+        }
+        return view
+
+    async def _native_entry(self, uuid: str) -> LineageEntry:
+        """An image's tag, time and creating operation (its command), from the backend's records."""
+        try:
+            image = as_dict(await self._backend.get_image(uuid))
+        except BackendError:
+            return LineageEntry()
+        entry = LineageEntry(
+            operation_id=image.get("operation_uuid"), created_at=image.get("created_at"), tag=image.get("tag")
+        )
+        if entry.operation_id:
+            try:
+                op = as_dict(await self._backend.get_operation(entry.operation_id))
+            except BackendError:
+                return entry
+            entry.command = command_of(op)
+            if op.get("kind") == "image_import":
+                entry.registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
+        return entry
 
     async def _walk_children(self, children: list[str]) -> list[str]:
         found: list[str] = []
@@ -186,7 +244,7 @@ class Lineage:
             descendants.append(child)
             queue.extend(self._store.children(principal, child))
         known = row is not None
-        return LineageView(
+        view = LineageView(
             image=image,
             parent=ancestors[0] if ancestors else None,
             children=children,
@@ -197,9 +255,34 @@ class Lineage:
             is_known=known,
             data=row,
         )
+        for uuid in dict.fromkeys([image, *ancestors, *children, *descendants]):
+            found = row if uuid == image else self._store.row(principal, uuid)
+            if found is not None:
+                view.entries[uuid] = LineageEntry(
+                    operation_id=found.get("operation_id"),
+                    command=found.get("command"),
+                    registry_url=found.get("registry_url"),
+                    created_at=isoformat(found["created_at"]) if "created_at" in found else None,
+                    tag=found.get("tag"),
+                )
+        if row is not None and "created_at" in row:
+            row["created_at"] = isoformat(row["created_at"])
+        return view
 
     def close(self) -> None:
         self._store.close()
+
+
+def command_of(op: dict[str, Any]) -> str | None:
+    """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS."""
+    meta = as_dict(op.get("metadata"))
+    command = meta.get("command")
+    if not isinstance(command, str) or op.get("kind") not in (None, "instance"):
+        return None
+    args = meta.get("args")
+    if isinstance(args, list) and args:
+        command = " ".join([command, *map(str, args)])
+    return command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 1] + "…"
 
 
 def _uuid_of(value: Any) -> str | None:

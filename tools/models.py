@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from contree.backend import DiskUsage
+
 
 class ResultRef(msgspec.Struct, kw_only=True):
     image: str | None = None
@@ -39,7 +41,12 @@ class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
 
 
 class OperationOutput(msgspec.Struct, kw_only=True):
-    """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command."""
+    """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command.
+
+    The reference's fields first (COMPAT §3), then what an agent needs beyond them — each thing once:
+    the operation is `uuid`, the result image `result_image_uuid` (and, as the reference has it,
+    `result.image`). `stdout`/`stderr` are the first bytes of each stream; when a stream was longer,
+    `*_truncated` is set and `*_tail`, `*_bytes` and `*_resource` say what the rest holds and where."""
 
     uuid: str = ""
     status: str = ""
@@ -58,17 +65,20 @@ class OperationOutput(msgspec.Struct, kw_only=True):
     stdout: str = ""
     stderr: str = ""
     # superset (COMPAT §14)
-    operation_id: str = ""
-    state: str = ""
-    result_image: str | None = None
-    result_tag: str | None = None
     filesystem_changed: bool | None = None
+    signal: int | None = None
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    signal: int | None = None
-    resources: Resources | None = None
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
     stdout_resource: str | None = None
     stderr_resource: str | None = None
+    output_quota_exceeded: bool = False
+    output_bytes_kept: int | None = None
+    hint: str | None = None
+    resources: Resources | None = None
 
 
 class OperationRef(msgspec.Struct, kw_only=True):
@@ -138,6 +148,7 @@ class OperationSummaryOutput(msgspec.Struct, kw_only=True):
 
 class OperationListOutput(msgspec.Struct, kw_only=True):
     operations: list[OperationSummaryOutput]
+    hint: str | None = None
 
 
 class WaitOperationsOutput(msgspec.Struct, kw_only=True):
@@ -147,6 +158,7 @@ class WaitOperationsOutput(msgspec.Struct, kw_only=True):
     timed_out: bool = False
     pending: list[str] = msgspec.field(default_factory=list)
     errors: dict[str, str] = msgspec.field(default_factory=dict)
+    hint: str | None = None
 
 
 class CancelOutput(msgspec.Struct, kw_only=True):
@@ -170,6 +182,7 @@ class WhoAmIOutput(msgspec.Struct, kw_only=True):
     mcp_version: str = ""
     mcp_upgrade: UpgradeInfo | None = None
     backend: str = ""
+    disk_usage: DiskUsage | None = None  # the embedded engine's home: what it holds, what prune frees
 
 
 FileType = Literal["file", "directory", "symlink", "fifo", "socket", "char_device", "block_device"]
@@ -185,10 +198,14 @@ class FileEntry(msgspec.Struct, kw_only=True):
 
 
 class ListFilesOutput(msgspec.Struct, kw_only=True):
+    """One page of a directory: `count` entries of `total`; `next_cursor` (with `hint`) when more follow."""
+
     path: str
     count: int
     files: list[FileEntry]
     next_cursor: str | None = None
+    total: int | None = None
+    hint: str | None = None
 
 
 class ReadFileOutput(msgspec.Struct, kw_only=True):
@@ -221,6 +238,8 @@ class GrepOutput(msgspec.Struct, kw_only=True):
     patterns: list[str]
     truncated: bool = False
     matches: list[GrepMatchOutput] = msgspec.field(default_factory=list)
+    next_offset: int | None = None
+    hint: str | None = None
 
 
 class GuideOutput(msgspec.Struct, kw_only=True):

@@ -9,9 +9,12 @@ import msgspec
 from msgspec import Meta
 
 from contree.backend import OperationQuery
-from contree.errors import BackendError, Conflict
+from contree.errors import BackendError, BadRequest, Conflict
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools import output
+from tools.bounds import MAX_BYTES, MAX_OFFSET, MAX_WAIT_SECONDS
+from tools.budget import RESULT_BUDGET, fit_bytes, keep_fitting, result_size
 from tools.convert import TERMINAL, as_dict, operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
@@ -21,6 +24,7 @@ from tools.waiting import poll_until_terminal
 CANCEL_SETTLE = 2.0
 
 POLL_INTERVAL = 0.5
+PAGE_BYTES = 32 * 1024  # get_operation(stream=…) default page: within the result budget however escaped
 LIST_PAGE = 1000  # the API's maximum page
 LIST_MAX_PAGES = 20
 
@@ -46,6 +50,15 @@ class GetOperationParams(msgspec.Struct, kw_only=True):
     inflight: Annotated[
         bool, Meta(description="For a running instance: include the output produced so far.")
     ] = False
+    stream: Annotated[
+        Literal["stdout", "stderr"] | None,
+        Meta(description="Page through one whole stream instead: it comes in 'stdout' (or 'stderr').")
+    ] = None
+    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset of the page in 'stream'.")] = 0
+    limit: Annotated[
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        Meta(description="Bytes per page (default about 32 KiB; at most the server's --read-max-bytes)."),
+    ] = None
 
 
 class ListOperationsParams(msgspec.Struct, kw_only=True):
@@ -63,7 +76,7 @@ class ListOperationsParams(msgspec.Struct, kw_only=True):
         Meta(description="Created after: ISO 8601, unix seconds or an interval ago (15m, 2h, 1d)."),
     ] = None
     kind: Annotated[str | None, Meta(description="Alias of 'type'.")] = None
-    offset: Annotated[int, Meta(ge=0, description="Operations to skip (paging).")] = 0
+    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Operations to skip (paging).")] = 0
     until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
 
 
@@ -72,7 +85,12 @@ class WaitOperationsParams(msgspec.Struct, kw_only=True):
         list[str], Meta(description="Operation ids to wait for (duplicates are ignored).")
     ]
     timeout: Annotated[
-        float, Meta(ge=0, description="Seconds to wait in total; unfinished ids are listed in 'pending'.")
+        float,
+        Meta(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Seconds to wait in total; unfinished ids are listed in 'pending'.",
+        ),
     ] = 300.0
     mode: Annotated[
         Literal["all", "any"],
@@ -121,6 +139,7 @@ async def wait_operations_impl(
     deadline = loop.time() + params.timeout
     active = list(ids)
     reported = 0.0
+    seen: dict[str, dict[str, Any]] = {}
 
     async def fetch(op_id: str) -> tuple[str, dict[str, Any] | BaseException]:
         try:
@@ -135,9 +154,9 @@ async def wait_operations_impl(
                 out.errors[op_id] = str(got)
                 active.remove(op_id)
                 continue
-            out.results[op_id] = operation_output(got, cap=state.cap_for(op_id))
+            seen[op_id] = got
             if got.get("status") in TERMINAL:
-                state.lineage.observe(got, ctx.principal)
+                state.observe(got, ctx.principal)
                 out.completed.append(op_id)
                 active.remove(op_id)
         done = len(out.completed) + len(out.errors)
@@ -155,6 +174,7 @@ async def wait_operations_impl(
         await asyncio.sleep(min(POLL_INTERVAL, remaining))
     out.completed = [i for i in ids if i in out.completed]
     out.pending = [i for i in ids if i in active]
+    await shape_results(state, out, seen)
     if params.cancel_pending:
         for op_id in out.pending:
             try:
@@ -164,6 +184,65 @@ async def wait_operations_impl(
                 pass
             except BackendError as exc:
                 out.errors[op_id] = f"cancel failed: {exc}"
+    return out
+
+
+async def shape_results(
+    state: ServerState, out: WaitOperationsOutput, seen: dict[str, dict[str, Any]]
+) -> None:
+    """Each operation's result within an equal share of the budget; when even the bare records do not
+    fit, the later ones are left out (named in `hint`: get_operation reads them)."""
+    share = max(4096, RESULT_BUDGET // max(1, len(seen)))
+    for op_id, op in seen.items():
+        cap, budget = state.output_cap(state.cap_for(op_id))
+        out.results[op_id] = await output.shape(
+            state, op, cap=cap, budget=min(share, budget) if budget is not None else None
+        )
+    if result_size(out) <= RESULT_BUDGET:
+        return
+    left_out: list[str] = []
+    while out.results and result_size(out) > RESULT_BUDGET:
+        left_out.insert(0, next(reversed(out.results)))
+        del out.results[left_out[0]]
+        out.hint = (
+            f"Results of {len(left_out)} operations left out to keep this result small; read them with "
+            f"get_operation: {', '.join(left_out)}"
+        )
+
+
+async def stream_page(state: ServerState, op: dict[str, Any], params: GetOperationParams) -> OperationOutput:
+    """get_operation(stream=…): one page of a whole stream in `stdout`/`stderr` (for clients that
+    cannot read resources), never ending inside a UTF-8 character; `hint` names the next offset."""
+    name = params.stream
+    assert name is not None
+    limit = params.limit or PAGE_BYTES
+    if limit > max(state.read_max_bytes, PAGE_BYTES):
+        raise ToolError(f"limit must be at most {max(state.read_max_bytes, PAGE_BYTES)} (--read-max-bytes)")
+    op_id = str(op.get("uuid") or "")
+    try:
+        page = await output.read_page(
+            state, op_id, name, offset=params.offset, limit=limit,
+            json_budget=None if params.limit else PAGE_BYTES,
+        )
+    except (BadRequest, ValueError) as exc:
+        raise ToolError(f"Operation {op_id!r}: {exc}") from None
+    if page.text is None and not params.limit:  # binary shown as text: replacement characters weigh more
+        page = msgspec.structs.replace(page, data=page.data[: fit_bytes(page.data, PAGE_BYTES, head=True)])
+    out = operation_output(op, cap=0)
+    text = page.text if page.text is not None else page.data.decode("utf-8", errors="replace")
+    setattr(out, name, text)
+    setattr(out, f"{name}_bytes", page.total)
+    setattr(out, f"{name}_truncated", page.next_offset < page.total or bool(page.dropped))
+    setattr(out, f"{name}_resource", output.stream_uri(op_id, name))
+    other = "stderr" if name == "stdout" else "stdout"
+    setattr(out, f"{other}_truncated", False)
+    more = page.next_offset < page.total or not page.complete
+    out.hint = (
+        f"{name} bytes {page.offset}..{page.next_offset} of {page.total}"
+        + ("" if page.text is not None else " (binary: bad bytes replaced; the resource has them exactly)")
+        + (f"; next page: offset={page.next_offset}" if more else "; that is the end")
+        + (f"; {page.dropped} bytes beyond the output quota were not stored" if page.dropped else "")
+    )
     return out
 
 
@@ -197,10 +276,12 @@ TL;DR: PURPOSE: check a run or import started with wait=false. COST: free.
 
 USAGE:
 - get_operation(operation_id="<id>"); inflight=true adds the output produced so far by a running command.
+- get_operation(operation_id="<id>", stream="stdout", offset=8000) pages through a whole stream (in
+  'stdout'; 'hint' names the next offset): every byte a run wrote stays readable.
 - Statuses: PENDING, ASSIGNED, EXECUTING, then SUCCESS, FAILED or CANCELLED.
 
-RETURNS: {operation_id, status, kind, exit_code, stdout, stderr, stdout_truncated, stderr_truncated,
-timed_out, result_image, filesystem_changed, error, duration, ...}
+RETURNS: {uuid, status, kind, exit_code, stdout, stderr, stdout_truncated, stdout_tail, stdout_bytes, hint,
+timed_out, result_image_uuid, filesystem_changed, error, duration, resources, ...}
 
 GUIDES:
 - [USEFUL] contree://guide/async
@@ -213,8 +294,13 @@ GUIDES:
             op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
         data = as_dict(op)
         if data.get("status") in TERMINAL:
-            state.lineage.observe(data, ctx.principal)
-        return operation_output(data, cap=state.cap_for(params.operation_id.strip()))
+            state.observe(data, ctx.principal)
+        if params.stream is not None:
+            if data.get("kind") != "instance":
+                raise ToolError(f"Operation {params.operation_id!r} is an import: it has no output")
+            return await stream_page(state, data, params)
+        cap, budget = state.output_cap(state.cap_for(params.operation_id.strip()))
+        return await output.shape(state, data, cap=cap, budget=budget, with_resources=True)
 
     @registry.tool(
         name="list_operations",
@@ -249,8 +335,12 @@ GUIDES:
             else:
                 ops = await state.backend.list_operations(query)
         for op in ops:
-            state.lineage.observe(op, ctx.principal)
-        return OperationListOutput(operations=[summary_output(o) for o in ops])
+            state.observe(op, ctx.principal)
+        out = OperationListOutput(operations=[summary_output(o) for o in ops])
+        if keep_fitting(out, out.operations, RESULT_BUDGET - 512):
+            shown = len(out.operations)
+            out.hint = f"{shown} operations shown; the next: list_operations(offset={params.offset + shown})"
+        return out
 
 
 def register_wait_cancel(registry: Registry, state: ServerState) -> None:

@@ -8,7 +8,10 @@ import re
 import textwrap
 
 from protocol.registry import PromptArgument, Registry, RequestContext
+from tools.guidance import Guidance, literal
 from tools.state import ServerState
+
+IMAGE_ARGS = ("image", "base")  # arguments naming an image: picked from the engine's images by default
 
 PROMPTS: list[tuple[str, str, list[tuple[str, str, str | None]]]] = [
     (
@@ -104,152 +107,264 @@ def image_name(image: str) -> str:
     return inline(image).split(":", 1)[0]
 
 
-def prepare_environment(task: str, base: str, project: str, packages: str) -> str:
+def calls(*lines: str, network: bool = False) -> str:
+    """A ```calls block (tool calls an agent can make as printed) indented under a list item."""
+    body = ["# needs network"] if network else []
+    return fence("\n".join(body + list(lines)), "calls")
+
+
+def pick_image(g: Guidance, given: str, default: str, *, python: bool = False, packages: bool = False) -> str:
+    """The image a prompt uses: the caller's, else (on the embedded engine) one that exists here and has
+    what the task needs, else the reference's default."""
+    if given:
+        return inline(given)
+    if g.local:
+        found = (g.python_image() if python else None) or (
+            g.catalog.with_package_manager() if packages else None
+        )
+        return found.tag if found else g.shell_image()
+    return default
+
+
+def install_command(g: Guidance, image: str, packages: str) -> str:
+    """How `packages` get into `image`: pip where there is pip, else the image's package manager."""
+    info = next((i for i in g.catalog.images if i.tag == image), None)
+    if info is not None and not info.pip:
+        return info.install(packages) or f"pip install {packages}"
+    return f"pip install {packages}"
+
+
+def images_note(g: Guidance) -> str:
+    if not g.local:
+        return ""
+    return f"Images on this engine (what each contains):\n\n{g.catalog.table()}\n\n"
+
+
+def not_here(g: Guidance, image: str) -> str:
+    """A line telling how to get `image` when the engine does not have it."""
+    if not g.local or any(i.tag == image for i in g.catalog.images):
+        return ""
+    return (
+        f"   `{image}` is not on this engine yet: import it first with import_image(registry_url="
+        f'"docker://docker.io/library/{image}", tag="{image}"), or pick one from the table above.\n'
+    )
+
+
+def prepare_environment(g: Guidance, task: str, base: str, project: str, packages: str) -> str:
     scope = inline(project) or "common"
     purpose = purpose_from(packages)
-    tag = f"{scope}/{purpose}/{inline(base)}"
     pkgs = inline(packages)
-    install = (
-        f"run(command={q('pip install ' + pkgs)}, image=<base image>, disposable=false)"
-        if pkgs
-        else "run(command=<install what the task needs>, image=<base image>, disposable=false)"
-    )
+    image = pick_image(g, base, "python:3.11-slim", python="pip" in pkgs, packages=bool(pkgs))
+    tag = f"{scope}/{purpose}/{image}"
+    look = calls(f"made = list_images(tag_prefix={literal(f'{scope}/{purpose}/')})")
+    see = calls(f'bins = list_files(image={literal(image)}, path="/usr/bin")')
+    if pkgs:
+        block = calls(
+            f"env = run(command={literal(install_command(g, image, pkgs))}, image={literal(image)}, "
+            "disposable=false, timeout=600)",
+            f"set_tag(image_uuid=env.result_image_uuid, tag={literal(tag)})",
+            network=True,
+        )
+        install = f"4. Install the packages (check exit_code) and tag the result:\n{block}"
+    else:
+        install = (
+            "4. Install what the task needs with disposable=false, one step per run, then tag the result:\n"
+            f"   set_tag(image_uuid=<result_image_uuid>, tag={literal(tag)})."
+        )
     return f"""Prepare a reusable environment for this task, reusing existing images wherever possible.
 
 Task:
 {fence(task)}
 
-1. Look for an existing environment: list_images(tag_prefix="{scope}/"). If "{tag}" exists, use it and stop
-   here.
-2. Look for a base image: list_images(tag_prefix="{image_name(base)}") and list_images(tag_prefix="common/").
-3. If no Python image exists but an Ubuntu/Debian one does, install Python there once with disposable=false
-   and tag it (e.g. "common/python/ubuntu:noble").
-4. Only as a last resort: import_image(registry_url="docker://docker.io/library/{inline(base)}",
-   tag="{inline(base)}").
-5. Install the packages: {install}.
-   Check exit_code before going on.
-6. Tag the result: set_tag(image_uuid=<result_image>, tag="{tag}").
-7. Use it: run(command=..., image="tag:{tag}").
+{images_note(g)}1. Look for an environment made before; if "{tag}" is listed, use it and stop here:
+{look}
+2. Otherwise start from `{image}`.
+{not_here(g, image)}3. See what it already has (free, no sandbox):
+{see}
+{install}
+5. Use it: run(command=..., image="tag:{tag}").
 
 Tagging rules: {{scope}}/{{purpose}}/{{base}}; letters, digits, '_' and '-' separated by ':', '/' or '.'.
 """
 
 
-def run_python(code: str) -> str:
+IMPORT_PYTHON = (
+    'imported = import_image(registry_url="docker://docker.io/library/python:3.12-slim", '
+    'tag="python:3.12-slim", i_accept_that_anonymous_access_might_be_rate_limited=true)'
+)
+
+
+def run_python(g: Guidance, code: str) -> str:
+    steps = [f"code = upload(content={literal(code)})"]
+    python = g.python_image()
+    if g.local and python is not None:
+        image, network, intro = python.tag, False, f"`{python.tag}` has Python {python.python}."
+    else:
+        image, network = "python:3.12-slim", True
+        steps.insert(0, IMPORT_PYTHON)
+        intro = (
+            "No image on this engine has Python yet: import one (once), then run the code."
+            if g.local
+            else 'Find a Python image with list_images(tag_prefix="common/python"); if there is none, '
+            "import python:3.12-slim as below."
+        )
+    steps.append(
+        f'ran = run(command="python3 /tmp/main.py", image={literal(image)}, '
+        'files={"/tmp/main.py": code.uuid})'
+    )
     return f"""Run this Python code in an isolated sandbox.
 
-1. Find a Python image: list_images(tag_prefix="common/python"), then list_images(tag_prefix="python").
-2. If none, look for list_images(tag_prefix="ubuntu") and install Python once:
-   run(command="apt-get update && apt-get install -y python3", image=<ubuntu image>, disposable=false),
-   then set_tag(image_uuid=<result_image>, tag="common/python/ubuntu:22.04").
-3. Last resort: import_image(registry_url="docker://docker.io/library/ubuntu:22.04", tag="ubuntu:22.04").
-4. Upload the code with upload(content=<the code>) and run it:
-   run(command="python3 /tmp/main.py", image=<python image>, files={{"/tmp/main.py": "<uuid>"}}).
+{intro}
+1. Upload the code and run it; report exit_code, stdout and stderr:
+{calls(*steps, network=network)}
 
 Code:
 {fence(code, "python")}
 """
 
 
-def run_shell(command: str, image: str = "ubuntu:noble") -> str:
-    img = inline(image)
+def run_shell(g: Guidance, command: str, image: str = "") -> str:
+    img = pick_image(g, image, "ubuntu:noble")
+    block = calls(f"result = run(command={literal(command)}, image={literal(img)})")
     return f"""Run a shell command in an isolated sandbox.
 
-1. Find the image: list_images(tag_prefix="{image_name(img)}").
-2. Use its UUID, or image="tag:{img}" when it is tagged.
-3. Last resort: import_image(registry_url="docker://docker.io/library/{img}", tag="{img}").
-4. Run the command with run(command=<the command>, image=<image>) and report exit_code, stdout and stderr.
+{images_note(g)}1. Run it in `{img}` and report exit_code, stdout and stderr:
+{not_here(g, img)}{block}
+2. Exit code 127 means the image lacks a command: pick an image that has it.
 
 Command:
 {fence(command, "bash")}
 """
 
 
-def sync_and_run(source: str, command: str, image: str = "alpine:latest") -> str:
-    img = inline(image)
+def sync_and_run(g: Guidance, source: str, command: str, image: str = "") -> str:
+    img = pick_image(g, image, "alpine:latest")
+    has_python = any(i.tag == img and i.python for i in g.catalog.images)
+    minimal = "" if has_python else f"\n   `{img}` has no Python: for Python, pick an image that has it."
+    block = calls(
+        f'src = rsync(source={literal(inline(source))}, destination="/app", '
+        'exclude=["__pycache__", ".git", "node_modules", ".venv"])',
+        f'result = run(command={literal(command)}, image={literal(img)}, directory_state_id=src, cwd="/app")',
+    )
     return f"""Sync local files into a sandbox and run a command there.
 
-1. rsync(source={q(source)}, destination="/app", exclude=["__pycache__", ".git", "node_modules", ".venv"])
-   → directory_state_id.
-2. Pick an image that has what the command needs: list_images(tag_prefix="common/"); the default
-   "{img}" is a minimal image (no Python): prefer a Python image when the command runs Python.
-3. run(command=<the command>, image=<image>, directory_state_id=<id>, cwd="/app").
+{images_note(g)}1. Sync the directory, then run the command in it:{minimal}
+{not_here(g, img)}{block}
+2. Report exit_code, stdout and stderr.
 
 Command:
 {fence(command, "bash")}
 """
 
 
-def install_packages(packages: str, image: str = "ubuntu:noble") -> str:
-    img = inline(image)
+def install_packages(g: Guidance, packages: str, image: str = "") -> str:
+    pkgs = inline(packages)
+    img = pick_image(g, image, "ubuntu:noble", packages=True)
+    tag = f"common/{purpose_from(packages)}/{img}"
+    block = calls(
+        f"installed = run(command={literal(install_command(g, img, pkgs))}, image={literal(img)}, "
+        "disposable=false, timeout=600)",
+        f"set_tag(image_uuid=installed.result_image_uuid, tag={literal(tag)})",
+        network=True,
+    )
     return f"""Install packages and keep the result as a reusable image.
 
-1. Find the base image: list_images(tag_prefix="{image_name(img)}").
-2. run(command={q("pip install " + inline(packages))}, image=<base image>, disposable=false); check exit_code.
-3. Use result_image directly, or tag it: set_tag(image_uuid=<result_image>, tag=...),
-   e.g. "common/python/ubuntu:noble" (format {{scope}}/{{purpose}}/{{base}}).
+{images_note(g)}1. Install them in `{img}` with disposable=false (check exit_code), then tag the result:
+{not_here(g, img)}{block}
+2. Use it later as image="tag:{tag}" (format {{scope}}/{{purpose}}/{{base}}).
 """
 
 
-def parallel_tasks(tasks: str, image: str = "ubuntu:noble") -> str:
+def parallel_tasks(g: Guidance, tasks: str, image: str = "") -> str:
+    img = pick_image(g, image, "ubuntu:noble")
     lines = [t.strip() for t in tasks.splitlines() if t.strip()]
-    listed = "\n".join(f"   - {q(t)}" for t in lines) or "   (no tasks given)"
+    if not lines:
+        return "Run tasks in parallel: no tasks were given (pass one command per line)."
+    starts = [
+        f"t{i} = run(command={literal(t)}, image={literal(img)}, wait=false)" for i, t in enumerate(lines, 1)
+    ]
+    ids = ", ".join(f"t{i}.operation_id" for i in range(1, len(lines) + 1))
+    block = calls(*starts, f'done = wait_operations(operation_ids=[{ids}], mode="all", timeout=600)')
     return f"""Run these tasks in parallel, each in its own sandbox.
 
-1. Make sure the image exists: list_images(tag_prefix="{image_name(image)}").
-2. Start every task with run(command=<task>, image=<image>, wait=false) and keep the operation_ids:
-{listed}
-3. wait_operations(operation_ids=[...], mode="all") and report each exit_code and output.
+1. Start every task, then wait for all of them:
+{not_here(g, img)}{block}
+2. Report each exit_code and output (done.results).
 """
 
 
-def build_project(source: str, install_cmd: str = "pip install -e .", test_cmd: str = "pytest") -> str:
+def build_project(
+    g: Guidance, source: str, install_cmd: str = "pip install -e .", test_cmd: str = "pytest"
+) -> str:
+    img = pick_image(g, "", "python:3.11-slim", python="pip" in install_cmd or "pytest" in test_cmd)
+    block = calls(
+        f'src = rsync(source={literal(inline(source))}, destination="/app")',
+        f"deps = run(command={literal(install_cmd)}, image={literal(img)}, directory_state_id=src, "
+        'cwd="/app", disposable=false, timeout=600)',
+        f'tests = run(command={literal(test_cmd)}, image=deps.result_image_uuid, cwd="/app", timeout=600)',
+    )
     return f"""Build the project and run its tests.
 
-1. rsync(source={q(source)}, destination="/app") → directory_state_id.
-2. Pick an image with the right toolchain: list_images(tag_prefix="common/").
-3. Install dependencies: run(command={q(install_cmd)}, image=<image>, directory_state_id=<id>, cwd="/app",
-   disposable=false) → result_image (tag it if you will reuse it).
-4. Test on the dependencies image: run(command={q(test_cmd)}, image=<result_image>, cwd="/app").
+{images_note(g)}1. Sync the project, install its dependencies with disposable=false (a rollback point),
+   then test on that image:
+{not_here(g, img)}{block}
+2. Check each exit_code; tag deps.result_image_uuid if you will reuse it.
 """
 
 
-def debug_failure(operation_id: str) -> str:
+def debug_failure(g: Guidance, operation_id: str) -> str:
+    block = calls(f"op = get_operation(operation_id={literal(inline(operation_id))})")
     return f"""Diagnose the failed operation {q(operation_id)}.
 
-1. get_operation(operation_id={q(operation_id)}).
+1. Read it:
+{block}
 2. status FAILED: the operation could not run; read 'error' (image missing, spawn failure, permissions).
-   status SUCCESS with exit_code != 0: the command failed; read stderr, then stdout.
+   status SUCCESS with exit_code != 0: the command failed; read stderr (and stderr_tail), then stdout.
 3. timed_out=true: the command hit its timeout; raise 'timeout' or split the work.
-4. stdout_truncated/stderr_truncated=true: read the full streams from stdout_resource/stderr_resource.
+4. stdout_truncated/stderr_truncated=true: 'hint' says how to read the whole streams
+   (get_operation(operation_id=..., stream="stderr", offset=...) or the stdout_resource/stderr_resource).
 5. Suggest fixes: missing packages (install with disposable=false), wrong cwd, missing files (rsync/upload),
    missing environment variables (env={{...}}).
 """
 
 
-def inspect_image(image: str) -> str:
+def inspect_image(g: Guidance, image: str) -> str:
+    img = literal(inline(image))
+    block = calls(
+        f'top = list_files(image={img}, path="/")',
+        f'etc = list_files(image={img}, path="/etc")',
+        f'users = read_file(image={img}, path="/etc/passwd", max_bytes=4000)',
+        f'shells = grep(image={img}, pattern="sh$", path="/etc/passwd")',
+    )
     return f"""Explore the image {q(image)}.
 
-1. Prefer the free tools: list_files(image={q(image)}, path="/"), read_file(...) and grep(...).
-2. Only if you need to run something: run(command=..., image={q(image)}, disposable=true).
+1. Prefer the free tools (no sandbox):
+{block}
+2. Only if you need to run something: run(command=..., image={img}, disposable=true).
 """
 
 
 def multi_stage_build(
+    g: Guidance,
     source: str,
     install_cmd: str = "pip install -e .",
     build_cmd: str = "python -m build",
     test_cmd: str = "pytest",
 ) -> str:
+    img = pick_image(g, "", "python:3.11-slim", python="pip" in install_cmd or "python" in build_cmd)
+    block = calls(
+        f'src = rsync(source={literal(inline(source))}, destination="/app")',
+        f"a = run(command={literal(install_cmd)}, image={literal(img)}, directory_state_id=src, "
+        'cwd="/app", disposable=false, timeout=600)',
+        f'b = run(command={literal(build_cmd)}, image=a.result_image_uuid, cwd="/app", disposable=false, '
+        "timeout=600)",
+        f'tests = run(command={literal(test_cmd)}, image=b.result_image_uuid, cwd="/app", timeout=600)',
+    )
     return f"""Build in stages, keeping every stage as a rollback point.
 
-1. rsync(source={q(source)}, destination="/app") → directory_state_id.
-2. Install: run(command={q(install_cmd)}, image=<image>, directory_state_id=<id>, cwd="/app",
-   disposable=false)
-   → image A.
-3. Build: run(command={q(build_cmd)}, image=<A>, cwd="/app", disposable=false) → image B.
-4. Test: run(command={q(test_cmd)}, image=<B>, cwd="/app").
-5. Keep A and B: if a later stage fails, fix it and rerun from the previous image instead of starting over.
+{images_note(g)}1. Sync, install (image A), build on A (image B), test on B:
+{not_here(g, img)}{block}
+2. Keep A and B: if a later stage fails, fix it and rerun from the previous image instead of starting over.
 """
 
 
@@ -267,22 +382,37 @@ RENDERERS = {
 }
 
 
-def render(name: str, arguments: dict[str, str]) -> str:
+def render(name: str, arguments: dict[str, str], guidance: Guidance | None = None) -> str:
+    """The prompt's text for this backend; an `image`/`base` left out is picked from the images here."""
+    g = guidance or Guidance()
     spec = next(p for p in PROMPTS if p[0] == name)
-    values = {arg: arguments.get(arg) or (default or "") for arg, _, default in spec[2]}
-    return RENDERERS[name](**values)  # type: ignore[operator]
+    values = {
+        arg: arguments.get(arg) or ("" if arg in IMAGE_ARGS and g.local else default or "")
+        for arg, _, default in spec[2]
+    }
+    return RENDERERS[name](g, **values)  # type: ignore[operator]
 
 
 def register(registry: Registry, state: ServerState) -> None:
+    local = state.backend_kind == "local"
     for name, description, args in PROMPTS:
         arguments = [
-            PromptArgument(arg, f"{desc}" + (f" Default: {default}." if default else ""), default is None)
+            PromptArgument(
+                arg,
+                desc
+                + (
+                    " Default: an image on this engine that fits the task."
+                    if local and arg in IMAGE_ARGS
+                    else (f" Default: {default}." if default else "")
+                ),
+                default is None,
+            )
             for arg, desc, default in args
         ]
 
         def make(prompt_name: str):
             async def handler(ctx: RequestContext, **kwargs: str) -> str:
-                return render(prompt_name, kwargs)
+                return render(prompt_name, kwargs, await state.guidance())
 
             return handler
 

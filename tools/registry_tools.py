@@ -18,9 +18,10 @@ from contree.oci.credentials import PAT_PAGES, validate_credentials
 from contree.oci.reference import parse_source, registry_host
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
+from tools.bounds import MAX_SECONDS
 from tools.convert import TERMINAL, as_dict, operation_output
 from tools.errors import backend_errors
-from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, TokenObtainOutput
+from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, ResultRef, TokenObtainOutput
 from tools.refs import validate_tag
 from tools.roots import require_inside
 from tools.state import ServerState
@@ -64,7 +65,7 @@ class ImportImageParams(msgspec.Struct, kw_only=True):
         Meta(description="Import without stored registry credentials (anonymous pulls may be rate limited)."),
     ] = False
     timeout: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_SECONDS)] | None,
         Meta(description="Seconds the import may take (backend default 300)."),
     ] = None
 
@@ -236,12 +237,14 @@ USAGE:
 - The result is a flat root filesystem; ENV is kept (applied when shell=true); ENTRYPOINT/CMD/WORKDIR are
   dropped.
 
-RETURNS: {{operation_id, status, result_image, result_tag, error, ...}} or {{operation_id}} when wait=false
+RETURNS: {{uuid, status, result_image_uuid, result: {{image, tag}}, error, ...}} or {{operation_id}} when
+wait=false
 
 GUIDES:
 - [USEFUL] contree://guide/reference
 - [USEFUL] contree://guide/tagging""",
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=True),
+        tasks="optional",  # a long import becomes a task for 2026-07-28 clients with the Tasks extension
     )
     async def import_image(params: ImportImageParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         url = params.registry_url.strip()
@@ -268,7 +271,9 @@ GUIDES:
                     "token='...') "
                     "to authenticate. Or pass i_accept_that_anonymous_access_might_be_rate_limited=true."
                 )
-        request: dict[str, Any] = {"registry": {"url": url}, "tag": tag}
+        # A scoped principal's tag goes to its own namespace once the import succeeded, never to the
+        # backend, where it would be a shared tag.
+        request: dict[str, Any] = {"registry": {"url": url}, "tag": None if state.images.scoped else tag}
         if credentials is not None:
             request["registry"]["credentials"] = msgspec.to_builtins(credentials)
         if params.timeout is not None:
@@ -276,6 +281,8 @@ GUIDES:
         with backend_errors("import_image"):
             operation_id = await state.backend.import_image(msgspec.convert(request, api.ImageImportRequest))
         state.owners.record(ctx.principal, operation_id)
+        if tag and state.images.scoped:
+            state.images.tag_after_import(operation_id, ctx.principal, tag)
         if not params.wait:
             return OperationRef(operation_id=operation_id)
         loop = asyncio.get_running_loop()
@@ -291,5 +298,9 @@ GUIDES:
         with backend_errors(f"Operation {operation_id}"):
             op = await follow_until_terminal(state.backend, operation_id, deadline, on_event)
         if as_dict(op).get("status") in TERMINAL:
-            state.lineage.observe(op, ctx.principal)
-        return operation_output(op)
+            state.observe(op, ctx.principal)
+        out = operation_output(op)
+        if own_tag := state.images.result_tag(operation_id, ctx.principal, out.result_image_uuid):
+            result = msgspec.structs.replace(out.result or ResultRef(), tag=own_tag)
+            out = msgspec.structs.replace(out, result=result)
+        return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import stat
 import urllib.parse
@@ -10,24 +9,30 @@ from typing import Any
 
 import msgspec
 
-from contree.backend import ImageQuery
-from contree.errors import BackendError, NotFound
+from contree.errors import BackendError, BadRequest, NotFound
 from protocol.content import ResourceContents
-from protocol.errors import ResourceNotFound
-from protocol.registry import Registry, RequestContext
-from tools.convert import as_dict, decode_stream, operation_output
+from protocol.errors import InvalidParams, ResourceNotFound
+from protocol.registry import CacheHint, Registry, RequestContext
+from tools import output
+from tools.convert import as_dict
 from tools.guides import GUIDES, guide_text
 from tools.inspect_tools import decode_text, normalize_dir, read_bounded
 from tools.prompts import PROMPTS
-from tools.refs import resolve_image
+from tools.refs import is_uuid
 from tools.state import ServerState
 
-STREAMS = ("stdout", "stderr")
+# 2026-07-28 caching hints. Guides ship with the server: the same for everyone.
+GUIDE_CACHE = CacheHint(3_600_000, "public")
+# An image never changes once made, so what is read from it by UUID stays true; by tag it may move.
+IMAGE_CACHE = CacheHint(86_400_000, "private")
 
 
-async def _resolve(state: ServerState, uri: str, image: str) -> str:
+def image_cache(variables: dict[str, str]) -> CacheHint:
+    return IMAGE_CACHE if is_uuid(variables.get("image", "")) else CacheHint()
+
+async def _resolve(state: ServerState, ctx: RequestContext, uri: str, image: str) -> str:
     try:
-        return await resolve_image(state.backend, image)
+        return await state.images.resolve(image, ctx.principal)
     except Exception as exc:
         raise ResourceNotFound(uri, f"Image not found: {image} ({exc})") from None
 
@@ -43,34 +48,24 @@ def ls_line(item: dict[str, Any]) -> str:
     return line
 
 
-def parse_stream(spec: str) -> tuple[str, int, int | None]:
-    """`stdout?offset=N&limit=M` → (stream, offset, limit)."""
+def parse_stream(spec: str, max_limit: int) -> tuple[str, int, int | None]:
+    """`stdout?offset=N&limit=M` → (stream, offset, limit or None); anything malformed is an error."""
     name, _, query = spec.partition("?")
-    args = urllib.parse.parse_qs(query)
-
-    def number(key: str) -> int | None:
-        values = args.get(key)
-        if not values:
-            return None
-        try:
-            return max(0, int(values[0]))
-        except ValueError:
-            return None
-
-    return name, number("offset") or 0, number("limit")
-
-
-async def stream_bytes(state: ServerState, operation_id: str, stream: str) -> bytes:
-    """The whole recorded stream of the main process, from the operation's event log."""
-    chunks: list[bytes] = []
-    async for event in state.backend.events(operation_id, follow=False):
-        data = as_dict(event)
-        if data.get("type") != stream or data.get("spid", 1) not in (1, None):
-            continue
-        payload = as_dict(data.get("data"))
-        value = payload.get("value") or ""
-        chunks.append(base64.b64decode(value) if payload.get("encoding") == "base64" else value.encode())
-    return b"".join(chunks)
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InvalidParams(f"malformed query {query!r}: use ?offset=<bytes>&limit=<bytes>") from None
+    values: dict[str, int] = {}
+    for key, raw in pairs:
+        if key not in ("offset", "limit") or key in values:
+            raise InvalidParams(f"unknown or repeated parameter {key!r}: only offset and limit")
+        if not raw.isdigit():
+            raise InvalidParams(f"{key} must be a non-negative integer, got {raw!r}")
+        values[key] = int(raw)
+    limit = values.get("limit")
+    if limit is not None and not 1 <= limit <= max_limit:
+        raise InvalidParams(f"limit must be between 1 and {max_limit} (the server's --read-max-bytes)")
+    return name, values.get("offset", 0), limit
 
 
 def register_guides(registry: Registry, state: ServerState) -> None:
@@ -78,7 +73,7 @@ def register_guides(registry: Registry, state: ServerState) -> None:
 
         def make(name: str):
             async def read(ctx: RequestContext) -> str:
-                return guide_text(name, state.backend_kind)
+                return guide_text(name, await state.guidance())
 
             return read
 
@@ -88,6 +83,7 @@ def register_guides(registry: Registry, state: ServerState) -> None:
             title=f"Contree Guide: {section.capitalize()}",
             description=f"Guide section on {section}",
             mime_type="text/markdown",
+            cache=GUIDE_CACHE,
         )(make(section))
 
 
@@ -100,11 +96,12 @@ def register_guide_template(registry: Registry, state: ServerState) -> None:
         title="Contree Guide",
         description="A guide section: workflow, reference, quickstart, state, async, tagging or errors.",
         mime_type="text/markdown",
+        cache=GUIDE_CACHE,
     )
     async def guide(ctx: RequestContext, section: str) -> str:
         if section not in GUIDES:
             raise ResourceNotFound(f"contree://guide/{section}", f"Unknown guide section {section!r}")
-        return guide_text(section, state.backend_kind)
+        return guide_text(section, await state.guidance())
 
     @registry.completion("ref/resource", "contree://guide/{section}", "section")
     async def sections(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
@@ -126,10 +123,11 @@ def register_templates(registry: Registry, state: ServerState) -> None:
             "read_file tool with offset, or download."
         ),
         mime_type="text/plain",
+        cache=image_cache,
     )
     async def read_file(ctx: RequestContext, image: str, path: str) -> list[ResourceContents]:
         uri = f"contree://image/{image}/read/{path}"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         target = "/" + path.lstrip("/")
         try:
             data, more = await read_bounded(state.backend, uuid, target, 0, state.read_max_bytes)
@@ -158,10 +156,11 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         title="Directory listing of an image",
         description="An `ls -l`-style listing of a directory in an image; `ls/` or `ls/.` lists the root.",
         mime_type="text/plain",
+        cache=image_cache,
     )
     async def image_ls(ctx: RequestContext, image: str, path: str) -> str:
         uri = f"contree://image/{image}/ls/{path}"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         directory = normalize_dir(path if path not in ("", ".") else "/")
         try:
             listing = as_dict(await state.backend.list_directory(uuid, directory))
@@ -181,7 +180,7 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     )
     async def image_lineage(ctx: RequestContext, image: str) -> str:
         uri = f"contree://image/{image}/lineage"
-        uuid = await _resolve(state, uri, image)
+        uuid = await _resolve(state, ctx, uri, image)
         view = await state.lineage.view(uuid, ctx.principal)
         return msgspec.json.format(msgspec.json.encode(view), indent=2).decode()
 
@@ -191,29 +190,29 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         title="A run",
         description=(
             "JSON {state, error, result_image, result_tag, exit_code, timed_out, stdout, stderr, "
-            "stdout_truncated, "
-            "stderr_truncated, resources} of a run (output as kept in the operation record)."
+            "stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes, stdout_tail, stderr_tail, "
+            "stdout_resource, stderr_resource, hint, resources} of a run: heads and tails of its output; "
+            "the whole streams are at …/<operation_id>/stdout and …/stderr."
         ),
         mime_type="application/json",
     )
     async def instance_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/instance/{operation_id}"
         op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
-        out = operation_output(op, cap=state.cap_for(operation_id))
+        cap, budget = state.output_cap(state.cap_for(operation_id))
+        out = await output.shape(state, op, cap=cap, budget=budget, with_resources=True)
         doc: dict[str, Any] = {"state": out.status}
-        for key in ("error", "result_image", "result_tag", "exit_code"):
-            value = getattr(out, key)
-            if value is not None:
-                doc[key] = value
-        doc.update(
-            timed_out=out.timed_out,
-            stdout=out.stdout,
-            stderr=out.stderr,
-            stdout_truncated=out.stdout_truncated,
-            stderr_truncated=out.stderr_truncated,
-            stdout_resource=out.stdout_resource,
-            stderr_resource=out.stderr_resource,
-        )
+        known = {
+            "error": out.error,
+            "result_image": out.result_image_uuid if out.status == "SUCCESS" else None,
+            "result_tag": out.result.tag if out.result else None,
+            "exit_code": out.exit_code,
+        }
+        doc.update((k, v) for k, v in known.items() if v is not None)
+        doc["timed_out"] = out.timed_out
+        streams = ("stdout", "stderr", "stdout_truncated", "stderr_truncated", "stdout_bytes", "stderr_bytes")
+        extras = ("stdout_tail", "stderr_tail", "stdout_resource", "stderr_resource", "hint")
+        doc.update((k, v) for k in streams + extras if (v := getattr(out, k)) is not None)
         if out.resources is not None:
             doc["resources"] = msgspec.to_builtins(out.resources)
         return msgspec.json.format(msgspec.json.encode(doc), indent=2).decode()
@@ -223,29 +222,37 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         name="instance_output",
         title="Full output of a run",
         description=(
-            "The complete recorded stdout or stderr of a run, read from its event log: "
-            "contree://operations/instance/<id>/stdout (or /stderr). Page with ?offset=<bytes>&limit=<bytes> "
-            f"(default limit {state.read_max_bytes}); a page shorter than the limit is the last one."
+            "The whole stdout or stderr of a run: contree://operations/instance/<id>/stdout (or /stderr). "
+            "Page with ?offset=<bytes>&limit=<bytes> (default limit "
+            f"{output.DEFAULT_PAGE}, at most {state.read_max_bytes}). A text page never ends inside a "
+            "UTF-8 character, so it may hold fewer bytes than asked: continue at _meta.next_offset. "
+            "Binary data comes as a base64 blob. _meta also has total_bytes, complete (the run ended) and "
+            "dropped_bytes (output beyond the engine's per-run quota, not stored)."
         ),
         mime_type="text/plain",
     )
     async def instance_output(ctx: RequestContext, operation_id: str, stream: str) -> list[ResourceContents]:
         uri = f"contree://operations/instance/{operation_id}/{stream}"
-        name, offset, limit = parse_stream(stream)
-        if name not in STREAMS:
+        name, offset, limit = parse_stream(stream, max(state.read_max_bytes, output.DEFAULT_PAGE))
+        if name not in output.STREAMS:
             raise ResourceNotFound(uri, f"Unknown stream {name!r}: use stdout or stderr")
-        op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
+        await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
         try:
-            data = await stream_bytes(state, operation_id, name)
-        except BackendError:
-            # no event log (e.g. a CANCELLED op): fall back to what the record kept
-            kept, _ = decode_stream(as_dict(as_dict(op.get("metadata")).get("result")).get(name))
-            data = kept.encode()
-        page = data[offset : offset + (limit or state.read_max_bytes)]
-        text = decode_text(page, True)
-        if text is None:
-            return [ResourceContents.from_bytes(uri, page, "application/octet-stream")]
-        return [ResourceContents(uri, "text/plain", text=text)]
+            page = await output.read_page(
+                state,
+                operation_id,
+                name,
+                offset=offset,
+                limit=limit or output.DEFAULT_PAGE,
+                json_budget=None if limit else output.DEFAULT_PAGE,
+            )
+        except (BadRequest, ValueError) as exc:
+            raise InvalidParams(f"{uri}: {exc}") from None
+        except BackendError as exc:
+            raise ResourceNotFound(uri, f"Output of {operation_id}: {exc}") from None
+        if page.text is None:
+            return [ResourceContents.from_bytes(uri, page.data, "application/octet-stream", meta=page.meta())]
+        return [ResourceContents(uri, "text/plain", text=page.text, meta=page.meta())]
 
     @registry.resource_template(
         "contree://operations/import/{operation_id}",
@@ -293,12 +300,10 @@ def register_templates(registry: Registry, state: ServerState) -> None:
 def register_completions(registry: Registry, state: ServerState) -> None:
     async def image_tags(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
         prefix = value[4:] if value.startswith("tag:") else value
-        query = ImageQuery(limit=100, tagged=True, tag=prefix.rstrip(":/.") or None)
         try:
-            images = await state.backend.list_images(query)
+            tags = await state.images.tags(prefix, ctx.principal)
         except BackendError:
             return []
-        tags = sorted({t for i in images if (t := as_dict(i).get("tag")) and t.startswith(prefix)})
         return [("tag:" + t) if value.startswith("tag:") else t for t in tags]
 
     for template in (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -12,18 +13,21 @@ import msgspec
 from msgspec import Meta
 
 from contree import api
-from contree.errors import BadRequest, NotFound, Unprocessable
+from contree.errors import BackendError, BadRequest, NotFound, Unprocessable
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.convert import TERMINAL, decode_stream, operation_output
+from tools import output
+from tools.bounds import MAX_BYTES, MAX_ID, MAX_SECONDS, MAX_STATE_ID
+from tools.budget import as_text
+from tools.convert import TERMINAL, decode_stream
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
-from tools.refs import resolve_image
 from tools.state import ServerState
 from tools.waiting import OutputTail, follow_until_terminal
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY = 2.0  # seconds without progress before the run's latest output is sent as progress
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
 
 
@@ -32,8 +36,8 @@ class InjectedFileSpec(msgspec.Struct, kw_only=True):
     mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3,4}$", description="Permission bits, e.g. '0755'.")] = (
         "0644"
     )
-    uid: Annotated[int, Meta(ge=0)] = 0
-    gid: Annotated[int, Meta(ge=0)] = 0
+    uid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
+    gid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
 
 
 class RunParams(msgspec.Struct, kw_only=True):
@@ -51,16 +55,19 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(description="Merge 'env' into the image's stored environment and keep it in the result image."),
     ] = False
     cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the image default.")] = ""
-    uid: Annotated[int, Meta(ge=0, description="User id of the process.")] = 0
-    gid: Annotated[int, Meta(ge=0, description="Group id of the process.")] = 0
-    timeout: Annotated[int, Meta(ge=1, description="Seconds before the command is killed.")] = 30
+    uid: Annotated[int, Meta(ge=0, le=MAX_ID, description="User id of the process.")] = 0
+    gid: Annotated[int, Meta(ge=0, le=MAX_ID, description="Group id of the process.")] = 0
+    timeout: Annotated[
+        int, Meta(ge=1, le=MAX_SECONDS, description="Seconds before the command is killed.")
+    ] = 30
     disposable: Annotated[
         bool,
         Meta(description="true: discard filesystem changes. false: save them as a new image (result_image)."),
     ] = True
     stdin: Annotated[str | None, Meta(description="Text written to the command's standard input.")] = None
     directory_state_id: Annotated[
-        int | str | None, Meta(description="Id returned by rsync: injects that synced directory.")
+        Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
+        Meta(description="Id returned by rsync: injects that synced directory."),
     ] = None
     files: Annotated[
         dict[str, str | InjectedFileSpec] | None,
@@ -74,7 +81,7 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
     ] = 8000
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1)] | None,
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
         Meta(description="Cap on bytes written to the filesystem (default 12 GiB)."),
     ] = None
     args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
@@ -97,10 +104,30 @@ def stdin_repr(text: str) -> api.ClosableStreamRepr:
     return api.ClosableStreamRepr(value=base64.b64encode(raw).decode(), encoding="base64", close=True)
 
 
+def check_c_strings(params: RunParams) -> None:
+    """NUL cannot travel in argv, the environment or a path: it would silently cut the string there
+    (`echo a\\u0000b; echo after` would run `echo a`)."""
+    fields: list[tuple[str, str]] = [("command", params.command), ("cwd", params.cwd)]
+    fields += [(f"args[{i}]", arg) for i, arg in enumerate(params.args or [])]
+    for key, value in (params.env or {}).items():
+        fields.append(("an env name", key))
+        if value is not None and "\x00" not in key:
+            fields.append((f"env[{key!r}]", value))
+    if params.hostname:
+        fields.append(("hostname", params.hostname))
+    for where, text in fields:
+        if "\x00" in text:
+            # values are not echoed: env values may be secrets
+            raise ToolError(
+                f"{where} contains a NUL byte (\\u0000), which no command line, environment or path can carry"
+            )
+
+
 async def build_request(
     params: RunParams, state: ServerState, principal: str | None
 ) -> api.InstanceSpawnRequest:
-    image = await resolve_image(state.backend, params.image)
+    check_c_strings(params)
+    image = await state.images.resolve(params.image, principal)
     files: dict[str, api.InjectedFile] = {}
     if params.directory_state_id is not None:
         files.update(await state.dirstates.injected_files(principal, params.directory_state_id))
@@ -124,9 +151,13 @@ async def build_request(
         "gid": params.gid,
         "timeout": params.timeout,
         "disposable": params.disposable,
-        # Record (nearly) everything so the full streams stay readable as resources; the result is cut
-        # to the caller's truncate_output_at by operation_output().
-        "truncate_output_at": api.MAX_TRUNCATE_OUTPUT_AT,
+        # The embedded engine keeps whole streams whatever this says; the Contree API keeps only what it
+        # records, so ask it for as much as it allows (the result is cut to the caller's cap anyway).
+        "truncate_output_at": (
+            state.output_cap(params.truncate_output_at)[0]
+            if state.backend_kind == "local"
+            else api.MAX_TRUNCATE_OUTPUT_AT
+        ),
     }
     if params.env is not None:
         request["env"] = params.env
@@ -154,28 +185,54 @@ async def wait_for_run(
     """Follow a run to its end with progress. When the client cancels the request
     (`notifications/cancelled`), the operation is cancelled too; when the client merely goes away (its
     session closes, its HTTP stream drops), the run keeps going to its end in the engine, like the
-    reference's, and any later session can read it."""
+    reference's, and any later session can read it.
+
+    Progress shows the last output lines: from the event stream while it carries output (the first
+    `truncate_output_at` bytes), then from the engine's whole output every PROGRESS_EVERY seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds + state.run_grace_seconds
     tail = OutputTail()
     counter = 0
+    last_sent = loop.time()
+
+    async def send(message: str) -> None:
+        nonlocal counter, last_sent
+        counter += 1
+        last_sent = loop.time()
+        await ctx.progress(counter, None, message)
 
     async def on_event(event: dict[str, Any]) -> None:
-        nonlocal counter
         kind = event.get("type")
         if kind in ("stdout", "stderr"):
             text, _ = decode_stream(event.get("data"))
             tail.feed(text)
         elif kind not in ("spawn", "exit", "completion"):
             return
-        counter += 1
-        message = tail.render() or f"{operation_id}: {kind}"
-        await ctx.progress(counter, None, message)
+        await send(tail.render() or f"{operation_id}: {kind}")
 
+    async def ticker() -> None:
+        seen = -1
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            if loop.time() - last_sent < PROGRESS_EVERY:
+                continue
+            try:
+                page = await output.engine_page(state, operation_id, "stdout", offset=0, limit=512, tail=True)
+            except BackendError as exc:
+                log.debug("progress tail of %s: %s", operation_id, exc)
+                continue
+            if page is None or page.total == seen:
+                continue
+            seen = page.total
+            latest = OutputTail()
+            latest.feed(as_text(page.data))
+            await send(latest.render() or f"{operation_id}: {page.total} bytes of output")
+
+    ticking = loop.create_task(ticker())
     try:
         return await follow_until_terminal(state.backend, operation_id, deadline, on_event)
     except asyncio.CancelledError:
-        if not ctx.cancelled.is_set():
+        if not ctx.cancel_requested:
             raise  # the session ended, not the request: the operation outlives it
         # The client gave up on a call that started this operation: stop the sandbox too (§15.22).
         async def cancel() -> None:
@@ -186,6 +243,10 @@ async def wait_for_run(
 
         await asyncio.shield(loop.create_task(cancel()))
         raise
+    finally:
+        ticking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticking
 
 
 async def track_in_background(
@@ -196,13 +257,20 @@ async def track_in_background(
     loop = asyncio.get_running_loop()
     op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
     if op.get("status") in TERMINAL:
-        state.lineage.observe(op, principal)
+        state.observe(op, principal)
         await notify(f"contree://operations/instance/{operation_id}")
 
 
 def register(registry: Registry, state: ServerState) -> None:
     word = state.sandbox_word
     cost = f"Spawns {word}."
+    guidance = state.guidance_now()
+    pick = (
+        f"Use an image that exists here (list_images(tagged=true); e.g. \"{guidance.shell_image()}\"; the "
+        "instructions say what each contains) before importing one."
+        if guidance.local
+        else 'Prefer existing images: list_images(tag_prefix="common/") before import_image.'
+    )
 
     @registry.tool(
         name="run",
@@ -212,24 +280,28 @@ def register(registry: Registry, state: ServerState) -> None:
 TL;DR: PURPOSE: run a shell command in a fresh {word} from an immutable image. COST: one {word} per call.
 
 USAGE:
-- Prefer existing images: list_images(tag_prefix="common/") before import_image.
+- {pick}
 - Stage local files first with rsync (directory_state_id) or upload (files={{"/app/x.py": "<file uuid>"}}).
 - disposable=true (default) discards changes; disposable=false saves them as a new image: chain by passing
-  result_image as the next 'image', and tag useful ones as {{scope}}/{{purpose}}/{{base}}.
+  result_image_uuid as the next 'image', and tag useful ones as {{scope}}/{{purpose}}/{{base}}.
 - wait=false returns {{operation_id}} at once; join with wait_operations.
 - Pass variables with env={{...}}, not 'export' (each run is a fresh process). cwd="" = image default.
-- Output beyond truncate_output_at bytes is cut (stdout_truncated/stderr_truncated say so); the full
-  streams stay readable at stdout_resource / stderr_resource.
+- The result keeps the first truncate_output_at bytes of each stream (stdout, stderr) and the last ones
+  (stdout_tail, stderr_tail); every byte stays readable (hint says how: stdout_resource, or
+  get_operation(operation_id, stream="stdout", offset=...)).
 
-RETURNS: {{operation_id, status, exit_code, stdout, stderr, stdout_truncated, stderr_truncated, timed_out,
-result_image, filesystem_changed, duration, ...}} or {{operation_id}} when wait=false. status SUCCESS means it
-ran; the command's outcome is exit_code.
+RETURNS: {{uuid, status, exit_code, stdout, stderr, stdout_truncated, stdout_bytes, stdout_tail, hint,
+timed_out, result_image_uuid, filesystem_changed, duration, ...}} (about 64 KiB at most) or {{operation_id}}
+when wait=false. status SUCCESS means it ran; the command's outcome is exit_code.
 
 GUIDES:
 - [ESSENTIAL] contree://guide/workflow
 - [ESSENTIAL] contree://guide/state
 - [USEFUL] contree://guide/async""",
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=False, open_world=True),
+        # 2026-07-28 clients with the Tasks extension: a wait=true run still going after a second becomes a
+        # task (polled with tasks/get; live output in its statusMessage); wait=false stays an operation id.
+        tasks="optional",
     )
     async def run(params: RunParams, ctx: RequestContext) -> OperationOutput | OperationRef:
         with backend_errors("run"):
@@ -257,8 +329,9 @@ GUIDES:
         with backend_errors(f"Operation {operation_id}"):
             op = await wait_for_run(state, ctx, operation_id, params.timeout)
         if op.get("status") in TERMINAL:
-            state.lineage.observe(op, ctx.principal)
+            state.observe(op, ctx.principal)
             await ctx.notify_resource_updated(f"contree://operations/instance/{operation_id}")
         else:
             log.warning("run %s still %s after its deadline", operation_id, op.get("status"))
-        return operation_output(op, cap=params.truncate_output_at)
+        cap, budget = state.output_cap(params.truncate_output_at)
+        return await output.shape(state, op, cap=cap, budget=budget)

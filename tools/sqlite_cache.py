@@ -17,7 +17,8 @@ class SqliteCache:
         target = str(path) if path else ":memory:"
         if target != ":memory:":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(target, check_same_thread=False)
+        # Several server processes of one home share these files: wait for a writer instead of failing.
+        self._db = sqlite3.connect(target, check_same_thread=False, timeout=10)
         self._lock = threading.Lock()
         with self._lock:
             for statement in schema:
@@ -28,6 +29,17 @@ class SqliteCache:
         with self._lock:
             self._db.execute(sql, params)
             self._db.commit()
+
+    def write_many(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Several statements in one transaction: other processes see all of them or none."""
+        with self._lock:
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         with self._lock:

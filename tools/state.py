@@ -10,17 +10,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from contree.backend import Backend
+from tools.budget import RESULT_BUDGET
+from tools.catalog import Catalog, describe_images
+from tools.guidance import Guidance
 from tools.owners import OperationOwners
 
 if TYPE_CHECKING:
     from contree.oci.credentials import CredentialStore
     from tools.dirstate import DirectoryStates
+    from tools.image_scope import ImageScope
     from tools.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_READ_MAX_BYTES = 1024 * 1024
 DEFAULT_TRUNCATE_OUTPUT_AT = 8000
+CATALOG_TTL = 10.0  # seconds a description of the images serves the guides before it is read again
 
 
 @dataclass
@@ -29,6 +34,7 @@ class ServerState:
     backend_kind: Literal["local", "contree"]
     lineage: Lineage
     dirstates: DirectoryStates
+    images: ImageScope
     credentials: CredentialStore
     allowed_roots: list[Path]
     cache_dir: Path
@@ -37,8 +43,13 @@ class ServerState:
     http_port: int = 9452
     run_grace_seconds: float = 120.0
     owners: OperationOwners = field(default_factory=OperationOwners)
+    # False once the backend answered that it keeps no whole output (the Contree cloud): event logs then
+    output_paging: bool = True
+    disk_admin: bool = True  # False once the backend answered that it cannot delete images (the cloud)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _caps: dict[str, int] = field(default_factory=dict)
+    catalog: Catalog | None = None  # the backend's tagged images and what they contain (local only)
+    _catalog_at: float = 0.0
 
     def remember_cap(self, operation_id: str, cap: int) -> None:
         """The caller's truncate_output_at: the backend records more so the full output stays readable."""
@@ -49,9 +60,35 @@ class ServerState:
     def cap_for(self, operation_id: str) -> int:
         return self._caps.get(operation_id, DEFAULT_TRUNCATE_OUTPUT_AT)
 
+    def output_cap(self, requested: int) -> tuple[int, int | None]:
+        """(bytes of each stream's head and tail, result budget) for a caller's truncate_output_at: the
+        default stays within RESULT_BUDGET; more can be asked for explicitly, up to read_max_bytes."""
+        cap = min(requested, max(self.read_max_bytes, DEFAULT_TRUNCATE_OUTPUT_AT))
+        return cap, RESULT_BUDGET if requested <= DEFAULT_TRUNCATE_OUTPUT_AT else None
+
     @property
     def sandbox_word(self) -> str:
         return "sandbox" if self.backend_kind == "local" else "microVM"
+
+    def observe(self, op: Any, principal: str | None) -> None:
+        """What a terminal operation of `principal` implies: a lineage edge, its result image as its own."""
+        self.lineage.observe(op, principal)
+        self.images.observe(op, principal)
+
+    async def guidance(self) -> Guidance:
+        """What guides, prompts and examples should say on this backend, with its images now
+        (re-read at most every CATALOG_TTL seconds)."""
+        loop = asyncio.get_running_loop()
+        stale = self.catalog is None or loop.time() - self._catalog_at > CATALOG_TTL
+        if self.backend_kind == "local" and stale:
+            self.catalog = await describe_images(self.backend, shared_only=self.owners.scoped)
+            self._catalog_at = loop.time()
+        return self.guidance_now()
+
+    def guidance_now(self) -> Guidance:
+        """`guidance()` with the images last read (at start-up: `tools.cli` reads them first)."""
+        root = str(self.allowed_roots[0]) if self.allowed_roots else "/abs/path/project"
+        return Guidance(backend_kind=self.backend_kind, catalog=self.catalog or Catalog(), root=root)
 
     def spawn_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a best-effort task (lineage tracking) that must never take the server down."""
@@ -74,4 +111,5 @@ class ServerState:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.lineage.close()
         self.owners.close()
+        self.images.close()
         await self.backend.close()

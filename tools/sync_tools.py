@@ -21,7 +21,6 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.dirstate import ManifestEntry, ensure_blob, sha256_file
 from tools.errors import backend_errors
 from tools.models import DownloadOutput, DownloadSource, UploadOutput
-from tools.refs import resolve_image
 from tools.roots import expand, require_inside
 from tools.state import ServerState
 
@@ -60,8 +59,9 @@ class DownloadParams(msgspec.Struct, kw_only=True):
     executable: Annotated[bool, Meta(description="Make the written file executable (0755).")] = False
     # The safe default (COMPAT §14 suggests true): an existing file is never clobbered silently.
     overwrite: Annotated[
-        bool, Meta(description="Replace an existing file. Default false: an existing destination is refused.")
-    ] = False
+        bool,
+        Meta(description="Replace an existing file atomically (default, as 0.5.0); false refuses one."),
+    ] = True
 
 
 async def write_download(
@@ -95,8 +95,18 @@ async def write_download(
                 await asyncio.to_thread(out.flush)
                 await asyncio.to_thread(os.fsync, out.fileno())
             os.chmod(tmp, 0o755 if executable else 0o644, dir_fd=dir_fd)
-            # rename replaces a symlink at the destination itself, never the file it points to
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if overwrite:
+                # rename replaces a symlink at the destination itself, never the file it points to
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                # link() never replaces: a file that appeared since the check above is still refused
+                try:
+                    os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                except FileExistsError:
+                    raise ToolError(
+                        f"destination {destination} exists; pass overwrite=true to replace it"
+                    ) from None
+                os.unlink(tmp, dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
@@ -265,8 +275,8 @@ TL;DR: PURPOSE: copy a build artifact or log from an image to the host. COST: fr
 USAGE:
 - download(image="<uuid>", path="/app/dist/app.whl", destination="/abs/host/out/app.whl").
 - destination must be absolute and inside the server's allowed roots; parent directories are created.
-  The file is written atomically; an existing file is refused unless overwrite=true; executable=true
-  sets 0755.
+  The file is written atomically and replaces an existing one (overwrite=false refuses it instead);
+  executable=true sets 0755.
 
 RETURNS: {success, source: {image, path}, destination, size, executable, sha256}
 
@@ -278,7 +288,7 @@ GUIDES:
         destination = expand(params.destination, "destination")
         path = params.path if params.path.startswith("/") else "/" + params.path
         with backend_errors(f"{params.image}:{path}"):
-            image = await resolve_image(state.backend, params.image)
+            image = await state.images.resolve(params.image, ctx.principal)
             size, sha = await write_download(
                 state, image, path, destination, params.executable, params.overwrite
             )

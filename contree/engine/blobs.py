@@ -26,6 +26,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
+import msgspec
 import xxhash
 
 from contree import api
@@ -71,6 +72,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class BlobsPruned(msgspec.Struct, kw_only=True):
+    sha256s: builtins.list[str]
+    bytes: int
+    chunks: int = 0
+    chunk_bytes: int = 0
 
 
 class _Staged:
@@ -271,25 +279,50 @@ class BlobStore:
     def gc(self, older_than: float) -> builtins.list[str]:
         """Forget uploads not (re-)uploaded for `older_than` seconds, and chunks as old; returns the
         removed sha256s. Injected files were copied into layers, so no image needs its blob later."""
-        cutoff = time.time() - older_than
+        return self.prune(uploaded_before=time.time() - older_than).sha256s
+
+    def prune(
+        self, *, uploaded_before: float, keep: Iterable[str] = (), dry_run: bool = False
+    ) -> BlobsPruned:
+        """Delete uploads last (re-)uploaded before `uploaded_before`, except the file uuids in `keep`
+        (files queued runs will inject), sync chunks as old, and blob files no record names (a crash
+        between a record's deletion and its file's)."""
+        kept = set(keep)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                doomed = [r[0] for r in self._db.execute("SELECT sha256 FROM files WHERE updated_at < ?",
-                                                         (cutoff,))]
-                self._db.execute("DELETE FROM files WHERE updated_at < ?", (cutoff,))
+                rows = [(u, d, n) for u, d, n in self._db.execute(
+                    "SELECT uuid, sha256, size FROM files WHERE updated_at < ?", (uploaded_before,))
+                    if u not in kept]
+                if not dry_run:
+                    self._db.executemany("DELETE FROM files WHERE uuid = ?", [(u,) for u, _, _ in rows])
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        for digest in doomed:
-            (self.files_dir / digest).unlink(missing_ok=True)
-        for shard in self.chunks_dir.iterdir():
-            for chunk in shard.iterdir():
+            known = {r[0] for r in self._db.execute("SELECT sha256 FROM files")}
+        out = BlobsPruned(sha256s=[d for _, d, _ in rows], bytes=sum(n for _, _, n in rows))
+        doomed = {d for _, d, _ in rows}
+        for entry in list(self.files_dir.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name in doomed:
+                    if not dry_run:
+                        entry.unlink()
+                elif entry.name not in known and entry.stat().st_mtime < uploaded_before:
+                    out.bytes += entry.stat().st_size
+                    out.sha256s.append(entry.name)
+                    if not dry_run:
+                        entry.unlink()
+        for shard in list(self.chunks_dir.iterdir()):
+            for chunk in list(shard.iterdir()):
                 with contextlib.suppress(FileNotFoundError):
-                    if chunk.stat().st_mtime < cutoff:
-                        chunk.unlink()
-        return doomed
+                    st = chunk.stat()
+                    if st.st_mtime < uploaded_before:
+                        out.chunks += 1
+                        out.chunk_bytes += st.st_size
+                        if not dry_run:
+                            chunk.unlink()
+        return out
 
     # ---- sync chunks (xxh3-128) -----------------------------------------------------------------------
 

@@ -22,7 +22,15 @@ from typing import Any
 import msgspec
 
 from contree import api
-from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.backend import (
+    MAX_OUTPUT_PAGE,
+    DiskUsage,
+    FileQuery,
+    GrepQuery,
+    ImageQuery,
+    OperationQuery,
+    OutputPage,
+)
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.home import prepare_home
@@ -30,6 +38,7 @@ from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
     CANCELLED,
+    DEFAULT_OUTPUT_QUOTA,
     EXECUTING,
     FAILED,
     SUCCESS,
@@ -38,6 +47,7 @@ from contree.engine.oplog import (
     completion_data,
     fold_process,
 )
+from contree.engine.prune import disk_usage
 from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.spawn_recover import engine_id_for, recover_host
 from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
@@ -58,6 +68,7 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     instance_max_concurrency: int = max(4, 2 * (os.cpu_count() or 1))
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
+    output_quota_bytes: int = DEFAULT_OUTPUT_QUOTA  # stdout+stderr one run may store (the rest is counted)
 
 
 class LocalEngine:
@@ -111,7 +122,7 @@ class LocalEngine:
         await asyncio.to_thread(self.store.recover)
         await asyncio.to_thread(self.store.gc)  # layers orphaned by a crash mid-import or mid-squash
         await asyncio.to_thread(self.store.make_spare_scratch, SPARE_SCRATCH_DIRS)
-        self.oplog = OperationLog(self.home)
+        self.oplog = OperationLog(self.home, output_quota=self.limits.output_quota_bytes)
         interrupted = self.oplog.recover()
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
@@ -216,6 +227,21 @@ class LocalEngine:
     async def delete_tag(self, image_uuid: str, tag: str | None = None) -> None:
         store, _, _ = self._parts()
         store.delete_tag(_check_uuid(image_uuid, "image"), tag)
+
+    async def delete_image(self, image_uuid: str) -> int:
+        """Delete an untagged image no operation uses and no other image descends from, with the layers
+        only it used (beyond the API: the Contree cloud collects untagged images itself). Returns the
+        bytes freed; Conflict names why an image must stay."""
+        store, oplog, _ = self._parts()
+        pruned = await asyncio.to_thread(
+            store.delete_image, _check_uuid(image_uuid, "image"), in_use=oplog.busy
+        )
+        return pruned.bytes
+
+    async def disk_usage(self) -> DiskUsage:
+        """What the engine home holds (beyond the API)."""
+        store, oplog, _ = self._parts()
+        return await asyncio.to_thread(disk_usage, self.home, store, oplog.busy)
 
     async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
         """Parent, children, ancestors (nearest first), root and depth of an image (for the tools)."""
@@ -384,6 +410,18 @@ class LocalEngine:
         async for event in oplog.events(operation_id, follow=follow, spid=spid, since=since):
             yield event
 
+    async def read_output(
+        self, operation_id: str, stream: str, *, spid: int = 1, offset: int = 0,
+        limit: int = MAX_OUTPUT_PAGE, tail: bool = False,
+    ) -> OutputPage:
+        """A page of a process's whole stored stdout/stderr (beyond the API: the event log and
+        `InstanceResult` keep only `truncate_output_at` bytes)."""
+        _, oplog, _ = self._parts()
+        _check_uuid(operation_id, "operation")
+        return await asyncio.to_thread(
+            oplog.read_output, operation_id, stream, spid=spid, offset=offset, limit=limit, tail=tail
+        )
+
     # ------------------------------------------------------------------ subprocesses
 
     def _live_run(self, operation_id: str) -> InstanceRun:
@@ -490,6 +528,7 @@ class LocalEngine:
                 "instance_max_concurrency": lim.instance_max_concurrency,
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
+                "output_quota_bytes": lim.output_quota_bytes,
             },
             operations_stat={},
         )

@@ -58,15 +58,45 @@ def check_image_source(image: str) -> None:
     raise BadRequest(f"invalid image {image!r}: expected a UUID or tag:<name>")
 
 
+def check_text(where: str, value: str) -> None:
+    """Strings that become C strings (argv, environment, paths) would silently end at a NUL byte."""
+    if "\x00" in value:
+        # the value is not echoed: environment values may be secrets
+        raise BadRequest(
+            f"{where} contains a NUL byte (\\u0000), which no command line, environment or path can carry"
+        )
+
+
+def check_command(command: str, args: list[str]) -> None:
+    if not command:
+        raise BadRequest("command must not be empty")
+    check_text("command", command)
+    for i, arg in enumerate(args):
+        check_text(f"args[{i}]", arg)
+
+
 def check_cwd(cwd: str) -> None:
-    if cwd and (not cwd.startswith("/") or "\x00" in cwd):
+    check_text("cwd", cwd)
+    if cwd and not cwd.startswith("/"):
         raise BadRequest(f"cwd must be an absolute path or empty, got {cwd!r}")
 
 
 def check_env(env: Mapping[str, str | None] | None) -> None:
-    for key in env or {}:
+    for key, value in (env or {}).items():
+        check_text("environment variable name", key)
         if not _ENV_NAME.match(key):
             raise BadRequest(f"invalid environment variable name {key!r}")
+        if value is not None:
+            check_text(f"environment variable {key}", value)
+
+
+# No count, size or duration the API takes is larger (and SQLite stores nothing larger).
+MAX_INT = 2**63 - 1
+
+
+def check_int(name: str, value: int | None) -> None:
+    if value is not None and value > MAX_INT:
+        raise BadRequest(f"{name} must be at most {MAX_INT}, got {value}")
 
 
 def check_hostname(hostname: str) -> None:
@@ -84,7 +114,7 @@ def parse_mode(mode: str | None) -> int:
     try:
         value = int(text, 8)
     except ValueError:
-        raise BadRequest(f"invalid file mode {mode!r}: expected an octal string like \"0644\"") from None
+        raise BadRequest(f'invalid file mode {mode!r}: expected an octal string like "0644"') from None
     if value < 0:
         raise BadRequest(f"invalid file mode {mode!r}")
     return value & 0o7777
@@ -101,16 +131,18 @@ def check_file_path(path: str) -> str:
 
 def validate_request(request: api.InstanceSpawnRequest) -> None:
     """Everything about a spawn request that can be rejected before looking at images."""
-    if not request.command:
-        raise BadRequest("command must not be empty")
+    check_command(request.command, request.args)
     check_image_source(request.image)
     check_cwd(request.cwd)
     check_env(request.env)
     check_hostname(request.hostname)
     check_truncate(request.truncate_output_at)
     check_ids("", request.uid, request.gid)
-    if request.resources_limits is not None and request.resources_limits.max_layer_bytes < 1:
-        raise BadRequest("resources_limits.max_layer_bytes must be >= 1")
+    check_int("timeout", request.timeout)
+    if request.resources_limits is not None:
+        if request.resources_limits.max_layer_bytes < 1:
+            raise BadRequest("resources_limits.max_layer_bytes must be >= 1")
+        check_int("resources_limits.max_layer_bytes", request.resources_limits.max_layer_bytes)
     for path, entry in (request.files or {}).items():
         check_file_path(path)
         parse_mode(entry.mode)
@@ -134,8 +166,7 @@ def check_ids(where: str, uid: int, gid: int) -> None:
 
 
 def validate_exec(spec: api.ExecSpec) -> None:
-    if not spec.command:
-        raise BadRequest("command must not be empty")
+    check_command(spec.command, spec.args)
     check_cwd(spec.cwd)
     check_env(spec.env)
     check_truncate(spec.truncate_output_at)
@@ -201,6 +232,12 @@ def plan_process(
         full_env.setdefault("PATH", DEFAULT_PATH)
         argv = [command, *args]
     return ProcessPlan(
-        argv=argv, env=full_env, cwd=resolve_cwd(cwd, image_cwd), uid=uid, gid=gid,
-        shell=shell, command=argv[0], args=argv[1:],
+        argv=argv,
+        env=full_env,
+        cwd=resolve_cwd(cwd, image_cwd),
+        uid=uid,
+        gid=gid,
+        shell=shell,
+        command=argv[0],
+        args=argv[1:],
     )

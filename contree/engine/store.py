@@ -14,6 +14,13 @@ directory, which `recover()` removes. Data of committed files is not fsynced (a 
 keeps the page cache; only power loss could lose it), and sandbox overlays are mounted `volatile`, so
 not even their unmount syncs: it reaches the disk by normal writeback.
 
+Deleting (prune, `delete_image`, `gc`): a layer is deleted only while its directory is locked
+exclusively (`flock`); every user of a layer (`pinned`: a running sandbox, an import, a grep) holds a
+shared lock on it, in any process, so a layer in use is never deleted and a run never starts on one being
+deleted. The image and layer rows go in one transaction that also lists the layers in `layer_trash`; the
+directories are removed after the commit. A crash in between leaves trash that `recover()` (or the next
+prune) finishes, and `check()` accepts.
+
 Power loss: SQLite runs WAL with synchronous=NORMAL (always consistent; the newest transactions may be
 lost). Imports and squashes fsync `layers/` before their row is written; a run's commit does not (it is
 on the latency path of every `disposable=false` run), so in the rare case where the filesystem persists
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -36,9 +44,9 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -47,7 +55,7 @@ from contree.backend import ImageQuery
 from contree.engine.home import private_dir, private_file
 from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
 from contree.engine.resolver import Resolver
-from contree.errors import BadRequest, NotFound, Unprocessable
+from contree.errors import BadRequest, Conflict, NotFound, Unprocessable
 from contree.layerformat import is_overlay_xattr, opaque_xattr
 from contree.timeparse import isoformat, parse_timestamp
 
@@ -97,6 +105,36 @@ class LayerMeta(msgspec.Struct, kw_only=True):
     source: str  # run | oci(sha256:…) | bootstrap | squash
 
 
+class _Doomed(NamedTuple):
+    """A layer in the trash: its id, the fd holding its directory's exclusive lock (-1: no directory)."""
+
+    id: str
+    fd: int
+    size: int
+
+
+class Pruned(msgspec.Struct, kw_only=True):
+    """What a prune deleted (or, dry run, would delete): images, layers and the bytes of those layers."""
+
+    images: list[ImageRecord]
+    layers: list[str]
+    bytes: int
+
+
+def _refuse_to_delete(
+    image: ImageRecord, by_uuid: dict[str, ImageRecord], keep: set[str], busy: set[str]
+) -> None:
+    if image.tag is not None:
+        raise Conflict(f"image {image.uuid} is tagged {image.tag!r}: remove the tag first")
+    children = [i.uuid for i in by_uuid.values() if i.parent == image.uuid]
+    if children:
+        raise Conflict(f"image {image.uuid} is the parent of {len(children)} other image(s), e.g. "
+                       f"{children[0]}: delete those first")
+    if image.uuid in keep:
+        why = "queued or running operation" if image.uuid in busy else "sandbox that is starting"
+        raise Conflict(f"image {image.uuid} is in use by a {why}")
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL, source TEXT NOT NULL);
@@ -106,6 +144,7 @@ CREATE TABLE IF NOT EXISTS images (
     kind INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS images_created ON images(created_at);
 CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
+CREATE TABLE IF NOT EXISTS layer_trash (id TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 _COLUMNS = "uuid, tag, parent, layers, config, operation_uuid, created_at, size, total_size, kind"
 
@@ -194,6 +233,26 @@ def clean_upper(upper: Path) -> int:
         count += 1
         _strip_overlay_xattrs(path)
     return count - 1
+
+
+PIN_WAIT = 1.0  # seconds a pin waits for a prune's brief exclusive probe of a layer
+
+
+def _share_lock(fd: int, layer_id: str) -> None:
+    """A shared flock on a layer directory. Callers run on an event loop, so it never blocks for long:
+    a prune holds a layer exclusively only while it decides (milliseconds) or deletes it (then it is
+    gone anyway)."""
+    delay = 0.001
+    deadline = time.monotonic() + PIN_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise NotFound(f"layer {layer_id} is being deleted (pruned)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def _make_scratch(path: Path) -> None:
@@ -355,6 +414,16 @@ class Store:
         with self._lock:
             rows = self._db.execute(sql, [*args, q.limit, q.offset]).fetchall()
         return [self._row(r) for r in rows]
+
+    def all_images(self) -> list[ImageRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM images").fetchall()
+        return [self._row(r) for r in rows]
+
+    def layer_sizes(self) -> dict[str, int]:
+        """Bytes of every registered layer, by id."""
+        with self._lock:
+            return {lid: int(size) for lid, size in self._db.execute("SELECT id, size FROM layers")}
 
     def children(self, image_uuid: str) -> list[ImageRecord]:
         with self._lock:
@@ -552,13 +621,39 @@ class Store:
 
     @contextlib.contextmanager
     def pinned(self, layers: Iterable[str]) -> Iterator[None]:
-        """Keep these layers from `gc()` while a sandbox or reader uses them."""
+        """Keep these layers from being deleted while a sandbox or reader uses them: from `gc()` of this
+        process and, through a shared `flock` on each layer directory, from any other process's prune.
+
+        Raises NotFound when one of them is being deleted (a prune got there first). Layers that do not
+        exist yet (an import about to add them) are pinned in this process only."""
         ids = list(layers)
         with self._lock:
             self._pins.update(ids)
+        fds: list[int] = []
         try:
+            for lid in dict.fromkeys(ids):
+                try:
+                    fd = os.open(self.layers_dir / lid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                fds.append(fd)
+                _share_lock(fd, lid)
+                try:
+                    same = os.stat(self.layers_dir / lid).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    raise NotFound(f"layer {lid} was deleted (pruned) while it was being used")
+            if fds:
+                with self._lock:
+                    trashed = [lid for (lid,) in self._db.execute(
+                        f"SELECT id FROM layer_trash WHERE id IN ({','.join('?' * len(ids))})", ids)]
+                if trashed:
+                    raise NotFound(f"layer {trashed[0]} was deleted (pruned) while it was being used")
             yield
         finally:
+            for fd in fds:
+                os.close(fd)
             with self._lock:
                 self._pins.subtract(ids)
                 for lid in ids:
@@ -613,27 +708,165 @@ class Store:
         """Delete registered layers that no image references, no one pins and are older than `min_age`
         seconds (a fresh `add_layer` is about to be referenced); returns the deleted ids.
 
-        Images themselves are never deleted, so tagged images and their ancestors keep every layer.
+        Images themselves are never deleted here, so tagged images and their ancestors keep every layer.
         Unregistered directories are left to `recover()` (they may be a commit in progress).
         """
         cutoff = time.time() - min_age
         with self._tx() as db:
-            referenced = {lid for (layers,) in db.execute("SELECT layers FROM images") for lid in
-                          json.loads(layers)}
-            rows = db.execute("SELECT id, created FROM layers").fetchall()
-            doomed = [lid for lid, created in rows
-                      if lid not in referenced and lid not in self._pins and created <= cutoff]
-            for lid in doomed:
-                db.execute("DELETE FROM layers WHERE id = ?", (lid,))
-        for lid in doomed:
-            # Rename first so a crash mid-delete never leaves a half-deleted tree under its real name.
-            trash = self.tmp_dir / f"gc-{lid}-{uuidlib.uuid4().hex}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.layers_dir / lid, trash)
-            remove_tree(trash)
-            with contextlib.suppress(FileNotFoundError):
-                (self.layers_dir / f"{lid}.json").unlink()
-        return doomed
+            held = self._doom_unreferenced(db, created_before=cutoff)
+        self._empty_trash(held)
+        return [d.id for d in held]
+
+    def prune(
+        self, *, in_use: Callable[[], tuple[set[str], set[str]]] | None = None,
+        created_before: float | None = None, dry_run: bool = False, only: str | None = None,
+    ) -> Pruned:
+        """Delete untagged images (created before `created_before`) and the layers no image then uses.
+
+        Kept: an image with a tag, one `in_use()` names (it returns the input images and the ids of the
+        queued or running operations, whose results are kept too; it is read inside the transaction, so
+        no image can be committed or spawned from unseen), one whose own layer another process has
+        pinned (a sandbox starting from it), and every ancestor of a kept image. `only` limits the
+        deletion to that one image (refused, with the reason, when it must be kept). `dry_run` reports
+        what would go and deletes nothing.
+        """
+        with self._tx() as db:
+            images = [self._row(r) for r in db.execute(f"SELECT {_COLUMNS} FROM images")]
+            by_uuid = {i.uuid: i for i in images}
+            busy, busy_ops = in_use() if in_use is not None else (set(), set())
+            busy |= {i.uuid for i in images if i.operation_uuid in busy_ops}
+            locked: dict[str, int] = {}  # probe locks on own layers, held until the commit
+            try:
+                keep: set[str] = set()
+                for image in images:
+                    if (
+                        image.tag is not None
+                        or image.uuid in busy
+                        or (not dry_run and self._pinned_elsewhere(image, locked))  # a dry run blocks no pin
+                    ):
+                        keep.add(image.uuid)
+                    elif created_before is not None and image.created_at >= created_before and only is None:
+                        keep.add(image.uuid)
+                for uuid in list(keep):  # ancestors of a kept image stay (children name their parent)
+                    parent = by_uuid[uuid].parent
+                    while parent is not None and parent in by_uuid and parent not in keep:
+                        keep.add(parent)
+                        parent = by_uuid[parent].parent
+                if only is not None:
+                    target = by_uuid.get(only)
+                    if target is None:
+                        raise NotFound(f"image {only} not found")
+                    _refuse_to_delete(target, by_uuid, keep, busy)
+                doomed = [i for i in images if i.uuid not in keep and (only is None or i.uuid == only)]
+                if dry_run:
+                    freed = self._exclusive_layers(images, {i.uuid for i in doomed})
+                    sizes = dict(db.execute("SELECT id, size FROM layers").fetchall())
+                    return Pruned(images=doomed, layers=sorted(freed),
+                                  bytes=sum(sizes.get(lid, 0) for lid in freed))
+                for image in doomed:
+                    db.execute("DELETE FROM images WHERE uuid = ?", (image.uuid,))
+                held = self._doom_unreferenced(db, created_before=None, locked=locked,
+                                               among=self._exclusive_layers(images, {i.uuid for i in doomed}))
+            finally:
+                for fd in locked.values():
+                    os.close(fd)
+        self._empty_trash(held)
+        return Pruned(images=doomed, layers=[d.id for d in held], bytes=sum(d.size for d in held))
+
+    def delete_image(
+        self, image_uuid: str, *, in_use: Callable[[], tuple[set[str], set[str]]] | None = None
+    ) -> Pruned:
+        """Delete one image and free its layers; Conflict when it must be kept (tagged, in use, or the
+        parent of another image)."""
+        return self.prune(in_use=in_use, only=image_uuid)
+
+    def _pinned_elsewhere(self, image: ImageRecord, locked: dict[str, int]) -> bool:
+        """Whether another process has pinned the image's own layer (a sandbox of it is starting); the
+        probe lock is kept in `locked` until the caller's transaction ends, so no pin can start meanwhile."""
+        if not image.size or not image.layers or image.layers[0] in locked:
+            return False
+        try:
+            fd = os.open(self.layers_dir / image.layers[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return True
+        locked[image.layers[0]] = fd
+        return False
+
+    @staticmethod
+    def _exclusive_layers(images: list[ImageRecord], doomed: set[str]) -> set[str]:
+        """Layers of the doomed images that no other image uses."""
+        kept = {lid for i in images if i.uuid not in doomed for lid in i.layers}
+        return {lid for i in images if i.uuid in doomed for lid in i.layers} - kept
+
+    def _doom_unreferenced(
+        self, db: sqlite3.Connection, *, created_before: float | None, among: set[str] | None = None,
+        locked: dict[str, int] | None = None,
+    ) -> list[_Doomed]:
+        """Inside a transaction: move unreferenced, unpinned layers (of `among`, else all) to the trash,
+        each with its directory locked exclusively, for `_empty_trash` after the commit. A lock already
+        held in `locked` is taken over (flock locks belong to the open file, not to the process)."""
+        rows_layers = db.execute("SELECT layers FROM images")
+        referenced = {lid for (layers,) in rows_layers for lid in json.loads(layers)}
+        rows = db.execute("SELECT id, created, size FROM layers").fetchall()
+        held: list[_Doomed] = []
+        now = time.time()
+        for lid, created, size in rows:
+            if lid in referenced or lid in self._pins or (among is not None and lid not in among):
+                continue
+            if created_before is not None and created > created_before:
+                continue
+            fd = locked.pop(lid) if locked is not None and lid in locked else -1
+            if fd < 0:
+                try:
+                    fd = os.open(self.layers_dir / lid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except FileNotFoundError:
+                    fd = -1  # registered without a directory (lost in a power failure): just forget it
+                except BlockingIOError:
+                    os.close(fd)
+                    continue  # pinned by a sandbox or an import in another process: the next prune
+            db.execute("DELETE FROM layers WHERE id = ?", (lid,))
+            db.execute("INSERT OR REPLACE INTO layer_trash (id, since) VALUES (?, ?)", (lid, now))
+            held.append(_Doomed(lid, fd, int(size)))
+        return held
+
+    def _empty_trash(self, held: list[_Doomed]) -> None:
+        """After the commit: remove the trashed layers' directories, then their trash rows."""
+        try:
+            for doomed in held:
+                remove_tree(self.layers_dir / doomed.id)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.layers_dir / f"{doomed.id}.json").unlink()
+                with self._lock:
+                    self._db.execute("DELETE FROM layer_trash WHERE id = ?", (doomed.id,))
+        finally:
+            for doomed in held:
+                if doomed.fd >= 0:
+                    os.close(doomed.fd)
+
+    def finish_trash(self) -> list[str]:
+        """Finish deletions a crash interrupted (trash rows whose directories may still be there)."""
+        with self._lock:
+            pending = [r[0] for r in self._db.execute("SELECT id FROM layer_trash")]
+        held: list[_Doomed] = []
+        for lid in pending:
+            fd = -1
+            try:
+                fd = os.open(self.layers_dir / lid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except FileNotFoundError:
+                pass
+            except BlockingIOError:
+                os.close(fd)
+                continue  # its deleter is still at work
+            held.append(_Doomed(lid, fd, 0))
+        self._empty_trash(held)
+        return [d.id for d in held]
 
     # ---- recovery and checks ----------------------------------------------------------------------
 
@@ -643,6 +876,7 @@ class Store:
         for point in mounts_under(self.home):
             unmount(point)
             actions.append(f"unmounted {point}")
+        actions += [f"finished deleting layer {lid}" for lid in self.finish_trash()]
         for area in (self.tmp_dir, self.sandboxes_dir):
             for entry in area.iterdir():
                 remove_tree(entry)
@@ -671,6 +905,7 @@ class Store:
             status = self._db.execute("PRAGMA integrity_check").fetchone()[0]
             layer_rows = {r[0]: r[1] for r in self._db.execute("SELECT id, size FROM layers")}
             images = [self._row(r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM images")]
+            trash = {r[0] for r in self._db.execute("SELECT id FROM layer_trash")}
         if status != "ok":
             problems.append(f"database integrity: {status}")
         uuids = {i.uuid for i in images}
@@ -688,7 +923,8 @@ class Store:
             if not (self.layers_dir / lid).is_dir():
                 problems.append(f"layer {lid}: directory missing")
         for entry in self.layers_dir.iterdir():
-            if entry.is_dir() and entry.name not in layer_rows:
+            # a layer in the trash is being (or was, before a crash) deleted: recover() or a prune ends it
+            if entry.is_dir() and entry.name not in layer_rows and entry.name not in trash:
                 problems.append(f"layer directory {entry.name}: not registered (run recover)")
         for point in mounts_under(self.home):
             problems.append(f"stray mount {point}")

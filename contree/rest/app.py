@@ -14,6 +14,7 @@ from aiohttp import web
 from contree import api
 from contree.backend import Backend
 from contree.errors import BackendError
+from contree.rest.guard import RequestGuard
 from contree.rest.handlers import Handlers
 
 log = logging.getLogger("contree.rest")
@@ -93,22 +94,27 @@ def build_app(
     backend: Backend,
     *,
     token: str | None = None,
+    guard: RequestGuard | None = None,
     keepalive: float = 15.0,
     client_max_size: int = 256 << 20,
 ) -> web.Application:
     """Serve `backend` at `/v1`. With `token`, every request needs `Authorization: Bearer <token>`.
+    `guard` (default: a loopback listener's) refuses what a web page could make a browser send.
 
     `client_max_size` caps JSON request bodies (spawn stdin is inline); `POST /files` streams and has
     no cap."""
     middlewares: list[Any] = [_error_middleware]
     if token:
         middlewares.insert(0, _auth_middleware(token))
+    middlewares.insert(0, (guard or RequestGuard()).middleware(error_response))
     app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     h = Handlers(backend, keepalive=keepalive)
     r = app.router
     r.add_get("/v1/images", h.list_images)
     r.add_patch("/v1/images/{uuid}/tag", h.set_tag)
     r.add_delete("/v1/images/{uuid}/tag", h.delete_tag)
+    r.add_delete("/v1/images/{uuid}", h.delete_image)
+    r.add_get("/v1/engine/disk_usage", h.disk_usage)
     r.add_post("/v1/images/import", h.import_image)
     r.add_post("/v1/files", h.upload_file)
     r.add_get("/v1/files", h.list_files)
@@ -123,6 +129,7 @@ def build_app(
     r.add_get("/v1/operations/{op}/subprocesses/{spid}", h.get_subprocess)
     r.add_delete("/v1/operations/{op}/subprocesses/{spid}", h.kill_subprocess)
     r.add_post("/v1/operations/{op}/subprocesses/{spid}/stdin", h.write_stdin)
+    r.add_get("/v1/operations/{op}/subprocesses/{spid}/{stream:stdout|stderr}", h.read_output)
     r.add_get("/v1/inspect", h.inspect_root_redirect)
     r.add_get("/v1/inspect/", h.inspect_by_tag)
     r.add_get("/v1/inspect/{uuid}", h.inspect_image_redirect)

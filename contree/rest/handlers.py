@@ -12,7 +12,17 @@ import msgspec
 from aiohttp import web
 
 from contree import api
-from contree.backend import Backend, FileQuery, GrepQuery, ImageQuery, OperationQuery
+from contree.backend import (
+    MAX_OUTPUT_PAGE,
+    Backend,
+    EngineAdmin,
+    FileQuery,
+    GrepQuery,
+    ImageQuery,
+    OperationQuery,
+    OutputPage,
+    OutputReader,
+)
 from contree.errors import BadRequest, NotFound
 from contree.rest import params
 from contree.rest.events import stream_events
@@ -26,6 +36,21 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 POLL_INTERVAL_RUNNING = 1
 WRITE_CHUNK = 256 * 1024
 POLL_INTERVAL_QUEUED = 2
+
+
+OUTPUT_HEADER = "Contree-Output-"
+
+
+def output_headers(page: OutputPage) -> dict[str, str]:
+    headers = {
+        OUTPUT_HEADER + "Offset": str(page.offset),
+        OUTPUT_HEADER + "Total": str(page.total),
+        OUTPUT_HEADER + "Complete": "1" if page.complete else "0",
+        OUTPUT_HEADER + "Dropped": str(page.dropped),
+    }
+    if page.quota is not None:
+        headers[OUTPUT_HEADER + "Quota"] = str(page.quota)
+    return headers
 
 
 def json_response(value: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -124,6 +149,21 @@ class Handlers:
         await self.backend.delete_tag(uuid, request.query.get("tag") or None)
         return web.Response(status=204)
 
+    def _admin(self) -> EngineAdmin:
+        if not isinstance(self.backend, EngineAdmin):
+            raise NotFound("this backend does not manage its own disk")
+        return self.backend
+
+    async def delete_image(self, request: web.Request) -> web.StreamResponse:
+        """Extension (not in the Contree API): delete an untagged, unused image; 200 {freed_bytes}."""
+        uuid = params.image_uuid(request.match_info["uuid"], missing=NotFound)
+        freed = await self._admin().delete_image(uuid)
+        return json_response({"uuid": uuid, "freed_bytes": freed})
+
+    async def disk_usage(self, request: web.Request) -> web.StreamResponse:
+        """Extension (not in the Contree API): what the engine home holds."""
+        return json_response(await self._admin().disk_usage())
+
     async def import_image(self, request: web.Request) -> web.StreamResponse:
         body = await decode_body(request, api.ImageImportRequest)
         op = await self.backend.import_image(body)
@@ -220,6 +260,25 @@ class Handlers:
     async def get_subprocess(self, request: web.Request) -> web.StreamResponse:
         op = params.operation_uuid(request.match_info["op"])
         return json_response(await self.backend.get_subprocess(op, self._spid(request)))
+
+    async def read_output(self, request: web.Request) -> web.StreamResponse:
+        """Extension (not in the Contree API): a page of a process's whole stored stdout/stderr as raw
+        bytes; the page's place in the stream is in `Contree-Output-*` headers (`output_headers`)."""
+        op = params.operation_uuid(request.match_info["op"])
+        if not isinstance(self.backend, OutputReader):
+            raise NotFound("this backend keeps no output beyond the event log")
+        q = request.query
+        page = await self.backend.read_output(
+            op,
+            request.match_info["stream"],
+            spid=self._spid(request),
+            offset=params.integer(q, "offset", 0, lo=0, hi=params.MAX_OFFSET) or 0,
+            limit=params.integer(q, "limit", MAX_OUTPUT_PAGE, lo=0, hi=MAX_OUTPUT_PAGE) or 0,
+            tail=params.flag(q, "tail"),
+        )
+        return web.Response(
+            body=page.data, content_type="application/octet-stream", headers=output_headers(page)
+        )
 
     async def kill_subprocess(self, request: web.Request) -> web.StreamResponse:
         op = params.operation_uuid(request.match_info["op"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +20,8 @@ from aiohttp import web
 from contree.backend import Backend
 from contree.config import engine_home
 from contree.rest.app import build_app
+from contree.rest.guard import RequestGuard, is_loopback
+from contree.units import parse_size
 
 log = logging.getLogger("contree.rest")
 
@@ -37,20 +38,44 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+class InsecureListener(ValueError):
+    """A listener the token rule forbids (see `check_listener`)."""
+
+
+def check_listener(host: str, token: str | None, *, insecure_no_token: bool = False) -> None:
+    """Every TCP listener needs a token; only a loopback one may go without, and only when asked to."""
+    if token and insecure_no_token:
+        raise InsecureListener("--insecure-no-token and a token contradict each other; drop one")
+    if token:
+        return
+    if not insecure_no_token:
+        raise InsecureListener(
+            f"refusing to listen on {host} without a token: pass --token T (or set {TOKEN_ENV}); "
+            "on a loopback address, --insecure-no-token serves without one"
+        )
+    if not is_loopback(host):
+        raise InsecureListener(
+            f"refusing to listen on {host} without a token: --insecure-no-token is for loopback only"
+        )
 
 
 async def serve(
-    backend: Backend, host: str, port: int, *, token: str | None, stop: asyncio.Event, keepalive: float = 15.0
+    backend: Backend,
+    host: str,
+    port: int,
+    *,
+    token: str | None,
+    stop: asyncio.Event,
+    keepalive: float = 15.0,
+    insecure_no_token: bool = False,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> None:
     """Serve until `stop` is set; prints the bound URL (port 0 picks a free one) on stdout."""
-    runner = web.AppRunner(build_app(backend, token=token, keepalive=keepalive), access_log=None)
+    check_listener(host, token, insecure_no_token=insecure_no_token)
+    guard = RequestGuard(host, allowed_hosts, allowed_origins)
+    app = build_app(backend, token=token, guard=guard, keepalive=keepalive)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -58,18 +83,29 @@ async def serve(
         bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         print(f"Contree API listening on http://{shown}:{bound[1]}/v1", flush=True)
+        if not token:
+            log.warning("serving without a token (--insecure-no-token): every local user can use this API")
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-async def _run(host: str, port: int, home: Path, token: str | None, import_roots: tuple[str, ...]) -> int:
+async def _run(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    token: str | None,
+    home: Path,
+    import_roots: tuple[str, ...],
+) -> int:
     from contree.service.client import ServiceBackend
     from contree.service.starter import EngineStartError
 
     # API clients must never make the engine read arbitrary host files as image archives: the service
     # checks every import of ours against these roots (none = local sources refused).
-    engine = ServiceBackend(home, import_roots=import_roots, client_name="serve-api")
+    engine = ServiceBackend(
+        home, import_roots=import_roots, client_name="serve-api", output_quota=args.output_quota
+    )
     try:
         status = await engine.connect()
     except EngineStartError as exc:
@@ -82,7 +118,16 @@ async def _run(host: str, port: int, home: Path, token: str | None, import_roots
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await serve(engine, host, port, token=token, stop=stop)
+        await serve(
+            engine,
+            host,
+            port,
+            token=token,
+            stop=stop,
+            insecure_no_token=args.insecure_no_token,
+            allowed_hosts=args.allowed_host,
+            allowed_origins=args.allowed_origin,
+        )
     finally:
         await engine.close()  # detaches; the service exits once idle
     return 0
@@ -105,7 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=None,
-        help=f"bearer token clients must send (or ${TOKEN_ENV}); required when listening beyond loopback",
+        help=f"bearer token clients must send (or ${TOKEN_ENV}); required on every listener unless "
+        "--insecure-no-token",
+    )
+    parser.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="serve a loopback address without a token: every local user (and process) can use the API",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Host header value accepted besides loopback names and the listen address (e.g. behind a "
+        "reverse proxy); repeatable, '*' = any",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser Origin (scheme://host[:port]) accepted besides loopback ones; repeatable",
     )
     parser.add_argument(
         "--import-root",
@@ -114,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="directory local image sources (oci-archive:, docker-archive:, oci:) may be read from; "
         "repeatable (default: none, local sources are refused)",
+    )
+    parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept. "
+        "An engine setting: applies when serve-api starts the home's engine service",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -130,16 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
         return 2
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    if not token and not is_loopback(host):
-        print(
-            f"contree-mcp serve-api: refusing to listen on {host} without a token; "
-            f"pass --token or set {TOKEN_ENV}",
-            file=sys.stderr,
-        )
+    try:
+        check_listener(host, token, insecure_no_token=args.insecure_no_token)
+    except InsecureListener as exc:
+        print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
         return 2
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
         import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
-        return asyncio.run(_run(host, port, home, token, import_roots))
+        return asyncio.run(_run(args, host, port, token, home, import_roots))
     except KeyboardInterrupt:
         return 0

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from contree.units import parse_size
+
 IDLE_EXIT_ENV = "CONTREE_ENGINE_IDLE_EXIT"
 DEFAULT_IDLE_EXIT = "10m"
 EXIT_NOT_RUNNING = 3
@@ -88,6 +90,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         "the reason it could not start on stderr (exit 1)",
     )
     parser.add_argument(
+        "--output-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     parser.add_argument(
@@ -160,12 +169,17 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("contree.service").info("rootless engine: %s", plan.describe())
     import asyncio
 
+    from contree.engine.local import EngineLimits, LocalEngine
     from contree.service.server import EngineService
 
     async def run() -> int:
+        quota = args.output_quota
+        limits = EngineLimits() if quota is None else EngineLimits(output_quota_bytes=quota)
         service = EngineService(
             home, idle_exit=args.idle_exit, version=args.report_version, created_home=created_home,
             socket=socket, socket_group=socket_group,
+            # A shared service reads local image archives for no one (its clients' roots: app.py).
+            engine=LocalEngine(home, limits=limits, import_roots=() if socket_group is not None else None),
             **({"api": args.report_api} if args.report_api is not None else {}),
         )
         return await service.serve(report)
@@ -180,7 +194,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
 
 def stop_main(argv: Sequence[str] | None = None) -> int:
-    from contree.service.control import ControlConnection, ControlError, ServiceGone
+    from contree.service.control import ControlConnection, ControlError, ServiceGone, ServiceUnresponsive
 
     parser = argparse.ArgumentParser(
         prog="contree-mcp engine stop",
@@ -200,10 +214,13 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
     except ServiceGone:
         print(f"no engine service is running at {home}")
         return 0
+    except ServiceUnresponsive as exc:
+        print(f"contree-mcp engine stop: {exc}; try again", file=sys.stderr)
+        return 1
     with conn:
         try:
             status = conn.stop("now" if args.now else "drain")
-        except (ControlError, ServiceGone) as exc:
+        except (ControlError, ServiceGone, ServiceUnresponsive) as exc:
             print(f"contree-mcp engine stop: {exc}", file=sys.stderr)
             return 1
         work = status.running_operations + status.pending_operations
@@ -225,7 +242,7 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
-    from contree.service.control import probe
+    from contree.service.control import ServiceUnresponsive, probe
 
     parser = argparse.ArgumentParser(
         prog="contree-mcp engine status",
@@ -237,7 +254,11 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     home = _home(args.home)
-    status = probe(home, socket=args.socket)
+    try:
+        status = probe(home, socket=args.socket)
+    except ServiceUnresponsive as exc:
+        print(f"contree-mcp engine status: {exc}", file=sys.stderr)
+        return 1
     if status is None:
         if args.json:
             print(json.dumps({"running": False, "home": str(home)}))

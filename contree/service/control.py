@@ -133,6 +133,11 @@ class ServiceGone(Exception):
     """Nothing answers on the socket (no file, refused, or the peer closed without a reply)."""
 
 
+class ServiceUnresponsive(Exception):
+    """Something accepted the connection but did not answer in time: a service that is alive but busy
+    (a loaded machine), never one to replace."""
+
+
 class ControlError(Exception):
     """The service answered with an error status."""
 
@@ -148,7 +153,7 @@ _encoder = msgspec.json.Encoder()
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, sock: socket.socket, timeout: float) -> None:
-        super().__init__("contree-engine", timeout=timeout)
+        super().__init__("localhost", timeout=timeout)  # the REST guard wants a loopback Host
         self.sock = sock
 
     def connect(self) -> None:  # already connected
@@ -183,7 +188,8 @@ class ControlConnection:
         except (ConnectionError, http.client.HTTPException) as exc:
             raise ServiceGone(f"the engine service closed the connection: {exc}") from None
         except TimeoutError:
-            raise ServiceGone(f"the engine service did not answer within {self.timeout:g} s") from None
+            reason = f"the engine service did not answer within {self.timeout:g} s"
+            raise ServiceUnresponsive(reason) from None
 
     def _status(self) -> ServiceStatus:
         status, raw = self._request("GET", STATUS_PATH)
@@ -235,6 +241,9 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise ServiceGone(f"no engine service answers at {where} ({exc.strerror})") from None
+    except TimeoutError:
+        sock.close()
+        raise ServiceUnresponsive(f"the engine service at {where} does not accept connections") from None
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
@@ -260,7 +269,8 @@ def _message(raw: bytes) -> str:
 
 
 def probe(home: Path, *, timeout: float = 5.0, socket: Path | None = None) -> ServiceStatus | None:
-    """The status of the home's service (or of the one on `socket`), or None when nothing answers."""
+    """The status of the home's service (or of the one on `socket`), or None when there is none
+    (ServiceUnresponsive when one is there but does not answer in time)."""
     try:
         with ControlConnection(home, timeout=timeout, socket=socket) as conn:
             return conn.status

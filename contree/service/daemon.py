@@ -10,6 +10,7 @@ so a starter simply runs `engine serve --detach` to completion and never owns th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import sys
@@ -19,6 +20,18 @@ from contree.service.paths import log_path
 
 LOG_ROTATE_BYTES = 4 << 20
 EXIT_READY, EXIT_ERROR, EXIT_BUSY = 0, 1, 3
+
+
+def startup_reason(exc: BaseException) -> str:
+    """One line saying why the engine could not start (a traceback goes to the log only)."""
+    message = getattr(exc, "message", None)  # BackendError
+    if isinstance(message, str):
+        text = message
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 class ReadyPipe:
@@ -52,12 +65,18 @@ def open_log(home: Path) -> int:
 
 def detach(home: Path, *, timeout: float) -> ReadyPipe:
     """Fork; only the child returns. Raises DetachError (before forking) when the home is unusable."""
+    from contree.engine.home import prepare_home
+
     try:
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        prepare_home(home)  # refused (another user's, reachable by others) before a log goes into it
+        if _lock_is_held(home):
+            # another engine holds the home (a racing starter's service, most often): say so at once,
+            # without loading the engine only to learn it
+            print(f"busy another engine holds {home}", flush=True)
+            raise SystemExit(EXIT_BUSY)
         log_fd = open_log(home)
-    except OSError as exc:
-        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
-        raise DetachError(detail) from None
+    except OSError as exc:  # UnsafeHome is one: its message names the fix
+        raise DetachError(startup_reason(exc)) from None
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -76,6 +95,19 @@ def detach(home: Path, *, timeout: float) -> ReadyPipe:
     os.chdir("/")  # never pin the starter's working directory (a mount, a deleted checkout)
     os.umask(0o077)
     return ReadyPipe(write_fd)
+
+
+def _lock_is_held(home: Path) -> bool:
+    """Whether another process holds the home's engine lock. The test takes the lock for an instant: an
+    engine starting just then waits out its lock grace and gets it."""
+    fd = os.open(home / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the only descriptor of this open file releases a lock we took
+    return False
 
 
 def _relay(read_fd: int, home: Path, timeout: float) -> int:

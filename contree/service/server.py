@@ -26,8 +26,9 @@ from typing import Literal
 from aiohttp import web
 
 from contree.engine import rootless
+from contree.engine.home import prepare_home
 from contree.engine.local import LocalEngine
-from contree.errors import BackendError, Conflict
+from contree.errors import Conflict
 from contree.service.app import build_service_app
 from contree.service.control import (
     SERVICE_API,
@@ -37,6 +38,7 @@ from contree.service.control import (
     StopMode,
     package_version,
 )
+from contree.service.daemon import startup_reason
 from contree.service.idle import IdleClock, engine_blockers
 from contree.service.paths import LOG_NAME, SocketAddress, address, log_path, socket_path
 
@@ -53,17 +55,6 @@ _STOP_RANK = {"idle": 0, "drain": 1, "now": 2}
 
 def _no_report(kind: str, message: str) -> None:
     return None
-
-
-def startup_reason(exc: BaseException) -> str:
-    """One line saying why the engine could not start (the traceback goes to the log only)."""
-    if isinstance(exc, BackendError):
-        text = exc.message
-    elif isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 class EngineService:
@@ -157,7 +148,7 @@ class EngineService:
         log.info("contree-mcp %s engine service starting at %s (pid %d)", self.version, self.home,
                  os.getpid())
         try:
-            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            prepare_home(self.home)  # private (0700, ours) before the lock and the socket go into it
             await self.engine.lock_home()
             if self.socket != socket_path(self.home):
                 self._lock_socket()
@@ -179,9 +170,12 @@ class EngineService:
             await self._abort_start()
             raise
         self.engine_open = True
+        # a stop asked for while the engine opened takes effect now
         if self.stop_mode is None:
             self.state = "ready"
-        elif self.stop_mode != "idle":
+        elif self.stop_mode == "idle":
+            self.state = "retiring"
+        else:
             self.state = "stopping"
         log.info("contree-mcp %s engine service ready at %s (pid %d)", self.version, self.home, os.getpid())
         report("ready", str(self.socket))

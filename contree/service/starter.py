@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from contree.service.control import (
@@ -30,6 +31,7 @@ from contree.service.control import (
     ControlConnection,
     ServiceGone,
     ServiceStatus,
+    ServiceUnresponsive,
     package_version,
     skew,
 )
@@ -55,8 +57,8 @@ class EngineStartError(Exception):
         self.reason = reason
 
 
-def service_command(home: Path) -> list[str]:
-    return [sys.executable, "-m", "contree.service", "serve", "--home", str(home), "--detach"]
+def service_command(home: Path, options: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "contree.service", "serve", "--home", str(home), "--detach", *options]
 
 
 async def ensure_service(
@@ -65,14 +67,16 @@ async def ensure_service(
     version: str | None = None,
     start_timeout: float = START_TIMEOUT,
     skew_wait: float = SKEW_WAIT,
+    options: Sequence[str] = (),
 ) -> ServiceStatus:
+    """`options`: `engine serve` options (engine settings) for a service this call starts."""
     version = version or package_version()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + start_timeout
     asked_to_retire = False
     busy_since: float | None = None
     while True:
-        conn = await _connect(home)
+        conn = await _connect(home, deadline)
         if conn is not None:
             busy_since = None
             with conn:
@@ -100,7 +104,7 @@ async def ensure_service(
                         return _attach_other(status, version, newer=False)
                     continue
         else:
-            code, message = await _launch(home)
+            code, message = await _launch(home, options)
             if code == EXIT_READY:
                 continue
             if code != EXIT_BUSY:
@@ -121,13 +125,22 @@ async def ensure_service(
         await asyncio.sleep(POLL)
 
 
-async def _connect(home: Path) -> ControlConnection | None:
-    try:
-        return await asyncio.to_thread(ControlConnection, home, pin=True)
-    except ServiceGone:
-        return None
-    except OSError as exc:
-        raise EngineStartError(home, f"cannot reach {socket_path(home)}: {exc.strerror or exc}") from None
+async def _connect(home: Path, deadline: float) -> ControlConnection | None:
+    """A connection to the running service; None when nothing answers (start one). A service that is
+    alive but slow (a loaded machine) is waited for, never replaced."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await asyncio.to_thread(ControlConnection, home, pin=True)
+        except ServiceGone:
+            return None
+        except ServiceUnresponsive as exc:
+            if loop.time() >= deadline:
+                raise EngineStartError(home, str(exc)) from None
+            log.warning("%s; waiting for it", exc)
+        except OSError as exc:
+            reason = f"cannot reach {socket_path(home)}: {exc.strerror or exc}"
+            raise EngineStartError(home, reason) from None
 
 
 async def _wait_stopping(conn: ControlConnection, home: Path, deadline: float) -> None:
@@ -168,14 +181,14 @@ def _attach_other(status: ServiceStatus, version: str, *, newer: bool) -> Servic
     return status
 
 
-async def _launch(home: Path) -> tuple[int, str]:
+async def _launch(home: Path, options: Sequence[str]) -> tuple[int, str]:
     """Run `engine serve --detach` to completion: (exit status, its one-line message)."""
     started = time.monotonic()
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *service_command(home),
+            *service_command(home, options),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import msgspec
 import xxhash
 
+from contree.fsutil import NotRegularFile, open_regular
+
 MIN_CHUNK = 32 * 1024
 MAX_CHUNK = 256 * 1024
 # A run of 14 one-bits is expected about every 2**15 bytes: average chunk ≈ MIN_CHUNK + 32 KiB = 64 KiB.
@@ -120,7 +122,7 @@ def digest_file(
     """Read `path` once (blocking): chunk list, xxh3-128 and (when asked: it is the slowest part) sha256
     of the whole content; without it `sha256` is "". `size_hint` (the size a scan just saw) saves an
     fstat; a wrong hint costs only speed."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_file(path)
     try:
         size = os.fstat(fd).st_size if size_hint is None else size_hint
         if size <= STREAM_BLOCK:
@@ -181,10 +183,18 @@ def _digest_stream(fd: int, with_sha256: bool) -> FileDigest:
     return FileDigest(base + fill, whole.hexdigest(), sha.hexdigest() if sha is not None else "", chunks)
 
 
+def open_file(path: str | os.PathLike[str]) -> int:
+    """`open_regular`, with a file that stopped being a regular file since the scan reported as changed."""
+    try:
+        return open_regular(path)
+    except NotRegularFile as exc:
+        raise FileChangedError(str(path), f"became {exc.what}") from None
+
+
 def read_chunks(path: str | os.PathLike[str], wanted: list[Chunk]) -> Iterator[tuple[Chunk, bytes]]:
     """The bytes of `wanted` chunks of `path`, each checked against its digest (the file may have changed
     since it was scanned)."""
-    with open(path, "rb") as f:
+    with open(open_file(path), "rb") as f:
         for chunk in wanted:
             f.seek(chunk.offset)
             data = f.read(chunk.length)
@@ -194,6 +204,6 @@ def read_chunks(path: str | os.PathLike[str], wanted: list[Chunk]) -> Iterator[t
 
 
 class FileChangedError(OSError):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path} changed while it was synced; sync again")
+    def __init__(self, path: str, how: str = "changed") -> None:
+        super().__init__(f"{path} {how} while it was synced; sync again")
         self.path = path

@@ -130,6 +130,11 @@ def _read_all(
         post(read)
 
 
+def _ignore_result(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a reader that ends after its sync gave up is not an error
+
+
 def _batches(files: list[Found]) -> list[list[Found]]:
     out: list[list[Found]] = []
     current: list[Found] = []
@@ -169,7 +174,9 @@ async def sync_tree(
     )
     plan = await asyncio.to_thread(_plan, source, scanned, snap, cache, transfer.target, need_sha)
     if not plan.files:
-        raise SyncError(f"Nothing to sync in {source}: every file is excluded or not a regular file")
+        shown = "; ".join(plan.skipped[:5]) + ("; …" if len(plan.skipped) > 5 else "")
+        why = f" (skipped: {shown})" if shown else ""
+        raise SyncError(f"Nothing to sync in {source}: every file is excluded or not a regular file{why}")
     report = SyncReport(
         files_scanned=len(plan.files), files_removed=len(plan.removed), skipped=plan.skipped
     )
@@ -252,8 +259,11 @@ async def sync_tree(
         stop.set()
         for task in list(sending):  # a failed or cancelled sync abandons its transfers in flight
             task.cancel()
+        # The reading thread is not waited for: it stops at the next batch, but it may be stuck in a
+        # syscall (a hung network filesystem), and a cancelled sync must answer at once.
+        reading.add_done_callback(_ignore_result)
         # Whatever was learnt stays learnt, even when one file failed.
-        await asyncio.gather(reading, *list(sending), *saves, return_exceptions=True)
+        await asyncio.gather(*list(sending), *saves, return_exceptions=True)
         await asyncio.to_thread(cache.save, unsaved, transfer.target, list(new_blobs), plan.removed)
         raise
     held = plan.blobs

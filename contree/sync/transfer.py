@@ -19,7 +19,7 @@ from contree import api
 from contree.backend import Backend
 from contree.engine.blobs import BlobStore
 from contree.errors import NotFound
-from contree.sync.chunker import Chunk, FileChangedError, FileDigest, read_chunks
+from contree.sync.chunker import Chunk, FileChangedError, FileDigest, open_file, read_chunks
 
 _STREAM = 1024 * 1024
 UPLOAD_CONCURRENCY = 8  # concurrent backend calls per sync
@@ -76,8 +76,8 @@ def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
 
 async def _stream(path: str) -> AsyncIterator[bytes]:
     # opening can block too (slow or network filesystems): it runs in a worker thread like every read
-    f = await asyncio.to_thread(open, path, "rb")
-    with f:
+    fd = await asyncio.to_thread(open_file, path)
+    with open(fd, "rb") as f:  # noqa: ASYNC230 - wraps the fd opened in the thread above
         while block := await asyncio.to_thread(f.read, _STREAM):
             yield block
 
@@ -255,7 +255,7 @@ def _read_chunk_datas(path: str, chunks: list[Chunk]) -> list[bytes]:
 
 
 def _read_whole(path: str, digest: FileDigest) -> bytes:
-    with open(path, "rb") as f:
+    with open(open_file(path), "rb") as f:
         data = f.read(digest.size + 1)
     if len(data) != digest.size or xxhash.xxh3_128_hexdigest(data) != digest.xxh128:
         raise FileChangedError(path)

@@ -124,6 +124,100 @@ async def test_stream_recorder_caps_and_reports_truncation(tmp_path: Path) -> No
     oplog.close()
 
 
+async def test_output_spill_keeps_every_byte_beyond_the_event_cap(tmp_path: Path) -> None:
+    oplog = OperationLog(tmp_path)
+    rec = oplog.create("instance", image_uuid="img", metadata={})
+    log = oplog.open_log(rec.uuid)
+    out = StreamRecorder(log, 1, "stdout", truncate_at=10)
+    chunks = [bytes([i]) * 70000 for i in range(30)]  # 2.1 MB, far beyond the events' 10 bytes
+    for chunk in chunks:
+        out.feed(chunk)
+    out.close()
+    whole = b"".join(chunks)
+    live = oplog.read_output(rec.uuid, "stdout", offset=69995, limit=10)
+    assert (live.data, live.total, live.complete, live.dropped) == (whole[69995:70005], len(whole), False, 0)
+    rec.status = SUCCESS
+    oplog.save(rec)
+    oplog.finish_log(rec.uuid)
+    pages = []
+    offset = 0
+    while True:
+        page = oplog.read_output(rec.uuid, "stdout", offset=offset, limit=1 << 20)
+        if not page.data:
+            break
+        pages.append(page.data)
+        offset += len(page.data)
+    assert b"".join(pages) == whole and page.complete and page.total == len(whole)
+    tail = oplog.read_output(rec.uuid, "stdout", limit=5, tail=True)
+    assert (tail.offset, tail.data) == (len(whole) - 5, whole[-5:])
+    empty = oplog.read_output(rec.uuid, "stderr")
+    assert (empty.data, empty.total) == (b"", 0)
+    assert fold_process(oplog.read_events(rec.uuid), 1).stdout == whole[:10]  # the API's record: capped
+    with pytest.raises(BadRequest):
+        oplog.read_output(rec.uuid, "stdout", offset=len(whole) + 1)
+    with pytest.raises(BadRequest):
+        oplog.read_output(rec.uuid, "stdin")
+    with pytest.raises(NotFound):
+        oplog.read_output(rec.uuid, "stdout", spid=7)
+    oplog.close()
+
+
+async def test_output_quota_keeps_the_first_bytes_of_a_run_and_counts_the_rest(tmp_path: Path) -> None:
+    oplog = OperationLog(tmp_path, output_quota=1000)
+    rec = oplog.create("instance", image_uuid="img", metadata={})
+    log = oplog.open_log(rec.uuid)
+    out = StreamRecorder(log, 1, "stdout", truncate_at=100)
+    err = StreamRecorder(log, 1, "stderr", truncate_at=100)
+    out.feed(b"o" * 600)
+    err.feed(b"e" * 600)  # the quota is shared by the run's streams: 400 of these fit
+    out.feed(b"o" * 50)
+    rec.status = SUCCESS
+    oplog.save(rec)
+    oplog.finish_log(rec.uuid)
+    oplog.close()
+    again = OperationLog(tmp_path, output_quota=1000)  # what the quota refused survives a restart
+    o = again.read_output(rec.uuid, "stdout")
+    e = again.read_output(rec.uuid, "stderr")
+    assert (o.data, o.dropped, o.quota) == (b"o" * 600, 50, 1000)
+    assert (e.data, e.dropped) == (b"e" * 400, 200)
+    again.close()
+
+
+async def test_output_of_a_run_cut_short_by_an_engine_crash_stays_readable(tmp_path: Path) -> None:
+    oplog = OperationLog(tmp_path)
+    rec = oplog.create("instance", image_uuid="img", metadata={})
+    rec.status = EXECUTING
+    oplog.save(rec)  # saved before the run opened its log and spill, as the engine does
+    log = oplog.open_log(rec.uuid)
+    out = StreamRecorder(log, 1, "stdout", truncate_at=3)
+    out.feed(b"written before the crash\n")
+    log.close_file()  # the process dies: nothing else is saved
+    oplog._db.close()
+    again = OperationLog(tmp_path)
+    assert again.recover() == [rec.uuid]
+    page = again.read_output(rec.uuid, "stdout")
+    assert (page.data, page.complete, page.quota) == (b"written before the crash\n", True, again.output_quota)
+    again.close()
+
+
+async def test_runs_from_before_output_spills_are_read_from_their_event_log(tmp_path: Path) -> None:
+    oplog = OperationLog(tmp_path)
+    rec = oplog.create("instance", image_uuid="img", metadata={})
+    log = oplog.open_log(rec.uuid)
+    out = StreamRecorder(log, 1, "stdout", truncate_at=4)
+    out.feed(b"abcdefgh")
+    out.close()
+    rec.status = SUCCESS
+    oplog.save(rec)
+    oplog.finish_log(rec.uuid)
+    import shutil
+
+    shutil.rmtree(tmp_path / "output")  # an older engine (or a prune) left no spill
+    page = oplog.read_output(rec.uuid, "stdout")
+    assert (page.data, page.total, page.dropped, page.quota) == (b"abcd", 4, 4, None)
+    oplog.close()
+
+
 async def test_log_wide_size_cap_drops_streams_keeps_service_events(tmp_path: Path) -> None:
     oplog = OperationLog(tmp_path, size_cap=2000)
     rec = oplog.create("instance", image_uuid="img", metadata={})

@@ -9,9 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from protocol.conformance import build_registry
 from protocol.registry import Registry, RequestContext
 from protocol.server import Server, ServerSession
+from protocol.testing.conformance import build_registry
+from protocol.types import Outgoing
 
 
 class Harness:
@@ -23,20 +24,20 @@ class Harness:
         self.sent: list[bytes] = []
         self._ids = itertools.count(1)
 
-    async def sink(self, data: bytes) -> None:
-        assert b"\n" not in data, "messages must be single-line JSON"
-        self.sent.append(data)
+    async def sink(self, message: Outgoing) -> None:
+        assert b"\n" not in message.data, "messages must be single-line JSON"
+        self.sent.append(message.data)
 
     async def send(self, message: Any) -> list[Any]:
         """One frame (an object, a list, or raw bytes); returns the messages it caused, decoded."""
         data = message if isinstance(message, bytes) else msgspec.json.encode(message)
         mine: list[bytes] = []
 
-        async def sink(out: bytes) -> None:
+        async def sink(out: Outgoing) -> None:
             await self.sink(out)
-            mine.append(out)
+            mine.append(out.data)
 
-        await self.session.dispatch(self.session.parse(data), sink)
+        await self.session.handle(data, sink)
         return [msgspec.json.decode(b) for b in mine]
 
     async def request(

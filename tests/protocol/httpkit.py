@@ -19,11 +19,12 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from protocol.conformance import build_registry
 from protocol.content import TextContent
-from protocol.http import HttpSettings, build_app
+from protocol.http_app import build_app
+from protocol.http_guard import HttpSettings
 from protocol.registry import Registry, RequestContext, ToolResult
 from protocol.server import Server
+from protocol.testing.conformance import build_registry
 from tests.netutil import free_port
 
 BOTH = "application/json, text/event-stream"
@@ -194,11 +195,25 @@ def node_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def conformance_server(*extra: str) -> Iterator[str]:
-    """`python -m protocol.conformance --mode http` on a free loopback port; yields the /mcp URL
+    """`python -m protocol.testing.conformance --mode http` on a free loopback port; yields the /mcp URL
     (spelled with `localhost`, as the DNS-rebinding scenario requires)."""
+    with http_server([sys.executable, "-m", "protocol.testing.conformance", *extra]) as url:
+        yield url
+
+
+# The real server on a remote backend it never reaches: its whole protocol surface, no backend calls.
+REAL_SERVER = [
+    sys.executable, "-m", "tools", "--backend", "contree", "--url", "http://127.0.0.1:9", "--token", "t",
+    "--auth-type", "jwt", "--cache-files", ":memory:", "--cache-general", ":memory:",
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def http_server(argv: list[str]) -> Iterator[str]:
+    """`argv --mode http --http-port N` on a free loopback port until the block ends; yields the /mcp URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "protocol.conformance", "--mode", "http", "--http-port", str(port), *extra],
+        [*argv, "--mode", "http", "--http-port", str(port)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -212,7 +227,7 @@ def conformance_server(*extra: str) -> Iterator[str]:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     err = proc.stderr.read().decode() if proc.stderr else ""
-                    pytest.fail(f"the conformance server did not start: {err[-2000:]}")
+                    pytest.fail(f"the server did not start: {err[-2000:]}")
                 time.sleep(0.05)
         yield f"http://localhost:{port}/mcp"
     finally:

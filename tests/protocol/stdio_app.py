@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from protocol.conformance import build_registry
 from protocol.registry import RequestContext
 from protocol.server import Server
 from protocol.stdio import run_stdio
+from protocol.testing.conformance import build_registry
 
 
 def main() -> int:

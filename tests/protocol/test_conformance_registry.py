@@ -8,7 +8,8 @@ import struct
 import zlib
 from typing import Any
 
-from protocol.conformance import JSON_SCHEMA_2020_12, PNG, WAV, build_registry
+from protocol.testing.conformance import JSON_SCHEMA_2020_12, PNG, WAV, build_registry
+from protocol.types import Outgoing
 from tests.protocol.conftest import Harness
 
 TOOLS = {
@@ -31,15 +32,24 @@ TOOLS = {
 
 def test_fixture_names() -> None:
     r = build_registry()
-    assert set(r.tools) == TOOLS
+    # What the handshake era sees; the 2026-07-28 fixtures are registered `since` that revision.
+    assert {n for n, t in r.tools.items() if t.since is None} == TOOLS
     assert set(r.resources) == {"test://static-text", "test://static-binary", "test://watched-resource"}
     assert set(r.templates) == {"test://template/{id}/data"}
-    assert set(r.prompts) == {
+    assert {n for n, p in r.prompts.items() if p.since is None} == {
         "test_simple_prompt",
         "test_prompt_with_arguments",
         "test_prompt_with_embedded_resource",
         "test_prompt_with_image",
     }
+    stateless = {n for n, t in r.tools.items() if t.since == "2026-07-28"}
+    assert {
+        "test_missing_capability",
+        "test_input_required_result_elicitation",
+        "greet",
+        "slow_compute",
+    } <= stateless
+    assert {n for n, t in r.tools.items() if t.tasks == "required"} == {"failing_job", "test_tool_with_task"}
 
 
 def test_everything_has_a_description() -> None:
@@ -118,16 +128,15 @@ async def test_reconnection_tool_asks_the_transport_to_close_its_stream(ready: H
     closed: list[int] = []
 
     class StreamSink:
-        async def __call__(self, data: bytes) -> None:
-            ready.sent.append(data)
+        async def __call__(self, message: Outgoing) -> None:
+            ready.sent.append(message.data)
 
         async def close_stream(self, retry_ms: int) -> None:
             closed.append(retry_ms)
 
-    frame = ready.session.parse(
-        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"test_reconnection"}}'
+    await ready.session.handle(
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"test_reconnection"}}', StreamSink()
     )
-    await ready.session.dispatch(frame, StreamSink())
     assert closed == [100]
     assert b"Reconnection test completed" in ready.sent[-1]
 

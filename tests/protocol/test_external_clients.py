@@ -1,7 +1,7 @@
-"""Clients we did not write, as subprocesses: mcp==2.3.0 (discover probe, then fallback) and Inspector CLI v1.
+"""Clients we did not write, as subprocesses: mcp==2.3.0 (auto, stateless, legacy modes) and Inspector CLI v1.
 
 Both run over stdio and Streamable HTTP (the Inspector also over legacy SSE) against the conformance
-fixtures (`python -m protocol.conformance`).
+fixtures (`python -m protocol.testing.conformance`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.protocol.httpkit import REPO, conformance_server, node_env, validator
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
 
-STDIO_SERVER = [sys.executable, "-m", "protocol.conformance", "--mode", "stdio", "--page-size", "5"]
+STDIO_SERVER = [sys.executable, "-m", "protocol.testing.conformance", "--mode", "stdio", "--page-size", "5"]
 
 
 def _py2() -> Path:
@@ -45,20 +45,72 @@ def _connect_seconds(output: str) -> float:
     return float(line.split("=", 1)[1])
 
 
-def test_mcp2_auto_mode_over_stdio_falls_back_from_discover_at_once() -> None:
+def test_mcp2_auto_mode_over_stdio_settles_on_the_stateless_era_at_once() -> None:
     out = _run_py2("stdio", "--", *STDIO_SERVER)
-    assert _connect_seconds(out) < 3.0  # the unanswered-probe path would take ≥ 10 s
+    assert _connect_seconds(out) < 3.0  # an unanswered probe would take ≥ 10 s
+    assert "PASS negotiated 2026-07-28" in out
 
 
-def test_mcp2_auto_mode_over_http_falls_back_from_discover_at_once() -> None:
+def test_mcp2_auto_mode_over_http_settles_on_the_stateless_era_at_once() -> None:
     with conformance_server() as url:
         out = _run_py2("http", url)
     assert _connect_seconds(out) < 3.0
+    assert "PASS negotiated 2026-07-28" in out
+
+
+def test_mcp2_stateless_mode_over_stdio() -> None:
+    _run_py2("--mode", "2026-07-28", "stdio", "--", *STDIO_SERVER)
+
+
+def test_mcp2_stateless_mode_over_http() -> None:
+    with conformance_server() as url:
+        _run_py2("--mode", "2026-07-28", "http", url)
+
+
+def test_mcp2_legacy_mode_over_stdio() -> None:
+    _run_py2("--mode", "legacy", "--expect", "2025-11-25", "stdio", "--", *STDIO_SERVER)
 
 
 def test_mcp2_legacy_mode_over_http() -> None:
     with conformance_server() as url:
-        _run_py2("--mode", "legacy", "http", url)
+        _run_py2("--mode", "legacy", "--expect", "2025-11-25", "http", url)
+
+
+# ---------------------------------------------------------------- TypeScript SDK client
+
+
+def run_ts_sdk(target: list[str], **env: str) -> str:
+    """tests/protocol/ts_sdk_check.mjs with the pinned @modelcontextprotocol/sdk; asserts it passed."""
+    sdk = validators() / "tssdk" / "node_modules" / "@modelcontextprotocol" / "sdk"
+    if not (sdk / "package.json").exists():
+        pytest.fail(f"{sdk} is missing: run `make install-validators`")
+    proc = subprocess.run(
+        ["node", str(REPO / "tests" / "protocol" / "ts_sdk_check.mjs"), *target],
+        cwd=REPO,
+        env={**node_env(), "SDK": str(sdk), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+TS_FIXTURES = {
+    "CALL": '{"name": "test_tool_with_progress", "progress": true}',
+    "PROMPT": '{"name": "test_prompt_with_arguments", "arguments": {"arg1": "a", "arg2": "b"}}',
+    "READ": "test://template/7/data",
+}
+
+
+def test_ts_sdk_over_stdio() -> None:
+    run_ts_sdk(["stdio", "--", *STDIO_SERVER], **TS_FIXTURES)
+
+
+def test_ts_sdk_over_streamable_http() -> None:
+    with conformance_server() as url:
+        out = run_ts_sdk(["http", url], **TS_FIXTURES)
+    assert "PASS negotiated 2025-11-25" in out
 
 
 # ---------------------------------------------------------------- Inspector CLI v1

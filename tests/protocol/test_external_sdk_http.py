@@ -15,7 +15,8 @@ from mcp.client.streamable_http import streamablehttp_client
 from mcp.shared.exceptions import McpError
 from pydantic import AnyUrl
 
-from protocol.http import HttpSettings, build_app
+from protocol.http_app import build_app
+from protocol.http_guard import HttpSettings
 from protocol.server import Server
 from tests.protocol import sdk_checks
 from tests.protocol.httpkit import Probe, make_registry

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from protocol.http import STREAMABLE_KEY, EventStream, HttpConfigError, HttpSettings, build_app, is_response
-from protocol.messages import encode_error, encode_notification, encode_request, encode_result
+from protocol.http_app import STREAMABLE_KEY, build_app
+from protocol.http_guard import HttpConfigError, HttpSettings
+from protocol.messages import encode_notification, encode_result
 from protocol.server import Server
+from protocol.sse import EventStream
 from tests.protocol.httpkit import (
     POST_HEADERS,
     Event,
@@ -561,15 +563,6 @@ async def test_specific_listen_address_accepts_only_that_host_name() -> None:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def test_is_response_tells_responses_from_requests_and_notifications() -> None:
-    assert is_response(encode_result(1, {"method": "x"}))
-    assert is_response(encode_result('"method":', {}))
-    assert is_response(encode_error(None, -32700, "Parse error"))
-    assert is_response(b"[" + encode_result(1, {}) + b"]")
-    assert not is_response(encode_request(1, "sampling/createMessage", {"result": 1}))
-    assert not is_response(encode_notification("notifications/message", {"error": 1, "result": 2}))
 
 
 def _slow(seconds: float) -> dict[str, object]:

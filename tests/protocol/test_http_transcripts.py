@@ -1,7 +1,8 @@
 """The golden protocol transcripts (fixtures/transcripts) replayed over Streamable HTTP.
 
-Each client frame becomes one POST; JSON bodies, SSE events and HTTP-level JSON-RPC errors are fed back
-to the replayer in arrival order, so the same expectations hold as over stdio.
+Each client frame becomes one POST (a 2026-07-28 frame with the headers that mirror its body); JSON
+bodies, SSE events and HTTP-level JSON-RPC errors are fed back to the replayer in arrival order, so the
+same expectations hold as over stdio.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from protocol import transcript as t
-from protocol.conformance import build_registry
-from protocol.http import HttpSettings, build_app
+from protocol.http_app import build_app
+from protocol.http_guard import HttpSettings
 from protocol.server import Server
+from protocol.testing import transcript as t
+from protocol.testing.conformance import build_registry
 from tests.protocol.httpkit import POST_HEADERS, REPO, events
 
 # lifecycle.jsonl sends ping and tools/list before `initialize`: over HTTP such requests have no session
@@ -27,7 +29,7 @@ STDIO_ONLY = {"lifecycle"}
 TRANSCRIPTS = [
     p
     for p in sorted((REPO / "fixtures" / "transcripts").glob("*.jsonl"))
-    if "protocol.conformance" in t.load(p).argv and p.stem not in STDIO_ONLY
+    if "protocol.testing.conformance" in t.load(p).argv and p.stem not in STDIO_ONLY
 ]
 
 
@@ -42,7 +44,8 @@ class HttpTransport:
 
     async def send(self, data: bytes) -> None:
         # Returns once the server has taken the frame (headers back), so the next frame cannot overtake it.
-        resp = await self.client.post("/mcp", data=data, headers={**POST_HEADERS, **self.headers})
+        headers = {**POST_HEADERS, **self.headers, **stateless_headers(data)}
+        resp = await self.client.post("/mcp", data=data, headers=headers)
         session = resp.headers.get("Mcp-Session-Id")
         if session and "Mcp-Session-Id" not in self.headers:
             self.headers["Mcp-Session-Id"] = session
@@ -68,6 +71,27 @@ class HttpTransport:
         for task in list(self.readers):
             task.cancel()
         await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+def stateless_headers(data: bytes) -> dict[str, str]:
+    """What a 2026-07-28 client adds to a POST: the headers mirroring the body (SEP-2243)."""
+    try:
+        message = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or "io.modelcontextprotocol/protocolVersion" not in meta:
+        return {}
+    headers = {"MCP-Protocol-Version": str(meta["io.modelcontextprotocol/protocolVersion"])}
+    if "id" in message:
+        headers["Mcp-Method"] = message["method"]
+        name = params.get(
+            {"resources/read": "uri"}.get(message["method"], "taskId" if "taskId" in params else "name")
+        )
+        if isinstance(name, str):
+            headers["Mcp-Name"] = name
+    return headers
 
 
 def _page_size(argv: list[str]) -> int:
@@ -101,7 +125,7 @@ async def test_http_replay_detects_a_wrong_expectation(tmp_path: Path) -> None:
     path.write_text(
         t.dump(
             [
-                {"meta": {"description": "x", "argv": ["{python}", "-m", "protocol.conformance"]}},
+                {"meta": {"description": "x", "argv": ["{python}", "-m", "protocol.testing.conformance"]}},
                 {"send": {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}},
                 {"send": {"jsonrpc": "2.0", "id": 1, "method": "ping"}},
                 {"expect": [{"jsonrpc": "2.0", "id": 1, "result": {}}]},

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
+from protocol.events import expects_reply, runs_handlers
 from protocol.registry import Registry, RequestContext
+from protocol.types import Reply
 from tests.protocol.conftest import Harness, error_code, gated_tool
 
 
@@ -186,10 +188,10 @@ async def test_initialize_inside_a_batch_is_rejected(harness: Harness) -> None:
 async def test_batch_of_only_notifications_gets_no_answer() -> None:
     h = Harness()
     await h.initialize("2025-03-26")
-    frame = h.session.parse(
+    events = h.session.receive(
         b'[{"jsonrpc":"2.0","method":"notifications/a"},{"jsonrpc":"2.0","method":"n/b"}]'
     )
-    assert not frame.has_requests
+    assert not expects_reply(events)
     assert await h.send([{"jsonrpc": "2.0", "method": "notifications/a"}]) == []
 
 
@@ -201,15 +203,19 @@ async def test_batch_invalid_elements_get_their_own_errors() -> None:
     assert codes == {1: None, None: -32600, 2: -32601}
 
 
-async def test_frame_flags_for_transports(harness: Harness) -> None:
-    init = harness.session.parse(
+async def test_event_flags_for_transports(harness: Harness) -> None:
+    init = harness.session.receive(
         b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}'
     )
-    assert init.is_initialize and init.has_requests
-    note = harness.session.parse(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
-    assert not note.has_requests and not note.is_initialize
-    bad = harness.session.parse(b"nope")
-    assert bad.has_requests and bad.error_reply is not None
+    assert expects_reply(init) and not runs_handlers(init)
+    note = harness.session.receive(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+    assert not expects_reply(note)
+    bad = harness.session.receive(b"nope")
+    assert expects_reply(bad) and [type(e) for e in bad] == [Reply] and bad[0].status == 400  # type: ignore[union-attr]
+    call = harness.session.receive(
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"test_simple_text"}}'
+    )
+    assert runs_handlers(call)
 
 
 # ---------------------------------------------------------------- server → client requests

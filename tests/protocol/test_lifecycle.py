@@ -12,6 +12,7 @@ import pytest
 from protocol.content import AudioContent, TextContent
 from protocol.messages import Icon
 from protocol.registry import Registry, RequestContext, ToolAnnotations, ToolResult
+from protocol.types import Outgoing
 from tests.protocol.conftest import Harness, error_code, gated_tool, sleeping_tool
 
 VERSIONS = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"]
@@ -286,8 +287,8 @@ async def test_bad_log_level_is_invalid_params(ready: Harness, level: object) ->
 async def test_session_log_outside_a_call_goes_to_the_default_sink(ready: Harness) -> None:
     got: list[bytes] = []
 
-    async def default(data: bytes) -> None:
-        got.append(data)
+    async def default(message: Outgoing) -> None:
+        got.append(message.data)
 
     await ready.session.log("error", "before any sink")  # level unset: dropped
     await ready.result("logging/setLevel", {"level": "debug"})
@@ -367,7 +368,7 @@ async def test_pagination_walks_every_item_once(method: str, key: str, kind: str
     h = Harness(page_size=2)
     await h.initialize()
     names, pages = await _walk(h, method, key)
-    expected = [d.name for d in getattr(h.server.registry, kind).values()]
+    expected = [d.name for d in getattr(h.server.registry, kind).values() if d.since is None]
     assert names == expected and len(set(names)) == len(names)
     assert pages == (len(expected) + 1) // 2
 
@@ -433,8 +434,8 @@ async def test_missing_resource_is_32002(ready: Harness) -> None:
 async def test_subscribe_and_updates_reach_the_default_sink(ready: Harness) -> None:
     got: list[bytes] = []
 
-    async def default(data: bytes) -> None:
-        got.append(data)
+    async def default(message: Outgoing) -> None:
+        got.append(message.data)
 
     ready.session.set_default_sink(default)
     assert await ready.result("resources/subscribe", {"uri": "test://watched-resource"}) == {}
@@ -531,8 +532,8 @@ async def _announcing_session(announce: bool) -> tuple[Harness, list[Any]]:
     h = Harness(registry)
     got: list[Any] = []
 
-    async def default(data: bytes) -> None:
-        got.append(msgspec.json.decode(data))
+    async def default(message: Outgoing) -> None:
+        got.append(msgspec.json.decode(message.data))
 
     h.session.set_default_sink(default)
     caps = (await h.initialize())["capabilities"]

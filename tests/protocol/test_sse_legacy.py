@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from protocol.http import HttpSettings
+from protocol.http_guard import HttpSettings
 from tests.protocol.httpkit import Event, Probe, events, init_body, rpc, serve
 
 JSON = {"Content-Type": "application/json"}

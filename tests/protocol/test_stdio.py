@@ -184,9 +184,9 @@ async def test_pipelined_requests_all_answered(server: Proc) -> None:
 
 
 async def test_serve_stdio_in_process_with_given_streams() -> None:
-    from protocol.conformance import build_registry
     from protocol.server import Server
     from protocol.stdio import serve_stdio
+    from protocol.testing.conformance import build_registry
 
     class Collect:
         def __init__(self) -> None:
@@ -210,9 +210,9 @@ async def test_serve_stdio_in_process_with_given_streams() -> None:
 
 
 async def test_closed_stdout_does_not_crash_the_loop() -> None:
-    from protocol.conformance import build_registry
     from protocol.server import Server
     from protocol.stdio import serve_stdio
+    from protocol.testing.conformance import build_registry
 
     class Broken:
         writes = 0
@@ -245,7 +245,7 @@ def test_non_pollable_stdin_is_served_and_exits_on_eof(source: str, tmp_path: Pa
         expected = [{"jsonrpc": "2.0", "id": 7, "result": {}}]
     with open(stdin_path, "rb") as stdin:
         done = subprocess.run(
-            [sys.executable, "-m", "protocol.conformance", "--mode", "stdio"],
+            [sys.executable, "-m", "protocol.testing.conformance", "--mode", "stdio"],
             cwd=ROOT, stdin=stdin, capture_output=True, timeout=20,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )

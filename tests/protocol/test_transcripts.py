@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from protocol import transcript as t
+from protocol.testing import transcript as t
 
 ROOT = Path(__file__).resolve().parents[2]
 # The protocol-surface transcripts (the conformance registry); tests/tools replays the tools_* ones.
 TRANSCRIPTS = [
     p
     for p in sorted((ROOT / "fixtures" / "transcripts").glob("*.jsonl"))
-    if "protocol.conformance" in t.load(p).argv
+    if "protocol.testing.conformance" in t.load(p).argv
 ]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -36,7 +36,12 @@ def _write(tmp_path: Path, lines: list[dict[str, object]]) -> Path:
     return path
 
 
-META = {"meta": {"description": "x", "argv": ["{python}", "-m", "protocol.conformance", "--mode", "stdio"]}}
+META = {
+    "meta": {
+        "description": "x",
+        "argv": ["{python}", "-m", "protocol.testing.conformance", "--mode", "stdio"],
+    }
+}
 
 
 async def test_replay_detects_a_wrong_expectation(tmp_path: Path) -> None:
@@ -100,7 +105,7 @@ async def test_recorder_output_replays(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "protocol.transcript",
+        "protocol.testing.transcript",
         "record",
         "--out",
         str(out),
@@ -109,7 +114,7 @@ async def test_recorder_output_replays(tmp_path: Path) -> None:
         "--",
         "{python}",
         "-m",
-        "protocol.conformance",
+        "protocol.testing.conformance",
         "--mode",
         "stdio",
         "--page-size",

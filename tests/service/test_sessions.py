@@ -213,10 +213,10 @@ async def test_an_engine_that_cannot_start_is_a_clear_error_for_the_client(
                     error = exc
     home = broken / "contree-mcp"
     assert error is not None and error.error.code == -32603
-    assert str(error) == f"the engine at {home} could not start: Not a directory: {home}"
+    assert str(error).startswith(f"the engine at {home} could not start: ") and "\n" not in str(error)
     stderr = user.log.read_text()
     assert "Traceback" not in stderr
-    assert f"[ERROR] the engine at {home} could not start: Not a directory: {home}\n" in stderr
+    assert f"[ERROR] {error}\n" in stderr
 
 
 def _command_lines() -> list[str]:

@@ -83,16 +83,17 @@ async def test_unreadable_directory_entry_is_a_clear_tool_error(tmp_path: Path) 
     assert nothing["isError"] and "Nothing to sync in" in nothing["content"][0]["text"]
 
 
-async def test_download_never_clobbers_by_default(tmp_path: Path) -> None:
+async def test_download_clobbers_only_unless_told_not_to(tmp_path: Path) -> None:
+    """0.5.0 overwrites by default; overwrite=false refuses an existing file and leaves it as it was."""
     backend = FakeBackend()
     backend.add_image("art:1", {"/out/bin": b"#!/bin/sh\n"})
     reg, _ = make_registry(backend, tmp_path)
     dest = tmp_path / "bin"
     dest.write_text("mine")
     args = {"image": "art:1", "path": "/out/bin", "destination": str(dest)}
-    refused = await call(reg, "download", args)
+    refused = await call(reg, "download", {**args, "overwrite": False})
     assert refused["isError"] and "pass overwrite=true" in refused["content"][0]["text"]
     assert dest.read_text() == "mine" and not list(tmp_path.glob(".bin*"))  # noqa: ASYNC240
-    done = await call(reg, "download", {**args, "overwrite": True, "executable": True})
+    done = await call(reg, "download", {**args, "executable": True})
     assert done["structuredContent"]["size"] == 10 and dest.read_bytes() == b"#!/bin/sh\n"
     assert dest.stat().st_mode & 0o777 == 0o755

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid as uuidlib
 from collections.abc import AsyncIterator
@@ -178,7 +177,26 @@ class FakeBackend:
 
     # inspect
     async def list_directory(self, image_uuid: str, path: str) -> api.DirectoryList:
-        raise NotFound("fake has no directories")
+        """The files directly under `path` (the fake has no directories of its own)."""
+        files = self._files_of(image_uuid)
+        prefix = path.rstrip("/") + "/"
+        names = [p[len(prefix) :] for p in files if p.startswith(prefix) and "/" not in p[len(prefix) :]]
+        if not names:
+            raise NotFound(f"{path} not found")
+        items = [
+            api.FileItem(
+                size=len(files[prefix + n]), path=n, owner=0, group=0, mode=0o100644, mtime=0, nlink=1,
+                uid=0, gid=0, is_dir=False, is_regular=True, is_symlink=False, is_socket=False,
+                is_fifo=False, symlink_to="",
+            )
+            for n in sorted(names)
+        ]  # fmt: skip
+        return api.DirectoryList(path=path, files=items)
+
+    def _files_of(self, image_uuid: str) -> dict[str, bytes]:
+        if image_uuid not in self.images:
+            raise NotFound(f"image {image_uuid} not found")
+        return self.fs.get(image_uuid, {})
 
     def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
         async def gen() -> AsyncIterator[bytes]:
@@ -191,7 +209,17 @@ class FakeBackend:
         return gen()
 
     async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult:
-        raise NotFound("fake has no grep")
+        """Literal patterns only: a match per file that contains one."""
+        files = self._files_of(image_uuid)
+        matches = [
+            api.GrepMatch(
+                path=path, line_number=1, absolute_offset=0, line_text=data.decode(errors="replace"),
+                line_bytes=len(data), submatches=[], type="match",
+            )
+            for path, data in sorted(files.items())
+            if any(p.encode() in data for p in query.pattern)
+        ]  # fmt: skip
+        return api.GrepResult(path=query.path[0], patterns=query.pattern, matches=matches, truncated=False)
 
     async def whoami(self) -> api.WhoAmIResponse:
         return api.WhoAmIResponse(
@@ -211,7 +239,7 @@ class FakeContext:
         self.logs: list[Any] = []
         self.updated: list[str] = []
         self.client_capabilities: dict[str, Any] = {}
-        self.cancelled = asyncio.Event()  # set = the client sent notifications/cancelled for this request
+        self.cancel_requested = False  # True = the client sent notifications/cancelled for this request
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         self.progress_calls.append((progress, total, message))

@@ -7,7 +7,7 @@ SERVER="-m tools --backend contree --url http://127.0.0.1:9 --token transcript-t
 record() {
   # the recorder reads a pipe (not a file redirect)
   cat "tests/tools/transcript_inputs/$1.ndjson" |
-    $PY -m protocol.transcript record --out "fixtures/transcripts/$1.jsonl" --description "$2" -- $PY $SERVER \
+    $PY -m protocol.testing.transcript record --out "fixtures/transcripts/$1.jsonl" --description "$2" -- $PY $SERVER \
     > /dev/null
   sed -i "1s|\"argv\":\[\"$PY\"|\"argv\":[\"{python}\"|" "fixtures/transcripts/$1.jsonl"
 }
@@ -25,12 +25,13 @@ WORK_DIR=$(echo "$VARS" | sed -n 's/^workdir=//p')
 MASKS=""
 for f in mcp_version duration consumed_cpu consumed_memory image_size block_input block_output cost elapsed_time \
   involuntary_switches max_rss monotonic_time page_faults page_faults_io shared_memory signals swaps \
-  system_cpu_time unshared_memory user_cpu_time voluntary_switches; do
+  system_cpu_time unshared_memory user_cpu_time voluntary_switches total_bytes layer_bytes reclaimable_bytes \
+  output_bytes uploads_bytes chunks_bytes other_bytes freed_bytes; do
   MASKS="$MASKS --mask $f"
 done
 # shellcheck disable=SC2086
 cat tests/tools/transcript_inputs/tools_engine.ndjson |
-  PYTHONPATH=$PWD $PY -m protocol.transcript record --out fixtures/transcripts/tools_engine.jsonl \
+  PYTHONPATH=$PWD $PY -m protocol.testing.transcript record --out fixtures/transcripts/tools_engine.jsonl \
     --description "contree-mcp on the embedded engine: all 19 tools, every resource, template and prompt, a completion" \
     --var "home=$HOME_DIR" --var "workdir=$WORK_DIR" --numbered-uuids --capture rsync --lockstep $MASKS \
     --cwd "$WORK_DIR" -- '{python}' -m tools --backend local --home '{home}' --allowed-root '{workdir}' > /dev/null

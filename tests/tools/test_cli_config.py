@@ -181,3 +181,18 @@ def test_the_server_logs_the_legacy_deprecation_warning(tmp_path: Path) -> None:
     out = run_cli(["--backend", "contree"], tmp_path, CONTREE_MCP_HTTP_PORT="1234")
     assert "[WARNING] Using deprecated 0.1.x settings (CONTREE_MCP_* / mcp.ini)" in out.stderr
     assert out.returncode == 1 and "No API token configured." in out.stderr
+
+
+@pytest.mark.parametrize(("group", "commands"), [("images", ["bootstrap", "prune"]), ("engine", ["check"])])
+def test_command_groups_print_their_own_help(
+    group: str, commands: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+
+    assert main([group, "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"usage: contree-mcp {group} ") and "--http-port" not in shown
+    assert all(f"\n  {name} " in shown for name in commands)
+    assert main([group, "nonsense"]) == 2 and "unknown command 'nonsense'" in capsys.readouterr().err
+    assert main([group]) == 2
+

@@ -9,25 +9,27 @@ import signal
 import subprocess
 from pathlib import Path
 
+from contree.engine.network import TAG_DIR
 from contree.service.control import ControlConnection
 from tests.tools.conftest import server_command
 
 
-def _engine_chains(tag: str) -> set[str]:
+def _chains(tags: set[str]) -> set[str]:
+    """The iptables chains of engines holding these network tags (other engines may run beside us)."""
     out = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[1] for line in out.splitlines() if line.startswith(f"-N CT-{tag}-")}
+    chains = {line.split()[1] for line in out.splitlines() if line.startswith("-N CT-")}
+    return {c for c in chains if c.split("-")[1] in tags}
 
 
-def _network_tag(service: ControlConnection) -> str:
-    """The tag of the service's firewall chains: the tag lock it holds (other engines on this machine,
-    e.g. other test runs, have chains of their own)."""
-    fds = Path(f"/proc/{service.status.pid}/fd")
-    for fd in fds.iterdir():
-        target = os.readlink(fd) if fd.is_symlink() else ""
-        if target.startswith("/run/contree-engine/tags/") and target.endswith(".lock"):
-            service.refresh()  # still answering: the pid was the service's while we looked
-            return Path(target).stem
-    raise AssertionError("the service holds no network tag lock")
+def _tags_held_by(service: ControlConnection) -> set[str]:
+    """Network tags whose lock files the (live) service process holds open."""
+    tags = set()
+    for fd in Path(f"/proc/{service.status.pid}/fd").iterdir():
+        target = Path(os.readlink(fd)) if fd.is_symlink() else None
+        if target is not None and target.parent == TAG_DIR and target.suffix == ".lock":
+            tags.add(target.stem)
+    service.refresh()  # still answering: the pid was the service's while we looked
+    return tags
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -42,6 +44,7 @@ def test_sigterm_of_the_service_after_a_networked_run_removes_rules_and_mounts(
         [*server_command(), "--backend", "local", "--home", str(engine_home), "--allowed-root", str(workdir)],
         cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    tags: set[str] = set()
     try:
         assert proc.stdin is not None and proc.stdout is not None
         client = {"name": "t", "version": "1"}
@@ -65,8 +68,8 @@ def test_sigterm_of_the_service_after_a_networked_run_removes_rules_and_mounts(
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
         with ControlConnection(engine_home, pin=True) as service:  # still there: work outlives sessions
             assert service.status.state == "ready"
-            tag = _network_tag(service)
-            assert _engine_chains(tag), "a networked run sets up the engine's firewall chains"
+            tags = _tags_held_by(service)
+            assert _chains(tags), "a networked run sets up the engine's firewall chains"
             signal.pidfd_send_signal(service.pidfd, signal.SIGTERM)
             assert service.wait_exit(30)
     finally:
@@ -77,5 +80,5 @@ def test_sigterm_of_the_service_after_a_networked_run_removes_rules_and_mounts(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-    assert not _engine_chains(tag)
+    assert not _chains(tags)
     assert _mounts_under(engine_home) == []

@@ -37,7 +37,10 @@ def registry(tmp_path: Path) -> Any:
 
 
 def test_tool_names_and_order(registry: Any) -> None:
-    assert list(registry.tools) == [t["name"] for t in SURFACE["tools"]]
+    """The reference's 19 tools, name for name and in its order; tools of our own only after them."""
+    names = list(registry.tools)
+    assert names[:19] == [t["name"] for t in SURFACE["tools"]]
+    assert names[19:] == ["delete_image"]
 
 
 @pytest.mark.parametrize("spec", SURFACE["tools"], ids=lambda s: s["name"])

@@ -147,7 +147,7 @@ async def test_22_cancelling_a_waiting_run_cancels_its_operation(tmp_path: Path)
     while not backend.spawned:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.1)
-    ctx.cancelled.set()  # what notifications/cancelled does before it cancels the handler
+    ctx.cancel_requested = True  # what notifications/cancelled does before it cancels the handler
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,16 @@ async def test_docs_site_in_headless_chromium(engine_home: Path, workdir: Path, 
     assert any(row.startswith("truncate_output_at") and "8000" in row for row in report["runParams"])
     assert report["guideVisible"] is True
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("kind", ["local", "contree"])
+async def test_docs_site_shows_characters_not_json_escapes(tmp_path: Path, kind: str) -> None:
+    from tools.docs_site import render_site
+
+    registry, state = make_registry(FakeBackend(), tmp_path, kind=kind)
+    pages = render_site(registry, state, listen="127.0.0.1", port=9452)
+    await state.close()
+    escapes = {path: re.findall(r"\\u[0-9a-fA-F]{4}", html) for path, html in pages.items()}
+    assert all(not found for found in escapes.values()), escapes
+    image = "busybox:latest" if kind == "local" else "alpine:3.20"  # examples name images, not "…"
+    assert f'image=&quot;{image}&quot;' in pages["/tools"] and "(image=&quot;…&quot;" not in pages["/tools"]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol import transcript
+from protocol.testing import transcript
 from tests.service_util import stop_service
 from tests.tools.conftest import require_engine_host, seed_busybox
 from tests.tools.test_import_roots import write_layout
@@ -84,7 +84,7 @@ def test_engine_transcript_covers_the_whole_surface() -> None:
     called = {m["params"]["name"] for m in sends if m.get("method") == "tools/call"}
     read = {m["params"]["uri"] for m in sends if m.get("method") == "resources/read"}
     prompted = {m["params"]["name"] for m in sends if m.get("method") == "prompts/get"}
-    assert len(listed["tools"]) == 19 and called == listed["tools"]
+    assert len(listed["tools"]) == 20 and called == listed["tools"]
     assert listed["resources"] <= read
     assert prompted == listed["prompts"] and len(prompted) == 10
     for template in listed["resourceTemplates"]:

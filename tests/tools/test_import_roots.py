@@ -114,7 +114,7 @@ async def test_an_in_root_layout_imports_through_the_server(tmp_path: Path, work
             )
             out = result.structuredContent["result"]
             assert not result.isError and out["status"] == "SUCCESS", out
-            assert out["result_tag"] == "from-layout:v1"
+            assert out["result"]["tag"] == "from-layout:v1"
             read = await session.call_tool(  # type: ignore[attr-defined]
                 "read_file", {"image": "from-layout:v1", "path": "/hello.txt"}
             )

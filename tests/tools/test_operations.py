@@ -20,6 +20,7 @@ async def test_wait_empty_list_returns_empty_result(tmp_path: Path) -> None:
         "timed_out": False,
         "pending": [],
         "errors": {},
+        "hint": None,
     }
 
 

@@ -43,7 +43,7 @@ async def test_get_operation_hides_another_principals_operation(tmp_path: Path) 
     theirs = await call(reg, "get_operation", {"operation_id": op}, MALLORY)
     assert theirs.get("isError") and text_of(theirs).endswith(f"not found (operation {op} not found)")
     mine = await call(reg, "get_operation", {"operation_id": op}, ALICE)
-    assert not mine.get("isError") and mine["structuredContent"]["operation_id"] == op
+    assert not mine.get("isError") and mine["structuredContent"]["uuid"] == op
     await state.close()
 
 
@@ -199,7 +199,7 @@ async def test_http_clients_with_different_tokens_see_only_their_operations(
         theirs = await call_as(base, "tok-mallory-0123456789", "get_operation", {"operation_id": op})
         assert theirs.isError and "not found" in theirs.content[0].text
         mine = await call_as(base, "tok-alice-0123456789", "get_operation", {"operation_id": op})
-        assert not mine.isError and mine.structuredContent["operation_id"] == op
+        assert not mine.isError and mine.structuredContent["uuid"] == op
 
 
 def test_the_cli_refuses_an_unreadable_tokens_file(tmp_path: Path) -> None:

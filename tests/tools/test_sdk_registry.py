@@ -70,15 +70,15 @@ async def test_registry_auth_and_import(
             await session.call_tool("import_image", {"registry_url": url, "tag": "tests/app:1"})
         )
         assert imported["status"] == "SUCCESS", imported
-        assert imported["kind"] == "image_import" and imported["result_tag"] == "tests/app:1"
+        assert imported["kind"] == "image_import" and imported["result"]["tag"] == "tests/app:1"
         assert PASSWORD not in str(imported)
         files = result(await session.call_tool("list_files", {"image": "tests/app:1", "path": "/run"}))
         assert [(f["name"], f["type"]) for f in files["files"]] == [("fifo", "fifo")]
-        text = await session.read_resource(AnyUrl(f"contree://operations/import/{imported['operation_id']}"))
+        text = await session.read_resource(AnyUrl(f"contree://operations/import/{imported['uuid']}"))
         body = text.contents[0].text
         assert body.startswith("STATE: SUCCESS\nRESULT_IMAGE: ") and f"REGISTRY_URL: {url}" in body
-        wrong_kind = await session.call_tool("wait_operations", {"operation_ids": [imported["operation_id"]]})
-        assert result(wrong_kind)["results"][imported["operation_id"]]["kind"] == "image_import"
+        wrong_kind = await session.call_tool("wait_operations", {"operation_ids": [imported["uuid"]]})
+        assert result(wrong_kind)["results"][imported["uuid"]]["kind"] == "image_import"
 
         detached = result(await session.call_tool("import_image", {"registry_url": url, "wait": False}))
         waited = result(
@@ -88,4 +88,6 @@ async def test_registry_auth_and_import(
         )
         assert waited["completed"] == [detached["operation_id"]]
         # an unchanged remote image imports to the same image
-        assert waited["results"][detached["operation_id"]]["result_image"] == imported["result_image"]
+        assert (
+            waited["results"][detached["operation_id"]]["result_image_uuid"] == imported["result_image_uuid"]
+        )

@@ -65,7 +65,7 @@ async def test_tools_over_the_contree_rest_api(engine_home: Path, workdir: Path,
                 )
             )
             assert made["stdout"] == "synced\n" and made["filesystem_changed"] is True
-            child = made["result_image"]
+            child = made["result_image_uuid"]
             text = result(await session.call_tool("read_file", {"image": child, "path": "/made.txt"}))
             assert text["content"] == "made\n"
             lineage = json.loads(
@@ -84,3 +84,32 @@ async def test_tools_over_the_contree_rest_api(engine_home: Path, workdir: Path,
             me = result(await session.call_tool("whoami", {}))
             assert me["backend"] == "contree"
     assert (tmp_path / "contree-home" / "mcp" / "lineage.db").exists()
+
+
+async def test_whole_output_pages_through_the_rest_api(
+    engine_home: Path, workdir: Path, tmp_path: Path
+) -> None:
+    """The engine behind its REST API (what a remote engine service is) still serves every byte."""
+    async with rest_api(engine_home, tmp_path / "rest.log") as url:
+        backend = ["--backend", "contree", "--url", url, "--token", TOKEN, "--auth-type", "jwt"]
+        env = {"CONTREE_HOME": str(tmp_path / "contree-home")}
+        async with mcp_session(engine_home, workdir, backend_args=backend, env=env) as s:
+            session: Any = s
+            done = result(
+                await session.call_tool(
+                    "run",
+                    {"command": "seq 1 2000000; echo end >&2", "image": "busybox:latest", "timeout": 120},
+                )
+            )
+            expected = "".join(f"{i}\n" for i in range(1, 2000001)).encode()
+            assert done["stdout_bytes"] == len(expected) > 10 * 1024 * 1024  # beyond what the API records
+            assert expected.endswith(done["stdout_tail"].encode()) and done["stderr"] == "end\n"
+            got = bytearray()
+            while True:
+                uri = f"{done['stdout_resource']}?offset={len(got)}&limit=1048576"
+                item = (await session.read_resource(AnyUrl(uri))).contents[0]
+                assert item.meta["source"] == "engine"
+                if not item.text:
+                    break
+                got += item.text.encode()
+            assert bytes(got) == expected

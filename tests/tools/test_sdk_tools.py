@@ -67,8 +67,12 @@ async def test_images_files_and_inspection(engine_home: Path, workdir: Path) -> 
         )
         assert made["exit_code"] == 0, made
         assert made["stdout"] == "from-rsync\nfrom-upload\nmain.sh\n"
-        assert made["filesystem_changed"] is True and made["result_image"] and made["result_image"] != busybox
-        child = made["result_image"]
+        assert (
+            made["filesystem_changed"] is True
+            and made["result_image_uuid"]
+            and made["result_image_uuid"] != busybox
+        )
+        child = made["result_image_uuid"]
 
         tagged = result(
             await session.call_tool("set_tag", {"image_uuid": child, "tag": "tests/data/busybox:1"})
@@ -175,9 +179,7 @@ async def test_operations_progress_output_and_cancel(engine_home: Path, workdir:
         assert full.startswith("line-1\nline-2\nline-3\n") and full.count("x") == 20000
         page = (await read(session, done["stdout_resource"] + "?offset=21&limit=10"))[0].text
         assert page == "x" * 10
-        doc = json.loads(
-            (await read(session, f"contree://operations/instance/{done['operation_id']}"))[0].text
-        )
+        doc = json.loads((await read(session, f"contree://operations/instance/{done['uuid']}"))[0].text)
         assert doc["state"] == "SUCCESS" and doc["exit_code"] == 0 and doc["stdout_truncated"] is True
 
         started = [

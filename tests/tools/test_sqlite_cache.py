@@ -14,7 +14,9 @@ def test_edges_survive_reopen_and_prune_by_last_use(tmp_path: Path) -> None:
     store.record("p", "child", "parent", operation_id="op1", kind="instance")
     store.close()
     store = EdgeStore(path)
-    assert store.row("p", "child") == {"parent_image": "parent", "operation_id": "op1", "kind": "instance"}
+    row = store.row("p", "child")
+    assert row is not None and isinstance(row.pop("created_at"), float)
+    assert row == {"parent_image": "parent", "operation_id": "op1", "kind": "instance"}
     assert store.children("p", "parent") == ["child"] and store.children("q", "parent") == []
     store.prune(1)
     assert store.row("p", "child") is not None

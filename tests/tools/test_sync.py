@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +176,49 @@ async def test_download_is_atomic_confined_and_respects_overwrite(tmp_path: Path
     assert missing["isError"] and [p.name for p in root.iterdir() if p.name.startswith(".")] == []
 
 
+async def test_download_overwrites_by_default_and_refuses_only_when_asked(tmp_path: Path) -> None:
+    """0.5.0 replaces an existing file (agents download the same artifact again); overwrite=false refuses,
+    also when the file appears while the download is being written."""
+    backend = FakeBackend()
+    backend.add_image("art:1", {"/a": b"first version\n"})
+    backend.add_image("art:2", {"/a": b"second version\n"})
+    reg, _ = make_registry(backend, tmp_path)
+    dest = tmp_path / "artifact"
+    for tag in ("art:1", "art:2"):
+        out = await call(reg, "download", {"image": tag, "path": "/a", "destination": str(dest)})
+        assert not out.get("isError"), out
+    assert dest.read_bytes() == b"second version\n" and sorted(os.listdir(tmp_path)) == ["artifact", "cache"]
+    refused = await call(
+        reg, "download", {"image": "art:1", "path": "/a", "destination": str(dest), "overwrite": False}
+    )
+    assert refused["isError"] and "exists" in refused["content"][0]["text"]
+    assert dest.read_bytes() == b"second version\n"
+
+    class Racing(FakeBackend):
+        def download(self, image_uuid: str, path: str) -> AsyncIterator[bytes]:
+            async def gen() -> AsyncIterator[bytes]:
+                yield b"from the image"
+                (tmp_path / "late").write_text("written meanwhile")  # appears after the existence check
+
+            return gen()
+
+    racing = Racing()
+    racing.add_image("art:1", {"/a": b"x"})
+    reg2, _ = make_registry(racing, tmp_path)
+    late = await call(
+        reg2,
+        "download",
+        {"image": "art:1", "path": "/a", "destination": str(tmp_path / "late"), "overwrite": False},
+    )
+    assert late["isError"] and (tmp_path / "late").read_text() == "written meanwhile"
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".part")] == []
+
+
 async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path) -> None:
     backend = FakeBackend()
     src = tmp_path / "proj"
-    tree(src, {"a/b.txt": "bee", "c.txt": "sea"})
+    tree(src, {"a/b.txt": "bee", "c.txt": "sea", "build/out.txt": "dee"})
+    (src / "alias.txt").symlink_to("build/out.txt")  # synced as its (excluded) target's content
     reg, state = make_registry(backend, tmp_path)
     sid = (await call(reg, "rsync", {"source": str(src), "destination": "/w"}))["structuredContent"]["result"]
     backend.files.clear()  # the server garbage-collected every blob
@@ -197,7 +237,7 @@ async def test_run_restores_blobs_that_vanished_from_the_backend(tmp_path: Path)
         reg, "run", {"command": "ls", "image": "busybox:latest", "directory_state_id": sid, "wait": False}
     )
     assert not out.get("isError"), out
-    assert sorted(backend.blobs.values()) == [b"bee", b"sea"]
+    assert sorted(backend.blobs.values()) == [b"bee", b"dee", b"sea"]
     (src / "c.txt").write_text("changed")
     backend.files.clear()
     changed = await call(

@@ -1,5 +1,6 @@
 """The contree-mcp golden transcripts (fixtures/transcripts/tools_*.jsonl) replay byte-for-byte (after
-normalisation) over stdio; re-record with `python -m protocol.transcript record` when the surface changes."""
+normalisation) over stdio; re-record with `python -m protocol.testing.transcript record` when the surface
+changes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import transcript
+from protocol.testing import transcript
 
 ROOT = Path(__file__).resolve().parents[2]
 # tools_engine*.jsonl need an engine home and a workdir: test_engine_transcript.py replays them.

@@ -34,7 +34,7 @@ async def test_agent_workflow(engine_home: Path, workdir: Path) -> None:
             )
         )
         assert install["exit_code"] == 0 and install["filesystem_changed"] is True
-        installed = install["result_image"]
+        installed = install["result_image_uuid"]
         tagged = result(
             await session.call_tool(
                 "set_tag", {"image_uuid": installed, "tag": "tests/greeter/busybox:latest"}
@@ -61,7 +61,7 @@ async def test_agent_workflow(engine_home: Path, workdir: Path) -> None:
             await session.call_tool("wait_operations", {"operation_ids": ops, "mode": "all", "timeout": 120})
         )
         assert sorted(waited["completed"]) == sorted(ops) and not waited["pending"] and not waited["errors"]
-        branches = [waited["results"][op]["result_image"] for op in ops]
+        branches = [waited["results"][op]["result_image_uuid"] for op in ops]
         for op in ops:
             assert waited["results"][op]["exit_code"] == 0, waited["results"][op]["stderr"]
         assert len(set(branches)) == 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
+from tools.guidance import Guidance
+
 GUIDES: tuple[str, ...] = ("workflow", "reference", "quickstart", "state", "async", "tagging", "errors")
 
 
@@ -13,6 +15,9 @@ def _raw(section: str) -> str:
     return resources.files("tools.guides").joinpath(f"{section}.md").read_text(encoding="utf-8")
 
 
-def guide_text(section: str, backend_kind: str) -> str:
-    """The guide as this server should describe itself: 'sandbox' locally, 'microVM' on the cloud."""
-    return _raw(section).replace("{{SANDBOX}}", "sandbox" if backend_kind == "local" else "microVM")
+def guide_text(section: str, guidance: Guidance | str) -> str:
+    """The guide as this server should describe itself (`tools.guidance`): its images, its examples.
+    A bare backend kind renders it for that backend without knowing the images."""
+    if isinstance(guidance, str):
+        guidance = Guidance(backend_kind=guidance)
+    return guidance.render(_raw(section))

@@ -1,6 +1,7 @@
-"""The fixture tools, resources and prompts the official MCP conformance suite calls (MCP-PROTOCOL.md §10.2).
+"""The fixture tools, resources and prompts the official MCP conformance suite calls (MCP-PROTOCOL.md §10.2):
+those of the handshake era here, those of 2026-07-28 in `stateless_fixtures`.
 
-`python -m protocol.conformance --mode stdio|http --http-listen 127.0.0.1 --http-port N` serves them;
+`python -m protocol.testing.conformance --mode stdio|http --http-listen 127.0.0.1 --http-port N` serves them;
 `contree-mcp --conformance` calls `main`.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import importlib.metadata
 import struct
 import zlib
 from typing import Any
@@ -19,6 +20,7 @@ from protocol.content import AudioContent, EmbeddedResource, ImageContent, Resou
 from protocol.errors import ToolError
 from protocol.messages import GetPromptResult, PromptMessage
 from protocol.registry import PromptArgument, Registry, RequestContext, ToolResult
+from protocol.testing import stateless_fixtures
 
 
 def _png_1x1_red() -> bytes:
@@ -79,9 +81,18 @@ def _text(text: str, *, is_error: bool = False) -> ToolResult:
     return ToolResult(content=[TextContent(text)], is_error=is_error)
 
 
-def build_registry() -> Registry:
+def installed_version() -> str:
+    """The contree-mcp version, for the fixtures' serverInfo (the protocol core takes it as given)."""
+    try:
+        return importlib.metadata.version("contree-mcp")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+source"
+
+
+def build_registry(version: str | None = None) -> Registry:
     r = Registry(
         "contree-mcp-conformance",
+        version or installed_version(),
         title="contree-mcp conformance fixtures",
         description="The official MCP conformance suite's fixtures on contree-mcp's protocol stack.",
         instructions="Conformance fixtures: tools, resources and prompts named test_*.",
@@ -343,6 +354,7 @@ def build_registry() -> Registry:
     async def complete_id(ctx: RequestContext, value: str, context_args: dict[str, str]) -> list[str]:
         return [v for v in ("1", "12", "123") if v.startswith(value)]
 
+    stateless_fixtures.register(r)
     return r
 
 
@@ -351,16 +363,17 @@ def _json(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protocol.conformance", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m protocol.testing.conformance", description=__doc__)
     parser.add_argument("--mode", choices=("stdio", "http"), default="stdio")
     parser.add_argument("--http-listen", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=3000)
     parser.add_argument("--page-size", type=int, default=100)
+    parser.add_argument("--server-version", default=None, help="serverInfo.version (default: installed)")
     args = parser.parse_args(argv)
 
     from protocol.server import Server
 
-    server = Server(build_registry(), page_size=args.page_size)
+    server = Server(build_registry(args.server_version), page_size=args.page_size)
     if args.mode == "stdio":
         from protocol.stdio import run_stdio
 
@@ -369,14 +382,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_http(server: Any, listen: str, port: int) -> int:
-    http: Any = importlib.import_module("protocol.http")  # the HTTP transport (Streamable HTTP + legacy SSE)
-    settings = http.HttpSettings(listen=listen, port=port)
-    if hasattr(http, "run_http"):
-        return int(http.run_http(server, settings))
-    from aiohttp import web
+    from protocol.http_app import run_http
+    from protocol.http_guard import HttpSettings
 
-    web.run_app(http.build_app(server, settings), host=listen, port=port, print=None)
-    return 0
+    return run_http(server, HttpSettings(listen=listen, port=port))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ Volatile values are normalised to placeholders on both sides; in a `send`, the p
 ("{workdir}") are substituted into sends and argv; their values become "{NAME}" again in server output.
 Fields named in meta "mask" get the value "<masked>" wherever they occur, including inside JSON text blocks.
 
-    python -m protocol.transcript record --out F.jsonl [--description TEXT] [--var NAME=VALUE ...]
+    python -m protocol.testing.transcript record --out F.jsonl [--description TEXT] [--var NAME=VALUE ...]
         [--mask FIELD ...] [--lockstep] -- <server argv>
-    python -m protocol.transcript replay F.jsonl [...]
+    python -m protocol.testing.transcript replay F.jsonl [...]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ VERSION = "<version>"
 UUID = "<uuid>"
 TIMESTAMP = "<timestamp>"
 SESSION_ID = "<session-id>"
+REQUEST_STATE = "<request-state>"
+SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
 MASKED = "<masked>"
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -79,6 +81,8 @@ class State:
 
     cursor: str | None = None
     server_id: Any = None
+    request_state: str | None = None  # the last input_required result's requestState (2026-07-28)
+    cursors: set[str] = field(default_factory=set)  # every nextCursor seen (an error may echo one)
     literals: dict[str, str] = field(default_factory=dict)  # e.g. {session_id: "<session-id>"}
     variables: dict[str, str] = field(default_factory=dict)  # e.g. {"workdir": "/tmp/x/work"}
     mask: frozenset[str] = frozenset()  # field names whose values are volatile
@@ -135,6 +139,9 @@ def observe(message: Any, state: State) -> None:
         result = m.get("result")
         if isinstance(result, dict) and isinstance(result.get("nextCursor"), str):
             state.cursor = result["nextCursor"]
+            state.cursors.add(state.cursor)
+        if isinstance(result, dict) and isinstance(result.get("requestState"), str):
+            state.request_state = result["requestState"]
         if "method" in m and "id" in m:
             state.server_id = m["id"]
 
@@ -178,13 +185,20 @@ def normalise(message: Any, state: State) -> Any:
     out = {k: _scrub(v, state) for k, v in message.items()}
     if "method" in out and "id" in out:  # a server→client request: the id is the server's choice
         out["id"] = SERVER_ID
+    error = out.get("error")
+    data = error.get("data") if isinstance(error, dict) else None
+    if isinstance(data, dict) and data.get("cursor") in state.cursors:
+        data["cursor"] = CURSOR  # a stale cursor echoed back: its bytes depend on the registry's history
     result = out.get("result")
     if isinstance(result, dict):
         if isinstance(result.get("nextCursor"), str):
             result["nextCursor"] = CURSOR
-        info = result.get("serverInfo")
-        if isinstance(info, dict) and "version" in info:
-            info["version"] = VERSION
+        if isinstance(result.get("requestState"), str):
+            result["requestState"] = REQUEST_STATE
+        meta = result.get("_meta")
+        for info in (result.get("serverInfo"), meta.get(SERVER_INFO_KEY) if isinstance(meta, dict) else None):
+            if isinstance(info, dict) and "version" in info:
+                info["version"] = VERSION
     return out
 
 
@@ -254,6 +268,8 @@ def substitute(message: Any, state: State) -> Any:
             message = message.replace(placeholder, real)
     if message == CURSOR and state.cursor is not None:
         return state.cursor
+    if message == REQUEST_STATE and state.request_state is not None:
+        return state.request_state
     if message == SERVER_ID and state.server_id is not None:
         return state.server_id
     return message
@@ -269,6 +285,10 @@ def desubstitute(message: Any, state: State) -> Any:
     params = out.get("params")
     if isinstance(params, dict) and state.cursor is not None and params.get("cursor") == state.cursor:
         out["params"] = {**params, "cursor": CURSOR}
+    params = out.get("params")
+    if isinstance(params, dict) and state.request_state is not None:
+        if params.get("requestState") == state.request_state:
+            out["params"] = {**params, "requestState": REQUEST_STATE}
     if "method" not in out and "id" in out and state.server_id is not None and out["id"] == state.server_id:
         out["id"] = SERVER_ID
     return out
@@ -307,7 +327,12 @@ async def replay(
     transcript: Transcript, transport: TranscriptTransport, *, state: State | None = None, wait: float = 10.0
 ) -> None:
     """Run the steps against `transport`; raises TranscriptMismatch at the first difference."""
-    state = state or State()
+    if state is None:
+        state = State(
+            mask=frozenset(transcript.mask),
+            numbered_uuids=transcript.numbered_uuids,
+            capture=frozenset(transcript.capture),
+        )
     for step in transcript.steps:
         where = f"{transcript.path}:{step.line}"
         if step.kind == "send":
@@ -518,6 +543,11 @@ async def record(
         except msgspec.DecodeError:
             lines.append({"send_raw": text.decode(errors="replace")})
         else:
+            if isinstance(message, dict) and list(message) == ["sleep"]:  # a scripted pause, kept as a step
+                await asyncio.sleep(float(message["sleep"]))
+                flush()
+                lines.append({"sleep": message["sleep"]})
+                continue
             lines.append({"send": desubstitute(message, state)})
             note_send(message, state)
             text = msgspec.json.encode(message)
@@ -542,7 +572,7 @@ def _request_id(message: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m protocol.transcript",
+        prog="python -m protocol.testing.transcript",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,0 +1,152 @@
+"""What the images of this backend contain, for guidance that tells the truth.
+
+On the embedded engine the guides, instructions, prompts and docs examples name images that exist here
+and say what each holds: a shell, a package manager, Python and pip. That is read from the images
+themselves (their directories and /etc/os-release, through the inspect API: no sandbox), never from a
+table of names. The Contree cloud's images are not listed here (its `common/` tags vary by account).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import msgspec
+
+from contree.backend import Backend, ImageQuery
+from contree.errors import BackendError
+from tools.convert import as_dict
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 20  # tagged images described at most (newest first)
+BIN_DIRS = ("/bin", "/usr/bin", "/sbin", "/usr/sbin", "/usr/local/bin")
+PACKAGE_MANAGERS = ("apt-get", "apk", "dnf", "microdnf", "yum", "zypper", "pacman")
+INSTALL = {
+    "apt-get": "apt-get update && apt-get install -y {}",
+    "apk": "apk add --no-cache {}",
+    "dnf": "dnf install -y {}",
+    "microdnf": "microdnf install -y {}",
+    "yum": "yum install -y {}",
+    "zypper": "zypper --non-interactive install {}",
+    "pacman": "pacman -Sy --noconfirm {}",
+}
+_PYTHON_DIR = re.compile(r"^python(3\.\d+)$")
+
+
+class ImageInfo(msgspec.Struct, kw_only=True):
+    tag: str
+    uuid: str
+    os: str = ""  # PRETTY_NAME of /etc/os-release
+    shell: str | None = None  # /bin/sh or /bin/bash
+    busybox: bool = False
+    package_manager: str | None = None
+    python: str | None = None  # "3.11" (from lib/python3.X), or "3" when only the binary was seen
+    pip: bool = False
+
+    def summary(self) -> str:
+        shell = f"shell {self.shell}" + (" (busybox)" if self.busybox else "") if self.shell else "no shell"
+        manager = f"package manager {self.package_manager}" if self.package_manager else "no package manager"
+        python = "no python"
+        if self.python:
+            python = f"python {self.python}" + (" with pip" if self.pip else ", no pip")
+        return ", ".join([self.os or "unknown system", shell, manager, python])
+
+    def install(self, packages: str) -> str | None:
+        """The command that installs `packages` with this image's package manager (None: it has none)."""
+        template = INSTALL.get(self.package_manager or "")
+        return template.format(packages) if template else None
+
+
+class Catalog(msgspec.Struct, kw_only=True):
+    images: list[ImageInfo] = msgspec.field(default_factory=list)
+
+    def with_shell(self) -> ImageInfo | None:
+        """The image to show shell examples on: the smallest-looking one with a shell (busybox first)."""
+        shells = [i for i in self.images if i.shell]
+        return min(shells, key=lambda i: (not i.busybox, i.package_manager is not None, i.tag), default=None)
+
+    def with_python(self) -> ImageInfo | None:
+        found = [i for i in self.images if i.python and i.shell]
+        return min(found, key=lambda i: (not i.pip, i.tag), default=None)
+
+    def with_package_manager(self) -> ImageInfo | None:
+        found = [i for i in self.images if i.package_manager and i.shell]
+        return min(found, key=lambda i: i.tag, default=None)
+
+    def table(self) -> str:
+        if not self.images:
+            return "(no tagged images yet: `contree-mcp images bootstrap` makes busybox and debian:bookworm)"
+        rows = ["| Image | System | Shell | Package manager | Python |", "|---|---|---|---|---|"]
+        for i in self.images:
+            python = f"{i.python}" + (" + pip" if i.pip else " (no pip)") if i.python else "—"
+            shell = (i.shell or "—") + (" (busybox)" if i.busybox else "")
+            rows.append(f"| `{i.tag}` | {i.os or '—'} | {shell} | {i.package_manager or '—'} | {python} |")
+        return "\n".join(rows)
+
+
+async def describe_images(backend: Backend, limit: int = MAX_IMAGES, *, shared_only: bool = False) -> Catalog:
+    """Inspect the backend's tagged images (newest first, at most `limit`). `shared_only` (a server whose
+    clients each see their own images) keeps to images no client's operation made (bootstrapped ones)."""
+    try:
+        images = await backend.list_images(ImageQuery(limit=limit, tagged=True))
+    except BackendError as exc:
+        log.warning("cannot list images for the guides: %s", exc)
+        return Catalog()
+    if shared_only:
+        images = [i for i in images if not as_dict(i).get("operation_uuid")]
+    found = await asyncio.gather(*(_describe(backend, as_dict(i)) for i in images))
+    return Catalog(images=sorted((i for i in found if i is not None), key=lambda i: i.tag))
+
+
+async def _describe(backend: Backend, image: dict[str, Any]) -> ImageInfo | None:
+    tag, uuid = image.get("tag"), image.get("uuid")
+    if not tag or not uuid:
+        return None
+    info = ImageInfo(tag=str(tag), uuid=str(uuid))
+    names: set[str] = set()
+    for directory in BIN_DIRS:
+        names |= {f"{directory}/{n}" for n in await _names(backend, uuid, directory)}
+    info.shell = next((s for s in ("/bin/sh", "/bin/bash", "/usr/bin/bash") if s in names), None)
+    info.busybox = "/bin/busybox" in names
+    info.package_manager = next(
+        (pm for pm in PACKAGE_MANAGERS if any(f"{d}/{pm}" in names for d in BIN_DIRS)), None
+    )
+    if any(f"{d}/python3" in names for d in BIN_DIRS):
+        versions = {
+            m.group(1)
+            for lib in ("/usr/lib", "/usr/local/lib")
+            for n in await _names(backend, uuid, lib)
+            if (m := _PYTHON_DIR.match(n))
+        }
+        info.python = max(versions, key=lambda v: tuple(int(x) for x in v.split("."))) if versions else "3"
+        info.pip = any(f"{d}/pip3" in names or f"{d}/pip" in names for d in BIN_DIRS)
+    info.os = await _os_name(backend, uuid) or ("BusyBox" if info.busybox else "")
+    return info
+
+
+async def _names(backend: Backend, uuid: str, directory: str) -> set[str]:
+    try:
+        listing = as_dict(await backend.list_directory(uuid, directory))
+    except BackendError:
+        return set()
+    return {str(f.get("path", "")).rstrip("/").rsplit("/", 1)[-1] for f in listing.get("files") or []}
+
+
+async def _os_name(backend: Backend, uuid: str) -> str:
+    data = bytearray()
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        try:
+            async for chunk in backend.download(uuid, path):
+                data += chunk
+                if len(data) > 16384:
+                    break
+        except BackendError:
+            continue
+        break
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return ""
