@@ -79,7 +79,7 @@ async def test_echo_and_a_snapshot_read_back(rootless_user: RootlessUser, busybo
         echo = await run(s, "echo hi; id -u")
         assert echo["exit_code"] == 0 and echo["stdout"] == "hi\n0\n"
         made = await run(s, "echo kept > /state.txt && chown 1000:1000 /state.txt", disposable=False)
-        image = made["result_image"]
+        image = made["result_image_uuid"]
         assert made["exit_code"] == 0 and image and image != busybox
         read = result(await s.call_tool("read_file", {"image": image, "path": "/state.txt"}))
         assert "kept" in str(read)
@@ -213,7 +213,7 @@ async def test_rm_rf_root_leaves_the_image_intact(rootless_user: RootlessUser, b
         assert wiped["stdout"].endswith("done\n") and "No such file" in wiped["stdout"]
         intact = await run(s, "ls /bin/busybox && echo fine")
         assert intact["stdout"] == "/bin/busybox\nfine\n"
-        listed = str(result(await s.call_tool("list_files", {"image": wiped["result_image"], "path": "/"})))
+        listed = str(result(await s.call_tool("list_files", {"image": wiped["result_image_uuid"], "path": "/"})))
         for gone in ("'bin'", "'usr'", "'root'"):
             assert gone not in listed, listed  # only the child image lost them (mount points stay)
 
@@ -234,7 +234,7 @@ async def test_a_fork_bomb_is_contained(rootless_user: RootlessUser, busybox: st
 async def test_two_sessions_share_the_users_engine(rootless_user: RootlessUser, busybox: str) -> None:
     async with session(rootless_user) as a, session(rootless_user) as b:
         made = await run(a, "echo shared > /shared.txt", disposable=False)
-        read = await run(b, "cat /shared.txt", image=made["result_image"])
+        read = await run(b, "cat /shared.txt", image=made["result_image_uuid"])
         assert read["stdout"] == "shared\n"
         status = probe(rootless_user.engine_home)
         assert status is not None and len(status.clients) >= 2
