@@ -110,8 +110,13 @@ class RootlessUser:
         raise AssertionError(f"useradd gave {self.name} no range in /etc/{file}")
 
     def owns(self, uid: int) -> bool:
-        start, count = self.subordinate("subuid")
-        return uid == self.uid or start <= uid < start + count
+        if uid == self.uid:
+            return True
+        try:
+            start, count = self.subordinate("subuid")
+        except AssertionError:  # made without subordinate ids
+            return False
+        return start <= uid < start + count
 
     def kill_all(self, patience: float = 30.0) -> None:
         """SIGKILL every process running as the user or one of its subordinate ids, each through a
@@ -166,7 +171,8 @@ def build_wheelhouse(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_rootless_user() -> Iterator[RootlessUser]:
+def throwaway_rootless_user(*, subordinate_ids: bool = True) -> Iterator[RootlessUser]:
+    """`subordinate_ids=False`: a user `useradd` gave no subordinate range (the single-id fallback)."""
     require_rootless_prerequisites()
     shared = Path(tempfile.mkdtemp(prefix="contree-wheels-", dir="/var/tmp"))
     shared.chmod(0o755)
@@ -178,7 +184,8 @@ def throwaway_rootless_user() -> Iterator[RootlessUser]:
         build_wheelhouse(wheels)
         for path in wheels.iterdir():
             path.chmod(0o644)
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True,
+        counts = [] if subordinate_ids else ["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"]
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", *counts, name], check=True,
                        capture_output=True)
         created = True
         pw = pwd.getpwnam(name)

@@ -570,6 +570,8 @@ class SandboxRuntime:
         sid = spec.sandbox_id
         if sid in self._active or sid in self._staged:
             raise ValueError(f"sandbox {sid} is already running")
+        if isinstance(self.network, RootlessNetwork):
+            self.network.check_ids(spec.uid, spec.gid)
         bundle = self.bundles / sid
         bundle.mkdir(parents=True, exist_ok=False)
         self._staged.add(sid)

@@ -23,7 +23,7 @@ from mcp.client.stdio import stdio_client
 from contree.engine.bootstrap import BUSYBOX_TAG
 from contree.service.control import probe
 from tests.engine.test_network import OutsideHost
-from tests.rootless_env import RootlessUser
+from tests.rootless_env import RootlessUser, throwaway_rootless_user
 from tests.tools.test_sdk_tools import result
 
 pytestmark = pytest.mark.engine
@@ -213,7 +213,8 @@ async def test_rm_rf_root_leaves_the_image_intact(rootless_user: RootlessUser, b
         assert wiped["stdout"].endswith("done\n") and "No such file" in wiped["stdout"]
         intact = await run(s, "ls /bin/busybox && echo fine")
         assert intact["stdout"] == "/bin/busybox\nfine\n"
-        listed = str(result(await s.call_tool("list_files", {"image": wiped["result_image_uuid"], "path": "/"})))
+        child = wiped["result_image_uuid"]
+        listed = str(result(await s.call_tool("list_files", {"image": child, "path": "/"})))
         for gone in ("'bin'", "'usr'", "'root'"):
             assert gone not in listed, listed  # only the child image lost them (mount points stay)
 
@@ -268,3 +269,31 @@ async def test_bootstrap_debian_as_the_user(rootless_user: RootlessUser) -> None
     start, _ = rootless_user.subordinate("subgid")
     shadow = list((rootless_user.engine_home / "layers").glob("*/etc/shadow"))
     assert shadow and {p.stat().st_gid for p in shadow} == {start + 41}  # shifted on disk
+
+
+async def test_networking_off_gives_only_lo_and_mountinfo_names_no_host_path(rootless_user: RootlessUser,
+                                                                             busybox: str) -> None:
+    async with session(rootless_user) as s:
+        off = await run(s, "ls /sys/class/net; cat /proc/net/dev | tail -n +3 | cut -d: -f1",
+                        networking=False)
+        mounts = await run(s, "cat /proc/self/mountinfo")
+    assert off["stdout"].split() == ["lo", "lo"], off
+    assert " / / " in mounts["stdout"] and "/etc/hosts" in mounts["stdout"]
+    for host_path in (str(rootless_user.home), rootless_user.name, "/run/contree-engine", "/var/tmp"):
+        shown = [line for line in mounts["stdout"].splitlines() if host_path in line]
+        assert not shown, f"{host_path} is visible inside the sandbox: {shown}"
+
+
+async def test_without_subordinate_ids_the_engine_maps_only_the_user_and_says_so() -> None:
+    with throwaway_rootless_user(subordinate_ids=False) as user:
+        check = user.cli("engine", "check", check=False)
+        assert check.returncode == 1 and f"FAIL  /etc/subuid: no range for {user.name}" in check.stdout
+        assert "usermod --add-subuids" in check.stdout and f" {user.name}" in check.stdout
+        user.cli("images", "bootstrap", "--only", "busybox")
+        async with session(user) as s:
+            r = await run(s, "id -u; cat /proc/self/uid_map; chown 1000 /tmp 2>&1 || echo refused")
+            other = await s.call_tool("run", {"command": "true", "image": "busybox:latest", "uid": 1000})
+        assert r["stdout"].split()[:4] == ["0", "0", "0", "1"] and r["stdout"].endswith("refused\n"), (
+            r["status"], r["error"], r["stderr"])
+        text = other.content[0].text
+        assert "maps container ids 0..0 only" in text and "no subordinate ids" in text, text

@@ -175,6 +175,13 @@ class RootlessNetwork:
 
     # ---- per sandbox ----
 
+    def check_ids(self, uid: int, gid: int) -> None:
+        """A process can only run as an id the engine maps (all of 0..65535 with subordinate ids)."""
+        if max(uid, gid) >= self.plan.size:
+            why = f" ({self.plan.single_reason})" if self.plan.single_reason else ""
+            raise ValueError(f"this rootless engine maps container ids 0..{self.plan.size - 1} only{why}: "
+                             f"uid {uid} / gid {gid} cannot run")
+
     async def setup(self, enabled: bool) -> SandboxNetwork:
         return await self.setup_for(enabled, 1024)
 

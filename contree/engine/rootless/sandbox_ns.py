@@ -124,8 +124,10 @@ async def create(directory: Path, plan: IdPlan, owners: OwnerPool, *, pids: int,
             # The network namespace: made inside it by the engine's root (root there too, so it keeps its
             # capabilities across exec, which the owner, an ordinary id there, would not).
             netns = directory / f"{name}.net"
-            argv = [_tool("nsenter"), f"--user={done.userns}", "--", _tool("unshare"), "--net", "--",
-                    "/bin/sh", "-c", _NET_SETUP, _tool("iptables-restore"), filter_rules, _tool("ip")]
+            # --preserve-credentials: no setgroups, which a single-id engine's namespaces refuse.
+            argv = [_tool("nsenter"), f"--user={done.userns}", "--preserve-credentials", "--",
+                    _tool("unshare"), "--net", "--", "/bin/sh", "-c", _NET_SETUP, _tool("iptables-restore"),
+                    filter_rules, _tool("ip")]
             async with _helper(argv) as helper:
                 await helper.expect(b"net\n", "cannot set up the sandbox's network namespace and its egress "
                                     "filter")
@@ -154,7 +156,7 @@ class _Helper:
 async def _helper(argv: list[str], *, user: int | None = None) -> AsyncIterator[_Helper]:
     """A process that makes namespaces and waits (reading stdin) while we bind them; ended on exit."""
     pipe = asyncio.subprocess.PIPE
-    if user is None:
+    if user is None or user == os.geteuid():  # (a single-id engine may not even call setgroups)
         proc = await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, stderr=pipe)
     else:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, stderr=pipe, user=user,
