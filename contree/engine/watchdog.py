@@ -194,7 +194,7 @@ class _Watch:
         from contree.engine.rootless.limits import RuntimeStateKiller
 
         cgroups: CgroupManager | RuntimeStateKiller
-        if rootless.active():  # no cgroup: the sandbox's init, found in the runtime's state
+        if rootless.active() and not self.cgroup_parent:  # no cgroup: the init, from the runtime's state
             cgroups = RuntimeStateKiller(Path(self.runtime_root))
         else:
             cgroups = CgroupManager(hostcheck.detect(), self.cgroup_parent)

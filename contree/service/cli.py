@@ -113,6 +113,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         help="members of GROUP may connect (socket mode 0660): the right to run sandboxes on this engine, "
         "not host root; its members share its images and operations",
     )
+    parser.add_argument(
+        "--cgroup-scope",
+        action="store_true",
+        help="rootless engine: this process's cgroup (v2) was delegated to it alone, e.g. "
+        "`systemd-run --user --scope -p Delegate=yes contree-mcp engine serve --cgroup-scope`: sandboxes "
+        "get memory, CPU and pids limits there",
+    )
     parser.add_argument("--start-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     # version-skew tests: pretend to be another release / control API level
     parser.add_argument("--report-version", default=None, help=argparse.SUPPRESS)
@@ -162,7 +169,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         from contree.engine.rootless.namespaces import NamespaceError, enter
 
         try:
-            plan = enter(home, close_in_supervisors=[pipe.fd] if args.detach else [])
+            plan = enter(home, close_in_supervisors=[pipe.fd] if args.detach else [],
+                         cgroup_scope=args.cgroup_scope)
         except (NamespaceError, OSError) as exc:
             report("error", f"cannot start the rootless engine: {exc}")
             return 1

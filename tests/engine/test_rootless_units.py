@@ -14,7 +14,7 @@ import pytest
 
 from contree import layerformat
 from contree.engine import hostcheck, oci_config
-from contree.engine.rootless import check, ids, limits, network, sandbox_ns
+from contree.engine.rootless import check, delegation, ids, limits, network, sandbox_ns
 
 FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5
@@ -182,3 +182,68 @@ def test_the_readiness_probes_run_in_a_child_and_report_failures() -> None:
     started = time.monotonic()
     assert check._in_child(lambda: os._exit(3)) == (False, "the probe died")  # type: ignore[func-returns-value]
     assert time.monotonic() - started < 30
+
+
+def _fake_scope(tmp_path: Path, controllers: str = "cpuset cpu io memory pids") -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    scope = root / "user.slice" / "user-1000.slice" / "user@1000.service" / "run-r1.scope"
+    scope.mkdir(parents=True)
+    for name, text in (("cgroup.controllers", controllers), ("cgroup.subtree_control", ""),
+                       ("cgroup.procs", "4242\n4243\n")):
+        (scope / name).write_text(text)
+    proc = tmp_path / "proc-self"
+    proc.mkdir()
+    (proc / "cgroup").write_text("0::/user.slice/user-1000.slice/user@1000.service/run-r1.scope\n")
+    return root, proc
+
+
+def test_a_delegated_scope_is_split_so_sandboxes_get_controllers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root, proc = _fake_scope(tmp_path)
+    monkeypatch.setattr(delegation, "cgroup_mode", lambda r: (hostcheck.CgroupMode.V2, r))
+    found = delegation.find(root, proc)
+    assert found.controllers == ("memory", "pids", "cpu")
+    assert found.sandboxes == "/user.slice/user-1000.slice/user@1000.service/run-r1.scope/sandboxes"
+    writes: list[tuple[str, str]] = []
+    monkeypatch.setattr(delegation, "_write", lambda p, v: writes.append((str(p.relative_to(found.path)), v)))
+    delegation.take_over(found)
+    assert writes == [("supervisor/cgroup.procs", "4242"), ("supervisor/cgroup.procs", "4243")]
+    writes.clear()
+    delegation.settle(found)
+    # Every process out of the scope itself before its controllers are enabled for its children.
+    assert writes == [("engine/cgroup.procs", "1"), ("engine/cgroup.procs", "0"),
+                      ("cgroup.subtree_control", "+memory +pids +cpu"),
+                      ("sandboxes/cgroup.subtree_control", "+memory +pids +cpu")]
+
+
+def test_a_cgroup_that_is_not_ours_or_has_no_controllers_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root, proc = _fake_scope(tmp_path, controllers="cpuset io")
+    monkeypatch.setattr(delegation, "cgroup_mode", lambda r: (hostcheck.CgroupMode.V2, r))
+    with pytest.raises(delegation.DelegationError, match="has none of memory, pids, cpu"):
+        delegation.find(root, proc)
+    monkeypatch.setattr(delegation, "cgroup_mode", lambda r: (hostcheck.CgroupMode.HYBRID, r))
+    with pytest.raises(delegation.DelegationError, match="not a pure v2 hierarchy"):
+        delegation.find(root, proc)
+    monkeypatch.setattr(delegation, "cgroup_mode", lambda r: (hostcheck.CgroupMode.V2, r))
+    monkeypatch.setattr(delegation.os, "access", lambda p, mode: False)
+    with pytest.raises(delegation.DelegationError, match="not delegated to this user"):
+        delegation.find(root, proc)
+
+
+def test_controllers_already_enabled_above_are_not_written_again(tmp_path: Path) -> None:
+    """A rootless engine may write only below its delegated cgroup: the chain above already has them."""
+    from contree.engine.cgroups import CgroupManager
+
+    root = tmp_path / "cgroup"
+    parent = root / "a" / "b"
+    parent.mkdir(parents=True)
+    for node in (root, root / "a", parent):
+        (node / "cgroup.controllers").write_text("memory pids cpu")
+        (node / "cgroup.subtree_control").write_text("memory pids cpu" if node != parent else "")
+    info = hostcheck.detect()
+    info.cgroup_mode, info.unified_root = hostcheck.CgroupMode.V2, root
+    CgroupManager(info, "/a/b")._enable_v2_controllers(parent / "x")
+    for node in (root, root / "a"):  # untouched (a user's write there would fail)
+        assert (node / "cgroup.subtree_control").read_text() == "memory pids cpu"
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"

@@ -303,8 +303,9 @@ def check_cgroups() -> Finding:
     if info.cgroup_mode is not hostcheck.CgroupMode.V2:
         return Finding(WARN, "cgroup delegation", f"cgroups {info.cgroup_mode.value}, none delegated: "
                        "sandboxes get a per-sandbox process limit; memory and CPU limits are not enforced",
-                       "a cgroup v2 host with systemd delegates to users (systemd-run --user --scope "
-                       "-p Delegate=yes); or use the system engine service (README)")
+                       "a cgroup v2 host with systemd delegates to users: systemd-run --user --scope "
+                       "-p Delegate=yes contree-mcp engine serve --cgroup-scope; or use the system engine "
+                       "service (README)")
     own = _own_cgroup()
     path = hostcheck.CGROUP_ROOT / own.lstrip("/")
     writable = os.access(path, os.W_OK) and os.access(path / "cgroup.subtree_control", os.W_OK)
@@ -312,9 +313,10 @@ def check_cgroups() -> Finding:
     if not writable:
         return Finding(WARN, "cgroup delegation", f"this session's cgroup {own} is not delegated to you: "
                        "per-sandbox process limits only; memory and CPU limits are not enforced",
-                       "start the engine under systemd delegation (systemd-run --user --scope "
-                       "-p Delegate=yes contree-mcp engine serve), or use the system engine service (README)")
-    return Finding(OK, "cgroup delegation", f"{own} is yours (controllers: {' '.join(controllers) or '-'})")
+                       "start the engine in a scope of its own: systemd-run --user --scope -p Delegate=yes "
+                       "contree-mcp engine serve --cgroup-scope; or use the system engine service (README)")
+    return Finding(OK, "cgroup delegation", f"{own} is yours (controllers: {' '.join(controllers) or '-'}); "
+                   "a service started in a scope of its own with --cgroup-scope gives sandboxes limits there")
 
 
 def _own_cgroup() -> str:

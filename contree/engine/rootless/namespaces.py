@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from contree.engine import rootless
-from contree.engine.rootless import ids
+from contree.engine.rootless import delegation, ids
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
@@ -45,10 +45,16 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 
 _plan: ids.IdPlan | None = None  # the engine's maps, once entered
 _verified_home: str | None = None  # checked (home.prepare_home) before entering, with the host's ids
+_delegation: delegation.Delegation | None = None  # the cgroup the engine took over (--cgroup-scope)
 
 
 class NamespaceError(RuntimeError):
     """The engine's namespaces could not be set up; the message names the fix."""
+
+
+def delegated() -> delegation.Delegation | None:
+    """The cgroup delegated to this engine, when it took one over (`enter(cgroup_scope=True)`)."""
+    return _delegation
 
 
 def plan() -> ids.IdPlan | None:
@@ -73,10 +79,12 @@ def _unshare(flags: int, what: str) -> None:
         raise NamespaceError(f"cannot create the engine's {what}: {os.strerror(err)}{hint}")
 
 
-def enter(home: Path, *, close_in_supervisors: Iterable[int] = ()) -> ids.IdPlan:
+def enter(home: Path, *, close_in_supervisors: Iterable[int] = (), cgroup_scope: bool = False) -> ids.IdPlan:
     """Become the rootless engine process (see the module doc); returns its id plan. `close_in_
-    supervisors`: descriptors only the engine may keep (a readiness pipe whose reader waits for EOF)."""
-    global _plan, _verified_home
+    supervisors`: descriptors only the engine may keep (a readiness pipe whose reader waits for EOF).
+    `cgroup_scope`: this process's cgroup was delegated to it alone; sandboxes get limits there
+    (`delegation.py`)."""
+    global _plan, _verified_home, _delegation
     if rootless.active():
         return _plan or ids.plan_for()  # already inside (a re-entry from the same process tree)
     if os.geteuid() == 0:
@@ -87,6 +95,13 @@ def enter(home: Path, *, close_in_supervisors: Iterable[int] = ()) -> ids.IdPlan
 
     prepare_home(home)
     _verified_home = os.path.realpath(home)
+    scope = None
+    if cgroup_scope:
+        try:
+            scope = delegation.find()
+            delegation.take_over(scope)
+        except (delegation.DelegationError, OSError) as exc:
+            raise NamespaceError(f"--cgroup-scope: {exc}") from None
     the_plan = ids.plan_for()
     _enter_userns(the_plan)
     _unshare(_CLONE_NEWNS | _CLONE_NEWPID, "mount and pid namespaces")
@@ -103,6 +118,12 @@ def enter(home: Path, *, close_in_supervisors: Iterable[int] = ()) -> ids.IdPlan
         _supervise(engine, keep_closed, reap_all=True)  # init; never returns
     _plan = the_plan
     rootless._host_pid = _own_host_pid()
+    if scope is not None:
+        try:
+            delegation.settle(scope)
+        except OSError as exc:
+            raise NamespaceError(f"--cgroup-scope: cannot split {scope.rel}: {exc}") from None
+        _delegation = scope
     if _libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
         err = ctypes.get_errno()
         raise NamespaceError(f"cannot mount /proc for the engine's pid namespace: {os.strerror(err)} "

@@ -13,6 +13,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from contree.engine import seccomp
+from contree.engine.cgroups import CgroupLimits, CgroupManager
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.overlay import mount_tmpfs
 from contree.engine.rootless import ids, namespaces
@@ -44,7 +45,13 @@ async def create_rootless(cls: type[SandboxRuntime], config: RuntimeConfig, info
 
         unmount(run_dir)
         raise
-    rt = cls(config, info, runtime, binary, RuntimeStateKiller(root_dir), network, engine_id)
+    scope = namespaces.delegated()
+    cgroups: CgroupManager | RuntimeStateKiller = RuntimeStateKiller(root_dir)
+    if scope is not None:  # limits in the cgroup delegated to us, as the root engine has them
+        cgroups = CgroupManager(info, scope.sandboxes)
+        cgroups.setup_parent(CgroupLimits(memory_bytes=config.budget_memory_bytes, pids=config.budget_pids,
+                                          cpu_quota=config.budget_cpus))
+    rt = cls(config, info, runtime, binary, cgroups, network, engine_id)
     rt.rootless = True
     rt.run_dir = run_dir
     rt.root_dir = root_dir
@@ -61,7 +68,8 @@ async def create_rootless(cls: type[SandboxRuntime], config: RuntimeConfig, info
             rt._seccomp_b64 = seccomp.compiled_bpf_b64()
         except seccomp.SeccompUnavailable as exc:
             log.warning("seccomp precompile unavailable, crun compiles the profile per start: %s", exc)
-    log.info("rootless sandbox runtime %s (%s): ids %s; network %s%s; limits: processes per sandbox "
-             "(no cgroup delegated)", runtime, binary, plan.describe(), network.mode,
-             f" ({network.error})" if network.error else "")
+    limits = (f"cgroup {scope.sandboxes} ({', '.join(scope.controllers)})" if scope is not None
+              else "processes per sandbox (no cgroup delegated)")
+    log.info("rootless sandbox runtime %s (%s): ids %s; network %s%s; limits: %s", runtime, binary,
+             plan.describe(), network.mode, f" ({network.error})" if network.error else "", limits)
     return rt
