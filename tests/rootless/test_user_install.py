@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from contree.engine.bootstrap import BUSYBOX_TAG
-from contree.service.control import probe
+from contree.service.control import ControlConnection, probe
 from tests.engine.test_network import OutsideHost
 from tests.rootless_env import RootlessUser, throwaway_rootless_user
 from tests.tools.test_sdk_tools import result
@@ -297,3 +298,54 @@ async def test_without_subordinate_ids_the_engine_maps_only_the_user_and_says_so
             r["status"], r["error"], r["stderr"])
         text = other.content[0].text
         assert "maps container ids 0..0 only" in text and "no subordinate ids" in text, text
+
+
+async def test_a_killed_engine_takes_every_sandbox_and_helper_with_it(rootless_user: RootlessUser,
+                                                                      busybox: str) -> None:
+    """SIGKILL of the service: its pid namespace ends, so its sandboxes and helpers end with it; the
+    next session gets a new engine that recovers the store."""
+    async with session(rootless_user) as s:
+        detached = await run(s, "sleep 300", wait=False, timeout=600)
+        status = probe(rootless_user.engine_home)
+        assert status is not None
+        for _ in range(100):
+            got = result(await s.call_tool("get_operation", {"operation_id": detached["operation_id"]}))
+            if got["status"] == "EXECUTING":
+                break
+            await asyncio.sleep(0.1)
+        sandboxed = [pid for pid in _pids() if _cmdline(pid) == "sleep 300" and rootless_user.owns(_uid(pid))]
+        assert sandboxed, "the sandbox's sleep runs as the user (container root)"
+        with ControlConnection(rootless_user.engine_home, pin=True) as conn:
+            signal.pidfd_send_signal(conn.pidfd, signal.SIGKILL)
+            assert conn.wait_exit(30)
+    for _ in range(100):
+        left = [pid for pid in _pids() if rootless_user.owns(_uid(pid)) and "sleep 300" in _cmdline(pid)]
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    assert not left, "a sandbox outlived its engine"
+    async with session(rootless_user) as s:
+        again = await run(s, "echo back")
+        assert again["stdout"] == "back\n"
+        old = result(await s.call_tool("get_operation", {"operation_id": detached["operation_id"]}))
+        assert old["status"] == "FAILED", old  # interrupted, and said so
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _uid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return int(next(line for line in fh if line.startswith("Uid:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return -1
