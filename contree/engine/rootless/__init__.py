@@ -7,9 +7,11 @@ work as in root mode, with these differences:
 
   ids.py          the user's subordinate ids and the namespace's id maps (single-id fallback)
   namespaces.py   entering the engine's user, mount and pid namespaces (everything dies with the engine)
+  delegation.py   a cgroup delegated to the engine (--cgroup-scope): limits as in root mode
   sandbox_ns.py   each sandbox's own user namespace (its process limit) and network namespace
-  network.py      pasta (else slirp4netns) behind an egress filter inside the sandbox's network namespace
+  network.py      slirp4netns or pasta behind an egress filter inside the sandbox's network namespace
   limits.py       what stands in for cgroups when none is delegated: per-sandbox process limits, kill
+  runtime.py      `SandboxRuntime.create` for a rootless engine
   check.py        `contree-mcp engine check`: rootless readiness, each missing piece with its fix
 
 `active()` says whether this process is such an engine (or a tool run inside its namespace).

@@ -46,7 +46,9 @@ from contree.engine.network import (
     NetworkInfo,
     NetworkManager,
     SandboxNetwork,
-    netns_counters,
+    end_helper,
+    namespace_counters,
+    slirp4netns_ready,
 )
 from contree.engine.rootless import sandbox_ns
 from contree.engine.rootless.ids import IdPlan
@@ -118,12 +120,7 @@ class _Stack:
             self.exit_w = -1
         if self.proc is not None:
             proc, self.proc = self.proc, None
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await end_helper(proc)
 
 
 class _Prepared:
@@ -145,7 +142,6 @@ class RootlessNetwork:
         self.error = error  # why there is no networking (mode "none")
         self.binary = binary
         self.owners = sandbox_ns.OwnerPool(plan.size)
-        self.userns_map: tuple[int, int, int] | None = None  # root mode's; unused here
         self._spares: dict[tuple[bool, int], list[SandboxNetwork]] = {}
         self._recent: list[tuple[bool, int]] = []
         self._making = 0
@@ -248,13 +244,7 @@ class RootlessNetwork:
             os.close(ready_w)
             os.close(exit_r)
             ready_w = exit_r = -1
-            got = await asyncio.wait_for(asyncio.to_thread(os.read, ready_r, 1), 10)
-            if got != b"1":
-                err = b""
-                if stack.proc.stderr is not None:
-                    with contextlib.suppress(TimeoutError):
-                        err = await asyncio.wait_for(stack.proc.stderr.read(), 2)
-                raise RootlessNetworkError(f"slirp4netns failed: {_stderr_text(err)}")
+            await slirp4netns_ready(ready_r, stack.proc)
             return stack
         except BaseException:
             await stack.stop()
@@ -265,12 +255,7 @@ class RootlessNetwork:
                     os.close(fd)
 
     def counters(self, net: SandboxNetwork) -> list[InterfaceCounters]:
-        if net.netns_path and os.path.exists(net.netns_path):
-            try:
-                return netns_counters(net.netns_path)
-            except OSError as exc:
-                log.debug("counters of %s: %s", net.netns_path, exc)
-        return []
+        return namespace_counters(net) or []
 
     async def teardown(self, net: SandboxNetwork) -> None:
         """Idempotent. Deleting the namespace file also ends pasta."""

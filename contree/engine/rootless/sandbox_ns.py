@@ -27,6 +27,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from contree.engine.network import end_helper
 from contree.engine.overlay import bind_mount
 from contree.engine.rootless.ids import IdPlan, map_text, sandbox_extents
 
@@ -164,14 +165,7 @@ async def _helper(argv: list[str], *, user: int | None = None) -> AsyncIterator[
     try:
         yield _Helper(proc)
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await end_helper(proc)
 
 
 def _bind(pid: int, kind: str, target: Path) -> None:
