@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from contree import api
 
 if TYPE_CHECKING:
+    from contree.engine.limits import SandboxLimits
     from contree.engine.local import LocalEngine
     from contree.engine.sandbox import SandboxRuntime
 
@@ -179,7 +180,8 @@ async def _engine_run(
 
 
 @contextlib.contextmanager
-def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Iterator[Callable[[], float]]:
+def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
+                      limits: SandboxLimits | None = None) -> Iterator[Callable[[], float]]:
     """`crun run` of the config the engine generates for `sh -c 'echo hi'`, networking off: same
     namespaces (user namespace mappings when the engine uses them, over idmapped lowers and a shifted
     upper, bound like the runtime does), seccomp, caps, rlimits, /etc binds and a limits cgroup with the
@@ -187,6 +189,7 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
     crun creates and removes its own leaf per run. Yields a timer of one run."""
     from contree.engine import oci_config, spawn
     from contree.engine.cgroups import CgroupLimits
+    from contree.engine.limits import SandboxLimits
     from contree.engine.network import NetworkInfo, SandboxNetwork
     from contree.engine.overlay import bind_mount, mount_overlay, unmount
     from contree.engine.sandbox import SandboxSpec
@@ -200,9 +203,10 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
     idmap = rt.idmap
     plan = spawn.plan_process(command="echo hi", args=[], shell=True, env=None, cwd="/", uid=0, gid=0,
                               image_env={}, image_cwd="/")
+    lim = limits or SandboxLimits(pids=256)
     spec = SandboxSpec(sandbox_id="bare", rootfs=merged, argv=plan.argv,
                        env=[f"{k}={v}" for k, v in plan.env.items()], cwd=plan.cwd, networking=False,
-                       stdin=False)
+                       stdin=False, memory_bytes=lim.memory_bytes, cpu_quota=lim.cpus, pids_limit=lim.pids)
     if idmap is None:
         mount_overlay(layers, upper, wk, merged)
     else:
@@ -238,7 +242,8 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime) -> Ite
               f"{','.join(n['type'] for n in linux['namespaces'])}; user ns {userns}; seccomp {sec}; "
               f"{len(config['process']['capabilities']['bounding'])} caps; "
               f"{len(config['process']['rlimits'])} rlimits; {len(config['mounts'])} mounts; cgroup "
-              f"{rt.cgroups.runtime_path('bare')} (pids {spec.pids_limit}); no network setup")
+              f"{rt.cgroups.runtime_path('bare')} (memory {spec.memory_bytes}, cpus {spec.cpu_quota}, pids "
+              f"{spec.pids_limit}); no network setup")
 
         def run() -> float:
             t = time.perf_counter()
@@ -262,7 +267,8 @@ async def _echo_hi_engine_vs_crun(work: Path) -> None:
     try:
         assert engine.store is not None
         layers = engine.store.layer_paths(engine.store.get(image))
-        with _bare_crun_bundle(work, layers, engine.runtime) as bare:
+        policy = engine.sandbox_limits
+        with _bare_crun_bundle(work, layers, engine.runtime, policy.default if policy else None) as bare:
             samples = await _echo_hi_samples(engine, image, bare)
         base = _median_ms(samples["bare"])
         print(_row("bare crun run, same hardened bundle", samples["bare"]))
@@ -366,6 +372,141 @@ async def _commit_vs_disposable(work: Path) -> None:
             print(f"  => commit costs {extra:+.2f} ms per run, {load} (target <= 5 ms): {verdict}")
     finally:
         await engine.close()
+
+
+@contextlib.contextmanager
+def _limits_off(engine: LocalEngine) -> Iterator[None]:
+    """The engine as it ran before issue 17's limits: no memory/CPU cgroup limits (pids 256) and the
+    upper on the store's own filesystem (no layer filesystem; commit = rename)."""
+    from contree.engine import upperfs
+    from contree.engine.limits import LimitPolicy, SandboxLimits
+
+    saved_policy, saved = engine.sandbox_limits, (upperfs.mount, upperfs.seal, upperfs.usage)
+    old = SandboxLimits(pids=256)
+    engine.sandbox_limits = LimitPolicy(default=old, maximum=old, total=old)
+
+    def mkdirs(path: Path, budget: object) -> None:
+        for sub in ("upper", "work", "rootfs"):
+            (path / sub).mkdir(exist_ok=True)
+
+    def no_usage(path: Path, budget: object) -> upperfs.LayerUsage:
+        raise OSError("no layer filesystem")
+
+    upperfs.mount, upperfs.seal, upperfs.usage = mkdirs, lambda path, budget: None, no_usage  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        engine.sandbox_limits = saved_policy
+        upperfs.mount, upperfs.seal, upperfs.usage = saved  # type: ignore[assignment]
+
+
+async def _limits_cost(work: Path) -> None:
+    engine, image = await _local_engine(work, 4)
+    try:
+        off = api.InstanceNetworking(enabled=False)
+        policy = engine.sandbox_limits
+        assert policy is not None
+        d = policy.default
+        print(f"  default limits: memory {d.memory_bytes}, cpus {d.cpus}, pids {d.pids}; each run's layer "
+              "on a tmpfs (size=, nr_inodes=)")
+        cases = (("echo hi, disposable", "echo hi", True),
+                 ("one-file change, disposable=false (commit)", "echo x > /f", False),
+                 ("untar 1,600 files / 16 MB, disposable", "mkdir /x && tar xf /t.tar -C /x", True),
+                 ("untar 1,600 files / 16 MB, disposable=false (commit)", "mkdir /x && tar xf /t.tar -C /x",
+                  False))
+        image = _with_tarball(engine, image, work)
+        for label, command, disposable in cases:
+            samples: dict[str, list[float]] = {"off": [], "on": []}
+            for i in range(WARMUPS + 2 * RUNS):
+                for kind in (("off", "on") if i % 2 else ("on", "off")):
+                    if kind == "off":
+                        with _limits_off(engine):
+                            took, op = await _engine_run(engine, image, command, networking=off,
+                                                         disposable=disposable)
+                    else:
+                        took, op = await _engine_run(engine, image, command, networking=off,
+                                                     disposable=disposable)
+                    assert disposable or (op.result_image_uuid and op.result_image_uuid != image)
+                    if i >= WARMUPS:
+                        samples[kind].append(took)
+            base = _median_ms(samples["off"])
+            print(_row(f"{label}: no limits, upper on the store's fs (before)", samples["off"]))
+            print(_row(f"{label}: memory/CPU/pids limits + layer fs", samples["on"], base))
+            extra = _median_ms(samples["on"]) - base
+            verdict = "OK" if extra <= 1 else "OVER TARGET"
+            print(f"  => the limits cost {extra:+.2f} ms per run ({label}; target <= 1 ms): {verdict}")
+    finally:
+        await engine.close()
+
+
+def _with_tarball(engine: LocalEngine, image: str, work: Path) -> str:
+    """A child of `image` holding /t.tar: 1,600 files of 10 KB in 50 directories."""
+    import tarfile
+
+    assert engine.store is not None
+    src = work / "tree"
+    for i in range(1600):
+        d = src / f"d{i % 50}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(10_000))
+    stage = engine.store.staging_dir("bench-tar")
+    with tarfile.open(stage / "t.tar", "w") as tar:
+        tar.add(src, arcname=".")
+    shutil.rmtree(src)
+    return engine.store.create_image_from_layer_dirs([stage], parent=engine.store.get(image)).uuid
+
+
+def limits_cost() -> None:
+    _in_tmp(_limits_cost, "contree-bench-limits-")
+
+
+def commit_copy_vs_rename() -> None:
+    """`Store.commit_upper` alone: an upper on the run's layer filesystem (tmpfs, copied into the store)
+    vs an upper on the store's filesystem (renamed, as before issue 17), for three sizes of change."""
+    from contree.engine import upperfs
+    from contree.engine.overlay import unmount
+    from contree.engine.store import Store
+
+    def fill(upper: Path, files: int, size: int) -> None:
+        for i in range(files):
+            d = upper / f"d{i % 50}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i}").write_bytes(b"x" * size)
+
+    with tempfile.TemporaryDirectory(prefix="contree-bench-commit-copy-") as tmp:
+        store = Store(Path(tmp) / "home")
+        try:
+            stage = store.staging_dir()
+            (stage / "etc").mkdir()
+            base = store.create_image_from_layer_dir(stage)
+            budget = upperfs.LayerBudget.for_limit(1 << 30)
+            sizes = (("one 2-byte file", 1, 2, RUNS), ("1,600 files, 16 MB", 1600, 10_000, 10),
+                     ("1,600 files, 160 MB", 1600, 100_000, 5))
+            for label, files, size, runs in sizes:
+                samples: dict[str, list[float]] = {"rename": [], "copy": []}
+                for i in range(runs + 1):
+                    for kind in ("rename", "copy") if i % 2 else ("copy", "rename"):
+                        box = store.sandboxes_dir / uuid.uuid4().hex
+                        box.mkdir()
+                        if kind == "copy":
+                            upperfs.mount(box, budget)
+                        else:
+                            (box / "upper").mkdir()
+                        fill(box / "upper", files, size)
+                        t = time.perf_counter()
+                        child = store.commit_upper(box / "upper", base, None, 1 << 30)
+                        took = time.perf_counter() - t
+                        assert child is not None
+                        if kind == "copy":
+                            unmount(box)
+                        shutil.rmtree(box)
+                        if i:
+                            samples[kind].append(took)
+                base_ms = _median_ms(samples["rename"])
+                print(_row(f"{label}: rename (upper on the store's fs)", samples["rename"]))
+                print(_row(f"{label}: copy from the layer fs", samples["copy"], base_ms))
+        finally:
+            store.close()
 
 
 def _reset_peak_rss() -> None:
@@ -492,7 +633,8 @@ def read_small_file_10_layers() -> None:
 
 
 PARTS: list[Callable[[], None]] = [runtime_vs_bare_crun, echo_hi_engine_vs_crun, commit_vs_disposable,
-                                   parallel_branches, read_small_file_10_layers]
+                                   limits_cost, commit_copy_vs_rename, parallel_branches,
+                                   read_small_file_10_layers]
 
 
 def main() -> None:

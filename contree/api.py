@@ -56,6 +56,8 @@ CWD_PATTERN = r"^((/[^/]*)+/?)?$"
 DEFAULT_TRUNCATE_OUTPUT_AT = 1048576
 MAX_TRUNCATE_OUTPUT_AT = 10485760
 DEFAULT_MAX_LAYER_BYTES = 12884901888
+MAX_CPUS = 65536.0  # bounds of the resources_limits extensions (the engine's own maxima are lower)
+MAX_PIDS = 4194304  # the kernel's pid_max ceiling
 DEFAULT_HOSTNAME = "linuxkit"
 DEFAULT_IMPORT_TIMEOUT = 300
 
@@ -111,6 +113,11 @@ def decode_stream(stream: StreamRepr | ClosableStreamRepr) -> bytes:
 
 class InstanceResourcesLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_layer_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_LAYER_BYTES
+    # Extensions of the embedded engine (absent = the engine's default; the cloud does not know them):
+    # raise or lower one run's cgroup limits within `whoami.limits.instance_max_*`.
+    memory_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | UnsetType = UNSET
+    cpus: Annotated[float, msgspec.Meta(ge=0.01, le=MAX_CPUS)] | UnsetType = UNSET
+    pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIDS)] | UnsetType = UNSET
 
 
 class InstanceNetworking(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -209,6 +216,16 @@ class ProcessState(msgspec.Struct, kw_only=True):
     signal: int = -1
     stopped: bool = False
     timed_out: bool = False
+    oom_killed: bool = False  # extension: the kernel's OOM killer killed a process of the sandbox
+
+
+class InstanceLimits(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Extension: the limits a run of the embedded engine ran under (absent = not enforced)."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    max_layer_bytes: int | None = None
 
 
 class InstanceResult(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -216,6 +233,7 @@ class InstanceResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     state: ProcessState | None = None
     stdout: StreamRepr | None = None
     stderr: StreamRepr | None = None
+    limits: InstanceLimits | None = None
 
 
 class InstanceSpawnResponse(msgspec.Struct, kw_only=True):
@@ -561,6 +579,7 @@ class EventDataExit(msgspec.Struct, kw_only=True):
     duration_ms: int
     resources: EventResources = msgspec.field(default_factory=EventResources)
     core_dump: bool = False
+    oom_killed: bool = False  # extension, as in ProcessState
 
 
 class EventDataTruncated(msgspec.Struct, kw_only=True):

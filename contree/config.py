@@ -361,13 +361,13 @@ async def open_backend(
     user_agent: str | None = None,
     import_roots: Sequence[str] | None = None,
     client_name: str = "client",
-    output_quota: int | None = None,
+    engine_options: Sequence[str] = (),
 ) -> Backend:
     """The configured Backend, ready to use. The embedded engine is the home's engine service, attached
     (and started when nothing answers; `contree.service.starter.EngineStartError` when it cannot start);
-    `import_roots` bound the local image sources it reads for us; `output_quota` is passed on to a service
-    this call starts (a running one keeps its own, with a warning). The Contree API client connects
-    lazily."""
+    `import_roots` bound the local image sources it reads for us; `engine_options` (`engine serve` flags)
+    are passed on to a service this call starts (a running one keeps its own, with a warning). The Contree
+    API client connects lazily."""
     if config.kind == "local":
         from contree.service.client import ServiceBackend
 
@@ -387,7 +387,7 @@ async def open_backend(
                 import_roots=import_roots,
                 client_name=client_name,
                 user_agent=user_agent,
-                output_quota=output_quota,
+                engine_options=engine_options,
             )
         try:
             await engine.connect()

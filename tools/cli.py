@@ -16,6 +16,10 @@ from typing import Any
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
+from contree.engine.limits import LimitConfigError
+from contree.engine.limits import add_arguments as add_limit_arguments
+from contree.engine.limits import settings_from as limit_settings
+from contree.service.cli import engine_arguments
 from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
@@ -178,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the MCP conformance fixture server instead (protocol.testing.conformance)",
     )
+    add_limit_arguments(p)
     return p
 
 
@@ -280,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
+        limit_settings(args)
+    except LimitConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
@@ -306,7 +316,7 @@ async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
         user_agent=f"contree-mcp/{__version__}",
         import_roots=[str(p) for p in allowed_roots(args)],
         client_name=f"contree-mcp {args.mode}",
-        output_quota=args.output_quota,
+        engine_options=engine_arguments(args.output_quota, limit_settings(args)),
     )
     log.info("%s", config.describe())
     if config.kind == "local":

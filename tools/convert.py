@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from tools.budget import utf8_boundary
-from tools.models import ImageOutput, OperationOutput, OperationSummaryOutput, Resources, ResultRef
+from tools.models import ImageOutput, OperationOutput, OperationSummaryOutput, Resources, ResultRef, RunLimits
 
 TERMINAL = frozenset({"SUCCESS", "FAILED", "CANCELLED"})
 
@@ -70,6 +70,14 @@ def _resources(raw: Any) -> Resources | None:
     return msgspec.convert({k: v for k, v in data.items() if k in fields}, Resources)
 
 
+def _limits(raw: Any) -> RunLimits | None:
+    data = as_dict(raw)
+    if not data:
+        return None
+    fields = set(RunLimits.__struct_fields__)
+    return msgspec.convert({k: v for k, v in data.items() if k in fields}, RunLimits)
+
+
 def operation_output(op: Any, *, cap: int | None = None, with_resources: bool = False) -> OperationOutput:
     """The flat OperationOutput with each stream's head (`cap` bytes). Never copies `metadata` (it echoes
     `env` values and file maps). Tails, sizes and resource URIs of cut streams: `tools.output.shape`."""
@@ -112,6 +120,8 @@ def operation_output(op: Any, *, cap: int | None = None, with_resources: bool = 
         signal=signal if isinstance(signal, int) and signal >= 0 else None,
         stdout_truncated=out_trunc,
         stderr_truncated=err_trunc,
+        oom_killed=bool(state.get("oom_killed", False)),
+        limits=_limits(result.get("limits")),
         resources=_resources(result.get("resources")) if with_resources else None,
     )
 

@@ -40,6 +40,15 @@ class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
     voluntary_switches: int | None = None
 
 
+class RunLimits(msgspec.Struct, kw_only=True):
+    """The limits a run ran under (embedded engine); a missing field was not enforced."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    max_layer_bytes: int | None = None
+
+
 class OperationOutput(msgspec.Struct, kw_only=True):
     """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command.
 
@@ -67,6 +76,8 @@ class OperationOutput(msgspec.Struct, kw_only=True):
     # superset (COMPAT §14)
     filesystem_changed: bool | None = None
     signal: int | None = None
+    oom_killed: bool = False  # the OOM killer killed a process of the run (embedded engine)
+    limits: RunLimits | None = None  # the limits the run ran under (embedded engine)
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     stdout_bytes: int | None = None

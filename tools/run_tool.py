@@ -84,6 +84,18 @@ class RunParams(msgspec.Struct, kw_only=True):
         Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
         Meta(description="Cap on bytes written to the filesystem (default 12 GiB)."),
     ] = None
+    memory_bytes: Annotated[
+        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        Meta(description="Memory limit in bytes (embedded engine; default and maximum: whoami limits)."),
+    ] = None
+    cpus: Annotated[
+        Annotated[float, Meta(ge=0.01, le=api.MAX_CPUS)] | None,
+        Meta(description="CPU limit in cores, e.g. 1.5 (embedded engine; default and maximum: whoami)."),
+    ] = None
+    pids: Annotated[
+        Annotated[int, Meta(ge=1, le=api.MAX_PIDS)] | None,
+        Meta(description="Process/thread limit (embedded engine; default and maximum: whoami)."),
+    ] = None
     args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
         None
     )
@@ -167,8 +179,10 @@ async def build_request(
         request["hostname"] = params.hostname
     if params.networking is not None:
         request["networking"] = {"enabled": params.networking}
-    if params.max_layer_bytes is not None:
-        request["resources_limits"] = {"max_layer_bytes": params.max_layer_bytes}
+    limits = {name: getattr(params, name) for name in ("max_layer_bytes", "memory_bytes", "cpus", "pids")
+              if getattr(params, name) is not None}
+    if limits:
+        request["resources_limits"] = limits
     if params.stdin:
         request["stdin"] = msgspec.to_builtins(stdin_repr(params.stdin))
     if files:
@@ -291,8 +305,9 @@ USAGE:
   get_operation(operation_id, stream="stdout", offset=...)).
 
 RETURNS: {{uuid, status, exit_code, stdout, stderr, stdout_truncated, stdout_bytes, stdout_tail, hint,
-timed_out, result_image_uuid, filesystem_changed, duration, ...}} (about 64 KiB at most) or {{operation_id}}
-when wait=false. status SUCCESS means it ran; the command's outcome is exit_code.
+timed_out, result_image_uuid, filesystem_changed, duration, oom_killed, limits, ...}} (about 64 KiB at
+most) or {{operation_id}} when wait=false. status SUCCESS means it ran; the command's outcome is exit_code.
+oom_killed=true: a process was killed for exceeding the memory limit (raise it with memory_bytes).
 
 GUIDES:
 - [ESSENTIAL] contree://guide/workflow

@@ -24,6 +24,7 @@ from contree.engine.hostcheck import CGROUP_ROOT, CgroupMode, HostInfo
 log = logging.getLogger(__name__)
 
 CPU_PERIOD_US = 100_000
+_CHARGE_SLACK = 2 * 64 * 4096  # memcg charges in batches of up to 64 pages
 RUNTIME_LEAF = "ctr"
 
 
@@ -38,6 +39,7 @@ class CgroupStats(msgspec.Struct, kw_only=True):
     cpu_usage_ns: int | None = None
     oom_kills: int | None = None
     under_oom_events: int | None = None  # v1: OOM notifications seen for the sandbox (see `_watch_oom`)
+    reached_limit: bool = False  # v1: the sandbox's peak memory came within a charge batch of its own limit
 
 
 class CgroupError(OSError):
@@ -190,6 +192,18 @@ class CgroupManager:
         if budget is not None:
             self._apply(None, budget)
 
+    def enforceable(self) -> frozenset[str]:
+        """The limits (`memory`, `cpu`, `pids`) this host really applies to the parent's sandboxes."""
+        if self.v2:
+            try:
+                enabled = set((self._v2() / "cgroup.subtree_control").read_text().split())
+            except OSError:
+                return frozenset()
+            return frozenset(enabled & {"memory", "cpu", "pids"})
+        files = {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us", "pids": "pids.max"}
+        return frozenset(ctrl for ctrl, name in files.items()
+                         if (d := self._v1(ctrl)) is not None and (d / name).exists())
+
     def create(self, name: str, limits: CgroupLimits) -> None:
         self._mkdirs(name)
         self._apply(name, limits)
@@ -264,7 +278,29 @@ class CgroupManager:
             cpu_usage_ns=_read_int(acct / "cpuacct.usage") if acct else None,
             oom_kills=self._v1_oom_kills(mem) if mem else None,
             under_oom_events=self._oom_events(name),
+            reached_limit=self._v1_reached_limit(mem) if mem else False,
         )
+
+    def oom_killed(self, stats: CgroupStats, *, died_of_sigkill: bool) -> bool:
+        """Whether the OOM killer killed a process of the sandbox.
+
+        v2 counts kills hierarchically. v1 counts them only in the victim's own cgroup (the runtime's
+        leaf, gone by now), but notifies every cgroup of an OOMing subtree: an OOM notification means a
+        kill when the sandbox's own limit was hit, or when its init died of a SIGKILL nobody sent (an OOM
+        of the engine's total budget notifies every sandbox, not only the victim's).
+        """
+        if stats.oom_kills:
+            return True
+        if not stats.under_oom_events:
+            return False
+        return stats.reached_limit or died_of_sigkill
+
+    @staticmethod
+    def _v1_reached_limit(mem: Path) -> bool:
+        # failcnt would say it, but 6.x kernels leave it at 0; the peak stops within one charge batch
+        # (64 pages) of the limit instead.
+        peak, limit = _read_int(mem / "memory.max_usage_in_bytes"), _read_int(mem / "memory.limit_in_bytes")
+        return peak is not None and limit is not None and peak >= limit - _CHARGE_SLACK
 
     def pids_state(self, name: str) -> tuple[int | None, int | None]:
         """(processes now, forks refused by the pids limit so far)."""

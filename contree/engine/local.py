@@ -34,6 +34,7 @@ from contree.backend import (
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.home import prepare_home
+from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -69,6 +70,8 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
     output_quota_bytes: int = DEFAULT_OUTPUT_QUOTA  # stdout+stderr one run may store (the rest is counted)
+    # Sandbox memory/CPU/pids: defaults, per-run maxima and the engine's total (None = from the host).
+    resources: ResourceSettings = msgspec.field(default_factory=ResourceSettings)
 
 
 class LocalEngine:
@@ -95,6 +98,8 @@ class LocalEngine:
         self.blobs: BlobStore | None = None
         self.watchdog: Watchdog | None = None
         self._runs: dict[str, InstanceRun] = {}
+        self.sandbox_limits: LimitPolicy | None = None  # resolved from `limits.resources` at start
+        self._layer_cap: int | None = None
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
 
@@ -126,7 +131,7 @@ class LocalEngine:
         interrupted = self.oplog.recover()
         if interrupted:
             log.warning("marked %d interrupted operations FAILED", len(interrupted))
-        self.runtime = await SandboxRuntime.create(self._runtime_config(engine_id))
+        await self._start_runtime(engine_id)
         # Kills the sandboxes at their deadline and releases everything at once if this process dies.
         self.watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=self.runtime.cgroups.parent,
                                        home=self.home, runtime_root=self.runtime.root_dir)
@@ -135,6 +140,23 @@ class LocalEngine:
             "instance": self.limits.instance_max_concurrency,
             "image_import": self.limits.images_import_max_concurrency,
         })
+
+    async def _start_runtime(self, engine_id: str) -> None:
+        """The runtime, its parent cgroup carrying the engine's total budget, and the sandbox limits."""
+        host = await asyncio.to_thread(HostResources.detect)
+        config = self._runtime_config(engine_id)
+        wanted = self.limits.resources
+        # A runtime_config that names a budget (tests, embedders) wins over the settings' totals.
+        settings = msgspec.structs.replace(
+            wanted, total_memory_bytes=config.budget_memory_bytes or wanted.total_memory_bytes,
+            total_cpus=config.budget_cpus or wanted.total_cpus,
+            total_pids=config.budget_pids or wanted.total_pids)
+        total = resolve_policy(settings, host).total  # refuses a misordered configuration before any setup
+        self.runtime = await SandboxRuntime.create(msgspec.structs.replace(
+            config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
+        self.sandbox_limits = resolve_policy(settings, host, self.runtime.cgroups.enforceable())
+        # A run's changes are held in memory (upperfs): without a memory limit, bound them by the host.
+        self._layer_cap = self.sandbox_limits.maximum.memory_bytes or host.memory_bytes // 4
 
     def _runtime_config(self, engine_id: str) -> Any:
         config = self.runtime_config or RuntimeConfig(
@@ -344,10 +366,13 @@ class LocalEngine:
             if await asyncio.to_thread(self._blobs().path_for, entry.uuid) is None:
                 raise NotFound(f"files[{path!r}]: file {entry.uuid} not found (upload it first)")
         timeout = spawn.resolve_timeout(request.timeout, self.limits.instance_max_timeout)
+        assert self.sandbox_limits is not None
+        limits = self.sandbox_limits.for_request(request.resources_limits)
         meta = api.metadata_from(api.OperationInstanceMetadata.from_request(request, image=image_uuid))
         record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
         run = InstanceRun(
             engine=self, record=record, request=request, image_uuid=image_uuid, timeout=timeout,
+            limits=limits, layer_cap=self._layer_cap,
         )
         self._runs[record.uuid] = run
         queue.submit(record.uuid, "instance", self._run_instance, self._dropped)
@@ -529,6 +554,7 @@ class LocalEngine:
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
                 "output_quota_bytes": lim.output_quota_bytes,
+                **(self.sandbox_limits.whoami() if self.sandbox_limits is not None else {}),
             },
             operations_stat={},
         )

@@ -69,7 +69,7 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
     hostname: str = "linuxkit"
     networking: bool = True
     memory_bytes: int | None = None
-    pids_limit: int = 256
+    pids_limit: int | None = 256
     cpu_quota: float | None = None  # cores
     stdin: bool = True  # a pipe; False = /dev/null. Output always goes through pipes.
 
@@ -341,8 +341,8 @@ class RunningSandbox:
         # The runtime itself was SIGKILLed (by `kill`): report the signal the sandbox got.
         if code is None and sig is not None and self._killed_with is not None:
             sig = int(self._killed_with)
-        oom = bool(stats.oom_kills) or (sig == _signal.SIGKILL and self._killed_with is None
-                                        and bool(stats.under_oom_events))
+        oom = self._rt.cgroups.oom_killed(
+            stats, died_of_sigkill=sig == _signal.SIGKILL and self._killed_with is None)
         self._exit = SandboxExit(
             exit_code=code, signal=sig, core_dump=core, oom_killed=oom,
             user_time=ru.ru_utime, system_time=ru.ru_stime, max_rss_kb=ru.ru_maxrss,
@@ -515,7 +515,7 @@ class SandboxRuntime:
 
     def _rlimits(self, spec: SandboxSpec) -> dict[str, int]:
         """A rootless sandbox's RLIMIT_NPROC is its pids limit (contree/engine/rootless/limits.py)."""
-        if not self.rootless:
+        if not self.rootless or spec.pids_limit is None:
             return self.rlimits
         return {**self.rlimits, "RLIMIT_NPROC": oci_config.clamp_nproc(spec.pids_limit)}
 

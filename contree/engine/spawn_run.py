@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from contree import api
-from contree.engine import spawn
+from contree.engine import spawn, upperfs
+from contree.engine.limits import SandboxLimits
 from contree.engine.operations import Job
 from contree.engine.oplog import (
     ASSIGNED,
@@ -46,7 +47,7 @@ from contree.engine.oplog import (
 )
 from contree.engine.overlay import mount_overlay, unmount
 from contree.engine.sandbox import SandboxSpec, StagedSandbox
-from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree, tree_size
+from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ log = logging.getLogger(__name__)
 READ_BYTES = 65536
 PUMP_GRACE = 5.0  # seconds to drain pipes after the process exited (grandchildren may hold them)
 STDIN_WRITE_LIMIT = 30.0  # seconds a write_stdin call waits for a child that does not read
-LAYER_POLL = 1.0  # seconds between size checks of a running sandbox's upper dir
+# The kernel refuses writes beyond max_layer_bytes (upperfs); this only ends a run that ran into the
+# limit early instead of at its timeout (it fails either way). statvfs: microseconds per check.
+LAYER_POLL = 0.25
 SPARE_SCRATCH_DIRS = 2  # empty scratch dirs kept ready (Store.scratch_dir): runs waiting beyond that mkdir
 
 
@@ -94,8 +97,11 @@ class InstanceRun:
         request: api.InstanceSpawnRequest,
         image_uuid: str,
         timeout: int,
+        limits: SandboxLimits | None = None,
+        layer_cap: int | None = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or SandboxLimits()
         self.record = record
         self.request = request
         self.image_uuid = image_uuid
@@ -110,8 +116,11 @@ class InstanceRun:
         self._watchers: set[asyncio.Task[None]] = set()
         self._main_exit: asyncio.Task[Any] | None = None
         self.layer_error: str | None = None
-        limits = request.resources_limits
-        self.max_layer_bytes = limits.max_layer_bytes if limits is not None else api.DEFAULT_MAX_LAYER_BYTES
+        asked = request.resources_limits
+        self.max_layer_bytes, self.layer_limit = upperfs.limit_for(
+            asked.max_layer_bytes if asked is not None else api.DEFAULT_MAX_LAYER_BYTES,
+            self.limits.memory_bytes, layer_cap)
+        self.layer_budget = upperfs.LayerBudget.for_limit(self.max_layer_bytes)
 
     # ------------------------------------------------------------------ main flow
 
@@ -160,7 +169,10 @@ class InstanceRun:
             reason = await self._supervise(job, main)
             exit_data = await self._finish_process(main)
             await self._stop_sandbox()
+            if self.layer_error is None:
+                self.layer_error = self._layer_full(sandbox_dir)
             result = result_from_exit(main, exit_data)
+            result.limits = self._applied_limits()
             self._account(exit_data)
             record.metadata["result"] = msgspec.to_builtins(result)
             if job.cancelled.is_set() and reason == "signal":
@@ -280,6 +292,9 @@ class InstanceRun:
             hostname=request.hostname,
             networking=request.networking.enabled if request.networking is not None else True,
             stdin=any(self._stdin),
+            memory_bytes=self.limits.memory_bytes,
+            cpu_quota=self.limits.cpus,
+            pids_limit=self.limits.pids,
         )
 
     @functools.cached_property
@@ -296,6 +311,7 @@ class InstanceRun:
         assert store is not None
         request = self.request
         sandbox_dir = store.scratch_dir(sandbox_dir.name)
+        upperfs.mount(sandbox_dir, self.layer_budget)  # over the scratch dir's own subdirs
         upper, work, rootfs = sandbox_dir / "upper", sandbox_dir / "work", sandbox_dir / "rootfs"
         idmap = engine.runtime.idmap if engine.runtime is not None else None
         if idmap is None:
@@ -303,20 +319,26 @@ class InstanceRun:
         else:
             with idmap.lowers(store.layer_paths(image)) as lowers:
                 mount_overlay(lowers, upper, work, rootfs)
+        upperfs.seal(sandbox_dir, self.layer_budget)
         blobs = engine._blobs()
-        for path, entry in (request.files or {}).items():
-            blob = blobs.path_for(entry.uuid)
-            if blob is None:
-                raise NotFound(f"file {entry.uuid} for {path} not found")
-            blobs.inject_file(
-                rootfs,
-                spawn.check_file_path(path),
-                blob,
-                mode=spawn.parse_mode(entry.mode),
-                uid=entry.uid,
-                gid=entry.gid,
-            )
-        _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
+        try:
+            for path, entry in (request.files or {}).items():
+                blob = blobs.path_for(entry.uuid)
+                if blob is None:
+                    raise NotFound(f"file {entry.uuid} for {path} not found")
+                blobs.inject_file(
+                    rootfs,
+                    spawn.check_file_path(path),
+                    blob,
+                    mode=spawn.parse_mode(entry.mode),
+                    uid=entry.uid,
+                    gid=entry.gid,
+                )
+            _make_dirs(rootfs, plan.cwd, uid=request.uid, gid=request.gid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise LayerTooLarge(f"the injected files and cwd do not fit in {self.layer_limit}") from None
         if not find_executable(rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH), plan.cwd):
             what = "shell" if plan.shell else "executable"
             raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
@@ -430,7 +452,7 @@ class InstanceRun:
         """Wait for spid 1 to exit, the deadline, a cancel or an oversized layer; returns the reason."""
         waiter = asyncio.create_task(self.sandbox.wait())
         cancel = asyncio.create_task(job.cancelled.wait())
-        oversize = asyncio.create_task(self._watch_layer_size())
+        oversize = asyncio.create_task(self._watch_layer_full())
         try:
             remaining = max(0.0, self.deadline - time.monotonic())
             done, _ = await asyncio.wait(
@@ -451,17 +473,23 @@ class InstanceRun:
             oversize.cancel()
             self._main_exit = waiter
 
-    async def _watch_layer_size(self) -> str:
-        """Poll the upper dir's size (there is no quota on it) until it passes max_layer_bytes."""
+    async def _watch_layer_full(self) -> str:
+        """Return the layer error once the run's upper filesystem is full (see LAYER_POLL)."""
         store = self.engine.store
         assert store is not None
-        upper = store.sandboxes_dir / self.record.uuid / "upper"
-        limit = self.max_layer_bytes
+        sandbox_dir = store.sandboxes_dir / self.record.uuid
         while True:
             await asyncio.sleep(LAYER_POLL)
-            size = await asyncio.to_thread(tree_size, upper)
-            if size > limit:
-                return f"the run wrote {size} bytes, above max_layer_bytes={limit}; it was stopped"
+            error = self._layer_full(sandbox_dir)
+            if error is not None:
+                return error
+
+    def _layer_full(self, sandbox_dir: Path) -> str | None:
+        try:
+            used = upperfs.usage(sandbox_dir, self.layer_budget)
+        except OSError:
+            return None
+        return upperfs.over_limit(used, self.layer_budget, self.layer_limit)
 
     async def _finish_process(self, main: Process) -> Any:
         assert self._main_exit is not None
@@ -491,6 +519,11 @@ class InstanceRun:
         proc.exited.set()
         assert self.events is not None
         self.events.append("exit", exit_data(proc, info), proc.spid)
+
+    def _applied_limits(self) -> api.InstanceLimits:
+        lim = self.limits
+        return api.InstanceLimits(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids,
+                                  max_layer_bytes=self.max_layer_bytes)
 
     def _account(self, info: Any) -> None:
         record = self.record
@@ -570,8 +603,9 @@ class InstanceRun:
         assert store is not None
 
         def cleanup_dirs() -> None:
-            with contextlib.suppress(OSError):
-                unmount(sandbox_dir / "rootfs")
+            for point in (sandbox_dir / "rootfs", sandbox_dir):  # the overlay, then its upper's tmpfs
+                with contextlib.suppress(OSError):
+                    unmount(point)
             try:
                 remove_tree(sandbox_dir)
             except OSError:
@@ -855,7 +889,7 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
             block_input_ops=int(info.inblock),
             block_output_ops=int(info.oublock),
         )
-    return {
+    data = {
         "pid": proc.pid,
         "code": code,
         "signal": sig,
@@ -864,6 +898,9 @@ def exit_data(proc: Process, info: Any) -> dict[str, Any]:
         "duration_ms": int((time.monotonic() - proc.started) * 1000),
         "resources": resources,
     }
+    if getattr(info, "oom_killed", False):
+        data["oom_killed"] = True  # an extension: absent otherwise, as in the cloud's events
+    return data
 
 
 def result_from_exit(proc: Process, info: Any) -> api.InstanceResult:
@@ -890,6 +927,7 @@ def result_from_fold(folded: FoldedProcess) -> api.InstanceResult:
         state.signal = int(ex.get("signal", -1))
         state.timed_out = bool(ex.get("timed_out", False))
         state.core_dump = bool(ex.get("core_dump", False))
+        state.oom_killed = bool(ex.get("oom_killed", False))
         r = ex.get("resources") or {}
         resources = api.InstanceResources(
             block_input=r.get("block_input_ops", 0),

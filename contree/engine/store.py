@@ -55,7 +55,8 @@ from contree.backend import ImageQuery
 from contree.engine.home import private_dir, private_file
 from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
 from contree.engine.resolver import Resolver
-from contree.errors import BadRequest, Conflict, NotFound, Unprocessable
+from contree.engine.upperfs import LayerTooLarge, copy_layer
+from contree.errors import BadRequest, Conflict, NotFound
 from contree.layerformat import is_overlay_xattr, opaque_xattr
 from contree.timeparse import isoformat, parse_timestamp
 
@@ -63,10 +64,6 @@ MAX_DEPTH = 64  # squash beyond this (RUNTIME §6.2); the kernel's own limit is 
 KIND_INSTANCE = 0
 KIND_IMPORTED = 1
 _RESOLVER_CACHE = 64
-
-
-class LayerTooLarge(Unprocessable):
-    """The run's filesystem changes exceed `max_layer_bytes`."""
 
 
 class ImageConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -609,11 +606,21 @@ class Store:
         if parent.depth >= MAX_LOWERS:
             # The child could never be mounted; callers should have run `squash_if_deep` long before.
             parent = self.squash(parent)
-        size = clean_and_measure(upper)
-        if max_layer_bytes is not None and size > max_layer_bytes:
-            raise LayerTooLarge(f"the run changed {size} bytes, above max_layer_bytes={max_layer_bytes}")
         lid = uuidlib.uuid4().hex
-        meta = self._place_layer(upper, lid, "run", size=size, durable=False)  # see the module docstring
+        if os.stat(upper).st_dev != os.stat(self.layers_dir).st_dev:
+            # A run's upper is on its own size-limited filesystem (upperfs): copied in, not renamed.
+            copied = self.tmp_dir / f"commit-{lid}"
+            try:
+                size = copy_layer(upper, copied, max_layer_bytes)
+            except BaseException:
+                remove_tree(copied)
+                raise
+            meta = self._place_layer(copied, lid, "run", size=size, durable=False)
+        else:
+            size = clean_and_measure(upper)
+            if max_layer_bytes is not None and size > max_layer_bytes:
+                raise LayerTooLarge(f"the run changed {size} bytes, above max_layer_bytes={max_layer_bytes}")
+            meta = self._place_layer(upper, lid, "run", size=size, durable=False)  # see the module docstring
         return self._register([lid], {lid: meta}, config=config_override or parent.config, tag=None,
                               kind=KIND_INSTANCE, operation_id=operation_id, parent=parent, image_uuid=None)
 

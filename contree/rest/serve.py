@@ -19,8 +19,11 @@ from aiohttp import web
 
 from contree.backend import Backend
 from contree.config import engine_home
+from contree.engine.limits import LimitConfigError, settings_from
+from contree.engine.limits import add_arguments as add_limit_arguments
 from contree.rest.app import build_app
 from contree.rest.guard import RequestGuard, is_loopback
+from contree.service.cli import engine_arguments
 from contree.units import parse_size
 
 log = logging.getLogger("contree.rest")
@@ -97,6 +100,7 @@ async def _run(
     token: str | None,
     home: Path,
     import_roots: tuple[str, ...],
+    engine_options: list[str],
 ) -> int:
     from contree.service.client import ServiceBackend
     from contree.service.starter import EngineStartError
@@ -104,7 +108,7 @@ async def _run(
     # API clients must never make the engine read arbitrary host files as image archives: the service
     # checks every import of ours against these roots (none = local sources refused).
     engine = ServiceBackend(
-        home, import_roots=import_roots, client_name="serve-api", output_quota=args.output_quota
+        home, import_roots=import_roots, client_name="serve-api", engine_options=engine_options
     )
     try:
         status = await engine.connect()
@@ -192,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    add_limit_arguments(parser)
     return parser
 
 
@@ -211,7 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     home = Path(args.home).expanduser() if args.home else engine_home(os.environ)
     try:
+        resources = settings_from(args)
+    except LimitConfigError as exc:
+        print(f"contree-mcp serve-api: {exc}", file=sys.stderr)
+        return 2
+    engine_options = engine_arguments(args.output_quota, resources)
+    try:
         import_roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in args.import_root)
-        return asyncio.run(_run(args, host, port, token, home, import_roots))
+        return asyncio.run(_run(args, host, port, token, home, import_roots, engine_options))
     except KeyboardInterrupt:
         return 0

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from contree.engine.limits import LimitConfigError, ResourceSettings, arguments_for, settings_from
+from contree.engine.limits import add_arguments as add_limit_arguments
 from contree.units import parse_size
 
 IDLE_EXIT_ENV = "CONTREE_ENGINE_IDLE_EXIT"
@@ -36,6 +38,13 @@ def parse_duration(text: str) -> float | None:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text!r}")
     return seconds
+
+
+def engine_arguments(output_quota: int | None, resources: ResourceSettings | None = None) -> list[str]:
+    """`engine serve` flags for engine settings given to an MCP server or serve-api: they are the
+    service's, so a client hands them on to a service it starts."""
+    out = [] if output_quota is None else ["--output-quota", str(output_quota)]
+    return out + (arguments_for(resources) if resources is not None else [])
 
 
 def _group_id(name: str) -> int:
@@ -96,6 +105,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         metavar="SIZE",
         help="stdout+stderr bytes one run may store, e.g. 512M (default 1G); the rest is counted, not kept",
     )
+    add_limit_arguments(parser)
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -126,6 +136,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-api", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     home = _home(args.home)
+    try:
+        resources = settings_from(args)
+    except LimitConfigError as exc:
+        print(f"contree-mcp engine serve: {exc}", file=sys.stderr)
+        return 2
     created_home = not home.exists()
     socket_group = None
     if args.socket_group is not None:
@@ -181,8 +196,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from contree.service.server import EngineService
 
     async def run() -> int:
-        quota = args.output_quota
-        limits = EngineLimits() if quota is None else EngineLimits(output_quota_bytes=quota)
+        quota = {} if args.output_quota is None else {"output_quota_bytes": args.output_quota}
+        limits = EngineLimits(resources=resources, **quota)
         service = EngineService(
             home, idle_exit=args.idle_exit, version=args.report_version, created_home=created_home,
             socket=socket, socket_group=socket_group,

@@ -42,9 +42,9 @@ _file_response = msgspec.json.Decoder(api.FileResponse)
 class ServiceBackend(RemoteBackend):
     """`import_roots`: directories local image sources must resolve into (sent with every import, the
     engine re-checks them when it opens the source); None = no restriction beyond the user's own rights.
-    `client_name` is what `engine status` lists for this client. `output_quota` (bytes of output one run
-    may store) configures a service this client starts; a running one keeps its own setting. `socket`: a
-    shared service's socket (`contree.service.system`), which is attached to but never started."""
+    `client_name` is what `engine status` lists for this client. `engine_options` (`engine serve` flags:
+    output quota, sandbox limits) configure a service this client starts; a running one keeps its own.
+    `socket`: a shared service's socket (`contree.service.system`), attached to but never started."""
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class ServiceBackend(RemoteBackend):
         user_agent: str | None = None,
         version: str | None = None,
         timeout: float = 300.0,
-        output_quota: int | None = None,
+        engine_options: Sequence[str] = (),
         socket: Path | None = None,
     ) -> None:
         super().__init__(
@@ -66,7 +66,7 @@ class ServiceBackend(RemoteBackend):
         self.import_roots = tuple(import_roots) if import_roots is not None else None
         self.client_name = client_name
         self.version = version
-        self.output_quota = output_quota
+        self.engine_options = list(engine_options)
         self.status: control.ServiceStatus | None = None
         self._address: SocketAddress | None = None  # made once the home exists (a first start creates it)
         self._restart = asyncio.Lock()
@@ -80,28 +80,19 @@ class ServiceBackend(RemoteBackend):
 
     async def connect(self) -> control.ServiceStatus:
         """Reach (or start) the home's service and attach to it. Raises EngineStartError."""
-        self.status = await self._reach()
-        if self.output_quota is not None:
-            await self._check_output_quota()
+        self.status, started = await self._reach()
+        if self.engine_options and not started:
+            log.warning(
+                "the engine service at %s was already running: it keeps its own settings, not %s "
+                "(contree-mcp engine stop --home %s, then start again, to apply them)",
+                self.home, " ".join(self.engine_options), self.home,
+            )
         log.info(
             "engine service at %s (pid %d, contree-mcp %s)", self.home, self.status.pid, self.status.version
         )
         if self._lease is None:
             self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
         return self.status
-
-    def _service_options(self) -> list[str]:
-        """`engine serve` options for a service this client starts (engine settings it asked for)."""
-        return [] if self.output_quota is None else ["--output-quota", str(self.output_quota)]
-
-    async def _check_output_quota(self) -> None:
-        kept = (await self.whoami()).limits.get("output_quota_bytes")
-        if kept != self.output_quota:
-            log.warning(
-                "the engine service at %s keeps %s bytes of output per run, not the %d asked for: it was "
-                "started with another --output-quota (contree-mcp engine stop --home %s, then start again)",
-                self.home, kept, self.output_quota, self.home,
-            )
 
     def _make_connector(self) -> aiohttp.BaseConnector | None:
         if self._address is None:
@@ -114,21 +105,23 @@ class ServiceBackend(RemoteBackend):
         async with self._restart:
             if generation == self._generation:  # nobody else did it while we waited
                 try:
-                    self.status = await self._reach()
+                    self.status, _started = await self._reach()
                 except EngineStartError as exc:
                     raise Unavailable(str(exc)) from None
                 self._generation += 1
                 log.info("reconnected to the engine service at %s (pid %d)", self.home, self.status.pid)
         return True
 
-    async def _reach(self) -> control.ServiceStatus:
+    async def _reach(self) -> tuple[control.ServiceStatus, bool]:
+        """The service's status and whether this client started it (a shared one: never)."""
         if self.shared_socket is None:
-            return await ensure_service(self.home, version=self.version, options=self._service_options())
+            reached = await ensure_service(self.home, version=self.version, options=self.engine_options)
+            return reached.status, reached.started
         status = await asyncio.to_thread(control.probe, self.home, socket=self.shared_socket)
         if status is None or status.state not in ("ready", "retiring"):
             state = "does not answer" if status is None else f"is {status.state}"
             raise EngineStartError(self.home, f"the shared engine service on {self.shared_socket} {state}")
-        return status
+        return status, False
 
     async def _hold_lease(self) -> None:
         """Keep one attach stream open while this backend lives; re-attach (never start) after drops."""

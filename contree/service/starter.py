@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from contree.service.control import (
     SERVICE_API,
@@ -48,6 +49,11 @@ NON_SERVICE_HOLDER_WAIT = 20.0
 POLL = 0.02
 
 
+class Reached(NamedTuple):
+    status: ServiceStatus
+    started: bool  # this call started the service (its engine options applied)
+
+
 class EngineStartError(Exception):
     def __init__(self, home: Path, reason: str) -> None:
         log_file = log_path(home)
@@ -68,12 +74,13 @@ async def ensure_service(
     start_timeout: float = START_TIMEOUT,
     skew_wait: float = SKEW_WAIT,
     options: Sequence[str] = (),
-) -> ServiceStatus:
+) -> Reached:
     """`options`: `engine serve` options (engine settings) for a service this call starts."""
     version = version or package_version()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + start_timeout
     asked_to_retire = False
+    started = False
     busy_since: float | None = None
     while True:
         conn = await _connect(home, deadline)
@@ -89,9 +96,9 @@ async def ensure_service(
                 else:
                     relation = skew(status.version, version)
                     if relation == "same":
-                        return status
+                        return Reached(status, started)
                     if relation == "newer":
-                        return _attach_other(status, version, newer=True)
+                        return Reached(_attach_other(status, version, newer=True), started)
                     if not asked_to_retire:
                         log.warning(
                             "the engine at %s runs contree-mcp %s; asking it to make way for %s",
@@ -101,11 +108,12 @@ async def ensure_service(
                         asked_to_retire = True
                     exited = await asyncio.to_thread(conn.wait_exit, skew_wait)
                     if not exited:
-                        return _attach_other(status, version, newer=False)
+                        return Reached(_attach_other(status, version, newer=False), started)
                     continue
         else:
             code, message = await _launch(home, options)
             if code == EXIT_READY:
+                started = True
                 continue
             if code != EXIT_BUSY:
                 raise EngineStartError(home, message)

@@ -1,4 +1,4 @@
-"""Every tool schema — the real server's 19 tools and the conformance fixtures — is a valid JSON Schema
+"""Every tool schema — the real server's tools and the conformance fixtures — is a valid JSON Schema
 2020-12 document (the default dialect of 2025-11-25 and 2026-07-28) with an object at its root."""
 
 from __future__ import annotations

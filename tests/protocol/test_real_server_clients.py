@@ -18,6 +18,7 @@ import pytest
 
 from tests.protocol.httpkit import REPO, http_server, node_env, validators
 from tests.protocol.test_external_clients import run_ts_sdk
+from tests.service_util import stop_service
 from tests.tools.conftest import require_engine_host, seed_busybox, server_command
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
@@ -27,21 +28,25 @@ RUN = {"command": "for i in 1 2 3; do echo line-$i; sleep 0.4; done", "image": "
 
 
 @pytest.fixture
-def real_server(tmp_path: Path) -> list[str]:
-    """The argv of contree-mcp on an engine home of its own (one server per home at a time)."""
+def real_server(tmp_path: Path) -> Iterator[list[str]]:
+    """The argv of contree-mcp on an engine home of its own; the engine service the servers start in it
+    is stopped afterwards."""
     require_engine_host()
     root = tmp_path
     seed_busybox(root / "engine")
     (root / "work").mkdir()
-    return [
-        *server_command(),
-        "--backend",
-        "local",
-        "--home",
-        str(root / "engine"),
-        "--allowed-root",
-        str(root / "work"),
-    ]
+    try:
+        yield [
+            *server_command(),
+            "--backend",
+            "local",
+            "--home",
+            str(root / "engine"),
+            "--allowed-root",
+            str(root / "work"),
+        ]
+    finally:
+        stop_service(root / "engine")
 
 
 @pytest.fixture
@@ -119,7 +124,7 @@ def _inspector(target: list[str], *args: str) -> Any:
 
 def _inspect(target: list[str]) -> None:
     tools = _inspector(target, "--method", "tools/list")
-    assert len(tools["tools"]) == 19 and tools["tools"][0]["name"] == "list_images"
+    assert len(tools["tools"]) == 20 and tools["tools"][0]["name"] == "list_images"
     guide = _inspector(
         target, "--method", "tools/call", "--tool-name", "get_guide", "--tool-arg", "section=state"
     )

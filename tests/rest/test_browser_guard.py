@@ -163,6 +163,7 @@ async def test_serve_itself_refuses_a_tokenless_listener() -> None:
 def test_serve_api_without_a_token_obeys_no_web_page(tmp_path: Path) -> None:
     """The reproduction on the real command and engine: nothing a page sends reaches the engine."""
     from tests.contract.conftest import require_engine_host
+    from tests.service_util import stop_service
 
     require_engine_host()
     code = "import sys; from contree.rest import main; raise SystemExit(main(sys.argv[1:]))"
@@ -191,3 +192,4 @@ def test_serve_api_without_a_token_obeys_no_web_page(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        stop_service(tmp_path / "home")  # serve-api started the home's engine service

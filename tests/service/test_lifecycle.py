@@ -267,7 +267,8 @@ async def test_serve_api_and_mcp_sessions_share_one_engine(engine_home: Path, wo
             assert sorted(c.name for c in status.clients) == ["contree-mcp stdio", "serve-api"]
             async with aiohttp.ClientSession(headers=auth) as http:
                 params = {"path": "/f"}
-                async with http.get(f"{url}/inspect/{made['result_image']}/download", params=params) as r:
+                image = made["result_image_uuid"]
+                async with http.get(f"{url}/inspect/{image}/download", params=params) as r:
                     assert r.status == 200 and await r.read() == b"via-mcp\n"
 
 

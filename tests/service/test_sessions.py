@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,19 @@ from tests.tools.conftest import require_engine_host, seed_busybox, server_comma
 from tests.tools.test_sdk_tools import result
 
 SEQ = "".join(f"{i}\n" for i in range(1, 20001))  # ~109 KB: far beyond the result's 8000-byte cut
+
+
+async def read_all(session: Any, uri: str) -> str:
+    """A paged output resource read to its end (`_meta.next_offset` until it reaches `total_bytes` of a
+    `complete` stream)."""
+    text, offset = "", 0
+    for _ in range(1000):
+        item = (await session.read_resource(AnyUrl(f"{uri}?offset={offset}"))).contents[0]
+        text += item.text
+        offset = item.meta["next_offset"]
+        if item.meta["complete"] and offset >= item.meta["total_bytes"]:
+            return text
+    raise AssertionError(f"{uri} did not end")
 
 
 class User:
@@ -120,7 +133,7 @@ async def test_sessions_on_the_default_home_share_one_engine_and_work_outlives_t
         assert status is not None and len(status.clients) == 2, status  # one service, both attached
 
         made = await a.run("echo shared > /shared.txt", disposable=False)
-        image = made["result_image"]
+        image = made["result_image_uuid"]
         read = result(await b.session.call_tool("read_file", {"image": image, "path": "/shared.txt"}))
         assert read["content"] == "shared\n"
         busybox = result(await b.session.call_tool("get_image", {"image": "busybox:latest"}))["uuid"]
@@ -145,8 +158,7 @@ async def test_sessions_on_the_default_home_share_one_engine_and_work_outlives_t
 
         waited = result(await b.session.call_tool("wait_operations", {"operation_ids": [op], "timeout": 120}))
         assert waited["results"][op]["status"] == "SUCCESS" and waited["results"][op]["exit_code"] == 0
-        full = (await b.session.read_resource(AnyUrl(f"contree://operations/instance/{op}/stdout"))).contents
-        assert full[0].text == SEQ
+        assert await read_all(b.session, f"contree://operations/instance/{op}/stdout") == SEQ
     finally:
         await asyncio.gather(a.close(), b.close())
 
@@ -188,7 +200,7 @@ async def test_five_servers_started_at_once_share_exactly_one_service(user: User
         status = probe(user.home)
         assert status is not None and len(status.clients) == 5, status
         def services() -> list[str]:
-            return [line for line in _command_lines() if "contree.service" in line and str(user.home) in line]
+            return _top_processes(lambda line: "contree.service" in line and str(user.home) in line)
 
         await wait_for(lambda: len(services()) == 1, 20)  # the losers of the race attached and exited
     finally:
@@ -219,12 +231,19 @@ async def test_an_engine_that_cannot_start_is_a_clear_error_for_the_client(
     assert f"[ERROR] {error}\n" in stderr
 
 
-def _command_lines() -> list[str]:
-    lines = []
+def _top_processes(matches: Callable[[str], bool]) -> list[str]:
+    """Command lines of the matching processes, one snapshot, leaving out those whose parent matches too
+    (a service's own forked helpers carry its command line until they exec)."""
+    found: dict[str, tuple[str, str]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                continue
-    return lines
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if matches(line):
+            parent = next((r.split()[1] for r in status.splitlines() if r.startswith("PPid:")), "")
+            found[entry.name] = (parent, line)
+    return [line for parent, line in found.values() if parent not in found]

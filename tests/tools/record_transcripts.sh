@@ -15,6 +15,7 @@ record tools_surface "contree-mcp tools surface: tools/resources/templates/promp
 record tools_calls "contree-mcp tool calls that need no backend: guides, registry token page, validation errors, prompts, completion"
 
 # The embedded-engine transcript: a fresh engine home (busybox seeded) and workdir, one lockstep session.
+# Sandbox limits are given (whoami and run results report them; derived from the host they would vary).
 # Sends refer to server-chosen values by <uuid-N> (N-th UUID the server sent) and <rsync-N>.
 ENGINE_TMP=$(mktemp -d)
 # the server starts the home's engine service, which outlives it: stop it before removing the home
@@ -34,4 +35,6 @@ cat tests/tools/transcript_inputs/tools_engine.ndjson |
   PYTHONPATH=$PWD $PY -m protocol.testing.transcript record --out fixtures/transcripts/tools_engine.jsonl \
     --description "contree-mcp on the embedded engine: all 19 tools, every resource, template and prompt, a completion" \
     --var "home=$HOME_DIR" --var "workdir=$WORK_DIR" --numbered-uuids --capture rsync --lockstep $MASKS \
-    --cwd "$WORK_DIR" -- '{python}' -m tools --backend local --home '{home}' --allowed-root '{workdir}' > /dev/null
+    --cwd "$WORK_DIR" -- '{python}' -m tools --backend local --home '{home}' --allowed-root '{workdir}' \
+    --sandbox-memory 512M --engine-memory 2G --sandbox-cpus 1 --engine-cpus 2 --sandbox-pids 512 \
+    --engine-pids 4096 > /dev/null

@@ -142,8 +142,8 @@ class RootlessNetwork:
         self.error = error  # why there is no networking (mode "none")
         self.binary = binary
         self.owners = sandbox_ns.OwnerPool(plan.size)
-        self._spares: dict[tuple[bool, int], list[SandboxNetwork]] = {}
-        self._recent: list[tuple[bool, int]] = []
+        self._spares: dict[tuple[bool, int | None], list[SandboxNetwork]] = {}
+        self._recent: list[tuple[bool, int | None]] = []
         self._making = 0
         self._closing = False
 
@@ -179,9 +179,9 @@ class RootlessNetwork:
                              f"uid {uid} / gid {gid} cannot run")
 
     async def setup(self, enabled: bool) -> SandboxNetwork:
-        return await self.setup_for(enabled, 1024)
+        return await self.setup_for(enabled, None)
 
-    async def setup_for(self, enabled: bool, pids: int) -> SandboxNetwork:
+    async def setup_for(self, enabled: bool, pids: int | None) -> SandboxNetwork:
         """A sandbox's namespaces (a spare when one of this kind is ready)."""
         networking = enabled and self.mode != "none"
         key = (networking, pids)
@@ -198,7 +198,7 @@ class RootlessNetwork:
             net.info = NetworkInfo(mode="none", error=self.error)
         return net
 
-    async def _make(self, networking: bool, pids: int) -> SandboxNetwork:
+    async def _make(self, networking: bool, pids: int | None) -> SandboxNetwork:
         rules = filter_rules() if networking else None
         namespaces = await sandbox_ns.create(self.directory, self.plan, self.owners, pids=pids,
                                              filter_rules=rules)

@@ -74,7 +74,7 @@ class OwnerPool:
 class SandboxNamespaces:
     """A sandbox's user namespace (`userns`) and optional network namespace (`netns`), kept by binds."""
 
-    def __init__(self, name: str, userns: Path, netns: Path | None, owner: int, pids: int) -> None:
+    def __init__(self, name: str, userns: Path, netns: Path | None, owner: int, pids: int | None) -> None:
         self.name = name
         self.userns = userns
         self.netns = netns
@@ -104,16 +104,17 @@ def _tool(name: str) -> str:
     return path
 
 
-async def create(directory: Path, plan: IdPlan, owners: OwnerPool, *, pids: int,
+async def create(directory: Path, plan: IdPlan, owners: OwnerPool, *, pids: int | None,
                  filter_rules: str | None) -> SandboxNamespaces:
-    """New namespaces for one sandbox, bound under `directory`; `filter_rules` (iptables-restore input)
-    asks for a network namespace filtered by them."""
+    """New namespaces for one sandbox, bound under `directory`; `pids`: its task limit (None: only the
+    user's own); `filter_rules` (iptables-restore input) asks for a network namespace filtered by them."""
     name = secrets.token_hex(6)
     owner = owners.take()
     done = SandboxNamespaces(name, directory / f"{name}.user", None, owner, pids)
     try:
         # The user namespace: made by a helper running as `owner` with the pids limit.
-        argv = [_tool("prlimit"), f"--nproc={pids}:{pids}", "--", _tool("unshare"), "--user", "--",
+        nproc = "unlimited" if pids is None else str(pids)
+        argv = [_tool("prlimit"), f"--nproc={nproc}:{nproc}", "--", _tool("unshare"), "--user", "--",
                 "/bin/sh", "-c", "echo ready; read _"]
         async with _helper(argv, user=owner) as helper:
             await helper.expect(b"ready\n", "cannot create a sandbox user namespace")
