@@ -34,7 +34,7 @@ from contree.backend import (
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.home import prepare_home
-from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
+from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, SandboxLimits, resolve_policy
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -155,6 +155,8 @@ class LocalEngine:
         self.runtime = await SandboxRuntime.create(msgspec.structs.replace(
             config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
         self.sandbox_limits = resolve_policy(settings, host, self.runtime.cgroups.enforceable())
+        if not getattr(self.runtime.cgroups, "enforces_total", True):  # rootless, no delegated cgroup
+            self.sandbox_limits = msgspec.structs.replace(self.sandbox_limits, total=SandboxLimits())
         # A run's changes are held in memory (upperfs): without a memory limit, bound them by the host.
         self._layer_cap = self.sandbox_limits.maximum.memory_bytes or host.memory_bytes // 4
 

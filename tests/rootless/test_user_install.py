@@ -349,3 +349,23 @@ def _uid(pid: int) -> int:
             return int(next(line for line in fh if line.startswith("Uid:")).split()[1])
     except (OSError, StopIteration, ValueError):
         return -1
+
+
+async def test_whoami_and_the_run_result_claim_only_the_limits_applied(rootless_user: RootlessUser,
+                                                                       busybox: str) -> None:
+    """No cgroup is delegated here: the per-sandbox process limit is real, memory and CPU limits and the
+    engine's total budget are not, so they are absent, never numbers."""
+    async with session(rootless_user) as s:
+        who = result(await s.call_tool("whoami", {}))
+        limits = who["limits"]
+        assert limits.get("instance_pids", 0) > 0 and limits.get("instance_max_pids", 0) > 0, limits
+        for absent in ("instance_memory_bytes", "instance_millicpus", "engine_pids", "engine_memory_bytes",
+                       "engine_millicpus"):
+            assert absent not in limits, (absent, limits)
+        r = await run(s, "echo x")
+        assert r["limits"]["pids"] == limits["instance_pids"], r["limits"]
+        assert r["limits"].get("memory_bytes") is None and r["limits"].get("cpus") is None, r["limits"]
+        bounded = await run(s, "(while :; do sleep 100 & done) 2>/dev/null & sleep 3; set -- /proc/[0-9]*; "
+                               "echo $#", pids=20, timeout=30)
+        assert bounded["limits"]["pids"] == 20
+        assert 0 < int(bounded["stdout"].strip()) <= 20, bounded

@@ -40,6 +40,7 @@ class RuntimeStateKiller:
     `kill_all` signals the sandbox's init found in the runtime's state under `runtime_root`."""
 
     v2 = False
+    enforces_total = False  # each sandbox has its limit, the engine's budget has none (no parent cgroup)
 
     def __init__(self, runtime_root: Path, parent: str = "") -> None:
         self.runtime_root = runtime_root
