@@ -87,12 +87,13 @@ class McpClient:
         self.session.set_default_sink(self._sink)
         self._next = 1
 
-    async def _sink(self, data: bytes) -> None:
-        self.replies.append(data)
+    async def _sink(self, message: Any) -> None:
+        if type(message).__name__ == "Reply":
+            self.replies.append(message.data)
 
     async def send(self, data: bytes) -> list[bytes]:
         self.replies = []
-        await self.session.dispatch(self.session.parse(data), self._sink)
+        await self.session.handle(data, self._sink)
         return self.replies
 
     async def start(self) -> None:

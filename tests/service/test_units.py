@@ -102,3 +102,22 @@ def test_a_stdio_client_gets_the_start_error_for_every_request() -> None:
     assert [r["id"] for r in replies] == [1, "b"]
     assert all(r["error"]["code"] == -32603 for r in replies)
     assert replies[0]["error"]["message"] == "the engine at /h could not start: boom; log: /h/engine.log"
+
+
+def test_engine_settings_are_handed_on_as_the_same_flags() -> None:
+    """What an MCP server was given for the engine reaches a service it starts unchanged."""
+    import argparse
+
+    from contree.engine.limits import ResourceSettings, add_arguments, settings_from
+    from contree.service.cli import engine_arguments
+
+    settings = ResourceSettings(memory_bytes=64 << 20, max_memory_bytes=1 << 30, cpus=0.5, pids=100)
+    argv = engine_arguments(512 << 20, settings)
+    assert argv[:2] == ["--output-quota", str(512 << 20)]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-quota", type=int)
+    add_arguments(parser)
+    parsed = parser.parse_args(argv)
+    assert parsed.output_quota == 512 << 20
+    assert settings_from(parsed) == settings
+    assert engine_arguments(None, ResourceSettings()) == []
