@@ -25,10 +25,30 @@ for m in {modules}; do insmod /mod/$m.ko || echo "VM: insmod $m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288 host /host || echo "VM: no 9p root"
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
 mount -t devtmpfs dev /host/dev; mount -t tmpfs tmpfs /host/tmp; mount -t tmpfs tmpfs /host/run
+{shares}
 cp /script /host/tmp/.vm-script
 exec switch_root /host /bin/sh -c '/bin/sh /tmp/.vm-script; /bin/busybox poweroff -f'
 
 """
+
+
+REPO = Path(__file__).resolve().parents[1]
+NINEP = "trans=virtio,version=9p2000.L,ro,msize=524288"
+VM_TMPFS = (Path("/tmp"), Path("/run"))  # the VM's own: host files below them need a share of their own
+
+
+def _shares() -> list[tuple[str, Path]]:
+    """(mount tag, host dir) for what the VM must see below its own tmpfs: this checkout (a CI clone may
+    live in /tmp)."""
+    return [("repo", REPO)] if any(REPO.is_relative_to(d) for d in VM_TMPFS) else []
+
+
+def _share_mounts() -> str:
+    return "\n".join(
+        f"mkdir -p /host{path} && mount -t 9p -o {NINEP} {tag} /host{path}"
+        f' || echo "VM: no 9p share {tag}"'
+        for tag, path in _shares()
+    )
 
 
 def _require(binary: str, package: str) -> str:
@@ -64,7 +84,7 @@ def _initramfs(tmp: Path, modules: Path, script: str) -> Path:
         shutil.copy2(src, root / "mod")
         names.append(Path(mod).name)
     init = root / "init"
-    init.write_text(INIT.format(modules=" ".join(names)))
+    init.write_text(INIT.format(modules=" ".join(names), shares=_share_mounts()))
     init.chmod(0o755)
     (root / "script").write_text(script)
     listing = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
@@ -83,6 +103,8 @@ def run_in_vm(script: str, tmp: Path, *, timeout: float = 900) -> str:
     res = subprocess.run(
         [qemu, "-accel", "tcg", "-m", "1536", "-smp", "2", "-kernel", str(kernel), "-initrd", str(initramfs),
          "-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-no-reboot", "-nodefaults",
-         "-serial", "stdio", "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"],
+         "-serial", "stdio", "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",
+         *(arg for tag, path in _shares()
+           for arg in ("-virtfs", f"local,path={path},mount_tag={tag},security_model=none,readonly=on"))],
         capture_output=True, text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
     return res.stdout + res.stderr
