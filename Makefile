@@ -11,9 +11,10 @@ PYTEST_ARGS ?=
 
 # Debian packages the engine, the OCI fixtures and the browser tests use.
 # qemu-system-x86 + linux-image-amd64 (+ cpio): the cgroup v2 VM of tests/engine/test_cgroups_v2_vm.py.
+# python3-venv: the throwaway user's own venv (tests/rootless_env.py).
 APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap \
 	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl \
-	qemu-system-x86 linux-image-amd64 cpio gcc libc6-dev
+	qemu-system-x86 linux-image-amd64 cpio python3-venv gcc libc6-dev
 # contree-init (PID 1 of long-lived sandboxes) is a static C binary built next to its source.
 NATIVE_INIT := contree/engine/native/contree-init
 
