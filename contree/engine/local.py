@@ -204,7 +204,6 @@ class LocalEngine:
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
-        self.sandboxes.close()
         if self.runtime is not None:
             runtime, self.runtime = self.runtime, None
             try:

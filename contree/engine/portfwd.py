@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import socket
@@ -47,35 +46,26 @@ def _setns(fd: int, nstype: int) -> None:
 
 
 class NetnsSockets:
-    """Creates sockets inside other network namespaces, on one thread of its own (setns changes only
-    the calling thread; nothing else ever runs on this one, so no other socket lands in a sandbox)."""
+    """Creates sockets inside one sandbox's network namespace, on a thread of its own that enters that
+    namespace once and never leaves it: setns changes only the calling thread, nothing else ever runs
+    on this one, and a rootless engine could not even go back (the host's namespace is not its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pidfd: Callable[[], int]) -> None:
+        self._pidfd = pidfd
         self._pool: ThreadPoolExecutor | None = None
-        self._broken: str | None = None
+        self._entered = False
 
-    def _make(self, pidfd: int, family: int) -> socket.socket:
-        if self._broken is not None:
-            raise OSError(errno.EIO, self._broken)
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(pidfd, CLONE_NEWNET)
-            try:
-                return socket.socket(family, socket.SOCK_STREAM)
-            finally:
-                try:
-                    _setns(own, CLONE_NEWNET)
-                except OSError as exc:  # never hand this thread another job
-                    self._broken = f"could not return to the engine's network namespace: {exc}"
-                    raise
-        finally:
-            os.close(own)
+    def _make(self, family: int) -> socket.socket:
+        if not self._entered:
+            _setns(self._pidfd(), CLONE_NEWNET)
+            self._entered = True
+        return socket.socket(family, socket.SOCK_STREAM)
 
-    async def socket_in(self, pidfd: int, family: int) -> socket.socket:
+    async def socket_in(self, family: int) -> socket.socket:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contree-netns")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._make, pidfd, family)
+        return await loop.run_in_executor(self._pool, self._make, family)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -94,10 +84,9 @@ class PortForwards:
     """The exposed ports of one sandbox. `pidfd()` gives the sandbox's PID 1 (its network namespace);
     `activity()` is called on every accepted connection and every chunk moved."""
 
-    def __init__(self, sockets: NetnsSockets, pidfd: Callable[[], int], activity: Callable[[], None],
-                 *, limit: int = MAX_FORWARDS) -> None:
-        self._sockets = sockets
-        self._pidfd = pidfd
+    def __init__(self, pidfd: Callable[[], int], activity: Callable[[], None], *,
+                 limit: int = MAX_FORWARDS) -> None:
+        self._sockets = NetnsSockets(pidfd)
         self._activity = activity
         self._limit = limit
         self._forwards: dict[int, _Forward] = {}
@@ -140,6 +129,7 @@ class PortForwards:
         forwards, self._forwards = list(self._forwards.values()), {}
         for forward in forwards:
             await self._shut(forward)
+        self._sockets.close()
 
     @staticmethod
     async def _shut(forward: _Forward) -> None:
@@ -165,7 +155,7 @@ class PortForwards:
     async def _connect(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         last: OSError | None = None
         for family, address in ((socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port))):
-            sock = await self._sockets.socket_in(self._pidfd(), family)
+            sock = await self._sockets.socket_in(family)
             sock.setblocking(False)
             try:
                 await asyncio.get_running_loop().sock_connect(sock, address)
@@ -188,7 +178,7 @@ class PortForwards:
             try:
                 inner_reader, inner_writer = await self._connect(info.port)
             except OSError as exc:
-                log.debug("forward of port %d: %s", info.port, exc)
+                log.warning("a connection to port %d of a sandbox failed: %s", info.port, exc)
                 return
             await asyncio.gather(self._pipe(reader, inner_writer, info, inbound=True),
                                  self._pipe(inner_reader, writer, info, inbound=False))

@@ -31,7 +31,7 @@ from contree.engine.keepalive import IdleLease
 from contree.engine.limits import SandboxLimits
 from contree.engine.operations import Job
 from contree.engine.oplog import EXECUTING, OpRecord
-from contree.engine.portfwd import NetnsSockets, PortForwards
+from contree.engine.portfwd import PortForwards
 from contree.engine.sandbox import SandboxSpec, StagedSandbox
 from contree.engine.sandbox_init import INIT_PATH, FailedToStart, InitChannel, InitGone, bind_mount
 from contree.engine.spawn_run import InstanceRun, Process, SpawnFailed, _env_dict, exit_data
@@ -65,7 +65,6 @@ class SandboxRun(InstanceRun):
         limits: SandboxLimits | None,
         layer_cap: int | None,
         init_binary: Path,
-        netns: NetnsSockets,
     ) -> None:
         super().__init__(engine=engine, record=record, request=request, image_uuid=image_uuid,
                          timeout=settings.ttl_seconds, limits=limits, layer_cap=layer_cap)
@@ -73,7 +72,7 @@ class SandboxRun(InstanceRun):
         self.init_binary = init_binary
         self.lease = IdleLease(settings.ttl_seconds)
         self.channel = InitChannel()
-        self.ports = PortForwards(netns, lambda: self.channel.pidfd, self.lease.touch)
+        self.ports = PortForwards(lambda: self.channel.pidfd, self.lease.touch)
         self.state: SandboxState = "starting"
         self.stop_reason: str | None = None
         self.ready = asyncio.Event()  # running, or ended without ever running

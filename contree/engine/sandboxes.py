@@ -19,7 +19,6 @@ from contree import api
 from contree.engine import spawn
 from contree.engine.operations import Job
 from contree.engine.oplog import OpRecord
-from contree.engine.portfwd import NetnsSockets
 from contree.engine.sandbox_init import INIT_PATH, InitUnavailable, binary_for
 from contree.engine.sandbox_run import SandboxRun, ended_info
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, RateLimited, Unprocessable
@@ -44,7 +43,6 @@ class SandboxManager:
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
         self.runs: dict[str, SandboxRun] = {}
-        self._netns = NetnsSockets()
         self._binary: Path | None = None
         self._binary_lock = asyncio.Lock()
 
@@ -93,7 +91,7 @@ class SandboxManager:
         record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
         run = SandboxRun(engine=engine, record=record, request=spawn_request, settings=request,
                          image_uuid=image_uuid, limits=limits, layer_cap=engine._layer_cap,
-                         init_binary=binary, netns=self._netns)
+                         init_binary=binary)
         engine._runs[record.uuid] = run
         self.runs[record.uuid] = run
         queue.submit(record.uuid, "sandbox", self._execute, self._dropped)
@@ -196,9 +194,6 @@ class SandboxManager:
         """Why the engine service must not exit for idleness (see contree.service.idle)."""
         running = len(self.runs)
         return f"{running} sandboxes running" if running else None
-
-    def close(self) -> None:
-        self._netns.close()
 
 
 def describe_stop(info: SandboxInfo) -> str:
