@@ -470,7 +470,8 @@ class LocalEngine:
         if record.kind != "instance":
             raise Conflict(f"operation {operation_id} is not an instance")
         if record.terminal:
-            raise Conflict(f"operation {operation_id} is {record.status}, not running")
+            raise Conflict(self.sandboxes.ended_text(record)
+                           or f"operation {operation_id} is {record.status}, not running")
         run = self._runs.get(record.uuid)
         if run is None or not run.started:
             raise TooEarly(f"operation {operation_id} is not running yet", retry_after=1.0)
@@ -501,7 +502,8 @@ class LocalEngine:
         _, oplog, _ = self._parts()
         record = oplog.get(_check_uuid(operation_id, "operation"))
         if record.terminal:
-            raise Gone(f"operation {operation_id} finished; there is no process to write to")
+            raise Gone(self.sandboxes.ended_text(record)
+                       or f"operation {operation_id} finished; there is no process to write to")
         try:
             data = api.decode_stream(chunk)
         except ValueError as exc:

@@ -140,8 +140,14 @@ class SandboxManager:
             return run
         if run is not None:
             raise Conflict(f"sandbox {sandbox_id} is {run.state}")
-        info = ended_info(self._record(sandbox_id))
-        raise Conflict(f"sandbox {sandbox_id} has stopped ({describe_stop(info)})")
+        raise Conflict(self.ended_text(self._record(sandbox_id)) or f"sandbox {sandbox_id} has stopped")
+
+    @staticmethod
+    def ended_text(record: OpRecord) -> str | None:
+        """Why a sandbox that ended is not running (None: the record is not a sandbox's)."""
+        if "sandbox" not in record.metadata:
+            return None
+        return f"sandbox {record.uuid} has stopped ({describe_stop(ended_info(record))})"
 
     def list(self) -> list[SandboxInfo]:
         return [run.info() for run in sorted(self.runs.values(), key=lambda r: r.record.created_at)]
