@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -25,7 +26,9 @@ from mcp.shared.exceptions import McpError
 from pydantic import AnyUrl
 
 from contree.engine.local import LocalEngine
+from contree.engine.network import NETNS_DIR, TAG_DIR
 from contree.engine.spawn_recover import engine_id_for
+from contree.service.control import probe
 from tests.netutil import free_port
 from tests.service_util import stop_service
 from tests.tools.conftest import http_server, mcp_session, require_engine_host, seed_busybox
@@ -116,8 +119,29 @@ def refused(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def engine_leftovers(home: Path) -> list[str]:
-    """Mounts under the home, and the engine's cgroups, runtime state and network namespaces."""
+def sandbox_leftovers(sandbox_id: str) -> list[str]:
+    """The mounts and cgroups of one sandbox."""
+    with open("/proc/self/mountinfo") as fh:
+        left = [line.split()[4] for line in fh if sandbox_id in line]
+    return left + [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/contree-engine/*/{sandbox_id}")]
+
+
+def network_tag(home: Path) -> str:
+    """The tag the home's running service names its network namespaces, veths and iptables chains
+    with (`network.py`): the tag lock it holds open."""
+    status = probe(home)
+    assert status is not None, f"no engine service runs on {home}"
+    for fd in Path(f"/proc/{status.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = Path(os.readlink(fd))
+            if target.parent == TAG_DIR and target.suffix == ".lock":
+                return target.stem
+    raise AssertionError(f"the engine service on {home} holds no network tag lock under {TAG_DIR}")
+
+
+def engine_leftovers(home: Path, tag: str) -> list[str]:
+    """Mounts under the home, and the engine's cgroups, runtime state, network namespaces, veths and
+    iptables chains (`tag`: its network tag, from `network_tag` while it ran)."""
     left = []
     with open("/proc/self/mountinfo") as fh:
         left += [line.split()[4] for line in fh if str(home) in line.split()[4]]
@@ -126,7 +150,10 @@ def engine_leftovers(home: Path) -> list[str]:
         if (root / "contree-engine" / engine_id).exists():
             left.append(str(root / "contree-engine" / engine_id))
     left += [str(p) for p in Path("/run/contree-engine").glob(f"**/*{engine_id}*")]
-    left += [str(p) for p in Path("/run/netns").glob(f"*{engine_id}*")] if Path("/run/netns").is_dir() else []
+    left += [f"netns {p.name}" for p in NETNS_DIR.glob(f"contree-{tag}-*")] if NETNS_DIR.is_dir() else []
+    left += [f"veth {n}" for n in os.listdir("/sys/class/net") if n.startswith(f"ct{tag}")]
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    left += [f"iptables chain {c}" for c in sorted(set(rules.split())) if c.startswith(f"CT-{tag}-")]
     return left
 
 
@@ -157,8 +184,10 @@ async def test_a_sandbox_keeps_state_serves_and_snapshots_while_it_runs(
         assert box["state"] == "running" and box["expires_at"] and box["ttl_seconds"] == 1800
         op = await call(session, "get_operation", {"operation_id": sid})
         assert op["kind"] == "instance" and op["status"] == "EXECUTING"
-        running = engine_leftovers(engine_home)  # what the check below must find gone
+        tag = network_tag(engine_home)
+        running = engine_leftovers(engine_home, tag)  # what the check below must find gone
         assert any("cgroup" in p for p in running) and any(str(engine_home) in p for p in running)
+        assert any(p.startswith("netns ") for p in running) and any(p.startswith("veth ") for p in running)
 
         # state persists between execs: files, the environment and the working directory
         wrote = await call(session, "exec", {"sandbox_id": sid, "command": "echo $GREETING > note; pwd"})
@@ -250,16 +279,20 @@ async def test_a_sandbox_keeps_state_serves_and_snapshots_while_it_runs(
         )
         assert gone["exit_code"] != 0
 
-        # a second sandbox sees nothing of the first
+        # a second sandbox sees nothing of the first: neither its files nor its processes
+        sleeper = await call(
+            session, "exec", {"sandbox_id": sid, "command": "exec sleep 4321", "background": True}
+        )
+        seen_here = await call(session, "exec", {"sandbox_id": sid, "command": "ps -o args"})
+        assert "sleep 4321" in seen_here["stdout"]  # what the second one must not see
         other = await call(session, "start_sandbox", {"image": "busybox:latest", "networking": False})
         oid = other["sandbox_id"]
         look = await call(
-            session, "exec", {"sandbox_id": oid, "command": "ls /work /www 2>&1; ps -o comm; echo end"}
+            session, "exec", {"sandbox_id": oid, "command": "ls /work/note /www 2>&1; ps -o args"}
         )
-        assert (
-            "No such file" in look["stdout"] and "cat" not in look["stdout"].split("end")[0].split("\n")[3:]
-        )
-        assert "httpd" not in look["stdout"] and look["stdout"].endswith("end\n")
+        assert look["stdout"].count("No such file") == 2, look["stdout"]
+        assert "sleep 4321" not in look["stdout"] and "ps -o args" in look["stdout"]
+        await call(session, "signal_process", {"sandbox_id": sid, "process_id": sleeper["process_id"]})
 
         # output of a long process: head, tail, the whole stream as a resource
         long = await call(
@@ -293,7 +326,7 @@ async def test_a_sandbox_keeps_state_serves_and_snapshots_while_it_runs(
         assert check["stdout"] == "kept\n"
         assert (await call(session, "list_sandboxes", {}))["sandboxes"] == []
     assert stop_service(engine_home)
-    assert engine_leftovers(engine_home) == []
+    assert engine_leftovers(engine_home, tag) == []
 
 
 async def test_an_idle_sandbox_is_stopped_after_its_ttl(engine_home: Path, workdir: Path) -> None:
@@ -301,6 +334,8 @@ async def test_an_idle_sandbox_is_stopped_after_its_ttl(engine_home: Path, workd
         session: Any = s
         idle = await call(session, "start_sandbox", {"image": "busybox:latest", "ttl_seconds": 2})
         busy = await call(session, "start_sandbox", {"image": "busybox:latest", "ttl_seconds": 2})
+        tag = network_tag(engine_home)
+        assert any(p.startswith("netns ") for p in engine_leftovers(engine_home, tag))
         # a foreground exec longer than the TTL keeps its sandbox: never reaped while it works
         slow = await call(
             session, "exec", {"sandbox_id": busy["sandbox_id"], "command": "sleep 4; echo done"}
@@ -314,8 +349,46 @@ async def test_an_idle_sandbox_is_stopped_after_its_ttl(engine_home: Path, workd
         assert info["status"] == "SUCCESS"
         await asyncio.sleep(3)
         assert (await call(session, "list_sandboxes", {}))["sandboxes"] == []
+        # reaped means released, with the engine still running: the sandbox's mounts and cgroups
+        assert await asyncio.to_thread(sandbox_leftovers, idle["sandbox_id"]) == []
     assert stop_service(engine_home)
-    assert engine_leftovers(engine_home) == []
+    assert engine_leftovers(engine_home, tag) == []
+
+
+async def test_exec_streams_progress_and_a_sandbox_is_an_operation(engine_home: Path, workdir: Path) -> None:
+    """Progress notifications carry an exec's output while it runs; list_operations lists the sandbox and
+    cancel_operation stops it."""
+    async with mcp_session(engine_home, workdir) as s:
+        session: Any = s
+        box = await call(session, "start_sandbox", {"image": "busybox:latest", "networking": False})
+        sid = box["sandbox_id"]
+        messages: list[tuple[float, str]] = []
+        loop = asyncio.get_running_loop()
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            messages.append((loop.time(), message or ""))
+
+        res = await session.call_tool(
+            "exec",
+            {"sandbox_id": sid, "command": "for i in 1 2 3; do echo line-$i; sleep 0.4; done"},
+            progress_callback=on_progress,
+        )
+        done = loop.time()
+        assert result(res)["stdout"] == "line-1\nline-2\nline-3\n"
+        early = [at for at, text in messages if "line-1" in text and "line-3" not in text]
+        assert early and done - early[0] >= 0.5, f"no output while it ran: {messages}"
+
+        listed = await call(session, "list_operations", {"status": "executing", "type": "instance"})
+        assert sid in [o["uuid"] for o in listed["operations"]]
+        assert (await call(session, "cancel_operation", {"operation_id": sid}))["cancelled"] is True
+        for _ in range(100):
+            if (await call(session, "list_sandboxes", {}))["sandboxes"] == []:
+                break
+            await asyncio.sleep(0.1)
+        assert (await call(session, "list_sandboxes", {}))["sandboxes"] == []
+        text = await error(session, "exec", {"sandbox_id": sid, "command": "true"})
+        assert "cancel" in text, text
+    assert stop_service(engine_home)
 
 
 async def test_exec_errors_are_clear(engine_home: Path, workdir: Path) -> None:
