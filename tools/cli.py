@@ -30,10 +30,10 @@ log = logging.getLogger("contree_mcp")
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
-    ("images", "publish"): ("tools.publish", "publish_main"),
-    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
-    ("images", "published"): ("tools.publish", "published_main"),
-    ("images", "prune"): ("tools.maintenance", "prune_main"),
+    ("images", "publish"): ("tools.commands.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.commands.publish", "unpublish_main"),
+    ("images", "published"): ("tools.commands.publish", "published_main"),
+    ("images", "prune"): ("tools.commands.prune", "prune_main"),
     ("engine", "check"): ("contree.engine.store", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
@@ -347,7 +347,7 @@ async def serve(args: argparse.Namespace) -> int:
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
     if kind == "local":
-        from tools.catalog import describe_images
+        from tools.guides.catalog import describe_images
 
         # the guidance names this engine's images (with per-client scoping: only the shared ones)
         state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
@@ -393,7 +393,7 @@ def _stop_on_signals() -> asyncio.Event:
 async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
     from protocol.http_app import serve_http as serve
     from protocol.http_guard import HttpSettings
-    from tools.docs_site import docs_routes
+    from tools.site.docs_site import docs_routes
 
     settings = HttpSettings(
         listen=args.http_listen, port=args.http_port, auth_token=args.http_token, auth_tokens=args.http_tokens

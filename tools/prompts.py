@@ -8,7 +8,7 @@ import re
 import textwrap
 
 from protocol.registry import PromptArgument, Registry, RequestContext
-from tools.guidance import Guidance, literal
+from tools.guides.guidance import Guidance, literal
 from tools.state import ServerState
 
 IMAGE_ARGS = ("image", "base")  # arguments naming an image: picked from the engine's images by default

@@ -16,7 +16,7 @@ from protocol.registry import CacheHint, Registry, RequestContext
 from tools import output
 from tools.convert import as_dict
 from tools.guides import GUIDES, guide_text
-from tools.inspect_tools import decode_text, normalize_dir, read_bounded
+from tools.image_files import decode_text, normalize_dir, read_bounded
 from tools.prompts import PROMPTS
 from tools.refs import is_uuid
 from tools.state import ServerState

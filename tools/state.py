@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from contree.backend import Backend
 from tools.budget import RESULT_BUDGET
-from tools.catalog import Catalog, describe_images
-from tools.guidance import Guidance
-from tools.owners import OperationOwners
+from tools.guides.catalog import Catalog, describe_images
+from tools.guides.guidance import Guidance
+from tools.stores.owners import OperationOwners
 
 if TYPE_CHECKING:
     from contree.oci.credentials import CredentialStore
-    from tools.dirstate import DirectoryStates
-    from tools.image_scope import ImageScope
-    from tools.lineage import Lineage
+    from tools.stores.dirstate import DirectoryStates
+    from tools.stores.image_scope import ImageScope
+    from tools.stores.lineage import Lineage
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,11 @@ cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 SERVER="-m tools --backend contree --url http://127.0.0.1:9 --token transcript-token --auth-type jwt --cache-files :memory: --cache-general :memory:"
 record() {
-  # the recorder reads a pipe (not a file redirect)
+  # the recorder reads a pipe (not a file redirect); the server's allowed root is the checkout, recorded
+  # as {root} so the transcript replays from any checkout
   cat "tests/tools/transcript_inputs/$1.ndjson" |
-    $PY -m protocol.testing.transcript record --out "fixtures/transcripts/$1.jsonl" --description "$2" -- $PY $SERVER \
+    $PY -m protocol.testing.transcript record --out "fixtures/transcripts/$1.jsonl" --description "$2" \
+      --var "root=$PWD" -- $PY $SERVER \
     > /dev/null
   sed -i "1s|\"argv\":\[\"$PY\"|\"argv\":[\"{python}\"|" "fixtures/transcripts/$1.jsonl"
 }

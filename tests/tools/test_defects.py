@@ -751,7 +751,7 @@ def test_39_lineage_retention_follows_last_use_not_creation(tmp_path: Path) -> N
     import sqlite3
     import time
 
-    from tools.lineage import EdgeStore
+    from tools.stores.lineage import EdgeStore
 
     path = tmp_path / "lineage.db"
     store = EdgeStore(path)

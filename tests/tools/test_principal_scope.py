@@ -15,8 +15,8 @@ from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 from tools.http_tokens import TokensFileError, load_tokens
-from tools.owners import OperationOwners
 from tools.state import ServerState
+from tools.stores.owners import OperationOwners
 
 ALICE, MALLORY = FakeContext("alice"), FakeContext("mallory")
 

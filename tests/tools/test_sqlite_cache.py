@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.lineage import EdgeStore
-from tools.owners import OperationOwners
+from tools.stores.lineage import EdgeStore
+from tools.stores.owners import OperationOwners
 
 
 def test_edges_survive_reopen_and_prune_by_last_use(tmp_path: Path) -> None:

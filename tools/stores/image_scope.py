@@ -32,9 +32,9 @@ from contree.errors import NotFound
 from protocol.errors import ToolError
 from tools.convert import as_dict, image_output
 from tools.models import ImageOutput
-from tools.owners import OperationOwners
 from tools.refs import resolve_image, split_ref
-from tools.sqlite_cache import SqliteCache
+from tools.stores.owners import OperationOwners
+from tools.stores.sqlite_cache import SqliteCache
 
 LIST_PAGE = 1000  # the API's maximum page
 LIST_MAX_PAGES = 20

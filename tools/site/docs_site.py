@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from protocol.registry import Registry
-from tools import markdown
-from tools.guidance import TOOL_EXAMPLES, Guidance
 from tools.guides import GUIDES, guide_text
+from tools.guides.guidance import TOOL_EXAMPLES, Guidance
+from tools.site import markdown
 from tools.state import ServerState
 
 PAGES = [("/", "Setup"), ("/instructions", "Instructions"), ("/tools", "Tools"), ("/resources", "Resources"),

@@ -18,7 +18,7 @@ import msgspec
 from contree.errors import BackendError
 from contree.timeparse import isoformat
 from tools.convert import as_dict
-from tools.sqlite_cache import SqliteCache
+from tools.stores.sqlite_cache import SqliteCache
 
 MAX_WALK = 50
 COMMAND_CHARS = 200  # an entry's command is shown up to this many characters
