@@ -23,7 +23,4 @@ def test_tool_transcripts_exist() -> None:
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 async def test_tool_transcript_replays(path: Path) -> None:
-    # the server's default allowed root (the checkout) appears in its instructions and guides as {root}
-    await transcript.replay_stdio(
-        path, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, variables={"root": str(ROOT)}
-    )
+    await transcript.replay_stdio(path, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
