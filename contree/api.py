@@ -433,6 +433,13 @@ class OperationResponse(OperationSummary):
             return None
         return msgspec.convert(self.metadata, ImageImportMetadata)
 
+    def instance_result(self) -> InstanceResult | None:
+        """The main process's result (`metadata.result`) alone: None for an import or while it runs.
+        Cheaper than `instance_metadata()` when the request echo (env, a large `files` map) is not needed."""
+        if self.kind != "instance" or not self.metadata or self.metadata.get("result") is None:
+            return None
+        return msgspec.convert(self.metadata["result"], InstanceResult)
+
     def summary(self) -> OperationSummary:
         """The summary alone (what GET /operations lists), without `metadata` and `result`."""
         return OperationSummary(**{name: getattr(self, name) for name in OperationSummary.__struct_fields__})

@@ -7,7 +7,6 @@ import posixpath
 
 from contree.backend import Backend
 from contree.errors import BackendError
-from tools.convert import as_dict
 
 
 def normalize_dir(path: str) -> str:
@@ -62,10 +61,10 @@ def decode_text(data: bytes, truncated: bool) -> str | None:
 async def file_size(backend: Backend, image: str, path: str) -> int | None:
     parent, name = posixpath.split(path)
     try:
-        listing = as_dict(await backend.list_directory(image, parent or "/"))
+        listing = await backend.list_directory(image, parent or "/")
     except BackendError:
         return None
-    for item in listing.get("files") or []:
-        if str(item.get("path", "")).rstrip("/").rsplit("/", 1)[-1] == name:
-            return int(item.get("size") or 0)
+    for item in listing.files:
+        if item.path.rstrip("/").rsplit("/", 1)[-1] == name:
+            return item.size
     return None

@@ -9,12 +9,12 @@ from typing import Any
 
 import msgspec
 
+from contree import api
 from contree.errors import BackendError, BadRequest, NotFound
 from protocol.content import ResourceContents
 from protocol.errors import InvalidParams, ResourceNotFound
 from protocol.registry import CacheHint, Registry, RequestContext
 from tools import output
-from tools.convert import as_dict
 from tools.guides import GUIDES, guide_text
 from tools.image_files import decode_text, normalize_dir, read_bounded
 from tools.prompts import PROMPTS
@@ -37,14 +37,11 @@ async def _resolve(state: ServerState, ctx: RequestContext, uri: str, image: str
         raise ResourceNotFound(uri, f"Image not found: {image} ({exc})") from None
 
 
-def ls_line(item: dict[str, Any]) -> str:
-    mode = int(item.get("mode") or 0)
-    size = int(item.get("size") or 0)
-    when = dt.datetime.fromtimestamp(int(item.get("mtime") or 0), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    name = str(item.get("path") or "")
-    line = f"{stat.filemode(mode)} {size:>10} {when} {name}"
-    if item.get("is_symlink") and item.get("symlink_to"):
-        line += f" -> {item['symlink_to']}"
+def ls_line(item: api.FileItem) -> str:
+    when = dt.datetime.fromtimestamp(item.mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    line = f"{stat.filemode(item.mode)} {item.size:>10} {when} {item.path}"
+    if item.is_symlink and item.symlink_to:
+        line += f" -> {item.symlink_to}"
     return line
 
 
@@ -163,10 +160,10 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         uuid = await _resolve(state, ctx, uri, image)
         directory = normalize_dir(path if path not in ("", ".") else "/")
         try:
-            listing = as_dict(await state.backend.list_directory(uuid, directory))
+            listing = await state.backend.list_directory(uuid, directory)
         except BackendError as exc:
             raise ResourceNotFound(uri, f"Cannot list {directory} in {image}: {exc}") from None
-        return "\n".join(ls_line(item) for item in listing.get("files") or [])
+        return "\n".join(ls_line(item) for item in listing.files)
 
     @registry.resource_template(
         "contree://image/{image}/lineage",
@@ -264,33 +261,33 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     async def import_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/import/{operation_id}"
         op = await _operation(uri, operation_id, ctx.principal, kind="image_import", word="import")
-        result = as_dict(op.get("result"))
-        registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
-        lines = [f"STATE: {op.get('status')}"]
-        if result.get("image"):
-            lines.append(f"RESULT_IMAGE: {result['image']}")
-        if result.get("tag"):
-            lines.append(f"RESULT_TAG: {result['tag']}")
-        if registry_url:
-            lines.append(f"REGISTRY_URL: {registry_url}")
-        if op.get("error"):
-            lines.append(f"ERROR:\n{op['error']}")
+        result = op.result or api.OperationResult()
+        meta = op.import_metadata()
+        lines = [f"STATE: {op.status}"]
+        if result.image:
+            lines.append(f"RESULT_IMAGE: {result.image}")
+        if result.tag:
+            lines.append(f"RESULT_TAG: {result.tag}")
+        if meta is not None and meta.registry is not None and meta.registry.url:
+            lines.append(f"REGISTRY_URL: {meta.registry.url}")
+        if op.error:
+            lines.append(f"ERROR:\n{op.error}")
         return "\n".join(lines)
 
     async def _operation(
         uri: str, operation_id: str, principal: str | None, *, kind: str, word: str
-    ) -> dict[str, Any]:
+    ) -> api.OperationResponse:
         """The operation this principal may see, of `kind` (else not found, naming it an `word` one)."""
         try:
             state.owners.require(principal, operation_id)
-            op = as_dict(await state.backend.get_operation(operation_id))
+            op = await state.backend.get_operation(operation_id)
         except NotFound:
             raise ResourceNotFound(uri, f"Operation not found: {operation_id}") from None
         except BackendError as exc:
             raise ResourceNotFound(uri, f"Operation {operation_id}: {exc}") from None
-        if op.get("kind") != kind:
+        if op.kind != kind:
             raise ResourceNotFound(
-                uri, f"Operation {operation_id} is not an {word} operation (kind={op.get('kind')})"
+                uri, f"Operation {operation_id} is not an {word} operation (kind={op.kind})"
             )
         return op
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from contree import api
 from contree.backend import Backend
 from tools.budget import RESULT_BUDGET
 from tools.guides.catalog import Catalog, describe_images
@@ -70,7 +71,7 @@ class ServerState:
     def sandbox_word(self) -> str:
         return "sandbox" if self.backend_kind == "local" else "microVM"
 
-    def observe(self, op: Any, principal: str | None) -> None:
+    def observe(self, op: api.OperationSummary, principal: str | None) -> None:
         """What a terminal operation of `principal` implies: a lineage edge, its result image as its own."""
         self.lineage.observe(op, principal)
         self.images.observe(op, principal)
