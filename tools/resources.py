@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import stat
 import urllib.parse
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -17,6 +17,7 @@ from protocol.registry import CacheHint, Registry, RequestContext
 from tools import output
 from tools.guides import GUIDES, guide_text
 from tools.image_files import decode_text, normalize_dir, read_bounded
+from tools.models import Resources
 from tools.prompts import PROMPTS
 from tools.refs import is_uuid
 from tools.state import ServerState
@@ -25,6 +26,29 @@ from tools.state import ServerState
 GUIDE_CACHE = CacheHint(3_600_000, "public")
 # An image never changes once made, so what is read from it by UUID stays true; by tag it may move.
 IMAGE_CACHE = CacheHint(86_400_000, "private")
+
+
+class RunDocument(api.Model, omit_defaults=True):
+    """`contree://operations/instance/<id>`: a run as JSON (fields that do not apply are left out)."""
+
+    state: str
+    error: str | None = None
+    result_image: str | None = None
+    result_tag: str | None = None
+    exit_code: int | None = None
+    timed_out: bool
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+    stdout_resource: str | None = None
+    stderr_resource: str | None = None
+    hint: str | None = None
+    resources: Resources | None = None
 
 
 def image_cache(variables: dict[str, str]) -> CacheHint:
@@ -68,7 +92,7 @@ def parse_stream(spec: str, max_limit: int) -> tuple[str, int, int | None]:
 def register_guides(registry: Registry, state: ServerState) -> None:
     for section in GUIDES:
 
-        def make(name: str):
+        def make(name: str) -> Callable[[RequestContext], Awaitable[str]]:
             async def read(ctx: RequestContext) -> str:
                 return guide_text(name, await state.guidance())
 
@@ -198,20 +222,26 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
         cap, budget = state.output_cap(state.cap_for(operation_id))
         out = await output.shape(state, op, cap=cap, budget=budget, with_resources=True)
-        doc: dict[str, Any] = {"state": out.status}
-        known = {
-            "error": out.error,
-            "result_image": out.result_image_uuid if out.status == "SUCCESS" else None,
-            "result_tag": out.result.tag if out.result else None,
-            "exit_code": out.exit_code,
-        }
-        doc.update((k, v) for k, v in known.items() if v is not None)
-        doc["timed_out"] = out.timed_out
-        streams = ("stdout", "stderr", "stdout_truncated", "stderr_truncated", "stdout_bytes", "stderr_bytes")
-        extras = ("stdout_tail", "stderr_tail", "stdout_resource", "stderr_resource", "hint")
-        doc.update((k, v) for k in streams + extras if (v := getattr(out, k)) is not None)
-        if out.resources is not None:
-            doc["resources"] = msgspec.to_builtins(out.resources)
+        doc = RunDocument(
+            state=out.status,
+            error=out.error,
+            result_image=out.result_image_uuid if out.status == "SUCCESS" else None,
+            result_tag=out.result.tag if out.result else None,
+            exit_code=out.exit_code,
+            timed_out=out.timed_out,
+            stdout=out.stdout,
+            stderr=out.stderr,
+            stdout_truncated=out.stdout_truncated,
+            stderr_truncated=out.stderr_truncated,
+            stdout_bytes=out.stdout_bytes,
+            stderr_bytes=out.stderr_bytes,
+            stdout_tail=out.stdout_tail,
+            stderr_tail=out.stderr_tail,
+            stdout_resource=out.stdout_resource,
+            stderr_resource=out.stderr_resource,
+            hint=out.hint,
+            resources=out.resources,
+        )
         return msgspec.json.format(msgspec.json.encode(doc), indent=2).decode()
 
     @registry.resource_template(
@@ -315,7 +345,7 @@ def register_completions(registry: Registry, state: ServerState) -> None:
                 registry.completion("ref/prompt", name, arg)(image_tags)
             elif default:
 
-                def make(d: str):
+                def make(d: str) -> Callable[[RequestContext, str, dict[str, str]], Awaitable[list[str]]]:
                     async def complete(
                         ctx: RequestContext, value: str, context_args: dict[str, str]
                     ) -> list[str]:

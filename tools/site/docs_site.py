@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -235,7 +236,7 @@ def docs_routes(
     """GET routes for every page; `token` says clients must send a bearer token (shown in the snippets)."""
     pages = render_site(registry, state, listen=listen, port=port, token=token)
 
-    def handler(path: str):
+    def handler(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         body = pages[path]
 
         async def serve(request: web.Request) -> web.Response:
