@@ -1,6 +1,6 @@
 """REST layer benchmark: what going through HTTP costs, side by side with direct Backend calls.
 
-The in-memory fake backend (tests/rest/fake_backend.py) is served on 127.0.0.1 and driven by
+The in-memory fake backend (tests/fake_backend.py) is served on 127.0.0.1 and driven by
 RemoteBackend in the same process, so the figures are the client + server + loopback overhead:
 
 * status polls (`get_operation`) per second, sequential and 32 in flight, vs direct calls;
