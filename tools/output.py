@@ -8,17 +8,22 @@ say so (`source="events"`).
 
 from __future__ import annotations
 
-import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import msgspec
 
+from contree import api
 from contree.backend import OutputPage, OutputReader
 from contree.errors import NotFound
 from tools.budget import as_text, fit_bytes, fit_prefix, json_len, result_size, utf8_boundary
-from tools.convert import as_dict, head_length, operation_output, stream_raw
+from tools.convert import head_length, operation_output, stream_raw
 from tools.models import OperationOutput
 from tools.state import ServerState
+
+if TYPE_CHECKING:
+    from tools.sandbox_models import ProcessOutput  # which imports this module (through run_tool)
+
+    Shaped: TypeAlias = OperationOutput | ProcessOutput  # the results whose streams are shaped here
 
 STREAMS = ("stdout", "stderr")
 UTF8_SLACK = 3  # bytes read beyond a page's limit to finish its last character
@@ -63,7 +68,8 @@ async def fetch(
     state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False,
     spid: int = 1,
 ) -> OutputPage:
-    """Raw bytes of a stream: from the engine's spill, else (cloud) from the recorded event log."""
+    """Raw bytes of a process's stream (spid 1: the run's): from the engine's spill, else (cloud) from the
+    recorded event log."""
     page = await engine_page(state, operation_id, stream, offset=offset, limit=limit, tail=tail, spid=spid)
     if page is not None:
         return page
@@ -97,23 +103,21 @@ async def events_stream(
     state: ServerState, operation_id: str, stream: str, *, spid: int = 1
 ) -> tuple[bytes, int, bool]:
     """(bytes, bytes not recorded, log complete) of a process's stream, read from the operation's event
-    log (spid 1: the main process)."""
+    log (spid 1: the main process, which events without a spid belong to)."""
+    wanted = (1, None) if spid == 1 else (spid,)
     chunks: list[bytes] = []
     dropped = 0
     complete = False
     async for event in state.backend.events(operation_id, follow=False):
-        data = as_dict(event)
-        kind = data.get("type")
-        if kind == "completion":
+        if event.type == "completion":
             complete = True
-        if data.get("spid", 1) not in ((1, None) if spid == 1 else (spid,)):
+        if event.spid not in wanted or event.type not in (stream, "truncated"):
             continue
-        payload = as_dict(data.get("data"))
-        if kind == stream:
-            value = payload.get("value") or ""
-            chunks.append(base64.b64decode(value) if payload.get("encoding") == "base64" else value.encode())
-        elif kind == "truncated" and payload.get("stream") == stream:
-            dropped = int(payload.get("bytes_dropped") or 0)
+        payload = event.payload()
+        if isinstance(payload, api.EventDataStream) and event.type == stream:
+            chunks.append(stream_raw(payload)[0])
+        elif isinstance(payload, api.EventDataTruncated) and payload.stream == stream:
+            dropped = payload.bytes_dropped
     return b"".join(chunks), dropped, complete
 
 
@@ -194,6 +198,7 @@ class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):
         return template.format(stream=stream, offset=offset)
 
 
+
 class _View(msgspec.Struct, kw_only=True):
     """One stream of a result while it is being shaped: head bytes, tail bytes and what is beyond."""
 
@@ -210,13 +215,15 @@ class _View(msgspec.Struct, kw_only=True):
 
 
 async def _view(
-    state: ServerState, op_id: str, stream: str, recorded: Any, cap: int, truncated: bool, spid: int = 1
+    state: ServerState, place: StreamPlace, stream: str, recorded: api.StreamRepr | None, cap: int,
+    truncated: bool,
 ) -> _View:
     raw, api_cut = stream_raw(recorded)
     head = raw[: head_length(raw, cap)]
     if not truncated:
         return _View(head=head, total=len(raw))
-    page = await engine_page(state, op_id, stream, offset=0, limit=cap, tail=True, spid=spid)
+    page = await engine_page(state, place.operation_id, stream, offset=0, limit=cap, tail=True,
+                             spid=place.spid)
     if page is not None and page.quota is not None:
         start = max(page.offset, len(head))
         return _View(
@@ -230,7 +237,7 @@ async def _view(
     return _View(head=head, total=len(raw), tail=raw[start:], recorded_only=api_cut)
 
 
-def _fit(out: Any, views: dict[str, _View], budget: int, place: StreamPlace) -> None:
+def _fit(out: Shaped, views: dict[str, _View], budget: int, place: StreamPlace) -> None:
     """Shorten tails, then heads, until the result fits `budget` (bytes of pretty JSON)."""
     for _ in range(12):
         _fill(out, views, place, hint=False)
@@ -252,7 +259,7 @@ def _fit(out: Any, views: dict[str, _View], budget: int, place: StreamPlace) -> 
             view.head = view.head[:keep]
 
 
-def _fill(out: Any, views: dict[str, _View], place: StreamPlace, *, hint: bool) -> None:
+def _fill(out: Shaped, views: dict[str, _View], place: StreamPlace, *, hint: bool) -> None:
     notes: list[str] = []
     for name, view in views.items():
         cut = view.cut
@@ -292,31 +299,34 @@ def _note(place: StreamPlace, name: str, view: _View) -> str:
 
 
 async def shape(
-    state: ServerState, op: Any, *, cap: int, budget: int | None, with_resources: bool = False
+    state: ServerState,
+    op: api.OperationResponse,
+    *,
+    cap: int,
+    budget: int | None,
+    with_resources: bool = False,
 ) -> OperationOutput:
     """The OperationOutput of an operation as a tool returns it: each stream's head (`cap` bytes) and,
     when a stream was longer, its tail, size, resource URI and a hint on reading the rest; within
     `budget` bytes (None: the caller asked for `cap` explicitly)."""
-    data = as_dict(op)
-    out = operation_output(data, cap=cap, with_resources=with_resources)
+    out = operation_output(op, cap=cap, with_resources=with_resources)
     if out.kind != "instance" or not out.uuid:
         return out
-    recorded = as_dict(as_dict(data.get("metadata")).get("result"))
+    recorded = op.instance_result() or api.InstanceResult()
     await shape_streams(state, out, StreamPlace(operation_id=out.uuid), recorded, cap=cap, budget=budget)
     return out
 
 
 async def shape_streams(
-    state: ServerState, out: Any, place: StreamPlace, recorded: dict[str, Any], *, cap: int,
+    state: ServerState, out: Shaped, place: StreamPlace, recorded: api.InstanceResult, *, cap: int,
     budget: int | None,
 ) -> None:
     """Fill `out`'s stream fields (`stdout`, `stdout_truncated`, `stdout_tail`, `stdout_bytes`,
     `stdout_resource`, the same for stderr, `hint`, `output_quota_exceeded`, `output_bytes_kept`) from a
     process's recorded result, within `budget` bytes of the whole result."""
     views = {
-        name: await _view(state, place.operation_id, name, recorded.get(name), cap,
-                          getattr(out, f"{name}_truncated"), place.spid)
-        for name in STREAMS
+        "stdout": await _view(state, place, "stdout", recorded.stdout, cap, out.stdout_truncated),
+        "stderr": await _view(state, place, "stderr", recorded.stderr, cap, out.stderr_truncated),
     }
     if budget is not None:
         _fit(out, views, budget, place)

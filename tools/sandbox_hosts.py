@@ -18,12 +18,14 @@ import contextlib
 import logging
 import signal as signals
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from contree import api
+from contree.backend import Backend
 from contree.engine.keepalive import IdleLease
 from contree.errors import BackendError, Conflict, NotFound
 from contree.sandbox_api import (
@@ -37,7 +39,6 @@ from contree.sandbox_api import (
 )
 from contree.timeparse import isoformat
 from protocol.errors import ToolError
-from tools.convert import TERMINAL, as_dict
 from tools.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ class EngineSandboxes:
 
     kind = "engine"
 
-    def __init__(self, backend: SandboxHost) -> None:
+    def __init__(self, backend: SandboxHost, api_backend: Backend) -> None:
         self.backend = backend
+        self.api = api_backend  # the same object: its Contree API side (processes)
 
     async def start(self, request: SandboxRequest, *, max_ttl: int | None) -> SandboxInfo:
         return await self.backend.start_sandbox(request)
@@ -70,16 +72,17 @@ class EngineSandboxes:
         return await self.backend.list_sandboxes()
 
     async def exec(self, sandbox_id: str, spec: api.ExecSpec) -> int:
-        return await self._checked(sandbox_id, self._backend().create_subprocess(sandbox_id, spec))
+        spid: int = await self._checked(sandbox_id, self.api.create_subprocess(sandbox_id, spec))
+        return spid
 
     async def wait(self, sandbox_id: str, spid: int, seconds: float) -> api.InstanceResult:
         return await self.backend.wait_subprocess(sandbox_id, spid, seconds)
 
     async def write_stdin(self, sandbox_id: str, spid: int, chunk: api.ClosableStreamRepr) -> None:
-        await self._checked(sandbox_id, self._backend().write_stdin(sandbox_id, spid, chunk))
+        await self._checked(sandbox_id, self.api.write_stdin(sandbox_id, spid, chunk))
 
     async def kill(self, sandbox_id: str, spid: int, sig: str) -> None:
-        await self._checked(sandbox_id, self._backend().kill_subprocess(sandbox_id, spid, sig))
+        await self._checked(sandbox_id, self.api.kill_subprocess(sandbox_id, spid, sig))
 
     def timed_out(self, sandbox_id: str, spid: int) -> bool:
         return False  # the engine says so itself
@@ -93,10 +96,7 @@ class EngineSandboxes:
     async def stop(self, sandbox_id: str, commit: bool) -> SandboxInfo:
         return await self.backend.stop_sandbox(sandbox_id, StopSandboxRequest(commit=commit))
 
-    def _backend(self) -> Any:
-        return self.backend
-
-    async def _checked(self, sandbox_id: str, call: Any) -> Any:
+    async def _checked(self, sandbox_id: str, call: Awaitable[Any]) -> Any:
         """A call on a sandbox's processes; a sandbox that stopped says why (not 'operation … SUCCESS')."""
         try:
             return await call
@@ -134,8 +134,8 @@ class CloudSandboxes:
         self._reaping = False
 
     async def start(self, request: SandboxRequest, *, max_ttl: int | None) -> SandboxInfo:
-        me = as_dict(await self.backend.whoami())
-        max_timeout = int(as_dict(me.get("limits")).get("instance_max_timeout") or 3600)
+        me = await self.backend.whoami()
+        max_timeout = me.limits.get("instance_max_timeout") or 3600
         spawn = api.InstanceSpawnRequest(
             command=CLOUD_MAIN, shell=True, image=request.image, env=request.env, cwd=request.cwd,
             files=request.files, hostname=request.hostname,
@@ -147,17 +147,17 @@ class CloudSandboxes:
         sandbox_id = spawned.uuid
         loop = asyncio.get_running_loop()
         end = loop.time() + START_PATIENCE
-        op = as_dict(await self.backend.get_operation(sandbox_id))
-        while op.get("status") not in ("EXECUTING", *TERMINAL) and loop.time() < end:
+        op = await self.backend.get_operation(sandbox_id)
+        while op.status != "EXECUTING" and op.status not in api.TERMINAL_STATUSES and loop.time() < end:
             await asyncio.sleep(0.5)
-            op = as_dict(await self.backend.get_operation(sandbox_id))
-        if op.get("status") != "EXECUTING":
+            op = await self.backend.get_operation(sandbox_id)
+        if op.status != "EXECUTING":
             with contextlib.suppress(BackendError):
                 await self.backend.cancel_operation(sandbox_id)
-            raise ToolError(f"sandbox {sandbox_id} could not start: {op.get('error') or op.get('status')}")
+            raise ToolError(f"sandbox {sandbox_id} could not start: {op.error or op.status}")
         now = time.time()
-        info = SandboxInfo(uuid=sandbox_id, image=str(op.get("image_uuid") or spawned.image), state="running",
-                           status="EXECUTING", created_at=str(op.get("created_at") or isoformat(now)),
+        info = SandboxInfo(uuid=sandbox_id, image=op.image_uuid or spawned.image, state="running",
+                           status="EXECUTING", created_at=op.created_at or isoformat(now),
                            ttl_seconds=request.ttl_seconds, networking=request.networking)
         self.known[sandbox_id] = _CloudSandbox(info=info, lease=IdleLease(request.ttl_seconds),
                                                deadline=now + max_timeout)
@@ -175,23 +175,26 @@ class CloudSandboxes:
             last_active_at=isoformat(time.time() - box.lease.idle_for()))
 
     async def _refresh(self, sandbox_id: str) -> SandboxInfo:
-        op = as_dict(await self.backend.get_operation(sandbox_id))
+        op = await self.backend.get_operation(sandbox_id)
         box = self.known.get(sandbox_id)
         if box is None:
-            meta = as_dict(op.get("metadata"))
-            if CLOUD_MARKER not in str(meta.get("command") or ""):
+            try:
+                meta = op.instance_metadata()
+            except msgspec.ValidationError:
+                meta = None
+            if meta is None or CLOUD_MARKER not in meta.command:
                 raise NotFound(f"sandbox {sandbox_id} not found (operation {sandbox_id} is not a sandbox)")
-            running = op.get("status") == "EXECUTING"
-            return SandboxInfo(uuid=sandbox_id, image=str(op.get("image_uuid") or ""),
-                               state="running" if running else "stopped", status=str(op.get("status") or ""),
-                               created_at=str(op.get("created_at") or ""), ttl_seconds=0,
-                               stop_reason=None if running else "stopped", error=op.get("error"),
-                               result_image=op.get("result_image_uuid"))
-        if op.get("status") in TERMINAL and box.info.state != "stopped":
-            reason = box.info.stop_reason or ("exited" if op.get("status") == "SUCCESS" else "cancelled")
+            running = op.status == "EXECUTING"
+            return SandboxInfo(uuid=sandbox_id, image=op.image_uuid or "",
+                               state="running" if running else "stopped", status=op.status,
+                               created_at=op.created_at, ttl_seconds=0,
+                               stop_reason=None if running else "stopped", error=op.error,
+                               result_image=op.result_image_uuid)
+        if op.status in api.TERMINAL_STATUSES and box.info.state != "stopped":
+            reason = box.info.stop_reason or ("exited" if op.status == "SUCCESS" else "cancelled")
             box.info = msgspec.structs.replace(
-                box.info, state="stopped", status=str(op.get("status")), stop_reason=reason,
-                error=op.get("error"), result_image=op.get("result_image_uuid"))
+                box.info, state="stopped", status=op.status, stop_reason=reason,
+                error=op.error, result_image=op.result_image_uuid)
         return self._view(box)
 
     async def get(self, sandbox_id: str) -> SandboxInfo:
@@ -319,7 +322,7 @@ class CloudSandboxes:
                     self.known.pop(sandbox_id, None)
 
 
-async def wait_process(backend: Any, sandbox_id: str, spid: int, seconds: float) -> api.InstanceResult:
+async def wait_process(backend: Backend, sandbox_id: str, spid: int, seconds: float) -> api.InstanceResult:
     """A subprocess's result once it exited or after `seconds`: the engine's long poll when the backend
     has one, else polling `get_subprocess`."""
     if isinstance(backend, SandboxHost):
@@ -327,7 +330,7 @@ async def wait_process(backend: Any, sandbox_id: str, spid: int, seconds: float)
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     while True:
-        result: api.InstanceResult = await backend.get_subprocess(sandbox_id, spid)
+        result = await backend.get_subprocess(sandbox_id, spid)
         if process_exited(result) or loop.time() >= end:
             return result
         await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
@@ -358,11 +361,10 @@ class SandboxHosts:
 
     async def get(self) -> EngineSandboxes | CloudSandboxes:
         if self._host is None:
-            limits = as_dict(as_dict(await self.state.backend.whoami()).get("limits"))
-            max_ttl = limits.get("sandbox_max_ttl_seconds")
+            max_ttl = (await self.state.backend.whoami()).limits.get("sandbox_max_ttl_seconds")
             backend = self.state.backend
-            if isinstance(max_ttl, int) and isinstance(backend, SandboxHost):
-                self._host, self.max_ttl = EngineSandboxes(backend), max_ttl
+            if max_ttl is not None and isinstance(backend, SandboxHost):
+                self._host, self.max_ttl = EngineSandboxes(backend, self.state.backend), max_ttl
             else:
                 self._host = CloudSandboxes(self.state)
         return self._host

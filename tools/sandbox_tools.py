@@ -24,9 +24,8 @@ from protocol.errors import InvalidParams, ResourceNotFound, ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
 from tools.budget import fit_bytes
-from tools.convert import as_dict, decode_stream
+from tools.convert import decode_stream
 from tools.errors import backend_errors
-from tools.lineage import sandbox_commands
 from tools.refs import is_uuid, validate_tag
 from tools.run_tool import RunParams, build_request, stdin_repr
 from tools.sandbox_hosts import CloudSandboxes, EngineSandboxes, SandboxHosts
@@ -49,6 +48,7 @@ from tools.sandbox_models import (
     WriteStdinParams,
 )
 from tools.state import ServerState
+from tools.stores.lineage import command_of
 from tools.waiting import OutputTail
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def process_output(sandbox_id: str, spid: int, result: api.InstanceResult, cap: 
     status = "running"
     if exited:
         status = "timed_out" if timed_out else "killed" if sig is not None else "exited"
-    stdout, out_cut = decode_stream(msgspec.to_builtins(result.stdout), cap)
-    stderr, err_cut = decode_stream(msgspec.to_builtins(result.stderr), cap)
+    stdout, out_cut = decode_stream(result.stdout, cap)
+    stderr, err_cut = decode_stream(result.stderr, cap)
     duration = result.resources.elapsed_time if exited and result.resources is not None else None
     return ProcessOutput(
         sandbox_id=sandbox_id, process_id=spid, status=status, exit_code=code, signal=sig,
@@ -162,9 +162,7 @@ def register(registry: Registry, state: ServerState) -> None:
                      result: api.InstanceResult, requested: int) -> ProcessOutput:
         cap, budget = state.output_cap(requested)
         out = process_output(sandbox_id, spid, result, cap, host.timed_out(sandbox_id, spid))
-        recorded = {"stdout": msgspec.to_builtins(result.stdout),
-                    "stderr": msgspec.to_builtins(result.stderr)}
-        await output.shape_streams(state, out, place_of(sandbox_id, spid), recorded, cap=cap, budget=budget)
+        await output.shape_streams(state, out, place_of(sandbox_id, spid), result, cap=cap, budget=budget)
         if out.status == "running" and out.hint is None:
             out.hint = (f'still running: get_process(sandbox_id="{sandbox_id}", process_id={spid}, '
                         "wait=30) waits for it; signal_process stops it")
@@ -175,14 +173,14 @@ def register(registry: Registry, state: ServerState) -> None:
         tail = OutputTail()
         counter = 0
         async for event in state.backend.events(sandbox_id, follow=True, spid=spid):
-            data = as_dict(event)
-            kind = data.get("type")
-            if kind in ("stdout", "stderr"):
-                text, _ = decode_stream(data.get("data"))
+            if event.type in ("stdout", "stderr"):
+                payload = event.payload()
+                assert isinstance(payload, api.EventDataStream)
+                text, _ = decode_stream(payload)
                 tail.feed(text)
                 counter += 1
                 await ctx.progress(counter, None, tail.render() or f"process {spid}: output")
-            elif kind == "exit":
+            elif event.type == "exit":
                 return
 
     async def wait_for(ctx: RequestContext, host: EngineSandboxes | CloudSandboxes, sandbox_id: str,
@@ -203,7 +201,7 @@ def register(registry: Registry, state: ServerState) -> None:
                 with contextlib.suppress(BaseException):
                     await follower
 
-    # ---------------------------------------------------------------- start / list / stop
+    # ---------------------------------------------------------------- start
 
     @registry.tool(
         name="start_sandbox",
@@ -247,71 +245,6 @@ GUIDES:
         return sandbox_output(info, hint=(
             f'exec(sandbox_id="{info.uuid}", command="...") runs commands in it; it stops after '
             f"{info.ttl_seconds} s without activity, or with stop_sandbox"))
-
-    @registry.tool(
-        name="list_sandboxes",
-        title="List running sandboxes",
-        description="""List the long-lived sandboxes that are running. Free (no VM).
-
-TL;DR: PURPOSE: find a sandbox started earlier (its id, ports, idle time). COST: free.
-
-USAGE:
-- list_sandboxes() → the running sandboxes this caller started; stopped ones are not listed (get_operation
-  with a sandbox_id still reads one).
-
-RETURNS: {sandboxes: [{sandbox_id, image, state, expires_at, idle_seconds, processes_running, ports:
-[{port, url}], snapshots, ...}]}
-
-GUIDES:
-- [USEFUL] contree://guide/sandboxes""",
-        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
-    )
-    async def list_sandboxes(params: ListSandboxesParams, ctx: RequestContext) -> SandboxListOutput:
-        with backend_errors("list_sandboxes"):
-            host = await hosts.get()
-            found = await host.list()
-        mine = [sandbox_output(i) for i in found if state.owners.visible(ctx.principal, i.uuid)]
-        hint = None if mine else "no sandbox is running: start_sandbox starts one"
-        return SandboxListOutput(sandboxes=mine, hint=hint)
-
-    @registry.tool(
-        name="stop_sandbox",
-        title="Stop a sandbox",
-        description="""Stop a long-lived sandbox, optionally keeping its files as an image. Free (no VM).
-
-TL;DR: PURPOSE: end a sandbox, optionally keeping its filesystem as an image. COST: free.
-
-USAGE:
-- Its processes get SIGTERM, then SIGKILL 2 s later.
-- stop_sandbox(sandbox_id) discards its changes; commit=true keeps them as a new image (result_image,
-  a child of the image it started from), like run(disposable=false).
-- Exposed ports close; exec afterwards is an error. Its processes' output stays readable.
-
-RETURNS: {sandbox_id, state: "stopped", stop_reason, result_image (commit=true), ...}
-
-GUIDES:
-- [USEFUL] contree://guide/sandboxes""",
-        annotations=ToolAnnotations(read_only=False, destructive=True, idempotent=False, open_world=False),
-    )
-    async def stop_sandbox(params: StopSandboxParams, ctx: RequestContext) -> SandboxOutput:
-        sandbox_id = owned(ctx, params.sandbox_id)
-        with backend_errors(f"stop_sandbox {sandbox_id}"):
-            host = await hosts.get()
-            info = await host.stop(sandbox_id, params.commit)
-        if info.result_image and info.result_image != info.image:
-            await observe_image(ctx, sandbox_id, info.image, info.result_image)
-        hint = f"its filesystem is image {info.result_image}" if info.result_image else None
-        return sandbox_output(info, hint=hint)
-
-    async def observe_image(ctx: RequestContext, sandbox_id: str, parent: str, image: str) -> None:
-        """A new image from a sandbox: the caller's own, with a lineage entry naming what ran in it."""
-        try:
-            meta = as_dict(as_dict(await state.backend.get_operation(sandbox_id)).get("metadata"))
-        except BackendError:
-            meta = {}
-        command = sandbox_commands(as_dict(meta.get("sandbox")), image)
-        state.observe({"uuid": sandbox_id, "kind": "instance", "status": "SUCCESS", "image_uuid": parent,
-                       "result_image_uuid": image, "metadata": {"command": command}}, ctx.principal)
 
     # ---------------------------------------------------------------- processes
 
@@ -370,6 +303,60 @@ GUIDES:
                 await ctx.progress(0, None, f"process {spid} started in {sandbox_id}")
                 result = await wait_for(ctx, host, sandbox_id, spid, limit + WAIT_GRACE)
             return await shaped(host, sandbox_id, spid, result, params.truncate_output_at)
+
+    @registry.tool(
+        name="write_stdin",
+        title="Write to a process's stdin",
+        description="""Write to the stdin of a process started with exec. Free (no VM).
+
+TL;DR: PURPOSE: feed a REPL, a `cat`, an interactive tool line by line. COST: free.
+
+USAGE:
+- Its stdin must be open: exec(background=true) leaves it open (or keep_stdin_open=true).
+- write_stdin(sandbox_id, process_id, data="print(1)\\n"); data_base64 for bytes; close=true sends EOF
+  after the data (or alone). Read what it answered with get_process.
+
+RETURNS: {sandbox_id, process_id, bytes_written, closed}
+
+GUIDES:
+- [USEFUL] contree://guide/sandboxes""",
+        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=False, open_world=False),
+    )
+    async def write_stdin(params: WriteStdinParams, ctx: RequestContext) -> WriteStdinOutput:
+        sandbox_id = owned(ctx, params.sandbox_id)
+        chunk = stdin_chunk(params)
+        with backend_errors(f"stdin of process {params.process_id} in sandbox {sandbox_id}"):
+            host = await hosts.get()
+            await host.write_stdin(sandbox_id, params.process_id, chunk)
+        size = len(api.decode_stream(chunk))
+        return WriteStdinOutput(sandbox_id=sandbox_id, process_id=params.process_id, bytes_written=size,
+                                closed=params.close)
+
+    @registry.tool(
+        name="signal_process",
+        title="Signal a sandbox process",
+        description="""Send a signal to a process started with exec. Free (no VM).
+
+TL;DR: PURPOSE: stop a background server (TERM), interrupt a REPL (INT), reload (HUP). COST: free.
+
+USAGE:
+- signal_process(sandbox_id, process_id) sends TERM to the process and what it started (its process
+  group); signal="INT" | "HUP" | "KILL" | "USR1" | a number.
+
+RETURNS: the process after up to 2 s: {status (running|exited|killed), exit_code, signal, stdout, ...}
+
+GUIDES:
+- [USEFUL] contree://guide/sandboxes""",
+        annotations=ToolAnnotations(read_only=False, destructive=True, idempotent=False, open_world=False),
+    )
+    async def signal_process(params: SignalParams, ctx: RequestContext) -> ProcessOutput:
+        sandbox_id = owned(ctx, params.sandbox_id)
+        number = parse_signal(params.signal)
+        with backend_errors(f"process {params.process_id} of sandbox {sandbox_id}"):
+            host = await hosts.get()
+            await host.kill(sandbox_id, params.process_id, str(number))
+            result = await host.wait(sandbox_id, params.process_id, SIGNAL_SETTLE)
+            return await shaped(host, sandbox_id, params.process_id, result, 8000)
 
     @registry.tool(
         name="get_process",
@@ -433,60 +420,6 @@ GUIDES:
             + (f"; next page: offset={page.next_offset}" if more else "; that is the end")
         )
         return out
-
-    @registry.tool(
-        name="write_stdin",
-        title="Write to a process's stdin",
-        description="""Write to the stdin of a process started with exec. Free (no VM).
-
-TL;DR: PURPOSE: feed a REPL, a `cat`, an interactive tool line by line. COST: free.
-
-USAGE:
-- Its stdin must be open: exec(background=true) leaves it open (or keep_stdin_open=true).
-- write_stdin(sandbox_id, process_id, data="print(1)\\n"); data_base64 for bytes; close=true sends EOF
-  after the data (or alone). Read what it answered with get_process.
-
-RETURNS: {sandbox_id, process_id, bytes_written, closed}
-
-GUIDES:
-- [USEFUL] contree://guide/sandboxes""",
-        annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=False, open_world=False),
-    )
-    async def write_stdin(params: WriteStdinParams, ctx: RequestContext) -> WriteStdinOutput:
-        sandbox_id = owned(ctx, params.sandbox_id)
-        chunk = stdin_chunk(params)
-        with backend_errors(f"stdin of process {params.process_id} in sandbox {sandbox_id}"):
-            host = await hosts.get()
-            await host.write_stdin(sandbox_id, params.process_id, chunk)
-        size = len(api.decode_stream(chunk))
-        return WriteStdinOutput(sandbox_id=sandbox_id, process_id=params.process_id, bytes_written=size,
-                                closed=params.close)
-
-    @registry.tool(
-        name="signal_process",
-        title="Signal a sandbox process",
-        description="""Send a signal to a process started with exec. Free (no VM).
-
-TL;DR: PURPOSE: stop a background server (TERM), interrupt a REPL (INT), reload (HUP). COST: free.
-
-USAGE:
-- signal_process(sandbox_id, process_id) sends TERM to the process and what it started (its process
-  group); signal="INT" | "HUP" | "KILL" | "USR1" | a number.
-
-RETURNS: the process after up to 2 s: {status (running|exited|killed), exit_code, signal, stdout, ...}
-
-GUIDES:
-- [USEFUL] contree://guide/sandboxes""",
-        annotations=ToolAnnotations(read_only=False, destructive=True, idempotent=False, open_world=False),
-    )
-    async def signal_process(params: SignalParams, ctx: RequestContext) -> ProcessOutput:
-        sandbox_id = owned(ctx, params.sandbox_id)
-        number = parse_signal(params.signal)
-        with backend_errors(f"process {params.process_id} of sandbox {sandbox_id}"):
-            host = await hosts.get()
-            await host.kill(sandbox_id, params.process_id, str(number))
-            result = await host.wait(sandbox_id, params.process_id, SIGNAL_SETTLE)
-            return await shaped(host, sandbox_id, params.process_id, result, 8000)
 
     # ---------------------------------------------------------------- ports and snapshots
 
@@ -557,6 +490,73 @@ GUIDES:
             sandbox_id=sandbox_id, image=image, parent=snap.parent, tag=tag, unchanged=snap.unchanged,
             bytes=snap.bytes, pause_ms=snap.pause_ms, total_ms=snap.total_ms, frozen_with=snap.frozen_with,
             commands=snap.commands, hint=hint)
+
+    # ---------------------------------------------------------------- stop / list
+
+    @registry.tool(
+        name="stop_sandbox",
+        title="Stop a sandbox",
+        description="""Stop a long-lived sandbox, optionally keeping its files as an image. Free (no VM).
+
+TL;DR: PURPOSE: end a sandbox, optionally keeping its filesystem as an image. COST: free.
+
+USAGE:
+- Its processes get SIGTERM, then SIGKILL 2 s later.
+- stop_sandbox(sandbox_id) discards its changes; commit=true keeps them as a new image (result_image,
+  a child of the image it started from), like run(disposable=false).
+- Exposed ports close; exec afterwards is an error. Its processes' output stays readable.
+
+RETURNS: {sandbox_id, state: "stopped", stop_reason, result_image (commit=true), ...}
+
+GUIDES:
+- [USEFUL] contree://guide/sandboxes""",
+        annotations=ToolAnnotations(read_only=False, destructive=True, idempotent=False, open_world=False),
+    )
+    async def stop_sandbox(params: StopSandboxParams, ctx: RequestContext) -> SandboxOutput:
+        sandbox_id = owned(ctx, params.sandbox_id)
+        with backend_errors(f"stop_sandbox {sandbox_id}"):
+            host = await hosts.get()
+            info = await host.stop(sandbox_id, params.commit)
+        if info.result_image and info.result_image != info.image:
+            await observe_image(ctx, sandbox_id, info.image, info.result_image)
+        hint = f"its filesystem is image {info.result_image}" if info.result_image else None
+        return sandbox_output(info, hint=hint)
+
+    async def observe_image(ctx: RequestContext, sandbox_id: str, parent: str, image: str) -> None:
+        """A new image from a sandbox: the caller's own, with a lineage entry naming what ran in it."""
+        try:
+            command = command_of(await state.backend.get_operation(sandbox_id), image)
+        except BackendError:
+            command = None
+        state.observe(api.OperationResponse(
+            uuid=sandbox_id, kind="instance", status="SUCCESS", image_uuid=parent, result_image_uuid=image,
+            metadata={"command": command} if command else None), ctx.principal)
+
+    @registry.tool(
+        name="list_sandboxes",
+        title="List running sandboxes",
+        description="""List the long-lived sandboxes that are running. Free (no VM).
+
+TL;DR: PURPOSE: find a sandbox started earlier (its id, ports, idle time). COST: free.
+
+USAGE:
+- list_sandboxes() → the running sandboxes this caller started; stopped ones are not listed (get_operation
+  with a sandbox_id still reads one).
+
+RETURNS: {sandboxes: [{sandbox_id, image, state, expires_at, idle_seconds, processes_running, ports:
+[{port, url}], snapshots, ...}]}
+
+GUIDES:
+- [USEFUL] contree://guide/sandboxes""",
+        annotations=ToolAnnotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+    )
+    async def list_sandboxes(params: ListSandboxesParams, ctx: RequestContext) -> SandboxListOutput:
+        with backend_errors("list_sandboxes"):
+            host = await hosts.get()
+            found = await host.list()
+        mine = [sandbox_output(i) for i in found if state.owners.visible(ctx.principal, i.uuid)]
+        hint = None if mine else "no sandbox is running: start_sandbox starts one"
+        return SandboxListOutput(sandboxes=mine, hint=hint)
 
     # ---------------------------------------------------------------- whole output of a process
 

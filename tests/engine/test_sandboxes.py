@@ -290,7 +290,7 @@ async def test_a_snapshot_holds_container_ids_and_leaves_the_sandbox_as_it_was(e
         await engine.check_file(snap.image.uuid, "/old")  # the whiteout is in the image
     assert (await engine.get_image(snap.image.uuid)).uuid == snap.image.uuid
     lineage = await engine.image_lineage(snap.image.uuid)
-    assert lineage["parent"].uuid == snap.parent
+    assert lineage.parent is not None and lineage.parent.uuid == snap.parent
     # still running, thawed, its files untouched (the live layer keeps the sandbox's own ids)
     first = out(await ex(engine, sid, "cat /tmp/count"))
     await asyncio.sleep(0.3)

@@ -16,7 +16,7 @@ from contree.errors import BadRequest, Conflict, NotFound
 from contree.rest import build_app
 from contree.sandbox_api import SandboxRequest, StopSandboxRequest, process_exited
 from contree.service.control import ControlConnection
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 from tests.service.conftest import engine_cli, service_client
 
 
