@@ -31,10 +31,8 @@ from contree.backend import (
     OperationQuery,
     OutputPage,
 )
-from contree.engine import inspect, spawn
-from contree.engine.blobs import BlobStore
-from contree.engine.home import prepare_home
-from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
+from contree.engine import spawn
+from contree.engine.instance_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -48,12 +46,15 @@ from contree.engine.oplog import (
     completion_data,
     fold_process,
 )
-from contree.engine.prune import disk_usage
-from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
-from contree.engine.spawn_recover import engine_id_for, recover_host
-from contree.engine.spawn_run import SPARE_SCRATCH_DIRS, InstanceRun, result_from_fold
-from contree.engine.store import MAX_DEPTH, ImageRecord, Store
-from contree.engine.watchdog import Watchdog
+from contree.engine.runtime.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
+from contree.engine.runtime.recovery import engine_id_for, recover_host
+from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
+from contree.engine.runtime.watchdog import Watchdog
+from contree.engine.storage import inspect
+from contree.engine.storage.blobs import BlobStore
+from contree.engine.storage.home import prepare_home
+from contree.engine.storage.prune import disk_usage
+from contree.engine.storage.store import MAX_DEPTH, ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.timeparse import isoformat
 

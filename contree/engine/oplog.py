@@ -31,7 +31,7 @@ import msgspec
 
 from contree import api
 from contree.backend import MAX_OUTPUT_PAGE, OutputPage
-from contree.engine.home import private_dir, private_file
+from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
 from contree.timeparse import parse_timestamp
 

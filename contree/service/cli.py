@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 
-from contree.engine.limits import LimitConfigError, ResourceSettings, arguments_for, settings_from
-from contree.engine.limits import add_arguments as add_limit_arguments
+from contree.engine.runtime.limits import LimitConfigError, ResourceSettings, arguments_for, settings_from
+from contree.engine.runtime.limits import add_arguments as add_limit_arguments
 from contree.units import parse_size
 
 IDLE_EXIT_ENV = "CONTREE_ENGINE_IDLE_EXIT"

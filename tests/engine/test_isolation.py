@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine import seccomp
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import seccomp
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import run
 
 pytestmark = pytest.mark.engine

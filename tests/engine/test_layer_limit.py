@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from contree import api
-from contree.engine import upperfs
-from contree.engine.limits import MIB, ResourceSettings
 from contree.engine.local import EngineLimits, LocalEngine
-from contree.engine.overlay import mount_overlay, mounts_under, unmount
-from contree.engine.store import ImageRecord, LayerTooLarge, Store
+from contree.engine.runtime.limits import MIB, ResourceSettings
+from contree.engine.storage import upperfs
+from contree.engine.storage.overlay import mount_overlay, mounts_under, unmount
+from contree.engine.storage.store import ImageRecord, LayerTooLarge, Store
 from tests.contract.conftest import result_of, run, seed_busybox, stdout_of
 from tests.engine.test_store import _simple_image, _view
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contree.engine import network as netmod
-from contree.engine.network import NETNS_DIR, NetworkManager
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import network as netmod
+from contree.engine.runtime.network import NETNS_DIR, NetworkManager
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import open_runtime, require_runtime_prereqs, run
 
 pytestmark = pytest.mark.engine

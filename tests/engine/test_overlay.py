@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.overlay import MAX_LOWERS, OverlayError, is_mountpoint, mount_overlay, unmount
+from contree.engine.storage.overlay import MAX_LOWERS, OverlayError, is_mountpoint, mount_overlay, unmount
 
 
 def _layer(root: Path, name: str, files: dict[str, str]) -> Path:

@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contree.engine import hostcheck, oci_config, sandbox
-from contree.engine.cgroups import CgroupLimits, CgroupManager
-from contree.engine.hostcheck import CgroupMode, NoRuntimeAvailable
-from contree.engine.overlay import is_mountpoint
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import hostcheck, oci_config, sandbox
+from contree.engine.runtime.cgroups import CgroupLimits, CgroupManager
+from contree.engine.runtime.hostcheck import CgroupMode, NoRuntimeAvailable
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.storage.overlay import is_mountpoint
 from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
 
 pytestmark = pytest.mark.engine

@@ -19,12 +19,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from contree.engine import sandbox
-from contree.engine.network import NETNS_DIR, NetworkInfo
-from contree.engine.overlay import mount_overlay
-from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
-from contree.engine.subids import engine_range
-from contree.engine.userns import IdMap
+from contree.engine.runtime import sandbox
+from contree.engine.runtime.network import NETNS_DIR, NetworkInfo
+from contree.engine.runtime.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
+from contree.engine.runtime.subids import engine_range
+from contree.engine.runtime.userns import IdMap
+from contree.engine.storage.overlay import mount_overlay
 from tests.engine.conftest import require_binary, require_root
 
 

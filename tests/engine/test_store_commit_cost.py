@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from contree.engine.store import Store, clean_and_measure, clean_upper, tree_size
+from contree.engine.storage.store import Store, clean_and_measure, clean_upper, tree_size
 
 
 def _image(store: Store) -> str:

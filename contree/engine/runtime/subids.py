@@ -11,7 +11,7 @@ allocates a user's: the lowest SUB_UID_COUNT-sized range at or above SUB_UID_MIN
 overlaps no entry of either file and holds no uid or gid of /etc/passwd or /etc/group, written to both
 files atomically while holding shadow's locks (`/etc/.pwd.lock` and `<file>.lock`), so a concurrent
 `useradd` waits for us and sees our entry. An entry of ours that overlaps another one is refused with
-the fix named. `make install-system` runs `python -m contree.engine.subids ensure` for the same entry.
+the fix named. `make install-system` runs `python -m contree.engine.runtime.subids ensure` for the same entry.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def engine_range(size: int = SIZE, *, allocate: bool | None = None, etc: Path = 
         if not allocate:
             raise SubidError(
                 f"no range of {size} ids for {NAME} in {etc / 'subuid'} and {etc / 'subgid'}: run "
-                f"`make install-system` (or `python -m contree.engine.subids ensure`) as root, or add a "
-                f"line `{NAME}:<first id>:{size}` that overlaps no other entry to both files")
+                f"`make install-system` (or `python -m contree.engine.runtime.subids ensure`) as root, or "
+                f"add a line `{NAME}:<first id>:{size}` that overlaps no other entry to both files")
         found = _allocate(etc, size)
         tables = [_Table(etc, "UID"), _Table(etc, "GID")]
     assert found[0] is not None and found[1] is not None
@@ -328,7 +328,7 @@ def _holder_alive(lock: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m contree.engine.subids",
+        prog="python -m contree.engine.runtime.subids",
         description=f"The sandboxes' host id range ({NAME} in /etc/subuid and /etc/subgid).")
     parser.add_argument("action", choices=["ensure", "show"],
                         help="ensure: allocate it if missing (root); show: print it")

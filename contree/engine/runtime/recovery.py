@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contree.engine import hostcheck, network, sandbox
-from contree.engine.cgroups import CgroupManager
-from contree.engine.overlay import mounts_under, unmount
+from contree.engine.runtime import hostcheck, network, sandbox
+from contree.engine.runtime.cgroups import CgroupManager
+from contree.engine.storage.overlay import mounts_under, unmount
 
 log = logging.getLogger(__name__)
 

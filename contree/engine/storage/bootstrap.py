@@ -12,7 +12,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from contree.engine.store import KIND_IMPORTED, ImageConfig, ImageRecord, Store, default_home, remove_tree
+from contree.engine.storage.store import (
+    KIND_IMPORTED,
+    ImageConfig,
+    ImageRecord,
+    Store,
+    default_home,
+    remove_tree,
+)
 from contree.errors import NotFound
 
 BUSYBOX = Path("/bin/busybox")

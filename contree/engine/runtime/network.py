@@ -41,8 +41,8 @@ from pathlib import Path
 
 import msgspec
 
-from contree.engine.overlay import bind_mount
-from contree.engine.userns import write_id_maps
+from contree.engine.runtime.userns import write_id_maps
+from contree.engine.storage.overlay import bind_mount
 
 log = logging.getLogger(__name__)
 

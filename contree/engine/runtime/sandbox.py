@@ -27,12 +27,18 @@ from typing import Any
 
 import msgspec
 
-from contree.engine import hostcheck, oci_config, seccomp, subids
-from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
-from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
-from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
-from contree.engine.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
-from contree.engine.userns import IdMap, UsernsUnavailable
+from contree.engine.runtime import hostcheck, oci_config, seccomp, subids
+from contree.engine.runtime.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
+from contree.engine.runtime.hostcheck import HostInfo, NoRuntimeAvailable
+from contree.engine.runtime.network import (
+    DEFAULT_SUBNET,
+    IPAM_DIR,
+    NetworkInfo,
+    NetworkManager,
+    SandboxNetwork,
+)
+from contree.engine.runtime.userns import IdMap, UsernsUnavailable
+from contree.engine.storage.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
 
 log = logging.getLogger(__name__)
 

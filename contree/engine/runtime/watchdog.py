@@ -4,7 +4,7 @@ Sandboxes run in processes of their own (the OCI runtime, in a session of its ow
 process hosting `LocalEngine`, whatever that process is (an MCP server, the engine service, a test).
 The kernel has nothing that ends them with it: PDEATHSIG follows the runtime's parent thread, not the
 engine, and only ends the runtime, whose container lives on; a cgroup or pid namespace must still be
-killed by someone. So each engine starts one small watchdog (`python -m contree.engine.watchdog`, in
+killed by someone. So each engine starts one small watchdog (`python -m contree.engine.runtime.watchdog`, in
 its own session, ~11 MB, heavy imports only when it has work) holding a pidfd of the engine's process
 and the read end of a pipe on which the engine announces each sandbox's deadline:
 
@@ -65,12 +65,12 @@ class Watchdog:
                           os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         engine = os.pidfd_open(os.getpid())  # this process, whatever hosts the engine
         try:
-            package_root = Path(__file__).resolve().parents[2]
+            package_root = Path(__file__).resolve().parents[3]
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root), env.get("PYTHONPATH")) if p)
             settings = json.dumps({**self.settings, "pidfd": engine})
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "contree.engine.watchdog", settings], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "contree.engine.runtime.watchdog", settings], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=logfile, pass_fds=(engine,), start_new_session=True,
                 cwd="/", env=env, bufsize=0)
         finally:
@@ -185,8 +185,8 @@ class _Watch:
         late = [sid for sid, at in self.deadlines.items() if at + GRACE <= now]
         if not late:
             return
-        from contree.engine import hostcheck
-        from contree.engine.cgroups import CgroupManager
+        from contree.engine.runtime import hostcheck
+        from contree.engine.runtime.cgroups import CgroupManager
 
         cgroups = CgroupManager(hostcheck.detect(), self.cgroup_parent)
         for sid in late:
@@ -197,7 +197,7 @@ class _Watch:
                 cgroups.kill_all(sid, signal.SIGKILL)
 
     def _release(self) -> None:
-        from contree.engine.spawn_recover import release_dead_engine
+        from contree.engine.runtime.recovery import release_dead_engine
 
         actions = release_dead_engine(self.engine_id, self.home)
         if actions:

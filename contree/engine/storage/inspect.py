@@ -27,9 +27,9 @@ import msgspec
 
 from contree import api
 from contree.backend import GrepQuery
-from contree.engine.overlay import open_overlay
-from contree.engine.resolver import Node, Resolver, normalize
-from contree.engine.store import ImageRecord, Store
+from contree.engine.storage.overlay import open_overlay
+from contree.engine.storage.resolver import Node, Resolver, normalize
+from contree.engine.storage.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
 
 CHUNK = 256 * 1024

@@ -31,8 +31,8 @@ import xxhash
 
 from contree import api
 from contree.backend import FileQuery
-from contree.engine.home import private_dir, private_file
-from contree.engine.resolver import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from contree.engine.storage.home import private_dir, private_file
+from contree.engine.storage.resolver import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.timeparse import isoformat, parse_timestamp
 

@@ -52,10 +52,10 @@ import msgspec
 
 from contree import api
 from contree.backend import ImageQuery
-from contree.engine.home import private_dir, private_file
-from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
-from contree.engine.resolver import Resolver
-from contree.engine.upperfs import LayerTooLarge, copy_layer
+from contree.engine.storage.home import private_dir, private_file
+from contree.engine.storage.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmount
+from contree.engine.storage.resolver import Resolver
+from contree.engine.storage.upperfs import LayerTooLarge, copy_layer
 from contree.errors import BadRequest, Conflict, NotFound
 from contree.timeparse import isoformat, parse_timestamp
 

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from contree import api
-from contree.engine import spawn, upperfs
-from contree.engine.limits import SandboxLimits
+from contree.engine import spawn
 from contree.engine.operations import Job
 from contree.engine.oplog import (
     ASSIGNED,
@@ -45,9 +44,11 @@ from contree.engine.oplog import (
     mask_env,
     now_iso,
 )
-from contree.engine.overlay import mount_overlay, unmount
-from contree.engine.sandbox import SandboxSpec, StagedSandbox
-from contree.engine.store import ImageRecord, LayerTooLarge, remove_tree
+from contree.engine.runtime.limits import SandboxLimits
+from contree.engine.runtime.sandbox import SandboxSpec, StagedSandbox
+from contree.engine.storage import upperfs
+from contree.engine.storage.overlay import mount_overlay, unmount
+from contree.engine.storage.store import ImageRecord, LayerTooLarge, remove_tree
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 
 if TYPE_CHECKING:

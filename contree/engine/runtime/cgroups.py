@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from contree.engine.hostcheck import CGROUP_ROOT, CgroupMode, HostInfo
+from contree.engine.runtime.hostcheck import CGROUP_ROOT, CgroupMode, HostInfo
 
 log = logging.getLogger(__name__)
 

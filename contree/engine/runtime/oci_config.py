@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from contree.engine import seccomp
+from contree.engine.runtime import seccomp
 
 # The 11 capabilities podman grants (CapEff 0x800405fb). No SYS_ADMIN, NET_RAW, MKNOD, SYS_PTRACE, …
 CAPABILITIES = [

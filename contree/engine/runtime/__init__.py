@@ -1,0 +1,1 @@
+"""Runtime layer of the embedded engine (package map written in a later commit)."""
