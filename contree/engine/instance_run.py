@@ -44,8 +44,8 @@ from contree.engine.oplog import (
     mask_env,
     now_iso,
 )
+from contree.engine.runtime.handles import SandboxSpec, StagedSandbox
 from contree.engine.runtime.limits import SandboxLimits
-from contree.engine.runtime.sandbox import SandboxSpec, StagedSandbox
 from contree.engine.storage import upperfs
 from contree.engine.storage.overlay import mount_overlay, unmount
 from contree.engine.storage.store import ImageRecord, LayerTooLarge, remove_tree

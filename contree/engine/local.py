@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import time
@@ -47,7 +46,8 @@ from contree.engine.oplog import (
     fold_process,
 )
 from contree.engine.runtime.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
-from contree.engine.runtime.recovery import engine_id_for, recover_host
+from contree.engine.runtime.paths import engine_id_for
+from contree.engine.runtime.recovery import recover_host
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.runtime.watchdog import Watchdog
 from contree.engine.storage import inspect
@@ -56,6 +56,7 @@ from contree.engine.storage.home import prepare_home
 from contree.engine.storage.prune import disk_usage
 from contree.engine.storage.store import MAX_DEPTH, ImageRecord, Store
 from contree.errors import BackendError, BadRequest, Conflict, Gone, NotFound, TooEarly
+from contree.fsutil import try_lock
 from contree.timeparse import isoformat
 
 log = logging.getLogger(__name__)
@@ -170,17 +171,11 @@ class LocalEngine:
         up within LOCK_GRACE_S is not taken for a live engine. `start()` takes the lock itself; the
         engine service takes it first (Conflict = another engine holds the home), so it knows it won
         before it binds the home's socket."""
-        fd = os.open(self.home / "engine.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + LOCK_GRACE_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise Conflict(f"another engine is running on {self.home}") from None
-                await asyncio.sleep(0.01)
+        while (fd := try_lock(self.home / "engine.lock")) < 0:
+            if time.monotonic() >= deadline:
+                raise Conflict(f"another engine is running on {self.home}")
+            await asyncio.sleep(0.01)
         self._lock_fd = fd
 
     async def close(self) -> None:

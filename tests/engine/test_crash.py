@@ -22,7 +22,7 @@ from contree import api
 from contree.backend import OperationQuery
 from contree.engine.local import LocalEngine
 from contree.engine.oplog import INTERRUPTED
-from contree.engine.runtime.recovery import cgroup_parent_for, engine_id_for
+from contree.engine.runtime.paths import cgroup_parent_for, engine_id_for
 from contree.engine.storage.bootstrap import build_busybox_rootfs
 from contree.engine.storage.overlay import mounts_under
 

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from contree.engine.runtime import sandbox
+from contree.engine.runtime import paths
 from contree.engine.runtime.network import NETNS_DIR, NetworkInfo
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
 from contree.engine.runtime.subids import engine_range
@@ -50,7 +50,7 @@ def leftovers(rt: SandboxRuntime) -> list[str]:
         found.append(f"runtime state {rt.root_dir}")
     if rt.bundles.exists():
         found.append(f"bundles {rt.bundles}")
-    if sandbox._engine_lock_path(rt.engine_id).exists():
+    if paths._engine_lock_path(rt.engine_id).exists():
         found.append(f"engine lock file of {rt.engine_id}")
     deadline = time.monotonic() + 3
     while True:  # veth pairs disappear asynchronously once their namespace is freed

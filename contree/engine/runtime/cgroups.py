@@ -398,6 +398,14 @@ class CgroupManager:
                 self.kill_all(name)
             time.sleep(0.02)
 
+    def children(self) -> list[str]:
+        """The names of the cgroups below the parent (its sandboxes), in any hierarchy."""
+        names: set[str] = set()
+        for d in self._all_dirs(None):
+            with contextlib.suppress(OSError):
+                names.update(p.name for p in d.iterdir() if p.is_dir())
+        return sorted(names)
+
     def exists(self, name: str | None = None) -> bool:
         return any(d.exists() for d in self._all_dirs(name))
 

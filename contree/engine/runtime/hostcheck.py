@@ -1,4 +1,4 @@
-"""What this host can do for the sandbox runtime (RUNTIME §1, §3, §5.1).
+"""What this host can do for the sandbox runtime (RUNTIME §1, §3, §5.1), and which OCI runtime to use.
 
 Detection is cheap and side-effect free, except `apply_hugetlb_fix`, which is the one host change crun
 needs on hybrid cgroup hosts: crun refuses to run while the unified hierarchy owns a controller, and on
@@ -193,3 +193,33 @@ def check_requirements(info: HostInfo) -> list[str]:
     if info.kernel < MIN_KERNEL:
         problems.append(f"kernel {info.kernel[0]}.{info.kernel[1]} is older than 6.8 (overlay lowerdir+)")
     return problems
+
+
+def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:
+    """Pick the OCI runtime: crun, unless it cannot work here (then runc); runsc only on request."""
+    if wanted not in ("auto", "crun", "runc", "runsc"):
+        raise ValueError(f"unknown runtime {wanted!r}")
+    crun_problem = None
+    crun = find_binary("crun")
+    if crun is None:
+        crun_problem = "crun is not installed (Debian package crun)"
+    elif not apply_hugetlb_fix(info) and info.cgroup_mode is not CgroupMode.V2:
+        crun_problem = ("crun refuses hybrid cgroups while the unified hierarchy owns controllers, "
+                        "and they could not be moved (RUNTIME §3)")
+    if wanted in ("auto", "crun") and crun_problem is None and crun is not None:
+        return "crun", crun
+    if wanted == "crun":
+        raise NoRuntimeAvailable(crun_problem or "crun unusable")
+    if wanted in ("auto", "runc"):
+        runc = find_binary("runc")
+        if runc is not None:
+            if wanted == "auto":
+                log.warning("using runc: %s", crun_problem)
+            return "runc", runc
+        raise NoRuntimeAvailable(
+            f"no usable OCI runtime: {crun_problem}; runc is not installed either "
+            "(apt-get install crun runc)")
+    runsc = find_binary("runsc")
+    if runsc is None:
+        raise NoRuntimeAvailable("runsc (gVisor) is not installed (Debian package runsc)")
+    return "runsc", runsc

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import ipaddress
 import logging
 import os
@@ -41,15 +40,13 @@ from pathlib import Path
 
 import msgspec
 
+from contree.engine.runtime.paths import IPAM_DIR, NETNS_DIR, TAG_DIR, USERNS_DIR
 from contree.engine.runtime.userns import write_id_maps
 from contree.engine.storage.overlay import bind_mount
+from contree.fsutil import try_lock
 
 log = logging.getLogger(__name__)
 
-NETNS_DIR = Path("/run/netns")
-USERNS_DIR = Path("/run/contree-engine/userns")  # the owner of `NETNS_DIR/<name>` is `USERNS_DIR/<name>`
-IPAM_DIR = Path("/run/contree-engine/ipam")
-TAG_DIR = Path("/run/contree-engine/tags")
 _CHAIN_RE = re.compile(r"\bCT-([0-9a-f]{4})-(FWD|RET|IN|NAT|OUT)\b")
 SLIRP_CONFIG = {"ip4": "10.0.2.100/24", "gw": "10.0.2.2", "nameserver": "10.0.2.3"}
 DEFAULT_SUBNET = "10.231.0.0/16"
@@ -196,18 +193,6 @@ def _rmdir_quiet(path: Path) -> None:
         path.rmdir()
 
 
-def _try_lock(path: Path) -> int:
-    """An flock'ed fd on `path`, or -1 when a live process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return -1
-    return fd
-
-
 async def sweep_dead_rules(own: str | None = None) -> list[str]:
     """Remove the iptables rules and chains of engine instances that died without closing.
 
@@ -224,7 +209,7 @@ async def sweep_dead_rules(own: str | None = None) -> list[str]:
     for tag in sorted(tags):
         fd = -1
         if tag != own:
-            fd = _try_lock(TAG_DIR / f"{tag}.lock")
+            fd = try_lock(TAG_DIR / f"{tag}.lock", make_parents=True)
             if fd < 0:
                 continue  # alive
         try:
@@ -410,7 +395,7 @@ class NetworkManager:
 
     def _claim_tag(self) -> None:
         for _ in range(64):
-            fd = _try_lock(TAG_DIR / f"{self.tag}.lock")
+            fd = try_lock(TAG_DIR / f"{self.tag}.lock", make_parents=True)
             if fd >= 0:
                 self._tag_fd = fd
                 self.chain, self.if_prefix = f"CT-{self.tag}", f"ct{self.tag}"
@@ -537,11 +522,8 @@ class NetworkManager:
         for k in range(n - 1):
             index = 1 + (start - 1 + k) % (n - 1)
             path = self.ipam_dir / f"{index}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = try_lock(path)
+            if fd < 0:
                 continue
             stale = os.pread(fd, 4096, 0).decode(errors="replace").split()
             return Slot(index, fd, path), " ".join(stale)

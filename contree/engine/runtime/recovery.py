@@ -1,21 +1,24 @@
-"""Host clean-up after an engine died (SIGKILL, OOM, power cut) with sandboxes running.
+"""Host clean-up after an engine died (SIGKILL, OOM, power cut) with sandboxes running: all of it here.
 
 The dead engine's containers keep running and pin their overlay mounts, cgroups and network
-namespaces. An engine home always uses the same engine id (derived from its path), so the next start
-finds that state by name: kill every process in the engine's cgroup tree, delete the runtime's
-container records and remove the cgroups. Only then can the store unmount and delete the sandboxes'
-directories. The dead engine's network namespaces and iptables rules are swept by the network
-manager itself when the new runtime starts (`network.sweep_dead_rules`).
+namespaces. Three entry points, each using the conventions of `paths.py`:
 
-The engine's watchdog (`watchdog.py`) does all of it the moment the engine process dies, without
-waiting for a next start: `release_dead_engine`.
+* `recover_host(engine_id)` — the start of an engine on a home whose previous engine died (an engine home
+  always uses the same engine id): kill every process of the engine's runtime and cgroup tree, delete the
+  runtime's container records and remove the cgroups. Only then can the store unmount and delete the
+  sandboxes' directories (`Store.recover`).
+* `sweep_dead_engines(info, own)` — any engine's runtime start (`SandboxRuntime.create`): the cgroups,
+  runtime state, bundles and rootfs binds of every engine whose id lock nobody holds. The dead engines'
+  network namespaces and iptables chains are swept by the network manager as it starts
+  (`network.sweep_dead_rules`).
+* `release_dead_engine(engine_id, home)` — the engine's watchdog (`watchdog.py`), the moment the engine
+  process dies: all of the above at once, plus the overlay mounts in its home.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -25,22 +28,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contree.engine.runtime import hostcheck, network, sandbox
-from contree.engine.runtime.cgroups import CgroupManager
+from contree.engine.runtime import hostcheck, network
+from contree.engine.runtime.cgroups import CgroupManager, sweep_dead_parents
+from contree.engine.runtime.hostcheck import HostInfo
+from contree.engine.runtime.paths import (
+    BUNDLES,
+    CGROUP_ROOT_NAME,
+    ROOTFS_BINDS,
+    RUNTIMES,
+    cgroup_parent_for,
+    release_binds,
+    release_bundles,
+    release_engine_lock,
+    runtime_root,
+    try_engine_lock,
+)
 from contree.engine.storage.overlay import mounts_under, unmount
 
 log = logging.getLogger(__name__)
-
-RUN_DIR = Path("/run/contree-engine")
-
-
-def engine_id_for(home: Path) -> str:
-    """A stable id per engine home, so a restart finds what the previous process left behind."""
-    return hashlib.sha256(os.fsencode(home.resolve())).hexdigest()[:8]
-
-
-def cgroup_parent_for(engine_id: str) -> str:
-    return f"/contree-engine/{engine_id}"
 
 
 def recover_host(engine_id: str) -> list[str]:
@@ -56,7 +61,7 @@ def recover_host(engine_id: str) -> list[str]:
     info = hostcheck.detect()
     cgroups = CgroupManager(info, cgroup_parent_for(engine_id))
     if cgroups.exists():
-        for name in _children(cgroups):
+        for name in cgroups.children():
             cgroups.kill_all(name, signal.SIGKILL)
             actions.append(f"killed sandbox {name}")
         try:
@@ -64,8 +69,8 @@ def recover_host(engine_id: str) -> list[str]:
             actions.append(f"removed cgroup {cgroups.parent}")
         except OSError as exc:
             log.warning("could not remove %s: %s", cgroups.parent, exc)
-    for runtime in ("crun", "runc", "runsc"):
-        root = RUN_DIR / f"{runtime}-{engine_id}"
+    for runtime in RUNTIMES:
+        root = runtime_root(runtime, engine_id)
         if root.is_dir():
             binary = shutil.which(runtime)
             for entry in root.iterdir():
@@ -75,6 +80,55 @@ def recover_host(engine_id: str) -> list[str]:
             shutil.rmtree(root, ignore_errors=True)
             actions.append(f"removed runtime state {root}")
     return actions
+
+
+def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
+    """Kill the sandboxes of engines that died without closing and remove their cgroups and runtime
+    state. An engine is alive while it holds its lock file under /run/contree-engine/engines/; `own`
+    is the id the caller just locked, so whatever already exists under it is a dead predecessor's."""
+    held: dict[str, int] = {}
+
+    def is_dead(name: str) -> bool:
+        if name == own:
+            held[name] = -1
+            return True
+        fd = try_engine_lock(name)
+        if fd < 0:
+            return False
+        held[name] = fd  # keep it while cleaning, so a successor waits for us
+        return True
+
+    def dead_entries(parent: Path) -> list[Path]:
+        """The per-engine entries of `parent` (named by engine id) whose engine is dead."""
+        if not parent.is_dir():
+            return []
+        return [e for e in parent.iterdir() if e.name in held or is_dead(e.name)]
+
+    try:
+        done = sweep_dead_parents(info, CGROUP_ROOT_NAME, is_dead)
+        for name in held:
+            for runtime in RUNTIMES:
+                root = runtime_root(runtime, name)
+                if root.is_dir():
+                    shutil.rmtree(root, ignore_errors=True)
+                    done.append(f"removed runtime state {root}")
+        for entry in dead_entries(BUNDLES):
+            try:
+                release_bundles(entry)
+                done.append(f"removed bundles {entry}")
+            except OSError as exc:
+                done.append(f"could not remove bundles {entry}: {exc}")
+        for entry in dead_entries(ROOTFS_BINDS):
+            try:
+                release_binds(entry)
+                done.append(f"released rootfs binds {entry}")
+            except OSError as exc:  # never block start-up on it: report and go on
+                done.append(f"could not release rootfs binds {entry}: {exc}")
+        return done
+    finally:
+        for name, fd in held.items():
+            if fd >= 0:
+                release_engine_lock(name, fd)
 
 
 def release_dead_engine(engine_id: str, home: Path, patience: float = 15.0) -> list[str]:
@@ -87,13 +141,13 @@ def release_dead_engine(engine_id: str, home: Path, patience: float = 15.0) -> l
     engines (not the home's mounts): that is waited for. A holder that keeps it is a successor on the
     same home, which recovers by itself: then nothing is done."""
     deadline = time.monotonic() + patience
-    while (fd := sandbox.try_engine_lock(engine_id)) < 0:
+    while (fd := try_engine_lock(engine_id)) < 0:
         if time.monotonic() > deadline:
             return []
         time.sleep(0.05)
     try:
         actions = recover_host(engine_id)
-        actions += sandbox.sweep_dead_engines(hostcheck.detect(), own=engine_id)
+        actions += sweep_dead_engines(hostcheck.detect(), own=engine_id)
         actions += asyncio.run(network.sweep_dead_rules())
         for point in mounts_under(home):
             try:
@@ -103,11 +157,11 @@ def release_dead_engine(engine_id: str, home: Path, patience: float = 15.0) -> l
                 actions.append(f"could not unmount {point}: {exc}")
         return actions
     finally:
-        sandbox.release_engine_lock(engine_id, fd)
+        release_engine_lock(engine_id, fd)
 
 
 def _runtime_processes(engine_id: str) -> list[int]:
-    roots = [os.fsencode(f"{RUN_DIR}/{rt}-{engine_id}") for rt in ("crun", "runc", "runsc")]
+    roots = [os.fsencode(runtime_root(runtime, engine_id)) for runtime in RUNTIMES]
     found: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -126,11 +180,3 @@ def _wait_gone(lister: Callable[[str], list[int]], engine_id: str, timeout: floa
     deadline = time.monotonic() + timeout
     while lister(engine_id) and time.monotonic() < deadline:
         time.sleep(0.02)
-
-
-def _children(cgroups: CgroupManager) -> list[str]:
-    names: set[str] = set()
-    for d in cgroups._all_dirs(None):
-        with contextlib.suppress(OSError):
-            names.update(p.name for p in d.iterdir() if p.is_dir())
-    return sorted(names)

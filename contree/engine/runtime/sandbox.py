@@ -1,34 +1,39 @@
-"""Sandboxes: one OCI bundle + cgroup + network namespace per run, driven through crun (or runc/runsc).
+"""The sandbox runtime: one OCI bundle + cgroup + network namespace per run, driven through crun (or
+runc/runsc).
 
-The caller mounts the rootfs (overlay) and unmounts it afterwards; this module does everything between:
-`SandboxRuntime.start(spec)` → `RunningSandbox` (pipes, `wait`, `kill`, `exec`) → `cleanup`.
-`start` is `stage` (bundle dir, limits cgroup, network: nothing that needs the rootfs) then `launch`
-(rootfs bind, config, runtime process), so a caller can stage while it is still mounting the rootfs.
-
-The runtime process is spawned with `posix_spawn` and reaped with `os.wait4` once its pidfd is readable,
-so the result carries the kernel's rusage for the whole tree the runtime waited for; asyncio's child
-watcher never sees these pids.
+The caller mounts the rootfs (overlay) and unmounts it afterwards (`contree.engine.snapshots`); this
+module does everything between: `SandboxRuntime.start(spec)` → `RunningSandbox` (`handles.py`: pipes,
+`wait`, `kill`, `exec`) → `cleanup`. `start` is `stage` (bundle dir, limits cgroup, network: nothing that
+needs the rootfs) then `launch` (rootfs bind, config, runtime process), so a caller can stage while it is
+still mounting the rootfs. The runtime keeps spare limits cgroups and NAT networks ready for the next
+runs, and writes each sandbox's /etc files (hostname, hosts, resolv.conf) into its bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import secrets
 import shutil
-import signal as _signal
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from contree.engine.runtime import hostcheck, oci_config, seccomp, subids
-from contree.engine.runtime.cgroups import CgroupLimits, CgroupManager, sweep_dead_parents
+from contree.engine.runtime import hostcheck, oci_config, recovery, seccomp, subids
+from contree.engine.runtime.cgroups import CgroupLimits, CgroupManager
+from contree.engine.runtime.child import Child
+from contree.engine.runtime.handles import (
+    ProcessExit,
+    RunningProcess,
+    RunningSandbox,
+    SandboxExit,
+    SandboxSpec,
+    StagedSandbox,
+)
 from contree.engine.runtime.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.runtime.network import (
     DEFAULT_SUBNET,
@@ -37,8 +42,20 @@ from contree.engine.runtime.network import (
     NetworkManager,
     SandboxNetwork,
 )
+from contree.engine.runtime.paths import (
+    BUNDLES,
+    ROOTFS_BINDS,
+    cgroup_parent_for,
+    lock_engine,
+    make_run_dir,
+    release_bind,
+    release_binds,
+    release_bundles,
+    release_engine_lock,
+    runtime_root,
+)
 from contree.engine.runtime.userns import IdMap, UsernsUnavailable
-from contree.engine.storage.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
+from contree.engine.storage.overlay import bind_mount, mount_tmpfs
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +64,10 @@ __all__ = [
     "SandboxRuntime", "SandboxSpec", "StagedSandbox",
 ]
 
-RUN_DIR = Path("/run/contree-engine")
-CGROUP_ROOT_NAME = "/contree-engine"
-# With a user namespace the runtime reaches the rootfs as the remapped root, which cannot traverse a
-# home under /root or a 0700 temporary dir; the merged dir is bound here (world-traversable) instead.
-ROOTFS_BINDS = RUN_DIR / "rootfs"
-# Bundles (config.json, the /etc files, exec process files) are small and per run: tmpfs, not the disk,
-# where creating them cost 0.1-0.3 ms per run.
-BUNDLES = RUN_DIR / "bundles"
 # NAT networks set up ahead for the next runs with networking (two `ip` processes, ~5 ms per run).
 SPARE_NETWORKS = 1
 # Limits cgroups made ahead (v1: renamed into place, 0.2 ms less per run); v2 cannot rename.
 SPARE_CGROUPS = 2
-_SPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-
-
-class SandboxSpec(msgspec.Struct, kw_only=True):
-    sandbox_id: str
-    rootfs: Path  # an already-mounted merged dir; the caller mounts and unmounts it
-    argv: list[str]
-    env: list[str] = msgspec.field(default_factory=list)
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    hostname: str = "linuxkit"
-    networking: bool = True
-    memory_bytes: int | None = None
-    pids_limit: int | None = 256
-    cpu_quota: float | None = None  # cores
-    stdin: bool = True  # a pipe; False = /dev/null. Output always goes through pipes.
 
 
 class RuntimeConfig(msgspec.Struct, kw_only=True):
@@ -98,336 +90,6 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
     budget_cpus: float | None = None
 
 
-class SandboxExit(msgspec.Struct, kw_only=True):
-    exit_code: int | None  # None when killed by a signal
-    signal: int | None = None
-    core_dump: bool = False
-    oom_killed: bool = False
-    user_time: float = 0.0  # seconds (rusage of the runtime process and what it reaped)
-    system_time: float = 0.0
-    max_rss_kb: int = 0
-    minor_faults: int = 0
-    major_faults: int = 0
-    inblock: int = 0
-    oublock: int = 0
-    voluntary_switches: int = 0
-    involuntary_switches: int = 0
-    memory_peak_bytes: int | None = None  # from the sandbox cgroup
-    cpu_usage_ns: int | None = None
-    duration: float = 0.0  # seconds, spawn to exit
-
-
-class ProcessExit(msgspec.Struct, kw_only=True):
-    exit_code: int | None
-    signal: int | None = None
-
-
-def _decode_status(status: int) -> tuple[int | None, int | None, bool]:
-    if os.WIFSIGNALED(status):
-        return None, os.WTERMSIG(status), os.WCOREDUMP(status)
-    code = os.WEXITSTATUS(status)
-    # OCI runtimes report a container killed by signal N as exit status 128+N.
-    if code > 128 and code - 128 < 65:
-        return code, code - 128, False
-    return code, None, False
-
-
-# ---- asyncio plumbing for raw pipes and pids ----
-
-class _WriteProtocol(asyncio.streams.FlowControlMixin):
-    def __init__(self) -> None:
-        super().__init__()
-        self._closed = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if not self._closed.done():
-            self._closed.set_result(None)
-
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
-
-
-async def _reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
-    return reader
-
-
-async def _writer(fd: int) -> asyncio.StreamWriter:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.connect_write_pipe(_WriteProtocol, os.fdopen(fd, "wb", 0))
-    return asyncio.StreamWriter(transport, proto, None, loop)
-
-
-class _Child:
-    """A posix_spawn'ed process with pipes, reaped through its pidfd with wait4."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.started = time.monotonic()
-        self._reaped: asyncio.Future[tuple[int, Any, float]] | None = None
-        self.stdin: asyncio.StreamWriter | None = None
-        self.stdout: asyncio.StreamReader
-        self.stderr: asyncio.StreamReader
-
-    @classmethod
-    async def spawn(cls, argv: list[str], *, stdin: bool) -> _Child:
-        pipes = {}
-        fds_to_close = []
-        try:
-            if stdin:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                pipes[0] = (r, w)
-            for n in (1, 2):
-                r, w = os.pipe2(os.O_CLOEXEC)
-                pipes[n] = (r, w)
-            actions: list[tuple[Any, ...]] = []
-            if stdin:
-                actions.append((os.POSIX_SPAWN_DUP2, pipes[0][0], 0))
-            else:
-                actions.append((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0))
-            actions.append((os.POSIX_SPAWN_DUP2, pipes[1][1], 1))
-            actions.append((os.POSIX_SPAWN_DUP2, pipes[2][1], 2))
-            # posix_spawn is vfork+exec: it returns as soon as the child execs, so it does not block.
-            pid = os.posix_spawn(  # noqa: ASYNC221
-                argv[0], argv, _SPAWN_ENV, file_actions=actions, setsid=True, setsigmask=(),
-                setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
-        except BaseException:
-            for pair in pipes.values():
-                for fd in pair:
-                    os.close(fd)
-            raise
-        child = cls(pid)
-        # Close the child's ends in the parent so EOF arrives when the sandbox closes its streams.
-        if stdin:
-            os.close(pipes[0][0])
-            fds_to_close.append(pipes[0][1])
-        os.close(pipes[1][1])
-        os.close(pipes[2][1])
-        try:
-            if stdin:
-                child.stdin = await _writer(pipes[0][1])
-            child.stdout = await _reader(pipes[1][0])
-            child.stderr = await _reader(pipes[2][0])
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, _signal.SIGKILL)
-            raise
-        child._start_reaper()
-        return child
-
-    def _start_reaper(self) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, Any, float]] = loop.create_future()
-        self._reaped = fut
-        pidfd = os.pidfd_open(self.pid)
-
-        def ready() -> None:
-            try:
-                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
-            except ChildProcessError as exc:  # someone else reaped it: report what we can
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-                if not fut.done():
-                    fut.set_exception(exc)
-                return
-            if pid == 0:
-                return
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            if not fut.done():
-                fut.set_result((status, ru, time.monotonic() - self.started))
-
-        loop.add_reader(pidfd, ready)
-
-    @property
-    def returncode_known(self) -> bool:
-        return self._reaped is not None and self._reaped.done()
-
-    async def reaped(self) -> tuple[int, Any, float]:
-        assert self._reaped is not None
-        return await asyncio.shield(self._reaped)
-
-    def killpg(self, sig: int) -> None:
-        if self.returncode_known:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-
-class RunningProcess:
-    """A process started inside a running sandbox with `exec` (spid ≥ 2)."""
-
-    def __init__(self, child: _Child, pid_file: Path) -> None:
-        self._child = child
-        self.pid = child.pid  # the runtime's exec helper; `host_pid` is the process itself
-        self.pid_file = pid_file
-        self.stdin = child.stdin
-        self.stdout = child.stdout
-        self.stderr = child.stderr
-
-    @property
-    def host_pid(self) -> int | None:
-        """The process's pid on the host, once the runtime has started it."""
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    async def wait(self) -> ProcessExit:
-        status, _ru, _dur = await self._child.reaped()
-        code, sig, _core = _decode_status(status)
-        return ProcessExit(exit_code=code, signal=sig)
-
-    def signal(self, sig: int) -> None:
-        """Signal the process group: the runtime's exec helper and the process it started share it."""
-        pid = self.host_pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        self._child.killpg(sig)
-
-
-class RunningSandbox:
-    def __init__(self, runtime: SandboxRuntime, spec: SandboxSpec, child: _Child, bundle: Path,
-                 net: SandboxNetwork) -> None:
-        self._rt = runtime
-        self.spec = spec
-        self.sandbox_id = spec.sandbox_id
-        self._child = child
-        self.bundle = bundle
-        self._net = net
-        self.stdin = child.stdin
-        self.stdout = child.stdout
-        self.stderr = child.stderr
-        self._exit: SandboxExit | None = None
-        self._killed_with: int | None = None
-        self._cleaned = False
-        self._exec_seq = 0
-        self.rootfs_bind: Path | None = None  # see ROOTFS_BINDS
-
-    @property
-    def pid(self) -> int:
-        """Host pid of the runtime process (`crun run`); its process group holds the sandbox's init."""
-        return self._child.pid
-
-    def created(self) -> bool:
-        """True once the runtime has recorded the container, i.e. `exec` can work."""
-        root = self._rt.root_dir
-        if self._rt.runtime == "runsc":
-            return any(self.sandbox_id in p.name for p in root.iterdir()) if root.is_dir() else False
-        state = root / self.sandbox_id
-        return (state / "status").exists() or (state / "state.json").exists()
-
-    async def wait_created(self, patience: float = 2.0) -> bool:
-        """Wait until `created()` (False if the sandbox exited or `patience` seconds passed first)."""
-        deadline = time.monotonic() + patience
-        while not self.created():
-            if self._child.returncode_known or time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.005)
-        return True
-
-    @property
-    def network(self) -> NetworkInfo:
-        if not self._cleaned and self._net.netns_path:
-            self._net.info.interfaces = self._rt.network.counters(self._net)
-        return self._net.info
-
-    async def wait(self) -> SandboxExit:
-        if self._exit is not None:
-            return self._exit
-        status, ru, duration = await self._child.reaped()
-        code, sig, core = _decode_status(status)
-        stats = self._rt.cgroups.stats(self.sandbox_id)
-        # The runtime itself was SIGKILLed (by `kill`): report the signal the sandbox got.
-        if code is None and sig is not None and self._killed_with is not None:
-            sig = int(self._killed_with)
-        oom = self._rt.cgroups.oom_killed(
-            stats, died_of_sigkill=sig == _signal.SIGKILL and self._killed_with is None)
-        self._exit = SandboxExit(
-            exit_code=code, signal=sig, core_dump=core, oom_killed=oom,
-            user_time=ru.ru_utime, system_time=ru.ru_stime, max_rss_kb=ru.ru_maxrss,
-            minor_faults=ru.ru_minflt, major_faults=ru.ru_majflt, inblock=ru.ru_inblock,
-            oublock=ru.ru_oublock, voluntary_switches=ru.ru_nvcsw, involuntary_switches=ru.ru_nivcsw,
-            memory_peak_bytes=stats.memory_peak_bytes, cpu_usage_ns=stats.cpu_usage_ns, duration=duration)
-        if self._net.netns_path:
-            self._net.info.interfaces = self._rt.network.counters(self._net)
-        return self._exit
-
-    async def kill(self, sig: int = _signal.SIGKILL) -> None:
-        """Signal every process of the sandbox. SIGKILL also ends the runtime process."""
-        if self._child.returncode_known:
-            return
-        self._killed_with = int(sig)
-        if sig == _signal.SIGKILL:
-            self._child.killpg(sig)
-        self._rt.cgroups.kill_all(self.sandbox_id, sig)
-
-    async def exec(self, argv: list[str], env: list[str] | None = None, cwd: str = "/", uid: int = 0,
-                   gid: int = 0, stdin: bool = True) -> RunningProcess:
-        if self._child.returncode_known or self._cleaned:
-            raise RuntimeError(f"sandbox {self.sandbox_id} is not running")
-        if not await self.wait_created():
-            raise RuntimeError(f"sandbox {self.sandbox_id} is not running (or still starting)")
-        self._exec_seq += 1
-        proc = oci_config.process_section(argv, list(env or []), cwd, uid, gid, self._rt.rlimits)
-        proc_file = self.bundle / f"exec-{self._exec_seq}.json"
-        pid_file = self.bundle / f"exec-{self._exec_seq}.pid"
-        proc_file.write_bytes(msgspec.json.encode(proc))
-        child = await _Child.spawn(
-            [*self._rt.runtime_argv(), "exec", "--process", str(proc_file), "--pid-file", str(pid_file),
-             self.sandbox_id], stdin=stdin)
-        return RunningProcess(child, pid_file)
-
-    async def cleanup(self) -> None:
-        """Remove the runtime state, cgroups, netns and bundle. Idempotent; never leaves processes."""
-        if self._cleaned:
-            return
-        if not self._child.returncode_known:
-            await self.kill(_signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._child.reaped(), 10)
-        errors: list[str] = []
-        try:
-            await self._rt.delete_container(self.sandbox_id)
-        except Exception as exc:  # keep going: the rest must be cleaned regardless
-            errors.append(f"runtime delete: {exc}")
-        try:
-            try:
-                self._rt.cgroups.remove(self.sandbox_id, timeout=0)  # one quick attempt inline
-            except OSError:  # tasks still draining: retry off the event loop
-                await asyncio.to_thread(self._rt.cgroups.remove, self.sandbox_id)
-        except Exception as exc:
-            errors.append(f"cgroup: {exc}")
-        try:
-            await self._rt.network.teardown(self._net)
-        except Exception as exc:
-            errors.append(f"network: {exc}")
-        if self.rootfs_bind is not None:
-            try:
-                _release_bind(self.rootfs_bind)
-            except OSError as exc:
-                errors.append(f"rootfs bind: {exc}")
-        shutil.rmtree(self.bundle, ignore_errors=True)
-        self._cleaned = True
-        self._rt._active.pop(self.sandbox_id, None)
-        if errors:
-            raise RuntimeError(f"cleanup of sandbox {self.sandbox_id}: " + "; ".join(errors))
-        await self._rt.make_spares(network=self.spec.networking)  # the next run's, while nobody waits
-
-
-class StagedSandbox(msgspec.Struct, kw_only=True):
-    """A sandbox `stage`d but not launched yet: its bundle dir (with the /etc files written), limits
-    cgroup and network exist. Hand it to `launch`, or to `abort` to undo it."""
-    spec: SandboxSpec
-    bundle: Path
-    net: SandboxNetwork
-    etc_files: list[str]  # the names under /etc whose per-sandbox copy is in the bundle
-
-
 class SandboxRuntime:
     def __init__(self, config: RuntimeConfig, info: HostInfo, runtime: str, binary: str,
                  cgroups: CgroupManager, network: NetworkManager, engine_id: str) -> None:
@@ -438,7 +100,7 @@ class SandboxRuntime:
         self.cgroups = cgroups
         self.network = network
         self.engine_id = engine_id
-        self.root_dir = RUN_DIR / f"{runtime}-{engine_id}"
+        self.root_dir = runtime_root(runtime, engine_id)
         self.bundles = BUNDLES / engine_id
         self.rootfs_binds = ROOTFS_BINDS / engine_id
         self.rlimits = oci_config.clamp_rlimits(oci_config.host_hard_rlimits())
@@ -462,14 +124,14 @@ class SandboxRuntime:
         problems = hostcheck.check_requirements(info)
         if problems:
             raise NoRuntimeAvailable("; ".join(problems))
-        runtime, binary = select_runtime(info, config.runtime)
+        runtime, binary = hostcheck.select_runtime(info, config.runtime)
         idmap = _make_idmap(config, runtime)  # before anything needing clean-up: it may refuse
         engine_id = config.engine_id or secrets.token_hex(4)
-        lock_fd = await _lock_engine(engine_id)
-        swept = await asyncio.to_thread(sweep_dead_engines, info, engine_id)
+        lock_fd = await lock_engine(engine_id)
+        swept = await asyncio.to_thread(recovery.sweep_dead_engines, info, engine_id)
         if swept:
             log.warning("cleaned up after engines that died: %s", "; ".join(swept))
-        parent = config.cgroup_parent or f"{CGROUP_ROOT_NAME}/{engine_id}"
+        parent = config.cgroup_parent or cgroup_parent_for(engine_id)
         cgroups = CgroupManager(info, parent)
         cgroups.setup_parent(CgroupLimits(memory_bytes=config.budget_memory_bytes, pids=config.budget_pids,
                                           cpu_quota=config.budget_cpus))
@@ -489,13 +151,13 @@ class SandboxRuntime:
             network.userns_map = (idmap.base, idmap.gid_base, idmap.size)
         try:
             # The runtime's state and the bundles hold each sandbox's config (its environment): root only.
-            _run_dir(rt.root_dir, None)
-            _run_dir(rt.bundles, None)
+            make_run_dir(rt.root_dir, None)
+            make_run_dir(rt.bundles, None)
             # A tmpfs of the engine's own: a sandbox's mountinfo shows the source of its /etc binds as
             # a path inside it (/<sandbox>/hosts), never a host path; and bundles stay off the disk.
             mount_tmpfs(rt.bundles)
             if idmap is not None:
-                _run_dir(rt.rootfs_binds, idmap.gid_base)
+                make_run_dir(rt.rootfs_binds, idmap.gid_base)
         except BaseException:
             await rt.close()
             raise
@@ -703,11 +365,11 @@ class SandboxRuntime:
             argv = [*self.runtime_argv()]
             if self.runtime == "runsc":
                 argv.append("--network=none")
-            child = await _Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
+            child = await Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
         except BaseException:
             if bind is not None:
                 with contextlib.suppress(OSError):
-                    _release_bind(bind)
+                    release_bind(bind)
             await self.abort(staged)
             raise
         sandbox = RunningSandbox(self, spec, child, bundle, net)
@@ -715,6 +377,10 @@ class SandboxRuntime:
         self._staged.discard(sid)
         self._active[sid] = sandbox
         return sandbox
+
+    def forget(self, sid: str) -> None:
+        """Sandbox `sid` was cleaned up: it is no longer this runtime's to stop."""
+        self._active.pop(sid, None)
 
     async def delete_container(self, sid: str) -> None:
         """`<runtime> delete -f`: a no-op when the runtime already removed its state after `run`."""
@@ -750,11 +416,11 @@ class SandboxRuntime:
             errors.append(f"cgroups: {exc}")
         shutil.rmtree(self.root_dir, ignore_errors=True)
         try:
-            _release_bundles(self.bundles)
+            release_bundles(self.bundles)
         except OSError as exc:
             errors.append(f"bundles: {exc}")
         try:
-            _release_binds(self.rootfs_binds)
+            release_binds(self.rootfs_binds)
         except OSError as exc:
             errors.append(f"rootfs binds: {exc}")
         if self.idmap is not None:
@@ -764,48 +430,6 @@ class SandboxRuntime:
             self._lock_fd = -1
         if errors:
             raise RuntimeError("closing the sandbox runtime: " + "; ".join(errors))
-
-
-def _run_dir(path: Path, group: int | None) -> None:
-    """A per-engine dir under RUN_DIR that no other local user may enter: 0700, or root:`group` 0710
-    when the sandbox's remapped root (host gid `group`) must traverse it (the rootfs binds: the
-    runtime reaches the rootfs as that root). Either way no other user reaches a running sandbox's
-    files, setuid binaries included, or its config. The dirs above are 0711: traversable by every
-    engine's sandboxes, listable by no one."""
-    for shared in reversed(path.parents):
-        if shared == RUN_DIR or RUN_DIR in shared.parents:
-            shared.mkdir(mode=0o711, exist_ok=True)
-            if stat.S_IMODE(shared.stat().st_mode) & 0o066:
-                shared.chmod(0o711)
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chown(path, os.geteuid(), os.getegid() if group is None else group)
-    path.chmod(0o700 if group is None else 0o710)
-
-
-def _release_bind(point: Path) -> None:
-    if not point.exists():
-        return  # a successor engine's sweep got there first
-    unmount(point)
-    with contextlib.suppress(FileNotFoundError):
-        point.rmdir()
-
-
-def _release_bundles(path: Path) -> None:
-    """Unmount an engine's bundles tmpfs (and anything mounted below it), then remove the dir."""
-    for point in mounts_under(path):
-        unmount(point)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _release_binds(parent: Path) -> None:
-    """Unmount every bind below `parent`, then remove it; never deletes through a mount."""
-    if not parent.is_dir():
-        return
-    for point in mounts_under(parent):
-        unmount(point)
-    for entry in parent.iterdir():
-        entry.rmdir()  # empty mount points only: anything else is not ours to delete
-    parent.rmdir()
 
 
 def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
@@ -832,118 +456,3 @@ def _make_idmap(config: RuntimeConfig, runtime: str) -> IdMap | None:
         log.warning("sandboxes run WITHOUT a user namespace (root inside is root on the host's files "
                     "of its own upper dir): %s", exc)
         return None
-
-
-def _engine_lock_path(engine_id: str) -> Path:
-    return RUN_DIR / "engines" / f"{engine_id}.lock"
-
-
-def try_engine_lock(engine_id: str) -> int:
-    """An fd holding `engine_id`'s lock (the engine is alive while someone holds it), or -1."""
-    path = _engine_lock_path(engine_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return -1
-    return fd
-
-
-def release_engine_lock(engine_id: str, fd: int) -> None:
-    with contextlib.suppress(OSError):
-        _engine_lock_path(engine_id).unlink()  # one file per engine id would pile up
-    os.close(fd)
-
-
-async def _lock_engine(engine_id: str, patience: float = 10.0) -> int:
-    """Hold `engine_id` for the runtime's life. Another engine may briefly hold it while sweeping up
-    after a dead predecessor with the same id, so wait a little before giving up."""
-    deadline = time.monotonic() + patience
-    while True:
-        fd = try_engine_lock(engine_id)
-        if fd >= 0:
-            return fd
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"engine id {engine_id} is held by another live engine")
-        await asyncio.sleep(0.05)
-
-
-def sweep_dead_engines(info: HostInfo, own: str | None = None) -> list[str]:
-    """Kill the sandboxes of engines that died without closing and remove their cgroups and runtime
-    state. An engine is alive while it holds its lock file under /run/contree-engine/engines/; `own`
-    is the id the caller just locked, so whatever already exists under it is a dead predecessor's."""
-    held: dict[str, int] = {}
-
-    def is_dead(name: str) -> bool:
-        if name == own:
-            held[name] = -1
-            return True
-        fd = try_engine_lock(name)
-        if fd < 0:
-            return False
-        held[name] = fd  # keep it while cleaning, so a successor waits for us
-        return True
-
-    def dead_entries(parent: Path) -> list[Path]:
-        """The per-engine entries of `parent` (named by engine id) whose engine is dead."""
-        if not parent.is_dir():
-            return []
-        return [e for e in parent.iterdir() if e.name in held or is_dead(e.name)]
-
-    try:
-        done = sweep_dead_parents(info, CGROUP_ROOT_NAME, is_dead)
-        for name in held:
-            for rt in ("crun", "runc", "runsc"):
-                root = RUN_DIR / f"{rt}-{name}"
-                if root.is_dir():
-                    shutil.rmtree(root, ignore_errors=True)
-                    done.append(f"removed runtime state {root}")
-        for entry in dead_entries(BUNDLES):
-            try:
-                _release_bundles(entry)
-                done.append(f"removed bundles {entry}")
-            except OSError as exc:
-                done.append(f"could not remove bundles {entry}: {exc}")
-        for entry in dead_entries(ROOTFS_BINDS):
-            try:
-                _release_binds(entry)
-                done.append(f"released rootfs binds {entry}")
-            except OSError as exc:  # never block start-up on it: report and go on
-                done.append(f"could not release rootfs binds {entry}: {exc}")
-        return done
-    finally:
-        for name, fd in held.items():
-            if fd >= 0:
-                release_engine_lock(name, fd)
-
-
-def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:
-    """Pick the OCI runtime: crun, unless it cannot work here (then runc); runsc only on request."""
-    if wanted not in ("auto", "crun", "runc", "runsc"):
-        raise ValueError(f"unknown runtime {wanted!r}")
-    crun_problem = None
-    crun = hostcheck.find_binary("crun")
-    if crun is None:
-        crun_problem = "crun is not installed (Debian package crun)"
-    elif not hostcheck.apply_hugetlb_fix(info) and info.cgroup_mode is not hostcheck.CgroupMode.V2:
-        crun_problem = ("crun refuses hybrid cgroups while the unified hierarchy owns controllers, "
-                        "and they could not be moved (RUNTIME §3)")
-    if wanted in ("auto", "crun") and crun_problem is None and crun is not None:
-        return "crun", crun
-    if wanted == "crun":
-        raise NoRuntimeAvailable(crun_problem or "crun unusable")
-    if wanted in ("auto", "runc"):
-        runc = hostcheck.find_binary("runc")
-        if runc is not None:
-            if wanted == "auto":
-                log.warning("using runc: %s", crun_problem)
-            return "runc", runc
-        raise NoRuntimeAvailable(
-            f"no usable OCI runtime: {crun_problem}; runc is not installed either "
-            "(apt-get install crun runc)")
-    runsc = hostcheck.find_binary("runsc")
-    if runsc is None:
-        raise NoRuntimeAvailable("runsc (gVisor) is not installed (Debian package runsc)")
-    return "runsc", runsc
