@@ -32,8 +32,8 @@ import xxhash
 from contree import api
 from contree.backend import FileQuery
 from contree.engine.storage.home import private_dir, private_file
-from contree.engine.storage.resolver import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from contree.errors import BadRequest, NotFound, Unprocessable
+from contree.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from contree.timeparse import isoformat, parse_timestamp
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

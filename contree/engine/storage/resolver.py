@@ -13,7 +13,6 @@ the layer's root with `O_NOFOLLOW`, so no path, symlink or `..` in an image can 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -23,12 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from contree.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+
 MAX_SYMLINKS = 40
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-_SYS_OPENAT2 = 437  # the same number on every architecture (unified syscall table)
 _RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 _OPAQUE = "trusted.overlay.opaque"
 _DIR_CACHE = 4096
@@ -54,25 +50,6 @@ class Node(NamedTuple):
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.st.st_mode)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    """`openat2(2)` (Python has no wrapper): open `path` below `dirfd` under the `resolve` rules."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = int(_libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return fd
 
 
 def is_whiteout(st: os.stat_result) -> bool:
