@@ -29,8 +29,8 @@ $(STAMPS)/system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@# The sandboxes' own host id range (contree-engine in /etc/subuid and /etc/subgid), never a user's.
-	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.runtime.subids ensure; \
-	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.runtime.subids show || true; fi
+	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids ensure; \
+	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids show || true; fi
 	@touch $@
 
 install-python: $(STAMPS)/python

@@ -228,7 +228,8 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
             rootfs=rootfs, hostname=spec.hostname, cgroups_path=rt.cgroups.runtime_path("bare"),
             netns_path=None, memory_bytes=None, pids_limit=None, cpu_quota=None, rlimits=rt.rlimits,
             seccomp=rt.config.seccomp, seccomp_bpf_b64=rt._seccomp_b64,
-            extra_mounts=rt._etc_mounts(spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none"))),
+            extra_mounts=rt._etc_binds(spec.rootfs, bundle, rt._write_etc_files(
+                spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none")))),
             uid_mappings=None if idmap is None else [oci_config.IdMapping(
                 containerID=0, hostID=idmap.base, size=idmap.size)],
             gid_mappings=None if idmap is None else [oci_config.IdMapping(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,12 @@ def engine_home(env: Mapping[str, str]) -> Path:
     if env.get("CONTREE_ENGINE_HOME"):
         return Path(env["CONTREE_ENGINE_HOME"]).expanduser()
     return _xdg(env, "XDG_DATA_HOME", ".local/share") / "contree-mcp"
+
+
+def default_home() -> Path:
+    """The engine home every entry point uses when none is given (`engine_home` of this process's
+    environment); `CONTREE_HOME` is the Contree CLI's auth.ini directory, not this."""
+    return engine_home(os.environ)
 
 
 def _home(env: Mapping[str, str]) -> Path:

@@ -29,12 +29,12 @@ log = logging.getLogger("contree_mcp")
 
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
-    ("images", "bootstrap"): ("contree.engine.storage.bootstrap", "bootstrap_main"),
+    ("images", "bootstrap"): ("contree.engine.cli", "bootstrap_main"),
     ("images", "publish"): ("tools.publish", "publish_main"),
     ("images", "unpublish"): ("tools.publish", "unpublish_main"),
     ("images", "published"): ("tools.publish", "published_main"),
     ("images", "prune"): ("tools.maintenance", "prune_main"),
-    ("engine", "check"): ("contree.engine.storage.store", "check_main"),
+    ("engine", "check"): ("contree.engine.cli", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),

@@ -286,10 +286,6 @@ def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{_sha256_hex(digest)}"
 
 
-class _IndexJson(msgspec.Struct, kw_only=True):
-    manifests: list[Descriptor] = []
-
-
 class LocalLayoutSource:
     """An OCI image layout, as a directory (`oci:`) or a tar of one (`oci-archive:`)."""
 

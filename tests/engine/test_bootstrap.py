@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.storage.bootstrap import BUSYBOX_TAG, bootstrap_images, bootstrap_main
+from contree.engine.cli import bootstrap_main
+from contree.engine.storage.bootstrap import BUSYBOX_TAG, bootstrap_images
 from contree.engine.storage.store import KIND_IMPORTED, Store
 
 

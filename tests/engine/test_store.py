@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from contree.backend import ImageQuery
+from contree.engine.cli import check_main
 from contree.engine.storage.overlay import is_mountpoint, mount_overlay, unmount
 from contree.engine.storage.store import (
     KIND_IMPORTED,
@@ -21,7 +22,6 @@ from contree.engine.storage.store import (
     ImageRecord,
     LayerTooLarge,
     Store,
-    check_main,
 )
 from contree.errors import BadRequest, NotFound
 

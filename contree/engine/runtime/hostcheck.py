@@ -178,13 +178,6 @@ def find_binary(name: str) -> str | None:
         (str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.is_file()), None)
 
 
-def clamp_rlimit(wanted: int, hard: int) -> int:
-    """Never ask for more than we hold: without CAP_SYS_RESOURCE a raise fails with EPERM (§1)."""
-    if hard == resource.RLIM_INFINITY or hard < 0:
-        return wanted
-    return min(wanted, hard)
-
-
 def check_requirements(info: HostInfo) -> list[str]:
     """Problems that make the embedded runtime impossible on this host (empty list = fine)."""
     problems = []

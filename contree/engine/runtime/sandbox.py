@@ -209,10 +209,6 @@ class SandboxRuntime:
             (bundle / name).write_text(text)
         return list(files)
 
-    def _etc_mounts(self, spec: SandboxSpec, bundle: Path, net: SandboxNetwork) -> list[dict[str, Any]]:
-        """Write the per-sandbox /etc files into `bundle` and return the mounts that bind them."""
-        return self._etc_binds(spec.rootfs, bundle, self._write_etc_files(spec, bundle, net))
-
     async def start(self, spec: SandboxSpec) -> RunningSandbox:
         """`stage` then `launch`: the rootfs must already be mounted."""
         return await self.launch(await self.stage(spec))

@@ -11,19 +11,17 @@ allocates a user's: the lowest SUB_UID_COUNT-sized range at or above SUB_UID_MIN
 overlaps no entry of either file and holds no uid or gid of /etc/passwd or /etc/group, written to both
 files atomically while holding shadow's locks (`/etc/.pwd.lock` and `<file>.lock`), so a concurrent
 `useradd` waits for us and sees our entry. An entry of ours that overlaps another one is refused with
-the fix named. `make install-system` runs `python -m contree.engine.runtime.subids ensure` for the same entry.
+the fix named. `make install-system` runs `python -m contree.engine.cli subids ensure` for the same entry.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
 import logging
 import os
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -183,7 +181,7 @@ def engine_range(size: int = SIZE, *, allocate: bool | None = None, etc: Path = 
         if not allocate:
             raise SubidError(
                 f"no range of {size} ids for {NAME} in {etc / 'subuid'} and {etc / 'subgid'}: run "
-                f"`make install-system` (or `python -m contree.engine.runtime.subids ensure`) as root, or "
+                f"`make install-system` (or `python -m contree.engine.cli subids ensure`) as root, or "
                 f"add a line `{NAME}:<first id>:{size}` that overlaps no other entry to both files")
         found = _allocate(etc, size)
         tables = [_Table(etc, "UID"), _Table(etc, "GID")]
@@ -324,25 +322,3 @@ def _holder_alive(lock: Path) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m contree.engine.runtime.subids",
-        description=f"The sandboxes' host id range ({NAME} in /etc/subuid and /etc/subgid).")
-    parser.add_argument("action", choices=["ensure", "show"],
-                        help="ensure: allocate it if missing (root); show: print it")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        found = engine_range(allocate=args.action == "ensure")
-    except SubidError as exc:
-        print(f"contree-engine ids: {exc}", file=sys.stderr)
-        return 1
-    last = found.size - 1
-    print(f"{NAME}: uids {found.uid}..{found.uid + last}, gids {found.gid}..{found.gid + last}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

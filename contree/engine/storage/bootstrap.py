@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from contree.engine.storage.store import (
     ImageConfig,
     ImageRecord,
     Store,
-    default_home,
     remove_tree,
 )
 from contree.errors import NotFound
@@ -136,25 +133,3 @@ def _home_lock(home: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def bootstrap_main(argv: Sequence[str] | None = None) -> int:
-    """`contree-mcp images bootstrap [--home DIR] [--only busybox|debian]`."""
-    parser = argparse.ArgumentParser(prog="contree-mcp images bootstrap",
-                                     description="Create the busybox:latest and debian:bookworm base images.")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="engine state directory (default: $CONTREE_ENGINE_HOME, else "
-                        "$XDG_DATA_HOME/contree-mcp)")
-    parser.add_argument("--only", choices=KINDS, action="append", help="build only this image (repeatable)")
-    parser.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for debian:bookworm")
-    args = parser.parse_args(argv)
-    store = Store(args.home or default_home())
-    try:
-        for image in bootstrap_images(store, tuple(args.only or KINDS), mirror=args.mirror):
-            print(f"{image.tag}\t{image.uuid}")
-    except BootstrapError as exc:
-        print(f"bootstrap failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    return 0

@@ -29,7 +29,6 @@ the row but not the rename, `check()` and `recover()` name the layer whose direc
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -39,7 +38,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import threading
 import time
 import uuid as uuidlib
@@ -941,36 +939,3 @@ class Store:
         return problems
 
     list = list_images  # the brief's name; bound last so annotations above still mean the builtin
-
-
-def check_main(argv: Sequence[str] | None = None) -> int:
-    """`contree-mcp engine check --home DIR`: print the store's problems; exit 1 when there are any."""
-    parser = argparse.ArgumentParser(prog="contree-mcp engine check", description=check_main.__doc__)
-    parser.add_argument("--home", type=Path, default=default_home(),
-                        help="engine state directory (default: $CONTREE_ENGINE_HOME, else "
-                        "$XDG_DATA_HOME/contree-mcp)")
-    parser.add_argument("--repair", action="store_true", help="run start-up recovery first (engine stopped)")
-    args = parser.parse_args(argv)
-    if not (args.home / "images.db").exists():
-        print(f"no engine store at {args.home}", file=sys.stderr)
-        return 1
-    store = Store(args.home)
-    try:
-        if args.repair:
-            for action in store.recover():
-                print(f"repaired: {action}")
-        problems = store.check()
-    finally:
-        store.close()
-    for p in problems:
-        print(p)
-    if not problems:
-        print(f"store at {args.home}: ok")
-    return 1 if problems else 0
-
-
-def default_home() -> Path:
-    # One rule for every entry point; CONTREE_HOME is the Contree CLI's auth.ini directory, not this.
-    from contree.config import engine_home
-
-    return engine_home(os.environ)
