@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from contree.config import default_home
-from contree.engine.storage.prune import DEFAULT_KEEP, PruneReport, prune
+from contree.engine.prune import DEFAULT_KEEP, PruneReport, prune
 from contree.timeparse import parse_interval
 from tools.dirstate import DirectoryStates
 

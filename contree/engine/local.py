@@ -35,13 +35,13 @@ from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import ASSIGNED, CANCELLED, EXECUTING, PENDING, OperationLog, OpRecord
 from contree.engine.parts import EngineLimits, EngineParts
 from contree.engine.processes import result_from_fold
+from contree.engine.prune import disk_usage
 from contree.engine.runtime.limits import LimitPolicy
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.runtime.watchdog import Watchdog
 from contree.engine.storage import inspect
 from contree.engine.storage.blobs import BlobStore
 from contree.engine.storage.home import prepare_home
-from contree.engine.storage.prune import disk_usage
 from contree.engine.storage.store import ImageRecord, Store
 from contree.errors import BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.fsutil import try_lock
@@ -82,10 +82,13 @@ class LocalEngine:
         if self._lock_fd < 0:
             await self.lock_home()
         try:
-            self._parts = await EngineParts.open(self.home, self.limits, self.runtime_config)
+            await self._open()
         except BaseException:
-            await self.close()  # release the lock
+            await self.close()  # release the lock and whatever parts were started
             raise
+
+    async def _open(self) -> None:
+        self._parts = await EngineParts.open(self.home, self.limits, self.runtime_config)
 
     async def lock_home(self) -> None:
         """One engine per home: a second one would kill the first one's sandboxes as 'leftovers'.
@@ -117,6 +120,10 @@ class LocalEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def started(self) -> bool:
+        return self._parts is not None
 
     def parts(self) -> EngineParts:
         if self._parts is None:
