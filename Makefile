@@ -78,9 +78,13 @@ test: install
 check-api: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/rest/test_schemathesis.py
 
+# Packages held to mypy --strict on top of the project's own configuration (which also checks tests).
+MYPY_STRICT := contree/engine
+
 lint: install-python
 	$(VENV)/bin/ruff check protocol tools contree tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(MYPY_STRICT)
 
 bench: install
 	VALIDATORS=$(VAL) $(PY) -m bench

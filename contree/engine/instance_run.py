@@ -30,7 +30,8 @@ from contree.engine.runtime.limits import SandboxLimits
 from contree.engine.snapshots import find_executable
 from contree.engine.spawn import SpawnFailed
 from contree.engine.storage import upperfs
-from contree.engine.storage.store import ImageRecord, LayerTooLarge
+from contree.engine.storage.store import ImageRecord
+from contree.engine.storage.upperfs import LayerTooLarge
 from contree.errors import Conflict
 
 log = logging.getLogger(__name__)

@@ -98,7 +98,8 @@ class LimitPolicy(msgspec.Struct, kw_only=True, frozen=True):
                              pids=None if pids is None else int(pids))
 
     def _pick(self, name: str, asked: float | msgspec.UnsetType, least: float) -> float | None:
-        default, most = getattr(self.default, name), getattr(self.maximum, name)
+        default: float | None = getattr(self.default, name)
+        most: float | None = getattr(self.maximum, name)
         if asked is msgspec.UNSET:
             return default
         assert isinstance(asked, int | float)

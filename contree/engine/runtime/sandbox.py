@@ -35,15 +35,10 @@ from contree.engine.runtime.handles import (
     StagedSandbox,
 )
 from contree.engine.runtime.hostcheck import HostInfo, NoRuntimeAvailable
-from contree.engine.runtime.network import (
-    DEFAULT_SUBNET,
-    IPAM_DIR,
-    NetworkInfo,
-    NetworkManager,
-    SandboxNetwork,
-)
+from contree.engine.runtime.network import DEFAULT_SUBNET, NetworkInfo, NetworkManager, SandboxNetwork
 from contree.engine.runtime.paths import (
     BUNDLES,
+    IPAM_DIR,
     ROOTFS_BINDS,
     cgroup_parent_for,
     lock_engine,
