@@ -25,7 +25,13 @@ import msgspec
 from contree.engine.eventlog import DEFAULT_OUTPUT_QUOTA
 from contree.engine.operations import OperationQueue
 from contree.engine.oplog import OperationLog
-from contree.engine.runtime.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
+from contree.engine.runtime.limits import (
+    HostResources,
+    LimitPolicy,
+    ResourceSettings,
+    SandboxLimits,
+    resolve_policy,
+)
 from contree.engine.runtime.paths import engine_id_for
 from contree.engine.runtime.recovery import recover_host
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
@@ -35,6 +41,9 @@ from contree.engine.storage.blobs import BlobStore
 from contree.engine.storage.store import MAX_DEPTH, Store
 
 log = logging.getLogger(__name__)
+
+# The network mode of an engine without a RuntimeConfig: auto | nat | slirp | pasta (rootless) | none.
+NETWORK_ENV = "CONTREE_ENGINE_NETWORK"
 
 
 class EngineLimits(msgspec.Struct, kw_only=True):
@@ -90,7 +99,8 @@ class EngineParts:
             runtime, sandbox_limits, layer_cap = await _start_runtime(home, engine_id, limits, runtime_config)
             undo.push_async_callback(_close_runtime, runtime)
             # Kills the sandboxes at their deadline and releases everything at once if this process dies.
-            watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=runtime.cgroups.parent, home=home)
+            watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=runtime.cgroups.parent, home=home,
+                                      runtime_root=runtime.root_dir)
             undo.callback(watchdog.stop)
             blobs = BlobStore(home / "blobs")
             undo.callback(blobs.close)
@@ -128,8 +138,10 @@ async def _start_runtime(
     """The runtime, its parent cgroup carrying the engine's total budget, the sandbox limits and the
     layer cap."""
     host = await asyncio.to_thread(HostResources.detect)
-    config = msgspec.structs.replace(runtime_config or RuntimeConfig(state_dir=home / "runtime"),
-                                     engine_id=engine_id)
+    config = msgspec.structs.replace(
+        runtime_config or RuntimeConfig(state_dir=home / "runtime",
+                                        network_mode=os.environ.get(NETWORK_ENV) or "auto"),
+        engine_id=engine_id)
     wanted = limits.resources
     # A runtime_config that names a budget (tests, embedders) wins over the settings' totals.
     settings = msgspec.structs.replace(
@@ -141,6 +153,8 @@ async def _start_runtime(
         config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
     try:
         sandbox_limits = resolve_policy(settings, host, runtime.cgroups.enforceable())
+        if not runtime.cgroups.enforces_total:  # rootless, no delegated cgroup
+            sandbox_limits = msgspec.structs.replace(sandbox_limits, total=SandboxLimits())
     except BaseException:
         await runtime.close()
         raise

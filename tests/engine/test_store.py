@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from contree.backend import ImageQuery
-from contree.engine.cli import check_main
+from contree.engine.cli import check_store_main as check_main
 from contree.engine.storage.overlay import is_mountpoint, mount_overlay, unmount
 from contree.engine.storage.store import (
     KIND_IMPORTED,

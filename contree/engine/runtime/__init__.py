@@ -16,4 +16,5 @@ Uses storage's mount primitives; knows nothing of images, operations or the API.
     sandbox.py     SandboxRuntime: create, stage, launch, spares, close
     recovery.py    releasing what a dead engine left (processes, cgroups, runtime state, bundles, binds)
     watchdog.py    a process per engine: kills sandboxes past their deadline, releases a dead engine
+    rootless/      the runtime of an engine run by a non-root user (its own map: rootless/__init__.py)
 """

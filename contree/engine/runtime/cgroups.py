@@ -91,6 +91,8 @@ def _rmdir_tree(path: Path) -> None:
 class CgroupManager:
     """Owns `<parent>` (e.g. `/contree-engine/<engine-id>`) in every hierarchy of this host."""
 
+    enforces_total = True  # the parent cgroup carries the engine's total budget (rootless may have none)
+
     def __init__(self, info: HostInfo, parent: str) -> None:
         if not parent.startswith("/"):
             raise ValueError("the cgroup parent must be an absolute path (RUNTIME §5.2)")
@@ -136,7 +138,9 @@ class CgroupManager:
         for node in chain[:-1]:
             try:
                 avail = set((node / "cgroup.controllers").read_text().split())
-                wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in avail)
+                # Only what is missing: a rootless engine may write just below its delegated cgroup.
+                enabled = set((node / "cgroup.subtree_control").read_text().split())
+                wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in avail - enabled)
                 if wanted:
                     _write(node / "cgroup.subtree_control", wanted)
             except OSError as exc:

@@ -24,6 +24,8 @@ from contree.engine.runtime.cgroups import CgroupManager
 from contree.engine.runtime.child import Child, decode_status
 from contree.engine.runtime.network import NetworkInfo, NetworkManager, SandboxNetwork
 from contree.engine.runtime.paths import release_bind
+from contree.engine.runtime.rootless.limits import RuntimeStateKiller
+from contree.engine.runtime.rootless.network import RootlessNetwork
 
 
 class SandboxSpec(msgspec.Struct, kw_only=True):
@@ -72,8 +74,8 @@ class SandboxHost(Protocol):
     root_dir: Path
     runtime: str
     rlimits: dict[str, int]
-    cgroups: CgroupManager
-    network: NetworkManager
+    cgroups: CgroupManager | RuntimeStateKiller
+    network: NetworkManager | RootlessNetwork
 
     def runtime_argv(self) -> list[str]: ...
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contree.engine.runtime import hostcheck, network
+from contree.engine.runtime import hostcheck, network, rootless
 from contree.engine.runtime.cgroups import CgroupManager, sweep_dead_parents
 from contree.engine.runtime.hostcheck import HostInfo
 from contree.engine.runtime.paths import (
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 def recover_host(engine_id: str) -> list[str]:
     """Kill and remove whatever sandboxes of `engine_id` survived their engine; returns what was done."""
     actions: list[str] = []
+    if rootless.active():
+        return actions  # nothing survives a rootless engine's pid namespace (rootless/namespaces.py)
     # The dead engine's `crun run`/`crun exec` processes survive it (they run in their own session)
     # and may still be creating cgroups: they go first, found by the engine's runtime root.
     for pid in _runtime_processes(engine_id):

@@ -40,6 +40,7 @@ from contree.engine.runtime.paths import (
     BUNDLES,
     IPAM_DIR,
     ROOTFS_BINDS,
+    RUN_DIR,
     cgroup_parent_for,
     lock_engine,
     make_run_dir,
@@ -49,8 +50,11 @@ from contree.engine.runtime.paths import (
     release_engine_lock,
     runtime_root,
 )
+from contree.engine.runtime.rootless import runtime as rootless_runtime
+from contree.engine.runtime.rootless.limits import RuntimeStateKiller
+from contree.engine.runtime.rootless.network import RootlessNetwork
 from contree.engine.runtime.userns import IdMap, UsernsUnavailable
-from contree.engine.storage.overlay import bind_mount, mount_tmpfs
+from contree.engine.storage.overlay import bind_mount, mount_tmpfs, unmount
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,8 @@ class RuntimeConfig(msgspec.Struct, kw_only=True):
 
 class SandboxRuntime:
     def __init__(self, config: RuntimeConfig, info: HostInfo, runtime: str, binary: str,
-                 cgroups: CgroupManager, network: NetworkManager, engine_id: str) -> None:
+                 cgroups: CgroupManager | RuntimeStateKiller, network: NetworkManager | RootlessNetwork,
+                 engine_id: str) -> None:
         self.config = config
         self.info = info
         self.runtime = runtime
@@ -109,6 +114,8 @@ class SandboxRuntime:
         self._last_limits: CgroupLimits | None = None
         self._closing = False
         self._lock_fd = -1
+        self.rootless = False  # runtime/rootless/: every sandbox gets namespaces from `network`
+        self.run_dir = RUN_DIR
         # Set when sandboxes run in a user namespace: the caller mounts lowers through
         # `idmap.lowers(...)`, calls `idmap.shift_in` before start and `idmap.shift_out` before commit.
         self.idmap: IdMap | None = None
@@ -120,6 +127,8 @@ class SandboxRuntime:
         if problems:
             raise NoRuntimeAvailable("; ".join(problems))
         runtime, binary = hostcheck.select_runtime(info, config.runtime)
+        if info.rootless:
+            return await cls._create_rootless(config, info, runtime, binary)
         idmap = _make_idmap(config, runtime)  # before anything needing clean-up: it may refuse
         engine_id = config.engine_id or secrets.token_hex(4)
         lock_fd = await lock_engine(engine_id)
@@ -156,16 +165,51 @@ class SandboxRuntime:
         except BaseException:
             await rt.close()
             raise
-        if config.seccomp and runtime == "crun":
-            try:
-                rt._seccomp_b64 = seccomp.compiled_bpf_b64()
-            except seccomp.SeccompUnavailable as exc:
-                log.warning("seccomp precompile unavailable, crun compiles the profile per start: %s", exc)
+        rt._precompile_seccomp()
         log.info("sandbox runtime %s (%s), cgroups %s under %s, network %s%s, user namespace %s", runtime,
                  binary, info.cgroup_mode.value, parent, network.mode,
                  f" ({network.error})" if network.error else "",
                  f"0→{idmap.base} ({idmap.size} ids)" if idmap else "off")
         return rt
+
+    @classmethod
+    async def _create_rootless(cls, config: RuntimeConfig, info: HostInfo, runtime: str,
+                               binary: str) -> SandboxRuntime:
+        """A rootless engine's runtime, from the parts `rootless/runtime.py` decides."""
+        budget = CgroupLimits(memory_bytes=config.budget_memory_bytes, pids=config.budget_pids,
+                              cpu_quota=config.budget_cpus)
+        parts = await rootless_runtime.prepare(info, runtime, binary, state_dir=config.state_dir,
+                                               engine_id=config.engine_id, network_mode=config.network_mode,
+                                               budget=budget)
+        rt = cls(config, info, runtime, binary, parts.cgroups, parts.network, parts.engine_id)
+        rt.rootless = True
+        rt.run_dir = parts.run_dir
+        rt.root_dir = parts.root_dir
+        rt.bundles = parts.run_dir / "bundles"
+        rt.rootfs_binds = parts.run_dir / "rootfs"
+        try:
+            for d in (rt.root_dir, rt.bundles):
+                d.mkdir(mode=0o700)
+        except BaseException:
+            await rt.close()
+            raise
+        rt._precompile_seccomp()
+        log.info("%s", parts.description)
+        return rt
+
+    def _precompile_seccomp(self) -> None:
+        if not self.config.seccomp or self.runtime != "crun":
+            return
+        try:
+            self._seccomp_b64 = seccomp.compiled_bpf_b64()
+        except seccomp.SeccompUnavailable as exc:
+            log.warning("seccomp precompile unavailable, crun compiles the profile per start: %s", exc)
+
+    def _rlimits(self, spec: SandboxSpec) -> dict[str, int]:
+        """A rootless sandbox's RLIMIT_NPROC is its pids limit (runtime/rootless/limits.py)."""
+        if not self.rootless or spec.pids_limit is None:
+            return self.rlimits
+        return {**self.rlimits, "RLIMIT_NPROC": oci_config.clamp_nproc(spec.pids_limit)}
 
     def runtime_argv(self) -> list[str]:
         argv = [self.binary, "--root", str(self.root_dir)]
@@ -214,6 +258,8 @@ class SandboxRuntime:
         sid = spec.sandbox_id
         if sid in self._active or sid in self._staged:
             raise ValueError(f"sandbox {sid} is already running")
+        if isinstance(self.network, RootlessNetwork):
+            self.network.check_ids(spec.uid, spec.gid)
         bundle = self.bundles / sid
         bundle.mkdir(parents=True, exist_ok=False)
         self._staged.add(sid)
@@ -233,9 +279,13 @@ class SandboxRuntime:
                         mode="none", error="networking is not supported with the runsc runtime yet"))
                 elif spec.networking and (self._spare_nets or self._spares_coming):
                     net = await self._take_spare_network()
+                elif isinstance(self.network, RootlessNetwork):  # its own user namespace, maybe a network
+                    net = await self.network.setup_for(spec.networking, spec.pids_limit)
                 else:
                     net = await self.network.setup(spec.networking)
             except Exception as exc:
+                if self.rootless:
+                    raise  # never a sandbox without its user namespace
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
             etc_files = self._write_etc_files(spec, bundle, net)
@@ -259,6 +309,9 @@ class SandboxRuntime:
         """Make what the next runs will need while nobody waits (a run's teardown calls this): limits
         cgroups like the last run's (v1), and after a run with networking a NAT network. A spare is
         fresh: no sandbox has been in it."""
+        if isinstance(self.network, RootlessNetwork):
+            await self.network.make_spares()
+            return
         limits = self._last_limits
         while (not self.cgroups.v2 and limits is not None and not self._closing
                and len(self._spare_cgroups) < SPARE_CGROUPS):
@@ -350,7 +403,8 @@ class SandboxRuntime:
                     containerID=0, hostID=self.idmap.base, size=self.idmap.size)],
                 gid_mappings=None if self.idmap is None else [oci_config.IdMapping(
                     containerID=0, hostID=self.idmap.gid_base, size=self.idmap.size)])
-            proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
+            proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid,
+                                              self._rlimits(spec))
             # msgspec: 15 us for the ~15 KB config, json.dumps took 150 us of the run's path.
             (bundle / "config.json").write_bytes(msgspec.json.encode(oci_config.build_config(opts, proc)))
             argv = [*self.runtime_argv()]
@@ -416,6 +470,11 @@ class SandboxRuntime:
             errors.append(f"rootfs binds: {exc}")
         if self.idmap is not None:
             self.idmap.close()
+        if self.rootless:  # its private tmpfs (rootless/runtime.py)
+            try:
+                unmount(self.run_dir)
+            except OSError as exc:
+                errors.append(f"run dir: {exc}")
         if self._lock_fd >= 0:
             release_engine_lock(self.engine_id, self._lock_fd)
             self._lock_fd = -1

@@ -82,7 +82,10 @@ KINDS = ("busybox", "debian")
 
 
 def build_debian_rootfs(target: Path, *, mirror: str = DEBIAN_MIRROR, timeout: float = 900) -> None:
-    """`mmdebstrap --variant=minbase --include=ca-certificates,python3 bookworm` into `target` (~30 s)."""
+    """`mmdebstrap --variant=minbase --include=ca-certificates,python3 bookworm` into `target` (~30 s).
+
+    A rootless engine runs it inside its user namespace, where it is root: mmdebstrap's root mode then
+    works as for the root engine (it warns that it cannot mount /sys in the chroot; nothing needs it)."""
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise BootstrapError("mmdebstrap not found: install the Debian package mmdebstrap")

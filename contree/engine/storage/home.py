@@ -24,14 +24,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _GROUP_OTHER = 0o077
+# The home whose ancestors were checked with the host's ids: a rootless engine checks before it enters its
+# user namespace, where the host's owners of those directories (root, other users) all show as the
+# overflow id and cannot be told apart.
+_checked_on_host: str | None = None
 
 
 class UnsafeHome(PermissionError):
     """The engine home cannot be made private; the message names the fix."""
 
 
-def prepare_home(home: Path) -> list[str]:
-    """Create or check the home; returns the repairs made (also logged)."""
+def prepare_home(home: Path, *, before_userns: bool = False) -> list[str]:
+    """Create or check the home; returns the repairs made (also logged). `before_userns`: the caller is
+    about to enter the rootless engine's user namespace, so this check of the ancestors is remembered."""
+    global _checked_on_host
     home = Path(home)
     home.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -39,7 +45,10 @@ def prepare_home(home: Path) -> list[str]:
     except FileExistsError:
         pass
     real = Path(os.path.realpath(home))
-    _check_ancestors(real)
+    if os.fspath(real) != _checked_on_host:
+        _check_ancestors(real)
+        if before_userns:
+            _checked_on_host = os.fspath(real)
     st = os.stat(real)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeHome(f"the engine home {home} is not a directory")

@@ -1,6 +1,6 @@
 """Layer trees on disk: measure them, strip overlay's bookkeeping, remove them safely, fsync.
 
-A layer is an overlay-format directory tree (whiteouts c 0:0, `trusted.overlay.opaque` on opaque dirs).
+A layer is an overlay-format directory tree (whiteouts c 0:0, opaque xattrs: `contree/layerformat.py`).
 These helpers walk such trees iteratively (layers can be deeper than Python's stack) and never descend
 into a mount.
 """
@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from contree.engine.storage.overlay import mounts_under
-
-_OPAQUE = "trusted.overlay.opaque"
-_OVERLAY_XATTR = "trusted.overlay."
+from contree.layerformat import is_overlay_xattr, opaque_xattr
 
 
 def fsync_dir(path: Path) -> None:
@@ -92,8 +90,9 @@ def _strip_overlay_xattrs(path: str) -> None:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return
         raise
+    keep = opaque_xattr()
     for name in names:
-        if name.startswith(_OVERLAY_XATTR) and name != _OPAQUE:
+        if is_overlay_xattr(name) and name != keep:
             os.removexattr(path, name, follow_symlinks=False)
 
 

@@ -7,7 +7,7 @@ class's, `Reclaimer` (reclaim.py).
 
 Layout under `home` (one filesystem, so a commit is a rename):
 
-    layers/<id>/        overlay-format tree, immutable (whiteouts c 0:0, `trusted.overlay.opaque`)
+    layers/<id>/        overlay-format tree, immutable (whiteouts c 0:0, opaque xattrs: layerformat.py)
     images.db           SQLite (WAL): images, layers (size, created, source of each layer)
     blobs/              uploaded files and sync chunks (`blobs.py`)
     tmp/                staging; everything is renamed into place when complete
