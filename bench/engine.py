@@ -191,7 +191,7 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
     from contree.engine.runtime import oci_config
     from contree.engine.runtime.cgroups import CgroupLimits
     from contree.engine.runtime.limits import SandboxLimits
-    from contree.engine.runtime.network import NetworkInfo, SandboxNetwork
+    from contree.engine.runtime.netns import NetworkInfo, SandboxNetwork
     from contree.engine.runtime.sandbox import SandboxSpec
     from contree.engine.storage.overlay import bind_mount, mount_overlay, unmount
 

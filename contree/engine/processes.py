@@ -26,7 +26,7 @@ from contree import api
 from contree.engine import spawn
 from contree.engine.eventlog import EventLog, FoldedProcess, StreamRecorder, mask_env, now_iso
 from contree.engine.runtime.handles import ProcessExit, RunningProcess, RunningSandbox, SandboxExit
-from contree.engine.runtime.network import NetworkInfo
+from contree.engine.runtime.netns import NetworkInfo
 from contree.engine.spawn import ProcessPlan
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
 

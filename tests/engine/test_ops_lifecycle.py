@@ -24,7 +24,7 @@ from contree.engine.oplog import (
 )
 from contree.engine.processes import Process, exit_event, network_event, result_from_fold
 from contree.engine.runtime.handles import ProcessExit, SandboxExit
-from contree.engine.runtime.network import InterfaceCounters, NetConfigured, NetworkInfo
+from contree.engine.runtime.netns import InterfaceCounters, NetConfigured, NetworkInfo
 
 
 def test_the_table_allows_only_forward_moves_and_no_move_out_of_an_end() -> None:

@@ -20,7 +20,8 @@ import msgspec
 import pytest
 
 from contree.engine.runtime import paths
-from contree.engine.runtime.network import NETNS_DIR, NetworkInfo
+from contree.engine.runtime.netns import NetworkInfo
+from contree.engine.runtime.paths import NETNS_DIR
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
 from contree.engine.runtime.subids import engine_range
 from contree.engine.runtime.userns import IdMap

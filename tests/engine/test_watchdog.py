@@ -22,7 +22,7 @@ import pytest
 from contree.engine.local import LocalEngine
 from contree.engine.runtime import hostcheck
 from contree.engine.runtime.cgroups import CgroupManager
-from contree.engine.runtime.network import NETNS_DIR
+from contree.engine.runtime.paths import NETNS_DIR
 from contree.engine.storage.bootstrap import build_busybox_rootfs
 from contree.engine.storage.overlay import mounts_under
 from tests.contract.conftest import run

@@ -10,7 +10,8 @@ Uses storage's mount primitives; knows nothing of images, operations or the API.
     oci_config.py  the hardened OCI config.json (pure)
     cgroups.py     the engine's parent cgroup and each sandbox's limits, stats, OOM kills, kill-all
     limits.py      sandbox memory/CPU/pids policy: host-derived defaults, per-run maxima, engine total
-    network.py     per-sandbox network namespaces: veth + NAT + filter, slirp4netns, loopback only
+    netns.py       network namespaces: SandboxNetwork/NetworkInfo, creation, deletion, counters, helpers
+    network.py     the root engine's sandbox networks: veth + NAT + filter, slirp4netns, loopback only
     child.py       a child-process library: posix_spawn with pipes, reaped through its pidfd
     handles.py     SandboxSpec in; StagedSandbox, RunningSandbox, RunningProcess, exits out
     sandbox.py     SandboxRuntime: create, stage, launch, spares, close

@@ -22,7 +22,8 @@ import msgspec
 from contree.engine.runtime import oci_config
 from contree.engine.runtime.cgroups import CgroupManager
 from contree.engine.runtime.child import Child, decode_status
-from contree.engine.runtime.network import NetworkInfo, NetworkManager, SandboxNetwork
+from contree.engine.runtime.netns import NetworkInfo, SandboxNetwork
+from contree.engine.runtime.network import NetworkManager
 from contree.engine.runtime.paths import release_bind
 from contree.engine.runtime.rootless.limits import RuntimeStateKiller
 from contree.engine.runtime.rootless.network import RootlessNetwork

@@ -35,7 +35,8 @@ from contree.engine.runtime.handles import (
     StagedSandbox,
 )
 from contree.engine.runtime.hostcheck import HostInfo, NoRuntimeAvailable
-from contree.engine.runtime.network import DEFAULT_SUBNET, NetworkInfo, NetworkManager, SandboxNetwork
+from contree.engine.runtime.netns import NetworkInfo, SandboxNetwork
+from contree.engine.runtime.network import DEFAULT_SUBNET, NetworkManager
 from contree.engine.runtime.paths import (
     BUNDLES,
     IPAM_DIR,

@@ -39,17 +39,17 @@ import os
 import shutil
 from pathlib import Path
 
-from contree.engine.runtime.network import (
+from contree.engine.runtime.netns import (
     BLOCKED_RANGES,
     InterfaceCounters,
     NetConfigured,
     NetworkInfo,
-    NetworkManager,
     SandboxNetwork,
     end_helper,
     namespace_counters,
     slirp4netns_ready,
 )
+from contree.engine.runtime.network import NetworkManager
 from contree.engine.runtime.rootless import sandbox_ns
 from contree.engine.runtime.rootless.ids import IdPlan
 

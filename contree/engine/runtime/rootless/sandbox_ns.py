@@ -27,7 +27,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from contree.engine.runtime.network import end_helper
+from contree.engine.runtime.netns import end_helper
 from contree.engine.runtime.rootless.ids import IdPlan, map_text, sandbox_extents
 from contree.engine.storage.overlay import bind_mount
 
