@@ -106,6 +106,26 @@ class EngineAdmin(Protocol):
     async def disk_usage(self) -> DiskUsage: ...
 
 
+class ImageLineage(msgspec.Struct, kw_only=True):
+    """Where an image comes from in the engine's own records (beyond the API): its parent, children,
+    ancestors (nearest first), the root of its chain and its depth."""
+
+    uuid: str
+    parent: api.Image | None
+    children: list[api.Image]
+    ancestors: list[api.Image]
+    root: api.Image
+    depth: int
+
+
+@runtime_checkable
+class LineageReader(Protocol):
+    """A backend that records each image's parent (the embedded engine, directly or as its service);
+    the Contree cloud has no parent concept (the tools record edges themselves)."""
+
+    async def image_lineage(self, image_uuid: str) -> ImageLineage: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One Contree namespace. Every method may raise BackendError subclasses."""

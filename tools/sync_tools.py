@@ -18,11 +18,11 @@ from contree.sync import DEFAULT_EXCLUDES, Excludes, StateCache, SyncError, sync
 from contree.sync.chunker import FileChangedError
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.dirstate import ManifestEntry, ensure_blob, sha256_file
 from tools.errors import backend_errors
 from tools.models import DownloadOutput, DownloadSource, UploadOutput
 from tools.roots import expand, require_inside
 from tools.state import ServerState
+from tools.stores.dirstate import ManifestEntry, ensure_blob, sha256_file
 
 
 class RsyncParams(msgspec.Struct, kw_only=True):

@@ -6,31 +6,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from contree import api
 from contree.backend import Backend
 from contree.errors import BackendError, Gone, TooEarly, Unavailable
-from tools.convert import TERMINAL, as_dict
 
 log = logging.getLogger(__name__)
 
-EventHook = Callable[[dict[str, Any]], Awaitable[None]]
+EventHook = Callable[[api.OperationEvent], Awaitable[None]]
 POLL_INTERVAL = 0.5
 
 
-async def poll_until_terminal(backend: Backend, operation_id: str, deadline: float) -> dict[str, Any]:
+async def poll_until_terminal(backend: Backend, operation_id: str, deadline: float) -> api.OperationResponse:
     """Poll the status until terminal or `deadline` (loop time); returns the last record seen."""
     loop = asyncio.get_running_loop()
     while True:
-        op = as_dict(await backend.get_operation(operation_id))
-        if op.get("status") in TERMINAL or loop.time() >= deadline:
+        op = await backend.get_operation(operation_id)
+        if op.status in api.TERMINAL_STATUSES or loop.time() >= deadline:
             return op
         await asyncio.sleep(min(POLL_INTERVAL, max(0.0, deadline - loop.time())))
 
 
 async def follow_until_terminal(
     backend: Backend, operation_id: str, deadline: float, on_event: EventHook | None = None
-) -> dict[str, Any]:
+) -> api.OperationResponse:
     """Stream events (for progress) until `completion`, then read the final record.
 
     Returns the last operation record seen, terminal unless the deadline passed first. Stream errors
@@ -45,12 +44,10 @@ async def follow_until_terminal(
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 async for event in backend.events(operation_id, follow=True, since=last_id):
-                    data = as_dict(event)
-                    if isinstance(data.get("id"), int):
-                        last_id = data["id"]
+                    last_id = event.id
                     if on_event is not None:
-                        await on_event(data)
-                    if data.get("type") == "completion":
+                        await on_event(event)
+                    if event.type == "completion":
                         completed = True
                         break
         except TimeoutError:
@@ -63,8 +60,8 @@ async def follow_until_terminal(
             # includes 404: CANCELLED operations drop their event log; get_operation below tells the truth
             log.debug("event stream of %s unavailable (%s); polling", operation_id, exc)
             failures += 1
-        op = as_dict(await backend.get_operation(operation_id))
-        if op.get("status") in TERMINAL:
+        op = await backend.get_operation(operation_id)
+        if op.status in api.TERMINAL_STATUSES:
             return op
         if completed:  # completion seen but the record lags: poll briefly
             return await poll_until_terminal(backend, operation_id, deadline)

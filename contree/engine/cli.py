@@ -4,7 +4,7 @@
 `contree-mcp images bootstrap` → `bootstrap_main` (dispatched
 by `tools/cli.py`), and `python -m contree.engine.cli subids ensure|show` → `subids_main` (what `make
 install-system` runs, before any Python package is installed). `contree-mcp images prune` lives in
-`tools/maintenance.py`: it prunes the MCP server's own stores too.
+`tools/commands/prune.py`: it prunes the MCP server's own stores too.
 """
 
 from __future__ import annotations

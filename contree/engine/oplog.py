@@ -57,7 +57,6 @@ EXECUTING: Final = "EXECUTING"
 SUCCESS: Final = "SUCCESS"
 FAILED: Final = "FAILED"
 CANCELLED: Final = "CANCELLED"
-TERMINAL = api.TERMINAL_STATUSES
 STATUSES: tuple[api.OperationStatus, ...] = (PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED)
 KINDS: tuple[api.OperationKind, ...] = ("instance", "image_import")
 INTERRUPTED = "engine restarted while the operation was running"
@@ -118,7 +117,7 @@ class OpRecord(msgspec.Struct, kw_only=True):
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in api.TERMINAL_STATUSES
 
 
 def completion_event(record: OpRecord, status: api.TerminalStatus) -> api.EventDataCompletion:
@@ -194,7 +193,7 @@ class OperationLog:
     def recover(self) -> list[str]:
         """Mark operations left non-terminal by a dead engine FAILED; returns their ids."""
         rows = self._db.execute(
-            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(TERMINAL)
+            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(api.TERMINAL_STATUSES)
         ).fetchall()
         interrupted: list[str] = []
         for (blob,) in rows:
@@ -331,7 +330,7 @@ class OperationLog:
     def busy(self) -> tuple[set[str], set[str]]:
         """(input images, ids) of the operations still queued or running, in any process."""
         rows = self._db.execute(
-            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(TERMINAL)
+            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(api.TERMINAL_STATUSES)
         ).fetchall()
         found = [_record_decoder.decode(blob) for (blob,) in rows]
         return {r.image_uuid for r in found if r.image_uuid}, {r.uuid for r in found}

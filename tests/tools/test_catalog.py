@@ -6,8 +6,8 @@ from pathlib import Path
 
 from contree.engine.local import LocalEngine
 from contree.engine.storage.store import ImageConfig, Store
-from tools.catalog import describe_images
-from tools.guidance import Guidance
+from tools.guides.catalog import describe_images
+from tools.guides.guidance import Guidance
 
 
 def make_image(

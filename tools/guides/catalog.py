@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
 
 import msgspec
 
+from contree import api
 from contree.backend import Backend, ImageQuery
 from contree.errors import BackendError
-from tools.convert import as_dict
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +95,16 @@ async def describe_images(backend: Backend, limit: int = MAX_IMAGES, *, shared_o
         log.warning("cannot list images for the guides: %s", exc)
         return Catalog()
     if shared_only:
-        images = [i for i in images if not as_dict(i).get("operation_uuid")]
-    found = await asyncio.gather(*(_describe(backend, as_dict(i)) for i in images))
+        images = [i for i in images if not i.operation_uuid]
+    found = await asyncio.gather(*(_describe(backend, i) for i in images))
     return Catalog(images=sorted((i for i in found if i is not None), key=lambda i: i.tag))
 
 
-async def _describe(backend: Backend, image: dict[str, Any]) -> ImageInfo | None:
-    tag, uuid = image.get("tag"), image.get("uuid")
+async def _describe(backend: Backend, image: api.Image) -> ImageInfo | None:
+    tag, uuid = image.tag, image.uuid
     if not tag or not uuid:
         return None
-    info = ImageInfo(tag=str(tag), uuid=str(uuid))
+    info = ImageInfo(tag=tag, uuid=uuid)
     names: set[str] = set()
     for directory in BIN_DIRS:
         names |= {f"{directory}/{n}" for n in await _names(backend, uuid, directory)}
@@ -129,10 +128,10 @@ async def _describe(backend: Backend, image: dict[str, Any]) -> ImageInfo | None
 
 async def _names(backend: Backend, uuid: str, directory: str) -> set[str]:
     try:
-        listing = as_dict(await backend.list_directory(uuid, directory))
+        listing = await backend.list_directory(uuid, directory)
     except BackendError:
         return set()
-    return {str(f.get("path", "")).rstrip("/").rsplit("/", 1)[-1] for f in listing.get("files") or []}
+    return {f.path.rstrip("/").rsplit("/", 1)[-1] for f in listing.files}
 
 
 async def _os_name(backend: Backend, uuid: str) -> str:
