@@ -10,7 +10,7 @@ import ctypes
 import errno
 import os
 import re
-import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,15 +48,35 @@ class OverlayError(OSError):
     """A mount or unmount failed; the message carries the kernel's own explanation when it gave one."""
 
 
-_empty: Path | None = None
+_empty_lower_fd: int | None = None
+_empty_lower_lock = threading.Lock()
 
 
-def _empty_dir() -> Path:
-    global _empty
-    if _empty is None or not _empty.is_dir():
-        _empty = Path(tempfile.mkdtemp(prefix="contree-empty-lower-"))
-        _empty.chmod(0o555)
-    return _empty
+def _empty_lower() -> str:
+    """An empty layer: the root of a read-only tmpfs of this process's own, detached (never attached
+    anywhere), kept open for the process's lifetime. Nothing of it is on disk, so nothing outlives the
+    process: the kernel frees it with the last overlay that uses it (an empty dir under /tmp was left
+    behind by every process)."""
+    global _empty_lower_fd
+    with _empty_lower_lock:
+        if _empty_lower_fd is None:
+            try:
+                fsfd = _call(_SYS_FSOPEN, b"tmpfs", ctypes.c_uint(_FSOPEN_CLOEXEC))
+            except OSError as exc:
+                raise OverlayError(exc.errno, f"fsopen(tmpfs) for an empty layer: {exc.strerror}") from exc
+            try:
+                _set_string(fsfd, "mode", "0555")
+                _set_string(fsfd, "size", "4k")
+                _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None,
+                      ctypes.c_int(0))
+                _empty_lower_fd = _call(_SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                                        ctypes.c_uint(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NODEV
+                                                      | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC))
+            except OSError as exc:
+                raise OverlayError(exc.errno, f"an empty tmpfs layer: {exc.strerror}") from exc
+            finally:
+                os.close(fsfd)
+        return f"/proc/self/fd/{_empty_lower_fd}"
 
 
 def _call(nr: int, *args: object) -> int:
@@ -135,7 +155,7 @@ def open_overlay(
     if upper is None:
         readonly = True
         if len(lowers) == 1:
-            lowers = [lowers[0], _empty_dir()]
+            lowers = [lowers[0], Path(_empty_lower())]
     try:
         fsfd = _call(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
     except OSError as exc:
