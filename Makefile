@@ -16,7 +16,7 @@ APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busyb
 	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl \
 	qemu-system-x86 linux-image-amd64 cpio python3-venv gcc libc6-dev
 # contree-init (PID 1 of long-lived sandboxes) is a static C binary built next to its source.
-NATIVE_INIT := contree/engine/native/contree-init
+NATIVE_INIT := contree/engine/runtime/native/contree-init
 
 .PHONY: install install-system install-python install-validators run serve-stdio bootstrap test lint bench clean check-api
 
@@ -35,8 +35,8 @@ $(STAMPS)/system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@# The sandboxes' own host id range (contree-engine in /etc/subuid and /etc/subgid), never a user's.
-	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.subids ensure; \
-	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.subids show || true; fi
+	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids ensure; \
+	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids show || true; fi
 	@touch $@
 
 install-python: $(STAMPS)/python
@@ -84,9 +84,13 @@ test: install
 check-api: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/rest/test_schemathesis.py
 
+# Packages held to mypy --strict on top of the project's own configuration (which also checks tests).
+MYPY_STRICT := contree/engine
+
 lint: install-python
 	$(VENV)/bin/ruff check protocol tools contree tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(MYPY_STRICT)
 
 bench: install
 	VALIDATORS=$(VAL) $(PY) -m bench

@@ -46,7 +46,9 @@ OperationEventType = Literal[
     "completion",
 ]
 GrepLineType = Literal["match", "context"]
-ShutdownReason = Literal["job_complete", "timeout", "spawn_failed", "signal"]
+# The cloud's four, then the embedded engine's long-lived sandboxes' ("additional categories may be added"):
+# stopped by stop_sandbox, idle for their ttl_seconds.
+ShutdownReason = Literal["job_complete", "timeout", "spawn_failed", "signal", "stopped", "idle_timeout"]
 StreamName = Literal["stdin", "stdout", "stderr"]
 TerminalStatus = Literal["SUCCESS", "FAILED", "CANCELLED"]
 
@@ -606,7 +608,7 @@ class EventDataExit(Model):
     duration_ms: int
     resources: EventResources = msgspec.field(default_factory=EventResources)
     core_dump: bool = False
-    oom_killed: bool = False  # extension, as in ProcessState
+    oom_killed: bool | UnsetType = UNSET  # extension, as in ProcessState: absent unless true
 
 
 class EventDataTruncated(Model):

@@ -8,7 +8,7 @@ say so (`source="events"`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import msgspec
 
@@ -17,13 +17,10 @@ from contree.backend import OutputPage, OutputReader
 from contree.errors import NotFound
 from tools.budget import as_text, fit_bytes, fit_prefix, json_len, result_size, utf8_boundary
 from tools.convert import head_length, operation_output, stream_raw
-from tools.models import OperationOutput
+from tools.models import OperationOutput, ProcessOutput
 from tools.state import ServerState
 
-if TYPE_CHECKING:
-    from tools.sandbox_models import ProcessOutput  # which imports this module (through run_tool)
-
-    Shaped: TypeAlias = OperationOutput | ProcessOutput  # the results whose streams are shaped here
+Shaped = OperationOutput | ProcessOutput  # the results whose streams are shaped here
 
 STREAMS = ("stdout", "stderr")
 UTF8_SLACK = 3  # bytes read beyond a page's limit to finish its last character

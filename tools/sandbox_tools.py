@@ -26,6 +26,7 @@ from tools import output
 from tools.budget import fit_bytes
 from tools.convert import decode_stream
 from tools.errors import backend_errors
+from tools.models import ProcessOutput
 from tools.refs import is_uuid, validate_tag
 from tools.run_tool import RunParams, build_request, stdin_repr
 from tools.sandbox_hosts import CloudSandboxes, EngineSandboxes, SandboxHosts
@@ -36,7 +37,6 @@ from tools.sandbox_models import (
     GetProcessParams,
     ListSandboxesParams,
     PortOutput,
-    ProcessOutput,
     SandboxListOutput,
     SandboxOutput,
     SignalParams,

@@ -21,27 +21,37 @@ import logging
 import signal as signals
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from contree import api
-from contree.engine import spawn, upperfs
+from contree.engine import spawn
+from contree.engine.eventlog import EventLog
+from contree.engine.instance_run import InstanceRun
 from contree.engine.keepalive import IdleLease
-from contree.engine.limits import SandboxLimits
 from contree.engine.operations import Job
 from contree.engine.oplog import EXECUTING, OpRecord
-from contree.engine.portfwd import PortForwards
-from contree.engine.sandbox import SandboxSpec, StagedSandbox
-from contree.engine.sandbox_init import INIT_PATH, FailedToStart, InitChannel, InitGone, bind_mount
-from contree.engine.spawn_run import InstanceRun, Process, SpawnFailed, _env_dict, exit_data
-from contree.engine.store import remove_tree
+from contree.engine.parts import EngineParts
+from contree.engine.processes import Process, Processes, spawn_event
+from contree.engine.runtime.cgroups import CgroupManager
+from contree.engine.runtime.handles import RunningSandbox, SandboxExit, SandboxSpec, StagedSandbox
+from contree.engine.runtime.limits import SandboxLimits
+from contree.engine.runtime.portfwd import PortForwards
+from contree.engine.runtime.sandbox_init import (
+    INIT_PATH,
+    FailedToStart,
+    InitChannel,
+    InitGone,
+    InitProcess,
+    bind_mount,
+)
+from contree.engine.spawn import SpawnFailed
+from contree.engine.storage import upperfs
+from contree.engine.storage.layertree import remove_tree
+from contree.engine.storage.store import ImageRecord
 from contree.errors import Conflict
 from contree.sandbox_api import SandboxInfo, SandboxRequest, SandboxSnapshot, SandboxState
 from contree.timeparse import isoformat
-
-if TYPE_CHECKING:
-    from contree.engine.local import LocalEngine
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +66,17 @@ class SandboxRun(InstanceRun):
 
     def __init__(
         self,
+        parts: EngineParts,
         *,
-        engine: LocalEngine,
         record: OpRecord,
         request: api.InstanceSpawnRequest,
         settings: SandboxRequest,
         image_uuid: str,
         limits: SandboxLimits | None,
-        layer_cap: int | None,
         init_binary: Path,
     ) -> None:
-        super().__init__(engine=engine, record=record, request=request, image_uuid=image_uuid,
-                         timeout=settings.ttl_seconds, limits=limits, layer_cap=layer_cap)
+        super().__init__(parts, record=record, request=request, image_uuid=image_uuid,
+                         timeout=settings.ttl_seconds, limits=limits)
         self.settings = settings
         self.init_binary = init_binary
         self.lease = IdleLease(settings.ttl_seconds)
@@ -81,7 +90,6 @@ class SandboxRun(InstanceRun):
         self.started_commands = 0
         self.snapshots: list[str] = []
         self.snapshot_commands: dict[str, int] = {}  # image -> processes started before it was taken
-        self._busy: dict[int, int] = {}  # spid -> lease token of a foreground process
         self._stop_request: tuple[bool, float] | None = None  # (commit, grace)
         self._stop_wake = asyncio.Event()
         self._lock = asyncio.Lock()  # a snapshot and the stop never overlap
@@ -94,20 +102,27 @@ class SandboxRun(InstanceRun):
             await super().execute(job)
         finally:
             self.state = "stopped"
-            await self.ports.close_all()
+            await self._close_ports()
             self.channel.close()
             self.ready.set()
             self.ended.set()
 
-    def _sandbox_spec(self, plan: spawn.ProcessPlan, sandbox_dir: Path) -> SandboxSpec:
-        spec = super()._sandbox_spec(plan, sandbox_dir)
+    def _sandbox_spec(self, plan: spawn.ProcessPlan) -> SandboxSpec:
+        spec = super()._sandbox_spec(plan)
         return msgspec.structs.replace(spec, argv=[INIT_PATH], stdin=False,
                                        pass_fds=[self.channel.child_fd()],
                                        extra_mounts=[bind_mount(self.init_binary)])
 
-    async def _start_main(self, plan: spawn.ProcessPlan, sandbox_dir: Path, staged: StagedSandbox) -> Process:
+    def _make_processes(self, sandbox: RunningSandbox, events: EventLog, image: ImageRecord,
+                        plan: spawn.ProcessPlan) -> Processes:
+        return SandboxProcesses(self, sandbox, events, deadline=self.deadline,
+                                image_env=spawn.env_dict(image.config.env), main_cwd=plan.cwd)
+
+    async def _start_main(
+        self, plan: spawn.ProcessPlan, staged: StagedSandbox, image: ImageRecord
+    ) -> tuple[Processes, Process]:
         try:
-            main = await super()._start_main(plan, sandbox_dir, staged)
+            started = await super()._start_main(plan, staged, image)
         finally:
             self.channel.child_spawned()  # the runtime has its copy (or failed): ours would keep it open
         try:
@@ -117,16 +132,17 @@ class SandboxRun(InstanceRun):
         self.state = "running"
         self.lease.touch()
         self.ready.set()
-        return main
+        return started
 
-    async def _supervise(self, job: Job, main: Process) -> str:
+    async def _supervise(
+        self, job: Job, processes: Processes, waiter: asyncio.Task[SandboxExit], main: Process
+    ) -> api.ShutdownReason:
         """Until spid 1 ends, a cancel, an oversized layer, a stop request or the idle TTL."""
-        waiter = asyncio.create_task(self.sandbox.wait())
         cancel = asyncio.create_task(job.cancelled.wait())
         oversize = asyncio.create_task(self._watch_layer_full())
         try:
             while True:
-                self._tell_watchdog()
+                self._tell_watchdog(processes.sandbox_id)
                 changed = asyncio.create_task(self.lease.changed())
                 stop = asyncio.create_task(self._stop_wake.wait())
                 try:
@@ -142,41 +158,41 @@ class SandboxRun(InstanceRun):
                 if cancel in done:
                     self.stop_reason = "cancelled"
                     await self._close_ports()
-                    await self.sandbox.kill()
+                    await processes.sandbox.kill()
                     return "signal"
                 if oversize in done:
                     self.layer_error = oversize.result()
                     self.stop_reason = "failed"
                     await self._close_ports()
-                    await self.sandbox.kill()
+                    await processes.sandbox.kill()
                     return "signal"
                 if self._stop_request is not None:
                     commit, grace = self._stop_request
                     self.stop_reason = "stopped"
                     if commit:
                         self.request = msgspec.structs.replace(self.request, disposable=False)
-                    await self._wind_down(grace)
+                    await self._wind_down(processes, grace)
                     return "stopped"
                 if self.lease.expired():
                     self.stop_reason = "idle"
-                    await self._wind_down(2.0)
+                    await self._wind_down(processes, 2.0)
                     return "idle_timeout"
         finally:
             cancel.cancel()
             oversize.cancel()
-            self._main_exit = waiter
             self._record_sandbox()
 
-    async def _wind_down(self, grace: float) -> None:
+    async def _wind_down(self, processes: Processes, grace: float) -> None:
         """SIGTERM to every process, SIGKILL to what still runs after `grace` seconds."""
         self.state = "stopping"
         await self._close_ports()
         self.channel.signal_all(signals.SIGTERM)
-        running = [p.exited.wait() for p in self.processes.values() if p.spid != 1 and not p.exited.is_set()]
+        running = [p.exited.wait() for p in processes.table.values()
+                   if p.spid != 1 and not p.exited.is_set()]
         if running and grace > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*running), grace)
-        await self.sandbox.kill()
+        await processes.sandbox.kill()
 
     async def _close_ports(self) -> None:
         try:
@@ -184,16 +200,13 @@ class SandboxRun(InstanceRun):
         except Exception:
             log.exception("closing the ports of sandbox %s", self.record.uuid)
 
-    def _tell_watchdog(self) -> None:
+    def _tell_watchdog(self, sandbox_id: str) -> None:
         """The watchdog kills what outlives its deadline if this process cannot: keep it ahead."""
-        dog, sb = self.engine.watchdog, self.sandbox
-        if dog is None or sb is None:
-            return
         wanted = time.monotonic() + self.lease.remaining() + WATCHDOG_SLACK
         if wanted > self._watchdog_deadline + WATCHDOG_SLACK / 4:
             self._watchdog_deadline = wanted
             self.deadline = wanted
-            dog.deadline(sb.sandbox_id, wanted)
+            self.parts.watchdog.deadline(sandbox_id, wanted)
 
     def stop(self, *, commit: bool, grace: float) -> None:
         if self._stop_request is None:
@@ -202,79 +215,25 @@ class SandboxRun(InstanceRun):
 
     # ------------------------------------------------------------------ processes
 
-    async def exec(self, spec: api.ExecSpec) -> int:
-        main = self.processes.get(1)
+    def running_processes(self) -> SandboxProcesses:
+        processes = self.processes
+        main = processes.table.get(1) if processes is not None else None
         if self.state != "running" or main is None or main.exited.is_set():
             raise Conflict(f"sandbox {self.record.uuid} is {self.state}, not running")
-        store = self.engine.store
-        assert store is not None
-        image = store.get(self.image_uuid)
-        env: dict[str, str | None] = {**(self.request.env or {}), **(spec.env or {})}
-        plan = spawn.plan_process(
-            command=spec.command, args=list(spec.args), shell=spec.shell, env=env, cwd=spec.cwd,
-            uid=spec.uid, gid=spec.gid, image_env=_env_dict(image.config.env), image_cwd=self.main_cwd)
-        stdin_data = api.decode_stream(spec.stdin) if spec.stdin is not None else b""
-        keep_open = spec.stdin is not None and not spec.stdin.close
-        spid = self.next_spid
-        self.next_spid += 1
-        timeout = spec.timeout
-        token = self.lease.begin(time.monotonic() + timeout) if timeout is not None else None
-        self._remember(spec)
-        try:
-            handle = await self.channel.spawn(
-                plan.argv, [f"{k}={v}" for k, v in plan.env.items()], plan.cwd, plan.uid, plan.gid,
-                stdin=bool(stdin_data) or keep_open)
-        except FailedToStart as exc:
-            if token is not None:
-                self.lease.end(token)
-            self._record_failed_start(spid, plan, spec.truncate_output_at, str(exc))
-            return spid
-        except InitGone:
-            if token is not None:
-                self.lease.end(token)
-            raise Conflict(f"sandbox {self.record.uuid} has stopped") from None
-        proc = self._register(spid, handle, handle.pid, plan, spec.truncate_output_at, keep_open,
-                              timeout=timeout or 0)
-        if token is not None:
-            self._busy[spid] = token
-        self._background(self._feed_stdin(proc, stdin_data, close=not keep_open))
-        self._background(self._watch_process(proc, timeout))
-        return spid
+        assert isinstance(processes, SandboxProcesses)
+        return processes
 
-    def _remember(self, spec: api.ExecSpec) -> None:
+    async def exec(self, spec: api.ExecSpec) -> int:
+        return await self.running_processes().exec(spec)
+
+    def remember(self, spec: api.ExecSpec) -> None:
+        """A command started in the sandbox, for the lineage of the images taken from it."""
         self.started_commands += 1
         text = " ".join([spec.command, *spec.args]) if spec.args else spec.command
         if len(text) > COMMAND_CHARS:
             text = text[: COMMAND_CHARS - 1] + "…"
         if len(self.commands) < MAX_COMMANDS:  # the first ones: what a lineage entry shows
             self.commands.append(text)
-
-    def _record_failed_start(self, spid: int, plan: spawn.ProcessPlan, truncate_at: int, why: str) -> None:
-        """A process that could not start is recorded like one that exited 127 saying why (as a shell
-        reports a missing command), so its result reads like any other."""
-        events = self._event_log()
-        events.append("spawn", {"pid": 0, "command": plan.command, "args": plan.args, "shell": plan.shell,
-                                "cwd": plan.cwd, "uid": plan.uid, "gid": plan.gid, "timeout": 1,
-                                "truncate_at": truncate_at, "env": {}}, spid)
-        message = api.encode_event_stream(f"{why}\n".encode())
-        events.append("stderr", msgspec.to_builtins(message), spid)
-        data = exit_data(_Never(spid), _Exit127())  # type: ignore[arg-type]
-        events.append("exit", data, spid)
-
-    async def _watch_process(self, proc: Process, limit: int | None) -> None:
-        try:
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.handle.wait()), limit)
-            except TimeoutError:
-                proc.timed_out = True
-                proc.handle.signal(signals.SIGKILL)
-            await self._reap(proc)
-        except Exception:
-            log.exception("process %d of sandbox %s", proc.spid, self.record.uuid)
-        finally:
-            token = self._busy.pop(proc.spid, None)
-            if token is not None:
-                self.lease.end(token)
 
     async def kill(self, spid: int, sig: str | int | None) -> None:
         self.lease.touch()
@@ -286,7 +245,7 @@ class SandboxRun(InstanceRun):
 
     async def wait_process(self, spid: int, wait: float) -> None:
         """Return once process `spid` exited (its exit recorded) or after `wait` seconds."""
-        proc = self.processes.get(spid)
+        proc = self.processes.table.get(spid) if self.processes is not None else None
         if proc is None or proc.exited.is_set():
             return
         with contextlib.suppress(TimeoutError):
@@ -294,18 +253,16 @@ class SandboxRun(InstanceRun):
 
     # ------------------------------------------------------------------ snapshots
 
-    async def snapshot(self) -> SandboxSnapshot:
+    async def snapshot_live(self) -> SandboxSnapshot:
         """The sandbox's filesystem now, as a child image of the one it started from. The sandbox's
         processes are frozen (its cgroup, else SIGSTOP) only while its writable layer is copied."""
         async with self._lock:
             if self.state != "running":
                 raise Conflict(f"sandbox {self.record.uuid} is {self.state}, not running")
             self.lease.touch()
-            engine = self.engine
-            store = engine.store
-            assert store is not None
+            parts = self.parts
+            store = parts.store
             image = store.get(self.image_uuid)
-            upper = store.sandboxes_dir / self.record.uuid / "upper"
             staging = await asyncio.to_thread(store.staging_dir, "snapshot")
             layer = staging / "layer"
             started = time.perf_counter()
@@ -313,13 +270,14 @@ class SandboxRun(InstanceRun):
                 frozen_with = await self._freeze()
                 paused = time.perf_counter()
                 try:
-                    await asyncio.to_thread(upperfs.copy_layer, upper, layer, self.max_layer_bytes)
+                    await asyncio.to_thread(upperfs.copy_layer, self.snapshot.upper, layer,
+                                            self.max_layer_bytes)
                 finally:
                     await self._thaw(frozen_with)
                 resumed = time.perf_counter()
-                idmap = engine.runtime.idmap if engine.runtime is not None else None
+                idmap = parts.snapshots.idmap
 
-                def commit() -> Any:
+                def commit() -> ImageRecord | None:
                     if idmap is not None:
                         idmap.shift_out(layer)  # layers hold container ids, never the host range
                     return store.commit_upper(layer, image, self.record.uuid, self.max_layer_bytes)
@@ -333,8 +291,7 @@ class SandboxRun(InstanceRun):
                 self.snapshots.append(child.uuid)
                 self.snapshot_commands[child.uuid] = self.started_commands
                 self._record_sandbox()
-                assert engine.oplog is not None
-                engine.oplog.save(self.record)
+                parts.oplog.save(self.record)
             return SandboxSnapshot(
                 image=result.to_api(), sandbox_id=self.record.uuid, parent=image.uuid,
                 unchanged=child is None, bytes=child.size if child is not None else 0,
@@ -343,9 +300,9 @@ class SandboxRun(InstanceRun):
                 commands=self.started_commands)
 
     async def _freeze(self) -> str:
-        cgroups = getattr(self.engine.runtime, "cgroups", None)
-        freeze = getattr(cgroups, "freeze", None)
-        if freeze is not None and await asyncio.to_thread(freeze, self.record.uuid, FREEZE_TIMEOUT):
+        cgroups = self.parts.runtime.cgroups
+        if isinstance(cgroups, CgroupManager) and await asyncio.to_thread(
+                cgroups.freeze, self.record.uuid, FREEZE_TIMEOUT):
             return "cgroup freezer"
         # No freezer (rootless without a delegated cgroup): stop every process but the init, which
         # writes nothing. A process in the middle of a write finishes that write first.
@@ -357,7 +314,8 @@ class SandboxRun(InstanceRun):
         if frozen_with == "SIGSTOP":
             self.channel.signal_all(signals.SIGCONT)
             return
-        cgroups = self.engine.runtime.cgroups
+        cgroups = self.parts.runtime.cgroups
+        assert isinstance(cgroups, CgroupManager)
         await asyncio.to_thread(cgroups.thaw, self.record.uuid)
 
     # ------------------------------------------------------------------ reporting
@@ -381,6 +339,7 @@ class SandboxRun(InstanceRun):
         expires = None
         if self.state == "running":
             expires = isoformat(time.time() + self.lease.expires_at() - now)
+        table = self.processes.table if self.processes is not None else {}
         return SandboxInfo(
             uuid=record.uuid,
             image=self.image_uuid,
@@ -394,8 +353,7 @@ class SandboxRun(InstanceRun):
             last_active_at=isoformat(time.time() - (now - self.lease.last_active)) if running else None,
             idle_seconds=round(self.lease.idle_for(), 3) if running else None,
             busy=self.lease.busy,
-            processes_running=sum(1 for p in self.processes.values()
-                                  if p.spid != 1 and not p.exited.is_set()),
+            processes_running=sum(1 for p in table.values() if p.spid != 1 and not p.exited.is_set()),
             ports=self.ports.list(),
             commands=self.started_commands,
             snapshots=list(self.snapshots),
@@ -403,19 +361,67 @@ class SandboxRun(InstanceRun):
         )
 
 
-class _Never:
-    """`exit_data`'s view of a process that never started."""
+class SandboxProcesses(Processes):
+    """A sandbox's processes: started by its init (a message and a fork instead of a `crun exec`), each
+    with a timeout of its own in the foreground (`ExecSpec.timeout`), keeping the sandbox busy meanwhile."""
 
-    def __init__(self, spid: int) -> None:
-        self.spid = spid
-        self.pid = 0
-        self.timed_out = False
-        self.started = time.monotonic()
+    def __init__(self, run: SandboxRun, sandbox: RunningSandbox, events: EventLog, *, deadline: float,
+                 image_env: dict[str, str], main_cwd: str) -> None:
+        super().__init__(sandbox, events, deadline=deadline, image_env=image_env, main_cwd=main_cwd)
+        self.run = run
 
+    async def exec(self, spec: api.ExecSpec) -> int:
+        run = self.run
+        env: dict[str, str | None] = {**(run.request.env or {}), **(spec.env or {})}
+        plan = spawn.plan_for(msgspec.structs.replace(spec, env=env), self.image_env, self.main_cwd)
+        stdin_data, keep_open = spawn.initial_stdin(spec.stdin)
+        spid = self.next_spid
+        self.next_spid += 1
+        timeout = spec.timeout
+        lease = run.lease
+        token = lease.begin(time.monotonic() + timeout) if timeout is not None else None
+        run.remember(spec)
+        try:
+            handle = await run.channel.spawn(
+                plan.argv, [f"{k}={v}" for k, v in plan.env.items()], plan.cwd, plan.uid, plan.gid,
+                stdin=bool(stdin_data) or keep_open)
+        except FailedToStart as exc:
+            if token is not None:
+                lease.end(token)
+            self._record_failed_start(spid, plan, spec.truncate_output_at, str(exc))
+            return spid
+        except InitGone:
+            if token is not None:
+                lease.end(token)
+            raise Conflict(f"sandbox {run.record.uuid} has stopped") from None
+        proc = self.register(spid, handle, handle.pid, plan, spec.truncate_output_at, timeout=timeout or 0)
+        self.background(self.feed_stdin(proc, stdin_data, close=not keep_open))
+        self.background(self._watch_process(proc, handle, timeout, token))
+        return spid
 
-class _Exit127:
-    exit_code = 127
-    signal = None
+    def _record_failed_start(self, spid: int, plan: spawn.ProcessPlan, truncate_at: int, why: str) -> None:
+        """A process that could not start is recorded like one that exited 127 saying why (as a shell
+        reports a missing command), so its result reads like any other."""
+        events = self.events
+        events.append("spawn", spawn_event(plan, 0, 1, truncate_at), spid)
+        events.append("stderr", api.encode_event_stream(f"{why}\n".encode()), spid)
+        events.append("exit", api.EventDataExit(pid=0, code=127, signal=-1, timed_out=False, duration_ms=0),
+                      spid)
+
+    async def _watch_process(self, proc: Process, handle: InitProcess, limit: int | None,
+                             token: int | None) -> None:
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.wait()), limit)
+            except TimeoutError:
+                proc.timed_out = True
+                handle.signal(signals.SIGKILL)
+            await self._reap(proc, handle)
+        except Exception:
+            log.exception("process %d of sandbox %s", proc.spid, self.sandbox_id)
+        finally:
+            if token is not None:
+                self.run.lease.end(token)
 
 
 def ended_info(record: OpRecord) -> SandboxInfo:

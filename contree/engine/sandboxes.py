@@ -13,13 +13,15 @@ import contextlib
 import logging
 import uuid as uuidlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from contree import api
 from contree.engine import spawn
+from contree.engine.instance_run import InstanceRun
 from contree.engine.operations import Job
 from contree.engine.oplog import OpRecord
-from contree.engine.sandbox_init import INIT_PATH, InitUnavailable, binary_for
+from contree.engine.parts import EngineLimits, EngineParts
+from contree.engine.runtime.sandbox_init import INIT_PATH, InitUnavailable, binary_for
 from contree.engine.sandbox_run import SandboxRun, ended_info
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, RateLimited, Unprocessable
 from contree.sandbox_api import (
@@ -31,16 +33,31 @@ from contree.sandbox_api import (
     StopSandboxRequest,
 )
 
-if TYPE_CHECKING:
-    from contree.engine.local import LocalEngine
-
 log = logging.getLogger(__name__)
 
 START_PATIENCE = 120.0  # seconds a start waits for the sandbox to run (image mount, network, init)
 
 
+class SandboxEngine(Protocol):
+    """What the manager uses of its engine (`LocalEngine`): the parts, and how it runs an instance."""
+
+    home: Path
+    limits: EngineLimits
+    _runs: dict[str, InstanceRun]
+
+    def parts(self) -> EngineParts: ...
+
+    async def _resolve_source(self, source: str) -> str: ...
+
+    async def _run_instance(self, job: Job) -> None: ...
+
+    def _dropped(self, job: Job) -> None: ...
+
+    async def get_subprocess(self, operation_id: str, spid: int) -> api.InstanceResult: ...
+
+
 class SandboxManager:
-    def __init__(self, engine: LocalEngine) -> None:
+    def __init__(self, engine: SandboxEngine) -> None:
         self.engine = engine
         self.runs: dict[str, SandboxRun] = {}
         self._binary: Path | None = None
@@ -67,7 +84,8 @@ class SandboxManager:
 
     async def start(self, request: SandboxRequest) -> SandboxInfo:
         engine = self.engine
-        _, oplog, queue = engine._parts()
+        parts = engine.parts()
+        oplog, queue = parts.oplog, parts.queue
         if request.ttl_seconds > self.max_ttl:
             raise BadRequest(f"ttl_seconds must be at most {self.max_ttl} "
                              "(whoami limits.sandbox_max_ttl_seconds)")
@@ -82,15 +100,14 @@ class SandboxManager:
         binary = await self.init_binary()
         image_uuid = await engine._resolve_source(request.image)
         for path, entry in (request.files or {}).items():
-            if await asyncio.to_thread(engine._blobs().path_for, entry.uuid) is None:
+            if await asyncio.to_thread(parts.blobs.path_for, entry.uuid) is None:
                 raise NotFound(f"files[{path!r}]: file {entry.uuid} not found (upload it first)")
-        assert engine.sandbox_limits is not None
-        limits = engine.sandbox_limits.for_request(request.resources_limits)
+        limits = parts.sandbox_limits.for_request(request.resources_limits)
         meta = api.metadata_from(api.OperationInstanceMetadata.from_request(spawn_request, image=image_uuid))
         meta["sandbox"] = {"ttl_seconds": request.ttl_seconds, "networking": request.networking}
         record = oplog.create("instance", image_uuid=image_uuid, metadata=meta)
-        run = SandboxRun(engine=engine, record=record, request=spawn_request, settings=request,
-                         image_uuid=image_uuid, limits=limits, layer_cap=engine._layer_cap,
+        run = SandboxRun(parts, record=record, request=spawn_request, settings=request,
+                         image_uuid=image_uuid, limits=limits,
                          init_binary=binary)
         engine._runs[record.uuid] = run
         self.runs[record.uuid] = run
@@ -124,7 +141,7 @@ class SandboxManager:
     # ------------------------------------------------------------------ lookups
 
     def _record(self, sandbox_id: str) -> OpRecord:
-        _, oplog, _ = self.engine._parts()
+        oplog = self.engine.parts().oplog
         try:
             record = oplog.get(_check_uuid(sandbox_id))
         except NotFound:
@@ -169,7 +186,7 @@ class SandboxManager:
         await self.live(sandbox_id).ports.close(port)
 
     async def snapshot(self, sandbox_id: str) -> SandboxSnapshot:
-        return await self.live(sandbox_id).snapshot()
+        return await self.live(sandbox_id).snapshot_live()
 
     async def stop(self, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
         run = self.runs.get(sandbox_id)
@@ -187,8 +204,9 @@ class SandboxManager:
         if not 0 <= wait <= MAX_WAIT:
             raise BadRequest(f"wait must be between 0 and {MAX_WAIT} seconds")
         run = self.engine._runs.get(_check_uuid(operation_id, "operation"))
-        if run is not None and wait > 0:
-            proc = run.processes.get(spid)
+        processes = run.processes if run is not None else None
+        if processes is not None and wait > 0:
+            proc = processes.table.get(spid)
             if proc is not None and not proc.exited.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(proc.exited.wait()), wait)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine import sandbox_init
 from contree.engine.keepalive import IdleLease
 from contree.engine.local import EngineLimits, LocalEngine
+from contree.engine.runtime import sandbox_init
 from contree.errors import BadRequest, Conflict, NotFound, RateLimited
 from contree.sandbox_api import SandboxRequest, StopSandboxRequest
 from tests.contract.conftest import seed_busybox

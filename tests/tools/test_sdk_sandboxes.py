@@ -26,8 +26,7 @@ from mcp.shared.exceptions import McpError
 from pydantic import AnyUrl
 
 from contree.engine.local import LocalEngine
-from contree.engine.network import NETNS_DIR, TAG_DIR
-from contree.engine.spawn_recover import engine_id_for
+from contree.engine.runtime.paths import NETNS_DIR, TAG_DIR, engine_id_for
 from contree.service.control import probe
 from tests.netutil import free_port
 from tests.service_util import stop_service
