@@ -17,7 +17,7 @@ import xxhash
 
 from contree import api
 from contree.backend import Backend
-from contree.engine.blobs import BlobStore
+from contree.engine.storage.blobs import BlobStore
 from contree.errors import NotFound
 from contree.sync.chunker import Chunk, FileChangedError, FileDigest, open_file, read_chunks
 

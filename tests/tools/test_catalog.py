@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from contree.engine.local import LocalEngine
-from contree.engine.store import ImageConfig, Store
+from contree.engine.storage.store import ImageConfig, Store
 from tools.guides.catalog import describe_images
 from tools.guides.guidance import Guidance
 
