@@ -35,18 +35,9 @@ from contree.backend import (
     OperationQuery,
     OutputPage,
 )
+from contree.client_sandboxes import SandboxClient
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
 from contree.rest.sse import SseParser
-from contree.sandbox_api import (
-    PortForward,
-    PortRequest,
-    SandboxInfo,
-    SandboxList,
-    SandboxRequest,
-    SandboxSnapshot,
-    StopSandboxRequest,
-    process_exited,
-)
 
 log = logging.getLogger("contree.client")
 
@@ -57,8 +48,6 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ALWAYS_RETRY = frozenset((425, 429))
 HEALTHY_STREAM_SECONDS = 5.0
-WAIT_STEP = 60  # seconds one long poll of a subprocess waits at most (well inside the request timeout)
-WAIT_POLL = 0.5  # seconds between polls of a server without long polls
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
@@ -99,7 +88,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class RemoteBackend:
+class RemoteBackend(SandboxClient):
     """Backend over HTTP. `auth_type="iam"` sends `Project`; `"jwt"` sends the bearer token only."""
 
     def __init__(
@@ -646,50 +635,6 @@ class RemoteBackend:
             raise Unavailable(f"GET {url.path}: malformed output headers: {exc}") from None
         finally:
             response.release()
-
-    # ------------------------------------------------------------ long-lived sandboxes (extension)
-
-    async def wait_subprocess(self, operation_id: str, spid: int, wait: float) -> api.InstanceResult:
-        """`get_subprocess` once the process exited or `wait` seconds passed (`?wait=`, a long poll of the
-        embedded engine; a server without it answers at once, so this polls)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid))
-        while True:
-            left = deadline - loop.time()
-            step = max(0, min(WAIT_STEP, int(left + 0.999)))
-            started = loop.time()
-            result = await self._json(api.InstanceResult, "GET", url, params={"wait": str(step)})
-            if process_exited(result) or left <= 0:
-                return result
-            if loop.time() - started < min(step, 0.5):  # not a long poll: poll gently
-                await asyncio.sleep(min(WAIT_POLL, max(0.0, deadline - loop.time())))
-
-    async def start_sandbox(self, request: SandboxRequest) -> SandboxInfo:
-        return await self._json(SandboxInfo, "POST", self._url("sandboxes"), payload=request,
-                                idempotent=False, ok=(201, 200))
-
-    async def list_sandboxes(self) -> list[SandboxInfo]:
-        return (await self._json(SandboxList, "GET", self._url("sandboxes"))).sandboxes
-
-    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
-        return await self._json(SandboxInfo, "GET", self._url("sandboxes", self._operation(sandbox_id)))
-
-    async def expose_port(self, sandbox_id: str, port: int) -> PortForward:
-        url = self._url("sandboxes", self._operation(sandbox_id), "ports")
-        return await self._json(PortForward, "POST", url, payload=PortRequest(port=port), ok=(200, 201))
-
-    async def close_port(self, sandbox_id: str, port: int) -> None:
-        url = self._url("sandboxes", self._operation(sandbox_id), "ports", str(port))
-        await self._empty("DELETE", url, ok=(204, 200))
-
-    async def snapshot_sandbox(self, sandbox_id: str) -> SandboxSnapshot:
-        url = self._url("sandboxes", self._operation(sandbox_id), "snapshot")
-        return await self._json(SandboxSnapshot, "POST", url, idempotent=False, ok=(201, 200))
-
-    async def stop_sandbox(self, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
-        url = self._url("sandboxes", self._operation(sandbox_id), "stop")
-        return await self._json(SandboxInfo, "POST", url, payload=request, idempotent=False)
 
     # ------------------------------------------------------------ inspect
 
