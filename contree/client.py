@@ -17,7 +17,6 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from importlib import metadata
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -37,6 +36,7 @@ from contree.backend import (
 )
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
 from contree.rest.sse import SseParser
+from contree.version import VERSION
 
 log = logging.getLogger("contree.client")
 
@@ -57,16 +57,9 @@ class _Deleted(msgspec.Struct):
     freed_bytes: int
 
 
-def _version() -> str:
-    try:
-        return metadata.version("contree-mcp")
-    except metadata.PackageNotFoundError:
-        return "0"
-
-
 def default_user_agent() -> str:
     return (
-        f"contree-mcp/{_version()} aiohttp/{aiohttp.__version__} "
+        f"contree-mcp/{VERSION} aiohttp/{aiohttp.__version__} "
         f"Python/{platform.python_version()} {platform.system()}"
     )
 

@@ -16,7 +16,6 @@ import os
 import select
 import socket
 import struct
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +23,7 @@ import msgspec
 
 from contree import api
 from contree.service.paths import SocketAddress
+from contree.version import VERSION
 
 # Bumped whenever a client of one API level could not use a service of another (control routes, the
 # private engine routes); the /v1 REST API itself follows the Contree spec and does not change with it.
@@ -45,10 +45,7 @@ StopMode = Literal["drain", "now", "idle"]
 
 
 def package_version() -> str:
-    try:
-        return metadata.version("contree-mcp")
-    except metadata.PackageNotFoundError:  # a source tree that was not installed
-        return "0.0.0+source"
+    return VERSION
 
 
 class ClientInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
