@@ -5,24 +5,23 @@ request is retried; connection failures before the request reached the server (c
 5xx, timeouts and dropped connections are retried only for idempotent requests — never for
 `POST /instances`, `POST …/subprocesses` or stdin writes, where a replay could run something twice.
 Waits grow exponentially and honour `Retry-After`.
+
+aiohttp is imported where a request is made, not with this module (its import alone costs a start
+~110 ms): an MCP server answers `initialize` before it needs its backend's HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import platform
 import random
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 import msgspec
-from yarl import URL
 
 from contree import api
 from contree.backend import (
@@ -37,6 +36,10 @@ from contree.backend import (
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
 from contree.rest.sse import SseParser
 from contree.version import VERSION
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 log = logging.getLogger("contree.client")
 
@@ -57,7 +60,18 @@ class _Deleted(msgspec.Struct):
     freed_bytes: int
 
 
+def load_http_client() -> None:
+    """Import what the first request needs. A server calls this in a worker thread once it has answered
+    `initialize`, so that neither the handshake nor the first tool call waits for the import."""
+    import aiohttp  # noqa: F401
+    import yarl  # noqa: F401
+
+
 def default_user_agent() -> str:
+    import platform
+
+    import aiohttp
+
     return (
         f"contree-mcp/{VERSION} aiohttp/{aiohttp.__version__} "
         f"Python/{platform.python_version()} {platform.system()}"
@@ -73,6 +87,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -126,6 +142,8 @@ class RemoteBackend:
     # ------------------------------------------------------------ transport
 
     def _get_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
@@ -149,6 +167,8 @@ class RemoteBackend:
         self._session = None
 
     def _url(self, *segments: str) -> URL:
+        from yarl import URL
+
         path = "/".join(quote(s, safe="") for s in segments)
         return URL(f"{self.base}/{path}", encoded=True)
 
@@ -172,6 +192,8 @@ class RemoteBackend:
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send with retries; return the response for an `ok` status (caller releases it)."""
+        import aiohttp
+
         session = self._get_session()
         req_headers = dict(headers or {})
         if body is not None:
@@ -232,6 +254,8 @@ class RemoteBackend:
     async def _error(
         self, method: str, url: URL, response: aiohttp.ClientResponse, retry_after: float | None
     ) -> BackendError:
+        import aiohttp
+
         try:
             raw = await response.content.read(64 * 1024) if method != "HEAD" else b""
         except (aiohttp.ClientError, TimeoutError):
@@ -260,6 +284,8 @@ class RemoteBackend:
         params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
         payload: Any = None,
     ) -> T:
+        import aiohttp
+
         body = _encoder.encode(payload) if payload is not None else None
         attempt = 0
         while True:
@@ -300,6 +326,8 @@ class RemoteBackend:
         self, segments: tuple[str, str, str], params: Mapping[str, str]
     ) -> AsyncIterator[bytes]:
         """GET an inspect stream; segments = ("inspect", image UUID, endpoint), checked on first use."""
+        import aiohttp
+
         url = self._url(segments[0], self._image(segments[1]), segments[2])
         response = await self._request("GET", url, params=params, idempotent=True, stream=True)
         try:
@@ -327,7 +355,8 @@ class RemoteBackend:
 
     # ------------------------------------------------------------ images and tags
 
-    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+    @staticmethod
+    def _image_query(query: ImageQuery) -> dict[str, str]:
         params: dict[str, str] = {"limit": str(query.limit), "offset": str(query.offset)}
         if query.tagged:
             params["tagged"] = "1"
@@ -337,6 +366,10 @@ class RemoteBackend:
                 params[name] = value
         if query.kind is not None:
             params["kind"] = str(query.kind)
+        return params
+
+    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+        params = self._image_query(query)
         result = await self._json(api.ImageListResponse, "GET", self._url("images"), params=params)
         return result.images
 
@@ -344,6 +377,8 @@ class RemoteBackend:
         return await self._json(api.Image, "GET", self._url("inspect", self._image(image_uuid), ""))
 
     async def resolve_tag(self, tag: str) -> str:
+        from yarl import URL
+
         if tag.startswith("tag:"):
             tag = tag[4:]
         if not tag:
@@ -421,6 +456,8 @@ class RemoteBackend:
             response.release()
 
     async def _upload_stream(self, url: URL, data: AsyncIterator[bytes]) -> aiohttp.ClientResponse:
+        import aiohttp
+
         # A consumed iterator cannot be replayed: one attempt only.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
         reconnected = False
@@ -500,6 +537,8 @@ class RemoteBackend:
         self, operation_id: str, *, follow: bool, spid: int | None, since: int | None
     ) -> AsyncIterator[api.OperationEvent]:
         """Events with transparent resumption: reconnects from the last id after drops and `sse_error`."""
+        import aiohttp
+
         self._operation(operation_id)
         last_id = since
         failures = 0
@@ -601,6 +640,8 @@ class RemoteBackend:
     ) -> OutputPage:
         """The embedded engine's output paging (`GET …/subprocesses/{spid}/stdout|stderr`, beyond the
         Contree API). A server without it answers 404: callers fall back to the event log."""
+        import aiohttp
+
         if stream not in ("stdout", "stderr"):
             raise BadRequest(f"unknown stream {stream!r}: stdout or stderr")
         url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid), stream)

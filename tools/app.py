@@ -23,6 +23,7 @@ from tools import (
     run_tool,
     sync_tools,
 )
+from tools.catalog import CatalogCache
 from tools.dirstate import DirectoryStates
 from tools.image_scope import ImageScope
 from tools.instructions import instructions
@@ -67,6 +68,7 @@ def build_state(
         http_mode=http_mode,
         http_port=http_port,
         owners=owners,
+        catalog_cache=CatalogCache(cache_dir / "image-catalog.json") if backend_kind == "local" else None,
     )
 
 
