@@ -11,9 +11,10 @@ PYTEST_ARGS ?=
 
 # Debian packages the engine, the OCI fixtures and the browser tests use.
 # qemu-system-x86 + linux-image-amd64 (+ cpio): the cgroup v2 VM of tests/engine/test_cgroups_v2_vm.py.
+# python3-venv: the throwaway user's own venv (tests/rootless_env.py).
 APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap \
 	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl \
-	qemu-system-x86 linux-image-amd64 cpio
+	qemu-system-x86 linux-image-amd64 cpio python3-venv
 
 .PHONY: install install-system install-python install-validators run serve-stdio bootstrap test lint bench clean check-api
 

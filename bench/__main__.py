@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 
-AREAS = ("protocol", "engine", "sync", "oci", "rest", "userns", "surface", "output", "service")
+AREAS = ("protocol", "engine", "sync", "oci", "rest", "userns", "surface", "output", "service", "rootless")
 
 
 def main(argv: list[str]) -> int:

@@ -25,8 +25,10 @@ Tokens never appear in `repr()` or in log lines; files written here are created 
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,7 @@ class BackendConfig:
     project: str | None = None
     auth_type: AuthType = "jwt"
     source: str = "embedded engine"  # where the credentials came from, for one INFO line
+    home_given: bool = False  # --home or CONTREE_ENGINE_HOME: that home's engine, never a shared one
     warnings: tuple[str, ...] = field(default=())
 
     def __repr__(self) -> str:
@@ -261,9 +264,10 @@ def resolve_backend_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> 
         raise ConfigError(f"--auth-type must be iam or jwt, not {auth_flag!r}")
     home_flag = _flag(flags, "home")
     home = Path(home_flag).expanduser() if home_flag else engine_home(env)
+    home_given = bool(home_flag or env.get("CONTREE_ENGINE_HOME"))
     cfg_home = config_home(env)
     if backend == "local":
-        return BackendConfig(kind="local", home=home, config_home=cfg_home)
+        return BackendConfig(kind="local", home=home, config_home=cfg_home, home_given=home_given)
 
     nebius = bool(env.get("NEBIUS_API_KEY") and env.get("NEBIUS_AI_PROJECT"))
     if env.get("NEBIUS_API_KEY") and not nebius:
@@ -308,7 +312,7 @@ def resolve_backend_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> 
         configured = True
 
     if backend is None and not configured:
-        return BackendConfig(kind="local", home=home, config_home=cfg_home)
+        return BackendConfig(kind="local", home=home, config_home=cfg_home, home_given=home_given)
 
     auth_type: AuthType
     if profile is not None:
@@ -367,13 +371,24 @@ async def open_backend(
     if config.kind == "local":
         from contree.service.client import ServiceBackend
 
-        engine = ServiceBackend(
-            config.home,
-            import_roots=import_roots,
-            client_name=client_name,
-            user_agent=user_agent,
-            engine_options=engine_options,
-        )
+        shared = None
+        if os.geteuid() != 0 and not config.home_given:  # a user: the machine's shared engine first
+            from contree.service import system
+
+            shared = await asyncio.to_thread(system.find, os.environ)
+        if shared is not None:
+            socket, status = shared
+            log.info("using the shared engine service on %s (home %s)", socket, status.home)
+            engine = ServiceBackend(Path(status.home), import_roots=import_roots, client_name=client_name,
+                                    user_agent=user_agent, socket=socket)
+        else:
+            engine = ServiceBackend(
+                config.home,
+                import_roots=import_roots,
+                client_name=client_name,
+                user_agent=user_agent,
+                engine_options=engine_options,
+            )
         try:
             await engine.connect()
         except BaseException:

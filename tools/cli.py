@@ -34,10 +34,11 @@ SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("images", "unpublish"): ("tools.publish", "unpublish_main"),
     ("images", "published"): ("tools.publish", "published_main"),
     ("images", "prune"): ("tools.maintenance", "prune_main"),
-    ("engine", "check"): ("contree.engine.store", "check_main"),
+    ("engine", "check"): ("contree.engine.rootless.check", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),
+    ("engine", "unshare"): ("contree.service.cli", "unshare_main"),
 }
 # What each command group's own --help lists (the groups are the first words of SUBCOMMANDS).
 GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
@@ -52,8 +53,15 @@ GROUP_HELP: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
     "engine": (
-        "Look after the embedded engine's state directory.",
-        {"check": "report consistency problems of the store (exit status 1 when there are any)"},
+        "Run and look after the embedded engine.",
+        {
+            "check": "can this user run the engine here (each missing piece with its fix), then the "
+            "store's consistency (exit status 1 when something must be fixed)",
+            "serve": "run the home's engine service (what MCP servers start by themselves)",
+            "stop": "stop the home's (or a --socket's) engine service",
+            "status": "show the home's (or a --socket's) engine service",
+            "unshare": "run a command in the rootless engine's user namespace (e.g. rm -rf of a home)",
+        },
     ),
 }
 
@@ -83,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="MCP server giving AI agents isolated Linux sandboxes with immutable, branchable images. "
         "Subcommands: 'serve-api …' (Contree REST API on the embedded engine), 'images bootstrap …', "
         "'images publish|unpublish|published …' (images shared with every --http-tokens-file principal), "
-        "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …'.",
+        "'engine serve|stop|status …' (the engine service every local session shares), 'engine check …' "
+        "(readiness), 'engine unshare CMD' (a command in the rootless engine's user namespace).",
     )
     p.add_argument("-V", "--version", action="version", version=f"contree-mcp/{__version__}")
     p.add_argument("--mode", choices=("stdio", "http"), default="stdio", help="transport (default: stdio)")

@@ -78,7 +78,10 @@ KINDS = ("busybox", "debian")
 
 
 def build_debian_rootfs(target: Path, *, mirror: str = DEBIAN_MIRROR, timeout: float = 900) -> None:
-    """`mmdebstrap --variant=minbase --include=ca-certificates,python3 bookworm` into `target` (~30 s)."""
+    """`mmdebstrap --variant=minbase --include=ca-certificates,python3 bookworm` into `target` (~30 s).
+
+    A rootless engine runs it inside its user namespace, where it is root: mmdebstrap's root mode then
+    works as for the root engine (it warns that it cannot mount /sys in the chroot; nothing needs it)."""
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise BootstrapError("mmdebstrap not found: install the Debian package mmdebstrap")
@@ -141,7 +144,16 @@ def bootstrap_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", choices=KINDS, action="append", help="build only this image (repeatable)")
     parser.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for debian:bookworm")
     args = parser.parse_args(argv)
-    store = Store(args.home or default_home())
+    home = args.home or default_home()
+    if os.geteuid() != 0:  # a user's images live in the rootless engine's ids: build them in its namespace
+        from contree.engine.rootless.namespaces import NamespaceError, enter
+
+        try:
+            enter(home)
+        except (NamespaceError, OSError) as exc:
+            print(f"bootstrap failed: cannot enter the rootless engine's namespaces: {exc}", file=sys.stderr)
+            return 1
+    store = Store(home)
     try:
         for image in bootstrap_images(store, tuple(args.only or KINDS), mirror=args.mirror):
             print(f"{image.tag}\t{image.uuid}")

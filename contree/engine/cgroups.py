@@ -136,7 +136,9 @@ class CgroupManager:
         for node in chain[:-1]:
             try:
                 avail = set((node / "cgroup.controllers").read_text().split())
-                wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in avail)
+                # Only what is missing: a rootless engine may write just below its delegated cgroup.
+                enabled = set((node / "cgroup.subtree_control").read_text().split())
+                wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in avail - enabled)
                 if wanted:
                     _write(node / "cgroup.subtree_control", wanted)
             except OSError as exc:

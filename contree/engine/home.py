@@ -21,6 +21,8 @@ import os
 import stat
 from pathlib import Path
 
+from contree.engine.rootless import namespaces
+
 log = logging.getLogger(__name__)
 
 _GROUP_OTHER = 0o077
@@ -39,7 +41,8 @@ def prepare_home(home: Path) -> list[str]:
     except FileExistsError:
         pass
     real = Path(os.path.realpath(home))
-    _check_ancestors(real)
+    if not namespaces.verified_home(os.fspath(real)):  # checked before entering, with the host's ids
+        _check_ancestors(real)
     st = os.stat(real)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeHome(f"the engine home {home} is not a directory")

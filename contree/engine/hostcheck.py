@@ -19,6 +19,8 @@ from pathlib import Path
 
 import msgspec
 
+from contree.layerformat import in_initial_userns
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -41,7 +43,7 @@ class NoRuntimeAvailable(Exception):
 
 
 class HostInfo(msgspec.Struct, kw_only=True):
-    is_root: bool
+    is_root: bool  # root on the host itself (not root inside a user namespace)
     kernel: tuple[int, int]
     cgroup_mode: CgroupMode
     # The directory holding the unified hierarchy (`/sys/fs/cgroup` on v2, `…/unified` on hybrid).
@@ -50,6 +52,8 @@ class HostInfo(msgspec.Struct, kw_only=True):
     nofile_hard: int
     nproc_hard: int
     hugetlb_fix_applied: bool = False
+    # Root inside a user namespace of its own: the rootless engine (contree/engine/rootless/).
+    rootless: bool = False
 
 
 class _Statfs(ctypes.Structure):
@@ -134,7 +138,8 @@ def unified_controllers(unified_root: Path | None) -> list[str]:
 def detect() -> HostInfo:
     mode, unified = cgroup_mode()
     return HostInfo(
-        is_root=os.geteuid() == 0,
+        is_root=os.geteuid() == 0 and in_initial_userns(),
+        rootless=os.geteuid() == 0 and not in_initial_userns(),
         kernel=kernel_version(),
         cgroup_mode=mode,
         unified_root=unified,
@@ -188,8 +193,10 @@ def clamp_rlimit(wanted: int, hard: int) -> int:
 def check_requirements(info: HostInfo) -> list[str]:
     """Problems that make the embedded runtime impossible on this host (empty list = fine)."""
     problems = []
-    if not info.is_root:
-        problems.append("the embedded engine needs root (rootless mode is not implemented yet)")
+    if not info.is_root and not info.rootless:
+        problems.append("as a non-root user the embedded engine runs as the engine service, in a user "
+                        "namespace of its own: start it with `contree-mcp engine serve` (MCP servers start "
+                        "it by themselves); `contree-mcp engine check` says what this host lacks for it")
     if info.kernel < MIN_KERNEL:
         problems.append(f"kernel {info.kernel[0]}.{info.kernel[1]} is older than 6.8 (overlay lowerdir+)")
     return problems

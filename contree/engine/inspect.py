@@ -31,6 +31,7 @@ from contree.engine.overlay import open_overlay
 from contree.engine.resolver import Node, Resolver, normalize
 from contree.engine.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
+from contree.layerformat import is_overlay_xattr
 
 CHUNK = 256 * 1024
 _BLOCK = 512
@@ -249,7 +250,7 @@ def _xattr_headers(fd: int) -> dict[str, str]:
     except OSError:
         return {}
     for name in names:
-        if name.startswith("trusted.overlay."):
+        if is_overlay_xattr(name):
             continue
         try:
             value = os.getxattr(fd, name)

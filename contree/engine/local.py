@@ -34,7 +34,7 @@ from contree.backend import (
 from contree.engine import inspect, spawn
 from contree.engine.blobs import BlobStore
 from contree.engine.home import prepare_home
-from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, resolve_policy
+from contree.engine.limits import HostResources, LimitPolicy, ResourceSettings, SandboxLimits, resolve_policy
 from contree.engine.operations import Job, OperationQueue
 from contree.engine.oplog import (
     ASSIGNED,
@@ -60,6 +60,7 @@ from contree.timeparse import isoformat
 log = logging.getLogger(__name__)
 
 LOCK_GRACE_S = 0.5
+NETWORK_ENV = "CONTREE_ENGINE_NETWORK"  # auto | nat | slirp | pasta (rootless) | none
 
 
 class EngineLimits(msgspec.Struct, kw_only=True):
@@ -133,7 +134,7 @@ class LocalEngine:
         await self._start_runtime(engine_id)
         # Kills the sandboxes at their deadline and releases everything at once if this process dies.
         self.watchdog = Watchdog.start(engine_id=engine_id, cgroup_parent=self.runtime.cgroups.parent,
-                                       home=self.home)
+                                       home=self.home, runtime_root=self.runtime.root_dir)
         self.blobs = BlobStore(self.home / "blobs")
         self.queue = OperationQueue({
             "instance": self.limits.instance_max_concurrency,
@@ -154,11 +155,14 @@ class LocalEngine:
         self.runtime = await SandboxRuntime.create(msgspec.structs.replace(
             config, budget_memory_bytes=total.memory_bytes, budget_cpus=total.cpus, budget_pids=total.pids))
         self.sandbox_limits = resolve_policy(settings, host, self.runtime.cgroups.enforceable())
+        if not getattr(self.runtime.cgroups, "enforces_total", True):  # rootless, no delegated cgroup
+            self.sandbox_limits = msgspec.structs.replace(self.sandbox_limits, total=SandboxLimits())
         # A run's changes are held in memory (upperfs): without a memory limit, bound them by the host.
         self._layer_cap = self.sandbox_limits.maximum.memory_bytes or host.memory_bytes // 4
 
     def _runtime_config(self, engine_id: str) -> Any:
-        config = self.runtime_config or RuntimeConfig(state_dir=self.home / "runtime")
+        config = self.runtime_config or RuntimeConfig(
+            state_dir=self.home / "runtime", network_mode=os.environ.get(NETWORK_ENV) or "auto")
         return msgspec.structs.replace(config, engine_id=engine_id)
 
     async def lock_home(self) -> None:

@@ -308,14 +308,57 @@ async def make_owned_netns(name: str, base: int, gid_base: int, size: int) -> st
         delete_netns(name)
         raise
     finally:
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await end_helper(proc)
     return str(USERNS_DIR / name)
+
+
+async def end_helper(proc: asyncio.subprocess.Process, patience: float = 5.0) -> None:
+    """Close the stdin a namespace helper waits on and reap it (killed if it does not go)."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), patience)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def slirp4netns_ready(ready_r: int, proc: asyncio.subprocess.Process, patience: float = 10.0) -> None:
+    """Wait for the byte slirp4netns writes on its ready fd once the tap is up; NetworkError with its
+    stderr when it ends without it."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+    os.set_blocking(ready_r, False)
+
+    def readable() -> None:
+        if not fut.done():
+            try:
+                fut.set_result(os.read(ready_r, 1))
+            except BlockingIOError:
+                return
+    loop.add_reader(ready_r, readable)
+    try:
+        got = await asyncio.wait_for(fut, patience)
+    finally:
+        loop.remove_reader(ready_r)
+    if got != b"1":
+        err = b""
+        if proc.stderr is not None:
+            with contextlib.suppress(TimeoutError):
+                err = await asyncio.wait_for(proc.stderr.read(), 2)
+        lines = [ln for ln in err.decode(errors="replace").splitlines() if "to syslog" not in ln]
+        raise NetworkError(f"slirp4netns failed: {' '.join(' '.join(lines).split())}")
+
+
+def namespace_counters(net: SandboxNetwork) -> list[InterfaceCounters] | None:
+    """The sandbox's interfaces read inside its network namespace; None when it cannot be entered."""
+    if net.netns_path and os.path.exists(net.netns_path):
+        try:
+            return netns_counters(net.netns_path)
+        except OSError as exc:
+            log.debug("counters of %s: %s", net.netns_path, exc)
+    return None
 
 
 class Slot:
@@ -640,27 +683,7 @@ class NetworkManager:
             os.close(ready_w)
             os.close(exit_r)
             ready_w = exit_r = -1
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[bytes] = loop.create_future()
-            os.set_blocking(ready_r, False)
-
-            def readable() -> None:
-                if not fut.done():
-                    try:
-                        fut.set_result(os.read(ready_r, 1))
-                    except BlockingIOError:
-                        return
-            loop.add_reader(ready_r, readable)
-            try:
-                got = await asyncio.wait_for(fut, 10)
-            finally:
-                loop.remove_reader(ready_r)
-            if got != b"1":
-                err = b""
-                if proc.stderr is not None:
-                    with contextlib.suppress(TimeoutError):
-                        err = await asyncio.wait_for(proc.stderr.read(), 2)
-                raise NetworkError(f"slirp4netns failed: {err.decode(errors='replace').strip()}")
+            await slirp4netns_ready(ready_r, proc)
             return net
         except BaseException:
             await self.teardown(net)
@@ -673,11 +696,9 @@ class NetworkManager:
     def counters(self, net: SandboxNetwork) -> list[InterfaceCounters]:
         """Every interface as the sandbox sees it, read inside its namespace; for a veth whose
         namespace cannot be entered, the host end's counters with rx/tx swapped."""
-        if net.netns_path and os.path.exists(net.netns_path):
-            try:
-                return netns_counters(net.netns_path)
-            except OSError as exc:
-                log.debug("counters of %s: %s", net.netns_path, exc)
+        inside = namespace_counters(net)
+        if inside is not None:
+            return inside
         if not net.host_if:
             return []
         stats = Path(f"/sys/class/net/{net.host_if}/statistics")

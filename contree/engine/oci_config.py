@@ -63,6 +63,12 @@ def clamp_rlimits(hard: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def clamp_nproc(wanted: int) -> int:
+    """`wanted` processes, or fewer when the engine's own hard RLIMIT_NPROC is lower (raising it fails)."""
+    hard = host_hard_rlimits()["RLIMIT_NPROC"]
+    return wanted if hard < 0 else min(wanted, hard)
+
+
 def host_hard_rlimits() -> dict[str, int]:
     import resource
 
@@ -128,12 +134,13 @@ def build_config(opts: ConfigOptions, process: dict[str, Any]) -> dict[str, Any]
     namespaces.append(network)
     linux: dict[str, Any] = {
         "namespaces": namespaces,
-        "cgroupsPath": opts.cgroups_path,
         "resources": _resources(opts),
         "maskedPaths": [p for p in MASKED_PATHS if p != "/sys/devices/virtual/powercap"
                         or os.path.exists(p)],
         "readonlyPaths": list(READONLY_PATHS),
     }
+    if opts.cgroups_path:  # "": a rootless engine with no cgroup delegated to it
+        linux["cgroupsPath"] = opts.cgroups_path
     if opts.userns_path is not None:
         namespaces.append({"type": "user", "path": opts.userns_path})
     elif opts.uid_mappings is not None:

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from contree.layerformat import needs_userxattr
+
 MAX_LOWERS = 500  # the kernel's hard limit (`overlayfs: too many lower directories`)
 
 # Syscall numbers are shared by every architecture for these (unified table since 5.x).
@@ -143,6 +145,9 @@ def open_overlay(
     held: list[int] = []
     try:
         try:
+            if needs_userxattr():  # a rootless engine: its metadata in user.overlay.* (layerformat.py)
+                _call(_SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(_FSCONFIG_SET_FLAG), b"userxattr",
+                      None, ctypes.c_int(0))
             for layer in lowers:
                 _set_string(fsfd, "lowerdir+", _by_fd(layer, held))
             if upper is not None and work is not None:

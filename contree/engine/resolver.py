@@ -1,9 +1,9 @@
 """Read an image's layer stack without mounting it (RUNTIME §8).
 
 Overlay semantics in userspace: layers are searched top-down; a whiteout (char device 0:0) hides a
-name in every lower layer; a non-directory ends the search; a directory marked
-`trusted.overlay.opaque=y` stops contributions from lower layers; a listing is the union of the
-contributing layers minus whiteouts.
+name in every lower layer; a non-directory ends the search; a directory marked opaque
+(`trusted.overlay.opaque=y`, a rootless engine's `user.overlay.opaque=y`: `contree/layerformat.py`)
+stops contributions from lower layers; a listing is the union of the contributing layers minus whiteouts.
 
 Safety: symlinks are resolved here, inside the image (absolute targets restart at the image root, `..`
 is clamped at the root, at most 40 links per lookup). Below that, every entry is reached one verified
@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from contree.layerformat import is_overlay_xattr, opaque_xattr
+
 MAX_SYMLINKS = 40
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -30,7 +32,6 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 _SYS_OPENAT2 = 437  # the same number on every architecture (unified syscall table)
 _RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
-_OPAQUE = "trusted.overlay.opaque"
 _DIR_CACHE = 4096
 
 
@@ -147,7 +148,7 @@ class Resolver:
     def _is_opaque(self, layer: int, rel: str) -> bool:
         fd = self.open_in_layer(layer, rel, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return os.getxattr(fd, _OPAQUE) == b"y"
+            return os.getxattr(fd, opaque_xattr()) == b"y"
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                 return False
@@ -316,7 +317,7 @@ class Resolver:
         try:
             out = {}
             for name in os.listxattr(fd):
-                if not name.startswith("trusted.overlay."):
+                if not is_overlay_xattr(name):
                     out[name] = os.getxattr(fd, name)
             return out
         except OSError as exc:

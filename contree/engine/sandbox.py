@@ -32,6 +32,8 @@ from contree.engine.cgroups import CgroupLimits, CgroupManager, sweep_dead_paren
 from contree.engine.hostcheck import HostInfo, NoRuntimeAvailable
 from contree.engine.network import DEFAULT_SUBNET, IPAM_DIR, NetworkInfo, NetworkManager, SandboxNetwork
 from contree.engine.overlay import bind_mount, mount_tmpfs, mounts_under, unmount
+from contree.engine.rootless.limits import RuntimeStateKiller
+from contree.engine.rootless.network import RootlessNetwork
 from contree.engine.userns import IdMap, UsernsUnavailable
 
 log = logging.getLogger(__name__)
@@ -424,7 +426,8 @@ class StagedSandbox(msgspec.Struct, kw_only=True):
 
 class SandboxRuntime:
     def __init__(self, config: RuntimeConfig, info: HostInfo, runtime: str, binary: str,
-                 cgroups: CgroupManager, network: NetworkManager, engine_id: str) -> None:
+                 cgroups: CgroupManager | RuntimeStateKiller, network: NetworkManager | RootlessNetwork,
+                 engine_id: str) -> None:
         self.config = config
         self.info = info
         self.runtime = runtime
@@ -446,6 +449,8 @@ class SandboxRuntime:
         self._last_limits: CgroupLimits | None = None
         self._closing = False
         self._lock_fd = -1
+        self.rootless = False  # contree/engine/rootless/: every sandbox gets namespaces from `network`
+        self.run_dir = RUN_DIR
         # Set when sandboxes run in a user namespace: the caller mounts lowers through
         # `idmap.lowers(...)`, calls `idmap.shift_in` before start and `idmap.shift_out` before commit.
         self.idmap: IdMap | None = None
@@ -457,6 +462,10 @@ class SandboxRuntime:
         if problems:
             raise NoRuntimeAvailable("; ".join(problems))
         runtime, binary = select_runtime(info, config.runtime)
+        if info.rootless:
+            from contree.engine.rootless.runtime import create_rootless
+
+            return await create_rootless(cls, config, info, runtime, binary)
         idmap = _make_idmap(config, runtime)  # before anything needing clean-up: it may refuse
         engine_id = config.engine_id or secrets.token_hex(4)
         lock_fd = await _lock_engine(engine_id)
@@ -503,6 +512,12 @@ class SandboxRuntime:
                  f" ({network.error})" if network.error else "",
                  f"0→{idmap.base} ({idmap.size} ids)" if idmap else "off")
         return rt
+
+    def _rlimits(self, spec: SandboxSpec) -> dict[str, int]:
+        """A rootless sandbox's RLIMIT_NPROC is its pids limit (contree/engine/rootless/limits.py)."""
+        if not self.rootless or spec.pids_limit is None:
+            return self.rlimits
+        return {**self.rlimits, "RLIMIT_NPROC": oci_config.clamp_nproc(spec.pids_limit)}
 
     def runtime_argv(self) -> list[str]:
         argv = [self.binary, "--root", str(self.root_dir)]
@@ -555,6 +570,8 @@ class SandboxRuntime:
         sid = spec.sandbox_id
         if sid in self._active or sid in self._staged:
             raise ValueError(f"sandbox {sid} is already running")
+        if isinstance(self.network, RootlessNetwork):
+            self.network.check_ids(spec.uid, spec.gid)
         bundle = self.bundles / sid
         bundle.mkdir(parents=True, exist_ok=False)
         self._staged.add(sid)
@@ -574,9 +591,13 @@ class SandboxRuntime:
                         mode="none", error="networking is not supported with the runsc runtime yet"))
                 elif spec.networking and (self._spare_nets or self._spares_coming):
                     net = await self._take_spare_network()
+                elif isinstance(self.network, RootlessNetwork):  # its own user namespace, maybe a network
+                    net = await self.network.setup_for(spec.networking, spec.pids_limit)
                 else:
                     net = await self.network.setup(spec.networking)
             except Exception as exc:
+                if self.rootless:
+                    raise  # never a sandbox without its user namespace
                 log.warning("sandbox %s runs without network: %s", sid, exc)
                 net = SandboxNetwork(info=NetworkInfo(mode="none", error=f"network setup failed: {exc}"))
             etc_files = self._write_etc_files(spec, bundle, net)
@@ -600,6 +621,9 @@ class SandboxRuntime:
         """Make what the next runs will need while nobody waits (a run's teardown calls this): limits
         cgroups like the last run's (v1), and after a run with networking a NAT network. A spare is
         fresh: no sandbox has been in it."""
+        if isinstance(self.network, RootlessNetwork):
+            await self.network.make_spares()
+            return
         limits = self._last_limits
         while (not self.cgroups.v2 and limits is not None and not self._closing
                and len(self._spare_cgroups) < SPARE_CGROUPS):
@@ -691,7 +715,8 @@ class SandboxRuntime:
                     containerID=0, hostID=self.idmap.base, size=self.idmap.size)],
                 gid_mappings=None if self.idmap is None else [oci_config.IdMapping(
                     containerID=0, hostID=self.idmap.gid_base, size=self.idmap.size)])
-            proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid, self.rlimits)
+            proc = oci_config.process_section(spec.argv, spec.env, spec.cwd, spec.uid, spec.gid,
+                                              self._rlimits(spec))
             # msgspec: 15 us for the ~15 KB config, json.dumps took 150 us of the run's path.
             (bundle / "config.json").write_bytes(msgspec.json.encode(oci_config.build_config(opts, proc)))
             argv = [*self.runtime_argv()]
@@ -753,6 +778,11 @@ class SandboxRuntime:
             errors.append(f"rootfs binds: {exc}")
         if self.idmap is not None:
             self.idmap.close()
+        if self.rootless:  # its private tmpfs (rootless/runtime.py)
+            try:
+                unmount(self.run_dir)
+            except OSError as exc:
+                errors.append(f"run dir: {exc}")
         if self._lock_fd >= 0:
             release_engine_lock(self.engine_id, self._lock_fd)
             self._lock_fd = -1
@@ -921,7 +951,8 @@ def select_runtime(info: HostInfo, wanted: str) -> tuple[str, str]:
     crun = hostcheck.find_binary("crun")
     if crun is None:
         crun_problem = "crun is not installed (Debian package crun)"
-    elif not hostcheck.apply_hugetlb_fix(info) and info.cgroup_mode is not hostcheck.CgroupMode.V2:
+    elif (not info.rootless and not hostcheck.apply_hugetlb_fix(info)
+          and info.cgroup_mode is not hostcheck.CgroupMode.V2):  # rootless: no cgroups of crun's own
         crun_problem = ("crun refuses hybrid cgroups while the unified hierarchy owns controllers, "
                         "and they could not be moved (RUNTIME §3)")
     if wanted in ("auto", "crun") and crun_problem is None and crun is not None:

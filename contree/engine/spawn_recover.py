@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from contree.engine import hostcheck, network, sandbox
+from contree.engine import hostcheck, network, rootless, sandbox
 from contree.engine.cgroups import CgroupManager
 from contree.engine.overlay import mounts_under, unmount
 
@@ -46,6 +46,8 @@ def cgroup_parent_for(engine_id: str) -> str:
 def recover_host(engine_id: str) -> list[str]:
     """Kill and remove whatever sandboxes of `engine_id` survived their engine; returns what was done."""
     actions: list[str] = []
+    if rootless.active():
+        return actions  # nothing survives a rootless engine's pid namespace (rootless/namespaces.py)
     # The dead engine's `crun run`/`crun exec` processes survive it (they run in their own session)
     # and may still be creating cgroups: they go first, found by the engine's runtime root.
     for pid in _runtime_processes(engine_id):

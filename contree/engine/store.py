@@ -2,7 +2,7 @@
 
 Layout under `home` (one filesystem, so a commit is a rename):
 
-    layers/<id>/        overlay-format tree, immutable (whiteouts c 0:0, `trusted.overlay.opaque`)
+    layers/<id>/        overlay-format tree, immutable (whiteouts c 0:0, opaque xattrs: layerformat.py)
     images.db           SQLite (WAL): images, layers (size, created, source of each layer)
     blobs/              uploaded files and sync chunks (`blobs.py`)
     tmp/                staging; everything is renamed into place when complete
@@ -57,14 +57,13 @@ from contree.engine.overlay import MAX_LOWERS, mount_overlay, mounts_under, unmo
 from contree.engine.resolver import Resolver
 from contree.engine.upperfs import LayerTooLarge, copy_layer
 from contree.errors import BadRequest, Conflict, NotFound
+from contree.layerformat import is_overlay_xattr, opaque_xattr
 from contree.timeparse import isoformat, parse_timestamp
 
 MAX_DEPTH = 64  # squash beyond this (RUNTIME §6.2); the kernel's own limit is 500
 KIND_INSTANCE = 0
 KIND_IMPORTED = 1
-_OPAQUE = "trusted.overlay.opaque"
 _RESOLVER_CACHE = 64
-_OVERLAY_XATTR = "trusted.overlay."
 
 
 class ImageConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -218,8 +217,9 @@ def _strip_overlay_xattrs(path: str) -> None:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return
         raise
+    keep = opaque_xattr()
     for name in names:
-        if name.startswith(_OVERLAY_XATTR) and name != _OPAQUE:
+        if is_overlay_xattr(name) and name != keep:
             os.removexattr(path, name, follow_symlinks=False)
 
 

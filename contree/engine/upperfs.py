@@ -26,13 +26,12 @@ from pathlib import Path
 import msgspec
 
 from contree.errors import Unprocessable
+from contree.layerformat import is_overlay_xattr, opaque_xattr
 
 ENTRY_BYTES = 4096  # an entry costs at least one block of the store's filesystem (a directory: exactly)
 # Room for the tmpfs root, upper/, work/, rootfs/ and overlay's own entries in work/ (9 on 6.18) until
 # `seal` fixes the count once the overlay is mounted.
 RESERVED_INODES = 32
-_OVERLAY_XATTR = "trusted.overlay."
-_OPAQUE = "trusted.overlay.opaque"
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_REMOUNT = 0x20
@@ -127,7 +126,7 @@ def over_limit(used: LayerUsage, budget: LayerBudget, limit: str) -> str | None:
 
 def _keep_xattr(name: str) -> bool:
     """Overlay bookkeeping (origin, impure, uuid, …) is dropped; `opaque` is the layer's content."""
-    return not name.startswith(_OVERLAY_XATTR) or name == _OPAQUE
+    return not is_overlay_xattr(name) or name == opaque_xattr()
 
 
 def _walk(root: str) -> Iterator[os.DirEntry[str]]:

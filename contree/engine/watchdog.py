@@ -43,14 +43,17 @@ LOG_NAME = "watchdog.log"  # in the home: what the watchdog did (rarely anything
 class Watchdog:
     """The engine's side: starts the watchdog process and tells it the sandboxes' deadlines."""
 
-    def __init__(self, *, engine_id: str, cgroup_parent: str, home: Path) -> None:
-        self.settings = {"engine_id": engine_id, "cgroup_parent": cgroup_parent, "home": os.fspath(home)}
+    def __init__(self, *, engine_id: str, cgroup_parent: str, home: Path, runtime_root: Path | None = None
+                 ) -> None:
+        self.settings = {"engine_id": engine_id, "cgroup_parent": cgroup_parent, "home": os.fspath(home),
+                         "runtime_root": os.fspath(runtime_root or "")}
         self._deadlines: dict[str, float] = {}  # sandbox id -> time.monotonic() deadline
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start(cls, *, engine_id: str, cgroup_parent: str, home: Path) -> Watchdog:
-        dog = cls(engine_id=engine_id, cgroup_parent=cgroup_parent, home=home)
+    def start(cls, *, engine_id: str, cgroup_parent: str, home: Path, runtime_root: Path | None = None
+              ) -> Watchdog:
+        dog = cls(engine_id=engine_id, cgroup_parent=cgroup_parent, home=home, runtime_root=runtime_root)
         dog._spawn()
         return dog
 
@@ -140,6 +143,7 @@ class _Watch:
         self.cgroup_parent = str(settings["cgroup_parent"])
         self.home = Path(str(settings["home"]))
         self.pidfd = int(str(settings["pidfd"]))
+        self.runtime_root = str(settings.get("runtime_root") or "")
         self.deadlines: dict[str, float] = {}
         self.pending = b""
 
@@ -185,10 +189,15 @@ class _Watch:
         late = [sid for sid, at in self.deadlines.items() if at + GRACE <= now]
         if not late:
             return
-        from contree.engine import hostcheck
+        from contree.engine import hostcheck, rootless
         from contree.engine.cgroups import CgroupManager
+        from contree.engine.rootless.limits import RuntimeStateKiller
 
-        cgroups = CgroupManager(hostcheck.detect(), self.cgroup_parent)
+        cgroups: CgroupManager | RuntimeStateKiller
+        if rootless.active() and not self.cgroup_parent:  # no cgroup: the init, from the runtime's state
+            cgroups = RuntimeStateKiller(Path(self.runtime_root))
+        else:
+            cgroups = CgroupManager(hostcheck.detect(), self.cgroup_parent)
         for sid in late:
             del self.deadlines[sid]
             if cgroups.exists(sid):
@@ -197,7 +206,11 @@ class _Watch:
                 cgroups.kill_all(sid, signal.SIGKILL)
 
     def _release(self) -> None:
+        from contree.engine import rootless
         from contree.engine.spawn_recover import release_dead_engine
+
+        if rootless.active():
+            return  # the engine's pid and mount namespaces end everything (and this process) with it
 
         actions = release_dead_engine(self.engine_id, self.home)
         if actions:

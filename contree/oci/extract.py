@@ -1,7 +1,8 @@
 """Safe extraction of one OCI/Docker layer tarball into an overlay-format layer directory.
 
-OCI whiteouts become overlay whiteouts (`.wh.NAME` → char device 0:0, `.wh..wh..opq` → the
-`trusted.overlay.opaque=y` xattr). Every entry is created relative to a directory fd obtained with
+OCI whiteouts become overlay whiteouts (`.wh.NAME` → char device 0:0, `.wh..wh..opq` → the opaque xattr,
+`trusted.overlay.opaque=y` or a rootless engine's `user.overlay.opaque=y`). Every entry is created relative
+to a directory fd obtained with
 `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so neither `..`, nor a symlink planted by an earlier entry,
 nor a hardlink can make the extraction touch anything outside the layer directory. Device nodes are
 dropped (a sandbox must never inherit host devices from an image), `..` components, hardlinks that leave
@@ -13,6 +14,7 @@ kept. Runs synchronously: call it in a worker thread.
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import os
@@ -22,22 +24,24 @@ import subprocess
 import tarfile
 import threading
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 import msgspec
 
 from contree.errors import Unprocessable
+from contree.layerformat import opaque_xattr
 from contree.oci.openat2 import open_dir_beneath
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
 COPY_CHUNK = 1024 * 1024
-# xattr namespaces an image may not set: overlay's own metadata and other trusted.* keys change what the
-# kernel does with the layer; SELinux labels belong to the host policy.
-_FORBIDDEN_XATTR_PREFIXES = ("trusted.", "security.selinux")
+# xattr namespaces an image may not set: overlay's own metadata (trusted.* for a root engine, user.overlay.*
+# for a rootless one) and other trusted.* keys change what the kernel does with the layer; SELinux labels
+# belong to the host policy.
+_FORBIDDEN_XATTR_PREFIXES = ("trusted.", "user.overlay.", "security.selinux")
 
 
 class UnsafeLayer(Unprocessable):
@@ -60,6 +64,7 @@ class LayerStats(msgspec.Struct, kw_only=True):
     file_bytes: int = 0  # regular file content
     diff_id: str = ""  # sha256 of the decompressed tar
     skipped_devices: int = 0
+    unmapped_owners: int = 0  # rootless engine: owners beyond its ids became nobody (65534) or root
     whiteouts: int = 0
     opaque_dirs: int = 0
 
@@ -318,7 +323,7 @@ class _Extractor:
     def _whiteout(self, parent: str, base: str) -> None:
         pfd = self.parent_fd(parent)
         if base == OPAQUE:
-            os.setxattr(f"/proc/self/fd/{pfd}", OPAQUE_XATTR, b"y")
+            os.setxattr(f"/proc/self/fd/{pfd}", opaque_xattr(), b"y")
             self.stats.opaque_dirs += 1
             return
         if base.startswith(WHITEOUT + WHITEOUT):
@@ -372,13 +377,33 @@ class _Extractor:
                     remaining -= len(chunk)
             self.stats.file_bytes += member.size
             if self.is_root and (member.uid, member.gid) != self.creator:
-                os.fchown(fd, member.uid, member.gid)
+                self._chown(member, functools.partial(os.fchown, fd))
             os.fchmod(fd, self._mode(member))
             for name, value in self._xattrs(member):
                 self._setxattr(f"/proc/self/fd/{fd}", name, value, follow=True)
             os.utime(fd, ns=(int(member.mtime * 1e9), int(member.mtime * 1e9)))
         finally:
             os.close(fd)
+
+    def _chown(self, member: tarfile.TarInfo, chown: Callable[[int, int], None]) -> None:
+        """`chown(member.uid, member.gid)`. Inside a rootless engine's user namespace an id it does not map
+        is refused (EINVAL): such an owner becomes nobody (65534), as a root engine's sandboxes see it,
+        or root when the engine maps no more than that (docs/rootless.md)."""
+        try:
+            chown(member.uid, member.gid)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        self.stats.unmapped_owners += 1
+        for fallback in (65534, 0):
+            try:
+                chown(member.uid if member.uid < fallback else fallback,
+                      member.gid if member.gid < fallback else fallback)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
 
     def _setxattr(self, path: str, name: str, value: bytes, *, follow: bool) -> None:
         try:
@@ -389,7 +414,7 @@ class _Extractor:
 
     def _meta_nofollow(self, pfd: int, base: str, member: tarfile.TarInfo) -> None:
         if self.is_root and (member.uid, member.gid) != self.creator:
-            os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(member, lambda uid, gid: os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False))
         if not member.issym():
             os.chmod(base, self._mode(member), dir_fd=pfd, follow_symlinks=False)
         mtime = int(member.mtime * 1e9)
@@ -429,7 +454,7 @@ class _Extractor:
                 continue  # replaced by a later entry (a file or symlink): nothing to apply
             try:
                 if self.is_root:
-                    os.fchown(fd, member.uid, member.gid)
+                    self._chown(member, functools.partial(os.fchown, fd))
                 os.fchmod(fd, self._mode(member))
                 for name, value in self._xattrs(member):
                     self._setxattr(f"/proc/self/fd/{fd}", name, value, follow=True)

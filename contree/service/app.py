@@ -83,7 +83,8 @@ def _gate(service: EngineService) -> Any:
     return gate
 
 
-def _peer_pid(request: web.Request) -> int | None:
+def _peer(request: web.Request) -> tuple[int, int] | None:
+    """(pid, uid) of the client process, as the kernel recorded it when it connected."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
@@ -92,8 +93,13 @@ def _peer_pid(request: web.Request) -> int | None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return None
-    pid: int = struct.unpack("3i", creds)[0]
-    return pid
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _peer_pid(request: web.Request) -> int | None:
+    peer = _peer(request)
+    return None if peer is None else peer[0]
 
 
 class ServiceRoutes:
@@ -153,7 +159,12 @@ class ServiceRoutes:
         body = await decode_body(request, ServiceImport)
         if not all(os.path.isabs(root) for root in body.local_roots):
             raise BadRequest("local_roots must be absolute paths")
-        op = await self.service.engine.import_image(body.request, local_roots=tuple(body.local_roots))
+        roots = tuple(body.local_roots)
+        peer = _peer(request)
+        if peer is not None and peer[1] != os.geteuid():
+            # Another user of a shared service: the engine would read their archive with its own rights.
+            roots = ()
+        op = await self.service.engine.import_image(body.request, local_roots=roots)
         return json_response(
             api.ImageImportResponse(uuid=op), status=201, headers={"Location": f"/v1/operations/{op}"}
         )

@@ -47,6 +47,17 @@ def engine_arguments(output_quota: int | None, resources: ResourceSettings | Non
     return out + (arguments_for(resources) if resources is not None else [])
 
 
+def _group_id(name: str) -> int:
+    import grp
+
+    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+
+
+def _socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None,
+                        help="the service on this socket (e.g. the shared /run/contree-engine/engine.sock)")
+
+
 def _home(value: Path | None) -> Path:
     from contree.config import engine_home
 
@@ -98,6 +109,27 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="listen on this socket instead of HOME/engine.sock (the machine's shared service: "
+        "/run/contree-engine/engine.sock, which users' MCP servers look for)",
+    )
+    parser.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="members of GROUP may connect (socket mode 0660): the right to run sandboxes on this engine, "
+        "not host root; its members share its images and operations",
+    )
+    parser.add_argument(
+        "--cgroup-scope",
+        action="store_true",
+        help="rootless engine: this process's cgroup (v2) was delegated to it alone, e.g. "
+        "`systemd-run --user --scope -p Delegate=yes contree-mcp engine serve --cgroup-scope`: sandboxes "
+        "get memory, CPU and pids limits there",
+    )
     parser.add_argument("--start-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     # version-skew tests: pretend to be another release / control API level
     parser.add_argument("--report-version", default=None, help=argparse.SUPPRESS)
@@ -110,6 +142,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         print(f"contree-mcp engine serve: {exc}", file=sys.stderr)
         return 2
     created_home = not home.exists()
+    socket_group = None
+    if args.socket_group is not None:
+        try:
+            socket_group = _group_id(args.socket_group)
+        except KeyError:
+            parser.error(f"--socket-group: no group {args.socket_group!r}")
+        if os.geteuid() != 0:
+            parser.error("--socket-group is for the root engine service (a rootless engine is its user's)")
+    socket = args.socket.absolute() if args.socket is not None else None
     if args.detach:
         from contree.service.daemon import DetachError, detach
 
@@ -139,6 +180,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if os.geteuid() != 0:  # the rootless engine: its own user, mount and pid namespaces first
+        from contree.engine.rootless.namespaces import NamespaceError, enter
+
+        try:
+            plan = enter(home, close_in_supervisors=[pipe.fd] if args.detach else [],
+                         cgroup_scope=args.cgroup_scope)
+        except (NamespaceError, OSError) as exc:
+            report("error", f"cannot start the rootless engine: {exc}")
+            return 1
+        logging.getLogger("contree.service").info("rootless engine: %s", plan.describe())
     import asyncio
 
     from contree.engine.local import EngineLimits, LocalEngine
@@ -149,7 +200,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         limits = EngineLimits(resources=resources, **quota)
         service = EngineService(
             home, idle_exit=args.idle_exit, version=args.report_version, created_home=created_home,
-            engine=LocalEngine(home, limits=limits),
+            socket=socket, socket_group=socket_group,
+            # A shared service reads local image archives for no one (its clients' roots: app.py).
+            engine=LocalEngine(home, limits=limits, import_roots=() if socket_group is not None else None),
             **({"api": args.report_api} if args.report_api is not None else {}),
         )
         return await service.serve(report)
@@ -172,6 +225,7 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
         "to finish, unless --now (then they are cancelled). Returns once the service has exited.",
     )
     _home_argument(parser)
+    _socket_argument(parser)
     parser.add_argument("--now", action="store_true", help="cancel running operations instead of waiting")
     parser.add_argument(
         "--timeout", type=float, default=None, help="give up waiting after this many seconds (exit 1)"
@@ -179,7 +233,7 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     home = _home(args.home)
     try:
-        conn = ControlConnection(home, pin=True)
+        conn = ControlConnection(home, pin=True, socket=args.socket)
     except ServiceGone:
         print(f"no engine service is running at {home}")
         return 0
@@ -219,11 +273,12 @@ def status_main(argv: Sequence[str] | None = None) -> int:
         f"its socket. Exit status {EXIT_NOT_RUNNING} when none is running.",
     )
     _home_argument(parser)
+    _socket_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     home = _home(args.home)
     try:
-        status = probe(home)
+        status = probe(home, socket=args.socket)
     except ServiceUnresponsive as exc:
         print(f"contree-mcp engine status: {exc}", file=sys.stderr)
         return 1
@@ -267,6 +322,35 @@ def _span(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ---------------------------------------------------------------------- unshare
+
+
+def unshare_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="contree-mcp engine unshare",
+        description="Run COMMAND inside the rootless engine's user namespace, where the home's files have "
+        "their container owners (e.g. `contree-mcp engine unshare rm -rf ~/.local/share/contree-mcp`: "
+        "files of sandboxes' other users are not yours on the host). As root it just runs COMMAND.",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.error("a command is required")
+    if os.geteuid() != 0:
+        from contree.engine.rootless.namespaces import NamespaceError, enter_userns
+
+        try:
+            enter_userns()
+        except (NamespaceError, OSError) as exc:
+            print(f"contree-mcp engine unshare: {exc}", file=sys.stderr)
+            return 1
+    try:
+        os.execvp(args.command[0], args.command)
+    except OSError as exc:
+        print(f"contree-mcp engine unshare: {args.command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from contree.backend import ImageQuery
 from contree.client import RemoteBackend
 from contree.errors import Unavailable, error_for_status
 from contree.service import control
-from contree.service.paths import SocketAddress
+from contree.service.paths import SocketAddress, address, socket_path
 from contree.service.starter import EngineStartError, ensure_service
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class ServiceBackend(RemoteBackend):
     """`import_roots`: directories local image sources must resolve into (sent with every import, the
     engine re-checks them when it opens the source); None = no restriction beyond the user's own rights.
     `client_name` is what `engine status` lists for this client. `engine_options` (`engine serve` flags:
-    output quota, sandbox limits) configure a service this client starts; a running one keeps its own."""
+    output quota, sandbox limits) configure a service this client starts; a running one keeps its own.
+    `socket`: a shared service's socket (`contree.service.system`), attached to but never started."""
 
     def __init__(
         self,
@@ -63,11 +64,13 @@ class ServiceBackend(RemoteBackend):
         version: str | None = None,
         timeout: float = 300.0,
         engine_options: Sequence[str] = (),
+        socket: Path | None = None,
     ) -> None:
         super().__init__(
             f"{ROOT}/v1", token=None, user_agent=user_agent, timeout=timeout, connect_timeout=10.0
         )
         self.home = Path(home).absolute()  # the service runs in /, and messages name the full path
+        self.shared_socket = socket
         self.import_roots = tuple(import_roots) if import_roots is not None else None
         self.client_name = client_name
         self.version = version
@@ -85,9 +88,8 @@ class ServiceBackend(RemoteBackend):
 
     async def connect(self) -> control.ServiceStatus:
         """Reach (or start) the home's service and attach to it. Raises EngineStartError."""
-        reached = await ensure_service(self.home, version=self.version, options=self.engine_options)
-        self.status = reached.status
-        if self.engine_options and not reached.started:
+        self.status, started = await self._reach()
+        if self.engine_options and not started:
             log.warning(
                 "the engine service at %s was already running: it keeps its own settings, not %s "
                 "(contree-mcp engine stop --home %s, then start again, to apply them)",
@@ -100,9 +102,14 @@ class ServiceBackend(RemoteBackend):
             self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
         return self.status
 
+    @property
+    def socket(self) -> Path:
+        """The service's socket: the home's own, or a shared service's."""
+        return self.shared_socket or socket_path(self.home)
+
     def _socket_path(self) -> str:
         if self._address is None:
-            self._address = SocketAddress(self.home)
+            self._address = address(self.socket)
         return self._address.path
 
     def _make_connector(self) -> aiohttp.BaseConnector | None:
@@ -122,15 +129,23 @@ class ServiceBackend(RemoteBackend):
         async with self._restart:
             if generation == self._generation:  # nobody else did it while we waited
                 try:
-                    reached = await ensure_service(
-                        self.home, version=self.version, options=self.engine_options
-                    )
-                    self.status = reached.status
+                    self.status, _started = await self._reach()
                 except EngineStartError as exc:
                     raise Unavailable(str(exc)) from None
                 self._generation += 1
                 log.info("reconnected to the engine service at %s (pid %d)", self.home, self.status.pid)
         return True
+
+    async def _reach(self) -> tuple[control.ServiceStatus, bool]:
+        """The service's status and whether this client started it (a shared one: never)."""
+        if self.shared_socket is None:
+            reached = await ensure_service(self.home, version=self.version, options=self.engine_options)
+            return reached.status, reached.started
+        status = await asyncio.to_thread(control.probe, self.home, socket=self.shared_socket)
+        if status is None or status.state not in ("ready", "retiring"):
+            state = "does not answer" if status is None else f"is {status.state}"
+            raise EngineStartError(self.home, f"the shared engine service on {self.shared_socket} {state}")
+        return status, False
 
     async def _hold_lease(self) -> None:
         """Keep one attach stream open while this backend lives; re-attach (never start) after drops.
@@ -178,7 +193,7 @@ class ServiceBackend(RemoteBackend):
             # this one request goes through the stdlib control client instead of loading aiohttp.
             path = f"/v1/images?{urlencode(self._image_query(query))}"
             try:
-                listing = await asyncio.to_thread(control.get_json, self.home, path, api.ImageListResponse)
+                listing = await asyncio.to_thread(control.get_json, self.socket, path, api.ImageListResponse)
                 return listing.images
             except control.ControlError as exc:
                 if exc.status < 500 and exc.status not in (425, 429):

@@ -22,7 +22,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from contree import api
-from contree.service.paths import SocketAddress
+from contree.service.paths import SOCKET_NAME, address, socket_path
 from contree.version import VERSION
 
 # Bumped whenever a client of one API level could not use a service of another (control routes, the
@@ -161,11 +161,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class ControlConnection:
     """One connection to a home's service. `pidfd` (when `pin=True`) refers to the service process."""
 
-    def __init__(self, home: Path, *, timeout: float = 5.0, pin: bool = False) -> None:
+    def __init__(self, home: Path, *, timeout: float = 5.0, pin: bool = False, socket: Path | None = None
+                 ) -> None:
         self.home = home
         self.timeout = timeout
         self.pidfd = -1
-        self._sock = _connect(home, timeout)
+        self._sock = _connect(socket or socket_path(home), timeout)
         try:
             if pin:
                 self.pidfd = _open_peer_pidfd(self._sock)
@@ -218,10 +219,10 @@ class ControlConnection:
         self.close()
 
 
-def get_json(home: Path, path: str, kind: type[T], *, timeout: float = 5.0) -> T:
-    """One GET on the home's socket (any route, e.g. of the `/v1` API), decoded as `kind`; ControlError
+def get_json(socket: Path, path: str, kind: type[T], *, timeout: float = 5.0) -> T:
+    """One GET on a service's socket (any route, e.g. of the `/v1` API), decoded as `kind`; ControlError
     for an error status. For a client that has not loaded its HTTP client yet (start-up)."""
-    sock = _connect(home, timeout)
+    sock = _connect(socket, timeout)
     try:
         status, raw = _exchange(sock, timeout, "GET", path, None)
     finally:
@@ -249,22 +250,23 @@ def _exchange(
         raise ServiceUnresponsive(f"the engine service did not answer within {timeout:g} s") from None
 
 
-def _connect(home: Path, timeout: float) -> socket.socket:
+def _connect(path: Path, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
+    where = path.parent if path.name == SOCKET_NAME else path
     try:
-        with SocketAddress(home) as address:
-            sock.connect(address.path)
+        with address(path) as target:
+            sock.connect(target.path)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
-        raise ServiceGone(f"no engine service answers at {home} ({exc.strerror})") from None
+        raise ServiceGone(f"no engine service answers at {where} ({exc.strerror})") from None
     except TimeoutError:
         sock.close()
-        raise ServiceUnresponsive(f"the engine service at {home} does not accept connections") from None
+        raise ServiceUnresponsive(f"the engine service at {where} does not accept connections") from None
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise ServiceGone(f"no engine service answers at {home}") from None
+            raise ServiceGone(f"no engine service answers at {where}") from None
         raise
     return sock
 
@@ -285,11 +287,11 @@ def _message(raw: bytes) -> str:
         return raw.decode("utf-8", "replace").strip()[:500] or "no message"
 
 
-def probe(home: Path, *, timeout: float = 5.0) -> ServiceStatus | None:
-    """The status of the home's service, or None when there is none (ServiceUnresponsive when one is
-    there but does not answer in time)."""
+def probe(home: Path, *, timeout: float = 5.0, socket: Path | None = None) -> ServiceStatus | None:
+    """The status of the home's service (or of the one on `socket`), or None when there is none
+    (ServiceUnresponsive when one is there but does not answer in time)."""
     try:
-        with ControlConnection(home, timeout=timeout) as conn:
+        with ControlConnection(home, timeout=timeout, socket=socket) as conn:
             return conn.status
     except ServiceGone:
         return None

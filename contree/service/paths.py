@@ -15,6 +15,11 @@ def socket_path(home: Path) -> Path:
     return home / SOCKET_NAME
 
 
+def address(socket: Path) -> SocketAddress:
+    """A `SocketAddress` of any socket path (a shared service's socket lives outside its home)."""
+    return SocketAddress(socket.parent, socket.name)
+
+
 def log_path(home: Path) -> Path:
     return home / LOG_NAME
 

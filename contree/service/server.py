@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ from typing import Literal
 
 from aiohttp import web
 
+from contree.engine import rootless
 from contree.engine.home import prepare_home
 from contree.engine.local import LocalEngine
 from contree.errors import Conflict
@@ -38,7 +40,7 @@ from contree.service.control import (
 )
 from contree.service.daemon import startup_reason
 from contree.service.idle import IdleClock, engine_blockers
-from contree.service.paths import LOG_NAME, SOCKET_NAME, SocketAddress, log_path, socket_path
+from contree.service.paths import LOG_NAME, SocketAddress, address, log_path, socket_path
 
 log = logging.getLogger("contree.service")
 
@@ -58,7 +60,9 @@ def _no_report(kind: str, message: str) -> None:
 class EngineService:
     """Hosts `engine` (a `LocalEngine` of `home`) until stopped, idle for `idle_exit` seconds or
     signalled. `created_home`: the home did not exist before this start, so a failed start removes
-    what it made (keeping the log it points to)."""
+    what it made (keeping the log it points to). `socket`: listen there instead of `home/engine.sock`
+    (the machine's shared service, `contree.service.system`); `socket_group`: the gid whose members may
+    connect (mode 0660), else the socket is the owner's alone (0600)."""
 
     def __init__(
         self,
@@ -70,9 +74,17 @@ class EngineService:
         created_home: bool = False,
         handle_signals: bool = True,
         api: int = SERVICE_API,
+        socket: Path | None = None,
+        socket_group: int | None = None,
     ) -> None:
         self.home = Path(home)
-        self.engine = engine if engine is not None else LocalEngine(self.home)
+        self.socket = Path(socket) if socket is not None else socket_path(self.home)
+        self.socket_group = socket_group
+        self._socket_lock = -1
+        # A shared service reads local image archives for no one: a client's own roots are only
+        # honoured for clients of the service's own uid (app.py).
+        self.engine = engine if engine is not None else LocalEngine(
+            self.home, import_roots=() if socket_group is not None else None)
         self.version = version or package_version()
         self.api = api  # only version-skew tests report another level
         self.created_home = created_home
@@ -114,9 +126,9 @@ class EngineService:
         return ServiceStatus(
             version=self.version,
             api=self.api,
-            pid=os.getpid(),
+            pid=rootless.host_pid(),  # a rootless engine runs in a pid namespace of its own
             home=str(self.home),
-            socket=str(socket_path(self.home)),
+            socket=str(self.socket),
             log=str(log_path(self.home)),
             state=self.state,
             started_at=self.started_at,
@@ -138,8 +150,10 @@ class EngineService:
         try:
             prepare_home(self.home)  # private (0700, ours) before the lock and the socket go into it
             await self.engine.lock_home()
-        except Conflict:
-            report("busy", f"another engine holds {self.home}")
+            if self.socket != socket_path(self.home):
+                self._lock_socket()
+        except Conflict as exc:
+            report("busy", exc.message)
             return EXIT_BUSY
         except OSError as exc:
             report("error", startup_reason(exc))
@@ -164,7 +178,7 @@ class EngineService:
         else:
             self.state = "stopping"
         log.info("contree-mcp %s engine service ready at %s (pid %d)", self.version, self.home, os.getpid())
-        report("ready", str(socket_path(self.home)))
+        report("ready", str(self.socket))
         if self.handle_signals:
             self._handle_signals()
         try:
@@ -173,15 +187,34 @@ class EngineService:
             await self._shutdown()
         return 0
 
+    def _lock_socket(self) -> None:
+        """A socket outside the home is held by a lock file beside it: the home lock cannot stop another
+        home's service from taking the same path."""
+        if not self.socket.parent.is_dir():
+            self.socket.parent.mkdir(parents=True)
+            self.socket.parent.chmod(0o711)  # members traverse it to the socket; nobody lists it
+        path = self.socket.with_name(self.socket.name + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"another engine service listens on {self.socket}") from None
+        self._socket_lock = fd
+
     async def _listen(self) -> None:
-        """Bind a fresh socket beside the final path, make it 0600, then rename it over the final
-        path (replacing a dead service's socket atomically)."""
-        self._address = SocketAddress(self.home)
-        tmp = SocketAddress(self.home, f".{SOCKET_NAME}.{secrets.token_hex(6)}")
+        """Bind a fresh socket beside the final path, make it 0600 (0660 to `socket_group`), then rename
+        it over the final path (replacing a dead service's socket atomically)."""
+        self._address = address(self.socket)
+        tmp = SocketAddress(self.socket.parent, f".{self.socket.name}.{secrets.token_hex(6)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(tmp.path)
-            os.chmod(tmp.path, 0o600)
+            if self.socket_group is None:
+                os.chmod(tmp.path, 0o600)
+            else:
+                os.chown(tmp.path, -1, self.socket_group)
+                os.chmod(tmp.path, 0o660)
             os.rename(tmp.path, self._address.path)
         except BaseException:
             sock.close()
@@ -255,6 +288,9 @@ class EngineService:
         if self._address is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._address.path)
+        if self._socket_lock >= 0:  # after the unlink: a successor then binds a path that is free
+            os.close(self._socket_lock)
+            self._socket_lock = -1
 
 
 def _remove_fresh_home(home: Path) -> None:

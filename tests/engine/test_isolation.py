@@ -1,4 +1,17 @@
-"""The isolation suite (issue 3, "Must show"): root inside a sandbox cannot harm the image or the host."""
+"""The isolation suite (issue 3, "Must show"): root inside a sandbox cannot harm the image or the host.
+
+Every test that takes `runtime` runs twice: with the root engine's runtime (in this process) and with a
+rootless one, run by a throwaway user in its own namespaces (`rootless_host.py`), on the same scripts.
+Where rootless mode differs, the test says so and checks what rootless mode does instead:
+
+* the fork bomb: no cgroup is delegated here, so the limit is the sandbox's own user namespace's task
+  limit (RLIMIT_NPROC, counted across all its uids: contree/engine/rootless/limits.py), seen from inside
+  the sandbox instead of through pids.current;
+* the memory hog: without a delegated cgroup no memory limit exists, and the runtime says so (limits
+  enforced: pids only); the hog is not run, it would take the host's memory;
+* spare cgroups: there are none; spare namespaces take their place and are used by the next run;
+* rm -rf /: the image's layer and the run's upper live in the user's home and are read there.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +23,27 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from contree.engine import seccomp
 from contree.engine.sandbox import SandboxRuntime, SandboxSpec
-from tests.engine.test_runtime_support import run
+from tests.engine.test_runtime_support import RootlessRuntime, open_rootless_runtime, open_runtime, run
 
 pytestmark = pytest.mark.engine
+Runtime = SandboxRuntime | RootlessRuntime
+
+
+@pytest.fixture(params=["root", "rootless"])
+async def runtime(request: pytest.FixtureRequest, mount_guard: Path) -> AsyncIterator[Runtime]:
+    if request.param == "root":
+        async with open_runtime(mount_guard, network_mode="none") as rt:
+            yield rt
+    else:
+        async with open_rootless_runtime(request.getfixturevalue("rootless_user")) as host:
+            yield host
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -31,29 +56,37 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-async def test_rm_rf_root_leaves_the_image_and_the_host_intact(runtime: SandboxRuntime, rootfs: Path,
+async def test_rm_rf_root_leaves_the_image_and_the_host_intact(runtime: Runtime, rootfs: Path,
                                                                busybox_rootfs: Path,
                                                                mount_guard: Path) -> None:
-    before = snapshot(busybox_rootfs)
+    if isinstance(runtime, RootlessRuntime):
+        before = (await runtime.request({"op": "snapshot"}))["tree"]
+    else:
+        before = snapshot(busybox_rootfs)
     sentinel = mount_guard / "host-sentinel"
     sentinel.write_text("still here")
     r = await run(runtime, rootfs, "rm -rf / 2>/dev/null; ls /bin/busybox 2>&1; echo done")
     assert r.out.endswith("done\n") and "No such file" in r.out
-    assert snapshot(busybox_rootfs) == before
     assert sentinel.read_text() == "still here"
-    upper = rootfs.parent / "upper"
-    whiteout = os.lstat(upper / "bin")  # the deleted lower directory is now a whiteout in the upper only
-    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    if isinstance(runtime, RootlessRuntime):  # the layer and the upper live in the user's home
+        assert (await runtime.request({"op": "snapshot"}))["tree"] == before
+        mode, rdev = runtime.upper["bin"]
+    else:
+        assert snapshot(busybox_rootfs) == before
+        whiteout = os.lstat(rootfs.parent / "upper" / "bin")
+        mode, rdev = whiteout.st_mode, whiteout.st_rdev
+    # The deleted lower directory is now a whiteout (a 0:0 character device) in the upper only.
+    assert stat.S_ISCHR(mode) and rdev == 0
 
 
-async def test_no_host_processes_are_visible(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_no_host_processes_are_visible(runtime: Runtime, rootfs: Path) -> None:
     r = await run(runtime, rootfs, "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '")
     count, cmdline = r.out.splitlines()
     assert int(count) <= 4, r.out
     assert cmdline.startswith("sh -c ls /proc")
 
 
-async def test_host_loopback_service_is_unreachable(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_host_loopback_service_is_unreachable(runtime: Runtime, rootfs: Path) -> None:
     hits = []
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,7 +103,7 @@ async def test_host_loopback_service_is_unreachable(runtime: SandboxRuntime, roo
     assert r.out.strip() == "REFUSED" and not hits
 
 
-async def test_proc_sys_and_sys_are_read_only(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_proc_sys_and_sys_are_read_only(runtime: Runtime, rootfs: Path) -> None:
     script = ("for f in /proc/sys/vm/drop_caches /proc/sys/kernel/hostname /proc/sysrq-trigger; do "
               "echo 1 > $f 2>/dev/null && echo \"WROTE $f\"; done; "
               "mkdir /sys/fs/x 2>/dev/null && echo WROTE-SYS; "
@@ -94,14 +127,14 @@ async def test_proc_sys_and_sys_are_read_only(runtime: SandboxRuntime, rootfs: P
     ("reboot", "reboot -f"),
     ("set the clock", "date -s 2000-01-01 >/dev/null && [ \"$(date +%Y)\" = 2000 ]"),
 ])
-async def test_privileged_operations_are_refused(runtime: SandboxRuntime, rootfs: Path, name: str,
+async def test_privileged_operations_are_refused(runtime: Runtime, rootfs: Path, name: str,
                                                  script: str) -> None:
     r = await run(runtime, rootfs, f"{script}; echo rc=$?")
     assert "rc=0" not in r.out, f"{name} succeeded: {r.out} {r.err}"
     assert "not permitted" in r.err or "ermission denied" in r.err, r.err
 
 
-async def test_kernel_interfaces_are_masked(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_kernel_interfaces_are_masked(runtime: Runtime, rootfs: Path) -> None:
     r = await run(runtime, rootfs, "for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug; do "
                                    "[ -e $f ] && echo \"$f $(head -c 64 $f 2>/dev/null | wc -c)\"; done; "
                                    "ls /sys/firmware 2>/dev/null | wc -l")
@@ -110,8 +143,18 @@ async def test_kernel_interfaces_are_masked(runtime: SandboxRuntime, rootfs: Pat
     assert lines[-1] == "0", r.out
 
 
-async def test_fork_bomb_stops_at_the_pids_limit(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_fork_bomb_stops_at_the_pids_limit(runtime: Runtime, rootfs: Path) -> None:
     limit = 32
+    if isinstance(runtime, RootlessRuntime):
+        # Counted from inside with shell builtins only (no fork is left once the bomb has them all):
+        # every task of the sandbox, whatever its uid, is within its namespace's limit.
+        r = await run(runtime, rootfs, "(b() { b | b & }; b) 2>/tmp/err; sleep 2; set -- /proc/[0-9]*; "
+                      "echo procs=$#; n=0; while read -r l; do n=$((n+1)); done </tmp/err; echo refused=$n",
+                      pids_limit=limit, kill_after=15)
+        seen = dict(line.split("=") for line in r.out.split() if "=" in line)
+        assert 0 < int(seen["procs"]) <= limit, r
+        assert int(seen["refused"]) > 0, f"the limit never refused a fork: {r}"
+        return
     sb = await runtime.start(SandboxSpec(sandbox_id="bomb", rootfs=rootfs, networking=False, stdin=False,
                                          pids_limit=limit, cpu_quota=1.0,
                                          argv=["sh", "-c", "b() { b | b & }; b; sleep 600"]))
@@ -138,20 +181,26 @@ async def test_fork_bomb_stops_at_the_pids_limit(runtime: SandboxRuntime, rootfs
     assert not runtime.cgroups.exists("bomb")
 
 
-async def test_memory_hog_is_oom_killed(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_memory_hog_is_oom_killed(runtime: Runtime, rootfs: Path) -> None:
+    if isinstance(runtime, RootlessRuntime):  # no delegated cgroup: no memory limit, and it says so
+        state = await runtime.request({"op": "state"})
+        assert state["enforced"] == ["pids"], state
+        r = await run(runtime, rootfs, "true", memory_bytes=32 << 20)
+        assert r.exit.exit_code == 0 and r.exit.memory_peak_bytes is None and not r.exit.oom_killed
+        return
     r = await run(runtime, rootfs, "exec tail /dev/zero", memory_bytes=32 << 20)
     assert r.exit.exit_code == 137 and r.exit.signal == signal.SIGKILL
     assert r.exit.oom_killed
     assert r.exit.memory_peak_bytes is not None and r.exit.memory_peak_bytes <= (32 << 20) + (1 << 20)
 
 
-async def test_sleep_past_its_timeout_is_killed(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_sleep_past_its_timeout_is_killed(runtime: Runtime, rootfs: Path) -> None:
     r = await run(runtime, rootfs, "sleep 600; echo survived", kill_after=0.3)
     assert r.exit.signal == signal.SIGKILL and r.exit.exit_code is None
     assert "survived" not in r.out and r.exit.duration < 10
 
 
-async def test_only_the_granted_capabilities_and_seccomp_apply(runtime: SandboxRuntime, rootfs: Path) -> None:
+async def test_only_the_granted_capabilities_and_seccomp_apply(runtime: Runtime, rootfs: Path) -> None:
     r = await run(runtime, rootfs,
                   "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; ls /dev")
     assert "CapEff:\t00000000800405fb" in r.out and "CapBnd:\t00000000800405fb" in r.out
@@ -221,10 +270,17 @@ def test_seccomp_profile_allows_nothing_it_denies() -> None:
     assert prof.defaultAction == "SCMP_ACT_ERRNO" and prof.defaultErrnoRet == 38
 
 
-async def test_a_spare_cgroup_keeps_the_limits_and_oom_reporting(runtime: SandboxRuntime,
+async def test_a_spare_cgroup_keeps_the_limits_and_oom_reporting(runtime: Runtime,
                                                                  rootfs: Path) -> None:
     """A run's teardown makes cgroups with its limits for the next runs (v1 renames one into place): the
-    adopted cgroup still enforces the memory limit and its OOM kill is still reported."""
+    adopted cgroup still enforces the memory limit and its OOM kill is still reported. Rootless: spare
+    namespaces of the run's kind take their place and the next run uses one."""
+    if isinstance(runtime, RootlessRuntime):
+        await run(runtime, rootfs, "true", pids_limit=77)
+        assert (await runtime.request({"op": "state"}))["spares"].get("False/77") == 1
+        await run(runtime, rootfs, "true", pids_limit=77)  # takes that spare; its teardown makes the next
+        assert (await runtime.request({"op": "state"}))["spares"].get("False/77") == 1
+        return
     first = await run(runtime, rootfs, "true", memory_bytes=32 << 20)
     assert first.exit.exit_code == 0
     if runtime.cgroups.v2:

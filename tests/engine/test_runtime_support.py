@@ -104,9 +104,11 @@ class Result(msgspec.Struct, kw_only=True):
     network: NetworkInfo
 
 
-async def run(rt: SandboxRuntime, rootfs: Path, script: str, *, stdin: bytes | None = None,
+async def run(rt: SandboxRuntime | RootlessRuntime, rootfs: Path, script: str, *, stdin: bytes | None = None,
               kill_after: float | None = None, wait_timeout: float = 60, **spec: Any) -> Result:
     """Run `sh -c script` to completion (or kill it after `kill_after` s) and clean the sandbox up."""
+    if isinstance(rt, RootlessRuntime):  # the same script, run as the throwaway user (rootless_host.py)
+        return await rt.run(script, stdin=stdin, kill_after=kill_after, wait_timeout=wait_timeout, **spec)
     sandbox = await rt.start(SandboxSpec(sandbox_id=f"t{uuid.uuid4().hex[:10]}", rootfs=rootfs,
                                          argv=["sh", "-c", script], stdin=stdin is not None, **spec))
     try:
@@ -131,3 +133,70 @@ async def run(rt: SandboxRuntime, rootfs: Path, script: str, *, stdin: bytes | N
 def fail_unless(cond: bool, message: str) -> None:
     if not cond:
         pytest.fail(message)
+
+
+class RootlessRuntime:
+    """The isolation suite's handle on a rootless `SandboxRuntime` running as the throwaway user
+    (`rootless_host.py`): `run` takes the same arguments as the module's `run` and returns a `Result`."""
+
+    rootless = True
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def request(self, data: dict[str, Any], patience: float = 120) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(msgspec.json.encode(data) + b"\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), patience)
+        if not line:
+            pytest.fail(f"the rootless runtime host exited ({await self.proc.wait()}); see its log")
+        answer: dict[str, Any] = msgspec.json.decode(line)
+        if "error" in answer:
+            pytest.fail(f"the rootless runtime host failed: {answer['error']}")
+        return answer
+
+    async def run(self, script: str, *, stdin: bytes | None = None, kill_after: float | None = None,
+                  wait_timeout: float = 60, **spec: Any) -> Result:
+        answer = await self.request({"op": "run", "script": script, "kill_after": kill_after,
+                                     "wait_timeout": wait_timeout, "spec": spec,
+                                     "stdin": stdin.decode() if stdin is not None else None},
+                                    patience=wait_timeout + 60)
+        self.upper: dict[str, list[int]] = answer["upper"]
+        return Result(exit=msgspec.convert(answer["exit"], SandboxExit), out=answer["out"], err=answer["err"],
+                      network=msgspec.convert(answer["network"], NetworkInfo))
+
+
+@contextlib.asynccontextmanager
+async def open_rootless_runtime(user: Any) -> AsyncIterator[RootlessRuntime]:
+    """A rootless runtime of the throwaway `user` (tests/rootless_env.py), closed afterwards."""
+    from tests.rootless_env import RootlessUser
+
+    assert isinstance(user, RootlessUser)
+    work = user.home / f"isolation-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    os.chown(work, user.uid, user.gid)
+    script = work / "rootless_host.py"
+    script.write_bytes((Path(__file__).parent / "rootless_host.py").read_bytes())
+    with open(user.home / "rootless-host.log", "ab") as log:  # noqa: ASYNC230
+        proc = await asyncio.create_subprocess_exec(
+            *user.as_user([str(user.venv / "bin" / "python"), str(script), str(work)]), cwd=str(user.home),
+            env=user.env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log)
+    host = RootlessRuntime(proc)
+    try:
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stdout.readline(), 120)
+        if not ready:
+            log_text = (user.home / "rootless-host.log").read_text()[-3000:]
+            pytest.fail(f"the rootless runtime host did not start: {log_text}")
+        assert msgspec.json.decode(ready) == {"ready": True, "rootless": True}
+        yield host
+    finally:
+        with contextlib.suppress(Exception):
+            if proc.returncode is None:
+                await host.request({"op": "close"}, patience=60)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -3,7 +3,8 @@
 set -e
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
-SERVER="-m tools --backend contree --url http://127.0.0.1:9 --token transcript-token --auth-type jwt --cache-files :memory: --cache-general :memory:"
+# A fixed allowed root: the instructions show it, and a clone may live anywhere.
+SERVER="-m tools --allowed-root /srv/project --backend contree --url http://127.0.0.1:9 --token transcript-token --auth-type jwt --cache-files :memory: --cache-general :memory:"
 record() {
   # the recorder reads a pipe (not a file redirect)
   cat "tests/tools/transcript_inputs/$1.ndjson" |

@@ -91,14 +91,15 @@ def test_engine_check_uses_contree_engine_home(tmp_path: Path) -> None:
         CONTREE_HOME=str(tmp_path / "cli"),
         CONTREE_ENGINE_HOME=str(tmp_path / "engine"),
     )
-    assert out.returncode == 1 and out.stderr.strip() == f"no engine store at {tmp_path / 'engine'}"
+    # Ready (root here) with no store yet: the home it looked at is named, and that is no failure.
+    assert out.returncode == 0 and f"no engine store at {tmp_path / 'engine'} yet" in out.stdout
 
 
 def test_engine_check_defaults_to_xdg_data_home(tmp_path: Path) -> None:
     out = run_cli(
         ["engine", "check"], tmp_path, CONTREE_HOME=str(tmp_path / "cli"), XDG_DATA_HOME=str(tmp_path / "d")
     )
-    assert out.stderr.strip() == f"no engine store at {tmp_path / 'd' / 'contree-mcp'}"
+    assert f"no engine store at {tmp_path / 'd' / 'contree-mcp'} yet" in out.stdout
 
 
 def test_bootstrap_default_home_is_the_engine_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
