@@ -29,6 +29,7 @@ from tools.image_scope import ImageScope
 from tools.instructions import instructions
 from tools.lineage import EdgeStore, Lineage
 from tools.owners import OperationOwners
+from tools.schema_cache import SchemaCache
 from tools.state import DEFAULT_READ_MAX_BYTES, ServerState
 from tools.version import __version__
 
@@ -73,11 +74,15 @@ def build_state(
 
 
 def build_registry(state: ServerState) -> Registry:
+    # the embedded engine's servers keep the derived tool schemas in the home (a Contree API server may
+    # have been told to keep nothing on disk)
+    cache = SchemaCache(state.cache_dir / "tool-schemas.json") if state.backend_kind == "local" else None
     registry = Registry(
         name="contree-mcp",
         version=__version__,
         title="Contree sandboxes",
         instructions=instructions(state.guidance_now()),
+        schemas=cache.load() if cache is not None else None,
     )
     # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
     image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below
@@ -105,4 +110,6 @@ def build_registry(state: ServerState) -> Registry:
     resources.register_guide_template(registry, state)
     prompts.register(registry, state)
     resources.register_completions(registry, state)
+    if cache is not None and registry.schemas is not None:
+        cache.save(registry.schemas)
     return registry
