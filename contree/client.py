@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import msgspec
@@ -34,7 +34,7 @@ from contree.backend import (
     OutputPage,
 )
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
-from contree.rest.sse import SseParser
+from contree.rest.sse import RECORD_EVENT, SseParser
 from contree.version import VERSION
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ HEALTHY_STREAM_SECONDS = 5.0
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
+_operation_decoder = msgspec.json.Decoder(api.OperationResponse)
 
 
 class _Deleted(msgspec.Struct):
@@ -531,19 +532,24 @@ class RemoteBackend:
         self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
     ) -> AsyncIterator[api.OperationEvent]:
         # Arguments are checked on first iteration, like a generator-based Backend would.
-        return self._follow_events(operation_id, follow=follow, spid=spid, since=since)
+        stream = self._follow_events(operation_id, follow=follow, spid=spid, since=since, record=False)
+        return cast(AsyncIterator[api.OperationEvent], stream)  # record=False: events only
 
     async def _follow_events(
-        self, operation_id: str, *, follow: bool, spid: int | None, since: int | None
-    ) -> AsyncIterator[api.OperationEvent]:
-        """Events with transparent resumption: reconnects from the last id after drops and `sse_error`."""
+        self, operation_id: str, *, follow: bool, spid: int | None, since: int | None, record: bool
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]:
+        """Events with transparent resumption: reconnects from the last id after drops and `sse_error`.
+        `record`: ask the server (the embedded engine) to end a stream that reached `completion` with the
+        operation's record, and yield it last."""
         import aiohttp
 
         self._operation(operation_id)
         last_id = since
         failures = 0
         while True:
-            response = await self._open_event_stream(operation_id, follow=follow, spid=spid, last_id=last_id)
+            response = await self._open_event_stream(
+                operation_id, follow=follow, spid=spid, last_id=last_id, record=record
+            )
             opened = time.monotonic()
             broken = completed = False
             try:
@@ -553,6 +559,12 @@ class RemoteBackend:
                         if frame.event == "sse_error":
                             log.debug("event stream of %s: server error: %s", operation_id, frame.data)
                             broken = True
+                            continue
+                        if record and completed and frame.event == RECORD_EVENT:
+                            try:
+                                yield _operation_decoder.decode(frame.data)
+                            except msgspec.MsgspecError:
+                                log.debug("event stream of %s: undecodable record skipped", operation_id)
                             continue
                         try:
                             event = _event_decoder.decode(frame.data)
@@ -587,7 +599,7 @@ class RemoteBackend:
             await asyncio.sleep(self._delay(failures - 1, None))
 
     async def _open_event_stream(
-        self, operation_id: str, *, follow: bool, spid: int | None, last_id: int | None
+        self, operation_id: str, *, follow: bool, spid: int | None, last_id: int | None, record: bool = False
     ) -> aiohttp.ClientResponse:
         """One SSE request; `_request` retries 425 and 5xx, and 410 is retried here after Retry-After."""
         params: dict[str, str] = {}
@@ -595,6 +607,8 @@ class RemoteBackend:
             params["follow"] = "1"
         if spid is not None:
             params["spid"] = str(spid)
+        if record:
+            params["record"] = "1"
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
             headers["Last-Event-Id"] = str(last_id)

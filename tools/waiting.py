@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from contree import api
 from contree.backend import Backend
 from contree.errors import BackendError, Gone, TooEarly, Unavailable
 from tools.convert import TERMINAL, as_dict
@@ -35,16 +36,26 @@ async def follow_until_terminal(
 
     Returns the last operation record seen, terminal unless the deadline passed first. Stream errors
     (425/410/5xx, dropped connections) resume from the last event id; a backend without an event log
-    for this operation kind is polled instead.
+    for this operation kind is polled instead. A backend whose stream ends with the record (the engine
+    service's `follow_to_end`) saves the request for it.
     """
     loop = asyncio.get_running_loop()
+    follow_to_end = getattr(backend, "follow_to_end", None)
     last_id: int | None = None
     failures = 0
     while loop.time() < deadline and failures < 5:
         completed = False
+        record: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                async for event in backend.events(operation_id, follow=True, since=last_id):
+                if follow_to_end is not None:
+                    stream = follow_to_end(operation_id, since=last_id)
+                else:
+                    stream = backend.events(operation_id, follow=True, since=last_id)
+                async for event in stream:
+                    if isinstance(event, api.OperationResponse):
+                        record = as_dict(event)
+                        break
                     data = as_dict(event)
                     if isinstance(data.get("id"), int):
                         last_id = data["id"]
@@ -52,7 +63,8 @@ async def follow_until_terminal(
                         await on_event(data)
                     if data.get("type") == "completion":
                         completed = True
-                        break
+                        if follow_to_end is None:
+                            break  # else the record follows
         except TimeoutError:
             break
         except (TooEarly, Gone, Unavailable) as exc:
@@ -63,6 +75,8 @@ async def follow_until_terminal(
             # includes 404: CANCELLED operations drop their event log; get_operation below tells the truth
             log.debug("event stream of %s unavailable (%s); polling", operation_id, exc)
             failures += 1
+        if record is not None and record.get("status") in TERMINAL:
+            return record
         op = as_dict(await backend.get_operation(operation_id))
         if op.get("status") in TERMINAL:
             return op

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -186,6 +186,13 @@ class ServiceBackend(RemoteBackend):
         if self._address is not None:
             self._address.close()
             self._address = None
+
+    def follow_to_end(
+        self, operation_id: str, *, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]:
+        """`events(follow=True)`, then the operation's record once `completion` came: the engine sends it
+        on the same stream, so a follower needs no request after the run ended."""
+        return self._follow_events(operation_id, follow=True, spid=None, since=since, record=True)
 
     async def list_images(self, query: ImageQuery) -> list[api.Image]:
         if self._session is None:
