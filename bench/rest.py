@@ -1,6 +1,6 @@
 """REST layer benchmark: what going through HTTP costs, side by side with direct Backend calls.
 
-The in-memory fake backend (tests/rest/fake_backend.py) is served on 127.0.0.1 and driven by
+The in-memory fake backend (tests/fake_backend.py) is served on 127.0.0.1 and driven by
 RemoteBackend in the same process, so the figures are the client + server + loopback overhead:
 
 * status polls (`get_operation`) per second, sequential and 32 in flight, vs direct calls;
@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from contree import api
 from contree.client import RemoteBackend
 from contree.rest import build_app
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 EVENTS = 20_000
 DOWNLOAD = 64 * 1024 * 1024
@@ -41,7 +41,7 @@ async def _rate(n: int, call: Callable[[], Awaitable[object]], concurrency: int 
 
 async def _bench() -> list[tuple[str, float, float, str]]:
     fake = FakeBackend()
-    spawned = await fake.spawn(api.InstanceSpawnRequest(command="bench", image=fake.base_uuid))
+    spawned = await fake.spawn(api.InstanceSpawnRequest(command="bench", image=fake.busybox))
     await asyncio.sleep(0)
     op = spawned.uuid
     chunk = api.encode_event_stream(b"x" * 200 + b"\n")
@@ -81,10 +81,10 @@ async def _bench() -> list[tuple[str, float, float, str]]:
         rows.append((f"events() over SSE ({count} events)", remote_ev, direct_ev, "events/s"))
 
         start = time.perf_counter()
-        size = sum([len(c) async for c in fake.download(big.uuid, "/big")])
+        size = sum([len(c) async for c in fake.download(big, "/big")])
         direct_mb = size / (time.perf_counter() - start) / 1e6
         start = time.perf_counter()
-        size = sum([len(c) async for c in client.download(big.uuid, "/big")])
+        size = sum([len(c) async for c in client.download(big, "/big")])
         remote_mb = size / (time.perf_counter() - start) / 1e6
         rows.append((f"download {size // (1024 * 1024)} MiB", remote_mb, direct_mb, "MB/s"))
     finally:

@@ -23,7 +23,6 @@ import msgspec
 
 from contree import api
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
-from tools.convert import as_dict
 from tools.inspect_tools import file_entry
 
 ALICE = FakeContext("alice")
@@ -103,8 +102,8 @@ async def _paging(work: Path) -> tuple[float, float, int, int]:
     page_bytes = len(msgspec.json.encode(page))
 
     async def whole() -> bytes:
-        listing = as_dict(await backend.list_directory("", "/big"))
-        entries = [file_entry("/big", item) for item in listing["files"]]
+        listing = await backend.list_directory("", "/big")
+        entries = [file_entry("/big", item) for item in listing.files]
         doc = {"path": "/big", "count": len(entries), "files": entries}
         structured = msgspec.json.encode(doc)
         return structured + msgspec.json.format(structured, indent=2)

@@ -16,12 +16,15 @@ by `kind`, `OperationEvent.data` by `type`); msgspec cannot decode such unions, 
 plain JSON objects and `OperationResponse.instance_metadata()` / `.import_metadata()` and
 `OperationEvent.payload()` convert them to the typed Structs. Build them with `metadata_from()` and
 `OperationEvent.make()`.
+
+Every Struct derives from `Model` (keyword-only fields, unknown fields ignored) or `RequestBody` (unknown
+fields refused); `omit_defaults=True` is set per Struct, only where the spec allows a field to be absent.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, dataclass_transform
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -47,7 +50,8 @@ ShutdownReason = Literal["job_complete", "timeout", "spawn_failed", "signal"]
 StreamName = Literal["stdin", "stdout", "stderr"]
 TerminalStatus = Literal["SUCCESS", "FAILED", "CANCELLED"]
 
-TERMINAL_STATUSES: frozenset[str] = frozenset(("SUCCESS", "FAILED", "CANCELLED"))
+# The one set of terminal operation statuses (the engine, the client and the tools read this one).
+TERMINAL_STATUSES: frozenset[OperationStatus] = frozenset(("SUCCESS", "FAILED", "CANCELLED"))
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 TAG_SOURCE_PATTERN = r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*(?:[:/.][A-Za-z0-9_-]+)*$"
@@ -65,16 +69,41 @@ Cwd = Annotated[str, msgspec.Meta(pattern=CWD_PATTERN)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
+# ---------------------------------------------------------------- bases
+
+
+class _KeywordOnly(msgspec.StructMeta):
+    """Makes `kw_only=True` the default of every Struct below `Model`: msgspec applies `kw_only` only to
+    the fields of the class that names it, so without this each subclass would have to repeat it
+    (msgspec's own answer to inheritable kw_only, msgspec#841, is a StructMeta subclass)."""
+
+    def __new__(
+        mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **config: Any
+    ) -> _KeywordOnly:
+        config.setdefault("kw_only", True)
+        return super().__new__(mcls, name, bases, namespace, **config)
+
+
+@dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
+class Model(msgspec.Struct, metaclass=_KeywordOnly):
+    """Base of the API's Structs: keyword-only fields; unknown fields are ignored, so a client keeps
+    working when the server adds one."""
+
+
+class RequestBody(Model, forbid_unknown_fields=True):
+    """A request body the server validates strictly: an unknown field is a 400 (CONTREE-API §8)."""
+
+
 # ---------------------------------------------------------------- streams
 
 
-class StreamRepr(msgspec.Struct, kw_only=True):
+class StreamRepr(Model):
     value: str
     encoding: StreamEncoding
     truncated: bool = False
 
 
-class ClosableStreamRepr(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ClosableStreamRepr(RequestBody):
     value: str
     encoding: StreamEncoding = "ascii"
     close: bool = True
@@ -111,7 +140,7 @@ def decode_stream(stream: StreamRepr | ClosableStreamRepr) -> bytes:
 # ---------------------------------------------------------------- spawn / exec
 
 
-class InstanceResourcesLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class InstanceResourcesLimits(RequestBody):
     max_layer_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_LAYER_BYTES
     # Extensions of the embedded engine (absent = the engine's default; the cloud does not know them):
     # raise or lower one run's cgroup limits within `whoami.limits.instance_max_*`.
@@ -120,11 +149,11 @@ class InstanceResourcesLimits(msgspec.Struct, kw_only=True, forbid_unknown_field
     pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIDS)] | UnsetType = UNSET
 
 
-class InstanceNetworking(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class InstanceNetworking(RequestBody):
     enabled: bool = True
 
 
-class InjectedFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class InjectedFile(RequestBody):
     """One entry of `InstanceSpawnRequest.files` (absolute path → uploaded file record)."""
 
     uuid: str
@@ -133,7 +162,7 @@ class InjectedFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mode: str | None = None  # octal string: "0644" (also "0o100644" as contree-mcp's rsync sends)
 
 
-class ExecSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class ExecSpec(RequestBody, omit_defaults=True):
     command: str
     args: list[str] = msgspec.field(default_factory=list)
     shell: bool = False
@@ -145,7 +174,7 @@ class ExecSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     truncate_output_at: NonNegative = DEFAULT_TRUNCATE_OUTPUT_AT
 
 
-class InstanceSpawnRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class InstanceSpawnRequest(RequestBody, omit_defaults=True):
     command: str
     image: str  # UUID or "tag:<tag>" (ImageSource)
     disposable: bool = False
@@ -185,7 +214,7 @@ def _echo_fields(request: InstanceSpawnRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------- results
 
 
-class InstanceResources(msgspec.Struct, kw_only=True):
+class InstanceResources(Model):
     """`InstanceResult.resources`; running processes report sentinel zeros."""
 
     block_input: int = 0
@@ -206,7 +235,7 @@ class InstanceResources(msgspec.Struct, kw_only=True):
     voluntary_switches: int = 0
 
 
-class ProcessState(msgspec.Struct, kw_only=True):
+class ProcessState(Model):
     """`InstanceResult.state`; exit_code and signal are -1 while running / when not applicable."""
 
     continued: bool = False
@@ -219,7 +248,7 @@ class ProcessState(msgspec.Struct, kw_only=True):
     oom_killed: bool = False  # extension: the kernel's OOM killer killed a process of the sandbox
 
 
-class InstanceLimits(msgspec.Struct, kw_only=True, omit_defaults=True):
+class InstanceLimits(Model, omit_defaults=True):
     """Extension: the limits a run of the embedded engine ran under (absent = not enforced)."""
 
     memory_bytes: int | None = None
@@ -228,7 +257,7 @@ class InstanceLimits(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_layer_bytes: int | None = None
 
 
-class InstanceResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+class InstanceResult(Model, omit_defaults=True):
     resources: InstanceResources | None = None
     state: ProcessState | None = None
     stdout: StreamRepr | None = None
@@ -236,7 +265,7 @@ class InstanceResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     limits: InstanceLimits | None = None
 
 
-class InstanceSpawnResponse(msgspec.Struct, kw_only=True):
+class InstanceSpawnResponse(Model):
     """The spawn request echoed with `uuid` (operation id), `image` as UUID and `result` null."""
 
     uuid: str
@@ -268,7 +297,7 @@ class InstanceSpawnResponse(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------- images and import
 
 
-class RegistryCredentials(msgspec.Struct, kw_only=True, omit_defaults=True):
+class RegistryCredentials(Model, omit_defaults=True):
     username: str | None = None
     password: str | None = None
 
@@ -276,18 +305,18 @@ class RegistryCredentials(msgspec.Struct, kw_only=True, omit_defaults=True):
         return f"RegistryCredentials(username={self.username!r}, password=<MASKED>)"
 
 
-class ImageRegistry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ImageRegistry(Model, omit_defaults=True):
     url: str
     credentials: RegistryCredentials | None = None
 
 
-class ImageImportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ImageImportRequest(Model, omit_defaults=True):
     registry: ImageRegistry
     tag: str | None = None
     timeout: int = DEFAULT_IMPORT_TIMEOUT
 
 
-class ImageImportMetadata(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ImageImportMetadata(Model, omit_defaults=True):
     """Import request as echoed in operation metadata; the password is always `<MASKED>`."""
 
     registry: ImageRegistry | None = None
@@ -305,33 +334,33 @@ class ImageImportMetadata(msgspec.Struct, kw_only=True, omit_defaults=True):
         return cls(registry=registry, tag=request.tag, timeout=request.timeout)
 
 
-class ImageImportResponse(msgspec.Struct, kw_only=True):
+class ImageImportResponse(Model):
     """201 body of POST /images/import: the operation UUID."""
 
     uuid: str
 
 
-class ImageTagRequest(msgspec.Struct, kw_only=True):
+class ImageTagRequest(Model):
     """Body of PATCH /images/{uuid}/tag."""
 
     tag: str
 
 
-class Image(msgspec.Struct, kw_only=True):
+class Image(Model):
     uuid: str
     tag: str | None = None
     created_at: str = ""
     operation_uuid: str | None = None
 
 
-class ImageListResponse(msgspec.Struct, kw_only=True):
+class ImageListResponse(Model):
     images: list[Image] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- operations
 
 
-class OperationInstanceMetadata(msgspec.Struct, kw_only=True):
+class OperationInstanceMetadata(Model):
     """The spawn request with `image` resolved to a UUID, plus the main process result."""
 
     command: str
@@ -367,14 +396,14 @@ def metadata_from(meta: OperationInstanceMetadata | ImageImportMetadata) -> dict
     return out
 
 
-class OperationResult(msgspec.Struct, kw_only=True):
+class OperationResult(Model):
     """`OperationResponse.result`: the produced image and, for imports, its tag."""
 
     image: str | None = None
     tag: str | None = None
 
 
-class OperationSummary(msgspec.Struct, kw_only=True):
+class OperationSummary(Model):
     uuid: str
     kind: OperationKind
     status: OperationStatus
@@ -388,18 +417,9 @@ class OperationSummary(msgspec.Struct, kw_only=True):
     result_image_uuid: str | None = None
 
 
-class OperationResponse(msgspec.Struct, kw_only=True):
-    uuid: str
-    kind: OperationKind
-    status: OperationStatus
-    error: str | None = None
-    created_at: str = ""
-    duration: float | None = None
-    image_size: int | None = None
-    consumed_cpu: float | None = None
-    consumed_memory: int | None = None
-    image_uuid: str | None = None
-    result_image_uuid: str | None = None
+class OperationResponse(OperationSummary):
+    """The summary's fields, then the request echo (`metadata`) and the result."""
+
     metadata: dict[str, Any] | None = None  # OperationInstanceMetadata | ImageImportMetadata by `kind`
     result: OperationResult | None = None
 
@@ -413,13 +433,19 @@ class OperationResponse(msgspec.Struct, kw_only=True):
             return None
         return msgspec.convert(self.metadata, ImageImportMetadata)
 
+    def instance_result(self) -> InstanceResult | None:
+        """The main process's result (`metadata.result`) alone: None for an import or while it runs.
+        Cheaper than `instance_metadata()` when the request echo (env, a large `files` map) is not needed."""
+        if self.kind != "instance" or not self.metadata or self.metadata.get("result") is None:
+            return None
+        return msgspec.convert(self.metadata["result"], InstanceResult)
+
     def summary(self) -> OperationSummary:
-        fields = msgspec.structs.asdict(self)
-        del fields["metadata"], fields["result"]
-        return OperationSummary(**fields)
+        """The summary alone (what GET /operations lists), without `metadata` and `result`."""
+        return OperationSummary(**{name: getattr(self, name) for name in OperationSummary.__struct_fields__})
 
 
-class SubprocessCreateResponse(msgspec.Struct, kw_only=True):
+class SubprocessCreateResponse(Model):
     """201 body of POST /operations/{id}/subprocesses."""
 
     spid: Annotated[int, msgspec.Meta(ge=2)]
@@ -428,13 +454,13 @@ class SubprocessCreateResponse(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------- files
 
 
-class FileResponse(msgspec.Struct, kw_only=True):
+class FileResponse(Model):
     uuid: str
     sha256: str
     size: int  # -1 if unknown
 
 
-class File(msgspec.Struct, kw_only=True):
+class File(Model):
     uuid: str
     sha256: str
     size: int
@@ -442,14 +468,14 @@ class File(msgspec.Struct, kw_only=True):
     updated_at: str
 
 
-class FilesListResponse(msgspec.Struct, kw_only=True):
+class FilesListResponse(Model):
     files: list[File] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- inspect
 
 
-class FileItem(msgspec.Struct, kw_only=True):
+class FileItem(Model):
     size: int
     path: str
     owner: str | int
@@ -467,18 +493,18 @@ class FileItem(msgspec.Struct, kw_only=True):
     symlink_to: str
 
 
-class DirectoryList(msgspec.Struct, kw_only=True):
+class DirectoryList(Model):
     path: str
     files: list[FileItem]
 
 
-class GrepSubmatch(msgspec.Struct, kw_only=True):
+class GrepSubmatch(Model):
     text: str
     start: int
     end: int
 
 
-class GrepMatch(msgspec.Struct, kw_only=True):
+class GrepMatch(Model):
     path: str
     line_number: int
     absolute_offset: int
@@ -488,7 +514,7 @@ class GrepMatch(msgspec.Struct, kw_only=True):
     type: GrepLineType
 
 
-class GrepResult(msgspec.Struct, kw_only=True):
+class GrepResult(Model):
     path: str
     patterns: list[str]
     matches: list[GrepMatch]
@@ -498,7 +524,7 @@ class GrepResult(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------- misc
 
 
-class Error(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Error(Model, omit_defaults=True):
     """Error body. `traceback` exists in the schema but is never sent nor forwarded (§14 #20)."""
 
     error: str | dict[str, Any] | list[dict[str, Any]]
@@ -511,7 +537,7 @@ class Error(msgspec.Struct, kw_only=True, omit_defaults=True):
         return msgspec.json.encode(self.error).decode()
 
 
-class WhoAmIResponse(msgspec.Struct, kw_only=True):
+class WhoAmIResponse(Model):
     token_uuid: str
     token_expiration: int | None
     permissions: dict[str, bool]
@@ -522,7 +548,7 @@ class WhoAmIResponse(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------- event log
 
 
-class EventDataInit(msgspec.Struct, kw_only=True):
+class EventDataInit(Model):
     # The spec requires all four; the cloud's own examples omit some (§14 #14), so decode leniently.
     started_at: str = ""
     runtime_path: str = ""
@@ -534,7 +560,7 @@ class EventDataInit(msgspec.Struct, kw_only=True):
     boot_id: str | UnsetType = UNSET
 
 
-class EventDataSpawn(msgspec.Struct, kw_only=True):
+class EventDataSpawn(Model):
     pid: int
     command: str = ""
     args: list[str] = msgspec.field(default_factory=list)
@@ -547,13 +573,11 @@ class EventDataSpawn(msgspec.Struct, kw_only=True):
     env: dict[str, str] | UnsetType = UNSET
 
 
-class EventDataStream(msgspec.Struct, kw_only=True):
-    value: str
-    encoding: StreamEncoding
-    truncated: bool = False
+class EventDataStream(StreamRepr):
+    """Payload of a stdin/stdout/stderr event: a StreamRepr whose `truncated` is always false."""
 
 
-class EventResources(msgspec.Struct, kw_only=True):
+class EventResources(Model):
     user_time_us: int = 0
     sys_time_us: int = 0
     max_rss_kb: int = 0
@@ -571,7 +595,7 @@ class EventResources(msgspec.Struct, kw_only=True):
     signals_received: int = 0
 
 
-class EventDataExit(msgspec.Struct, kw_only=True):
+class EventDataExit(Model):
     pid: int
     code: int
     signal: int
@@ -582,18 +606,18 @@ class EventDataExit(msgspec.Struct, kw_only=True):
     oom_killed: bool = False  # extension, as in ProcessState
 
 
-class EventDataTruncated(msgspec.Struct, kw_only=True):
+class EventDataTruncated(Model):
     stream: StreamName
     bytes_emitted: int
     bytes_dropped: int
 
 
-class EventDataSizeCap(msgspec.Struct, kw_only=True):
+class EventDataSizeCap(Model):
     limit_bytes: int
     file_size: int
 
 
-class NetworkInterface(msgspec.Struct, kw_only=True):
+class NetworkInterface(Model):
     name: str
     rx_bytes: int = 0
     rx_packets: int = 0
@@ -605,7 +629,7 @@ class NetworkInterface(msgspec.Struct, kw_only=True):
     tx_drop: int = 0
 
 
-class NetworkConfigured(msgspec.Struct, kw_only=True, omit_defaults=True):
+class NetworkConfigured(Model, omit_defaults=True):
     """`EventDataNetwork.configured`: only the keys that were applied."""
 
     ip4: str | None = None
@@ -616,18 +640,18 @@ class NetworkConfigured(msgspec.Struct, kw_only=True, omit_defaults=True):
     nameserver: str | None = None
 
 
-class EventDataNetwork(msgspec.Struct, kw_only=True):
+class EventDataNetwork(Model):
     interfaces: list[NetworkInterface]
     configured: NetworkConfigured | UnsetType = UNSET
     error: str | UnsetType = UNSET
 
 
-class EventDataShutdown(msgspec.Struct, kw_only=True):
+class EventDataShutdown(Model):
     stopped_at: str
     reason: str  # ShutdownReason; "additional categories may be added"
 
 
-class EventDataCompletion(msgspec.Struct, kw_only=True):
+class EventDataCompletion(Model):
     status: TerminalStatus
     duration_ms: int
     result_image_uuid: str | None = None
@@ -668,7 +692,7 @@ EVENT_DATA_TYPES: dict[str, type[msgspec.Struct]] = {
 }
 
 
-class OperationEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+class OperationEvent(Model, omit_defaults=True):
     """One event of an operation's log. `spid` is None only for `completion`."""
 
     id: int

@@ -106,6 +106,38 @@ class EngineAdmin(Protocol):
     async def disk_usage(self) -> DiskUsage: ...
 
 
+class ImageLineage(msgspec.Struct, kw_only=True):
+    """Where an image comes from in the engine's own records (beyond the API): its parent, children,
+    ancestors (nearest first), the root of its chain and its depth."""
+
+    uuid: str
+    parent: api.Image | None
+    children: list[api.Image]
+    ancestors: list[api.Image]
+    root: api.Image
+    depth: int
+
+
+@runtime_checkable
+class LineageReader(Protocol):
+    """A backend that records each image's parent (the embedded engine, directly or as its service);
+    the Contree cloud has no parent concept (the tools record edges themselves)."""
+
+    async def image_lineage(self, image_uuid: str) -> ImageLineage: ...
+
+
+@runtime_checkable
+class RecordFollower(Protocol):
+    """A backend whose followed event stream can end with the operation's record (the engine service,
+    `record=1` on its events route): after `completion` a follower needs no request for the result.
+    The record is yielded last, and only once the stream reached `completion`; a server that does not
+    send it just ends the stream."""
+
+    def follow_to_end(
+        self, operation_id: str, *, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One Contree namespace. Every method may raise BackendError subclasses."""

@@ -1,10 +1,12 @@
 """Wiring in one place: backend → state → registry with every tool, resource and prompt.
 
-Nothing happens at import time; `build_registry(state)` registers the 19 tools in the reference's order.
+Nothing happens at import time. `TOOLS` is the one list of the tools: registered in that order, it is
+the order of tools/list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -14,24 +16,42 @@ from protocol.registry import Registry
 from tools import (
     disk_tools,
     image_tools,
+    import_tools,
     info_tools,
     inspect_tools,
     operation_tools,
     prompts,
-    registry_tools,
     resources,
     run_tool,
     sync_tools,
 )
-from tools.catalog import CatalogCache
-from tools.dirstate import DirectoryStates
-from tools.image_scope import ImageScope
-from tools.instructions import instructions
-from tools.lineage import EdgeStore, Lineage
-from tools.owners import OperationOwners
+from tools.guides.catalog import CatalogCache
+from tools.guides.instructions import instructions
 from tools.schema_cache import SchemaCache
 from tools.state import DEFAULT_READ_MAX_BYTES, ServerState
+from tools.stores.dirstate import DirectoryStates
+from tools.stores.image_scope import ImageScope
+from tools.stores.lineage import EdgeStore, Lineage
+from tools.stores.owners import OperationOwners
 from tools.version import __version__
+
+# contree-mcp 0.5.0's registration order (COMPAT §1), then the tools beyond its 19 (COMPAT §14: new names
+# only, after them).
+TOOLS: tuple[Callable[[Registry, ServerState], None], ...] = (
+    image_tools.register_list,  # list_images
+    import_tools.register_auth,  # registry_token_obtain, registry_auth
+    import_tools.register_import,  # import_image
+    image_tools.register_get_tag,  # get_image, set_tag
+    run_tool.register,  # run
+    sync_tools.register_rsync_upload,  # rsync, upload
+    sync_tools.register_download,  # download
+    operation_tools.register_get_list,  # get_operation, list_operations
+    operation_tools.register_wait_cancel,  # wait_operations, cancel_operation
+    info_tools.register_whoami,  # whoami
+    inspect_tools.register,  # list_files, read_file, grep
+    info_tools.register_guide,  # get_guide
+    disk_tools.register,  # delete_image
+)
 
 
 def build_state(
@@ -84,27 +104,8 @@ def build_registry(state: ServerState) -> Registry:
         instructions=instructions(state.guidance_now()),
         schemas=cache.load() if cache is not None else None,
     )
-    # tools/list order = contree-mcp 0.5.0's registration order (COMPAT §1)
-    image_tools.register(registry, state)  # list_images, get_image, set_tag ... re-ordered below
-    registry_tools.register_auth(registry, state)
-    registry_tools.register_import(registry, state)
-    run_tool.register(registry, state)
-    sync_tools.register_rsync_upload(registry, state)
-    sync_tools.register_download(registry, state)
-    operation_tools.register_get_list(registry, state)
-    operation_tools.register_wait_cancel(registry, state)
-    info_tools.register_whoami(registry, state)
-    inspect_tools.register(registry, state)
-    info_tools.register_guide(registry, state)
-    order = [
-        "list_images", "registry_token_obtain", "registry_auth", "import_image", "get_image", "set_tag",
-        "run", "rsync", "upload", "download", "get_operation", "list_operations", "wait_operations",
-        "cancel_operation", "whoami", "list_files", "read_file", "grep", "get_guide",
-    ]  # fmt: skip
-    # beyond the reference's 19 (COMPAT §14: new names only, after them)
-    disk_tools.register(registry, state)
-    order.append("delete_image")
-    registry.tools = {name: registry.tools[name] for name in order}
+    for register in TOOLS:
+        register(registry, state)
     resources.register_templates(registry, state)
     resources.register_guides(registry, state)
     resources.register_guide_template(registry, state)

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
@@ -25,15 +25,21 @@ from tools.http_tokens import TokensFileError, load_tokens
 from tools.state import DEFAULT_READ_MAX_BYTES
 from tools.version import __version__
 
+if TYPE_CHECKING:  # imported when serving only: `contree-mcp --help` and the subcommands start faster
+    from contree.backend import Backend
+    from protocol.registry import Registry
+    from protocol.server import Server
+    from tools.state import ServerState
+
 log = logging.getLogger("contree_mcp")
 
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
     ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
-    ("images", "publish"): ("tools.publish", "publish_main"),
-    ("images", "unpublish"): ("tools.publish", "unpublish_main"),
-    ("images", "published"): ("tools.publish", "published_main"),
-    ("images", "prune"): ("tools.maintenance", "prune_main"),
+    ("images", "publish"): ("tools.commands.publish", "publish_main"),
+    ("images", "unpublish"): ("tools.commands.publish", "unpublish_main"),
+    ("images", "published"): ("tools.commands.publish", "published_main"),
+    ("images", "prune"): ("tools.commands.prune", "prune_main"),
     ("engine", "check"): ("contree.engine.rootless.check", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
@@ -236,7 +242,7 @@ def setup_logging(level: str) -> None:
 
 def _entry(module: str, attr: str) -> Callable[[list[str]], int]:
     try:
-        fn = getattr(importlib.import_module(module), attr)
+        fn: Callable[[list[str]], int] = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"{module}.{attr} is not available in this build: {exc}") from None
     return fn
@@ -305,7 +311,7 @@ def allowed_roots(args: argparse.Namespace) -> list[Path]:
     return [p.resolve() for p in args.allowed_root or [Path.cwd()]]
 
 
-async def open_backend(args: argparse.Namespace) -> tuple[Any, str, Path]:
+async def open_backend(args: argparse.Namespace) -> tuple[Backend, Literal["local", "contree"], Path]:
     """(backend, kind, cache_dir). Makes no network call: the remote client connects lazily."""
     config = resolve_backend_config(backend_flags(args), dict(os.environ))
     # Local: the home's engine service (started on demand), shared by every session. It re-checks local
@@ -344,7 +350,7 @@ async def serve(args: argparse.Namespace) -> int:
     roots = allowed_roots(args)
     state = build_state(
         backend,
-        kind,  # type: ignore[arg-type]
+        kind,
         cache_dir=cache_dir,
         allowed_roots=roots,
         files_db=args.cache_files,
@@ -406,10 +412,12 @@ def _stop_on_signals() -> asyncio.Event:
     return stopping
 
 
-async def serve_http(server: Any, registry: Any, state: Any, args: argparse.Namespace) -> None:
+async def serve_http(
+    server: Server, registry: Registry, state: ServerState, args: argparse.Namespace
+) -> None:
     from protocol.http_app import serve_http as serve
     from protocol.http_guard import HttpSettings
-    from tools.docs_site import docs_routes
+    from tools.site.docs_site import docs_routes
 
     settings = HttpSettings(
         listen=args.http_listen, port=args.http_port, auth_token=args.http_token, auth_tokens=args.http_tokens

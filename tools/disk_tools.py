@@ -11,7 +11,6 @@ from contree.backend import EngineAdmin
 from contree.errors import BackendError, Conflict, NotFound
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.convert import as_dict
 from tools.errors import backend_errors
 from tools.refs import resolve_image
 from tools.state import ServerState
@@ -56,10 +55,10 @@ GUIDES:
         backend = state.backend
         with backend_errors(f"Image {params.image!r}"):
             uuid = await resolve_image(backend, params.image)
-            image = as_dict(await backend.get_image(uuid))
+            image = await backend.get_image(uuid)
         if state.owners.scoped:
             # Only an image made by one of this client's own operations is its to delete.
-            made_by = image.get("operation_uuid")
+            made_by = image.operation_uuid
             if not made_by or not state.owners.visible(ctx.principal, made_by):
                 raise ToolError(f"Image {uuid} was not made by this client's operations: not deleted")
         if not isinstance(backend, EngineAdmin) or not state.disk_admin:

@@ -48,12 +48,13 @@ class SetTagParams(msgspec.Struct, kw_only=True):
     ] = None
 
 
-def register(registry: Registry, state: ServerState) -> None:
-    free = "Free (no VM)."
+FREE = "Free (no VM)."
+
+
+def register_list(registry: Registry, state: ServerState) -> None:
     guidance = state.guidance_now()
-    example = guidance.shell_image()
     search = (
-        f'list_images(tagged=true) lists this engine\'s images (e.g. "{example}").'
+        f'list_images(tagged=true) lists this engine\'s images (e.g. "{guidance.shell_image()}").'
         if guidance.local
         else 'list_images(tag_prefix="common/") finds shared, ready-made environments.'
     )
@@ -61,7 +62,7 @@ def register(registry: Registry, state: ServerState) -> None:
     @registry.tool(
         name="list_images",
         title="List images",
-        description=f"""List available container images. {free}
+        description=f"""List available container images. {FREE}
 
 TL;DR: PURPOSE: find an existing image before importing or building one. COST: free, no {state.sandbox_word}.
 
@@ -91,10 +92,14 @@ GUIDES:
         with backend_errors("list_images"):
             return ImageListOutput(images=await state.images.list_images(query, ctx.principal, prefix))
 
+
+def register_get_tag(registry: Registry, state: ServerState) -> None:
+    example = state.guidance_now().shell_image()
+
     @registry.tool(
         name="get_image",
         title="Get image",
-        description=f"""Get image details by UUID or tag. {free}
+        description=f"""Get image details by UUID or tag. {FREE}
 
 TL;DR: PURPOSE: resolve a tag to its UUID or check that an image exists. COST: free.
 
@@ -114,7 +119,7 @@ GUIDES:
     @registry.tool(
         name="set_tag",
         title="Tag an image",
-        description=f"""Set or remove tag for container image. {free}
+        description=f"""Set or remove tag for container image. {FREE}
 
 TL;DR: PURPOSE: name an image so it can be found and reused. COST: free.
 

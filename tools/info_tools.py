@@ -12,7 +12,6 @@ from contree.backend import EngineAdmin
 from contree.errors import BackendError, NotFound
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.convert import as_dict
 from tools.errors import backend_errors
 from tools.guides import GUIDES, guide_text
 from tools.models import GuideOutput, WhoAmIOutput
@@ -49,7 +48,7 @@ GUIDES:
     )
     async def whoami(ctx: RequestContext) -> WhoAmIOutput:
         with backend_errors("whoami"):
-            me = as_dict(await state.backend.whoami())
+            me = await state.backend.whoami()
         usage = None
         if isinstance(state.backend, EngineAdmin) and state.disk_admin:
             try:
@@ -59,11 +58,11 @@ GUIDES:
             except BackendError as exc:
                 log.debug("disk usage unavailable: %s", exc)
         return WhoAmIOutput(
-            token_uuid=str(me.get("token_uuid") or ""),
-            token_expiration=me.get("token_expiration"),
-            permissions=dict(me.get("permissions") or {}),
-            limits=dict(me.get("limits") or {}),
-            operations_stat=dict(me.get("operations_stat") or {}),
+            token_uuid=me.token_uuid,
+            token_expiration=me.token_expiration,
+            permissions=me.permissions,
+            limits=me.limits,
+            operations_stat=me.operations_stat,
             mcp_version=__version__,
             mcp_upgrade=None,
             backend=state.backend_kind,

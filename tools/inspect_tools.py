@@ -5,20 +5,19 @@ from __future__ import annotations
 import base64
 import posixpath
 import stat
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 from contree import api
-from contree.backend import Backend, GrepQuery
-from contree.errors import BackendError
+from contree.backend import GrepQuery
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.bounds import MAX_BYTES, MAX_OFFSET
 from tools.budget import RESULT_BUDGET, fit_prefix, json_len, keep_fitting
-from tools.convert import as_dict
 from tools.errors import backend_errors
+from tools.image_files import decode_text, file_size, normalize_dir, read_bounded
 from tools.models import (
     FileEntry,
     FileType,
@@ -95,23 +94,15 @@ class GrepParams(msgspec.Struct, kw_only=True):
     ] = 0
 
 
-def normalize_dir(path: str) -> str:
-    path = path.strip() or "/"
-    if not path.startswith("/"):
-        path = "/" + path
-    norm = posixpath.normpath(path)
-    return "/" if norm in ("/.", "//") else norm
-
-
-def file_type(item: dict[str, Any]) -> FileType:
-    mode = int(item.get("mode") or 0)
-    if item.get("is_symlink") or stat.S_ISLNK(mode):
+def file_type(item: api.FileItem) -> FileType:
+    mode = item.mode
+    if item.is_symlink or stat.S_ISLNK(mode):
         return "symlink"
-    if item.get("is_dir") or stat.S_ISDIR(mode):
+    if item.is_dir or stat.S_ISDIR(mode):
         return "directory"
-    if item.get("is_fifo") or stat.S_ISFIFO(mode):
+    if item.is_fifo or stat.S_ISFIFO(mode):
         return "fifo"
-    if item.get("is_socket") or stat.S_ISSOCK(mode):
+    if item.is_socket or stat.S_ISSOCK(mode):
         return "socket"
     if stat.S_ISCHR(mode):
         return "char_device"
@@ -130,12 +121,12 @@ def entry_cost(entry: FileEntry) -> int:
     return 2 * len(raw) + 96 + raw.count(b'"') + raw.count(b"\\")
 
 
-def page_of(directory: str, items: list[Any], start: int, limit: int | None) -> list[FileEntry]:
+def page_of(directory: str, items: list[api.FileItem], start: int, limit: int | None) -> list[FileEntry]:
     """Entries from `start`: at most `limit`, and no more than LIST_PAGE_BYTES (at least one)."""
     page: list[FileEntry] = []
     used = 0
     for item in items[start : start + (limit or LIST_MAX_LIMIT)]:
-        entry = file_entry(directory, as_dict(item))
+        entry = file_entry(directory, item)
         used += entry_cost(entry)
         if page and used > LIST_PAGE_BYTES:
             break
@@ -143,72 +134,17 @@ def page_of(directory: str, items: list[Any], start: int, limit: int | None) -> 
     return page
 
 
-def file_entry(directory: str, item: dict[str, Any]) -> FileEntry:
-    rel = str(item.get("path") or "")
-    name = rel.rstrip("/").rsplit("/", 1)[-1]
+def file_entry(directory: str, item: api.FileItem) -> FileEntry:
+    name = item.path.rstrip("/").rsplit("/", 1)[-1]
     kind = file_type(item)
-    mode = item.get("mode")
     return FileEntry(
         name=name,
-        path=posixpath.join(directory, rel),
+        path=posixpath.join(directory, item.path),
         type=kind,
-        size=int(item.get("size") or 0),
-        mode=oct(mode) if isinstance(mode, int) else None,
-        target=(item.get("symlink_to") or None) if kind == "symlink" else None,
+        size=item.size,
+        mode=oct(item.mode),
+        target=(item.symlink_to or None) if kind == "symlink" else None,
     )
-
-
-async def read_bounded(
-    backend: Backend, image: str, path: str, offset: int, limit: int
-) -> tuple[bytes, bool]:
-    """Bytes [offset, offset+limit) and whether more follow; memory stays O(limit)."""
-    buf = bytearray()
-    seen = 0
-    more = False
-    stream = backend.download(image, path)
-    try:
-        async for chunk in stream:
-            start = max(0, offset - seen)
-            seen += len(chunk)
-            if start >= len(chunk):
-                continue
-            buf += chunk[start:]
-            if len(buf) > limit:
-                more = True
-                break
-    finally:
-        close = getattr(stream, "aclose", None)
-        if close is not None:
-            await close()
-    return bytes(buf[:limit]), more
-
-
-def decode_text(data: bytes, truncated: bool) -> str | None:
-    """UTF-8 text, tolerating a character cut at the truncation point; None when binary (NUL bytes, or
-    not UTF-8), like ripgrep's binary detection."""
-    if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if truncated and exc.start >= len(data) - 3:
-            try:
-                return data[: exc.start].decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-        return None
-
-
-async def file_size(backend: Backend, image: str, path: str) -> int | None:
-    parent, name = posixpath.split(path)
-    try:
-        listing = as_dict(await backend.list_directory(image, parent or "/"))
-    except BackendError:
-        return None
-    for item in listing.get("files") or []:
-        if str(item.get("path", "")).rstrip("/").rsplit("/", 1)[-1] == name:
-            return int(item.get("size") or 0)
-    return None
 
 
 def as_list(value: str | list[str] | None) -> list[str]:
@@ -244,10 +180,8 @@ GUIDES:
         with backend_errors(f"{params.image}:{directory}"):
             image = await state.images.resolve(params.image, ctx.principal)
             listing = await state.backend.list_directory(image, directory)
-        # Only the page is converted: a directory of 100,000 entries costs one slice, not 100,000 dicts.
-        items = (
-            listing.files if isinstance(listing, api.DirectoryList) else as_dict(listing).get("files") or []
-        )
+        # Only the page is converted: a directory of 100,000 entries costs one slice.
+        items = listing.files
         start = 0
         if params.cursor:
             try:
@@ -364,12 +298,12 @@ GUIDES:
         )
         with backend_errors(f"grep in {params.image}"):
             image = await state.images.resolve(params.image, ctx.principal)
-            result = as_dict(await state.backend.grep(image, query))
-        found = result.get("matches") or []
+            result = await state.backend.grep(image, query)
+        found = result.matches
         out = GrepOutput(
-            path=str(result.get("path") or query.path[0]),
-            patterns=list(result.get("patterns") or query.pattern),
-            truncated=bool(result.get("truncated", False)),
+            path=result.path or query.path[0],
+            patterns=result.patterns or query.pattern,
+            truncated=result.truncated,
         )
         # The default fits an agent's context; an explicit max_total may fill --read-max-bytes.
         budget = (
@@ -377,12 +311,12 @@ GUIDES:
         ) - GREP_OVERHEAD
         out.matches = [
             GrepMatchOutput(
-                path=str(m.get("path", "")),
-                line_number=int(m.get("line_number") or 0),
-                line_text=str(m.get("line_text", "")),
-                type=str(m.get("type") or "match"),
-                line_bytes=m.get("line_bytes"),
-                submatches=[msgspec.convert(s, GrepSubmatch) for s in m.get("submatches") or []],
+                path=m.path,
+                line_number=m.line_number,
+                line_text=m.line_text,
+                type=m.type,
+                line_bytes=m.line_bytes,
+                submatches=[GrepSubmatch(text=s.text, start=s.start, end=s.end) for s in m.submatches],
             )
             for m in found[params.offset : params.offset + want]
         ]

@@ -2,6 +2,10 @@
 
 Every field has a default so the derived `outputSchema` marks nothing required that the reference
 did not; `forbid_unknown_fields` stays off so newer clients can add fields without breaking us.
+Where a result has exactly the shape of a Contree API Struct it subclasses it (`ResultRef`, `ImageOutput`,
+`RunLimits`, `UploadOutput`): one definition of the fields, the tool's own name in the schema. The others
+differ from their API cousins on purpose: `OperationSummaryOutput`, `Resources`, `GrepSubmatch` and
+`WhoAmIOutput` default every field (the API requires some), and `OperationOutput` is flat.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from contree import api
 from contree.backend import DiskUsage
 
 
-class ResultRef(msgspec.Struct, kw_only=True):
-    image: str | None = None
-    tag: str | None = None
+class ResultRef(api.OperationResult):
+    pass  # no docstring: the schema keeps no description, as before
 
 
-class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
+class Resources(api.Model, omit_defaults=False):
     """The 16 `InstanceResult.resources` counters of the backend."""
 
     block_input: int | None = None
@@ -40,16 +44,11 @@ class Resources(msgspec.Struct, kw_only=True, omit_defaults=False):
     voluntary_switches: int | None = None
 
 
-class RunLimits(msgspec.Struct, kw_only=True):
+class RunLimits(api.InstanceLimits, omit_defaults=False):
     """The limits a run ran under (embedded engine); a missing field was not enforced."""
 
-    memory_bytes: int | None = None
-    cpus: float | None = None
-    pids: int | None = None
-    max_layer_bytes: int | None = None
 
-
-class OperationOutput(msgspec.Struct, kw_only=True):
+class OperationOutput(api.Model):
     """One operation (a `run` or an import), flat. `SUCCESS` means it ran; see `exit_code` for the command.
 
     The reference's fields first (COMPAT §3), then what an agent needs beyond them — each thing once:
@@ -92,24 +91,21 @@ class OperationOutput(msgspec.Struct, kw_only=True):
     resources: Resources | None = None
 
 
-class OperationRef(msgspec.Struct, kw_only=True):
+class OperationRef(api.Model):
     """Returned by `wait=false`: poll it with get_operation or wait_operations."""
 
     operation_id: str
 
 
-class ImageOutput(msgspec.Struct, kw_only=True):
-    uuid: str
-    tag: str | None = None
-    created_at: str = ""
-    operation_uuid: str | None = None
+class ImageOutput(api.Image):
+    pass
 
 
-class ImageListOutput(msgspec.Struct, kw_only=True):
+class ImageListOutput(api.Model):
     images: list[ImageOutput]
 
 
-class TokenObtainOutput(msgspec.Struct, kw_only=True):
+class TokenObtainOutput(api.Model):
     status: Literal["success", "error"]
     registry: str
     url: str = ""
@@ -117,24 +113,22 @@ class TokenObtainOutput(msgspec.Struct, kw_only=True):
     agent_instruction: str = ""
 
 
-class RegistryAuthOutput(msgspec.Struct, kw_only=True):
+class RegistryAuthOutput(api.Model):
     status: Literal["success", "error"]
     registry: str
     message: str = ""
 
 
-class UploadOutput(msgspec.Struct, kw_only=True):
-    uuid: str
-    sha256: str
-    size: int
+class UploadOutput(api.FileResponse):
+    pass
 
 
-class DownloadSource(msgspec.Struct, kw_only=True):
+class DownloadSource(api.Model):
     image: str
     path: str
 
 
-class DownloadOutput(msgspec.Struct, kw_only=True):
+class DownloadOutput(api.Model):
     success: bool
     source: DownloadSource
     destination: str
@@ -143,7 +137,7 @@ class DownloadOutput(msgspec.Struct, kw_only=True):
     sha256: str = ""
 
 
-class OperationSummaryOutput(msgspec.Struct, kw_only=True):
+class OperationSummaryOutput(api.Model):
     uuid: str = ""
     kind: str = ""
     status: str = ""
@@ -157,12 +151,12 @@ class OperationSummaryOutput(msgspec.Struct, kw_only=True):
     consumed_memory: int | None = None
 
 
-class OperationListOutput(msgspec.Struct, kw_only=True):
+class OperationListOutput(api.Model):
     operations: list[OperationSummaryOutput]
     hint: str | None = None
 
 
-class WaitOperationsOutput(msgspec.Struct, kw_only=True):
+class WaitOperationsOutput(api.Model):
     results: dict[str, OperationOutput] = msgspec.field(default_factory=dict)
     completed: list[str] = msgspec.field(default_factory=list)
     cancelled: list[str] = msgspec.field(default_factory=list)
@@ -172,19 +166,19 @@ class WaitOperationsOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class CancelOutput(msgspec.Struct, kw_only=True):
+class CancelOutput(api.Model):
     cancelled: bool
     operation_id: str
     status: str = ""
 
 
-class UpgradeInfo(msgspec.Struct, kw_only=True):
+class UpgradeInfo(api.Model):
     current: str
     latest: str
     command: str
 
 
-class WhoAmIOutput(msgspec.Struct, kw_only=True):
+class WhoAmIOutput(api.Model):
     token_uuid: str
     token_expiration: int | None = None
     permissions: dict[str, bool] = msgspec.field(default_factory=dict)
@@ -199,7 +193,7 @@ class WhoAmIOutput(msgspec.Struct, kw_only=True):
 FileType = Literal["file", "directory", "symlink", "fifo", "socket", "char_device", "block_device"]
 
 
-class FileEntry(msgspec.Struct, kw_only=True):
+class FileEntry(api.Model):
     name: str
     path: str
     type: FileType
@@ -208,7 +202,7 @@ class FileEntry(msgspec.Struct, kw_only=True):
     target: str | None = None
 
 
-class ListFilesOutput(msgspec.Struct, kw_only=True):
+class ListFilesOutput(api.Model):
     """One page of a directory: `count` entries of `total`; `next_cursor` (with `hint`) when more follow."""
 
     path: str
@@ -219,7 +213,7 @@ class ListFilesOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class ReadFileOutput(msgspec.Struct, kw_only=True):
+class ReadFileOutput(api.Model):
     path: str
     content: str
     encoding: Literal["utf-8", "base64"] = "utf-8"
@@ -229,13 +223,13 @@ class ReadFileOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class GrepSubmatch(msgspec.Struct, kw_only=True):
+class GrepSubmatch(api.Model):
     text: str = ""
     start: int = 0
     end: int = 0
 
 
-class GrepMatchOutput(msgspec.Struct, kw_only=True):
+class GrepMatchOutput(api.Model):
     path: str
     line_number: int
     line_text: str
@@ -244,7 +238,7 @@ class GrepMatchOutput(msgspec.Struct, kw_only=True):
     submatches: list[GrepSubmatch] = msgspec.field(default_factory=list)
 
 
-class GrepOutput(msgspec.Struct, kw_only=True):
+class GrepOutput(api.Model):
     path: str
     patterns: list[str]
     truncated: bool = False
@@ -253,13 +247,13 @@ class GrepOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class GuideOutput(msgspec.Struct, kw_only=True):
+class GuideOutput(api.Model):
     section: str
     content: str
     available_sections: list[str]
 
 
-class SyncReport(msgspec.Struct, kw_only=True):
+class SyncReport(api.Model):
     """Emitted as a log notification by rsync (the result stays the bare integer of the reference)."""
 
     files: int = 0

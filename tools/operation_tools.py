@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from contree import api
 from contree.backend import OperationQuery
 from contree.errors import BackendError, BadRequest, Conflict
 from protocol.errors import ToolError
@@ -15,7 +16,7 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
 from tools.bounds import MAX_BYTES, MAX_OFFSET, MAX_WAIT_SECONDS
 from tools.budget import RESULT_BUDGET, fit_bytes, keep_fitting, result_size
-from tools.convert import TERMINAL, as_dict, operation_output, summary_output
+from tools.convert import operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
 from tools.state import ServerState
@@ -109,7 +110,7 @@ def normalize_status(value: str | None) -> str | None:
     if not value:
         return None
     upper = value.strip().upper()
-    if upper in TERMINAL or upper in ("PENDING", "ASSIGNED", "EXECUTING"):
+    if upper in api.TERMINAL_STATUSES or upper in ("PENDING", "ASSIGNED", "EXECUTING"):
         return upper
     alias = STATUS_ALIASES.get(value.strip().lower())
     if alias is None:
@@ -139,12 +140,12 @@ async def wait_operations_impl(
     deadline = loop.time() + params.timeout
     active = list(ids)
     reported = 0.0
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, api.OperationResponse] = {}
 
-    async def fetch(op_id: str) -> tuple[str, dict[str, Any] | BaseException]:
+    async def fetch(op_id: str) -> tuple[str, api.OperationResponse | BaseException]:
         try:
             state.owners.require(ctx.principal, op_id)
-            return op_id, as_dict(await state.backend.get_operation(op_id))
+            return op_id, await state.backend.get_operation(op_id)
         except BackendError as exc:
             return op_id, exc
 
@@ -155,7 +156,7 @@ async def wait_operations_impl(
                 active.remove(op_id)
                 continue
             seen[op_id] = got
-            if got.get("status") in TERMINAL:
+            if got.status in api.TERMINAL_STATUSES:
                 state.observe(got, ctx.principal)
                 out.completed.append(op_id)
                 active.remove(op_id)
@@ -188,7 +189,7 @@ async def wait_operations_impl(
 
 
 async def shape_results(
-    state: ServerState, out: WaitOperationsOutput, seen: dict[str, dict[str, Any]]
+    state: ServerState, out: WaitOperationsOutput, seen: dict[str, api.OperationResponse]
 ) -> None:
     """Each operation's result within an equal share of the budget; when even the bare records do not
     fit, the later ones are left out (named in `hint`: get_operation reads them)."""
@@ -210,7 +211,9 @@ async def shape_results(
         )
 
 
-async def stream_page(state: ServerState, op: dict[str, Any], params: GetOperationParams) -> OperationOutput:
+async def stream_page(
+    state: ServerState, op: api.OperationResponse, params: GetOperationParams
+) -> OperationOutput:
     """get_operation(stream=…): one page of a whole stream in `stdout`/`stderr` (for clients that
     cannot read resources), never ending inside a UTF-8 character; `hint` names the next offset."""
     name = params.stream
@@ -218,7 +221,7 @@ async def stream_page(state: ServerState, op: dict[str, Any], params: GetOperati
     limit = params.limit or PAGE_BYTES
     if limit > max(state.read_max_bytes, PAGE_BYTES):
         raise ToolError(f"limit must be at most {max(state.read_max_bytes, PAGE_BYTES)} (--read-max-bytes)")
-    op_id = str(op.get("uuid") or "")
+    op_id = op.uuid
     try:
         page = await output.read_page(
             state, op_id, name, offset=params.offset, limit=limit,
@@ -246,12 +249,14 @@ async def stream_page(state: ServerState, op: dict[str, Any], params: GetOperati
     return out
 
 
-async def list_owned(state: ServerState, query: OperationQuery, principal: str | None) -> list[Any]:
+async def list_owned(
+    state: ServerState, query: OperationQuery, principal: str | None
+) -> list[api.OperationSummary]:
     """The page of `query` among the operations `principal` started: the backend's listing (newest first,
     its filters applied) is walked in large pages and filtered, so offset/limit count owned ones only."""
     owned = state.owners.owned(principal)
     wanted = query.offset + query.limit
-    found: list[Any] = []
+    found: list[api.OperationSummary] = []
     offset = 0
     for _ in range(LIST_MAX_PAGES):
         if not owned:
@@ -259,7 +264,7 @@ async def list_owned(state: ServerState, query: OperationQuery, principal: str |
         page = await state.backend.list_operations(
             msgspec.structs.replace(query, limit=LIST_PAGE, offset=offset)
         )
-        found.extend(op for op in page if as_dict(op).get("uuid") in owned)
+        found.extend(op for op in page if op.uuid in owned)
         if len(found) >= wanted or len(page) < LIST_PAGE:
             break
         offset += LIST_PAGE
@@ -292,15 +297,14 @@ GUIDES:
         with backend_errors(f"Operation {params.operation_id!r}"):
             state.owners.require(ctx.principal, params.operation_id.strip())
             op = await state.backend.get_operation(params.operation_id.strip(), inflight=params.inflight)
-        data = as_dict(op)
-        if data.get("status") in TERMINAL:
-            state.observe(data, ctx.principal)
+        if op.status in api.TERMINAL_STATUSES:
+            state.observe(op, ctx.principal)
         if params.stream is not None:
-            if data.get("kind") != "instance":
+            if op.kind != "instance":
                 raise ToolError(f"Operation {params.operation_id!r} is an import: it has no output")
-            return await stream_page(state, data, params)
+            return await stream_page(state, op, params)
         cap, budget = state.output_cap(state.cap_for(params.operation_id.strip()))
-        return await output.shape(state, data, cap=cap, budget=budget, with_resources=True)
+        return await output.shape(state, op, cap=cap, budget=budget, with_resources=True)
 
     @registry.tool(
         name="list_operations",
@@ -388,9 +392,9 @@ GUIDES:
         op_id = params.operation_id.strip()
         with backend_errors(f"Operation {op_id!r}"):
             state.owners.require(ctx.principal, op_id)
-            current = as_dict(await state.backend.get_operation(op_id))
-            status = str(current.get("status") or "")
-            if status in TERMINAL:
+            current = await state.backend.get_operation(op_id)
+            status: str = current.status
+            if status in api.TERMINAL_STATUSES:
                 return CancelOutput(cancelled=status == "CANCELLED", operation_id=op_id, status=status)
             try:
                 await state.backend.cancel_operation(op_id)
@@ -399,5 +403,5 @@ GUIDES:
             # The engine (a service process, or the cloud) settles the cancel on its own time: report the
             # outcome when it lands within CANCEL_SETTLE seconds, else the status it has by then.
             deadline = asyncio.get_running_loop().time() + CANCEL_SETTLE
-            status = str((await poll_until_terminal(state.backend, op_id, deadline)).get("status") or "")
+            status = (await poll_until_terminal(state.backend, op_id, deadline)).status
         return CancelOutput(cancelled=status not in ("SUCCESS", "FAILED"), operation_id=op_id, status=status)

@@ -8,15 +8,15 @@ say so (`source="events"`).
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import msgspec
 
+from contree import api
 from contree.backend import OutputPage, OutputReader
 from contree.errors import NotFound
 from tools.budget import as_text, fit_bytes, fit_prefix, json_len, result_size, utf8_boundary
-from tools.convert import as_dict, head_length, operation_output, stream_raw
+from tools.convert import head_length, operation_output, stream_raw
 from tools.models import OperationOutput
 from tools.state import ServerState
 
@@ -96,18 +96,15 @@ async def events_stream(state: ServerState, operation_id: str, stream: str) -> t
     dropped = 0
     complete = False
     async for event in state.backend.events(operation_id, follow=False):
-        data = as_dict(event)
-        kind = data.get("type")
-        if kind == "completion":
+        if event.type == "completion":
             complete = True
-        if data.get("spid", 1) not in (1, None):
+        if event.spid not in (1, None) or event.type not in (stream, "truncated"):
             continue
-        payload = as_dict(data.get("data"))
-        if kind == stream:
-            value = payload.get("value") or ""
-            chunks.append(base64.b64decode(value) if payload.get("encoding") == "base64" else value.encode())
-        elif kind == "truncated" and payload.get("stream") == stream:
-            dropped = int(payload.get("bytes_dropped") or 0)
+        payload = event.payload()
+        if isinstance(payload, api.EventDataStream) and event.type == stream:
+            chunks.append(stream_raw(payload)[0])
+        elif isinstance(payload, api.EventDataTruncated) and payload.stream == stream:
+            dropped = payload.bytes_dropped
     return b"".join(chunks), dropped, complete
 
 
@@ -185,7 +182,7 @@ class _View(msgspec.Struct, kw_only=True):
 
 
 async def _view(
-    state: ServerState, op_id: str, stream: str, recorded: Any, cap: int, truncated: bool
+    state: ServerState, op_id: str, stream: str, recorded: api.StreamRepr | None, cap: int, truncated: bool
 ) -> _View:
     raw, api_cut = stream_raw(recorded)
     head = raw[: head_length(raw, cap)]
@@ -267,19 +264,23 @@ def _note(op_id: str, name: str, view: _View) -> str:
 
 
 async def shape(
-    state: ServerState, op: Any, *, cap: int, budget: int | None, with_resources: bool = False
+    state: ServerState,
+    op: api.OperationResponse,
+    *,
+    cap: int,
+    budget: int | None,
+    with_resources: bool = False,
 ) -> OperationOutput:
     """The OperationOutput of an operation as a tool returns it: each stream's head (`cap` bytes) and,
     when a stream was longer, its tail, size, resource URI and a hint on reading the rest; within
     `budget` bytes (None: the caller asked for `cap` explicitly)."""
-    data = as_dict(op)
-    out = operation_output(data, cap=cap, with_resources=with_resources)
+    out = operation_output(op, cap=cap, with_resources=with_resources)
     if out.kind != "instance" or not out.uuid:
         return out
-    recorded = as_dict(as_dict(data.get("metadata")).get("result"))
+    recorded = op.instance_result() or api.InstanceResult()
     views = {
-        name: await _view(state, out.uuid, name, recorded.get(name), cap, getattr(out, f"{name}_truncated"))
-        for name in STREAMS
+        "stdout": await _view(state, out.uuid, "stdout", recorded.stdout, cap, out.stdout_truncated),
+        "stderr": await _view(state, out.uuid, "stderr", recorded.stderr, cap, out.stderr_truncated),
     }
     if budget is not None:
         _fit(out, views, budget)

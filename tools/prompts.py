@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections.abc import Awaitable, Callable
 
 from protocol.registry import PromptArgument, Registry, RequestContext
-from tools.guidance import Guidance, literal
+from tools.guides.guidance import Guidance, literal
 from tools.state import ServerState
 
 IMAGE_ARGS = ("image", "base")  # arguments naming an image: picked from the engine's images by default
@@ -368,7 +369,8 @@ def multi_stage_build(
 """
 
 
-RENDERERS = {
+# each takes the guidance and its own prompt's arguments as keywords
+RENDERERS: dict[str, Callable[..., str]] = {
     "prepare-environment": prepare_environment,
     "run-python": run_python,
     "run-shell": run_shell,
@@ -390,7 +392,7 @@ def render(name: str, arguments: dict[str, str], guidance: Guidance | None = Non
         arg: arguments.get(arg) or ("" if arg in IMAGE_ARGS and g.local else default or "")
         for arg, _, default in spec[2]
     }
-    return RENDERERS[name](g, **values)  # type: ignore[operator]
+    return RENDERERS[name](g, **values)
 
 
 def register(registry: Registry, state: ServerState) -> None:
@@ -410,7 +412,7 @@ def register(registry: Registry, state: ServerState) -> None:
             for arg, desc, default in args
         ]
 
-        def make(prompt_name: str):
+        def make(prompt_name: str) -> Callable[..., Awaitable[str]]:
             async def handler(ctx: RequestContext, **kwargs: str) -> str:
                 return render(prompt_name, kwargs, await state.guidance())
 

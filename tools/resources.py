@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import stat
 import urllib.parse
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from contree import api
 from contree.errors import BackendError, BadRequest, NotFound
 from protocol.content import ResourceContents
 from protocol.errors import InvalidParams, ResourceNotFound
 from protocol.registry import CacheHint, Registry, RequestContext
 from tools import output
-from tools.convert import as_dict
 from tools.guides import GUIDES, guide_text
-from tools.inspect_tools import decode_text, normalize_dir, read_bounded
+from tools.image_files import decode_text, normalize_dir, read_bounded
+from tools.models import Resources
 from tools.prompts import PROMPTS
 from tools.refs import is_uuid
 from tools.state import ServerState
@@ -25,6 +26,29 @@ from tools.state import ServerState
 GUIDE_CACHE = CacheHint(3_600_000, "public")
 # An image never changes once made, so what is read from it by UUID stays true; by tag it may move.
 IMAGE_CACHE = CacheHint(86_400_000, "private")
+
+
+class RunDocument(api.Model, omit_defaults=True):
+    """`contree://operations/instance/<id>`: a run as JSON (fields that do not apply are left out)."""
+
+    state: str
+    error: str | None = None
+    result_image: str | None = None
+    result_tag: str | None = None
+    exit_code: int | None = None
+    timed_out: bool
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+    stdout_resource: str | None = None
+    stderr_resource: str | None = None
+    hint: str | None = None
+    resources: Resources | None = None
 
 
 def image_cache(variables: dict[str, str]) -> CacheHint:
@@ -37,14 +61,11 @@ async def _resolve(state: ServerState, ctx: RequestContext, uri: str, image: str
         raise ResourceNotFound(uri, f"Image not found: {image} ({exc})") from None
 
 
-def ls_line(item: dict[str, Any]) -> str:
-    mode = int(item.get("mode") or 0)
-    size = int(item.get("size") or 0)
-    when = dt.datetime.fromtimestamp(int(item.get("mtime") or 0), dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    name = str(item.get("path") or "")
-    line = f"{stat.filemode(mode)} {size:>10} {when} {name}"
-    if item.get("is_symlink") and item.get("symlink_to"):
-        line += f" -> {item['symlink_to']}"
+def ls_line(item: api.FileItem) -> str:
+    when = dt.datetime.fromtimestamp(item.mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    line = f"{stat.filemode(item.mode)} {item.size:>10} {when} {item.path}"
+    if item.is_symlink and item.symlink_to:
+        line += f" -> {item.symlink_to}"
     return line
 
 
@@ -71,7 +92,7 @@ def parse_stream(spec: str, max_limit: int) -> tuple[str, int, int | None]:
 def register_guides(registry: Registry, state: ServerState) -> None:
     for section in GUIDES:
 
-        def make(name: str):
+        def make(name: str) -> Callable[[RequestContext], Awaitable[str]]:
             async def read(ctx: RequestContext) -> str:
                 return guide_text(name, await state.guidance())
 
@@ -163,10 +184,10 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         uuid = await _resolve(state, ctx, uri, image)
         directory = normalize_dir(path if path not in ("", ".") else "/")
         try:
-            listing = as_dict(await state.backend.list_directory(uuid, directory))
+            listing = await state.backend.list_directory(uuid, directory)
         except BackendError as exc:
             raise ResourceNotFound(uri, f"Cannot list {directory} in {image}: {exc}") from None
-        return "\n".join(ls_line(item) for item in listing.get("files") or [])
+        return "\n".join(ls_line(item) for item in listing.files)
 
     @registry.resource_template(
         "contree://image/{image}/lineage",
@@ -201,20 +222,26 @@ def register_templates(registry: Registry, state: ServerState) -> None:
         op = await _operation(uri, operation_id, ctx.principal, kind="instance", word="instance")
         cap, budget = state.output_cap(state.cap_for(operation_id))
         out = await output.shape(state, op, cap=cap, budget=budget, with_resources=True)
-        doc: dict[str, Any] = {"state": out.status}
-        known = {
-            "error": out.error,
-            "result_image": out.result_image_uuid if out.status == "SUCCESS" else None,
-            "result_tag": out.result.tag if out.result else None,
-            "exit_code": out.exit_code,
-        }
-        doc.update((k, v) for k, v in known.items() if v is not None)
-        doc["timed_out"] = out.timed_out
-        streams = ("stdout", "stderr", "stdout_truncated", "stderr_truncated", "stdout_bytes", "stderr_bytes")
-        extras = ("stdout_tail", "stderr_tail", "stdout_resource", "stderr_resource", "hint")
-        doc.update((k, v) for k in streams + extras if (v := getattr(out, k)) is not None)
-        if out.resources is not None:
-            doc["resources"] = msgspec.to_builtins(out.resources)
+        doc = RunDocument(
+            state=out.status,
+            error=out.error,
+            result_image=out.result_image_uuid if out.status == "SUCCESS" else None,
+            result_tag=out.result.tag if out.result else None,
+            exit_code=out.exit_code,
+            timed_out=out.timed_out,
+            stdout=out.stdout,
+            stderr=out.stderr,
+            stdout_truncated=out.stdout_truncated,
+            stderr_truncated=out.stderr_truncated,
+            stdout_bytes=out.stdout_bytes,
+            stderr_bytes=out.stderr_bytes,
+            stdout_tail=out.stdout_tail,
+            stderr_tail=out.stderr_tail,
+            stdout_resource=out.stdout_resource,
+            stderr_resource=out.stderr_resource,
+            hint=out.hint,
+            resources=out.resources,
+        )
         return msgspec.json.format(msgspec.json.encode(doc), indent=2).decode()
 
     @registry.resource_template(
@@ -264,33 +291,33 @@ def register_templates(registry: Registry, state: ServerState) -> None:
     async def import_operation(ctx: RequestContext, operation_id: str) -> str:
         uri = f"contree://operations/import/{operation_id}"
         op = await _operation(uri, operation_id, ctx.principal, kind="image_import", word="import")
-        result = as_dict(op.get("result"))
-        registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
-        lines = [f"STATE: {op.get('status')}"]
-        if result.get("image"):
-            lines.append(f"RESULT_IMAGE: {result['image']}")
-        if result.get("tag"):
-            lines.append(f"RESULT_TAG: {result['tag']}")
-        if registry_url:
-            lines.append(f"REGISTRY_URL: {registry_url}")
-        if op.get("error"):
-            lines.append(f"ERROR:\n{op['error']}")
+        result = op.result or api.OperationResult()
+        meta = op.import_metadata()
+        lines = [f"STATE: {op.status}"]
+        if result.image:
+            lines.append(f"RESULT_IMAGE: {result.image}")
+        if result.tag:
+            lines.append(f"RESULT_TAG: {result.tag}")
+        if meta is not None and meta.registry is not None and meta.registry.url:
+            lines.append(f"REGISTRY_URL: {meta.registry.url}")
+        if op.error:
+            lines.append(f"ERROR:\n{op.error}")
         return "\n".join(lines)
 
     async def _operation(
         uri: str, operation_id: str, principal: str | None, *, kind: str, word: str
-    ) -> dict[str, Any]:
+    ) -> api.OperationResponse:
         """The operation this principal may see, of `kind` (else not found, naming it an `word` one)."""
         try:
             state.owners.require(principal, operation_id)
-            op = as_dict(await state.backend.get_operation(operation_id))
+            op = await state.backend.get_operation(operation_id)
         except NotFound:
             raise ResourceNotFound(uri, f"Operation not found: {operation_id}") from None
         except BackendError as exc:
             raise ResourceNotFound(uri, f"Operation {operation_id}: {exc}") from None
-        if op.get("kind") != kind:
+        if op.kind != kind:
             raise ResourceNotFound(
-                uri, f"Operation {operation_id} is not an {word} operation (kind={op.get('kind')})"
+                uri, f"Operation {operation_id} is not an {word} operation (kind={op.kind})"
             )
         return op
 
@@ -318,7 +345,7 @@ def register_completions(registry: Registry, state: ServerState) -> None:
                 registry.completion("ref/prompt", name, arg)(image_tags)
             elif default:
 
-                def make(d: str):
+                def make(d: str) -> Callable[[RequestContext, str, dict[str, str]], Awaitable[list[str]]]:
                     async def complete(
                         ctx: RequestContext, value: str, context_args: dict[str, str]
                     ) -> list[str]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta
 
 from contree import api
 from contree.errors import BackendError, BadRequest, NotFound, Unprocessable
@@ -19,7 +18,7 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
 from tools.bounds import MAX_BYTES, MAX_ID, MAX_SECONDS, MAX_STATE_ID
 from tools.budget import as_text
-from tools.convert import TERMINAL, decode_stream
+from tools.convert import decode_stream
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
 from tools.refs import split_ref
@@ -29,7 +28,6 @@ from tools.waiting import OutputTail, follow_until_terminal
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 2.0  # seconds without progress before the run's latest output is sent as progress
-_PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
 
 
 class InjectedFileSpec(msgspec.Struct, kw_only=True):
@@ -111,10 +109,9 @@ class RunParams(msgspec.Struct, kw_only=True):
 
 
 def stdin_repr(text: str) -> api.ClosableStreamRepr:
-    raw = text.encode()
-    if all(b in _PRINTABLE for b in raw):
-        return api.ClosableStreamRepr(value=text, encoding="ascii", close=True)
-    return api.ClosableStreamRepr(value=base64.b64encode(raw).decode(), encoding="base64", close=True)
+    """The whole stdin, closed after it: ascii when it is printable text, else base64 (the API's rule)."""
+    stream = api.encode_stream(text.encode())
+    return api.ClosableStreamRepr(value=stream.value, encoding=stream.encoding, close=True)
 
 
 def check_c_strings(params: RunParams) -> None:
@@ -164,50 +161,49 @@ async def build_request(
             files[path] = api.InjectedFile(
                 uuid=spec.uuid, mode=spec.mode.rjust(4, "0"), uid=spec.uid, gid=spec.gid
             )
-    request: dict[str, Any] = {
-        "command": params.command,
-        "image": image,
-        "shell": params.shell,
-        "preserve_env": params.preserve_env,
-        "preserve_cwd": params.preserve_cwd,
-        "cwd": params.cwd,
-        "uid": params.uid,
-        "gid": params.gid,
-        "timeout": params.timeout,
-        "disposable": params.disposable,
+    try:  # the API's own rule for cwd; every other field is bounded by RunParams already
+        msgspec.convert(params.cwd, api.Cwd)
+    except msgspec.ValidationError as exc:
+        raise ToolError(f"invalid run request: {exc} - at `$.cwd`") from None
+    limits: api.InstanceResourcesLimits | None = None
+    if any(v is not None for v in (params.max_layer_bytes, params.memory_bytes, params.cpus, params.pids)):
+        limits = api.InstanceResourcesLimits(
+            max_layer_bytes=params.max_layer_bytes or api.DEFAULT_MAX_LAYER_BYTES,  # RunParams: >= 1
+            memory_bytes=UNSET if params.memory_bytes is None else params.memory_bytes,
+            cpus=UNSET if params.cpus is None else params.cpus,
+            pids=UNSET if params.pids is None else params.pids,
+        )
+    return api.InstanceSpawnRequest(
+        command=params.command,
+        image=image,
+        shell=params.shell,
+        env=params.env,
+        preserve_env=params.preserve_env,
+        preserve_cwd=params.preserve_cwd,
+        cwd=params.cwd,
+        uid=params.uid,
+        gid=params.gid,
+        timeout=params.timeout,
+        disposable=params.disposable,
+        args=params.args or [],
+        hostname=params.hostname or api.DEFAULT_HOSTNAME,
+        networking=None if params.networking is None else api.InstanceNetworking(enabled=params.networking),
+        resources_limits=limits,
+        stdin=stdin_repr(params.stdin) if params.stdin else None,
+        files=files or None,
         # The embedded engine keeps whole streams whatever this says; the Contree API keeps only what it
         # records, so ask it for as much as it allows (the result is cut to the caller's cap anyway).
-        "truncate_output_at": (
+        truncate_output_at=(
             state.output_cap(params.truncate_output_at)[0]
             if state.backend_kind == "local"
             else api.MAX_TRUNCATE_OUTPUT_AT
         ),
-    }
-    if params.env is not None:
-        request["env"] = params.env
-    if params.args:
-        request["args"] = params.args
-    if params.hostname:
-        request["hostname"] = params.hostname
-    if params.networking is not None:
-        request["networking"] = {"enabled": params.networking}
-    limits = {name: getattr(params, name) for name in ("max_layer_bytes", "memory_bytes", "cpus", "pids")
-              if getattr(params, name) is not None}
-    if limits:
-        request["resources_limits"] = limits
-    if params.stdin:
-        request["stdin"] = msgspec.to_builtins(stdin_repr(params.stdin))
-    if files:
-        request["files"] = {k: msgspec.to_builtins(v) for k, v in files.items()}
-    try:
-        return msgspec.convert(request, api.InstanceSpawnRequest)
-    except msgspec.ValidationError as exc:
-        raise ToolError(f"invalid run request: {exc}") from None
+    )
 
 
 async def wait_for_run(
     state: ServerState, ctx: RequestContext, operation_id: str, seconds: float
-) -> dict[str, Any]:
+) -> api.OperationResponse:
     """Follow a run to its end with progress. When the client cancels the request
     (`notifications/cancelled`), the operation is cancelled too; when the client merely goes away (its
     session closes, its HTTP stream drops), the run keeps going to its end in the engine, like the
@@ -227,11 +223,15 @@ async def wait_for_run(
         last_sent = loop.time()
         await ctx.progress(counter, None, message)
 
-    async def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("type")
+    async def on_event(event: api.OperationEvent) -> None:
+        kind = event.type
         if kind in ("stdout", "stderr"):
-            text, _ = decode_stream(event.get("data"))
-            tail.feed(text)
+            try:
+                payload = event.payload()
+            except msgspec.ValidationError:
+                return  # progress is best effort: a malformed output event is skipped
+            if isinstance(payload, api.EventDataStream):
+                tail.feed(decode_stream(payload)[0])
         elif kind not in ("spawn", "exit", "completion"):
             return
         await send(tail.render() or f"{operation_id}: {kind}")
@@ -282,7 +282,7 @@ async def track_in_background(
     `contree://operations/instance/<id>` that it changed."""
     loop = asyncio.get_running_loop()
     op = await follow_until_terminal(state.backend, operation_id, loop.time() + 24 * 3600)
-    if op.get("status") in TERMINAL:
+    if op.status in api.TERMINAL_STATUSES:
         state.observe(op, principal)
         await notify(f"contree://operations/instance/{operation_id}")
 
@@ -355,10 +355,10 @@ GUIDES:
         await ctx.progress(0, None, f"spawned {operation_id}")
         with backend_errors(f"Operation {operation_id}"):
             op = await wait_for_run(state, ctx, operation_id, params.timeout)
-        if op.get("status") in TERMINAL:
+        if op.status in api.TERMINAL_STATUSES:
             state.observe(op, ctx.principal)
             await ctx.notify_resource_updated(f"contree://operations/instance/{operation_id}")
         else:
-            log.warning("run %s still %s after its deadline", operation_id, op.get("status"))
+            log.warning("run %s still %s after its deadline", operation_id, op.status)
         cap, budget = state.output_cap(params.truncate_output_at)
         return await output.shape(state, op, cap=cap, budget=budget)

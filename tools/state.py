@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from contree import api
 from contree.backend import Backend
 from tools.budget import RESULT_BUDGET
-from tools.catalog import Catalog, CatalogCache, describe_images
-from tools.guidance import Guidance
-from tools.owners import OperationOwners
+from tools.guides.catalog import Catalog, CatalogCache, describe_images
+from tools.guides.guidance import Guidance
+from tools.stores.owners import OperationOwners
 
 if TYPE_CHECKING:
     from contree.oci.credentials import CredentialStore
-    from tools.dirstate import DirectoryStates
-    from tools.image_scope import ImageScope
-    from tools.lineage import Lineage
+    from tools.stores.dirstate import DirectoryStates
+    from tools.stores.image_scope import ImageScope
+    from tools.stores.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ServerState:
     def sandbox_word(self) -> str:
         return "sandbox" if self.backend_kind == "local" else "microVM"
 
-    def observe(self, op: Any, principal: str | None) -> None:
+    def observe(self, op: api.OperationSummary, principal: str | None) -> None:
         """What a terminal operation of `principal` implies: a lineage edge, its result image as its own."""
         self.lineage.observe(op, principal)
         self.images.observe(op, principal)

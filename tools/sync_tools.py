@@ -17,11 +17,11 @@ from msgspec import Meta
 from contree.sync import DEFAULT_EXCLUDES
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.dirstate import ManifestEntry, ensure_blob, sha256_file
 from tools.errors import backend_errors
 from tools.models import DownloadOutput, DownloadSource, UploadOutput
 from tools.roots import expand, require_inside
 from tools.state import ServerState
+from tools.stores.dirstate import ManifestEntry, ensure_blob, sha256_file
 
 if TYPE_CHECKING:
     from contree.sync import StateCache

@@ -6,32 +6,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from contree import api
-from contree.backend import Backend
+from contree.backend import Backend, RecordFollower
 from contree.errors import BackendError, Gone, TooEarly, Unavailable
-from tools.convert import TERMINAL, as_dict
 
 log = logging.getLogger(__name__)
 
-EventHook = Callable[[dict[str, Any]], Awaitable[None]]
+EventHook = Callable[[api.OperationEvent], Awaitable[None]]
 POLL_INTERVAL = 0.5
 
 
-async def poll_until_terminal(backend: Backend, operation_id: str, deadline: float) -> dict[str, Any]:
+async def poll_until_terminal(backend: Backend, operation_id: str, deadline: float) -> api.OperationResponse:
     """Poll the status until terminal or `deadline` (loop time); returns the last record seen."""
     loop = asyncio.get_running_loop()
     while True:
-        op = as_dict(await backend.get_operation(operation_id))
-        if op.get("status") in TERMINAL or loop.time() >= deadline:
+        op = await backend.get_operation(operation_id)
+        if op.status in api.TERMINAL_STATUSES or loop.time() >= deadline:
             return op
         await asyncio.sleep(min(POLL_INTERVAL, max(0.0, deadline - loop.time())))
 
 
 async def follow_until_terminal(
     backend: Backend, operation_id: str, deadline: float, on_event: EventHook | None = None
-) -> dict[str, Any]:
+) -> api.OperationResponse:
     """Stream events (for progress) until `completion`, then read the final record.
 
     Returns the last operation record seen, terminal unless the deadline passed first. Stream errors
@@ -40,30 +38,29 @@ async def follow_until_terminal(
     service's `follow_to_end`) saves the request for it.
     """
     loop = asyncio.get_running_loop()
-    follow_to_end = getattr(backend, "follow_to_end", None)
+    follower = backend if isinstance(backend, RecordFollower) else None
     last_id: int | None = None
     failures = 0
     while loop.time() < deadline and failures < 5:
         completed = False
-        record: dict[str, Any] | None = None
+        record: api.OperationResponse | None = None
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                if follow_to_end is not None:
-                    stream = follow_to_end(operation_id, since=last_id)
-                else:
-                    stream = backend.events(operation_id, follow=True, since=last_id)
+                stream = (
+                    follower.follow_to_end(operation_id, since=last_id)
+                    if follower is not None
+                    else backend.events(operation_id, follow=True, since=last_id)
+                )
                 async for event in stream:
                     if isinstance(event, api.OperationResponse):
-                        record = as_dict(event)
+                        record = event
                         break
-                    data = as_dict(event)
-                    if isinstance(data.get("id"), int):
-                        last_id = data["id"]
+                    last_id = event.id
                     if on_event is not None:
-                        await on_event(data)
-                    if data.get("type") == "completion":
+                        await on_event(event)
+                    if event.type == "completion":
                         completed = True
-                        if follow_to_end is None:
+                        if follower is None:
                             break  # else the record follows
         except TimeoutError:
             break
@@ -75,10 +72,10 @@ async def follow_until_terminal(
             # includes 404: CANCELLED operations drop their event log; get_operation below tells the truth
             log.debug("event stream of %s unavailable (%s); polling", operation_id, exc)
             failures += 1
-        if record is not None and record.get("status") in TERMINAL:
+        if record is not None and record.status in api.TERMINAL_STATUSES:
             return record
-        op = as_dict(await backend.get_operation(operation_id))
-        if op.get("status") in TERMINAL:
+        op = await backend.get_operation(operation_id)
+        if op.status in api.TERMINAL_STATUSES:
             return op
         if completed:  # completion seen but the record lags: poll briefly
             return await poll_until_terminal(backend, operation_id, deadline)

@@ -27,6 +27,7 @@ from contree.backend import (
     DiskUsage,
     FileQuery,
     GrepQuery,
+    ImageLineage,
     ImageQuery,
     OperationQuery,
     OutputPage,
@@ -267,19 +268,19 @@ class LocalEngine:
         store, oplog, _ = self._parts()
         return await asyncio.to_thread(disk_usage, self.home, store, oplog.busy)
 
-    async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
-        """Parent, children, ancestors (nearest first), root and depth of an image (for the tools)."""
+    async def image_lineage(self, image_uuid: str) -> ImageLineage:
+        """Parent, children, ancestors (nearest first), root and depth of an image (`LineageReader`)."""
         store, _, _ = self._parts()
         chain = store.lineage(_check_uuid(image_uuid, "image"))
         children = store.children(image_uuid)
-        return {
-            "uuid": image_uuid,
-            "parent": chain[1].to_api() if len(chain) > 1 else None,
-            "children": [c.to_api() for c in children],
-            "ancestors": [r.to_api() for r in chain[1:]],
-            "root": chain[-1].to_api(),
-            "depth": len(chain) - 1,
-        }
+        return ImageLineage(
+            uuid=image_uuid,
+            parent=chain[1].to_api() if len(chain) > 1 else None,
+            children=[c.to_api() for c in children],
+            ancestors=[r.to_api() for r in chain[1:]],
+            root=chain[-1].to_api(),
+            depth=len(chain) - 1,
+        )
 
     async def _resolve_source(self, source: str) -> str:
         store, _, _ = self._parts()

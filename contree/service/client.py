@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from contree import api
-from contree.backend import ImageQuery
+from contree.backend import ImageLineage, ImageQuery
 from contree.client import RemoteBackend
 from contree.errors import Unavailable, error_for_status
 from contree.service import control
@@ -212,12 +212,10 @@ class ServiceBackend(RemoteBackend):
 
     # ------------------------------------------------------------ what the engine adds to the API
 
-    async def image_lineage(self, image_uuid: str) -> dict[str, Any]:
-        """Parent, children, ancestors, root and depth (the engine's own records), shaped exactly as
-        `LocalEngine.image_lineage` returns them."""
+    async def image_lineage(self, image_uuid: str) -> ImageLineage:
+        """Parent, children, ancestors, root and depth (the engine's own records, `LineageReader`)."""
         url = self._engine_url(control.LINEAGE_PATH.format(uuid=self._image(image_uuid)))
-        lineage = await self._json(control.ImageLineage, "GET", url)
-        return {f: getattr(lineage, f) for f in lineage.__struct_fields__}
+        return await self._json(ImageLineage, "GET", url)
 
     async def import_image(self, request: api.ImageImportRequest) -> str:
         if self.import_roots is None:

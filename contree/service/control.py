@@ -75,17 +75,6 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     busy: list[str]  # why it is not idle
 
 
-class ImageLineage(msgspec.Struct, kw_only=True):
-    """`GET /engine/v1/images/{uuid}/lineage`: `LocalEngine.image_lineage` on the wire."""
-
-    uuid: str
-    parent: api.Image | None
-    children: list[api.Image]
-    ancestors: list[api.Image]
-    root: api.Image
-    depth: int
-
-
 class StopRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # drain: refuse new work, let running operations finish, then exit; now: cancel them;
     # idle: keep serving, exit at the first moment no operation runs (version skew: a newer client

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contree import api
-from contree.backend import Backend, ImageQuery
+from contree.backend import Backend, ImageQuery, LineageReader
 from contree.errors import NotFound
 
 from .conftest import result_of, run, stderr_of, stdout_of
@@ -79,12 +79,11 @@ async def test_result_image_records_parent_and_operation(backend: Backend, busyb
     assert image.operation_uuid == resp.uuid
     listed = await backend.list_images(ImageQuery(uuid=resp.result_image_uuid))
     assert [i.uuid for i in listed] == [resp.result_image_uuid]
-    lineage = getattr(backend, "image_lineage", None)
-    if lineage is not None:
-        info = await lineage(resp.result_image_uuid)
-        assert info["parent"].uuid == busybox
-        assert info["root"].uuid == busybox
-        assert info["depth"] == 1
+    if isinstance(backend, LineageReader):  # the engine and its service; not the REST API
+        info = await backend.image_lineage(resp.result_image_uuid)
+        assert info.parent is not None and info.parent.uuid == busybox
+        assert info.root.uuid == busybox
+        assert info.depth == 1
 
 
 async def test_tags_move_and_resolve(backend: Backend, busybox: str) -> None:

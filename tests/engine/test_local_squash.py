@@ -32,6 +32,6 @@ async def test_deep_chain_is_squashed_after_the_run(tmp_path: Path, busybox_root
         middle = await run(engine, chain[2], "cat /chain", disposable=True)
         assert stdout_of(middle) == "0\n1\n"
         lineage = await engine.image_lineage(chain[-1])
-        assert lineage["depth"] == 5 and lineage["root"].uuid == image  # lineage is by parent, not layers
+        assert lineage.depth == 5 and lineage.root.uuid == image  # lineage is by parent, not layers
     finally:
         await engine.close()

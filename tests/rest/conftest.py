@@ -8,7 +8,7 @@ from aiohttp.test_utils import TestServer
 
 from contree.client import RemoteBackend
 from contree.rest import build_app
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 TOKEN = "test-token-123"
 

@@ -19,7 +19,7 @@ import pytest
 
 from contree.rest.guard import RequestGuard
 from contree.rest.serve import main, serve
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 SPAWN = json.dumps({"command": "touch /pwned", "image": "tag:busybox:latest"}).encode()
 
@@ -109,7 +109,7 @@ async def test_a_cross_origin_or_simple_post_starts_nothing(
     status, body = await ask(port, "POST", "/v1/instances", {"Host": f"127.0.0.1:{port}", **headers}, SPAWN)
     assert status in (403, 415), body
     assert json.loads(body)["status"] == status
-    assert fake.spawn_calls == 0
+    assert len(fake.spawned) == 0
 
 
 async def test_same_origin_and_loopback_pages_and_plain_clients_are_served(

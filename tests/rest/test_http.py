@@ -10,8 +10,8 @@ import pytest
 
 from contree import api
 from contree.rest.sse import SseParser
+from tests.fake_backend import FakeBackend
 from tests.rest.conftest import TOKEN
-from tests.rest.fake_backend import FakeBackend
 
 SPAWN = {"command": "echo hi", "image": "tag:busybox:latest"}
 
@@ -46,7 +46,7 @@ async def test_spawn_201_location_and_unknown_fields(http: aiohttp.ClientSession
         assert r.status == 201
         body = await r.json()
         assert r.headers["Location"] == f"/v1/operations/{body['uuid']}"
-        assert body["image"] == fake.base_uuid and body["result"] is None
+        assert body["image"] == fake.busybox and body["result"] is None
         assert "stdin" not in body and "timeout" not in body  # absent, never null (not nullable)
     async with http.post("/v1/instances", json={**SPAWN, "bogus": 1}) as r:
         assert r.status == 400
@@ -61,7 +61,7 @@ async def test_spawn_201_location_and_unknown_fields(http: aiohttp.ClientSession
         assert r.status == 400
     async with http.post("/v1/instances", json={**SPAWN, "truncate_output_at": 10485761}) as r:
         assert r.status == 400
-    assert fake.spawn_calls == 1
+    assert len(fake.spawned) == 1
 
 
 async def test_operation_status_retry_after_and_cancel(
@@ -111,16 +111,16 @@ async def test_list_parameter_validation(http: aiohttp.ClientSession, query: dic
 async def test_images_flags_and_tags(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
     untagged = fake.add_image(None, {})
     async with http.get("/v1/images?tagged") as r:
-        assert [i["uuid"] for i in (await r.json())["images"]] == [fake.base_uuid]
+        assert [i["uuid"] for i in (await r.json())["images"]] == [fake.busybox]
     async with http.get("/v1/images?tagged=0") as r:
         assert len((await r.json())["images"]) == 2
     async with http.get("/v1/images", params={"limit": "1000", "offset": "0", "kind": "1", "junk": "x"}) as r:
         assert r.status == 200  # unknown parameters are ignored
-    async with http.patch(f"/v1/images/{untagged.uuid}/tag", json={"tag": "mine:1"}) as r:
+    async with http.patch(f"/v1/images/{untagged}/tag", json={"tag": "mine:1"}) as r:
         assert r.status == 200 and (await r.json())["tag"] == "mine:1"
-    async with http.patch(f"/v1/images/{untagged.uuid}/tag", json={}) as r:
+    async with http.patch(f"/v1/images/{untagged}/tag", json={}) as r:
         assert r.status == 400
-    async with http.delete(f"/v1/images/{untagged.uuid}/tag", params={"tag": "mine:1"}) as r:
+    async with http.delete(f"/v1/images/{untagged}/tag", params={"tag": "mine:1"}) as r:
         assert r.status == 204 and await r.read() == b""
     async with http.delete("/v1/images/garbage/tag") as r:
         assert r.status == 404
@@ -136,12 +136,12 @@ async def test_import_201_location(http: aiohttp.ClientSession) -> None:
 async def test_inspect_redirects(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
     async with http.get("/v1/inspect", allow_redirects=False) as r:
         assert r.status == 307 and r.headers["Location"] == "/v1/inspect/"
-    async with http.get(f"/v1/inspect/{fake.base_uuid}", allow_redirects=False) as r:
-        assert r.status == 307 and r.headers["Location"] == f"/v1/inspect/{fake.base_uuid}/"
+    async with http.get(f"/v1/inspect/{fake.busybox}", allow_redirects=False) as r:
+        assert r.status == 307 and r.headers["Location"] == f"/v1/inspect/{fake.busybox}/"
     async with http.get("/v1/inspect/", params={"tag": "busybox:latest"}, allow_redirects=False) as r:
-        assert r.status == 302 and r.headers["Location"] == f"/v1/inspect/{fake.base_uuid}/"
+        assert r.status == 302 and r.headers["Location"] == f"/v1/inspect/{fake.busybox}/"
     async with http.get("/v1/inspect/", params={"tag": "busybox:latest"}) as r:
-        assert r.status == 200 and (await r.json())["uuid"] == fake.base_uuid
+        assert r.status == 200 and (await r.json())["uuid"] == fake.busybox
     async with http.get("/v1/inspect/", params={"tag": "nope"}, allow_redirects=False) as r:
         assert r.status == 404
     async with http.get("/v1/inspect/", allow_redirects=False) as r:
@@ -149,7 +149,7 @@ async def test_inspect_redirects(http: aiohttp.ClientSession, fake: FakeBackend)
 
 
 async def test_inspect_download_archive_head(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
-    base = f"/v1/inspect/{fake.base_uuid}"
+    base = f"/v1/inspect/{fake.busybox}"
     async with http.get(f"{base}/download", params={"path": "/etc/hosts"}) as r:
         assert r.status == 200 and r.content_type == "application/octet-stream"
         assert await r.read() == b"127.0.0.1 localhost\n"
@@ -176,7 +176,7 @@ async def test_inspect_download_archive_head(http: aiohttp.ClientSession, fake: 
 
 
 async def test_grep_parameters(http: aiohttp.ClientSession, fake: FakeBackend) -> None:
-    url = f"/v1/inspect/{fake.base_uuid}/grep"
+    url = f"/v1/inspect/{fake.busybox}/grep"
     async with http.get(url, params=[("pattern", "local"), ("path", "/etc")]) as r:
         body = await r.json()
         assert r.status == 200 and body["matches"][0]["path"] == "/etc/hosts"

@@ -9,8 +9,8 @@ import aiohttp
 
 from contree.backend import ImageQuery
 from contree.client import RemoteBackend
+from tests.fake_backend import FakeBackend
 from tests.rest.conftest import TOKEN
-from tests.rest.fake_backend import FakeBackend
 
 
 async def test_a_listing_far_beyond_64_kib_parses_whole(

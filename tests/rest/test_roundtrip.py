@@ -13,7 +13,7 @@ from contree import api
 from contree.backend import Backend, FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.client import RemoteBackend
 from contree.errors import BadRequest, Conflict, NotFound, Unprocessable
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 
 def test_both_implement_the_protocol(client: RemoteBackend, fake: FakeBackend) -> None:
@@ -24,18 +24,18 @@ def test_both_implement_the_protocol(client: RemoteBackend, fake: FakeBackend) -
 async def test_images_and_tags(client: RemoteBackend, fake: FakeBackend) -> None:
     images = await client.list_images(ImageQuery())
     assert images == await fake.list_images(ImageQuery())
-    assert await client.resolve_tag("busybox:latest") == fake.base_uuid
-    assert await client.resolve_tag("tag:busybox:latest") == fake.base_uuid
-    assert (await client.get_image(fake.base_uuid)).tag == "busybox:latest"
+    assert await client.resolve_tag("busybox:latest") == fake.busybox
+    assert await client.resolve_tag("tag:busybox:latest") == fake.busybox
+    assert (await client.get_image(fake.busybox)).tag == "busybox:latest"
     other = fake.add_image(None, {})
-    moved = await client.set_tag(other.uuid, "busybox:latest")
-    assert moved.uuid == other.uuid and moved.tag == "busybox:latest"
-    assert (await client.get_image(fake.base_uuid)).tag is None
+    moved = await client.set_tag(other, "busybox:latest")
+    assert moved.uuid == other and moved.tag == "busybox:latest"
+    assert (await client.get_image(fake.busybox)).tag is None
     tagged = await client.list_images(ImageQuery(tagged=True))
-    assert [i.uuid for i in tagged] == [other.uuid]
+    assert [i.uuid for i in tagged] == [other]
     assert await client.list_images(ImageQuery(tag="nomatch")) == []
-    await client.delete_tag(other.uuid)
-    assert (await client.get_image(other.uuid)).tag is None
+    await client.delete_tag(other)
+    assert (await client.get_image(other)).tag is None
     with pytest.raises(NotFound, match="tag not found"):
         await client.resolve_tag("busybox:latest")
     with pytest.raises(NotFound):
@@ -104,7 +104,7 @@ async def test_spawn_and_operation(client: RemoteBackend, fake: FakeBackend) -> 
         command="echo hi", image="tag:busybox:latest", shell=True, env={"A": "1"}
     )
     spawned = await client.spawn(request)
-    assert spawned.image == fake.base_uuid and spawned.command == "echo hi" and spawned.result is None
+    assert spawned.image == fake.busybox and spawned.command == "echo hi" and spawned.result is None
     events = [e async for e in client.events(spawned.uuid, follow=True)]
     assert events[-1].type == "completion"
     record = await client.get_operation(spawned.uuid)
@@ -122,7 +122,7 @@ async def test_spawn_and_operation(client: RemoteBackend, fake: FakeBackend) -> 
 
 async def test_cancel_and_subprocesses(client: RemoteBackend, fake: FakeBackend) -> None:
     fake.hold.clear()
-    spawned = await client.spawn(api.InstanceSpawnRequest(command="sleep", image=fake.base_uuid))
+    spawned = await client.spawn(api.InstanceSpawnRequest(command="sleep", image=fake.busybox))
     spid = await client.create_subprocess(spawned.uuid, api.ExecSpec(command="ls", args=["-l"]))
     assert spid == 2
     result = await client.get_subprocess(spawned.uuid, spid)
@@ -143,25 +143,25 @@ async def test_cancel_and_subprocesses(client: RemoteBackend, fake: FakeBackend)
 
 async def test_inspect(client: RemoteBackend, fake: FakeBackend) -> None:
     image = fake.add_image(None, {"/big": bytes(range(256)) * 4000, "/d": None, "/d/x.txt": b"needle here\n"})
-    listing = await client.list_directory(image.uuid, "/")
+    listing = await client.list_directory(image, "/")
     assert [i.path for i in listing.files] == ["big", "d"]
-    assert (await client.list_directory_text(image.uuid, "/d")).startswith("total")
-    data = b"".join([c async for c in client.download(image.uuid, "/big")])
+    assert (await client.list_directory_text(image, "/d")).startswith("total")
+    data = b"".join([c async for c in client.download(image, "/big")])
     assert data == bytes(range(256)) * 4000
-    await client.check_file(image.uuid, "/big")
+    await client.check_file(image, "/big")
     with pytest.raises(Unprocessable):
-        await client.check_file(image.uuid, "/d")
+        await client.check_file(image, "/d")
     with pytest.raises(NotFound):
-        await client.check_file(image.uuid, "/missing")
+        await client.check_file(image, "/missing")
     with pytest.raises(Unprocessable, match="not a regular file"):
-        _ = [c async for c in client.download(image.uuid, "/d")]
-    tar_bytes = b"".join([c async for c in client.archive(image.uuid, "/d")])
+        _ = [c async for c in client.download(image, "/d")]
+    tar_bytes = b"".join([c async for c in client.archive(image, "/d")])
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         assert tar.getnames() == ["x.txt"]
-    await client.check_archive(image.uuid, "/d")
+    await client.check_archive(image, "/d")
     with pytest.raises(NotFound):
-        await client.check_archive(image.uuid, "/nope")
-    found = await client.grep(image.uuid, GrepQuery(pattern=["needle"], path=["/d", "/"], glob=["*.txt"]))
+        await client.check_archive(image, "/nope")
+    found = await client.grep(image, GrepQuery(pattern=["needle"], path=["/d", "/"], glob=["*.txt"]))
     assert [(m.path, m.line_number) for m in found.matches] == [("/d/x.txt", 1)]
     assert found.path == "/d"
 

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.formats import STRING_FORMATS
 
 from contree import api
 from contree.rest import build_app
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 pytestmark = pytest.mark.slow  # about a minute: every operation, twice (fake and LocalEngine)
 
@@ -69,12 +69,12 @@ def deviation(method: str, path: str, status: int, message: str) -> bool:
 
 def seeded_backend() -> FakeBackend:
     fake = FakeBackend()
-    image = fake.images.pop(fake.base_uuid)
-    tree = fake.trees.pop(fake.base_uuid)
+    image = fake.images.pop(fake.busybox)
+    tree = fake.trees.pop(fake.busybox)
     image.uuid = EXAMPLE_UUID
     fake.images[EXAMPLE_UUID] = image
     fake.trees[EXAMPLE_UUID] = {**tree, "/etc/ssh": None, "/etc/ssh/sshd_config": b"#PermitRootLogin no\n"}
-    fake.base_uuid = EXAMPLE_UUID
+    fake.busybox = EXAMPLE_UUID
     fake.ops[EXAMPLE_UUID] = api.OperationResponse(uuid=EXAMPLE_UUID, kind="instance", status="SUCCESS")
     fake.op_events[EXAMPLE_UUID] = []
     return fake

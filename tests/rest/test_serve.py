@@ -17,7 +17,7 @@ import pytest
 from contree.client import RemoteBackend
 from contree.errors import Unauthorized
 from contree.rest.serve import is_loopback, main, parse_listen, serve
-from tests.rest.fake_backend import FakeBackend
+from tests.fake_backend import FakeBackend
 
 
 def test_parse_listen() -> None:

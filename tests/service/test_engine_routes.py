@@ -51,7 +51,8 @@ async def test_lineage_and_chunks_through_the_socket(engine_home: Path) -> None:
         child = done.result_image_uuid
         assert child is not None
         lineage = await client.image_lineage(child)
-        assert lineage["parent"].uuid == busybox and lineage["depth"] == 1 and lineage["root"].uuid == busybox
+        assert lineage.parent is not None and lineage.parent.uuid == busybox
+        assert lineage.depth == 1 and lineage.root.uuid == busybox
 
         store = client.chunk_store
         a, b = b"a" * 70_000, b"b" * 50_000

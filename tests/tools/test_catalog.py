@@ -9,8 +9,8 @@ from typing import Any
 from contree.engine.local import LocalEngine
 from contree.engine.store import ImageConfig, Store
 from contree.errors import Unavailable
-from tools.catalog import CatalogCache, describe_images
-from tools.guidance import Guidance
+from tools.guides.catalog import CatalogCache, describe_images
+from tools.guides.guidance import Guidance
 
 
 def make_image(

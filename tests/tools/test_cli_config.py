@@ -123,7 +123,7 @@ def test_help_texts_name_the_engine_home_variable(tmp_path: Path, words: list[st
 
 async def test_docs_site_names_the_engine_home_default(tmp_path: Path) -> None:
     from tests.tools.fakes import FakeBackend, make_registry
-    from tools.docs_site import setup_body
+    from tools.site.docs_site import setup_body
 
     _, state = make_registry(FakeBackend(), tmp_path)
     body = setup_body(state, "127.0.0.1", 9452, False)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from contree import api
 from protocol.errors import ResourceNotFound
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 from tools import prompts
@@ -169,7 +170,7 @@ async def test_22_a_waiting_run_outlives_a_session_that_ends(tmp_path: Path) -> 
     with pytest.raises(asyncio.CancelledError):
         await task
     (op_id,) = backend.ops
-    assert backend.cancelled == [] and backend.ops[op_id]["status"] != "CANCELLED"
+    assert backend.cancelled == [] and backend.ops[op_id].status != "CANCELLED"
 
 
 # --- files and inspection --------------------------------------------------------------------------
@@ -188,13 +189,20 @@ async def test_34_read_file_is_capped_and_reports_truncation(tmp_path: Path) -> 
     assert page["content"] == "0123456789" and page["truncated"] is False
 
 
+def _item(mode: int, *, is_symlink: bool = False) -> api.FileItem:
+    return api.FileItem(
+        size=0, path="x", owner=0, group=0, mode=mode, mtime=0, nlink=1, uid=0, gid=0, is_dir=False,
+        is_regular=False, is_symlink=is_symlink, is_socket=False, is_fifo=False, symlink_to="",
+    )  # fmt: skip
+
+
 def test_36_list_files_reports_special_files() -> None:
-    assert file_type({"mode": 0o010644}) == "fifo"
-    assert file_type({"mode": 0o140755}) == "socket"
-    assert file_type({"mode": 0o020666}) == "char_device"
-    assert file_type({"mode": 0o060660}) == "block_device"
-    assert file_type({"mode": 0o120777, "is_symlink": True}) == "symlink"
-    assert file_type({"mode": 0o100644}) == "file"
+    assert file_type(_item(0o010644)) == "fifo"
+    assert file_type(_item(0o140755)) == "socket"
+    assert file_type(_item(0o020666)) == "char_device"
+    assert file_type(_item(0o060660)) == "block_device"
+    assert file_type(_item(0o120777, is_symlink=True)) == "symlink"
+    assert file_type(_item(0o100644)) == "file"
 
 
 # --- images and registries -------------------------------------------------------------------------
@@ -459,7 +467,7 @@ async def test_22_wait_false_operations_survive_server_shutdown(tmp_path: Path) 
     op_id = out["structuredContent"]["result"]["operation_id"]
     await asyncio.sleep(0.1)  # the background lineage tracker is polling it
     await state.close()
-    assert backend.cancelled == [] and backend.ops[op_id]["status"] != "CANCELLED"
+    assert backend.cancelled == [] and backend.ops[op_id].status != "CANCELLED"
 
 
 async def test_23_waiters_do_not_hold_a_concurrency_slot(tmp_path: Path) -> None:
@@ -751,7 +759,7 @@ def test_39_lineage_retention_follows_last_use_not_creation(tmp_path: Path) -> N
     import sqlite3
     import time
 
-    from tools.lineage import EdgeStore
+    from tools.stores.lineage import EdgeStore
 
     path = tmp_path / "lineage.db"
     store = EdgeStore(path)

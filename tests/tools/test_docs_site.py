@@ -73,7 +73,7 @@ async def test_docs_site_in_headless_chromium(engine_home: Path, workdir: Path, 
 
 @pytest.mark.parametrize("kind", ["local", "contree"])
 async def test_docs_site_shows_characters_not_json_escapes(tmp_path: Path, kind: str) -> None:
-    from tools.docs_site import render_site
+    from tools.site.docs_site import render_site
 
     registry, state = make_registry(FakeBackend(), tmp_path, kind=kind)
     pages = render_site(registry, state, listen="127.0.0.1", port=9452)

@@ -17,9 +17,10 @@ import msgspec
 import pytest
 
 from protocol.errors import ResourceNotFound
+from tests.fake_backend import new_id
 from tests.netutil import free_port
 from tests.tools.conftest import http_server
-from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry, new_id
+from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 from tools.state import ServerState
 
 ALICE, BOB = FakeContext("alice"), FakeContext("bob")
@@ -210,7 +211,7 @@ async def test_a_wait_false_import_is_tagged_when_it_is_seen_finished(scoped: Sc
     }
     op = (await scoped.ok("import_image", args, ALICE))["result"]["operation_id"]
     await scoped.ok("wait_operations", {"operation_ids": [op]}, ALICE)
-    image = scoped.backend.ops[op]["result_image_uuid"]
+    image = scoped.backend.ops[op].result_image_uuid
     assert (await scoped.ok("get_image", {"image": "alpine:3"}, ALICE))["uuid"] == image
     assert "not found" in error_text(await scoped.call("get_image", {"image": "alpine:3"}, BOB))
 
@@ -223,7 +224,7 @@ async def test_a_wait_false_import_nobody_looked_at_is_tagged_when_its_tag_is_us
         "i_accept_that_anonymous_access_might_be_rate_limited": True,
     }
     op = (await scoped.ok("import_image", args, ALICE))["result"]["operation_id"]
-    image = scoped.backend.ops[op]["result_image_uuid"]  # the fake's import has already ended
+    image = scoped.backend.ops[op].result_image_uuid  # the fake's import has already ended
     out = await scoped.ok("run", {"command": "true", "image": "alpine:3", "wait": False}, ALICE)
     assert out["result"]["operation_id"] and scoped.backend.spawned[-1].image == image
     assert "not found" in error_text(await scoped.call("get_image", {"image": "alpine:3"}, BOB))
@@ -306,8 +307,8 @@ def cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_images_publish_records_the_uuid_the_server_reads(tmp_path: Path) -> None:
     from contree.engine.store import Store
-    from tools.image_scope import ImageScope
-    from tools.owners import OperationOwners
+    from tools.stores.image_scope import ImageScope
+    from tools.stores.owners import OperationOwners
 
     home = tmp_path / "engine"
     store = Store(home)

@@ -37,7 +37,7 @@ async def test_wait_deadline_reports_pending_and_never_cancels(tmp_path: Path) -
     assert out["completed"] == [done]
     assert out["cancelled"] == []
     assert backend.cancelled == []
-    assert backend.ops[running]["status"] == "EXECUTING"
+    assert backend.ops[running].status == "EXECUTING"
 
 
 async def test_wait_any_ignores_unknown_ids_and_waits_for_terminal(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ async def test_run_wait_survives_an_event_log_that_is_gone(tmp_path: Path) -> No
     backend = FakeBackend()
 
     async def no_log(operation_id: str, **kwargs: object) -> Any:
-        backend.ops[operation_id]["status"] = "CANCELLED"
+        backend.ops[operation_id].status = "CANCELLED"
         raise NotFound("event log dropped")
         yield  # pragma: no cover
 

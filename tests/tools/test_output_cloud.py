@@ -28,7 +28,9 @@ class CloudBackend(FakeBackend):
     def finish_recorded(self, op_id: str, recorded: bytes, *, cut: bool) -> None:
         self.finish(op_id)
         stream = api.encode_stream(recorded, cut)
-        self.ops[op_id]["metadata"]["result"]["stdout"] = msgspec.to_builtins(stream)
+        record = self.ops[op_id]
+        assert record.metadata is not None
+        record.metadata["result"]["stdout"] = msgspec.to_builtins(stream)
         events = [
             api.OperationEvent(
                 id=i + 1,

@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
+from contree.backend import ImageLineage
 from protocol.errors import ResourceNotFound
 from protocol.registry import Registry
 from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.fakes import FakeBackend, FakeContext, call, make_registry
 from tools.http_tokens import TokensFileError, load_tokens
-from tools.owners import OperationOwners
 from tools.state import ServerState
+from tools.stores.owners import OperationOwners
 
 ALICE, MALLORY = FakeContext("alice"), FakeContext("mallory")
 
@@ -219,9 +220,11 @@ def test_the_cli_refuses_an_unreadable_tokens_file(tmp_path: Path) -> None:
 class NativeLineageBackend(FakeBackend):
     """A backend with its own (account-wide) lineage, like the embedded engine."""
 
-    async def image_lineage(self, image: str) -> dict[str, Any]:
-        children = [o["result_image_uuid"] for o in self.ops.values() if o.get("image_uuid") == image]
-        return {"image": image, "children": [c for c in children if c]}
+    async def image_lineage(self, image: str) -> ImageLineage:
+        made = [o.result_image_uuid for o in self.ops.values() if o.image_uuid == image]
+        children = [self.images[c] for c in made if c]
+        root = self.images[image]
+        return ImageLineage(uuid=image, parent=None, children=children, ancestors=[], root=root, depth=0)
 
 
 async def test_lineage_views_are_per_principal_when_scoped(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.lineage import EdgeStore
-from tools.owners import OperationOwners
+from tools.stores.lineage import EdgeStore
+from tools.stores.owners import OperationOwners
 
 
 def test_edges_survive_reopen_and_prune_by_last_use(tmp_path: Path) -> None:
@@ -15,8 +15,8 @@ def test_edges_survive_reopen_and_prune_by_last_use(tmp_path: Path) -> None:
     store.close()
     store = EdgeStore(path)
     row = store.row("p", "child")
-    assert row is not None and isinstance(row.pop("created_at"), float)
-    assert row == {"parent_image": "parent", "operation_id": "op1", "kind": "instance"}
+    assert row is not None and row.created_at is not None and row.created_at.endswith("+00:00")
+    assert (row.parent_image, row.operation_id, row.kind, row.command) == ("parent", "op1", "instance", None)
     assert store.children("p", "parent") == ["child"] and store.children("q", "parent") == []
     store.prune(1)
     assert store.row("p", "child") is not None

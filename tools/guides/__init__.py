@@ -1,11 +1,18 @@
-"""The seven guide sections (markdown files beside this module), shared by get_guide and the resources."""
+"""What the server tells agents, rendered for the backend in use:
+
+    *.md             the seven guide sections (get_guide, contree://guide/<section>)
+    guidance.py      Guidance: `{{VALUES}}` and `<!-- if flag -->` blocks filled in for this backend
+    catalog.py       describe_images(backend) -> Catalog: what each tagged image holds (shell, python…)
+    instructions.py  instructions(guidance): `initialize.instructions`
+
+This module loads the sections (GUIDES, guide_text), shared by get_guide and the resources."""
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
 
-from tools.guidance import Guidance
+from tools.guides.guidance import Guidance
 
 GUIDES: tuple[str, ...] = ("workflow", "reference", "quickstart", "state", "async", "tagging", "errors")
 
@@ -17,7 +24,7 @@ def _raw(section: str) -> str:
 
 
 def guide_text(section: str, guidance: Guidance | str) -> str:
-    """The guide as this server should describe itself (`tools.guidance`): its images, its examples.
+    """The guide as this server should describe itself (`tools.guides.guidance`): its images, its examples.
     A bare backend kind renders it for that backend without knowing the images."""
     if isinstance(guidance, str):
         guidance = Guidance(backend_kind=guidance)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from protocol.registry import Registry
-from tools import markdown
-from tools.guidance import TOOL_EXAMPLES, Guidance
 from tools.guides import GUIDES, guide_text
+from tools.guides.guidance import TOOL_EXAMPLES, Guidance
+from tools.site import markdown
 from tools.state import ServerState
 
 PAGES = [("/", "Setup"), ("/instructions", "Instructions"), ("/tools", "Tools"), ("/resources", "Resources"),
@@ -235,7 +236,7 @@ def docs_routes(
     """GET routes for every page; `token` says clients must send a bearer token (shown in the snippets)."""
     pages = render_site(registry, state, listen=listen, port=port, token=token)
 
-    def handler(path: str):
+    def handler(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         body = pages[path]
 
         async def serve(request: web.Request) -> web.Response:

@@ -1,6 +1,6 @@
 """`contree-mcp images publish|unpublish|published`: the operator shares images with every HTTP principal.
 
-With `--http-tokens-file` a principal sees its own images plus shared ones (`tools.image_scope`): those
+With `--http-tokens-file` a principal sees its own images plus shared ones (`tools.stores.image_scope`): those
 carrying a backend tag and those published here. Publishing records the image's UUID (a tag is resolved
 first, so the image stays shared when the tag moves on) in the same database the server reads, so it
 takes effect at once, also while the server runs. The embedded engine's store is read directly (no
@@ -21,10 +21,10 @@ from contree.engine.store import Store
 from contree.errors import BackendError
 from protocol.errors import ToolError
 from tools.cli import backend_flags
-from tools.image_scope import SCHEMA, ImageScope, PublishedImages
-from tools.owners import OperationOwners
 from tools.refs import split_ref
-from tools.sqlite_cache import SqliteCache
+from tools.stores.image_scope import SCHEMA, ImageScope, PublishedImages
+from tools.stores.owners import OperationOwners
+from tools.stores.sqlite_cache import SqliteCache
 from tools.version import __version__
 
 

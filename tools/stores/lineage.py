@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from contree import api
+from contree.backend import Backend, LineageReader
 from contree.errors import BackendError
 from contree.timeparse import isoformat
-from tools.convert import as_dict
-from tools.sqlite_cache import SqliteCache
+from tools.stores.sqlite_cache import SqliteCache
 
 MAX_WALK = 50
 COMMAND_CHARS = 200  # an entry's command is shown up to this many characters
 
 
-class LineageEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class LineageEntry(api.Model, omit_defaults=True):
     """What made one image: its operation, the command (or the registry it was imported from), when."""
 
     operation_id: str | None = None
@@ -34,7 +34,19 @@ class LineageEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     tag: str | None = None
 
 
-class LineageView(msgspec.Struct, kw_only=True):
+class LineageData(api.Model, omit_defaults=True):
+    """The viewed image's own record: how it was made (a recorded edge, or the engine's)."""
+
+    parent_image: str | None = None
+    operation_id: str | None = None
+    kind: str | None = None
+    registry_url: str | None = None
+    tag: str | None = None
+    command: str | None = None
+    created_at: str | None = None  # ISO 8601
+
+
+class LineageView(api.Model):
     image: str
     parent: str | None = None
     children: list[str] = msgspec.field(default_factory=list)
@@ -43,7 +55,7 @@ class LineageView(msgspec.Struct, kw_only=True):
     root: str | None = None
     depth: int = 0
     is_known: bool = False
-    data: dict[str, Any] | None = None
+    data: LineageData | None = None
     # every image named above → what made it, so branches can be told apart
     entries: dict[str, LineageEntry] = msgspec.field(default_factory=dict)
 
@@ -64,7 +76,18 @@ class EdgeStore:
         if "command" not in {row[1] for row in self._sql.all("PRAGMA table_info(lineage)")}:
             self._sql.write("ALTER TABLE lineage ADD COLUMN command TEXT")  # caches of older versions
 
-    def record(self, principal: str, image: str, parent: str | None, **data: str | None) -> None:
+    def record(
+        self,
+        principal: str,
+        image: str,
+        parent: str | None,
+        *,
+        kind: str,
+        operation_id: str | None = None,
+        registry_url: str | None = None,
+        tag: str | None = None,
+        command: str | None = None,
+    ) -> None:
         now = time.time()
         self._sql.write(
             "INSERT INTO lineage (principal, image, parent, operation_id, kind, registry_url, tag,"
@@ -76,17 +99,17 @@ class EdgeStore:
                 principal,
                 image,
                 parent,
-                data.get("operation_id"),
-                data.get("kind"),
-                data.get("registry_url"),
-                data.get("tag"),
+                operation_id,
+                kind,
+                registry_url,
+                tag,
                 now,
                 now,
-                data.get("command"),
+                command,
             ),
         )
 
-    def row(self, principal: str, image: str) -> dict[str, Any] | None:
+    def row(self, principal: str, image: str) -> LineageData | None:
         found = self._sql.one(
             "SELECT parent, operation_id, kind, registry_url, tag, command, created_at FROM lineage"
             " WHERE principal=? AND image=?",
@@ -94,8 +117,16 @@ class EdgeStore:
         )
         if found is None:
             return None
-        keys = ("parent_image", "operation_id", "kind", "registry_url", "tag", "command", "created_at")
-        return {k: v for k, v in zip(keys, found, strict=True) if v is not None}
+        parent, operation_id, kind, registry_url, tag, command, created_at = found
+        return LineageData(
+            parent_image=parent,
+            operation_id=operation_id,
+            kind=kind,
+            registry_url=registry_url,
+            tag=tag,
+            command=command,
+            created_at=isoformat(created_at),
+        )
 
     def children(self, principal: str, image: str) -> list[str]:
         rows = self._sql.all(
@@ -114,104 +145,91 @@ class EdgeStore:
 class Lineage:
     """Lineage for the tools: the backend's own records when it has them, else recorded edges."""
 
-    def __init__(self, backend: Any, store: EdgeStore, *, native: bool = True) -> None:
+    def __init__(self, backend: Backend, store: EdgeStore, *, native: bool = True) -> None:
         self._backend = backend
         self._store = store
         # native=False: per-principal recorded edges even on the embedded engine, whose own lineage spans
         # every principal's images (used when operations are scoped per principal)
-        self._native = native and callable(getattr(backend, "image_lineage", None))
+        self._reader = backend if native and isinstance(backend, LineageReader) else None
 
-    def observe(self, op: Any, principal: str | None = None) -> None:
-        """Record the edge a terminal operation implies (no-op when nothing new was made)."""
-        data = as_dict(op)
-        if data.get("status") != "SUCCESS":
+    def observe(self, op: api.OperationSummary, principal: str | None = None) -> None:
+        """Record the edge a terminal operation implies (no-op when nothing new was made). A listed
+        summary has no metadata: its edge is recorded without the command or the registry."""
+        if op.status != "SUCCESS":
             return
-        result = data.get("result_image_uuid") or as_dict(data.get("result")).get("image")
+        full = op if isinstance(op, api.OperationResponse) else None
+        result = op.result_image_uuid or (full.result.image if full is not None and full.result else None)
         if not result:
             return
         key = principal or ""
-        if data.get("kind") == "image_import":
-            meta = as_dict(data.get("metadata"))
-            registry = as_dict(meta.get("registry"))
+        if op.kind == "image_import":
+            meta = full.import_metadata() if full is not None else None
             self._store.record(
                 key,
                 result,
                 None,
-                operation_id=data.get("uuid"),
+                operation_id=op.uuid,
                 kind="image_import",
-                registry_url=registry.get("url"),
-                tag=meta.get("tag"),
+                registry_url=meta.registry.url if meta is not None and meta.registry is not None else None,
+                tag=meta.tag if meta is not None else None,
             )
             return
-        source = data.get("image_uuid")
+        source = op.image_uuid
         if source and source != result:
-            command = command_of(data)
             self._store.record(key, source, None, kind="image")
             self._store.record(
-                key, result, source, operation_id=data.get("uuid"), kind="instance", command=command
+                key, result, source, operation_id=op.uuid, kind="instance", command=command_of(full)
             )
 
     async def view(self, image: str, principal: str | None = None) -> LineageView:
-        if self._native:
-            return await self._native_view(image)
+        if self._reader is not None:
+            return await self._native_view(self._reader, image)
         return self._recorded_view(image, principal or "")
 
-    async def _native_view(self, image: str) -> LineageView:
-        raw = as_dict(await self._backend.image_lineage(image))
-        parent = _uuid_of(raw.get("parent"))
-        ancestors = [u for u in (_uuid_of(a) for a in raw.get("ancestors") or []) if u]
-        if parent and not ancestors:
-            ancestors = [parent]
-        children = [u for u in (_uuid_of(c) for c in raw.get("children") or []) if u]
-        descendants = [u for u in (_uuid_of(c) for c in raw.get("descendants") or []) if u]
-        if not descendants:
-            descendants = await self._walk_children(children)
+    async def _native_view(self, reader: LineageReader, image: str) -> LineageView:
+        lineage = await reader.image_lineage(image)
+        parent = lineage.parent.uuid if lineage.parent is not None else None
+        ancestors = [a.uuid for a in lineage.ancestors]
+        children = [c.uuid for c in lineage.children]
+        descendants = await self._walk_children(reader, children)
         view = LineageView(
             image=image,
             parent=parent,
             children=children,
             descendants=descendants,
             ancestors=ancestors,
-            root=_uuid_of(raw.get("root")) or (ancestors[-1] if ancestors else image),
-            depth=int(raw.get("depth", len(ancestors))),
-            is_known=bool(raw.get("is_known", True)),
+            root=lineage.root.uuid,
+            depth=lineage.depth,
+            is_known=True,
             data=None,
         )
         for uuid in dict.fromkeys([image, *ancestors, *children, *descendants]):
             view.entries[uuid] = await self._native_entry(uuid)
         own = view.entries[image]
-        view.data = {
-            k: v
-            for k, v in {
-                "parent_image": parent,
-                "operation_id": own.operation_id,
-                "command": own.command,
-                "created_at": own.created_at,
-            }.items()
-            if v is not None
-        }
+        view.data = LineageData(
+            parent_image=parent, operation_id=own.operation_id, command=own.command, created_at=own.created_at
+        )
         return view
 
     async def _native_entry(self, uuid: str) -> LineageEntry:
         """An image's tag, time and creating operation (its command), from the backend's records."""
         try:
-            image = as_dict(await self._backend.get_image(uuid))
+            image = await self._backend.get_image(uuid)
         except BackendError:
             return LineageEntry()
-        entry = LineageEntry(
-            operation_id=image.get("operation_uuid"), created_at=image.get("created_at"), tag=image.get("tag")
-        )
+        entry = LineageEntry(operation_id=image.operation_uuid, created_at=image.created_at, tag=image.tag)
         if entry.operation_id:
             try:
-                op = as_dict(await self._backend.get_operation(entry.operation_id))
+                op = await self._backend.get_operation(entry.operation_id)
             except BackendError:
                 return entry
             entry.command = command_of(op)
-            if op.get("kind") == "image_import":
-                entry.registry_url = as_dict(as_dict(op.get("metadata")).get("registry")).get("url")
+            meta = op.import_metadata()
+            if meta is not None and meta.registry is not None:
+                entry.registry_url = meta.registry.url
         return entry
 
-    async def _walk_children(self, children: list[str]) -> list[str]:
+    async def _walk_children(self, reader: LineageReader, children: list[str]) -> list[str]:
         found: list[str] = []
         queue = list(children)
         while queue and len(found) < MAX_WALK:
@@ -219,20 +237,19 @@ class Lineage:
             if child in found:
                 continue
             found.append(child)
-            sub = as_dict(await self._backend.image_lineage(child))
-            queue.extend(u for u in (_uuid_of(c) for c in sub.get("children") or []) if u)
+            queue.extend(c.uuid for c in (await reader.image_lineage(child)).children)
         return found
 
     def _recorded_view(self, image: str, principal: str) -> LineageView:
         row = self._store.row(principal, image)
         ancestors: list[str] = []
         seen = {image}
-        current = row.get("parent_image") if row else None
+        current = row.parent_image if row else None
         while current and current not in seen and len(ancestors) < MAX_WALK:
             ancestors.append(current)
             seen.add(current)
             parent_row = self._store.row(principal, current)
-            current = parent_row.get("parent_image") if parent_row else None
+            current = parent_row.parent_image if parent_row else None
         children = self._store.children(principal, image)
         descendants: list[str] = []
         queue = list(children)
@@ -259,36 +276,34 @@ class Lineage:
             found = row if uuid == image else self._store.row(principal, uuid)
             if found is not None:
                 view.entries[uuid] = LineageEntry(
-                    operation_id=found.get("operation_id"),
-                    command=found.get("command"),
-                    registry_url=found.get("registry_url"),
-                    created_at=isoformat(found["created_at"]) if "created_at" in found else None,
-                    tag=found.get("tag"),
+                    operation_id=found.operation_id,
+                    command=found.command,
+                    registry_url=found.registry_url,
+                    created_at=found.created_at,
+                    tag=found.tag,
                 )
-        if row is not None and "created_at" in row:
-            row["created_at"] = isoformat(row["created_at"])
         return view
 
     def close(self) -> None:
         self._store.close()
 
 
-def command_of(op: dict[str, Any]) -> str | None:
+class _Command(msgspec.Struct):
+    """What lineage reads of an instance's request echo: the command, never its env or files."""
+
+    command: str | None = None
+    args: list[str] = msgspec.field(default_factory=list)
+
+
+def command_of(op: api.OperationResponse | None) -> str | None:
     """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS."""
-    meta = as_dict(op.get("metadata"))
-    command = meta.get("command")
-    if not isinstance(command, str) or op.get("kind") not in (None, "instance"):
+    if op is None or op.kind != "instance" or not op.metadata:
         return None
-    args = meta.get("args")
-    if isinstance(args, list) and args:
-        command = " ".join([command, *map(str, args)])
+    try:
+        ran = msgspec.convert(op.metadata, _Command)  # reads two keys, not the whole echo
+    except msgspec.ValidationError:
+        return None
+    if ran.command is None:
+        return None
+    command = " ".join([ran.command, *ran.args]) if ran.args else ran.command
     return command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 1] + "…"
-
-
-def _uuid_of(value: Any) -> str | None:
-    """Lineage entries may be UUID strings or image records."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return as_dict(value).get("uuid")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tools.guidance import Guidance
 from tools.guides import GUIDES
+from tools.guides.guidance import Guidance
 
 _GUIDE_WHEN = {
     "workflow": "before the first run: the agent protocol and rules",

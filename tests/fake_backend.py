@@ -1,7 +1,11 @@
-"""An in-memory Backend for exercising the HTTP layer (client ↔ server) without the engine.
+"""One in-memory Backend for the tests that need no engine: the REST layer (client ↔ server) and the tools.
 
-Semantics follow the spec closely enough for transport tests: spawn echoes `command` as stdout and
-finishes at once unless `hold` is cleared; events are kept per operation with a condition for follow.
+Records are `contree.api` Structs, as a real backend returns them. Semantics follow the spec closely
+enough for both: a spawned run echoes its `command` as stdout and finishes at once (unless `hold` is
+cleared), with an event log a follower can wait on. The tool tests use the fake with
+`auto_finish=False, event_log=False, spawned_status="PENDING"` (`tests.tools.fakes.FakeBackend`): a run
+then stays queued until the test calls `finish`, and without an event log the tools poll, as they do on a
+backend without one.
 """
 
 from __future__ import annotations
@@ -9,50 +13,142 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import posixpath
 import tarfile
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
 
 from contree import api
 from contree.backend import FileQuery, GrepQuery, ImageQuery, OperationQuery
 from contree.errors import BadRequest, Conflict, NotFound, TooEarly, Unprocessable
 from contree.timeparse import isoformat, parse_timestamp
 
+BUSYBOX_TREE: dict[str, bytes | None] = {
+    "/bin": None,
+    "/etc": None,
+    "/etc/hosts": b"127.0.0.1 localhost\n",
+    "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
+}
+
 
 def _now() -> str:
     return isoformat(time.time())
 
 
+def new_id() -> str:
+    return str(uuidlib.uuid4())
+
+
 class FakeBackend:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        auto_finish: bool = True,
+        event_log: bool = True,
+        download_chunk: int = 4096,
+        spawned_status: api.OperationStatus = "EXECUTING",
+    ) -> None:
+        self.auto_finish = auto_finish  # False: a run keeps `spawned_status` until `finish`
+        self.spawned_status = spawned_status
+        self.event_log = event_log  # False: `events` raises NotImplementedError (followers poll)
+        self.download_chunk = download_chunk
         self.images: dict[str, api.Image] = {}
-        self.trees: dict[str, dict[str, bytes | None]] = {}  # path → bytes (file) or None (dir)
+        self.trees: dict[str, dict[str, bytes | None]] = {}  # image → path → bytes (file) or None (dir)
         self.files: dict[str, api.File] = {}
         self.blobs: dict[str, bytes] = {}
         self.ops: dict[str, api.OperationResponse] = {}
         self.op_events: dict[str, list[api.OperationEvent]] = {}
-        self.changed = asyncio.Condition()
+        self._grown = asyncio.Event()  # set (and replaced) whenever an event is appended
         self.hold = asyncio.Event()
         self.hold.set()  # cleared: spawned operations stay EXECUTING until set again
-        self.spawn_calls = 0
         self.stdin: dict[tuple[str, int], bytearray] = {}
         self.too_early: set[str] = set()
         self.closed = False
-        base = self.add_image(
-            "busybox:latest", {"/etc": None, "/etc/hosts": b"127.0.0.1 localhost\n", "/bin": None}
-        )
-        self.base_uuid = base.uuid
+        # what the backend was asked, for assertions
+        self.spawned: list[api.InstanceSpawnRequest] = []
+        self.imports: list[api.ImageImportRequest] = []
+        self.image_queries: list[ImageQuery] = []
+        self.cancelled: list[str] = []
+        self.busybox = self.add_image("busybox:latest", BUSYBOX_TREE)
 
     # ------------------------------------------------------------ helpers for tests
 
-    def add_image(self, tag: str | None, tree: dict[str, bytes | None], op: str | None = None) -> api.Image:
-        image = api.Image(uuid=str(uuidlib.uuid4()), tag=None, created_at=_now(), operation_uuid=op)
+    def add_image(
+        self, tag: str | None, tree: dict[str, bytes | None] | None = None, *, operation: str | None = None
+    ) -> str:
+        """A new image holding `tree` (path → content, None for a directory; parent directories are
+        implied); returns its UUID."""
+        image = api.Image(uuid=new_id(), tag=None, created_at=_now(), operation_uuid=operation)
         self.images[image.uuid] = image
-        self.trees[image.uuid] = {"/": None, **tree}
+        nodes: dict[str, bytes | None] = {"/": None}
+        for path, content in (tree or {}).items():
+            parent = posixpath.dirname(path)
+            while parent not in nodes:
+                nodes[parent] = None
+                parent = posixpath.dirname(parent)
+            nodes[path] = content
+        self.trees[image.uuid] = nodes
         if tag:
             self._move_tag(image.uuid, tag)
-        return self.images[image.uuid]
+        return image.uuid
+
+    def add_op(
+        self,
+        status: api.OperationStatus,
+        kind: api.OperationKind = "instance",
+        *,
+        image_uuid: str | None = None,
+        result_image_uuid: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        result: api.OperationResult | None = None,
+    ) -> str:
+        """An operation record as a test needs it (no event log); returns its id."""
+        op = new_id()
+        self.ops[op] = api.OperationResponse(
+            uuid=op,
+            kind=kind,
+            status=status,
+            created_at=_now(),
+            image_uuid=image_uuid,
+            result_image_uuid=result_image_uuid,
+            metadata=metadata,
+            result=result,
+        )
+        self.op_events[op] = []
+        return op
+
+    def finish(
+        self,
+        op: str,
+        *,
+        stdout: bytes | str = b"",
+        exit_code: int = 0,
+        result_image: str | None = None,
+        status: api.TerminalStatus = "SUCCESS",
+    ) -> None:
+        """End a run: its result (stdout, exit code) in the record and, with an event log, the events."""
+        data = stdout.encode() if isinstance(stdout, str) else stdout
+        record = self.ops[op]
+        if data:
+            self._emit(op, "stdout", api.encode_event_stream(data), 1)
+        self._emit(
+            op, "exit", api.EventDataExit(pid=2, code=exit_code, signal=-1, timed_out=False, duration_ms=1), 1
+        )
+        result = api.InstanceResult(
+            state=api.ProcessState(exit_code=exit_code, pid=2), stdout=api.encode_stream(data),
+            stderr=api.encode_stream(b""),
+        )  # fmt: skip
+        record.status = status
+        record.duration = 0.01
+        record.result_image_uuid = result_image
+        record.metadata = {**(record.metadata or {}), "result": msgspec.to_builtins(result)}
+        record.result = api.OperationResult(image=result_image)
+        completion = api.EventDataCompletion(status=status, duration_ms=10, result_image_uuid=result_image)
+        self._emit(op, "completion", completion, None)
 
     def _move_tag(self, image_uuid: str, tag: str) -> None:
         for other in self.images.values():
@@ -72,19 +168,18 @@ class FakeBackend:
             raise NotFound(f"operation not found: {op}")
         return record
 
-    async def _emit(
-        self, op: str, type_: api.OperationEventType, data: api.EventData, spid: int | None
-    ) -> None:
+    def _emit(self, op: str, type_: api.OperationEventType, data: api.EventData, spid: int | None) -> None:
         events = self.op_events[op]
         event = api.OperationEvent.make(id=len(events), ts=_now(), type=type_, data=data, spid=spid)
         events.append(event)
-        async with self.changed:
-            self.changed.notify_all()
+        grown, self._grown = self._grown, asyncio.Event()
+        grown.set()
 
     # ------------------------------------------------------------ images and tags
 
     async def list_images(self, query: ImageQuery) -> list[api.Image]:
-        images = sorted(self.images.values(), key=lambda i: i.created_at)
+        self.image_queries.append(query)
+        images = list(self.images.values())
         if query.tagged or query.tag:
             images = [i for i in images if i.tag and i.tag.startswith(query.tag or "")]
         if query.uuid:
@@ -117,19 +212,21 @@ class FakeBackend:
             image.tag = None
 
     async def import_image(self, request: api.ImageImportRequest) -> str:
-        if not request.registry.url.startswith("docker://"):
-            raise BadRequest(f"unsupported registry url: {request.registry.url}")
-        op = str(uuidlib.uuid4())
-        image = self.add_image(request.tag, {"/imported": b"yes\n"}, op)
+        self.imports.append(request)
+        url = request.registry.url
+        if "://" in url and not url.startswith("docker://"):
+            raise BadRequest(f"unsupported registry url: {url}")
+        op = new_id()
+        image = self.add_image(request.tag, {"/imported": b"yes\n"}, operation=op)
         self.ops[op] = api.OperationResponse(
             uuid=op,
             kind="image_import",
             status="SUCCESS",
             created_at=_now(),
             duration=0.0,
-            result_image_uuid=image.uuid,
+            result_image_uuid=image,
             metadata=api.metadata_from(api.ImageImportMetadata.masked(request)),
-            result=api.OperationResult(image=image.uuid, tag=request.tag),
+            result=api.OperationResult(image=image, tag=request.tag),
         )
         self.op_events[op] = []
         return op
@@ -145,9 +242,7 @@ class FakeBackend:
         now = _now()
         existing = self.files.get(sha)
         if existing is None:
-            existing = api.File(
-                uuid=str(uuidlib.uuid4()), sha256=sha, size=len(content), created_at=now, updated_at=now
-            )
+            existing = api.File(uuid=new_id(), sha256=sha, size=len(content), created_at=now, updated_at=now)
         else:
             existing.updated_at = now
         self.files[sha] = existing
@@ -166,53 +261,33 @@ class FakeBackend:
     # ------------------------------------------------------------ instances and operations
 
     async def spawn(self, request: api.InstanceSpawnRequest) -> api.InstanceSpawnResponse:
-        self.spawn_calls += 1
+        self.spawned.append(request)
         image = request.image
         if image.startswith("tag:"):
             image = await self.resolve_tag(image[4:])
         self._image(image)
-        op = str(uuidlib.uuid4())
+        op = new_id()
         self.ops[op] = api.OperationResponse(
             uuid=op,
             kind="instance",
-            status="EXECUTING",
+            status=self.spawned_status,
             created_at=_now(),
             image_uuid=image,
             metadata=api.metadata_from(api.OperationInstanceMetadata.from_request(request, image=image)),
         )
         self.op_events[op] = []
-        await self._emit(op, "init", api.EventDataInit(started_at=_now(), runtime_path="/run", init_pid=1), 0)
-        await self._emit(op, "spawn", api.EventDataSpawn(pid=2, command=request.command), 1)
-        asyncio.get_running_loop().create_task(self._finish(op, request, image))
+        self._emit(op, "init", api.EventDataInit(started_at=_now(), runtime_path="/run", init_pid=1), 0)
+        self._emit(op, "spawn", api.EventDataSpawn(pid=2, command=request.command), 1)
+        if self.auto_finish:
+            asyncio.get_running_loop().create_task(self._finish_when_released(op, request, image))
         return api.InstanceSpawnResponse.echo(request, uuid=op, image=image)
 
-    async def _finish(self, op: str, request: api.InstanceSpawnRequest, image: str) -> None:
+    async def _finish_when_released(self, op: str, request: api.InstanceSpawnRequest, image: str) -> None:
         await self.hold.wait()
-        record = self.ops[op]
-        if record.status != "EXECUTING":
+        if self.ops[op].status != "EXECUTING":
             return
-        out = request.command.encode() + b"\n"
-        stdin = self.stdin.get((op, 1))
-        if stdin:
-            out += bytes(stdin)
-        await self._emit(op, "stdout", api.encode_event_stream(out), 1)
-        await self._emit(
-            op, "exit", api.EventDataExit(pid=2, code=0, signal=-1, timed_out=False, duration_ms=1), 1
-        )
-        result = api.InstanceResult(
-            state=api.ProcessState(exit_code=0, pid=2),
-            stdout=api.encode_stream(out),
-            stderr=api.encode_stream(b""),
-        )
-        meta = api.OperationInstanceMetadata.from_request(request, image=image, result=result)
-        result_image = None if request.disposable else image
-        record.status = "SUCCESS"
-        record.duration = 0.01
-        record.result_image_uuid = result_image
-        record.metadata = api.metadata_from(meta)
-        record.result = api.OperationResult(image=result_image)
-        completion = api.EventDataCompletion(status="SUCCESS", duration_ms=10, result_image_uuid=result_image)
-        await self._emit(op, "completion", completion, None)
+        stdout = request.command.encode() + b"\n" + bytes(self.stdin.get((op, 1), b""))
+        self.finish(op, stdout=stdout, result_image=None if request.disposable else image)
 
     async def list_operations(self, query: OperationQuery) -> list[api.OperationSummary]:
         ops = [o.summary() for o in self.ops.values()]
@@ -223,19 +298,23 @@ class FakeBackend:
         return ops[query.offset : query.offset + query.limit]
 
     async def get_operation(self, operation_id: str, *, inflight: bool = False) -> api.OperationResponse:
-        return self._op(operation_id)
+        # a fresh record per read, as over the wire: a later change does not reach an earlier answer
+        return msgspec.structs.replace(self._op(operation_id))
 
     async def cancel_operation(self, operation_id: str) -> None:
         record = self._op(operation_id)
         if record.status in api.TERMINAL_STATUSES:
             raise Conflict(f"operation {operation_id} is already {record.status}")
+        self.cancelled.append(operation_id)
         record.status = "CANCELLED"
         completion = api.EventDataCompletion(status="CANCELLED", duration_ms=1, error="cancelled")
-        await self._emit(operation_id, "completion", completion, None)
+        self._emit(operation_id, "completion", completion, None)
 
     async def events(
         self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
     ) -> AsyncIterator[api.OperationEvent]:
+        if not self.event_log:
+            raise NotImplementedError("this fake keeps no event log")
         self._op(operation_id)
         if operation_id in self.too_early:
             raise TooEarly("events not yet available", retry_after=0)
@@ -254,13 +333,9 @@ class FakeBackend:
                 if position >= len(self.op_events[operation_id]):
                     return
                 continue
-            seen = position
-
-            def grown(seen: int = seen) -> bool:
-                return len(self.op_events[operation_id]) > seen
-
-            async with self.changed:
-                await self.changed.wait_for(grown)
+            grown = self._grown
+            if len(self.op_events[operation_id]) == position:
+                await grown.wait()
 
     # ------------------------------------------------------------ subprocesses
 
@@ -270,7 +345,7 @@ class FakeBackend:
             raise Conflict(f"operation {operation_id} is not running")
         spids = {e.spid for e in self.op_events[operation_id] if e.spid}
         spid = max(spids | {1}) + 1
-        await self._emit(operation_id, "spawn", api.EventDataSpawn(pid=10 + spid, command=spec.command), spid)
+        self._emit(operation_id, "spawn", api.EventDataSpawn(pid=10 + spid, command=spec.command), spid)
         return spid
 
     async def get_subprocess(self, operation_id: str, spid: int) -> api.InstanceResult:
@@ -340,8 +415,8 @@ class FakeBackend:
         content = self._node(image_uuid, path)
         if content is None:
             raise Unprocessable(f"not a regular file: {path}")
-        for start in range(0, len(content), 4096):
-            yield content[start : start + 4096]
+        for start in range(0, len(content), self.download_chunk):
+            yield content[start : start + self.download_chunk]
 
     async def check_file(self, image_uuid: str, path: str) -> None:
         if self._node(image_uuid, path) is None:
@@ -368,6 +443,7 @@ class FakeBackend:
         self._node(image_uuid, path)
 
     async def grep(self, image_uuid: str, query: GrepQuery) -> api.GrepResult:
+        """Literal patterns, one match per line that contains one."""
         self._image(image_uuid)
         matches = []
         for name, content in sorted(self.trees[image_uuid].items()):
@@ -382,7 +458,7 @@ class FakeBackend:
                                 path=name,
                                 line_number=number,
                                 absolute_offset=0,
-                                line_text=line.decode(),
+                                line_text=line.decode(errors="replace"),
                                 line_bytes=len(line),
                                 submatches=[
                                     api.GrepSubmatch(text=pattern, start=start, end=start + len(pattern))

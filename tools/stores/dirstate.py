@@ -26,7 +26,6 @@ from contree.errors import NotFound
 from contree.fsutil import open_regular
 from protocol.errors import ToolError
 from tools.bounds import MAX_STATE_ID
-from tools.convert import as_dict
 
 CHUNK = 1024 * 1024
 MAX_ID = MAX_STATE_ID
@@ -74,18 +73,18 @@ async def ensure_blob(
 ) -> tuple[str, int]:
     """(file uuid, size): reuse the backend's blob when it has the content, else upload it."""
     try:
-        got = as_dict(await backend.get_file(sha256))
-        return str(got["uuid"]), int(got.get("size") or 0)
+        got = await backend.get_file(sha256)
+        return got.uuid, got.size
     except NotFound:
         pass
     if data is not None:
-        resp = as_dict(await backend.upload_file(data))
+        resp = await backend.upload_file(data)
     else:
         assert path is not None
-        resp = as_dict(await backend.upload_file(file_chunks(path)))
-    if resp.get("sha256") and resp["sha256"] != sha256:
+        resp = await backend.upload_file(file_chunks(path))
+    if resp.sha256 and resp.sha256 != sha256:
         raise ToolError(f"{path or 'content'} changed while it was uploaded; try again")
-    return str(resp["uuid"]), int(resp.get("size") or 0)
+    return resp.uuid, resp.size
 
 
 def mode_string(st_mode: int) -> str:
@@ -168,8 +167,8 @@ class DirectoryStates:
         single_file = await asyncio.to_thread(os.path.isfile, source)
         for entry in entries:
             try:
-                got = as_dict(await backend.get_file(entry.sha256))
-                fixed.append(ManifestEntry(entry.path, entry.sha256, str(got["uuid"]), entry.mode))
+                got = await backend.get_file(entry.sha256)
+                fixed.append(ManifestEntry(entry.path, entry.sha256, got.uuid, entry.mode))
                 continue
             except NotFound:
                 pass

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from contree.errors import NotFound
-from tools.sqlite_cache import SqliteCache
+from tools.stores.sqlite_cache import SqliteCache
 
 
 class OperationOwners:

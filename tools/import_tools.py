@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -14,11 +14,11 @@ from msgspec import Meta
 from contree import api
 from contree.errors import BackendError
 from contree.oci.credentials import PAT_PAGES, validate_credentials
-from contree.oci.reference import parse_source, registry_host
+from contree.oci.reference import LocalSource, parse_source, registry_host
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.bounds import MAX_SECONDS
-from tools.convert import TERMINAL, as_dict, operation_output
+from tools.convert import operation_output
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef, RegistryAuthOutput, ResultRef, TokenObtainOutput
 from tools.refs import validate_tag
@@ -257,7 +257,7 @@ GUIDES:
                 source = parse_source(url)
             except BackendError as exc:
                 raise ToolError(str(exc)) from None
-            path = getattr(source, "path", "")
+            path = source.path if isinstance(source, LocalSource) else ""
             if not os.path.isabs(path):
                 raise ToolError(f"local image sources need an absolute path, got: {path}")
             await asyncio.to_thread(require_inside, path, state.allowed_roots, "image source")
@@ -274,13 +274,13 @@ GUIDES:
                 )
         # A scoped principal's tag goes to its own namespace once the import succeeded, never to the
         # backend, where it would be a shared tag.
-        request: dict[str, Any] = {"registry": {"url": url}, "tag": None if state.images.scoped else tag}
-        if credentials is not None:
-            request["registry"]["credentials"] = msgspec.to_builtins(credentials)
-        if params.timeout is not None:
-            request["timeout"] = params.timeout
+        request = api.ImageImportRequest(
+            registry=api.ImageRegistry(url=url, credentials=credentials),
+            tag=None if state.images.scoped else tag,
+            timeout=api.DEFAULT_IMPORT_TIMEOUT if params.timeout is None else params.timeout,
+        )
         with backend_errors("import_image"):
-            operation_id = await state.backend.import_image(msgspec.convert(request, api.ImageImportRequest))
+            operation_id = await state.backend.import_image(request)
         state.owners.record(ctx.principal, operation_id)
         if tag and state.images.scoped:
             state.images.tag_after_import(operation_id, ctx.principal, tag)
@@ -290,15 +290,15 @@ GUIDES:
         deadline = loop.time() + (params.timeout or api.DEFAULT_IMPORT_TIMEOUT) + state.run_grace_seconds
         ticks = 0
 
-        async def on_event(event: dict[str, Any]) -> None:
+        async def on_event(event: api.OperationEvent) -> None:
             nonlocal ticks
             ticks += 1
-            await ctx.progress(ticks, None, f"import {operation_id}: {event.get('type')}")
+            await ctx.progress(ticks, None, f"import {operation_id}: {event.type}")
 
         await ctx.progress(0, None, f"importing {url}")
         with backend_errors(f"Operation {operation_id}"):
             op = await follow_until_terminal(state.backend, operation_id, deadline, on_event)
-        if as_dict(op).get("status") in TERMINAL:
+        if op.status in api.TERMINAL_STATUSES:
             state.observe(op, ctx.principal)
         out = operation_output(op)
         if own_tag := state.images.result_tag(operation_id, ctx.principal, out.result_image_uuid):

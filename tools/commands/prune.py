@@ -12,7 +12,7 @@ import msgspec
 from contree.engine.prune import DEFAULT_KEEP, PruneReport, prune
 from contree.engine.store import default_home
 from contree.timeparse import parse_interval
-from tools.dirstate import DirectoryStates
+from tools.stores.dirstate import DirectoryStates
 
 
 def _age(text: str) -> float:

@@ -1,7 +1,7 @@
 """Guidance rendered for the backend in use: guides, instructions, prompts and docs examples.
 
 Texts are markdown with `{{NAME}}` values and `<!-- if FLAG -->` … `<!-- end -->` blocks (not nested).
-On the embedded engine the values come from the images that exist (`tools.catalog`), so every example
+On the embedded engine the values come from the images that exist (`tools.guides.catalog`), so every example
 names a real image; flags: `local` or `cloud`, `python` (an image with Python exists), `packages` (an
 image with a package manager exists). Examples an agent can run are fenced as ```calls: tool calls in
 Python call syntax, `name = tool(...)` binding a result whose fields later calls use (`made.uuid`).
@@ -14,7 +14,7 @@ import re
 
 import msgspec
 
-from tools.catalog import Catalog, ImageInfo
+from tools.guides.catalog import Catalog, ImageInfo
 
 _BLOCK = re.compile(r"<!-- if (!?[a-z]+) -->\n?(.*?)<!-- end -->\n?", re.S)
 _VALUE = re.compile(r"\{\{([A-Z_]+)\}\}")

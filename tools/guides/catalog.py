@@ -16,14 +16,13 @@ import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from contree import api
 from contree.backend import Backend, ImageQuery
 from contree.errors import BackendError, BadRequest, NotFound
 from contree.fsutil import write_private
-from tools.convert import as_dict
 
 log = logging.getLogger(__name__)
 
@@ -134,25 +133,24 @@ async def describe_images(
     except BackendError as exc:
         log.warning("cannot list images for the guides: %s", exc)
         return Catalog()
-    listed = [as_dict(i) for i in images]
     if shared_only:
-        listed = [i for i in listed if not i.get("operation_uuid")]
+        images = [i for i in images if not i.operation_uuid]
     known = cache.load() if cache is not None else {}
     learnt: dict[str, ImageInfo] = {}
 
-    async def describe(image: dict[str, Any]) -> ImageInfo | None:
-        tag, uuid = image.get("tag"), image.get("uuid")
+    async def describe(image: api.Image) -> ImageInfo | None:
+        tag, uuid = image.tag, image.uuid
         if not tag or not uuid:
             return None
-        hit = known.get(str(uuid))
+        hit = known.get(uuid)
         if hit is not None:
-            return msgspec.structs.replace(hit, tag=str(tag))
-        info, complete = await _describe(backend, str(tag), str(uuid))
+            return msgspec.structs.replace(hit, tag=tag)
+        info, complete = await _describe(backend, tag, uuid)
         if complete:  # a description cut short by a failing request is used now, not kept
             learnt[info.uuid] = info
         return info
 
-    found = await asyncio.gather(*(describe(i) for i in listed))
+    found = await asyncio.gather(*(describe(i) for i in images))
     if cache is not None and learnt:
         keep = {**known, **learnt}
         if len(keep) > CACHED_IMAGES:
@@ -195,13 +193,13 @@ async def _describe(backend: Backend, tag: str, uuid: str) -> tuple[ImageInfo, b
 
 async def _names(backend: Backend, uuid: str, directory: str, reads: _Reads) -> set[str]:
     try:
-        listing = as_dict(await backend.list_directory(uuid, directory))
+        listing = await backend.list_directory(uuid, directory)
     except (NotFound, BadRequest):  # no such directory (or not one) in this image
         return set()
     except BackendError:
         reads.failed += 1
         return set()
-    return {str(f.get("path", "")).rstrip("/").rsplit("/", 1)[-1] for f in listing.get("files") or []}
+    return {f.path.rstrip("/").rsplit("/", 1)[-1] for f in listing.files}
 
 
 async def _os_name(backend: Backend, uuid: str, reads: _Reads) -> str:

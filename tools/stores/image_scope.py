@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from contree import api
 from contree.backend import Backend, ImageQuery
 from contree.errors import NotFound
 from protocol.errors import ToolError
-from tools.convert import as_dict, image_output
+from tools.convert import image_output
 from tools.models import ImageOutput
-from tools.owners import OperationOwners
 from tools.refs import resolve_image, split_ref
-from tools.sqlite_cache import SqliteCache
+from tools.stores.owners import OperationOwners
+from tools.stores.sqlite_cache import SqliteCache
 
 LIST_PAGE = 1000  # the API's maximum page
 LIST_MAX_PAGES = 20
@@ -117,22 +117,22 @@ class ImageScope:
         except NotFound:
             raise tag_not_found(tag) from None
 
-    async def require(self, uuid: str, principal: str | None) -> dict[str, Any]:
+    async def require(self, uuid: str, principal: str | None) -> api.Image:
         """The backend's record of an image this principal may see (else NotFound)."""
         try:
-            image = as_dict(await self.backend.get_image(uuid))
+            image = await self.backend.get_image(uuid)
         except NotFound:
             raise image_not_found(uuid) from None
         if self.scoped and not self._visible(image, principal):
             raise image_not_found(uuid)
         return image
 
-    def _visible(self, image: dict[str, Any], principal: str | None) -> bool:
-        uuid = str(image.get("uuid") or "")
-        if image.get("tag") or self.published.contains(uuid) or self._owns(principal, uuid):
+    def _visible(self, image: api.Image, principal: str | None) -> bool:
+        uuid = image.uuid
+        if image.tag or self.published.contains(uuid) or self._owns(principal, uuid):
             return True
-        op = image.get("operation_uuid")
-        if op and self._owners.visible(principal, str(op)):
+        op = image.operation_uuid
+        if op and self._owners.visible(principal, op):
             self._sql.write(
                 "INSERT OR IGNORE INTO image_owner VALUES (?,?,?)", (_key(principal), uuid, time.time())
             )
@@ -157,7 +157,7 @@ class ImageScope:
         )
         return str(row[0]) if row else None
 
-    def view(self, image: Any, principal: str | None) -> ImageOutput:
+    def view(self, image: api.Image, principal: str | None) -> ImageOutput:
         """The image as this principal sees it: its own tag first; another principal's operation hidden."""
         out = image_output(image)
         if not self.scoped:
@@ -254,7 +254,7 @@ class ImageScope:
         image = await self.require(uuid, principal)
         own = self._own_tag(principal, uuid)
         if tag is not None and own != tag:
-            if image.get("tag") == tag:
+            if image.tag == tag:
                 raise ToolError(
                     f"{tag!r} is a shared tag set by the server's operator: it cannot be removed or moved "
                     "here. Tag your own image instead; your tags take precedence for you."
@@ -271,9 +271,8 @@ class ImageScope:
             found.update(r[0] for r in rows if r[0].startswith(prefix))
         query = ImageQuery(limit=100, tagged=True, tag=prefix.rstrip(":/.") or None)
         for image in await self.backend.list_images(query):
-            tag = as_dict(image).get("tag")
-            if tag and tag.startswith(prefix):
-                found.add(tag)
+            if image.tag and image.tag.startswith(prefix):
+                found.add(image.tag)
         return sorted(found)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
@@ -294,13 +293,14 @@ class ImageScope:
         applied = False
         for (op_id,) in rows:
             try:
-                op = as_dict(await self.backend.get_operation(op_id))
-            except NotFound:
-                op = {"status": "CANCELLED"}
-            if op.get("status") == "SUCCESS":
+                op = await self.backend.get_operation(op_id)
+            except NotFound:  # gone: it will never tag anything
+                self._sql.write("DELETE FROM pending_tag WHERE operation_id=?", (op_id,))
+                continue
+            if op.status == "SUCCESS":
                 self.observe(op, principal)
                 applied = True
-            elif op.get("status") in ("FAILED", "CANCELLED"):
+            elif op.status in ("FAILED", "CANCELLED"):
                 self._sql.write("DELETE FROM pending_tag WHERE operation_id=?", (op_id,))
         return applied
 
@@ -310,18 +310,19 @@ class ImageScope:
             return None
         return self._own_tag(principal, image)
 
-    def observe(self, op: Any, principal: str | None) -> None:
+    def observe(self, op: api.OperationSummary, principal: str | None) -> None:
         """Record the result image of a terminal operation of `principal` as its own."""
         if not self.scoped:
             return
-        data = as_dict(op)
-        result = data.get("result_image_uuid") or as_dict(data.get("result")).get("image")
-        op_id = str(data.get("uuid") or "")
-        if data.get("status") != "SUCCESS" or not result or not self._owners.visible(principal, op_id):
+        result = op.result_image_uuid
+        if not result and isinstance(op, api.OperationResponse) and op.result is not None:
+            result = op.result.image
+        if op.status != "SUCCESS" or not result or not self._owners.visible(principal, op.uuid):
             return
         key = _key(principal)
+        op_id = op.uuid
         # an unchanged run answers with its input image: that grants nothing new
-        if data.get("kind") == "image_import" or result != data.get("image_uuid"):
+        if op.kind == "image_import" or result != op.image_uuid:
             self._sql.write("INSERT OR IGNORE INTO image_owner VALUES (?,?,?)", (key, result, time.time()))
         pending = self._sql.one(
             "SELECT tag FROM pending_tag WHERE operation_id=? AND principal=?", (op_id, key)
