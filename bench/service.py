@@ -158,6 +158,7 @@ async def _echo_in_process_vs_service(work: Path) -> tuple[float, float, float, 
     )
     assert started.returncode == 0, started.stderr
     remote = ServiceBackend(service_home, client_name="bench")
+    sent = _count_requests(remote)
     try:
         await remote.connect()
         local_client, service_client = McpClient(engine, work / "c1"), McpClient(remote, work / "c2")
@@ -169,6 +170,7 @@ async def _echo_in_process_vs_service(work: Path) -> tuple[float, float, float, 
             # alternate the order so neither side always follows the other's teardown
             pairs = [(local_client, local), (service_client, service)]
             for client, samples in pairs if i % 2 == 0 else reversed(pairs):
+                sent.clear()
                 took = await client.run_echo()
                 await (_settle_local(engine) if client is local_client else _settle_service(service_home))
                 # the engine finishes tidying up (spare scratch directories, in worker threads) after its
@@ -178,6 +180,7 @@ async def _echo_in_process_vs_service(work: Path) -> tuple[float, float, float, 
                     samples.append(took)
         await local_client.close()
         await service_client.close()
+        per_run = list(sent)  # the last service run's requests
         round_trip = await _round_trip(remote)
     finally:
         await engine.close()
@@ -186,7 +189,24 @@ async def _echo_in_process_vs_service(work: Path) -> tuple[float, float, float, 
     # the cost of the service: the median of paired differences (each pair ran back to back), which
     # the machine's drift between pairs does not bias the way two separate medians can
     added = statistics.median(s - lo for s, lo in zip(service, local, strict=True)) * 1000
-    return statistics.median(local) * 1000, statistics.median(service) * 1000, added, round_trip
+    return statistics.median(local) * 1000, statistics.median(service) * 1000, added, round_trip, per_run
+
+
+def _count_requests(backend: Any) -> list[str]:
+    """The API requests `backend` sends from now on ("GET /v1/operations/{id}/events"), in a list the
+    caller clears."""
+    import re
+
+    sent: list[str] = []
+    real = backend._request
+
+    async def counted(method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
+        path = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "{id}", getattr(url, "path", str(url)))
+        sent.append(f"{method} {path}")
+        return await real(method, url, *args, **kwargs)
+
+    backend._request = counted
+    return sent
 
 
 # ---------------------------------------------------------------- 2./3. stdio starts
@@ -285,7 +305,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="contree-bench-service-") as tmp:
         work = Path(tmp)
         try:
-            local, service, added, round_trip = asyncio.run(_echo_in_process_vs_service(work / "echo"))
+            echo = asyncio.run(_echo_in_process_vs_service(work / "echo"))
+            local, service, added, round_trip, per_run = echo
             starts = asyncio.run(_starts(work))
         finally:
             for home in (work / "echo" / "service", work / "start"):
@@ -295,9 +316,9 @@ def main() -> None:
     print(f"echo hi through MCP, {RUNS} runs each after {WARMUPS} warm-ups, interleaved (networking off):")
     print(f"  {'engine in this process':<44} median {local:8.2f} ms")
     print(f"  {'MCP -> socket -> engine service':<44} median {service:8.2f} ms  ({service / local:4.2f}x)")
-    print(f"  service adds {added:.2f} ms per run, median of paired differences (4 requests: tag, spawn,")
-    print("  event stream, result;", end="")
-    print(f" one request back to back through the socket takes {round_trip:.2f} ms)")
+    print(f"  service adds {added:.2f} ms per run, median of paired differences")
+    print(f"  {len(per_run)} requests per run: {', '.join(per_run)}")
+    print(f"  one small request back to back through the socket takes {round_trip:.2f} ms")
     print(f"stdio start -> answered, {STARTS} starts each, interleaved (.pyc cached, as installed):")
     print(f"  {'interpreter floor (import asyncio, msgspec)':<44} median {starts['floor']:8.1f} ms")
     for label, key in (
