@@ -6,6 +6,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import pytest
+
 from contree.engine.local import LocalEngine
 from contree.engine.store import ImageConfig, Store
 from contree.errors import Unavailable
@@ -129,8 +132,28 @@ async def test_a_description_cut_short_by_a_failing_read_is_not_kept(engine_home
 async def test_an_unreadable_cache_is_described_afresh_and_replaced(engine_home: Path) -> None:
     cache = CatalogCache(engine_home / "mcp" / "image-catalog.json")
     cache.path.parent.mkdir(parents=True, exist_ok=True)
-    cache.path.write_text('{"version": 1, "images": {"x": 3}}')
+    cache.path.write_bytes(msgspec.json.encode({"code": cache.code, "images": {"x": 3}}))
     async with LocalEngine(engine_home) as engine:
         counting = Counting(engine)
         busybox = (await describe_images(counting, cache=cache)).images[0]
     assert counting.reads > 0 and busybox.busybox and list(cache.load()) == [busybox.uuid]
+
+
+async def test_descriptions_another_version_of_the_code_wrote_are_made_again(
+    engine_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an image holds is kept for the description code that found it out: after an upgrade (or an
+    edit) of that code every image is described again, and the cache is replaced."""
+    from tools.guides import catalog
+
+    cache = CatalogCache(engine_home / "mcp" / "image-catalog.json")
+    async with LocalEngine(engine_home) as engine:
+        await describe_images(engine, cache=cache)
+        assert cache.load()
+        monkeypatch.setattr(catalog, "_code", lambda: cache.code + "-edited")
+        newer = CatalogCache(cache.path)
+        assert newer.load() == {}
+        counting = Counting(engine)
+        busybox = (await describe_images(counting, cache=newer)).images[0]
+        assert counting.reads > 0 and list(newer.load()) == [busybox.uuid]
+        assert cache.load() == {}  # the older code's reader no longer trusts it either

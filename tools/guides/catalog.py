@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -94,18 +95,29 @@ class Catalog(msgspec.Struct, kw_only=True):
 
 
 class _CacheFile(msgspec.Struct, kw_only=True):
-    version: int
+    code: str  # the description code that wrote it (`_code()`)
     images: dict[str, ImageInfo]  # by image UUID; `tag` is whichever tag the image had when described
+
+
+def _code() -> str:
+    """This module as it is on disk (path, size, modification time: Python's rule for its own bytecode
+    cache): what an image is said to hold is found out here, so descriptions another version of it wrote
+    are found out again."""
+    try:
+        st = os.stat(__file__)
+    except OSError:
+        return ""
+    return f"{__file__}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class CatalogCache:
     """Descriptions of images by UUID in one private file, replaced atomically: concurrent sessions at
-    worst describe an image twice. A file that cannot be read is treated as empty."""
-
-    VERSION = 1
+    worst describe an image twice. A file that cannot be read, or that other description code wrote, is
+    treated as empty."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.code = _code()
 
     def load(self) -> dict[str, ImageInfo]:
         try:
@@ -113,11 +125,13 @@ class CatalogCache:
             cached = msgspec.json.decode(raw, type=_CacheFile)
         except (OSError, msgspec.MsgspecError):
             return {}
-        return cached.images if cached.version == self.VERSION else {}
+        return cached.images if self.code and cached.code == self.code else {}
 
     def save(self, images: dict[str, ImageInfo]) -> None:
+        if not self.code:
+            return
         try:
-            write_private(self.path, msgspec.json.encode(_CacheFile(version=self.VERSION, images=images)))
+            write_private(self.path, msgspec.json.encode(_CacheFile(code=self.code, images=images)))
         except OSError as exc:
             log.debug("cannot write the image catalog cache %s: %s", self.path, exc)
 
