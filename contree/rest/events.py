@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
@@ -56,6 +55,7 @@ async def stream_events(
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type = "text/event-stream"
     ticker: asyncio.Task[None] | None = None
+    watch = _ClientWatch(asyncio.current_task())
     try:
         done, _ = await asyncio.wait({first}, timeout=FIRST_EVENT_WAIT)
         if done:
@@ -67,7 +67,7 @@ async def stream_events(
         loop = asyncio.get_running_loop()
         wrote = [loop.time()]
         ticker = loop.create_task(_keepalives(response, keepalive, wrote))
-        ticker.add_done_callback(functools.partial(_end_when_gone, asyncio.current_task()))
+        ticker.add_done_callback(watch.ticker_done)
         completed = False
         try:
             async for event in events:
@@ -97,14 +97,13 @@ async def stream_events(
         # The client stopped reading (a follower leaves once it has seen `completion`): nothing to report.
         return response
     except asyncio.CancelledError:
-        if ticker is None or not ticker.done() or ticker.cancelled():
+        if not watch.ended:
             raise
-        # _end_when_gone: the keepalive found the client gone
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        if watch.task is not None:
+            watch.task.uncancel()  # our own cancellation: the client is gone
         return response
     finally:
+        watch.streaming = False
         if ticker is not None:
             ticker.cancel()
         if not first.done():
@@ -131,6 +130,16 @@ async def _keepalives(response: web.StreamResponse, every: float, wrote: list[fl
                 wrote[0] = loop.time()
 
 
-def _end_when_gone(stream: asyncio.Task[object] | None, ticker: asyncio.Task[None]) -> None:
-    if stream is not None and not ticker.cancelled() and ticker.exception() is None:
-        stream.cancel()
+class _ClientWatch:
+    """Ends a stream whose keepalive found the client gone: aiohttp leaves the handler of a closed
+    connection running, and a quiet follower would wait for the operation's next event."""
+
+    def __init__(self, task: asyncio.Task[object] | None) -> None:
+        self.task = task
+        self.streaming = True  # False once the stream cleans up: never cancel that
+        self.ended = False
+
+    def ticker_done(self, ticker: asyncio.Task[None]) -> None:
+        if self.streaming and self.task is not None and not ticker.cancelled() and ticker.exception() is None:
+            self.ended = True
+            self.task.cancel()
