@@ -50,10 +50,27 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ALWAYS_RETRY = frozenset((425, 429))
 HEALTHY_STREAM_SECONDS = 5.0
+STREAM_END_SECONDS = 1.0  # how long a finished event stream may take to end (else its connection closes)
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
 _operation_decoder = msgspec.json.Decoder(api.OperationResponse)
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
+    """The end of a stream past `completion` (the server closes it right after, the record at most in
+    between). Read, the connection goes back to the pool for the next request; released before its end,
+    it would be closed. Also when the reader left early (the generator's clean-up runs then)."""
+    import aiohttp
+
+    if response.content.is_eof():
+        return
+    try:
+        async with asyncio.timeout(STREAM_END_SECONDS):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        pass
 
 
 class _Deleted(msgspec.Struct):
@@ -575,13 +592,17 @@ class RemoteBackend:
                             continue  # a replay after reconnecting
                         last_id = event.id
                         failures = 0
-                        yield event
                         completed = completed or event.type == "completion"
+                        yield event
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.debug("event stream of %s dropped: %s", operation_id, exc or type(exc).__name__)
                 broken = True
             finally:
-                response.release()
+                try:
+                    if completed:
+                        await _read_to_end(response)
+                finally:
+                    response.release()
             if completed or (not broken and not follow):
                 return
             if not broken:

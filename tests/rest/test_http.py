@@ -304,6 +304,43 @@ async def test_sse_record_follows_completion_when_asked(
     assert seen[-1] == record
 
 
+async def test_a_followed_stream_read_to_its_end_leaves_its_connection_open(
+    http: aiohttp.ClientSession, client: RemoteBackend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower that stops at the record (or at `completion`) still reads the stream's end, so the next
+    request reuses the connection instead of opening one (the engine service's runs: one connection),
+    also when the end comes a little after the last event."""
+    events = fake.events
+
+    async def late_end(*args: Any, **kwargs: Any) -> AsyncIterator[api.OperationEvent]:
+        async for event in events(*args, **kwargs):
+            yield event
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(fake, "events", late_end)
+    opened = []
+    create = aiohttp.TCPConnector._create_connection
+
+    async def counted(self: aiohttp.TCPConnector, *args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return await create(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_create_connection", counted)
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    await asyncio.sleep(0.05)
+    await client.get_operation(op)
+    opened.clear()  # the client's connection is open now
+    for record in (True, False):
+        stream = client._follow_events(op, follow=True, spid=None, since=None, record=record)
+        async for event in stream:
+            if isinstance(event, api.OperationResponse) or (not record and event.type == "completion"):
+                break
+        await stream.aclose()  # what the loop's finaliser does for a dropped generator
+        await client.get_operation(op)
+    assert opened == []
+
+
 async def test_sse_quiet_follower_ends_once_its_client_is_gone(
     fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
