@@ -43,7 +43,7 @@ async def stream_events(
     keepalive: float,
     record: Callable[[], Awaitable[bytes]] | None = None,
 ) -> web.StreamResponse:
-    """`record`: the frame written after the last event when that was `completion`.
+    """`record`: the frame written with `completion` (the last event of an operation), when asked for.
 
     Once the first event is there the iterator is consumed in this task, without a task per event:
     events that are already logged (a run's `exit`, `shutdown` and `completion` come together) are
@@ -68,28 +68,20 @@ async def stream_events(
         wrote = [loop.time()]
         ticker = loop.create_task(_keepalives(response, keepalive, wrote))
         ticker.add_done_callback(watch.ticker_done)
-        completed = False
         try:
             async for event in events:
-                await response.write(sse.event_frame(event))
+                frame = sse.event_frame(event)
+                if event.type == "completion" and record is not None:
+                    frame += await _record_frame(record, request)  # one write: the client wakes once
+                await response.write(frame)
                 wrote[0] = loop.time()
-                completed = event.type == "completion"
         except BackendError as exc:
-            completed = False
             await response.write(sse.error_frames(exc.message))
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            completed = False
             log.exception("event stream of %s failed", request.path)
             await response.write(sse.error_frames(f"internal error: {type(exc).__name__}"))
-        if completed and record is not None:
-            try:
-                frame = await record()
-            except Exception as exc:  # the client reads the record itself when it is not there
-                log.debug("record after the event stream of %s: %s", request.path, exc)
-            else:
-                await response.write(frame)
         ticker.cancel()
         await response.write_eof()
         return response
@@ -116,6 +108,14 @@ async def stream_events(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+async def _record_frame(record: Callable[[], Awaitable[bytes]], request: web.Request) -> bytes:
+    try:
+        return await record()
+    except Exception as exc:  # the client reads the record itself when it is not there
+        log.debug("record after the event stream of %s: %s", request.path, exc)
+        return b""
 
 
 async def _keepalives(response: web.StreamResponse, every: float, wrote: list[float]) -> None:
