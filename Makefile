@@ -30,8 +30,8 @@ $(STAMPS)/system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@# The sandboxes' own host id range (contree-engine in /etc/subuid and /etc/subgid), never a user's.
-	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.subids ensure; \
-	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.subids show || true; fi
+	@if [ "$$(id -u)" = 0 ]; then PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids ensure; \
+	else PYTHONPATH=$(CURDIR) $(PYTHON) -m contree.engine.cli subids show || true; fi
 	@touch $@
 
 install-python: $(STAMPS)/python
@@ -79,9 +79,13 @@ test: install
 check-api: install
 	$(PY) -m pytest -q -p no:cacheprovider tests/rest/test_schemathesis.py
 
+# Packages held to mypy --strict on top of the project's own configuration (which also checks tests).
+MYPY_STRICT := contree/engine
+
 lint: install-python
 	$(VENV)/bin/ruff check protocol tools contree tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(MYPY_STRICT)
 
 bench: install
 	VALIDATORS=$(VAL) $(PY) -m bench

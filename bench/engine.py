@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from contree import api
 
 if TYPE_CHECKING:
-    from contree.engine.limits import SandboxLimits
     from contree.engine.local import LocalEngine
-    from contree.engine.sandbox import SandboxRuntime
+    from contree.engine.runtime.limits import SandboxLimits
+    from contree.engine.runtime.sandbox import SandboxRuntime
 
 RUNS = 20
 WARMUPS = 2
@@ -46,10 +46,10 @@ def _row(name: str, samples: list[float], base: float | None = None) -> str:
 
 
 async def _runtime_vs_bare_crun(work: Path) -> None:
-    from contree.engine import oci_config, seccomp
-    from contree.engine.bootstrap import build_busybox_rootfs
-    from contree.engine.overlay import mount_overlay, unmount
-    from contree.engine.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec
+    from contree.engine.runtime import oci_config, seccomp
+    from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
+    from contree.engine.storage.overlay import mount_overlay, unmount
 
     lower = work / "busybox"
     build_busybox_rootfs(lower)
@@ -147,8 +147,8 @@ def runtime_vs_bare_crun() -> None:
 
 async def _local_engine(work: Path, concurrency: int) -> tuple[LocalEngine, str]:
     """A LocalEngine in `work` with busybox:latest registered; returns (engine, image uuid)."""
-    from contree.engine.bootstrap import build_busybox_rootfs
     from contree.engine.local import EngineLimits, LocalEngine
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     engine = LocalEngine(work / "home", limits=EngineLimits(instance_max_concurrency=concurrency))
     await engine.start()
@@ -187,12 +187,13 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
     upper, bound like the runtime does), seccomp, caps, rlimits, /etc binds and a limits cgroup with the
     engine's default limits. The overlay and the limits cgroup are set up once (pre-mounted rootfs);
     crun creates and removes its own leaf per run. Yields a timer of one run."""
-    from contree.engine import oci_config, spawn
-    from contree.engine.cgroups import CgroupLimits
-    from contree.engine.limits import SandboxLimits
-    from contree.engine.network import NetworkInfo, SandboxNetwork
-    from contree.engine.overlay import bind_mount, mount_overlay, unmount
-    from contree.engine.sandbox import SandboxSpec
+    from contree.engine import spawn
+    from contree.engine.runtime import oci_config
+    from contree.engine.runtime.cgroups import CgroupLimits
+    from contree.engine.runtime.limits import SandboxLimits
+    from contree.engine.runtime.netns import NetworkInfo, SandboxNetwork
+    from contree.engine.runtime.sandbox import SandboxSpec
+    from contree.engine.storage.overlay import bind_mount, mount_overlay, unmount
 
     bundle, box = work / "bare", work / "bare-box"
     upper, wk, merged = box / "upper", box / "work", box / "merged"
@@ -227,7 +228,8 @@ def _bare_crun_bundle(work: Path, layers: list[Path], rt: SandboxRuntime,
             rootfs=rootfs, hostname=spec.hostname, cgroups_path=rt.cgroups.runtime_path("bare"),
             netns_path=None, memory_bytes=None, pids_limit=None, cpu_quota=None, rlimits=rt.rlimits,
             seccomp=rt.config.seccomp, seccomp_bpf_b64=rt._seccomp_b64,
-            extra_mounts=rt._etc_mounts(spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none"))),
+            extra_mounts=rt._etc_binds(spec.rootfs, bundle, rt._write_etc_files(
+                spec, bundle, SandboxNetwork(info=NetworkInfo(mode="none")))),
             uid_mappings=None if idmap is None else [oci_config.IdMapping(
                 containerID=0, hostID=idmap.base, size=idmap.size)],
             gid_mappings=None if idmap is None else [oci_config.IdMapping(
@@ -378,8 +380,8 @@ async def _commit_vs_disposable(work: Path) -> None:
 def _limits_off(engine: LocalEngine) -> Iterator[None]:
     """The engine as it ran before issue 17's limits: no memory/CPU cgroup limits (pids 256) and the
     upper on the store's own filesystem (no layer filesystem; commit = rename)."""
-    from contree.engine import upperfs
-    from contree.engine.limits import LimitPolicy, SandboxLimits
+    from contree.engine.runtime.limits import LimitPolicy, SandboxLimits
+    from contree.engine.storage import upperfs
 
     saved_policy, saved = engine.sandbox_limits, (upperfs.mount, upperfs.seal, upperfs.usage)
     old = SandboxLimits(pids=256)
@@ -463,9 +465,9 @@ def limits_cost() -> None:
 def commit_copy_vs_rename() -> None:
     """`Store.commit_upper` alone: an upper on the run's layer filesystem (tmpfs, copied into the store)
     vs an upper on the store's filesystem (renamed, as before issue 17), for three sizes of change."""
-    from contree.engine import upperfs
-    from contree.engine.overlay import unmount
-    from contree.engine.store import Store
+    from contree.engine.storage import upperfs
+    from contree.engine.storage.overlay import unmount
+    from contree.engine.storage.store import Store
 
     def fill(upper: Path, files: int, size: int) -> None:
         for i in range(files):
@@ -574,10 +576,10 @@ def parallel_branches() -> None:
 
 def read_small_file_10_layers() -> None:
     """Reading /etc/passwd (bottom layer; `etc/` in all 10 layers) without a sandbox, vs mount + read."""
-    from contree.engine import inspect
-    from contree.engine.overlay import mount_overlay, unmount
-    from contree.engine.resolver import Resolver
-    from contree.engine.store import Store
+    from contree.engine.storage import inspect
+    from contree.engine.storage.overlay import mount_overlay, unmount
+    from contree.engine.storage.resolver import Resolver
+    from contree.engine.storage.store import Store
 
     with tempfile.TemporaryDirectory(prefix="contree-bench-resolver-") as tmp:
         store = Store(Path(tmp) / "home")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from contree import api
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from contree.oci.extract import LayerStats, extract_layer
 from contree.oci.importer import EXTRACT_CONCURRENCY, ImportProgress, import_image
 from contree.oci.registry import RegistryClient

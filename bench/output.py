@@ -248,7 +248,7 @@ async def _memory(home: Path, work: Path) -> None:
 
 
 def _prune(tmp: Path) -> None:
-    from contree.engine.store import ImageConfig, Store
+    from contree.engine.storage.store import ImageConfig, Store
 
     def build(home: Path) -> int:
         store = Store(home)

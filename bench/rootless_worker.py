@@ -24,8 +24,8 @@ from pathlib import Path
 
 async def engine_side(work: Path) -> None:
     from contree import api
-    from contree.engine.bootstrap import build_busybox_rootfs
     from contree.engine.local import LocalEngine
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     engine = LocalEngine(work / "home")
     await engine.start()
@@ -56,8 +56,8 @@ async def engine_side(work: Path) -> None:
 
 
 def crun_side(work: Path) -> None:
-    from contree.engine import oci_config, seccomp
-    from contree.engine.bootstrap import build_busybox_rootfs
+    from contree.engine.runtime import oci_config, seccomp
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     rootfs, bundle, state = work / "rootfs", work / "bundle", work / "state"
     build_busybox_rootfs(rootfs)
@@ -89,7 +89,7 @@ def main() -> int:
     side, work = sys.argv[1], Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)
     if side == "engine":
-        from contree.engine.rootless.namespaces import enter
+        from contree.engine.runtime.rootless.namespaces import enter
 
         enter(work / "home")
         asyncio.run(engine_side(work))

@@ -49,8 +49,8 @@ def _message(rid: int | None, method: str, params: Any = None) -> bytes:
 
 
 def _seed(home: Path) -> None:
-    from contree.engine.bootstrap import bootstrap_images
-    from contree.engine.store import Store
+    from contree.engine.storage.bootstrap import bootstrap_images
+    from contree.engine.storage.store import Store
 
     store = Store(home)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import xxhash
 
-from contree.engine.blobs import BlobStore
+from contree.engine.storage.blobs import BlobStore
 from contree.sync import Excludes, StateCache, sync_tree
 from contree.sync.chunker import MAX_CHUNK, FileDigest, chunks_of, digest_file
 from contree.sync.transfer import ChunkTransfer, Sent

@@ -25,9 +25,9 @@ WARMUPS = 2
 
 
 async def _engine(home: Path, userns: bool) -> tuple[LocalEngine, str]:
-    from contree.engine.bootstrap import build_busybox_rootfs
     from contree.engine.local import LocalEngine
-    from contree.engine.sandbox import RuntimeConfig
+    from contree.engine.runtime.sandbox import RuntimeConfig
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     engine = LocalEngine(home, runtime_config=RuntimeConfig(state_dir=home / "runtime", userns=userns,
                                                             network_mode="none"))

@@ -603,7 +603,7 @@ class EventDataExit(Model):
     duration_ms: int
     resources: EventResources = msgspec.field(default_factory=EventResources)
     core_dump: bool = False
-    oom_killed: bool = False  # extension, as in ProcessState
+    oom_killed: bool | UnsetType = UNSET  # extension, as in ProcessState: absent unless true
 
 
 class EventDataTruncated(Model):

@@ -125,6 +125,12 @@ def engine_home(env: Mapping[str, str]) -> Path:
     return _xdg(env, "XDG_DATA_HOME", ".local/share") / "contree-mcp"
 
 
+def default_home() -> Path:
+    """The engine home every entry point uses when none is given (`engine_home` of this process's
+    environment); `CONTREE_HOME` is the Contree CLI's auth.ini directory, not this."""
+    return engine_home(os.environ)
+
+
 def _home(env: Mapping[str, str]) -> Path:
     return Path(env["HOME"]) if env.get("HOME") else Path.home()
 

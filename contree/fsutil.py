@@ -1,11 +1,12 @@
 """Private files written atomically: readers see the old content or the new, never a torn or briefly
 world-readable file (credentials, tokens, profiles); host files opened for reading only when they are
-regular files."""
+regular files; lock files held through `flock`."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
@@ -45,6 +46,23 @@ def exclusive_file(path: str | os.PathLike[str]) -> Iterator[int]:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def try_lock(path: str | os.PathLike[str], *, make_parents: bool = False) -> int:
+    """An fd holding an exclusive `flock` on `path` (created 0600), or -1 when another open file holds
+    it. The lock lives as long as the fd: the kernel releases a dead holder's."""
+    if make_parents:
+        os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class NotRegularFile(OSError):

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from contree.config import legacy_server_settings, resolve_backend_config
 from contree.config import open_backend as open_configured_backend
-from contree.engine.limits import LimitConfigError
-from contree.engine.limits import add_arguments as add_limit_arguments
-from contree.engine.limits import settings_from as limit_settings
+from contree.engine.runtime.limits import LimitConfigError
+from contree.engine.runtime.limits import add_arguments as add_limit_arguments
+from contree.engine.runtime.limits import settings_from as limit_settings
 from contree.service.cli import engine_arguments
 from contree.units import parse_size
 from tools.http_tokens import TokensFileError, load_tokens
@@ -35,12 +35,12 @@ log = logging.getLogger("contree_mcp")
 
 SUBCOMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve-api",): ("contree.rest", "main"),
-    ("images", "bootstrap"): ("contree.engine.bootstrap", "bootstrap_main"),
+    ("images", "bootstrap"): ("contree.engine.cli", "bootstrap_main"),
     ("images", "publish"): ("tools.commands.publish", "publish_main"),
     ("images", "unpublish"): ("tools.commands.publish", "unpublish_main"),
     ("images", "published"): ("tools.commands.publish", "published_main"),
     ("images", "prune"): ("tools.commands.prune", "prune_main"),
-    ("engine", "check"): ("contree.engine.rootless.check", "check_main"),
+    ("engine", "check"): ("contree.engine.cli", "check_main"),
     ("engine", "serve"): ("contree.service.cli", "serve_main"),
     ("engine", "stop"): ("contree.service.cli", "stop_main"),
     ("engine", "status"): ("contree.service.cli", "status_main"),

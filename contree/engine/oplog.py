@@ -1,16 +1,19 @@
-"""Operation records (SQLite, WAL) and append-only per-operation event logs.
+"""Operation records (SQLite, WAL) and their lifecycle: the one place an operation's status changes.
 
-Records live in `<home>/operations.db`; each operation's events in `<home>/operations/<uuid>.jsonl`,
-one JSON object per line, ids strictly increasing. The event log keeps a run's output only up to its
-`truncate_output_at` (the API's rule); every byte a process writes also goes to its output spill,
-`<home>/output/<uuid>/<spid>.<stream>`, written as it arrives (never held in memory) and bounded only
-by the engine's per-run output quota. `OperationLog.read_output` pages through it.
+Records live in `<home>/operations.db`; each operation's events in its event log (`eventlog.py`). An
+operation moves along `TRANSITIONS` (h11's rule: every state and transition in one table):
 
-Records and events survive a SIGKILL of the engine: SQLite commits are atomic and an event line is
-written with a single `write()` on an O_APPEND descriptor, so at worst the last line is torn, and
-`recover()` trims it. Operations that were not terminal when the engine died
-are marked FAILED on the next start with `INTERRUPTED`, and their log gets a final `completion` so
-followers and resuming clients terminate.
+    PENDING → ASSIGNED → EXECUTING → SUCCESS | FAILED | CANCELLED
+    PENDING → EXECUTING (imports), and any non-terminal status → FAILED | CANCELLED
+
+`OperationLog.transition()` is the only status write and refuses any other move (`IllegalTransition`);
+`OperationLog.finish()` is the only way an operation ends: terminal status, `shutdown` (instances) and
+`completion` events, the record saved, the live log closed. `OperationLog.read_output` pages through a
+run's output spill.
+
+Records and events survive a SIGKILL of the engine: SQLite commits are atomic and an event line is one
+`write()`. Operations that were not terminal when the engine died are finished FAILED with
+`INTERRUPTED` on the next start (`recover()`), so followers and resuming clients terminate.
 """
 
 from __future__ import annotations
@@ -19,51 +22,58 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import threading
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from contree import api
 from contree.backend import MAX_OUTPUT_PAGE, OutputPage
-from contree.engine.home import private_dir, private_file
+from contree.engine.eventlog import (
+    DEFAULT_OUTPUT_QUOTA,
+    DEFAULT_SIZE_CAP,
+    OUTPUT_STREAMS,
+    Event,
+    EventLog,
+    OutputSpill,
+    fold_process,
+    now_iso,
+    read_events,
+    spill_name,
+)
+from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
 from contree.timeparse import parse_timestamp
 
-Event = api.OperationEvent
+__all__ = ["DEFAULT_OUTPUT_QUOTA", "DEFAULT_SIZE_CAP"]  # re-exported: the engine's settings name them
 
-PENDING, ASSIGNED, EXECUTING = "PENDING", "ASSIGNED", "EXECUTING"
-SUCCESS, FAILED, CANCELLED = "SUCCESS", "FAILED", "CANCELLED"
-TERMINAL = frozenset({SUCCESS, FAILED, CANCELLED})
-STATUSES = (PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED)
-KINDS = ("instance", "image_import")
+PENDING: Final = "PENDING"
+ASSIGNED: Final = "ASSIGNED"
+EXECUTING: Final = "EXECUTING"
+SUCCESS: Final = "SUCCESS"
+FAILED: Final = "FAILED"
+CANCELLED: Final = "CANCELLED"
+STATUSES: tuple[api.OperationStatus, ...] = (PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED)
+KINDS: tuple[api.OperationKind, ...] = ("instance", "image_import")
 INTERRUPTED = "engine restarted while the operation was running"
 
-STREAM_TYPES = frozenset({"stdin", "stdout", "stderr"})
-CHUNK_BYTES = 8192
-DEFAULT_SIZE_CAP = 100 * 1024 * 1024
-DEFAULT_OUTPUT_QUOTA = 1 << 30  # bytes of output (all streams, all processes) one run may store
-OUTPUT_STREAMS = ("stdout", "stderr")
-
-_SECRET_SUFFIXES = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIALS", "AUTHORIZATION")
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def now_iso(ts: float | None = None) -> str:
-    moment = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
-    return moment.isoformat()
+# Which status may follow which; every other move is refused.
+TRANSITIONS: dict[api.OperationStatus, frozenset[api.OperationStatus]] = {
+    PENDING: frozenset({ASSIGNED, EXECUTING, FAILED, CANCELLED}),  # an import starts EXECUTING
+    ASSIGNED: frozenset({EXECUTING, FAILED, CANCELLED}),  # an instance between staging and its start
+    EXECUTING: frozenset({SUCCESS, FAILED, CANCELLED}),
+    SUCCESS: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
 
 
-def mask_env(env: dict[str, str]) -> dict[str, str]:
-    """Secret-looking values replaced by <MASKED> (event logs only; metadata keeps the request as sent)."""
-    return {k: ("<MASKED>" if k.upper().endswith(_SECRET_SUFFIXES) else v) for k, v in env.items()}
+class IllegalTransition(RuntimeError):
+    """A status move `TRANSITIONS` does not allow: an engine bug, never a client's."""
 
 
 def parse_instant(value: str, *, now: float | None = None) -> float:
@@ -81,8 +91,8 @@ class OpRecord(msgspec.Struct, kw_only=True):
     """One operation as persisted. `metadata` is the wire metadata (spawn request or import metadata)."""
 
     uuid: str
-    kind: str
-    status: str = PENDING
+    kind: api.OperationKind
+    status: api.OperationStatus = PENDING
     error: str | None = None
     created_at: float = 0.0
     started_at: float | None = None
@@ -107,224 +117,22 @@ class OpRecord(msgspec.Struct, kw_only=True):
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in api.TERMINAL_STATUSES
 
 
-_event_encoder = msgspec.json.Encoder()
-_event_decoder = msgspec.json.Decoder(Event)
+def completion_event(record: OpRecord, status: api.TerminalStatus) -> api.EventDataCompletion:
+    duration = record.duration or 0.0
+    return api.EventDataCompletion(
+        status=status,
+        result_image_uuid=record.result_image_uuid if status == SUCCESS else None,
+        error=record.error,
+        duration_ms=int(duration * 1000),
+        image_size_bytes=record.image_size or 0,
+    )
+
 
 _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(OpRecord)
-
-
-
-# --------------------------------------------------------------------------- output spills
-
-
-def spill_name(spid: int, stream: str) -> str:
-    return f"{spid}.{stream}"
-
-
-class OutputSpill:
-    """Every byte of output of one run, in files as it arrives, up to a quota shared by all its streams
-    (beyond what the event log records anyway, which a spill always holds too).
-
-    Files are opened on first write (`<dir>/<spid>.<stream>`, O_APPEND); what the quota refuses is only
-    counted. Writes are plain `write()`s to the page cache: a SIGKILL of the engine keeps what was
-    written, and `read_output` of a dead run simply sees the file as it was left.
-    """
-
-    def __init__(self, directory: Path, quota: int) -> None:
-        self.dir = directory
-        self.quota = quota
-        self.used = 0
-        self.dropped: dict[str, int] = {}
-        self._fds: dict[str, int] = {}
-
-    def write(self, spid: int, stream: str, data: bytes, *, reserved: int = 0) -> None:
-        """Store `data`: its first `reserved` bytes always (the event log keeps them too, so a stream's
-        spill holds at least what its events hold), the rest while the quota lasts."""
-        name = spill_name(spid, stream)
-        room = max(reserved, self.quota - self.used)
-        keep = data if len(data) <= room else data[:room]
-        if len(keep) < len(data):
-            self.dropped[name] = self.dropped.get(name, 0) + len(data) - len(keep)
-        if not keep:
-            return
-        fd = self._fds.get(name)
-        if fd is None:
-            private_dir(self.dir)
-            fd = self._fds[name] = os.open(
-                self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-        view = memoryview(keep)
-        while view:
-            view = view[os.write(fd, view):]
-        self.used += len(keep)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-# --------------------------------------------------------------------------- event log
-
-
-class EventLog:
-    """The event log of one operation: an append-only file plus, while live, the events in memory."""
-
-    def __init__(
-        self, path: Path, *, size_cap: int = DEFAULT_SIZE_CAP, output: OutputSpill | None = None
-    ) -> None:
-        self.path = path
-        self.size_cap = size_cap
-        self.output = output
-        self.events: list[Event] = _read_events(path, repair=True)
-        self.next_id = self.events[-1].id + 1 if self.events else 1
-        self.size = sum(len(_event_encoder.encode(e)) + 1 for e in self.events)
-        self.capped = any(e.type == "size_cap" for e in self.events)
-        self.closed = any(e.type == "completion" for e in self.events)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._changed = asyncio.Event() if _has_loop() else None
-        self._lock = threading.Lock()
-
-    def append(
-        self, type: api.OperationEventType, data: dict[str, Any], spid: int | None = None
-    ) -> Event | None:
-        """Append one event; stream events over the log-wide size cap are dropped (returns None)."""
-        with self._lock:
-            if self.closed:
-                return None
-            if type in STREAM_TYPES and self.capped:
-                return None
-            event = Event(id=self.next_id, ts=now_iso(), type=type, data=data, spid=spid)
-            line = _event_encoder.encode(event) + b"\n"
-            if type in STREAM_TYPES and self.size + len(line) > self.size_cap:
-                self.capped = True
-                self._write(Event(id=self.next_id, ts=event.ts, type="size_cap", spid=0,
-                                  data={"limit_bytes": self.size_cap, "file_size": self.size}))
-                return None
-            self._write(event, line)
-            if type == "completion":
-                self.closed = True
-            return event
-
-    def _write(self, event: Event, line: bytes | None = None) -> None:
-        if line is None:
-            line = _event_encoder.encode(event) + b"\n"
-        os.write(self._fd, line)
-        self.size += len(line)
-        self.events.append(event)
-        self.next_id = event.id + 1
-        self._notify()
-
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = asyncio.Event()
-            changed.set()
-
-    def close_file(self) -> None:
-        if self.output is not None:
-            self.output.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self._notify()
-
-    async def follow(self, *, since: int | None, spid: int | None, follow: bool) -> AsyncIterator[Event]:
-        index = 0
-        while True:
-            events = self.events
-            while index < len(events):
-                event = events[index]
-                index += 1
-                if since is not None and event.id <= since:
-                    continue
-                if spid is not None and event.spid != spid:
-                    continue
-                yield event
-            if not follow or self.closed or self._fd < 0:
-                return
-            changed = self._changed
-            if changed is None:
-                self._changed = changed = asyncio.Event()
-            await changed.wait()
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _read_events(path: Path, *, repair: bool) -> list[Event]:
-    """All complete events of a log file; with `repair`, a torn trailing line is cut off the file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    events: list[Event] = []
-    good = 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            events.append(_event_decoder.decode(line))
-        except msgspec.DecodeError:
-            break
-        good += len(line)
-    if repair and good != len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(good)
-    return events
-
-
-class StreamRecorder:
-    """Records one stream of one process: events up to `truncate_at` bytes (then counts what they miss);
-    stdout and stderr also go whole to the log's output spill."""
-
-    def __init__(self, log: EventLog, spid: int, stream: api.StreamName, truncate_at: int) -> None:
-        self.log = log
-        self.spid = spid
-        self.stream = stream
-        self.truncate_at = truncate_at
-        self.emitted = 0
-        self.dropped = 0
-        self.captured = bytearray()
-        self._closed = False
-
-    def feed(self, data: bytes) -> None:
-        if not data or self._closed:
-            return
-        room = self.truncate_at - self.emitted
-        if self.log.output is not None and self.stream in OUTPUT_STREAMS:
-            self.log.output.write(self.spid, self.stream, data, reserved=max(room, 0))
-        keep, drop = data[: max(room, 0)], data[max(room, 0):]
-        self.dropped += len(drop)
-        for start in range(0, len(keep), CHUNK_BYTES):
-            chunk = keep[start:start + CHUNK_BYTES]
-            self.log.append(self.stream, msgspec.to_builtins(api.encode_event_stream(chunk)), self.spid)
-            self.emitted += len(chunk)
-            self.captured += chunk
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.dropped:
-            self.log.append(
-                "truncated",
-                {"stream": self.stream, "bytes_emitted": self.emitted, "bytes_dropped": self.dropped},
-                self.spid,
-            )
-
-    @property
-    def truncated(self) -> bool:
-        return self.dropped > 0
 
 
 # --------------------------------------------------------------------------- the operation log
@@ -385,28 +193,58 @@ class OperationLog:
     def recover(self) -> list[str]:
         """Mark operations left non-terminal by a dead engine FAILED; returns their ids."""
         rows = self._db.execute(
-            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(TERMINAL)
+            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(api.TERMINAL_STATUSES)
         ).fetchall()
         interrupted: list[str] = []
         for (blob,) in rows:
             record = _record_decoder.decode(blob)
-            record.status = FAILED
-            record.error = INTERRUPTED
-            record.result_image_uuid = None
-            record.image_size = None
-            record.finished_at = record.finished_at or time.time()
-            self.save(record)
-            log = EventLog(self.log_path(record.uuid), size_cap=self.size_cap)
-            log.append("completion", completion_data(record))
-            log.close_file()
+            self.finish(record, FAILED, error=INTERRUPTED)
             interrupted.append(record.uuid)
         for path in self.dir.glob("*.jsonl"):
-            _read_events(path, repair=True)
+            read_events(path, repair=True)
         return interrupted
+
+    # ---- lifecycle
+
+    def transition(
+        self, record: OpRecord, to: api.OperationStatus, *, error: str | None = None, save: bool = True
+    ) -> None:
+        """Move `record` to status `to` (EXECUTING also stamps `started_at`); refuses a move
+        `TRANSITIONS` does not allow. `save=False` keeps the move in memory until the next save."""
+        if to not in TRANSITIONS[record.status]:
+            raise IllegalTransition(f"operation {record.uuid}: {record.status} -> {to}")
+        record.status = to
+        if error is not None:
+            record.error = error
+        if to == EXECUTING:
+            record.started_at = time.time()
+        if save:
+            self.save(record)
+
+    def finish(
+        self, record: OpRecord, status: api.TerminalStatus, *, error: str | None = None,
+        reason: api.ShutdownReason | None = None,
+    ) -> None:
+        """End an operation: its terminal `status` (and `error`), no result image unless it succeeded, a
+        `shutdown` event when the sandbox stopped for `reason` (instances), the `completion` event, the
+        record saved and its live log closed (followers end)."""
+        self.transition(record, status, error=error, save=False)
+        if status != SUCCESS:
+            record.result_image_uuid = None
+            record.image_size = None
+        record.finished_at = record.finished_at or time.time()
+        events = self.open_log(record.uuid)
+        if reason is not None:
+            events.append("shutdown", api.EventDataShutdown(stopped_at=now_iso(), reason=reason), 0)
+        events.append("completion", completion_event(record, status))
+        self.save(record)
+        self.finish_log(record.uuid)
 
     # ---- records
 
-    def create(self, kind: str, *, image_uuid: str | None, metadata: dict[str, Any]) -> OpRecord:
+    def create(
+        self, kind: api.OperationKind, *, image_uuid: str | None, metadata: dict[str, Any]
+    ) -> OpRecord:
         record = OpRecord(
             uuid=str(uuidlib.uuid4()), kind=kind, created_at=time.time(), image_uuid=image_uuid,
             metadata=metadata,
@@ -492,7 +330,7 @@ class OperationLog:
     def busy(self) -> tuple[set[str], set[str]]:
         """(input images, ids) of the operations still queued or running, in any process."""
         rows = self._db.execute(
-            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(TERMINAL)
+            "SELECT record FROM operations WHERE status NOT IN (?, ?, ?)", tuple(api.TERMINAL_STATUSES)
         ).fetchall()
         found = [_record_decoder.decode(blob) for (blob,) in rows]
         return {r.image_uuid for r in found if r.image_uuid}, {r.uuid for r in found}
@@ -597,14 +435,11 @@ class OperationLog:
         return OutputPage(data=whole[start:start + limit], offset=start, total=len(whole),
                           complete=record.terminal, dropped=dropped, quota=None)
 
-    def live_log(self, op_uuid: str) -> EventLog | None:
-        return self._live.get(op_uuid)
-
     def read_events(self, op_uuid: str) -> list[Event]:
         live = self._live.get(op_uuid)
         if live is not None:
             return list(live.events)
-        return _read_events(self.log_path(op_uuid), repair=False)
+        return read_events(self.log_path(op_uuid), repair=False)
 
     async def events(
         self, op_uuid: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
@@ -623,71 +458,9 @@ class OperationLog:
                 async for event in live.follow(since=since, spid=spid, follow=True):
                     yield event
                 return
-        for event in _read_events(self.log_path(op_uuid), repair=False):
+        for event in read_events(self.log_path(op_uuid), repair=False):
             if since is not None and event.id <= since:
                 continue
             if spid is not None and event.spid != spid:
                 continue
             yield event
-
-
-def completion_data(record: OpRecord) -> dict[str, Any]:
-    duration = record.duration or 0.0
-    return {
-        "status": record.status,
-        "result_image_uuid": record.result_image_uuid if record.status == SUCCESS else None,
-        "error": record.error,
-        "duration_ms": int(duration * 1000),
-        "image_size_bytes": record.image_size or 0,
-    }
-
-
-# --------------------------------------------------------------------------- folding events into results
-
-
-class FoldedProcess(msgspec.Struct, kw_only=True):
-    """What the events of one spid say about its process."""
-
-    spawned: bool = False
-    pid: int = -1
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    stdout_dropped: int = 0
-    stderr_dropped: int = 0
-    exit: dict[str, Any] | None = None
-
-
-def fold_process(events: Iterable[Event], spid: int) -> FoldedProcess:
-    out = bytearray()
-    err = bytearray()
-    folded = FoldedProcess()
-    for event in events:
-        if event.spid != spid:
-            continue
-        if event.type == "spawn":
-            folded.spawned = True
-            folded.pid = int(event.data.get("pid", -1))
-        elif event.type == "stdout":
-            out += _chunk_bytes(event)
-        elif event.type == "stderr":
-            err += _chunk_bytes(event)
-        elif event.type == "truncated":
-            dropped = int(event.data.get("bytes_dropped") or 0)
-            if event.data.get("stream") == "stdout":
-                folded.stdout_truncated = True
-                folded.stdout_dropped = dropped
-            elif event.data.get("stream") == "stderr":
-                folded.stderr_truncated = True
-                folded.stderr_dropped = dropped
-        elif event.type == "exit":
-            folded.exit = event.data
-    folded.stdout = bytes(out)
-    folded.stderr = bytes(err)
-    return folded
-
-
-def _chunk_bytes(event: Event) -> bytes:
-    stream = api.StreamRepr(value=event.data["value"], encoding=event.data.get("encoding", "ascii"))
-    return api.decode_stream(stream)

@@ -18,9 +18,9 @@ from pathlib import Path
 import msgspec
 
 from contree.backend import DiskUsage
-from contree.engine.blobs import BlobStore
 from contree.engine.oplog import OperationLog
-from contree.engine.store import Store
+from contree.engine.storage.blobs import BlobStore
+from contree.engine.storage.store import Store
 
 DEFAULT_KEEP = 7 * 86400.0  # seconds: output spills, uploads and chunks younger than this stay
 SAFE_AGE = 60.0  # seconds: uploads and chunks younger than this always stay (a sync may be using them)

@@ -1,7 +1,8 @@
 """Spawn semantics of CONTREE-API §8: from a request and the image config to the process to start.
 
 Pure functions, no I/O: validation (400 on anything the API forbids), the argv/env/cwd rules for
-`shell` true/false, `preserve_env` / `preserve_cwd` results, and injected-file modes.
+`shell` true/false (`plan_for`), initial stdin, `preserve_env` / `preserve_cwd` results, injected-file
+modes, and `SpawnFailed`, the error of an instance that could not start.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 import msgspec
 
 from contree import api
-from contree.errors import BadRequest
+from contree.errors import BackendError, BadRequest
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TIMEOUT = 60
@@ -22,6 +23,19 @@ _UUID = re.compile(api.UUID_PATTERN)
 _TAG_SOURCE = re.compile(api.TAG_SOURCE_PATTERN)
 _ENV_NAME = re.compile(r"^[^=\x00]+$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+
+
+class SpawnFailed(Exception):
+    """The instance could not be started; the message is the operation's error."""
+
+
+def spawn_error(exc: BaseException) -> str:
+    """The operation's error for a failure to start."""
+    if isinstance(exc, BackendError):
+        return f"spawn failed: {exc.message}"
+    if isinstance(exc, SpawnFailed):
+        return str(exc)
+    return f"spawn failed: {exc}"
 
 
 class ProcessPlan(msgspec.Struct, kw_only=True):
@@ -241,3 +255,29 @@ def plan_process(
         command=argv[0],
         args=argv[1:],
     )
+
+
+def plan_for(
+    spec: api.InstanceSpawnRequest | api.ExecSpec, image_env: Mapping[str, str], image_cwd: str | None
+) -> ProcessPlan:
+    """The plan of a spawn request's process (spid 1) or of one exec'd into it."""
+    return plan_process(
+        command=spec.command, args=list(spec.args), shell=spec.shell, env=spec.env, cwd=spec.cwd,
+        uid=spec.uid, gid=spec.gid, image_env=image_env, image_cwd=image_cwd,
+    )
+
+
+def initial_stdin(stdin: api.ClosableStreamRepr | None) -> tuple[bytes, bool]:
+    """A process's first stdin bytes, and whether its stdin stays open after them."""
+    data = api.decode_stream(stdin) if stdin is not None else b""
+    return data, stdin is not None and not stdin.close
+
+
+def env_dict(env: list[str]) -> dict[str, str]:
+    """An image config's `KEY=value` list as a mapping (entries without `=` are dropped)."""
+    out: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key] = value
+    return out

@@ -31,7 +31,7 @@ import msgspec
 
 from contree.errors import Unprocessable
 from contree.layerformat import opaque_xattr
-from contree.oci.openat2 import open_dir_beneath
+from contree.openat2 import open_dir_beneath
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

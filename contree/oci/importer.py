@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from contree import api
-from contree.engine.store import KIND_IMPORTED, ImageConfig, ImageRecord, Store, remove_tree
+from contree.engine.storage.store import KIND_IMPORTED, ImageConfig, ImageRecord, Store, remove_tree
 from contree.errors import BadRequest, Forbidden, Unprocessable
 from contree.oci.auth import Credentials, TokenCache
 from contree.oci.extract import ExtractLimits, LayerStats, extract_layer

@@ -198,7 +198,7 @@ class _DirReader:
         self.rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _open(self, name: str) -> int:
-        from contree.oci.openat2 import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
+        from contree.openat2 import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
 
         try:
             return openat2(self.rootfd, name, os.O_RDONLY, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
@@ -284,10 +284,6 @@ async def _copy_in_thread(
 
 def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{_sha256_hex(digest)}"
-
-
-class _IndexJson(msgspec.Struct, kw_only=True):
-    manifests: list[Descriptor] = []
 
 
 class LocalLayoutSource:

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from contree.backend import Backend
 from contree.config import engine_home
-from contree.engine.limits import LimitConfigError, settings_from
-from contree.engine.limits import add_arguments as add_limit_arguments
+from contree.engine.runtime.limits import LimitConfigError, settings_from
+from contree.engine.runtime.limits import add_arguments as add_limit_arguments
 from contree.rest.app import build_app
 from contree.rest.guard import RequestGuard, is_loopback
 from contree.service.cli import engine_arguments

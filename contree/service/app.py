@@ -13,21 +13,28 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from contree import api
+from contree.engine.local import LocalEngine
+from contree.engine.storage.blobs import BlobStore
 from contree.errors import BadRequest
 from contree.rest import params
 from contree.rest.app import build_app, error_response
 from contree.rest.handlers import decode_body, json_response
 from contree.service import control
-from contree.service.control import ClientInfo, ServiceImport, StopRequest
-
-if TYPE_CHECKING:
-    from contree.service.server import EngineService
+from contree.service.control import (
+    ClientInfo,
+    ServiceImport,
+    ServiceState,
+    ServiceStatus,
+    StopMode,
+    StopRequest,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,7 +49,24 @@ _datas = msgspec.msgpack.Decoder(list[bytes])
 _msgpack = msgspec.msgpack.Encoder()
 
 
-def build_service_app(service: EngineService) -> web.Application:
+class ServiceHost(Protocol):
+    """What the app needs of the service hosting it (`server.EngineService`)."""
+
+    engine: LocalEngine
+    home: Path
+    state: ServiceState
+    engine_open: bool
+    clients: dict[object, ClientInfo]
+    closing: asyncio.Event
+
+    def status(self) -> ServiceStatus: ...
+
+    def request_stop(self, mode: StopMode) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+def build_service_app(service: ServiceHost) -> web.Application:
     app = build_app(service.engine, keepalive=EVENTS_KEEPALIVE)
     app.middlewares.insert(0, _gate(service))
     routes = ServiceRoutes(service)
@@ -60,7 +84,7 @@ def build_service_app(service: EngineService) -> web.Application:
     return app
 
 
-def _gate(service: EngineService) -> Any:
+def _gate(service: ServiceHost) -> Any:
     """Engine routes answer 503 while the engine is not open; new work is refused once it stops."""
 
     @web.middleware
@@ -103,7 +127,7 @@ def _peer_pid(request: web.Request) -> int | None:
 
 
 class ServiceRoutes:
-    def __init__(self, service: EngineService) -> None:
+    def __init__(self, service: ServiceHost) -> None:
         self.service = service
 
     # ------------------------------------------------------------ control
@@ -169,11 +193,11 @@ class ServiceRoutes:
             api.ImageImportResponse(uuid=op), status=201, headers={"Location": f"/v1/operations/{op}"}
         )
 
-    def _blobs(self) -> Any:
-        blobs = self.service.engine.blobs
-        if blobs is None:
+    def _blobs(self) -> BlobStore:
+        engine = self.service.engine
+        if not engine.started:
             raise BadRequest("the engine is not open")
-        return blobs
+        return engine.blobs
 
     async def missing_chunks(self, request: web.Request) -> web.StreamResponse:
         digests = _decode(_digests, await request.read())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import msgspec
 
-from contree.engine.limits import LimitConfigError, ResourceSettings, arguments_for, settings_from
-from contree.engine.limits import add_arguments as add_limit_arguments
+from contree.engine.runtime.limits import LimitConfigError, ResourceSettings, arguments_for, settings_from
+from contree.engine.runtime.limits import add_arguments as add_limit_arguments
 from contree.units import parse_size
 
 IDLE_EXIT_ENV = "CONTREE_ENGINE_IDLE_EXIT"
@@ -180,7 +180,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if os.geteuid() != 0:  # the rootless engine: its own user, mount and pid namespaces first
-        from contree.engine.rootless.namespaces import NamespaceError, enter
+        from contree.engine.runtime.rootless.namespaces import NamespaceError, enter
 
         try:
             plan = enter(home, close_in_supervisors=[pipe.fd] if args.detach else [],
@@ -340,7 +340,7 @@ def unshare_main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.error("a command is required")
     if os.geteuid() != 0:
-        from contree.engine.rootless.namespaces import NamespaceError, enter_userns
+        from contree.engine.runtime.rootless.namespaces import NamespaceError, enter_userns
 
         try:
             enter_userns()

@@ -65,7 +65,7 @@ def open_log(home: Path) -> int:
 
 def detach(home: Path, *, timeout: float) -> ReadyPipe:
     """Fork; only the child returns. Raises DetachError (before forking) when the home is unusable."""
-    from contree.engine.home import prepare_home
+    from contree.engine.storage.home import prepare_home
 
     try:
         prepare_home(home)  # refused (another user's, reachable by others) before a log goes into it

@@ -25,9 +25,9 @@ from typing import Literal
 
 from aiohttp import web
 
-from contree.engine import rootless
-from contree.engine.home import prepare_home
 from contree.engine.local import LocalEngine
+from contree.engine.runtime import rootless
+from contree.engine.storage.home import prepare_home
 from contree.errors import Conflict
 from contree.service.app import build_service_app
 from contree.service.control import (

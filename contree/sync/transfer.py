@@ -21,7 +21,7 @@ from contree.errors import NotFound
 from contree.sync.chunker import Chunk, FileChangedError, FileDigest, open_file, read_chunks
 
 if TYPE_CHECKING:
-    from contree.engine.blobs import BlobStore  # the engine's, loaded only where an engine runs
+    from contree.engine.storage.blobs import BlobStore  # the engine's, loaded only where an engine runs
 
 _STREAM = 1024 * 1024
 UPLOAD_CONCURRENCY = 8  # concurrent backend calls per sync
@@ -67,7 +67,7 @@ def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
     else the plain Backend file API."""
     blobs = getattr(backend, "blobs", None)
     if blobs is not None:
-        from contree.engine.blobs import BlobStore
+        from contree.engine.storage.blobs import BlobStore
 
         if isinstance(blobs, BlobStore):
             return ChunkTransfer(blobs, target or f"engine:{blobs.root}")

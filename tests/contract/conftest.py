@@ -18,9 +18,9 @@ import pytest
 
 from contree import api
 from contree.backend import Backend
-from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
-from contree.engine.store import ImageConfig
+from contree.engine.storage.bootstrap import build_busybox_rootfs
+from contree.engine.storage.store import ImageConfig
 from tests import prereqs
 
 BUSYBOX_TAG = "busybox:latest"

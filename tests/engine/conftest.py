@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.bootstrap import build_busybox_rootfs
-from contree.engine.overlay import mount_overlay, mounts_under, unmount
-from contree.engine.sandbox import SandboxRuntime
-from contree.engine.store import ImageConfig, ImageRecord, Store
+from contree.engine.runtime.sandbox import SandboxRuntime
+from contree.engine.storage.bootstrap import build_busybox_rootfs
+from contree.engine.storage.overlay import mount_overlay, mounts_under, unmount
+from contree.engine.storage.store import ImageConfig, ImageRecord, Store
 
 
 def require_root() -> None:

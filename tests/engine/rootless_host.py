@@ -39,8 +39,8 @@ def _snapshot(root: Path) -> dict[str, list[int]]:
 async def _run(rt: Any, work: Path, lower: Path, request: dict[str, Any]) -> dict[str, Any]:
     import msgspec
 
-    from contree.engine.overlay import mount_overlay, unmount
-    from contree.engine.sandbox import SandboxSpec
+    from contree.engine.runtime.sandbox import SandboxSpec
+    from contree.engine.storage.overlay import mount_overlay, unmount
 
     box = work / "runs" / uuid.uuid4().hex[:10]
     upper, scratch, merged = box / "upper", box / "work", box / "merged"
@@ -80,9 +80,9 @@ async def _run(rt: Any, work: Path, lower: Path, request: dict[str, Any]) -> dic
 
 
 async def serve(work: Path) -> None:
-    from contree.engine.bootstrap import build_busybox_rootfs
-    from contree.engine.rootless import limits
-    from contree.engine.sandbox import RuntimeConfig, SandboxRuntime
+    from contree.engine.runtime.rootless import limits
+    from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     lower = work / "busybox"
     build_busybox_rootfs(lower)
@@ -117,7 +117,7 @@ async def serve(work: Path) -> None:
 
 def main() -> int:
     work = Path(sys.argv[1])
-    from contree.engine.rootless.namespaces import enter
+    from contree.engine.runtime.rootless.namespaces import enter
 
     enter(work / "home")
     asyncio.run(serve(work))

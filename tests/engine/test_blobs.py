@@ -12,9 +12,9 @@ import pytest
 import xxhash
 
 from contree.backend import FileQuery
-from contree.engine.blobs import BlobStore, inject_file
-from contree.engine.overlay import mount_overlay, unmount
-from contree.engine.store import ImageRecord, Store
+from contree.engine.storage.blobs import BlobStore, inject_file
+from contree.engine.storage.overlay import mount_overlay, unmount
+from contree.engine.storage.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.bootstrap import BUSYBOX_TAG, bootstrap_images, bootstrap_main
-from contree.engine.store import KIND_IMPORTED, Store
+from contree.engine.cli import bootstrap_main
+from contree.engine.storage.bootstrap import BUSYBOX_TAG, bootstrap_images
+from contree.engine.storage.store import KIND_IMPORTED, Store
 
 
 def test_busybox_rootfs_layout(busybox_rootfs: Path) -> None:

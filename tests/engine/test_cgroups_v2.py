@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.cgroups import CPU_PERIOD_US, CgroupError, CgroupLimits, CgroupManager
-from contree.engine.hostcheck import CgroupMode, HostInfo
+from contree.engine.runtime.cgroups import CPU_PERIOD_US, CgroupError, CgroupLimits, CgroupManager
+from contree.engine.runtime.hostcheck import CgroupMode, HostInfo
 
 CONTROL_FILES = ("cgroup.controllers", "cgroup.subtree_control", "memory.max", "memory.swap.max", "cpu.max",
                  "pids.max", "memory.peak", "cpu.stat", "memory.events", "pids.current", "pids.events",

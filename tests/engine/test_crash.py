@@ -20,11 +20,11 @@ import pytest
 
 from contree import api
 from contree.backend import OperationQuery
-from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
 from contree.engine.oplog import INTERRUPTED
-from contree.engine.overlay import mounts_under
-from contree.engine.spawn_recover import cgroup_parent_for, engine_id_for
+from contree.engine.runtime.paths import cgroup_parent_for, engine_id_for
+from contree.engine.storage.bootstrap import build_busybox_rootfs
+from contree.engine.storage.overlay import mounts_under
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ import asyncio, random, shutil, sys
 from pathlib import Path
 from contree import api
 from contree.engine.local import LocalEngine
-from contree.engine.store import ImageConfig
+from contree.engine.storage.store import ImageConfig
 
 async def main(home, tree, seed):
     rng = random.Random(seed)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.home import UnsafeHome, prepare_home
 from contree.engine.local import LocalEngine
-from contree.engine.overlay import _unescape
-from contree.engine.sandbox import NoRuntimeAvailable, RuntimeConfig
+from contree.engine.runtime.sandbox import NoRuntimeAvailable, RuntimeConfig
+from contree.engine.storage.home import UnsafeHome, prepare_home
+from contree.engine.storage.overlay import _unescape
 from tests.contract.conftest import run, stderr_of, stdout_of, wait_done
 from tests.engine.conftest import LocalUser, require_root
 from tests.engine.test_userns import _find_process, _uids

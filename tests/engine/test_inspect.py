@@ -16,9 +16,9 @@ import pytest
 
 from contree import api
 from contree.backend import GrepQuery
-from contree.engine import inspect
-from contree.engine.overlay import mounts_under
-from contree.engine.store import ImageRecord, Store
+from contree.engine.storage import inspect
+from contree.engine.storage.overlay import mounts_under
+from contree.engine.storage.store import ImageRecord, Store
 from contree.errors import BadRequest, NotFound, Unprocessable
 
 from .conftest import require_binary

@@ -5,8 +5,8 @@ rootless one, run by a throwaway user in its own namespaces (`rootless_host.py`)
 Where rootless mode differs, the test says so and checks what rootless mode does instead:
 
 * the fork bomb: no cgroup is delegated here, so the limit is the sandbox's own user namespace's task
-  limit (RLIMIT_NPROC, counted across all its uids: contree/engine/rootless/limits.py), seen from inside
-  the sandbox instead of through pids.current;
+  limit (RLIMIT_NPROC, counted across all its uids: contree/engine/runtime/rootless/limits.py), seen from
+  inside the sandbox instead of through pids.current;
 * the memory hog: without a delegated cgroup no memory limit exists, and the runtime says so (limits
   enforced: pids only); the hog is not run, it would take the host's memory;
 * spare cgroups: there are none; spare namespaces take their place and are used by the next run;
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine import seccomp
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import seccomp
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import RootlessRuntime, open_rootless_runtime, open_runtime, run
 
 pytestmark = pytest.mark.engine

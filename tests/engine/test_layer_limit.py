@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from contree import api
-from contree.engine import upperfs
-from contree.engine.limits import MIB, ResourceSettings
 from contree.engine.local import EngineLimits, LocalEngine
-from contree.engine.overlay import mount_overlay, mounts_under, unmount
-from contree.engine.store import ImageRecord, LayerTooLarge, Store
+from contree.engine.runtime.limits import MIB, ResourceSettings
+from contree.engine.storage import upperfs
+from contree.engine.storage.overlay import mount_overlay, mounts_under, unmount
+from contree.engine.storage.store import ImageRecord, LayerTooLarge, Store
 from tests.contract.conftest import result_of, run, seed_busybox, stdout_of
 from tests.engine.test_store import _simple_image, _view
 
@@ -217,9 +217,11 @@ class _Watch:
         self.store = engine.store
         self.home_blocks = _blocks(engine.home)
         self.peak_bytes = self.peak_entries = self.peak_home_growth = 0
-        self._task = asyncio.create_task(self._poll())
+        # Two loops: the walk of the home can take long on a loaded machine, and the layer's peak lasts
+        # only until the engine sees it full (LAYER_POLL) and ends the run.
+        self._tasks = [asyncio.create_task(self._poll_layers()), asyncio.create_task(self._poll_home())]
 
-    async def _poll(self) -> None:
+    async def _poll_layers(self) -> None:
         while True:
             for box in self.store.sandboxes_dir.iterdir():
                 if box.name.startswith("."):
@@ -231,12 +233,17 @@ class _Watch:
                 if used.bytes or used.entries:  # a layer filesystem, not a bare scratch dir
                     self.peak_bytes = max(self.peak_bytes, used.bytes)
                     self.peak_entries = max(self.peak_entries, used.entries)
+            await asyncio.sleep(0.01)
+
+    async def _poll_home(self) -> None:
+        while True:
             growth = await asyncio.to_thread(_blocks, self.store.home)
             self.peak_home_growth = max(self.peak_home_growth, growth - self.home_blocks)
             await asyncio.sleep(0.02)
 
     def stop(self) -> None:
-        self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
 
 
 def _blocks(root: Path) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.limits import (
+from contree.engine.local import EngineLimits, LocalEngine
+from contree.engine.runtime.limits import (
     GIB,
     MIB,
     HostResources,
@@ -22,7 +23,6 @@ from contree.engine.limits import (
     resolve_policy,
     settings_from,
 )
-from contree.engine.local import EngineLimits, LocalEngine
 from contree.errors import BadRequest
 from tests.contract.conftest import result_of, run, seed_busybox, stdout_of
 

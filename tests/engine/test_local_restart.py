@@ -64,7 +64,7 @@ async def test_operation_timeout_is_capped_by_the_engine_limit(tmp_path: Path, b
 
 
 async def test_failed_start_releases_the_home(tmp_path: Path) -> None:
-    from contree.engine.sandbox import RuntimeConfig
+    from contree.engine.runtime.sandbox import RuntimeConfig
 
     broken = LocalEngine(tmp_path / "home",
                          runtime_config=RuntimeConfig(state_dir=tmp_path / "rt", runtime="no-such-runtime"))

@@ -17,9 +17,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contree.engine import network as netmod
-from contree.engine.network import NETNS_DIR, NetworkManager
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import netns
+from contree.engine.runtime import network as netmod
+from contree.engine.runtime.network import NetworkManager
+from contree.engine.runtime.paths import NETNS_DIR, USERNS_DIR
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
 from tests.engine.test_runtime_support import open_runtime, require_runtime_prereqs, run
 
 pytestmark = pytest.mark.engine
@@ -216,7 +218,7 @@ async def test_concurrent_managers_never_share_an_address(tmp_path: Path) -> Non
             slots.append(slot)
     slots.append((await a._acquire_slot())[0])  # 64 /30s in a /24, minus the network's first
     assert len({s.index for s in slots}) == 63 == len(slots)
-    with pytest.raises(netmod.NetworkError, match="no free"):
+    with pytest.raises(netns.NetworkError, match="no free"):
         await a._acquire_slot()
     slots.pop().release()
     again, _ = await b._acquire_slot()
@@ -239,7 +241,7 @@ async def test_a_dead_owners_netns_is_removed_when_its_slot_is_reused(tmp_path: 
         slot.release()
         assert not (NETNS_DIR / stale).exists()
     finally:
-        netmod.delete_netns(stale)
+        netns.delete_netns(stale)
 
 
 def test_loopback_resolvers_are_not_handed_to_sandboxes(tmp_path: Path,
@@ -373,7 +375,7 @@ async def test_a_cancelled_network_setup_leaves_nothing(mount_guard: Path) -> No
             if not task.cancelled() and task.exception() is None:
                 await rt.network.teardown(task.result())  # it finished first: an ordinary teardown
             prefix = f"contree-{rt.network.tag}-"
-            left = [n for d in (NETNS_DIR, netmod.USERNS_DIR) if d.is_dir()
+            left = [n for d in (NETNS_DIR, USERNS_DIR) if d.is_dir()
                     for n in os.listdir(d) if n.startswith(prefix)]
             assert left == [], f"after a cancel at {delay * 1000:.0f} ms: {left}"
 

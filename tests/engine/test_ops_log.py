@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from contree import api
+from contree.engine.eventlog import StreamRecorder, fold_process, mask_env
 from contree.engine.operations import OperationQueue
 from contree.engine.oplog import (
     EXECUTING,
@@ -16,9 +18,6 @@ from contree.engine.oplog import (
     INTERRUPTED,
     SUCCESS,
     OperationLog,
-    StreamRecorder,
-    fold_process,
-    mask_env,
     parse_instant,
 )
 from contree.errors import BadRequest, NotFound
@@ -83,8 +82,8 @@ async def test_event_ids_increase_and_survive_torn_line(tmp_path: Path) -> None:
     oplog = OperationLog(tmp_path)
     rec = oplog.create("instance", image_uuid="img", metadata={})
     log = oplog.open_log(rec.uuid)
-    log.append("init", {"init_pid": 1}, 0)
-    log.append("stdout", {"value": "a", "encoding": "ascii"}, 1)
+    log.append("init", api.EventDataInit(init_pid=1), 0)
+    log.append("stdout", api.EventDataStream(value="a", encoding="ascii"), 1)
     oplog.finish_log(rec.uuid)
     path = oplog.log_path(rec.uuid)
     path.write_bytes(path.read_bytes() + b'{"id": 3, "ts": "x", "ty')  # a write torn by a crash
@@ -225,7 +224,7 @@ async def test_log_wide_size_cap_drops_streams_keeps_service_events(tmp_path: Pa
     rec_out = StreamRecorder(log, 1, "stdout", truncate_at=1 << 20)
     for _ in range(50):
         rec_out.feed(b"x" * 100)
-    log.append("exit", {"pid": 5, "code": 0}, 1)
+    log.append("exit", api.EventDataExit(pid=5, code=0, signal=-1, timed_out=False, duration_ms=1), 1)
     types = [e.type for e in oplog.read_events(rec.uuid)]
     assert types.count("size_cap") == 1
     assert types[-1] == "exit"
@@ -243,10 +242,10 @@ async def test_follow_gets_live_events_until_completion(tmp_path: Path) -> None:
     task = asyncio.create_task(consume())
     await asyncio.sleep(0.01)  # the follower is waiting for a log that does not exist yet
     log = oplog.open_log(rec.uuid)
-    log.append("init", {}, 0)
+    log.append("init", api.EventDataInit(), 0)
     await asyncio.sleep(0.01)
-    log.append("stdout", {"value": "x", "encoding": "ascii"}, 1)
-    log.append("completion", {"status": SUCCESS}, None)
+    log.append("stdout", api.EventDataStream(value="x", encoding="ascii"), 1)
+    log.append("completion", api.EventDataCompletion(status=SUCCESS, duration_ms=0), None)
     assert await asyncio.wait_for(task, 5) == ["init", "stdout", "completion"]
     since = [e.id async for e in oplog.events(rec.uuid, since=1)]
     assert since == [2, 3]

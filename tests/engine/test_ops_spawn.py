@@ -8,7 +8,7 @@ import pytest
 
 from contree import api
 from contree.engine import spawn
-from contree.engine.spawn_run import find_executable
+from contree.engine.snapshots import find_executable
 from contree.errors import BadRequest
 
 IMG = "3f2a4c1e-0000-4000-8000-000000000001"

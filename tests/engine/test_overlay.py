@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from contree.engine.overlay import MAX_LOWERS, OverlayError, is_mountpoint, mount_overlay, unmount
+from contree.engine.storage.overlay import MAX_LOWERS, OverlayError, is_mountpoint, mount_overlay, unmount
 
 
 def _layer(root: Path, name: str, files: dict[str, str]) -> Path:
@@ -49,6 +52,34 @@ def test_single_lower_without_upper_is_readonly(mount_guard: Path) -> None:
         assert info.value.errno == errno.EROFS
     finally:
         unmount(merged)
+
+
+def test_single_lower_mounts_leave_nothing_behind(mount_guard: Path) -> None:
+    """The empty second lower of a one-layer mount is nothing on disk: a process that made such mounts
+    leaves no directory in its TMPDIR (one `contree-empty-lower-*` per process used to stay in /tmp)."""
+    layer = _layer(mount_guard, "only", {"f": "x"})
+    tmp = mount_guard / "tmp"
+    tmp.mkdir()
+    script = textwrap.dedent("""
+        import os, sys
+        from pathlib import Path
+        from contree.engine.storage.overlay import mount_overlay, unmount
+        layer, base = Path(sys.argv[1]), Path(sys.argv[2])
+        for i in range(2):
+            merged = base / f"m{i}"
+            merged.mkdir()
+            mount_overlay([layer], None, None, merged)
+            try:
+                assert os.listdir(merged) == ["f"] and (merged / "f").read_text() == "x"
+            finally:
+                unmount(merged)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(layer), str(mount_guard)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmp)},
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    assert sorted(os.listdir(tmp)) == []
 
 
 def test_many_lowers_mount_past_the_legacy_page_limit(mount_guard: Path) -> None:

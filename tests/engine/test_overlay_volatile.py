@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.overlay import mount_overlay, unmount
+from contree.engine.storage.overlay import mount_overlay, unmount
 
 
 def _is_volatile(target: Path) -> bool:

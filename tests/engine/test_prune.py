@@ -19,7 +19,7 @@ import pytest
 from contree import api
 from contree.backend import ImageQuery
 from contree.engine.local import LocalEngine
-from contree.engine.store import ImageConfig, Store
+from contree.engine.storage.store import ImageConfig, Store
 from tests.contract.conftest import local_engine, run, stdout_of, wait_done
 from tests.tools.conftest import server_command
 
@@ -200,7 +200,7 @@ def test_a_layer_pinned_by_another_process_is_never_deleted(tmp_path: Path) -> N
             sys.executable,
             "-c",
             (
-                "import sys, time\nfrom pathlib import Path\nfrom contree.engine.store import Store\n"
+                "import sys, time\nfrom pathlib import Path\nfrom contree.engine.storage.store import Store\n"
                 "store = Store(Path(sys.argv[1]))\nimage = store.get(sys.argv[2])\n"
                 "with store.pinned(image.layers):\n    print('pinned', flush=True)\n    time.sleep(60)\n"
             ),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.overlay import mount_overlay, unmount
-from contree.engine.resolver import MAX_SYMLINKS, Resolver, normalize
-from contree.engine.store import ImageRecord, Store, remove_tree
+from contree.engine.storage.overlay import mount_overlay, unmount
+from contree.engine.storage.resolver import MAX_SYMLINKS, Resolver, normalize
+from contree.engine.storage.store import ImageRecord, Store, remove_tree
 
 Mutate = Callable[[Store, ImageRecord, Callable[[Path], object]], Path]
 Entry = tuple[str, int, int, int, str]

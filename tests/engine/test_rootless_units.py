@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from contree import layerformat
-from contree.engine import hostcheck, oci_config
-from contree.engine.rootless import check, delegation, ids, limits, network, sandbox_ns
+from contree.engine.runtime import hostcheck, oci_config
+from contree.engine.runtime.rootless import check, delegation, ids, limits, network, sandbox_ns
 
 FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5
@@ -233,7 +233,7 @@ def test_a_cgroup_that_is_not_ours_or_has_no_controllers_is_refused(tmp_path: Pa
 
 def test_controllers_already_enabled_above_are_not_written_again(tmp_path: Path) -> None:
     """A rootless engine may write only below its delegated cgroup: the chain above already has them."""
-    from contree.engine.cgroups import CgroupManager
+    from contree.engine.runtime.cgroups import CgroupManager
 
     root = tmp_path / "cgroup"
     parent = root / "a" / "b"

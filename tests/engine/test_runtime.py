@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contree.engine import hostcheck, oci_config, sandbox
-from contree.engine.cgroups import CgroupLimits, CgroupManager
-from contree.engine.hostcheck import CgroupMode, NoRuntimeAvailable
-from contree.engine.overlay import is_mountpoint
-from contree.engine.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.runtime import hostcheck, oci_config, sandbox
+from contree.engine.runtime.cgroups import CgroupLimits, CgroupManager
+from contree.engine.runtime.hostcheck import CgroupMode, NoRuntimeAvailable
+from contree.engine.runtime.sandbox import SandboxRuntime, SandboxSpec
+from contree.engine.storage.overlay import is_mountpoint
 from tests.engine.test_runtime_support import open_runtime, overlay_rootfs, run
 
 pytestmark = pytest.mark.engine
@@ -67,15 +67,15 @@ def test_missing_runtimes_are_named_with_their_debian_package(monkeypatch: pytes
     monkeypatch.setattr(hostcheck, "find_binary", lambda name: None)
     info = hostcheck.detect()
     with pytest.raises(NoRuntimeAvailable, match="apt-get install crun runc"):
-        sandbox.select_runtime(info, "auto")
+        hostcheck.select_runtime(info, "auto")
     with pytest.raises(NoRuntimeAvailable, match="Debian package runsc"):
-        sandbox.select_runtime(info, "runsc")
+        hostcheck.select_runtime(info, "runsc")
 
 
 def test_crun_unusable_falls_back_to_runc(monkeypatch: pytest.MonkeyPatch) -> None:
     real = hostcheck.find_binary
     monkeypatch.setattr(hostcheck, "find_binary", lambda name: None if name == "crun" else real(name))
-    name, binary = sandbox.select_runtime(hostcheck.detect(), "auto")
+    name, binary = hostcheck.select_runtime(hostcheck.detect(), "auto")
     assert name == "runc" and binary.endswith("runc")
 
 

@@ -19,12 +19,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from contree.engine import sandbox
-from contree.engine.network import NETNS_DIR, NetworkInfo
-from contree.engine.overlay import mount_overlay
-from contree.engine.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
-from contree.engine.subids import engine_range
-from contree.engine.userns import IdMap
+from contree.engine.runtime import paths
+from contree.engine.runtime.netns import NetworkInfo
+from contree.engine.runtime.paths import NETNS_DIR
+from contree.engine.runtime.sandbox import RuntimeConfig, SandboxExit, SandboxRuntime, SandboxSpec
+from contree.engine.runtime.subids import engine_range
+from contree.engine.runtime.userns import IdMap
+from contree.engine.storage.overlay import mount_overlay
 from tests.engine.conftest import require_binary, require_root
 
 
@@ -50,7 +51,7 @@ def leftovers(rt: SandboxRuntime) -> list[str]:
         found.append(f"runtime state {rt.root_dir}")
     if rt.bundles.exists():
         found.append(f"bundles {rt.bundles}")
-    if sandbox._engine_lock_path(rt.engine_id).exists():
+    if paths._engine_lock_path(rt.engine_id).exists():
         found.append(f"engine lock file of {rt.engine_id}")
     deadline = time.monotonic() + 3
     while True:  # veth pairs disappear asynchronously once their namespace is freed

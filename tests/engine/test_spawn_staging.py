@@ -11,7 +11,7 @@ import pytest
 
 from contree import api
 from contree.engine.local import LocalEngine
-from contree.engine.sandbox import SandboxRuntime
+from contree.engine.runtime.sandbox import SandboxRuntime
 from tests.contract.conftest import local_engine, run, stdout_of
 from tests.engine.test_runtime_support import NETNS_DIR
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from contree.backend import ImageQuery
-from contree.engine.overlay import is_mountpoint, mount_overlay, unmount
-from contree.engine.store import (
+from contree.engine.cli import check_store_main as check_main
+from contree.engine.storage.overlay import is_mountpoint, mount_overlay, unmount
+from contree.engine.storage.store import (
     KIND_IMPORTED,
     KIND_INSTANCE,
     ImageConfig,
     ImageRecord,
     LayerTooLarge,
     Store,
-    check_main,
 )
 from contree.errors import BadRequest, NotFound
 
@@ -335,7 +335,7 @@ def test_concurrent_commits_and_tags_from_threads(store: Store, mutate: Mutate) 
 def test_commit_on_an_image_at_the_kernel_limit_squashes_the_parent_first(
     store: Store, mutate: Mutate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import contree.engine.store as store_module
+    import contree.engine.storage.store as store_module
 
     monkeypatch.setattr(store_module, "MAX_LOWERS", 3)
     img = _simple_image(store, {"a": "1"})

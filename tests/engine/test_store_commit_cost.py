@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from contree.engine.store import Store, clean_and_measure, clean_upper, tree_size
+from contree.engine.storage.layertree import clean_and_measure, clean_upper, tree_size
+from contree.engine.storage.store import Store
 
 
 def _image(store: Store) -> str:

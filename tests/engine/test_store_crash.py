@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from contree.engine.overlay import mounts_under
-from contree.engine.store import Store
+from contree.engine.storage.overlay import mounts_under
+from contree.engine.storage.store import Store
 
 _WORKER = textwrap.dedent("""
     import os, sys, uuid
     from pathlib import Path
-    from contree.engine.store import Store
+    from contree.engine.storage.store import Store
     store = Store(Path(sys.argv[1]))
     image = store.list()[0]
     i = 0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine import subids
-from contree.engine.subids import NAME, SubidError, engine_range
+from contree.engine.runtime import subids
+from contree.engine.runtime.subids import NAME, SubidError, engine_range
 
 
 @pytest.fixture

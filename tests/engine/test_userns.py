@@ -13,11 +13,11 @@ import pytest
 
 from contree import api
 from contree.engine.local import LocalEngine
-from contree.engine.overlay import mount_overlay, unmount
-from contree.engine.sandbox import RuntimeConfig
-from contree.engine.store import Store
-from contree.engine.subids import engine_range
-from contree.engine.userns import IdMap
+from contree.engine.runtime.sandbox import RuntimeConfig
+from contree.engine.runtime.subids import engine_range
+from contree.engine.runtime.userns import IdMap
+from contree.engine.storage.overlay import mount_overlay, unmount
+from contree.engine.storage.store import Store
 from tests.contract.conftest import run, stderr_of, stdout_of, wait_done
 
 pytestmark = pytest.mark.engine
@@ -124,7 +124,7 @@ def test_idmapped_lowers_show_layer_owners_shifted(tmp_path: Path) -> None:
 
 def test_detection_refuses_a_filesystem_without_idmapped_mounts(mount_guard: Path) -> None:
     """The probe runs where the layers live: an overlay (no idmapped mounts on 6.x) is refused."""
-    from contree.engine.userns import UsernsUnavailable
+    from contree.engine.runtime.userns import UsernsUnavailable
 
     lower, upper, work, merged = (mount_guard / n for n in ("l", "u", "w", "m"))
     for d in (lower, upper, work, merged):
@@ -327,8 +327,8 @@ async def test_a_store_written_without_userns_keeps_working_with_it(tmp_path: Pa
 async def test_unsupported_host_falls_back_with_a_logged_reason(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     _require_root()
-    from contree.engine import sandbox
-    from contree.engine.userns import UsernsUnavailable
+    from contree.engine.runtime import sandbox
+    from contree.engine.runtime.userns import UsernsUnavailable
 
     def refuse(*_: object, **__: object) -> IdMap:
         raise UsernsUnavailable(1, "simulated: user.max_user_namespaces = 0")

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from contree.engine import hostcheck
-from contree.engine.bootstrap import build_busybox_rootfs
-from contree.engine.cgroups import CgroupManager
 from contree.engine.local import LocalEngine
-from contree.engine.network import NETNS_DIR
-from contree.engine.overlay import mounts_under
+from contree.engine.runtime import hostcheck
+from contree.engine.runtime.cgroups import CgroupManager
+from contree.engine.runtime.paths import NETNS_DIR
+from contree.engine.storage.bootstrap import build_busybox_rootfs
+from contree.engine.storage.overlay import mounts_under
 from tests.contract.conftest import run
 from tests.engine.conftest import require_root
 from tests.engine.test_userns import _find_process
@@ -163,7 +163,7 @@ async def test_sigkill_of_the_engines_process_releases_its_sandboxes_at_once(tmp
 
 async def test_a_sandbox_dies_at_its_deadline_while_the_engine_is_stopped(tmp_path: Path, tree: Path) -> None:
     """SIGSTOP (a debugger, Ctrl-Z of a stdio server in a terminal) freezes the engine's own timeout."""
-    from contree.engine.watchdog import GRACE
+    from contree.engine.runtime.watchdog import GRACE
 
     timeout = 2
     async with hosted_engine(tmp_path, tree, "exec sleep 600.75", run_timeout=timeout) as hosted:
@@ -203,7 +203,7 @@ async def test_a_dead_watchdog_is_replaced_and_a_closing_engine_stops_it(tmp_pat
 async def test_a_stopped_watchdog_never_blocks_the_engine(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     require_root()
-    from contree.engine.watchdog import Watchdog
+    from contree.engine.runtime.watchdog import Watchdog
 
     dog = Watchdog.start(engine_id="feedc0de", cgroup_parent="/contree-engine/feedc0de", home=tmp_path)
     proc = dog._proc

@@ -11,13 +11,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from contree.engine import hostcheck
+from contree.engine.runtime import hostcheck
 
 # Debian 12's kernel is 6.1; only overlay's lowerdir+ needs 6.8 and these sandboxes use a plain rootfs.
 hostcheck.MIN_KERNEL = (6, 1)
 
-from contree.engine.bootstrap import build_busybox_rootfs  # noqa: E402
-from contree.engine.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec  # noqa: E402
+from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec  # noqa: E402
+from contree.engine.storage.bootstrap import build_busybox_rootfs  # noqa: E402
 from tests.engine.test_runtime_support import run  # noqa: E402
 
 MIB = 1 << 20

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from tests.oci import harness
 from tests.oci.harness import Registry, TokenService
 

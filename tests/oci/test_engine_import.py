@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.bootstrap import build_busybox_rootfs
 from contree.engine.local import LocalEngine
+from contree.engine.storage.bootstrap import build_busybox_rootfs
 from tests.oci import harness
 from tests.oci.harness import Entry, Registry
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from contree.errors import Unprocessable
 from contree.oci.extract import ExtractLimits, LayerTooLarge, UnsafeLayer
 from contree.oci.importer import ImportOptions, import_image

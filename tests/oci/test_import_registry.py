@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.store import KIND_IMPORTED, Store
+from contree.engine.storage.store import KIND_IMPORTED, Store
 from contree.errors import NotFound, Unauthorized
 from contree.oci.auth import Credentials
 from contree.oci.importer import ImportCancelled, ImportOptions, ImportProgress, image_uuid_for, import_image

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from contree import api
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from contree.errors import BadRequest, Forbidden, NotFound
 from contree.oci.importer import ImportCancelled, ImportOptions, ImportProgress, import_image
 from contree.oci.registry import BlobDigestMismatch

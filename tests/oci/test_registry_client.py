@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from contree import api
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from contree.errors import Unavailable, Unprocessable
 from contree.oci.auth import Credentials
 from contree.oci.importer import ImportProgress, default_options, import_image, open_source

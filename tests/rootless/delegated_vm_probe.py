@@ -15,12 +15,12 @@ MIB = 1 << 20
 
 
 async def probe(work: Path) -> dict[str, Any]:
-    from contree.engine import hostcheck
+    from contree.engine.runtime import hostcheck
 
     hostcheck.MIN_KERNEL = (6, 1)  # Debian 12's kernel; only overlay's lowerdir+ needs 6.8 (not used here)
-    from contree.engine.bootstrap import build_busybox_rootfs
-    from contree.engine.rootless import namespaces
-    from contree.engine.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec
+    from contree.engine.runtime.rootless import namespaces
+    from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime, SandboxSpec
+    from contree.engine.storage.bootstrap import build_busybox_rootfs
 
     rootfs = work / "rootfs"
     build_busybox_rootfs(rootfs)
@@ -65,7 +65,7 @@ async def probe(work: Path) -> dict[str, Any]:
 def main() -> int:
     work = Path(sys.argv[1])
     try:
-        from contree.engine.rootless.namespaces import enter
+        from contree.engine.runtime.rootless.namespaces import enter
 
         enter(work / "home", cgroup_scope=True)
         result = asyncio.run(probe(work))

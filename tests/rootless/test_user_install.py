@@ -21,7 +21,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from contree.engine.bootstrap import BUSYBOX_TAG
+from contree.engine.storage.bootstrap import BUSYBOX_TAG
 from contree.service.control import ControlConnection, probe
 from tests.engine.test_network import OutsideHost
 from tests.rootless_env import RootlessUser, throwaway_rootless_user

@@ -108,7 +108,7 @@ def test_engine_settings_are_handed_on_as_the_same_flags() -> None:
     """What an MCP server was given for the engine reaches a service it starts unchanged."""
     import argparse
 
-    from contree.engine.limits import ResourceSettings, add_arguments, settings_from
+    from contree.engine.runtime.limits import ResourceSettings, add_arguments, settings_from
     from contree.service.cli import engine_arguments
 
     settings = ResourceSettings(memory_bytes=64 << 20, max_memory_bytes=1 << 30, cpus=0.5, pids=100)

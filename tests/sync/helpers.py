@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from contree import api
-from contree.engine.blobs import BlobStore
+from contree.engine.storage.blobs import BlobStore
 from contree.errors import NotFound
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from contree.engine.blobs import BlobStore
+from contree.engine.storage.blobs import BlobStore
 from contree.errors import BadRequest
 
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from contree.engine.local import LocalEngine
-from contree.engine.store import ImageConfig, Store
+from contree.engine.storage.store import ImageConfig, Store
 from contree.errors import Unavailable
 from tools.guides.catalog import CatalogCache, describe_images
 from tools.guides.guidance import Guidance

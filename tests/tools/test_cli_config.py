@@ -103,7 +103,7 @@ def test_engine_check_defaults_to_xdg_data_home(tmp_path: Path) -> None:
 
 
 def test_bootstrap_default_home_is_the_engine_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from contree.engine.store import default_home
+    from contree.config import default_home
 
     monkeypatch.setenv("CONTREE_HOME", str(tmp_path / "cli"))
     monkeypatch.delenv("CONTREE_ENGINE_HOME", raising=False)

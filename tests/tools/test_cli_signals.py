@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from contree.engine.network import TAG_DIR
+from contree.engine.runtime.paths import TAG_DIR
 from contree.service.control import ControlConnection
 from tests.tools.conftest import server_command
 

@@ -24,7 +24,7 @@ import jsonschema
 from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from tests.netutil import free_port
 from tests.tools.conftest import http_server
 from tests.tools.test_sdk_tools import result

@@ -209,7 +209,7 @@ async def test_sdk_nul_and_range_errors_on_the_engine(engine_home: Path, workdir
 
 
 async def test_sdk_list_files_pages_a_directory_of_100000_entries(engine_home: Path, workdir: Path) -> None:
-    from contree.engine.store import Store
+    from contree.engine.storage.store import Store
 
     store = Store(engine_home)
     try:

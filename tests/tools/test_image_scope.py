@@ -306,7 +306,7 @@ def cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_images_publish_records_the_uuid_the_server_reads(tmp_path: Path) -> None:
-    from contree.engine.store import Store
+    from contree.engine.storage.store import Store
     from tools.stores.image_scope import ImageScope
     from tools.stores.owners import OperationOwners
 

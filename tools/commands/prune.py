@@ -9,8 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from contree.config import default_home
 from contree.engine.prune import DEFAULT_KEEP, PruneReport, prune
-from contree.engine.store import default_home
 from contree.timeparse import parse_interval
 from tools.stores.dirstate import DirectoryStates
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from contree.config import ConfigError, open_backend, resolve_backend_config
-from contree.engine.store import Store
+from contree.engine.storage.store import Store
 from contree.errors import BackendError
 from protocol.errors import ToolError
 from tools.cli import backend_flags
