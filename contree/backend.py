@@ -127,6 +127,18 @@ class LineageReader(Protocol):
 
 
 @runtime_checkable
+class RecordFollower(Protocol):
+    """A backend whose followed event stream can end with the operation's record (the engine service,
+    `record=1` on its events route): after `completion` a follower needs no request for the result.
+    The record is yielded last, and only once the stream reached `completion`; a server that does not
+    send it just ends the stream."""
+
+    def follow_to_end(
+        self, operation_id: str, *, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]: ...
+
+
+@runtime_checkable
 class Backend(Protocol):
     """One Contree namespace. Every method may raise BackendError subclasses."""
 

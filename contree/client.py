@@ -5,25 +5,23 @@ request is retried; connection failures before the request reached the server (c
 5xx, timeouts and dropped connections are retried only for idempotent requests — never for
 `POST /instances`, `POST …/subprocesses` or stdin writes, where a replay could run something twice.
 Waits grow exponentially and honour `Retry-After`.
+
+aiohttp is imported where a request is made, not with this module (its import alone costs a start
+~110 ms): an MCP server answers `initialize` before it needs its backend's HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import platform
 import random
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from importlib import metadata
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 import msgspec
-from yarl import URL
 
 from contree import api
 from contree.backend import (
@@ -37,7 +35,12 @@ from contree.backend import (
 )
 from contree.client_sandboxes import SandboxClient
 from contree.errors import BackendError, BadRequest, NotFound, Unavailable, error_for_status
-from contree.rest.sse import SseParser
+from contree.rest.sse import RECORD_EVENT, SseParser
+from contree.version import VERSION
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 log = logging.getLogger("contree.client")
 
@@ -48,9 +51,27 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ALWAYS_RETRY = frozenset((425, 429))
 HEALTHY_STREAM_SECONDS = 5.0
+STREAM_END_SECONDS = 1.0  # how long a finished event stream may take to end (else its connection closes)
 _IDEMPOTENT_RETRY = frozenset((500, 502, 503, 504))
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(api.OperationEvent)
+_operation_decoder = msgspec.json.Decoder(api.OperationResponse)
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
+    """The end of a stream past `completion` (the server closes it right after, the record at most in
+    between). Read, the connection goes back to the pool for the next request; released before its end,
+    it would be closed. Also when the reader left early (the generator's clean-up runs then)."""
+    import aiohttp
+
+    if response.content.is_eof():
+        return
+    try:
+        async with asyncio.timeout(STREAM_END_SECONDS):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        pass
 
 
 class _Deleted(msgspec.Struct):
@@ -58,16 +79,20 @@ class _Deleted(msgspec.Struct):
     freed_bytes: int
 
 
-def _version() -> str:
-    try:
-        return metadata.version("contree-mcp")
-    except metadata.PackageNotFoundError:
-        return "0"
+def load_http_client() -> None:
+    """Import what the first request needs. A server calls this in a worker thread once it has answered
+    `initialize`, so that neither the handshake nor the first tool call waits for the import."""
+    import aiohttp  # noqa: F401
+    import yarl  # noqa: F401
 
 
 def default_user_agent() -> str:
+    import platform
+
+    import aiohttp
+
     return (
-        f"contree-mcp/{_version()} aiohttp/{aiohttp.__version__} "
+        f"contree-mcp/{VERSION} aiohttp/{aiohttp.__version__} "
         f"Python/{platform.python_version()} {platform.system()}"
     )
 
@@ -81,6 +106,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -134,6 +161,8 @@ class RemoteBackend(SandboxClient):
     # ------------------------------------------------------------ transport
 
     def _get_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
@@ -157,6 +186,8 @@ class RemoteBackend(SandboxClient):
         self._session = None
 
     def _url(self, *segments: str) -> URL:
+        from yarl import URL
+
         path = "/".join(quote(s, safe="") for s in segments)
         return URL(f"{self.base}/{path}", encoded=True)
 
@@ -180,6 +211,8 @@ class RemoteBackend(SandboxClient):
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send with retries; return the response for an `ok` status (caller releases it)."""
+        import aiohttp
+
         session = self._get_session()
         req_headers = dict(headers or {})
         if body is not None:
@@ -240,6 +273,8 @@ class RemoteBackend(SandboxClient):
     async def _error(
         self, method: str, url: URL, response: aiohttp.ClientResponse, retry_after: float | None
     ) -> BackendError:
+        import aiohttp
+
         try:
             raw = await response.content.read(64 * 1024) if method != "HEAD" else b""
         except (aiohttp.ClientError, TimeoutError):
@@ -268,6 +303,8 @@ class RemoteBackend(SandboxClient):
         params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
         payload: Any = None,
     ) -> T:
+        import aiohttp
+
         body = _encoder.encode(payload) if payload is not None else None
         attempt = 0
         while True:
@@ -308,6 +345,8 @@ class RemoteBackend(SandboxClient):
         self, segments: tuple[str, str, str], params: Mapping[str, str]
     ) -> AsyncIterator[bytes]:
         """GET an inspect stream; segments = ("inspect", image UUID, endpoint), checked on first use."""
+        import aiohttp
+
         url = self._url(segments[0], self._image(segments[1]), segments[2])
         response = await self._request("GET", url, params=params, idempotent=True, stream=True)
         try:
@@ -335,7 +374,8 @@ class RemoteBackend(SandboxClient):
 
     # ------------------------------------------------------------ images and tags
 
-    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+    @staticmethod
+    def _image_query(query: ImageQuery) -> dict[str, str]:
         params: dict[str, str] = {"limit": str(query.limit), "offset": str(query.offset)}
         if query.tagged:
             params["tagged"] = "1"
@@ -345,6 +385,10 @@ class RemoteBackend(SandboxClient):
                 params[name] = value
         if query.kind is not None:
             params["kind"] = str(query.kind)
+        return params
+
+    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+        params = self._image_query(query)
         result = await self._json(api.ImageListResponse, "GET", self._url("images"), params=params)
         return result.images
 
@@ -352,6 +396,8 @@ class RemoteBackend(SandboxClient):
         return await self._json(api.Image, "GET", self._url("inspect", self._image(image_uuid), ""))
 
     async def resolve_tag(self, tag: str) -> str:
+        from yarl import URL
+
         if tag.startswith("tag:"):
             tag = tag[4:]
         if not tag:
@@ -429,6 +475,8 @@ class RemoteBackend(SandboxClient):
             response.release()
 
     async def _upload_stream(self, url: URL, data: AsyncIterator[bytes]) -> aiohttp.ClientResponse:
+        import aiohttp
+
         # A consumed iterator cannot be replayed: one attempt only.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.timeout)
         reconnected = False
@@ -502,17 +550,24 @@ class RemoteBackend(SandboxClient):
         self, operation_id: str, *, follow: bool = False, spid: int | None = None, since: int | None = None
     ) -> AsyncIterator[api.OperationEvent]:
         # Arguments are checked on first iteration, like a generator-based Backend would.
-        return self._follow_events(operation_id, follow=follow, spid=spid, since=since)
+        stream = self._follow_events(operation_id, follow=follow, spid=spid, since=since, record=False)
+        return cast(AsyncIterator[api.OperationEvent], stream)  # record=False: events only
 
     async def _follow_events(
-        self, operation_id: str, *, follow: bool, spid: int | None, since: int | None
-    ) -> AsyncIterator[api.OperationEvent]:
-        """Events with transparent resumption: reconnects from the last id after drops and `sse_error`."""
+        self, operation_id: str, *, follow: bool, spid: int | None, since: int | None, record: bool
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]:
+        """Events with transparent resumption: reconnects from the last id after drops and `sse_error`.
+        `record`: ask the server (the embedded engine) to end a stream that reached `completion` with the
+        operation's record, and yield it last."""
+        import aiohttp
+
         self._operation(operation_id)
         last_id = since
         failures = 0
         while True:
-            response = await self._open_event_stream(operation_id, follow=follow, spid=spid, last_id=last_id)
+            response = await self._open_event_stream(
+                operation_id, follow=follow, spid=spid, last_id=last_id, record=record
+            )
             opened = time.monotonic()
             broken = completed = False
             try:
@@ -523,6 +578,12 @@ class RemoteBackend(SandboxClient):
                             log.debug("event stream of %s: server error: %s", operation_id, frame.data)
                             broken = True
                             continue
+                        if record and completed and frame.event == RECORD_EVENT:
+                            try:
+                                yield _operation_decoder.decode(frame.data)
+                            except msgspec.MsgspecError:
+                                log.debug("event stream of %s: undecodable record skipped", operation_id)
+                            continue
                         try:
                             event = _event_decoder.decode(frame.data)
                         except msgspec.MsgspecError:
@@ -532,13 +593,17 @@ class RemoteBackend(SandboxClient):
                             continue  # a replay after reconnecting
                         last_id = event.id
                         failures = 0
-                        yield event
                         completed = completed or event.type == "completion"
+                        yield event
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.debug("event stream of %s dropped: %s", operation_id, exc or type(exc).__name__)
                 broken = True
             finally:
-                response.release()
+                try:
+                    if completed:
+                        await _read_to_end(response)
+                finally:
+                    response.release()
             if completed or (not broken and not follow):
                 return
             if not broken:
@@ -556,7 +621,7 @@ class RemoteBackend(SandboxClient):
             await asyncio.sleep(self._delay(failures - 1, None))
 
     async def _open_event_stream(
-        self, operation_id: str, *, follow: bool, spid: int | None, last_id: int | None
+        self, operation_id: str, *, follow: bool, spid: int | None, last_id: int | None, record: bool = False
     ) -> aiohttp.ClientResponse:
         """One SSE request; `_request` retries 425 and 5xx, and 410 is retried here after Retry-After."""
         params: dict[str, str] = {}
@@ -564,6 +629,8 @@ class RemoteBackend(SandboxClient):
             params["follow"] = "1"
         if spid is not None:
             params["spid"] = str(spid)
+        if record:
+            params["record"] = "1"
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
             headers["Last-Event-Id"] = str(last_id)
@@ -609,6 +676,8 @@ class RemoteBackend(SandboxClient):
     ) -> OutputPage:
         """The embedded engine's output paging (`GET …/subprocesses/{spid}/stdout|stderr`, beyond the
         Contree API). A server without it answers 404: callers fall back to the event log."""
+        import aiohttp
+
         if stream not in ("stdout", "stderr"):
             raise BadRequest(f"unknown stream {stream!r}: stdout or stderr")
         url = self._url("operations", self._operation(operation_id), "subprocesses", str(spid), stream)

@@ -26,7 +26,6 @@ Tokens never appear in `repr()` or in log lines; files written here are created 
 from __future__ import annotations
 
 import asyncio
-import configparser
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from contree.fsutil import write_private
 
 if TYPE_CHECKING:
+    import configparser
+
     from contree.backend import Backend
 
 log = logging.getLogger("contree.config")
@@ -140,14 +141,20 @@ def _xdg(env: Mapping[str, str], name: str, fallback: str) -> Path:
 
 
 def _read_ini(path: Path) -> configparser.ConfigParser | None:
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        with path.open(encoding="utf-8") as fh:
-            parser.read_file(fh)
+        fh = path.open(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
+    import configparser  # only with a file to read: most starts of the MCP server have none
+
+    parser = configparser.ConfigParser(interpolation=None)
+    with fh:
+        try:
+            parser.read_file(fh)
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
     return parser
 
 
@@ -176,6 +183,8 @@ def load_profiles(path: Path) -> tuple[str, dict[str, Profile]]:
 
 def save_profile(path: Path, profile: Profile, *, activate: bool = True) -> None:
     """Add or replace one profile in auth.ini, written atomically with mode 0600."""
+    import configparser
+
     parser = _read_ini(path) or configparser.ConfigParser(interpolation=None)
     section = PROFILE_PREFIX + profile.name
     if parser.has_section(section):

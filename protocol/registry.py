@@ -168,7 +168,11 @@ class Registry:
         website_url: str | None = None,
         announce_list_changes: bool = False,
         list_cache: CacheHint = CacheHint(300_000, "public"),
+        schemas: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """`schemas`: the JSON Schemas derived from handler types, by `schema.type_key`; given, it is
+        read before deriving one and filled with what had to be derived (a server may keep it between
+        starts: deriving costs milliseconds per tool)."""
         self.name = name
         self.version = version
         self.instructions = instructions
@@ -187,6 +191,7 @@ class Registry:
         # Bumped on every change so listing caches know they are stale.
         self.generation = 0
         self._listeners: list[Callable[[str], None]] = []
+        self.schemas = schemas
 
     # ------------------------------------------------------------ registration
 
@@ -224,7 +229,7 @@ class Registry:
             if params_type is None:
                 in_schema = input_schema or {"type": "object", "additionalProperties": False}
             elif isinstance(params_type, type) and issubclass(params_type, msgspec.Struct):
-                in_schema = input_schema or schema.input_schema(params_type)
+                in_schema = input_schema or self._derived("input", params_type, schema.input_schema)
             else:
                 params_type = dict
                 in_schema = input_schema or {"type": "object"}
@@ -232,7 +237,8 @@ class Registry:
             wrap = not (isinstance(ret, type) and issubclass(ret, msgspec.Struct))
             out_schema = output_schema
             if out_schema is None and ret is not ToolResult and ret is not Any:
-                out_schema = schema.output_schema(ret, wrap=wrap)
+                kind = "wrapped output" if wrap else "output"
+                out_schema = self._derived(kind, ret, lambda tp: schema.output_schema(tp, wrap=wrap))
             self.tools[name] = ToolDef(
                 name=name,
                 title=title,
@@ -253,6 +259,15 @@ class Registry:
             return fn
 
         return decorate
+
+    def _derived(self, kind: str, tp: Any, derive: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        if self.schemas is None:
+            return derive(tp)
+        key = f"{kind} {schema.type_key(tp)}"
+        found = self.schemas.get(key)
+        if found is None:
+            found = self.schemas[key] = derive(tp)
+        return found
 
     def resource(
         self,

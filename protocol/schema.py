@@ -43,6 +43,14 @@ def output_schema(tp: Any, *, wrap: bool) -> dict[str, Any]:
     return out
 
 
+def type_key(tp: Any) -> str:
+    """A name of the type that is the same in every process: `module.Qualname` for a class, the typing
+    repr (module-qualified) for a union or a generic."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return f"{tp.__module__}.{tp.__qualname__}"
+    return repr(tp)
+
+
 def _union_members(tp: Any) -> list[Any]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return list(typing.get_args(tp))

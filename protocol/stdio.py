@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol.errors import PARSE_ERROR
@@ -22,6 +23,7 @@ log = logging.getLogger("protocol.stdio")
 
 LINE_LIMIT = 64 * 1024 * 1024
 WRITE_SLICE = 256 * 1024
+IDLE_AFTER = 0.1  # seconds without a message after which a session without work in flight is idle
 PIPE_SIZE = 1 << 20  # a large message (a page of output) then takes a few writes, not one per 64 KiB
 _PARSE_ERROR = Reply(None, encode_error(None, PARSE_ERROR, "Parse error"))
 
@@ -99,8 +101,12 @@ async def serve_stdio(
     writer: Writer | None = None,
     *,
     eof_grace: float = 0.5,
+    idle: Callable[[], object] | None = None,
 ) -> None:
-    """Serve one session until EOF; in-flight work gets `eof_grace` seconds, then is cancelled."""
+    """Serve one session until EOF; in-flight work gets `eof_grace` seconds, then is cancelled.
+    `idle` is called once, when the session first has nothing to do: it has answered something (the
+    handshake), everything it was sent is done, and nothing new came for IDLE_AFTER seconds. A server
+    prepares there what later requests need, without delaying any request."""
     if reader is None:
         reader = await _stdin_reader()
     if writer is None:
@@ -129,7 +135,9 @@ async def serve_stdio(
         except (ConnectionError, OSError) as exc:
             broken.append(exc)
             log.warning("stdout is closed (%s); dropping further output", exc)
+        answered.set()
 
+    answered = asyncio.Event()
     session = server.create_session(transport="stdio")
     session.set_default_sink(sink)
     tasks: set[asyncio.Task[None]] = set()
@@ -144,7 +152,17 @@ async def serve_stdio(
 
     while True:
         try:
-            line = await reader.readline()
+            if idle is None or not answered.is_set():
+                line = await reader.readline()
+            else:
+                try:
+                    async with asyncio.timeout(IDLE_AFTER):  # a cancelled readline consumes nothing
+                        line = await reader.readline()
+                except TimeoutError:
+                    if not tasks:
+                        ready, idle = idle, None
+                        ready()
+                    continue
         except ValueError:  # longer than LINE_LIMIT
             await sink(_PARSE_ERROR)
             continue

@@ -26,7 +26,9 @@ from tools import (
     sandbox_tools,
     sync_tools,
 )
+from tools.guides.catalog import CatalogCache
 from tools.guides.instructions import instructions
+from tools.schema_cache import SchemaCache
 from tools.state import DEFAULT_READ_MAX_BYTES, ServerState
 from tools.stores.dirstate import DirectoryStates
 from tools.stores.image_scope import ImageScope
@@ -90,15 +92,20 @@ def build_state(
         http_mode=http_mode,
         http_port=http_port,
         owners=owners,
+        catalog_cache=CatalogCache(cache_dir / "image-catalog.json") if backend_kind == "local" else None,
     )
 
 
 def build_registry(state: ServerState) -> Registry:
+    # the embedded engine's servers keep the derived tool schemas in the home (a Contree API server may
+    # have been told to keep nothing on disk)
+    cache = SchemaCache(state.cache_dir / "tool-schemas.json") if state.backend_kind == "local" else None
     registry = Registry(
         name="contree-mcp",
         version=__version__,
         title="Contree sandboxes",
         instructions=instructions(state.guidance_now()),
+        schemas=cache.load() if cache is not None else None,
     )
     for register in TOOLS:
         register(registry, state)
@@ -107,4 +114,6 @@ def build_registry(state: ServerState) -> Registry:
     resources.register_guide_template(registry, state)
     prompts.register(registry, state)
     resources.register_completions(registry, state)
+    if cache is not None and registry.schemas is not None:
+        cache.save(registry.schemas)
     return registry

@@ -362,10 +362,8 @@ async def serve(args: argparse.Namespace) -> int:
         scoped_operations=args.mode == "http" and bool(args.http_tokens),
     )
     if kind == "local":
-        from tools.guides.catalog import describe_images
-
         # the guidance names this engine's images (with per-client scoping: only the shared ones)
-        state.catalog = await describe_images(backend, shared_only=state.owners.scoped)
+        await state.read_catalog()
     registry = build_registry(state)
     server = Server(registry)
     stopping = _stop_on_signals()
@@ -373,7 +371,7 @@ async def serve(args: argparse.Namespace) -> int:
         if args.mode == "stdio":
             from protocol.stdio import serve_stdio
 
-            await serve_stdio(server)
+            await serve_stdio(server, idle=lambda: _load_http_client(state))
         else:
             await serve_http(server, registry, state, args)
     except asyncio.CancelledError:
@@ -385,6 +383,15 @@ async def serve(args: argparse.Namespace) -> int:
         await server.close()
         await state.close()
     return 0
+
+
+def _load_http_client(state: Any) -> None:
+    """The backend's HTTP client (aiohttp, ~110 ms to import), which the start-up did without, loads in
+    a worker thread once the session is first idle (after the handshake and the client's first lists),
+    so that neither those answers nor the agent's first tool call wait for it."""
+    from contree.client import load_http_client
+
+    state.spawn_background(asyncio.to_thread(load_http_client), "load-http-client")
 
 
 def _stop_on_signals() -> asyncio.Event:

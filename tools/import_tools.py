@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import secrets
-import webbrowser
 from typing import Annotated
 
 import msgspec
@@ -82,6 +81,8 @@ def _can_open_browser(state: ServerState) -> bool:
 
 
 async def _open_browser(url: str) -> None:
+    import webbrowser  # only here: it imports shutil and friends, for every start otherwise
+
     try:
         await asyncio.wait_for(asyncio.to_thread(webbrowser.open, url), timeout=3)
     except Exception as exc:

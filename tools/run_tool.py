@@ -21,6 +21,7 @@ from tools.budget import as_text
 from tools.convert import decode_stream
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
+from tools.refs import split_ref
 from tools.state import ServerState
 from tools.waiting import OutputTail, follow_until_terminal
 
@@ -132,11 +133,22 @@ def check_c_strings(params: RunParams) -> None:
             )
 
 
+async def spawn_source(state: ServerState, ref: str, principal: str | None) -> str:
+    """The spawn request's `image` for a reference. An unscoped server on the embedded engine sends a tag
+    as `tag:<tag>`, which the engine resolves as it creates the instance (the Contree API allows it): one
+    request fewer per run, the same answer for a missing tag. Otherwise the tools resolve it: a scoped
+    principal's own tags live in this server, and the cloud's answer for a missing tag is not the tools'."""
+    if state.backend_kind == "local" and not state.images.scoped:
+        uuid, tag = split_ref(ref)
+        return uuid if uuid is not None else f"tag:{tag}"
+    return await state.images.resolve(ref, principal)
+
+
 async def build_request(
     params: RunParams, state: ServerState, principal: str | None
 ) -> api.InstanceSpawnRequest:
     check_c_strings(params)
-    image = await state.images.resolve(params.image, principal)
+    image = await spawn_source(state, params.image, principal)
     files: dict[str, api.InjectedFile] = {}
     if params.directory_state_id is not None:
         files.update(await state.dirstates.injected_files(principal, params.directory_state_id))

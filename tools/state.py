@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from contree import api
 from contree.backend import Backend
 from tools.budget import RESULT_BUDGET
-from tools.guides.catalog import Catalog, describe_images
+from tools.guides.catalog import Catalog, CatalogCache, describe_images
 from tools.guides.guidance import Guidance
 from tools.stores.owners import OperationOwners
 
@@ -50,6 +50,7 @@ class ServerState:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     _caps: dict[str, int] = field(default_factory=dict)
     catalog: Catalog | None = None  # the backend's tagged images and what they contain (local only)
+    catalog_cache: CatalogCache | None = None  # what each image contains, by UUID (local only)
     _catalog_at: float = 0.0
 
     def remember_cap(self, operation_id: str, cap: int) -> None:
@@ -82,9 +83,17 @@ class ServerState:
         loop = asyncio.get_running_loop()
         stale = self.catalog is None or loop.time() - self._catalog_at > CATALOG_TTL
         if self.backend_kind == "local" and stale:
-            self.catalog = await describe_images(self.backend, shared_only=self.owners.scoped)
+            await self.read_catalog()
             self._catalog_at = loop.time()
         return self.guidance_now()
+
+    async def read_catalog(self) -> Catalog:
+        """Read the backend's images into `catalog` (`tools.cli` does at start-up, for the instructions;
+        the first `guidance()` reads them again)."""
+        self.catalog = await describe_images(
+            self.backend, shared_only=self.owners.scoped, cache=self.catalog_cache
+        )
+        return self.catalog
 
     def guidance_now(self) -> Guidance:
         """`guidance()` with the images last read (at start-up: `tools.cli` reads them first)."""

@@ -9,13 +9,12 @@ import contextlib
 import hashlib
 import os
 import secrets
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 from msgspec import Meta
 
-from contree.sync import DEFAULT_EXCLUDES, Excludes, StateCache, SyncError, sync_tree, transfer_for
-from contree.sync.chunker import FileChangedError
+from contree.sync import DEFAULT_EXCLUDES
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.errors import backend_errors
@@ -23,6 +22,9 @@ from tools.models import DownloadOutput, DownloadSource, UploadOutput
 from tools.roots import expand, require_inside
 from tools.state import ServerState
 from tools.stores.dirstate import ManifestEntry, ensure_blob, sha256_file
+
+if TYPE_CHECKING:
+    from contree.sync import StateCache
 
 
 class RsyncParams(msgspec.Struct, kw_only=True):
@@ -142,6 +144,8 @@ class _SyncCache:
         self._cache: StateCache | None = None
 
     def get(self) -> StateCache:
+        from contree.sync import StateCache
+
         if self._cache is None:
             self._cache = StateCache(self.path)
             self._cache.prune(SYNC_CACHE_RETENTION)  # by last use (COMPAT §15.39)
@@ -180,6 +184,10 @@ GUIDES:
         annotations=ToolAnnotations(read_only=False, destructive=False, idempotent=True, open_world=False),
     )
     async def rsync(params: RsyncParams, ctx: RequestContext) -> int:
+        # the sync machinery (chunker, scanner, transfers) loads with the first sync, not at start-up
+        from contree.sync import Excludes, SyncError, sync_tree, transfer_for
+        from contree.sync.chunker import FileChangedError
+
         source = expand(params.source, "source")
         if not await asyncio.to_thread(os.path.lexists, source):
             raise ToolError(f"source path does not exist: {source}")

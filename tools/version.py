@@ -1,15 +1,7 @@
-"""The installed package version (the server reports its own version, never an SDK's)."""
+"""The server's own version (it reports its own, never an SDK's)."""
 
 from __future__ import annotations
 
-from importlib import metadata
+from contree.version import VERSION as __version__
 
-
-def package_version() -> str:
-    try:
-        return metadata.version("contree-mcp")
-    except metadata.PackageNotFoundError:  # running from a source tree without installing
-        return "0.0.0+source"
-
-
-__version__ = package_version()
+__all__ = ["__version__"]

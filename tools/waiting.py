@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from contree import api
-from contree.backend import Backend
+from contree.backend import Backend, RecordFollower
 from contree.errors import BackendError, Gone, TooEarly, Unavailable
 
 log = logging.getLogger(__name__)
@@ -34,22 +34,34 @@ async def follow_until_terminal(
 
     Returns the last operation record seen, terminal unless the deadline passed first. Stream errors
     (425/410/5xx, dropped connections) resume from the last event id; a backend without an event log
-    for this operation kind is polled instead.
+    for this operation kind is polled instead. A backend whose stream ends with the record (the engine
+    service's `follow_to_end`) saves the request for it.
     """
     loop = asyncio.get_running_loop()
+    follower = backend if isinstance(backend, RecordFollower) else None
     last_id: int | None = None
     failures = 0
     while loop.time() < deadline and failures < 5:
         completed = False
+        record: api.OperationResponse | None = None
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                async for event in backend.events(operation_id, follow=True, since=last_id):
+                stream = (
+                    follower.follow_to_end(operation_id, since=last_id)
+                    if follower is not None
+                    else backend.events(operation_id, follow=True, since=last_id)
+                )
+                async for event in stream:
+                    if isinstance(event, api.OperationResponse):
+                        record = event
+                        break
                     last_id = event.id
                     if on_event is not None:
                         await on_event(event)
                     if event.type == "completion":
                         completed = True
-                        break
+                        if follower is None:
+                            break  # else the record follows
         except TimeoutError:
             break
         except (TooEarly, Gone, Unavailable) as exc:
@@ -60,6 +72,8 @@ async def follow_until_terminal(
             # includes 404: CANCELLED operations drop their event log; get_operation below tells the truth
             log.debug("event stream of %s unavailable (%s); polling", operation_id, exc)
             failures += 1
+        if record is not None and record.status in api.TERMINAL_STATUSES:
+            return record
         op = await backend.get_operation(operation_id)
         if op.status in api.TERMINAL_STATUSES:
             return op

@@ -11,9 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import aiohttp
 import msgspec
 
 from contree.errors import BackendError, Forbidden, Unauthorized
@@ -27,7 +26,11 @@ from contree.oci.auth import (
     url_is_safe_for_secrets,
 )
 from contree.oci.reference import DOCKER_HUB, DOCKER_HUB_API, registry_host
-from contree.oci.registry import RegistryClient, Timeouts
+
+if TYPE_CHECKING:
+    # the registry client (aiohttp) is loaded when credentials are checked: the MCP server imports this
+    # module for its store, and must not pay aiohttp's import before it answers `initialize`
+    from contree.oci.registry import RegistryClient, Timeouts
 
 PAT_PAGES: dict[str, str] = {
     "docker.io": "https://app.docker.com/settings/personal-access-tokens",
@@ -160,6 +163,10 @@ async def validate_credentials(
 ) -> CredentialCheck:
     """Check credentials against the registry: Basic realm → Basic on `/v2/`; Bearer realm → the token
     endpoint with Basic. Only a definite 401/403 yields "invalid"."""
+    import aiohttp
+
+    from contree.oci.registry import RegistryClient, Timeouts
+
     host = registry_host(registry_url)
     api_host = DOCKER_HUB_API if host == DOCKER_HUB else host
     creds = Credentials(username=username, password=token)

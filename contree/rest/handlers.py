@@ -24,7 +24,7 @@ from contree.backend import (
     OutputReader,
 )
 from contree.errors import BadRequest, NotFound
-from contree.rest import params
+from contree.rest import params, sse
 from contree.rest.events import stream_events
 from contree.sandbox_api import MAX_WAIT, SandboxHost
 
@@ -222,12 +222,7 @@ class Handlers:
         op = params.operation_uuid(request.match_info["op"])
         result = await self.backend.get_operation(op, inflight=params.flag(request.query, "inflight"))
         wait = POLL_INTERVAL_QUEUED if result.status == "PENDING" else POLL_INTERVAL_RUNNING
-        body: dict[str, Any] = msgspec.to_builtins(result)
-        # `result` and `metadata` are objects, not nullable: absent until known (the client reads None).
-        for name in ("result", "metadata"):
-            if body.get(name) is None:
-                body.pop(name, None)
-        return json_response(body, headers={"Retry-After": str(wait)})
+        return json_response(_operation_body(result), headers={"Retry-After": str(wait)})
 
     async def cancel_operation(self, request: web.Request) -> web.StreamResponse:
         await self.backend.cancel_operation(params.operation_uuid(request.match_info["op"]))
@@ -243,7 +238,15 @@ class Handlers:
         if last is not None and last.strip():
             since = params.int_value(last, "Last-Event-Id", lo=0)
         iterator = self.backend.events(op, follow=follow, spid=spid, since=since)
-        return await stream_events(request, iterator, keepalive=self.keepalive)
+        record = None
+        if params.flag(q, "record"):
+            # beyond the API: a stream that ends with `completion` then carries the operation's record, so
+            # a follower needs no GET for it (the engine service's clients ask for this)
+            async def record() -> bytes:
+                final = await self.backend.get_operation(op)
+                return sse.record_frame(_encoder.encode(_operation_body(final)))
+
+        return await stream_events(request, iterator, keepalive=self.keepalive, record=record)
 
     async def create_subprocess(self, request: web.Request) -> web.StreamResponse:
         op = params.operation_uuid(request.match_info["op"])
@@ -403,3 +406,12 @@ def _parse_signal(value: str) -> str | int:
     if not isinstance(getattr(signals, name, None), signals.Signals):
         raise BadRequest(f"unknown signal: {value!r}")
     return name
+
+
+def _operation_body(result: api.OperationResponse) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(result)
+    # `result` and `metadata` are objects, not nullable: absent until known (the client reads None).
+    for name in ("result", "metadata"):
+        if body.get(name) is None:
+            body.pop(name, None)
+    return body

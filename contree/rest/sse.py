@@ -23,6 +23,15 @@ def event_frame(event: api.OperationEvent) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), _encoder.encode(event))
 
 
+RECORD_EVENT = "operation"
+
+
+def record_frame(body: bytes) -> bytes:
+    """The operation's record after `completion` (an extension a client asks for with `record=1`): no id,
+    so resuming from the last event id never replays it."""
+    return b"event: " + RECORD_EVENT.encode() + b"\ndata: " + body + b"\n\n"
+
+
 def error_frames(message: str) -> bytes:
     # data must stay on one line or the client would see several data fields joined by \n.
     one_line = " ".join(message.splitlines()) or "stream error"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -265,6 +264,8 @@ def stop_main(argv: Sequence[str] | None = None) -> int:
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
+    import json  # only for --json
+
     from contree.service.control import ServiceUnresponsive, probe
 
     parser = argparse.ArgumentParser(

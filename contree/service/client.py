@@ -5,6 +5,9 @@ did in-process before: image lineage, imports checked against its own allowed ro
 store (only chunks the engine lacks travel). While open it holds an attach stream, so the service counts
 it as a client and does not exit idle under it. When the service has gone (stopped, killed) the next
 request starts a new one and is sent again.
+
+Reaching the service and attaching need no aiohttp (the stdlib control client, an asyncio stream for the
+lease), so an MCP server can answer `initialize` before paying for that import (see contree.client).
 """
 
 from __future__ import annotations
@@ -12,26 +15,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
 
-import aiohttp
 import msgspec
-from yarl import URL
 
 from contree import api
-from contree.backend import ImageLineage
+from contree.backend import ImageLineage, ImageQuery
 from contree.client import RemoteBackend
-from contree.errors import Unavailable
+from contree.errors import Unavailable, error_for_status
 from contree.service import control
 from contree.service.paths import SocketAddress, address, socket_path
 from contree.service.starter import EngineStartError, ensure_service
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 log = logging.getLogger("contree.service")
 
 ROOT = "http://localhost"  # a loopback name: the REST guard refuses any other Host
 LEASE_RETRY = 1.0  # seconds between attempts to re-attach after the service went away
+LEASE_CONNECT_TIMEOUT = 5.0
 LEASE_READ_TIMEOUT = 120.0  # several missed heartbeats: the service hangs or is gone
 
 _msgpack = msgspec.msgpack.Encoder()
@@ -95,10 +102,26 @@ class ServiceBackend(RemoteBackend):
             self._lease = asyncio.get_running_loop().create_task(self._hold_lease(), name="engine-lease")
         return self.status
 
-    def _make_connector(self) -> aiohttp.BaseConnector | None:
+    @property
+    def socket(self) -> Path:
+        """The service's socket: the home's own, or a shared service's."""
+        return self.shared_socket or socket_path(self.home)
+
+    def _socket_path(self) -> str:
         if self._address is None:
-            self._address = address(self.shared_socket or socket_path(self.home))
-        return aiohttp.UnixConnector(path=self._address.path)
+            self._address = address(self.socket)
+        return self._address.path
+
+    def _make_connector(self) -> aiohttp.BaseConnector | None:
+        import aiohttp
+
+        return aiohttp.UnixConnector(path=self._socket_path())
+
+    @staticmethod
+    def _engine_url(path: str) -> URL:
+        from yarl import URL
+
+        return URL(ROOT + path)
 
     async def _reconnect(self) -> bool:
         """The socket refused us: the service has gone. Start (or find) its successor."""
@@ -125,17 +148,30 @@ class ServiceBackend(RemoteBackend):
         return status, False
 
     async def _hold_lease(self) -> None:
-        """Keep one attach stream open while this backend lives; re-attach (never start) after drops."""
-        url = URL(ROOT + control.ATTACH_PATH).with_query(name=self.client_name)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=LEASE_READ_TIMEOUT)
+        """Keep one attach stream open while this backend lives; re-attach (never start) after drops.
+        The stream's content (heartbeat comments) does not matter, only that it stays open."""
+        request = (
+            f"GET {control.ATTACH_PATH}?name={quote(self.client_name)} HTTP/1.1\r\n"
+            "Host: localhost\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that meets a finished read
             try:
-                async with self._get_session().get(url, timeout=timeout) as response:
-                    if response.status == 200:
+                async with asyncio.timeout(LEASE_CONNECT_TIMEOUT):
+                    reader, writer = await asyncio.open_unix_connection(self._socket_path())
+                try:
+                    writer.write(request)
+                    async with asyncio.timeout(LEASE_READ_TIMEOUT):
+                        status = await reader.readline()
+                    if status.split(b" ", 2)[1:2] == [b"200"]:
                         self.attached.set()
-                        async for _ in response.content.iter_any():
-                            pass
-            except (aiohttp.ClientError, OSError, TimeoutError):
+                        while True:
+                            async with asyncio.timeout(LEASE_READ_TIMEOUT):
+                                if not await reader.read(4096):
+                                    break
+                finally:
+                    writer.close()
+            except (OSError, TimeoutError):
                 pass
             self.attached.clear()
             await asyncio.sleep(LEASE_RETRY)
@@ -151,11 +187,34 @@ class ServiceBackend(RemoteBackend):
             self._address.close()
             self._address = None
 
+    def follow_to_end(
+        self, operation_id: str, *, since: int | None = None
+    ) -> AsyncIterator[api.OperationEvent | api.OperationResponse]:
+        """`events(follow=True)`, then the operation's record once `completion` came: the engine sends it
+        on the same stream, so a follower needs no request after the run ended."""
+        return self._follow_events(operation_id, follow=True, spid=None, since=since, record=True)
+
+    async def list_images(self, query: ImageQuery) -> list[api.Image]:
+        if self._session is None:
+            # Nothing has needed the HTTP client yet (start-up: the instructions list the images), so
+            # this one request goes through the stdlib control client instead of loading aiohttp.
+            path = f"/v1/images?{urlencode(self._image_query(query))}"
+            try:
+                listing = await asyncio.to_thread(control.get_json, self.socket, path, api.ImageListResponse)
+                return listing.images
+            except control.ControlError as exc:
+                if exc.status < 500 and exc.status not in (425, 429):
+                    raise error_for_status(exc.status, exc.message) from None
+            except (control.ServiceGone, control.ServiceUnresponsive, OSError):
+                pass
+            # the HTTP client retries, reconnects (or starts a successor), or says why it cannot
+        return await super().list_images(query)
+
     # ------------------------------------------------------------ what the engine adds to the API
 
     async def image_lineage(self, image_uuid: str) -> ImageLineage:
         """Parent, children, ancestors, root and depth (the engine's own records, `LineageReader`)."""
-        url = URL(ROOT + control.LINEAGE_PATH.format(uuid=self._image(image_uuid)))
+        url = self._engine_url(control.LINEAGE_PATH.format(uuid=self._image(image_uuid)))
         return await self._json(ImageLineage, "GET", url)
 
     async def import_image(self, request: api.ImageImportRequest) -> str:
@@ -165,7 +224,7 @@ class ServiceBackend(RemoteBackend):
         result = await self._json(
             api.ImageImportResponse,
             "POST",
-            URL(ROOT + control.IMPORT_PATH),
+            self._engine_url(control.IMPORT_PATH),
             payload=payload,
             idempotent=False,
             ok=(201, 200),
@@ -176,7 +235,7 @@ class ServiceBackend(RemoteBackend):
         # Everything here is content-addressed, so a replay is harmless: idempotent.
         response = await self._request(
             "POST",
-            URL(ROOT + path),
+            self._engine_url(path),
             body=_msgpack.encode(payload),
             content_type=control.MSGPACK,
             idempotent=True,

@@ -16,14 +16,14 @@ import os
 import select
 import socket
 import struct
-from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
 from contree import api
 from contree.service.paths import SOCKET_NAME, address, socket_path
+from contree.version import VERSION
 
 # Bumped whenever a client of one API level could not use a service of another (control routes, the
 # private engine routes); the /v1 REST API itself follows the Contree spec and does not change with it.
@@ -40,15 +40,13 @@ FILES_MISSING_PATH = "/engine/v1/files/missing"
 FILES_ASSEMBLE_PATH = "/engine/v1/files/assemble"
 MSGPACK = "application/msgpack"
 
+T = TypeVar("T")
 ServiceState = Literal["starting", "ready", "stopping", "retiring"]
 StopMode = Literal["drain", "now", "idle"]
 
 
 def package_version() -> str:
-    try:
-        return metadata.version("contree-mcp")
-    except metadata.PackageNotFoundError:  # a source tree that was not installed
-        return "0.0.0+source"
+    return VERSION
 
 
 class ClientInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -168,17 +166,7 @@ class ControlConnection:
             raise
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        conn = _UnixHTTPConnection(self._sock, self.timeout)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        except (ConnectionError, http.client.HTTPException) as exc:
-            raise ServiceGone(f"the engine service closed the connection: {exc}") from None
-        except TimeoutError:
-            reason = f"the engine service did not answer within {self.timeout:g} s"
-            raise ServiceUnresponsive(reason) from None
+        return _exchange(self._sock, self.timeout, method, path, body)
 
     def _status(self) -> ServiceStatus:
         status, raw = self._request("GET", STATUS_PATH)
@@ -218,6 +206,37 @@ class ControlConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def get_json(socket: Path, path: str, kind: type[T], *, timeout: float = 5.0) -> T:
+    """One GET on a service's socket (any route, e.g. of the `/v1` API), decoded as `kind`; ControlError
+    for an error status. For a client that has not loaded its HTTP client yet (start-up)."""
+    sock = _connect(socket, timeout)
+    try:
+        status, raw = _exchange(sock, timeout, "GET", path, None)
+    finally:
+        sock.close()
+    if status != 200:
+        raise ControlError(status, _message(raw))
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.MsgspecError as exc:
+        raise ControlError(502, f"GET {path}: malformed response: {exc}") from None
+
+
+def _exchange(
+    sock: socket.socket, timeout: float, method: str, path: str, body: bytes | None
+) -> tuple[int, bytes]:
+    conn = _UnixHTTPConnection(sock, timeout)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (ConnectionError, http.client.HTTPException) as exc:
+        raise ServiceGone(f"the engine service closed the connection: {exc}") from None
+    except TimeoutError:
+        raise ServiceUnresponsive(f"the engine service did not answer within {timeout:g} s") from None
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:

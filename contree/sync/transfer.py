@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
 from contree import api
 from contree.backend import Backend
-from contree.engine.storage.blobs import BlobStore
 from contree.errors import NotFound
 from contree.sync.chunker import Chunk, FileChangedError, FileDigest, open_file, read_chunks
+
+if TYPE_CHECKING:
+    from contree.engine.storage.blobs import BlobStore  # the engine's, loaded only where an engine runs
 
 _STREAM = 1024 * 1024
 UPLOAD_CONCURRENCY = 8  # concurrent backend calls per sync
@@ -64,8 +66,11 @@ def transfer_for(backend: Backend, target: str | None = None) -> Transfer:
     """The engine's chunk store when the backend has one (in this process, or the engine service's),
     else the plain Backend file API."""
     blobs = getattr(backend, "blobs", None)
-    if isinstance(blobs, BlobStore):
-        return ChunkTransfer(blobs, target or f"engine:{blobs.root}")
+    if blobs is not None:
+        from contree.engine.storage.blobs import BlobStore
+
+        if isinstance(blobs, BlobStore):
+            return ChunkTransfer(blobs, target or f"engine:{blobs.root}")
     store = getattr(backend, "chunk_store", None)
     if store is not None:
         return RemoteChunkTransfer(store, target or store.target)

@@ -251,3 +251,55 @@ def test_non_pollable_stdin_is_served_and_exits_on_eof(source: str, tmp_path: Pa
         )
     assert done.returncode == 0, done.stderr.decode()
     assert [msgspec.json.decode(line) for line in done.stdout.splitlines()] == expected
+
+
+async def test_idle_is_called_once_after_an_answer_when_no_work_is_in_flight() -> None:
+    # the server loads what later requests need there (tools.cli: the backend's HTTP client), so it
+    # must come after the handshake's answer and never while a request is being served
+    from protocol.registry import RequestContext, ToolResult
+    from protocol.server import Server
+    from protocol.stdio import IDLE_AFTER, serve_stdio
+    from protocol.testing.conformance import build_registry
+
+    registry = build_registry("1")
+    release = asyncio.Event()
+
+    @registry.tool("gated", description="Answers once the test lets it.")
+    async def gated(ctx: RequestContext) -> ToolResult:
+        await release.wait()
+        return ToolResult(content=[])
+
+    class Collect:
+        def __init__(self) -> None:
+            self.lines: list[Any] = []
+
+        def write(self, data: bytes) -> None:
+            self.lines += [msgspec.json.decode(line) for line in data.splitlines() if line]
+
+        async def drain(self) -> None:
+            return None
+
+    out = Collect()
+    idle: list[list[Any]] = []
+    reader = asyncio.StreamReader()
+    serving = asyncio.ensure_future(
+        serve_stdio(Server(registry), reader, out, idle=lambda: idle.append(out.lines[:]))
+    )
+    await asyncio.sleep(IDLE_AFTER * 3)
+    assert idle == []  # nothing answered yet: the handshake must not wait for the server's preparations
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "gated", "arguments": {}}}
+    reader.feed_data(msgspec.json.encode(INIT) + b"\n" + msgspec.json.encode(INITIALIZED) + b"\n")
+    reader.feed_data(msgspec.json.encode(call) + b"\n")
+    await asyncio.sleep(IDLE_AFTER * 3)
+    assert idle == [] and [line["id"] for line in out.lines] == [0]  # the call is still in flight
+    release.set()
+    for _ in range(100):
+        if idle:
+            break
+        await asyncio.sleep(IDLE_AFTER / 2)
+    assert len(idle) == 1 and [line["id"] for line in idle[0]] == [0, 1]
+    reader.feed_data(b'{"jsonrpc":"2.0","id":2,"method":"ping"}\n')
+    await asyncio.sleep(IDLE_AFTER * 3)
+    reader.feed_eof()
+    await asyncio.wait_for(serving, 5)
+    assert len(idle) == 1 and [line["id"] for line in out.lines] == [0, 1, 2]

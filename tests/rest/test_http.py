@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
 from contree import api
+from contree.client import RemoteBackend
+from contree.rest import build_app
 from contree.rest.sse import SseParser
 from tests.fake_backend import FakeBackend
 from tests.rest.conftest import TOKEN
@@ -272,6 +277,107 @@ async def test_sse_follow_keepalive_then_events(http: aiohttp.ClientSession, fak
         fake.hold.set()
         frames = await asyncio.wait_for(read_frames(r), 5)
     assert [f[0] for f in frames] == ["stdout", "exit", "completion"]
+
+
+async def test_sse_record_follows_completion_when_asked(
+    http: aiohttp.ClientSession, client: RemoteBackend, fake: FakeBackend
+) -> None:
+    """`record=1` (beyond the API, what the engine service's clients ask for): a stream that ended with
+    `completion` carries the operation's record after it, as an `operation` frame without an id; a stream
+    that ends otherwise (a spid filter) or was not asked for it does not."""
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    await asyncio.sleep(0.05)
+    async with http.get(f"/v1/operations/{op}/events", params={"follow": "1", "record": "1"}) as r:
+        frames = await read_frames(r)
+    assert [f[0] for f in frames] == ["init", "spawn", "stdout", "exit", "completion", "operation"]
+    assert frames[-1][1] is None
+    record = msgspec.json.decode(frames[-1][2], type=api.OperationResponse)
+    assert record == await client.get_operation(op) and record.status == "SUCCESS"
+    async with http.get(f"/v1/operations/{op}/events", params={"spid": "1", "record": "1"}) as r:
+        assert [f[0] for f in await read_frames(r)] == ["spawn", "stdout", "exit"]
+    async with http.get(f"/v1/operations/{op}/events", params={"follow": "1"}) as r:
+        assert [f[0] for f in await read_frames(r)][-1] == "completion"
+    # the client's follower yields the record last, once, also when it starts after some events
+    seen = [e async for e in client._follow_events(op, follow=True, spid=None, since=1, record=True)]
+    assert [getattr(e, "type", None) for e in seen] == ["stdout", "exit", "completion", None]
+    assert seen[-1] == record
+
+
+async def test_a_followed_stream_read_to_its_end_leaves_its_connection_open(
+    http: aiohttp.ClientSession, client: RemoteBackend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower that stops at the record (or at `completion`) still reads the stream's end, so the next
+    request reuses the connection instead of opening one (the engine service's runs: one connection),
+    also when the end comes a little after the last event."""
+    events = fake.events
+
+    async def late_end(*args: Any, **kwargs: Any) -> AsyncIterator[api.OperationEvent]:
+        async for event in events(*args, **kwargs):
+            yield event
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(fake, "events", late_end)
+    opened = []
+    create = aiohttp.TCPConnector._create_connection
+
+    async def counted(self: aiohttp.TCPConnector, *args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return await create(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_create_connection", counted)
+    async with http.post("/v1/instances", json=SPAWN) as r:
+        op = (await r.json())["uuid"]
+    await asyncio.sleep(0.05)
+    await client.get_operation(op)
+    opened.clear()  # the client's connection is open now
+    for record in (True, False):
+        stream = client._follow_events(op, follow=True, spid=None, since=None, record=record)
+        async for event in stream:
+            if isinstance(event, api.OperationResponse) or (not record and event.type == "completion"):
+                break
+        await stream.aclose()  # what the loop's finaliser does for a dropped generator
+        await client.get_operation(op)
+    assert opened == []
+
+
+async def test_sse_quiet_follower_ends_once_its_client_is_gone(
+    fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower of an operation that writes nothing: the first keepalive after its client left ends the
+    stream (and closes the backend's event iterator), not the operation's next event. Served as the
+    engine service and serve-api serve (aiohttp does not cancel a handler whose client left; the test
+    server would)."""
+    closed = asyncio.Event()
+    events = fake.events
+
+    async def watched(*args: Any, **kwargs: Any) -> AsyncIterator[api.OperationEvent]:
+        try:
+            async for event in events(*args, **kwargs):
+                yield event
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(fake, "events", watched)
+    runner = web.AppRunner(build_app(fake, token=TOKEN, keepalive=0.2), access_log=None)
+    await runner.setup()
+    fake.hold.clear()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+            async with http.post("/v1/instances", json=SPAWN) as r:
+                op = (await r.json())["uuid"]
+            async with http.get(f"/v1/operations/{op}/events", params={"follow": "1", "since": "1"}) as r:
+                assert await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5) == b": keepalive\n\n"
+                r.close()  # the client leaves while the operation still runs
+            await asyncio.wait_for(closed.wait(), 5)  # keepalive=0.2 s
+        assert fake.ops[op].status not in api.TERMINAL_STATUSES
+    finally:
+        fake.hold.set()
+        await runner.cleanup()
 
 
 async def test_sse_too_early_keeps_its_status(http: aiohttp.ClientSession, fake: FakeBackend) -> None:

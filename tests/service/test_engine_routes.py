@@ -3,6 +3,7 @@ engine when it opens a local image source, the engine's lineage, and the sync ch
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -71,3 +72,40 @@ async def test_lineage_and_chunks_through_the_socket(engine_home: Path) -> None:
         assert await store.missing_files([whole.uuid, small.uuid, unknown]) == {unknown}
         got = await client.get_file(whole.sha256)
         assert got.uuid == whole.uuid
+
+
+async def test_a_run_followed_through_the_socket_ends_with_its_record(engine_home: Path) -> None:
+    """The service's event stream ends with the operation's record (`follow_to_end`), so following a run
+    to its end takes no request after `completion`; the record is the one a GET returns."""
+    from contree.backend import RecordFollower
+    from tools.waiting import follow_until_terminal
+
+    async with service_client(engine_home) as client:
+        assert isinstance(client, RecordFollower)
+        request = api.InstanceSpawnRequest(command="echo hi", image="tag:busybox:latest", shell=True)
+        spawned = await client.spawn(request)
+        seen = [e async for e in client.follow_to_end(spawned.uuid)]
+        assert [getattr(e, "type", None) for e in seen[-2:]] == ["completion", None]
+        record = seen[-1]
+        assert isinstance(record, api.OperationResponse) and record.status == "SUCCESS"
+        assert record == await client.get_operation(spawned.uuid)
+
+        gets = []
+        real_get = client.get_operation
+
+        async def counted(operation_id: str, *, inflight: bool = False) -> api.OperationResponse:
+            gets.append(operation_id)
+            return await real_get(operation_id, inflight=inflight)
+
+        client.get_operation = counted  # type: ignore[method-assign]
+        again = await client.spawn(request)
+        loop = asyncio.get_running_loop()
+        seen_types: list[str] = []
+
+        async def on_event(event: api.OperationEvent) -> None:
+            seen_types.append(event.type)
+
+        done = await follow_until_terminal(client, again.uuid, loop.time() + 60, on_event)
+        assert done.status == "SUCCESS" and done.uuid == again.uuid and gets == []
+        assert seen_types[-1] == "completion" and "stdout" in seen_types
+        assert (done.metadata or {}).get("result", {}).get("stdout", {}).get("value") == "hi\n"

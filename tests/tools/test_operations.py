@@ -171,3 +171,27 @@ async def test_run_wait_survives_an_event_log_that_is_gone(tmp_path: Path) -> No
     reg, _ = make_registry(backend, tmp_path)
     out = await call(reg, "run", {"command": "sleep 9", "image": "busybox:latest"})
     assert not out.get("isError") and out["structuredContent"]["result"]["status"] == "CANCELLED"
+
+
+async def test_run_on_the_embedded_engine_sends_a_tag_for_the_engine_to_resolve(tmp_path: Path) -> None:
+    """Unscoped, on the local backend, a tag goes in the spawn request as `tag:<tag>` (one request fewer);
+    a UUID goes as it is; a missing tag fails the same way as when the tools resolve it. A scoped server
+    resolves in the tools (a principal's own tags live there), and so does one on the Contree API."""
+    errors = []
+    for kind, scoped in (("local", False), ("contree", False), ("local", True)):
+        backend = FakeBackend()
+        home = tmp_path / f"{kind}-{scoped}"
+        reg, state = make_registry(backend, home, kind=kind, scoped_operations=scoped)
+        for image in ("busybox:latest", "tag:busybox:latest", backend.busybox.upper()):
+            out = await call(reg, "run", {"command": "true", "image": image, "wait": False})
+            assert not out.get("isError"), out
+        sent = [r.image for r in backend.spawned]
+        if kind == "local" and not scoped:
+            assert sent == ["tag:busybox:latest", "tag:busybox:latest", backend.busybox]
+        else:
+            assert sent == [backend.busybox] * 3
+        missing = await call(reg, "run", {"command": "true", "image": "no-such:tag", "wait": False})
+        assert missing["isError"]
+        errors.append(missing["content"][0]["text"])
+        await state.close()
+    assert errors[0] == errors[1] and "no-such:tag" in errors[0], errors

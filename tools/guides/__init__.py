@@ -10,7 +10,7 @@ This module loads the sections (GUIDES, guide_text), shared by get_guide and the
 from __future__ import annotations
 
 from functools import cache
-from importlib import resources
+from pathlib import Path
 
 from tools.guides.guidance import Guidance
 
@@ -21,7 +21,8 @@ GUIDES: tuple[str, ...] = (
 
 @cache
 def _raw(section: str) -> str:
-    return resources.files("tools.guides").joinpath(f"{section}.md").read_text(encoding="utf-8")
+    # beside this file (importlib.resources would cost every start a few ms of imports for the same)
+    return Path(__file__).with_name(f"{section}.md").read_text(encoding="utf-8")
 
 
 def guide_text(section: str, guidance: Guidance | str) -> str:
