@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypeVar
-
-from yarl import URL
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from contree import api
 from contree.sandbox_api import (
@@ -23,6 +21,9 @@ from contree.sandbox_api import (
     StopSandboxRequest,
     process_exited,
 )
+
+if TYPE_CHECKING:
+    from yarl import URL  # aiohttp's, imported with it: not before a stdio server answered `initialize`
 
 T = TypeVar("T")
 
