@@ -7,7 +7,7 @@ it as a client and does not exit idle under it. When the service has gone (stopp
 request starts a new one and is sent again.
 
 Reaching the service and attaching need no aiohttp (the stdlib control client, an asyncio stream for the
-lease), so an MCP server can answer `initialize` before paying for that import (see contree.client).
+lease), so an MCP server can answer `initialize` before paying for that import (see contree.client_transport).
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ async def test_follow_survives_long_streams_cut_by_a_proxy(
     faulty: tuple[Script, RemoteBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     script, client = faulty
-    monkeypatch.setattr("contree.client.HEALTHY_STREAM_SECONDS", 0.0)  # every stream counts as long
+    monkeypatch.setattr("contree.client_events.HEALTHY_STREAM_SECONDS", 0.0)  # every stream counts as long
     quiet_follow_routes(script, running_for=8)
     assert [e async for e in client.events(OP, follow=True)] == []
     assert script.calls[f"GET /v1/operations/{OP}/events"] == 10  # first, 8 reconnects, final drain
