@@ -14,11 +14,16 @@ PYTEST_ARGS ?=
 # python3-venv: the throwaway user's own venv (tests/rootless_env.py).
 APT_PACKAGES := crun runc runsc slirp4netns passt uidmap iptables iproute2 busybox-static mmdebstrap \
 	ripgrep skopeo umoci docker-registry apache2-utils openssl zstd chromium ca-certificates curl \
-	qemu-system-x86 linux-image-amd64 cpio python3-venv
+	qemu-system-x86 linux-image-amd64 cpio python3-venv gcc libc6-dev
+# contree-init (PID 1 of long-lived sandboxes) is a static C binary built next to its source.
+NATIVE_INIT := contree/engine/runtime/native/contree-init
 
 .PHONY: install install-system install-python install-validators run serve-stdio bootstrap test lint bench clean check-api
 
-install: install-system install-python install-validators
+install: install-system install-python install-validators $(NATIVE_INIT)
+
+$(NATIVE_INIT): $(NATIVE_INIT).c
+	cc -static -O2 -Wall -Wextra -o $@.tmp $< && mv $@.tmp $@
 
 install-system: $(STAMPS)/system
 $(STAMPS)/system:

@@ -12,7 +12,8 @@ import sys
 import time
 import traceback
 
-AREAS = ("protocol", "engine", "sync", "oci", "rest", "userns", "surface", "output", "service", "rootless")
+AREAS = ("protocol", "engine", "sync", "oci", "rest", "userns", "surface", "output", "service", "rootless",
+         "sandboxes")
 
 
 def main(argv: list[str]) -> int:

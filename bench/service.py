@@ -120,12 +120,13 @@ async def _settle_local(engine: Any) -> None:
     await engine.drain()  # sandbox teardown runs after the result; keep it out of the next sample
 
 
-async def _settle_service(home: Path) -> None:
+async def _settle_service(home: Path, keep: int = 0) -> None:
+    """Until the service runs no more than `keep` operations (a long-lived sandbox is one)."""
     from contree.service.control import probe
 
     while True:
         status = await asyncio.to_thread(probe, home)
-        if status is None or status.running_operations + status.pending_operations == 0:
+        if status is None or status.running_operations + status.pending_operations <= keep:
             return
         await asyncio.sleep(0.005)
 

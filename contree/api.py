@@ -46,7 +46,9 @@ OperationEventType = Literal[
     "completion",
 ]
 GrepLineType = Literal["match", "context"]
-ShutdownReason = Literal["job_complete", "timeout", "spawn_failed", "signal"]
+# The cloud's four, then the embedded engine's long-lived sandboxes' ("additional categories may be added"):
+# stopped by stop_sandbox, idle for their ttl_seconds.
+ShutdownReason = Literal["job_complete", "timeout", "spawn_failed", "signal", "stopped", "idle_timeout"]
 StreamName = Literal["stdin", "stdout", "stderr"]
 TerminalStatus = Literal["SUCCESS", "FAILED", "CANCELLED"]
 
@@ -172,6 +174,9 @@ class ExecSpec(RequestBody, omit_defaults=True):
     gid: NonNegative = 0
     stdin: ClosableStreamRepr | None = None
     truncate_output_at: NonNegative = DEFAULT_TRUNCATE_OUTPUT_AT
+    # Extension (the API has none, CONTREE-API §14 #12): seconds before the process is killed. The
+    # embedded engine's long-lived sandboxes honour it; absent = as long as the instance runs.
+    timeout: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
 
 
 class InstanceSpawnRequest(RequestBody, omit_defaults=True):

@@ -1,8 +1,9 @@
 """`RemoteBackend`: the Backend over the Contree REST API (`{base}/v1`), one method per endpoint.
 
 The requests themselves (session, retries, error mapping, lazy aiohttp) are `contree.client_transport`'s,
-an operation's event stream is `contree.client_events`'s; both are bases of `RemoteBackend`, and the
-client's public names stay importable from here.
+an operation's event stream is `contree.client_events`'s, the embedded engine's sandbox extension
+`contree.client_sandboxes`'s; all are bases of `RemoteBackend`, and the client's public names stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from contree.backend import (
     OutputPage,
 )
 from contree.client_events import OperationEvents
+from contree.client_sandboxes import SandboxClient
 from contree.client_transport import UUID_RE
 from contree.client_transport import AuthType as AuthType
 from contree.client_transport import default_user_agent as default_user_agent
@@ -38,7 +40,7 @@ class _Deleted(msgspec.Struct):
     freed_bytes: int
 
 
-class RemoteBackend(OperationEvents):
+class RemoteBackend(OperationEvents, SandboxClient):
     """Backend over HTTP. `auth_type="iam"` sends `Project`; `"jwt"` sends the bearer token only."""
 
     def __repr__(self) -> str:  # never the token

@@ -29,7 +29,8 @@ CONTREE_FLOORS: list[tuple[str, tuple[str, ...]]] = [
      ("contree.engine.runtime", "contree.oci", "contree.sync")),
     ("the engine: operations, runs, snapshots, the LocalEngine façade", ("contree.engine",)),
     ("HTTP: the REST server of any Backend, the REST client",
-     ("contree.rest", "contree.client", "contree.client_transport", "contree.client_events")),
+     ("contree.rest", "contree.client", "contree.client_transport", "contree.client_events",
+      "contree.client_sandboxes")),
     ("the engine service and its client", ("contree.service",)),
     ("configuration: which Backend to open", ("contree.config",)),
 ]

@@ -24,14 +24,18 @@ The MCP tools (one module per family; each has `register…(registry, state)` fu
     info_tools.py       whoami, get_guide
     inspect_tools.py    list_files, read_file, grep
     disk_tools.py       delete_image
+    sandbox_tools.py    start_sandbox, exec, write_stdin, signal_process, get_process, expose_port,
+                        snapshot_sandbox, stop_sandbox, list_sandboxes (+ the process output resources)
 
 The rest of the MCP surface
     resources.py  guides, image and operation resource templates, completions
-    prompts.py    the ten prompts
+    prompts.py    the eleven prompts
     guides/       the guide texts and the guidance rendered for this backend (instructions, examples)
 
 What the tools share
     models.py       result Structs (outputSchema), `api` Structs reused where the shape is the same
+    sandbox_models.py  the sandbox tools' params and results
+    sandbox_hosts.py   where sandboxes live: the engine's /v1/sandboxes, or the cloud's subprocess API
     convert.py      backend (`contree.api`) Structs → result Structs
     output.py       a run's whole output: pages for the resources, heads and tails for results
     budget.py       how big a result may be (RESULT_BUDGET) and how to cut text to fit

@@ -23,6 +23,7 @@ from tools import (
     prompts,
     resources,
     run_tool,
+    sandbox_tools,
     sync_tools,
 )
 from tools.guides.catalog import CatalogCache
@@ -51,6 +52,8 @@ TOOLS: tuple[Callable[[Registry, ServerState], None], ...] = (
     inspect_tools.register,  # list_files, read_file, grep
     info_tools.register_guide,  # get_guide
     disk_tools.register,  # delete_image
+    sandbox_tools.register,  # start_sandbox, exec, write_stdin, signal_process, get_process, expose_port,
+    # snapshot_sandbox, stop_sandbox, list_sandboxes
 )
 
 

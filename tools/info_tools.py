@@ -79,8 +79,8 @@ def register_guide(registry: Registry, state: ServerState) -> None:
 TL;DR: PURPOSE: learn the workflow before the first run. COST: free.
 
 USAGE:
-- get_guide(section="workflow"); sections: workflow, reference, quickstart, state, async, tagging, errors.
-  The same text is at contree://guide/<section>.
+- get_guide(section="workflow"); sections: workflow, reference, quickstart, state, async, tagging, errors,
+  sandboxes (long-lived sandboxes). The same text is at contree://guide/<section>.
 
 RETURNS: {section, content, available_sections}
 

@@ -266,3 +266,32 @@ class SyncReport(api.Model):
 NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 JsonObject = dict[str, Any]
+
+
+class ProcessOutput(msgspec.Struct, kw_only=True):
+    """One process of a sandbox. `status`: running | exited | killed (by a signal) | timed_out. `stdout`/
+    `stderr` are the first bytes; when a stream was longer, `*_truncated` is set and `*_tail`, `*_bytes`
+    and `*_resource` say what the rest holds and where."""
+
+    sandbox_id: str
+    process_id: int
+    status: str
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    pid: int | None = None  # inside the sandbox
+    duration: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+    stdout_resource: str | None = None
+    stderr_resource: str | None = None
+    output_quota_exceeded: bool = False
+    output_bytes_kept: int | None = None
+    hint: str | None = None

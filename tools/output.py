@@ -17,8 +17,10 @@ from contree.backend import OutputPage, OutputReader
 from contree.errors import NotFound
 from tools.budget import as_text, fit_bytes, fit_prefix, json_len, result_size, utf8_boundary
 from tools.convert import head_length, operation_output, stream_raw
-from tools.models import OperationOutput
+from tools.models import OperationOutput, ProcessOutput
 from tools.state import ServerState
+
+Shaped = OperationOutput | ProcessOutput  # the results whose streams are shaped here
 
 STREAMS = ("stdout", "stderr")
 UTF8_SLACK = 3  # bytes read beyond a page's limit to finish its last character
@@ -60,13 +62,15 @@ class StreamPage(msgspec.Struct, kw_only=True):
 
 
 async def fetch(
-    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False
+    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False,
+    spid: int = 1,
 ) -> OutputPage:
-    """Raw bytes of a stream: from the engine's spill, else (cloud) from the recorded event log."""
-    page = await engine_page(state, operation_id, stream, offset=offset, limit=limit, tail=tail)
+    """Raw bytes of a process's stream (spid 1: the run's): from the engine's spill, else (cloud) from the
+    recorded event log."""
+    page = await engine_page(state, operation_id, stream, offset=offset, limit=limit, tail=tail, spid=spid)
     if page is not None:
         return page
-    whole, dropped, complete = await events_stream(state, operation_id, stream)
+    whole, dropped, complete = await events_stream(state, operation_id, stream, spid=spid)
     start = max(0, len(whole) - limit) if tail else offset
     if start > len(whole):
         raise ValueError(f"offset {offset} is beyond the end of {stream} ({len(whole)} bytes recorded)")
@@ -76,29 +80,35 @@ async def fetch(
 
 
 async def engine_page(
-    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False
+    state: ServerState, operation_id: str, stream: str, *, offset: int, limit: int, tail: bool = False,
+    spid: int = 1,
 ) -> OutputPage | None:
     """The engine's page of a stream; None when the backend keeps no whole output (remembered)."""
     backend = state.backend
     if not state.output_paging or not isinstance(backend, OutputReader):
         return None
     try:
-        return await backend.read_output(operation_id, stream, offset=offset, limit=limit, tail=tail)
+        return await backend.read_output(operation_id, stream, spid=spid, offset=offset, limit=limit,
+                                         tail=tail)
     except NotFound:
         # The callers checked that the operation exists: this server has no output paging.
         state.output_paging = False
         return None
 
 
-async def events_stream(state: ServerState, operation_id: str, stream: str) -> tuple[bytes, int, bool]:
-    """(bytes, bytes not recorded, log complete) of spid 1's stream, read from the operation's event log."""
+async def events_stream(
+    state: ServerState, operation_id: str, stream: str, *, spid: int = 1
+) -> tuple[bytes, int, bool]:
+    """(bytes, bytes not recorded, log complete) of a process's stream, read from the operation's event
+    log (spid 1: the main process, which events without a spid belong to)."""
+    wanted = (1, None) if spid == 1 else (spid,)
     chunks: list[bytes] = []
     dropped = 0
     complete = False
     async for event in state.backend.events(operation_id, follow=False):
         if event.type == "completion":
             complete = True
-        if event.spid not in (1, None) or event.type not in (stream, "truncated"):
+        if event.spid not in wanted or event.type not in (stream, "truncated"):
             continue
         payload = event.payload()
         if isinstance(payload, api.EventDataStream) and event.type == stream:
@@ -128,11 +138,12 @@ async def read_page(
     offset: int,
     limit: int,
     json_budget: int | None = None,
+    spid: int = 1,
 ) -> StreamPage:
     """Bytes [offset, offset+limit) of a stream, never ending inside a UTF-8 character: a text page stops
     at the last whole character (or, when the limit is smaller than the first character, holds that one
     character). `json_budget` shortens a text page whose JSON form would be larger."""
-    raw = await fetch(state, operation_id, stream, offset=offset, limit=limit + UTF8_SLACK)
+    raw = await fetch(state, operation_id, stream, offset=offset, limit=limit + UTF8_SLACK, spid=spid)
     data = raw.data
     if len(data) > limit:
         cut = utf8_boundary(data, limit)
@@ -166,6 +177,25 @@ def stream_uri(operation_id: str, stream: str) -> str:
     return f"{RESOURCE_BASE}/{operation_id}/{stream}"
 
 
+class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a shaped result's streams are read whole: a run's (spid 1) or a sandbox process's."""
+
+    operation_id: str
+    spid: int = 1
+    resource_base: str | None = None  # …/<stream> is the resource; None: the run's stream resource
+    tool_call: str | None = None  # '<tool>(<args>, stream="{stream}", offset={offset})' template
+
+    def uri(self, stream: str) -> str:
+        if self.resource_base is None:
+            return stream_uri(self.operation_id, stream)
+        return f"{self.resource_base}/{stream}"
+
+    def call(self, stream: str, offset: int) -> str:
+        template = self.tool_call or 'get_operation(operation_id, stream="{stream}", offset={offset})'
+        return template.format(stream=stream, offset=offset)
+
+
+
 class _View(msgspec.Struct, kw_only=True):
     """One stream of a result while it is being shaped: head bytes, tail bytes and what is beyond."""
 
@@ -182,13 +212,15 @@ class _View(msgspec.Struct, kw_only=True):
 
 
 async def _view(
-    state: ServerState, op_id: str, stream: str, recorded: api.StreamRepr | None, cap: int, truncated: bool
+    state: ServerState, place: StreamPlace, stream: str, recorded: api.StreamRepr | None, cap: int,
+    truncated: bool,
 ) -> _View:
     raw, api_cut = stream_raw(recorded)
     head = raw[: head_length(raw, cap)]
     if not truncated:
         return _View(head=head, total=len(raw))
-    page = await engine_page(state, op_id, stream, offset=0, limit=cap, tail=True)
+    page = await engine_page(state, place.operation_id, stream, offset=0, limit=cap, tail=True,
+                             spid=place.spid)
     if page is not None and page.quota is not None:
         start = max(page.offset, len(head))
         return _View(
@@ -202,10 +234,10 @@ async def _view(
     return _View(head=head, total=len(raw), tail=raw[start:], recorded_only=api_cut)
 
 
-def _fit(out: OperationOutput, views: dict[str, _View], budget: int) -> None:
+def _fit(out: Shaped, views: dict[str, _View], budget: int, place: StreamPlace) -> None:
     """Shorten tails, then heads, until the result fits `budget` (bytes of pretty JSON)."""
     for _ in range(12):
-        _fill(out, views, hint=False)
+        _fill(out, views, place, hint=False)
         excess = result_size(out) - (budget - HINT_ROOM)
         if excess <= 0:
             return
@@ -224,7 +256,7 @@ def _fit(out: OperationOutput, views: dict[str, _View], budget: int) -> None:
             view.head = view.head[:keep]
 
 
-def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
+def _fill(out: Shaped, views: dict[str, _View], place: StreamPlace, *, hint: bool) -> None:
     notes: list[str] = []
     for name, view in views.items():
         cut = view.cut
@@ -232,9 +264,9 @@ def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
         setattr(out, f"{name}_truncated", cut)
         setattr(out, f"{name}_bytes", view.total)
         setattr(out, f"{name}_tail", as_text(view.tail) if view.tail else None)
-        setattr(out, f"{name}_resource", stream_uri(out.uuid, name) if cut else None)
+        setattr(out, f"{name}_resource", place.uri(name) if cut else None)
         if hint and cut:
-            notes.append(_note(out.uuid, name, view))
+            notes.append(_note(place, name, view))
     dropped = sum(v.dropped for v in views.values())
     out.output_quota_exceeded = dropped > 0
     out.output_bytes_kept = sum(v.total for v in views.values()) if dropped else None
@@ -242,7 +274,7 @@ def _fill(out: OperationOutput, views: dict[str, _View], *, hint: bool) -> None:
         out.hint = " ".join(notes)
 
 
-def _note(op_id: str, name: str, view: _View) -> str:
+def _note(place: StreamPlace, name: str, view: _View) -> str:
     shown = f"the first {len(view.head)} bytes ({name})"
     if view.tail:
         shown += f" and the last {len(view.tail)} ({name}_tail)"
@@ -250,8 +282,8 @@ def _note(op_id: str, name: str, view: _View) -> str:
     rest = view.total - len(view.head) - len(view.tail)
     if rest > 0:
         note += (
-            f" Read the rest with resources/read {stream_uri(op_id, name)}?offset={len(view.head)}"
-            f'&limit=<bytes>, or get_operation(operation_id, stream="{name}", offset={len(view.head)}).'
+            f" Read the rest with resources/read {place.uri(name)}?offset={len(view.head)}"
+            f"&limit=<bytes>, or {place.call(name, len(view.head))}."
         )
     if view.recorded_only:
         note += f" The Contree API recorded only these {view.total} bytes of {name}; the rest was not kept."
@@ -278,11 +310,21 @@ async def shape(
     if out.kind != "instance" or not out.uuid:
         return out
     recorded = op.instance_result() or api.InstanceResult()
+    await shape_streams(state, out, StreamPlace(operation_id=out.uuid), recorded, cap=cap, budget=budget)
+    return out
+
+
+async def shape_streams(
+    state: ServerState, out: Shaped, place: StreamPlace, recorded: api.InstanceResult, *, cap: int,
+    budget: int | None,
+) -> None:
+    """Fill `out`'s stream fields (`stdout`, `stdout_truncated`, `stdout_tail`, `stdout_bytes`,
+    `stdout_resource`, the same for stderr, `hint`, `output_quota_exceeded`, `output_bytes_kept`) from a
+    process's recorded result, within `budget` bytes of the whole result."""
     views = {
-        "stdout": await _view(state, out.uuid, "stdout", recorded.stdout, cap, out.stdout_truncated),
-        "stderr": await _view(state, out.uuid, "stderr", recorded.stderr, cap, out.stderr_truncated),
+        "stdout": await _view(state, place, "stdout", recorded.stdout, cap, out.stdout_truncated),
+        "stderr": await _view(state, place, "stderr", recorded.stderr, cap, out.stderr_truncated),
     }
     if budget is not None:
-        _fit(out, views, budget)
-    _fill(out, views, hint=True)
-    return out
+        _fit(out, views, budget, place)
+    _fill(out, views, place, hint=True)

@@ -1,4 +1,4 @@
-"""The ten prompts of COMPAT §7: numbered instruction lists built from the arguments.
+"""The ten prompts of COMPAT §7 and ours after them: numbered instruction lists built from the arguments.
 
 Multi-line arguments are inserted inside fenced blocks or indented, so they never break the list."""
 
@@ -73,6 +73,16 @@ PROMPTS: list[tuple[str, str, list[tuple[str, str, str | None]]]] = [
             ("install_cmd", "Dependency installation command.", "pip install -e ."),
             ("build_cmd", "Build command.", "python -m build"),
             ("test_cmd", "Test command.", "pytest"),
+        ],
+    ),
+    (
+        "serve-and-test",
+        "Start a server in a long-lived sandbox, test it from inside and from this machine, snapshot it.",
+        [
+            ("serve_cmd", "Command that starts the server (it keeps running).", None),
+            ("port", "TCP port the server listens on.", None),
+            ("test_cmd", "Command that tests the running server from inside the sandbox.", ""),
+            ("image", "Image to run it in.", "ubuntu:noble"),
         ],
     ),
 ]
@@ -369,6 +379,45 @@ def multi_stage_build(
 """
 
 
+def serve_and_test(g: Guidance, serve_cmd: str, port: str, test_cmd: str = "", image: str = "") -> str:
+    img = pick_image(g, image, "ubuntu:noble")
+    number = inline(port)
+    if not number.isdigit() or not 1 <= int(number) <= 65535:
+        return f"Serve and test: port must be a TCP port number (1-65535), got {q(port)}."
+    check = inline(test_cmd) or f"wget -qO- http://127.0.0.1:{number}/ || curl -fsS http://127.0.0.1:{number}/"
+    start = calls(
+        f"sb = start_sandbox(image={literal(img)})",
+        f"server = exec(sandbox_id=sb.sandbox_id, command={literal(serve_cmd)}, background=true)",
+    )
+    test = calls(f"checked = exec(sandbox_id=sb.sandbox_id, command={literal(check)}, timeout=120)")
+    ports = (
+        calls(f"web = expose_port(sandbox_id=sb.sandbox_id, port={number})")
+        if g.local
+        else "   (The Contree cloud has no port forwarding: test from inside the sandbox only.)"
+    )
+    keep = (
+        calls('snap = snapshot_sandbox(sandbox_id=sb.sandbox_id, tag="myproject/served/base")')
+        if g.local
+        else calls("kept = stop_sandbox(sandbox_id=sb.sandbox_id, commit=true)")
+    )
+    return f"""Run a server in a long-lived sandbox and test it while it runs.
+
+{images_note(g)}1. Start a sandbox and the server in the background (get_process reads its output):
+{not_here(g, img)}{start}
+2. Test it from another process in the same sandbox (retry once after a second if it was still starting):
+{test}
+3. Reach it from this machine (loopback only; give the user the url):
+{ports}
+4. Keep the working state as an image if it is worth returning to:
+{keep}
+5. When done: signal_process(sandbox_id=sb.sandbox_id, process_id=server.process_id) stops the server,
+   stop_sandbox(sandbox_id=sb.sandbox_id) the sandbox (it also stops by itself after ttl_seconds idle).
+
+Server command:
+{fence(serve_cmd, "bash")}
+"""
+
+
 # each takes the guidance and its own prompt's arguments as keywords
 RENDERERS: dict[str, Callable[..., str]] = {
     "prepare-environment": prepare_environment,
@@ -381,6 +430,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "debug-failure": debug_failure,
     "inspect-image": inspect_image,
     "multi-stage-build": multi_stage_build,
+    "serve-and-test": serve_and_test,
 }
 
 

@@ -1,4 +1,4 @@
-"""Resources: the seven guides, the image/operation templates, full operation output, and completion."""
+"""Resources: the guides, the image/operation templates, full operation output, and completion."""
 
 from __future__ import annotations
 
@@ -109,13 +109,15 @@ def register_guides(registry: Registry, state: ServerState) -> None:
 
 
 def register_guide_template(registry: Registry, state: ServerState) -> None:
-    """`contree://guide/{section}`: the same seven guides, addressable with completion of the section."""
+    """`contree://guide/{section}`: the same guides, addressable with completion of the section."""
 
     @registry.resource_template(
         "contree://guide/{section}",
         name="guide",
         title="Contree Guide",
-        description="A guide section: workflow, reference, quickstart, state, async, tagging or errors.",
+        description=(
+            "A guide section: workflow, reference, quickstart, state, async, tagging, errors or sandboxes."
+        ),
         mime_type="text/markdown",
         cache=GUIDE_CACHE,
     )

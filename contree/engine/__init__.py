@@ -15,6 +15,10 @@ The engine itself:
     processes.py     Processes: spid 1 and exec'd processes (pumps, stdin, reaping, kill) and the event
                      payloads (api.EventData* Structs)
     import_run.py    ImportRun: one image import from EXECUTING to completion
+    sandbox_run.py   SandboxRun(InstanceRun): a long-lived sandbox — contree-init as spid 1, execs through
+                     it, the idle lease, stop (with commit), live snapshots under the freezer
+    sandboxes.py     SandboxManager: the engine's long-lived sandboxes (`sandbox_api.SandboxHost`)
+    keepalive.py     IdleLease: a sandbox's idle TTL, never counted while a foreground process runs
     spawn.py         spawn semantics of the API, pure: validation, argv/env/cwd plans, SpawnFailed
     oplog.py         operation records (SQLite) and the one lifecycle: TRANSITIONS, transition(), finish()
     eventlog.py      an operation's event log (JSONL), a run's output spill, folding events into results

@@ -21,11 +21,12 @@ import msgspec
 
 from contree import api
 from contree.engine import spawn
+from contree.engine.eventlog import EventLog
 from contree.engine.operations import Job
 from contree.engine.oplog import ASSIGNED, CANCELLED, EXECUTING, FAILED, SUCCESS, OpRecord
 from contree.engine.parts import EngineParts
 from contree.engine.processes import Process, Processes, init_event, network_event, result_from_exit
-from contree.engine.runtime.handles import SandboxExit, SandboxSpec, StagedSandbox
+from contree.engine.runtime.handles import RunningSandbox, SandboxExit, SandboxSpec, StagedSandbox
 from contree.engine.runtime.limits import SandboxLimits
 from contree.engine.snapshots import find_executable
 from contree.engine.spawn import SpawnFailed
@@ -45,6 +46,8 @@ Outcome = tuple[api.TerminalStatus, str | None]
 
 class InstanceRun:
     """One instance operation from ASSIGNED to its `completion` event and the sandbox teardown."""
+
+    MAIN_FROM_IMAGE = True  # spid 1's executable is the image's (a long-lived sandbox brings its own)
 
     def __init__(
         self,
@@ -216,8 +219,8 @@ class InstanceRun:
         request = self.request
         self.parts.snapshots.prepare(self.snapshot, image, files=request.files or {}, cwd=plan.cwd,
                                      uid=request.uid, gid=request.gid)
-        if not find_executable(self.snapshot.rootfs, plan.argv[0], plan.env.get("PATH", spawn.DEFAULT_PATH),
-                               plan.cwd):
+        path = plan.env.get("PATH", spawn.DEFAULT_PATH)
+        if self.MAIN_FROM_IMAGE and not find_executable(self.snapshot.rootfs, plan.argv[0], path, plan.cwd):
             what = "shell" if plan.shell else "executable"
             raise SpawnFailed(f"{what} {plan.argv[0]!r} not found in the image (or not executable)")
 
@@ -231,9 +234,7 @@ class InstanceRun:
         record = self.record
         sandbox = await parts.runtime.launch(staged)
         events = parts.oplog.open_log(record.uuid)
-        processes = self.processes = Processes(
-            sandbox, events, deadline=self.deadline, image_env=spawn.env_dict(image.config.env),
-            main_cwd=plan.cwd)
+        processes = self.processes = self._make_processes(sandbox, events, image, plan)
         parts.watchdog.deadline(sandbox.sandbox_id, self.deadline)  # ends it even if this process cannot
         # While the runtime starts the sandbox (milliseconds this process would otherwise idle):
         parts.oplog.save(record)
@@ -247,6 +248,11 @@ class InstanceRun:
         main = processes.register(1, sandbox, sandbox.pid, plan, request.truncate_output_at)
         processes.background(processes.feed_stdin(main, stdin_data, close=not keep_open))
         return processes, main
+
+    def _make_processes(self, sandbox: RunningSandbox, events: EventLog, image: ImageRecord,
+                        plan: spawn.ProcessPlan) -> Processes:
+        return Processes(sandbox, events, deadline=self.deadline, image_env=spawn.env_dict(image.config.env),
+                         main_cwd=plan.cwd)
 
     async def _supervise(
         self, job: Job, processes: Processes, waiter: asyncio.Task[SandboxExit], main: Process

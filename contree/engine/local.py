@@ -39,12 +39,21 @@ from contree.engine.prune import disk_usage
 from contree.engine.runtime.limits import LimitPolicy
 from contree.engine.runtime.sandbox import RuntimeConfig, SandboxRuntime
 from contree.engine.runtime.watchdog import Watchdog
+from contree.engine.sandboxes import SandboxManager
 from contree.engine.storage import inspect
 from contree.engine.storage.blobs import BlobStore
 from contree.engine.storage.home import prepare_home
 from contree.engine.storage.store import ImageRecord, Store
 from contree.errors import BadRequest, Conflict, Gone, NotFound, TooEarly
 from contree.fsutil import try_lock
+from contree.sandbox_api import (
+    DEFAULT_TTL,
+    PortForward,
+    SandboxInfo,
+    SandboxRequest,
+    SandboxSnapshot,
+    StopSandboxRequest,
+)
 from contree.timeparse import isoformat
 
 __all__ = ["EngineLimits", "LocalEngine"]
@@ -71,6 +80,7 @@ class LocalEngine:
         self.runtime_config = runtime_config
         self._parts: EngineParts | None = None
         self._runs: dict[str, InstanceRun] = {}
+        self.sandboxes = SandboxManager(self)  # long-lived sandboxes (sandbox_api.SandboxHost)
         self._lock_fd = -1
         self._token = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"contree-local:{self.home.resolve()}"))
 
@@ -337,7 +347,8 @@ class LocalEngine:
         if record.kind != "instance":
             raise Conflict(f"operation {operation_id} is not an instance")
         if record.terminal:
-            raise Conflict(f"operation {operation_id} is {record.status}, not running")
+            raise Conflict(self.sandboxes.ended_text(record)
+                           or f"operation {operation_id} is {record.status}, not running")
         run = self._runs.get(record.uuid)
         if run is None or not run.started:
             raise TooEarly(f"operation {operation_id} is not running yet", retry_after=1.0)
@@ -368,12 +379,40 @@ class LocalEngine:
         oplog = self.parts().oplog
         record = oplog.get(_check_uuid(operation_id, "operation"))
         if record.terminal:
-            raise Gone(f"operation {operation_id} finished; there is no process to write to")
+            raise Gone(self.sandboxes.ended_text(record)
+                       or f"operation {operation_id} finished; there is no process to write to")
         try:
             data = api.decode_stream(chunk)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         await self._live_run(operation_id).write_stdin(spid, data, close=chunk.close)
+
+    async def wait_subprocess(self, operation_id: str, spid: int, wait: float) -> api.InstanceResult:
+        """`get_subprocess` once the process exited or `wait` seconds passed (beyond the API)."""
+        return await self.sandboxes.wait_subprocess(operation_id, spid, wait)
+
+    # ------------------------------------------------------------------ long-lived sandboxes
+
+    async def start_sandbox(self, request: SandboxRequest) -> SandboxInfo:
+        return await self.sandboxes.start(request)
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        return self.sandboxes.list()
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self.sandboxes.get(sandbox_id)
+
+    async def expose_port(self, sandbox_id: str, port: int) -> PortForward:
+        return (await self.sandboxes.expose(sandbox_id, port))[0]
+
+    async def close_port(self, sandbox_id: str, port: int) -> None:
+        await self.sandboxes.close_port(sandbox_id, port)
+
+    async def snapshot_sandbox(self, sandbox_id: str) -> SandboxSnapshot:
+        return await self.sandboxes.snapshot(sandbox_id)
+
+    async def stop_sandbox(self, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
+        return await self.sandboxes.stop(sandbox_id, request)
 
     # ------------------------------------------------------------------ inspect
 
@@ -436,6 +475,9 @@ class LocalEngine:
                 "images_import_max_concurrency": lim.images_import_max_concurrency,
                 "images_import_max_timeout": lim.images_import_max_timeout,
                 "output_quota_bytes": lim.output_quota_bytes,
+                "sandbox_max_count": lim.sandbox_max_count,
+                "sandbox_max_ttl_seconds": lim.sandbox_max_ttl,
+                "sandbox_default_ttl_seconds": min(DEFAULT_TTL, lim.sandbox_max_ttl),
                 **(self._parts.sandbox_limits.whoami() if self._parts is not None else {}),
             },
             operations_stat={},

@@ -53,6 +53,8 @@ class EngineLimits(msgspec.Struct, kw_only=True):
     images_import_max_concurrency: int = 2
     images_import_max_timeout: int = 3600
     output_quota_bytes: int = DEFAULT_OUTPUT_QUOTA  # stdout+stderr one run may store (the rest is counted)
+    sandbox_max_count: int = 16  # long-lived sandboxes running at once (beside instance_max_concurrency)
+    sandbox_max_ttl: int = 24 * 3600  # the longest idle lifetime a sandbox may ask for (seconds)
     # Sandbox memory/CPU/pids: defaults, per-run maxima and the engine's total (None = from the host).
     resources: ResourceSettings = msgspec.field(default_factory=ResourceSettings)
 
@@ -107,6 +109,7 @@ class EngineParts:
             queue = OperationQueue({
                 "instance": limits.instance_max_concurrency,
                 "image_import": limits.images_import_max_concurrency,
+                "sandbox": limits.sandbox_max_count,
             })
             snapshots = Snapshotter(store, blobs, runtime.idmap, squash_depth=limits.squash_depth)
             parts = cls(home=home, engine_id=engine_id, limits=limits, store=store, oplog=oplog, blobs=blobs,

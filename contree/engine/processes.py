@@ -25,7 +25,7 @@ from msgspec import UNSET
 from contree import api
 from contree.engine import spawn
 from contree.engine.eventlog import EventLog, FoldedProcess, StreamRecorder, mask_env, now_iso
-from contree.engine.runtime.handles import ProcessExit, RunningProcess, RunningSandbox, SandboxExit
+from contree.engine.runtime.handles import ExecdProcess, ProcessExit, RunningSandbox, SandboxExit
 from contree.engine.runtime.netns import NetworkInfo
 from contree.engine.spawn import ProcessPlan
 from contree.errors import BackendError, BadRequest, Conflict, NotFound, TooEarly
@@ -44,7 +44,7 @@ class Process:
     process exec'd into it."""
 
     spid: int
-    handle: RunningSandbox | RunningProcess
+    handle: RunningSandbox | ExecdProcess
     pid: int
     started: float
     stdout: StreamRecorder
@@ -75,10 +75,12 @@ class Processes:
     def sandbox_id(self) -> str:
         return self.sandbox.sandbox_id
 
-    def register(self, spid: int, handle: RunningSandbox | RunningProcess, pid: int, plan: ProcessPlan,
-                 truncate_at: int) -> Process:
-        """Record the `spawn` of a process and start pumping its output into the log."""
-        timeout = max(1, int(self.deadline - time.monotonic() + 0.5))
+    def register(self, spid: int, handle: RunningSandbox | ExecdProcess, pid: int, plan: ProcessPlan,
+                 truncate_at: int, timeout: int | None = None) -> Process:
+        """Record the `spawn` of a process and start pumping its output into the log. `timeout`: the
+        process's own (seconds, 0 = none), else what is left of the instance's."""
+        if timeout is None:
+            timeout = max(1, int(self.deadline - time.monotonic() + 0.5))
         self.events.append("spawn", spawn_event(plan, pid, timeout, truncate_at), spid)
         events = self.events
         proc = Process(
@@ -132,12 +134,12 @@ class Processes:
     async def stop_execd(self) -> None:
         """spid 1 is gone: end every exec'd process and record their exits."""
         for proc in list(self.table.values()):
-            if proc.exited.is_set() or not isinstance(proc.handle, RunningProcess):
+            if proc.exited.is_set() or isinstance(proc.handle, RunningSandbox):
                 continue
             proc.handle.signal(signals.SIGKILL)
             await self._reap(proc, proc.handle)
 
-    async def _reap(self, proc: Process, handle: RunningProcess) -> None:
+    async def _reap(self, proc: Process, handle: ExecdProcess) -> None:
         if proc.exited.is_set():
             return
         info = await handle.wait()
@@ -147,7 +149,7 @@ class Processes:
         proc.exited.set()
         self.events.append("exit", exit_event(proc, info), proc.spid)
 
-    async def _watch(self, proc: Process, handle: RunningProcess) -> None:
+    async def _watch(self, proc: Process, handle: ExecdProcess) -> None:
         try:
             remaining = max(0.0, self.deadline - time.monotonic())
             try:
@@ -208,10 +210,10 @@ class Processes:
         proc = self.get(spid)
         if proc.exited.is_set():
             raise Conflict(f"process {spid} already exited")
-        if isinstance(proc.handle, RunningProcess):
-            proc.handle.signal(number)
-        else:
+        if isinstance(proc.handle, RunningSandbox):
             await proc.handle.kill(number)
+        else:
+            proc.handle.signal(number)
 
     async def write_stdin(self, spid: int, data: bytes, *, close: bool) -> None:
         proc = self.get(spid)
@@ -303,7 +305,8 @@ def network_event(info: NetworkInfo) -> api.EventDataNetwork:
 
 
 def exit_event(proc: Process, info: SandboxExit | ProcessExit) -> api.EventDataExit:
-    """The `exit` event payload from what the runtime reported (exec'd processes report no rusage)."""
+    """The `exit` event payload from what the runtime reported (the runtime's exec helper reports no
+    rusage; a long-lived sandbox's init does)."""
     code = -1 if info.exit_code is None else int(info.exit_code)
     sig = -1 if info.signal is None or info.signal <= 0 else int(info.signal)
     if sig > 0:
@@ -323,6 +326,20 @@ def exit_event(proc: Process, info: SandboxExit | ProcessExit) -> api.EventDataE
             block_output_ops=int(info.oublock),
         )
         core_dump, oom_killed = info.core_dump, info.oom_killed
+    elif info.usage is not None:
+        usage = info.usage
+        resources = api.EventResources(
+            user_time_us=int(usage.user_time * 1e6),
+            sys_time_us=int(usage.system_time * 1e6),
+            max_rss_kb=usage.max_rss_kb,
+            minor_faults=usage.minor_faults,
+            major_faults=usage.major_faults,
+            voluntary_ctx_switches=usage.voluntary_switches,
+            involuntary_ctx_switches=usage.involuntary_switches,
+            block_input_ops=usage.inblock,
+            block_output_ops=usage.oublock,
+        )
+        core_dump = info.core_dump
     return api.EventDataExit(
         pid=proc.pid,
         code=code,

@@ -14,6 +14,7 @@ from aiohttp import web
 from contree import api
 from contree.backend import Backend
 from contree.errors import BackendError
+from contree.rest import sandbox_routes
 from contree.rest.guard import RequestGuard
 from contree.rest.handlers import Handlers
 
@@ -141,4 +142,5 @@ def build_app(
     r.add_get("/v1/inspect/{uuid}/list", h.list_directory)
     r.add_get("/v1/inspect/{uuid}/grep", h.grep)
     r.add_get("/v1/whoami", h.whoami)
+    sandbox_routes.add_routes(r, backend)
     return app

@@ -26,6 +26,7 @@ from contree.backend import (
 from contree.errors import BadRequest, NotFound
 from contree.rest import params, sse
 from contree.rest.events import stream_events
+from contree.sandbox_api import MAX_WAIT, SandboxHost
 
 T = TypeVar("T")
 
@@ -262,6 +263,9 @@ class Handlers:
 
     async def get_subprocess(self, request: web.Request) -> web.StreamResponse:
         op = params.operation_uuid(request.match_info["op"])
+        wait = params.integer(request.query, "wait", None, lo=0, hi=MAX_WAIT)
+        if wait and isinstance(self.backend, SandboxHost):  # extension: a long poll until it exits
+            return json_response(await self.backend.wait_subprocess(op, self._spid(request), wait))
         return json_response(await self.backend.get_subprocess(op, self._spid(request)))
 
     async def read_output(self, request: web.Request) -> web.StreamResponse:

@@ -15,8 +15,8 @@ Blocker = Callable[[], str | None]
 
 
 def engine_blockers(engine: Any) -> list[Blocker]:
-    """Reasons inside the engine that keep the service alive: operations queued or running (and, when
-    the engine gets long-lived sandboxes, those that are still up)."""
+    """Reasons inside the engine that keep the service alive: operations queued or running, and
+    long-lived sandboxes that are still up (they end by their idle TTL, not with their clients)."""
 
     def operations() -> str | None:
         queue = engine.queue
@@ -27,7 +27,11 @@ def engine_blockers(engine: Any) -> list[Blocker]:
             return None
         return f"{running} running and {pending} queued operations"
 
-    return [operations]
+    def sandboxes() -> str | None:
+        manager = getattr(engine, "sandboxes", None)
+        return manager.blocker() if manager is not None else None
+
+    return [operations, sandboxes]
 
 
 class IdleClock:

@@ -10,9 +10,11 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +222,101 @@ async def test_a_stopped_watchdog_never_blocks_the_engine(tmp_path: Path,
         proc.send_signal(signal.SIGCONT)
         dog.stop()
     assert proc.wait(10) == 0
+
+
+# The child for long-lived sandboxes: an engine running one sandbox with NAT networking, a background
+# process, a server and a port forward to it, reporting what it holds before it waits to be killed.
+SANDBOX_CHILD = r"""
+import asyncio, json, shutil, sys
+from pathlib import Path
+from contree import api
+from contree.engine.local import LocalEngine
+from contree.sandbox_api import SandboxRequest
+
+async def main(home, tree, marker):
+    engine = LocalEngine(Path(home))
+    await engine.start()
+    store = engine.store
+    stage = store.staging_dir("seed")
+    shutil.copytree(tree, stage / "layer", symlinks=True)
+    store.create_image_from_layer_dirs([stage / "layer"], tag="busybox:latest")
+    box = await engine.start_sandbox(SandboxRequest(image="tag:busybox:latest", networking=True))
+    sid = box.uuid
+    await engine.create_subprocess(sid, api.ExecSpec(command=f"exec sleep {marker}", shell=True))
+    await engine.create_subprocess(sid, api.ExecSpec(
+        command="mkdir -p /www && echo up > /www/index.html && exec httpd -f -p 8080 -h /www", shell=True))
+    for _ in range(100):  # the server listens
+        spid = await engine.create_subprocess(sid, api.ExecSpec(
+            command="wget -qO- http://127.0.0.1:8080/", shell=True, timeout=5))
+        done = await engine.wait_subprocess(sid, spid, 10)
+        if done.state.exit_code == 0:
+            break
+        await asyncio.sleep(0.1)
+    forward = await engine.expose_port(sid, 8080)
+    rt = engine.runtime
+    print(json.dumps({"sandbox": sid, "host_port": forward.host_port, "tag": rt.network.tag,
+                      "if_prefix": rt.network.if_prefix, "engine_id": rt.engine_id,
+                      "cgroup_parent": rt.cgroups.parent,
+                      "dirs": [str(rt.bundles), str(rt.rootfs_binds), str(rt.root_dir)],
+                      "watchdog": engine.watchdog.pid}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["running", "frozen-mid-snapshot"])
+async def test_sigkill_of_the_engine_releases_a_long_lived_sandbox_and_its_forward(
+        tmp_path: Path, tree: Path, frozen: bool) -> None:
+    """A sandbox holds more than a run (its init, background processes, a port forward, and, while a
+    snapshot copies its files, a frozen cgroup): all of it goes when its engine is SIGKILLed."""
+    marker = "600.5" if frozen else "600.45"
+    home = tmp_path / "home"
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a plain child we SIGKILL, no asyncio plumbing wanted
+        [sys.executable, "-c", SANDBOX_CHILD, str(home), str(tree), marker],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 90)
+        assert line, proc.stderr.read().decode() if proc.stderr else "the child said nothing"
+        hosted = Hosted(proc, json.loads(line), home)
+        sid, host_port = hosted.info["sandbox"], hosted.info["host_port"]
+        sleeper = os.pidfd_open(await _find_process("sleep", marker))
+        try:
+            await _network_ready(hosted)
+            status, body = await asyncio.to_thread(_http_get, f"http://127.0.0.1:{host_port}/")
+            assert (status, body) == (200, b"up\n")
+            cgroups = CgroupManager(hostcheck.detect(), hosted.info["cgroup_parent"])
+            assert cgroups.exists(sid), "the sandbox has no cgroup: the test would prove nothing"
+            if frozen:  # what a snapshot does while it copies the sandbox's files
+                assert cgroups.freeze(sid)
+            proc.send_signal(signal.SIGKILL)
+            took = await _until(lambda: _pidfd_exited(sleeper) and not hosted.leftovers(), RELEASED_WITHIN)
+            assert _pidfd_exited(sleeper), f"the sandbox's sleep outlived its engine by {took:.1f} s"
+            assert hosted.leftovers() == [], f"left {took:.1f} s after the engine died"
+            assert not cgroups.exists(sid)
+            assert _refused(host_port), "the port forward outlived its engine"
+            assert "died; released what it left" in (home / "watchdog.log").read_text()
+        finally:
+            os.close(sleeper)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await asyncio.to_thread(proc.wait, 30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        engine = LocalEngine(home)
+        await engine.start()
+        await engine.close()
+
+
+def _http_get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read()
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) != 0

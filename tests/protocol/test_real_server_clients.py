@@ -124,7 +124,7 @@ def _inspector(target: list[str], *args: str) -> Any:
 
 def _inspect(target: list[str]) -> None:
     tools = _inspector(target, "--method", "tools/list")
-    assert len(tools["tools"]) == 20 and tools["tools"][0]["name"] == "list_images"
+    assert len(tools["tools"]) == 29 and tools["tools"][0]["name"] == "list_images"
     guide = _inspector(
         target, "--method", "tools/call", "--tool-name", "get_guide", "--tool-arg", "section=state"
     )

@@ -369,3 +369,62 @@ async def test_whoami_and_the_run_result_claim_only_the_limits_applied(rootless_
                                "echo $#", pids=20, timeout=30)
         assert bounded["limits"]["pids"] == 20
         assert 0 < int(bounded["stdout"].strip()) <= 20, bounded
+
+
+async def test_a_long_lived_sandbox_as_the_user(rootless_user: RootlessUser, busybox: str) -> None:
+    """Issue 14 on the rootless engine: exec keeps state, a background server is reached from another
+    exec and through expose_port from this host (the forward enters the sandbox's pasta network), stdin,
+    signals, a live snapshot (SIGSTOP when no cgroup is delegated) and the stop."""
+    import urllib.request
+
+    async with session(rootless_user) as s:
+        box = result(await s.call_tool("start_sandbox", {"image": "busybox:latest"}))
+        sid = box["sandbox_id"]
+
+        async def ex(command: str, **arguments: Any) -> Any:
+            return result(await s.call_tool("exec", {"sandbox_id": sid, "command": command, **arguments}))
+
+        assert (await ex("echo kept > /kept; id -u"))["stdout"] == "0\n"
+        assert (await ex("cat /kept"))["stdout"] == "kept\n"
+        web = await ex(
+            "mkdir -p /www && echo as-user > /www/index.html && exec busybox httpd -f -p 8080 -h /www",
+            background=True,
+        )
+        got = await ex(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/ && exit 0; "
+            "sleep 0.3; done; exit 1"
+        )
+        assert got["stdout"] == "as-user\n"
+        port = result(await s.call_tool("expose_port", {"sandbox_id": sid, "port": 8080}))
+        try:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(port["url"], timeout=10).read())
+        except Exception:
+            print((rootless_user.engine_home / "engine.log").read_text()[-3000:])
+            raise
+        assert body == b"as-user\n"
+        cat = await ex("cat", shell=False, background=True)
+        await s.call_tool(
+            "write_stdin",
+            {"sandbox_id": sid, "process_id": cat["process_id"], "data": "fed\n", "close": True},
+        )
+        fed = result(
+            await s.call_tool("get_process", {"sandbox_id": sid, "process_id": cat["process_id"], "wait": 10})
+        )
+        assert fed["stdout"] == "fed\n"
+        snap = result(await s.call_tool("snapshot_sandbox", {"sandbox_id": sid}))
+        assert snap["frozen_with"] in ("SIGSTOP", "cgroup freezer")
+        seen = result(await s.call_tool("read_file", {"image": snap["image"], "path": "/www/index.html"}))
+        assert seen["content"] == "as-user\n"
+        assert (await ex("wget -qO- http://127.0.0.1:8080/"))[
+            "stdout"
+        ] == "as-user\n"  # thawed, still serving
+        stopped = result(
+            await s.call_tool("signal_process", {"sandbox_id": sid, "process_id": web["process_id"]})
+        )
+        assert stopped["status"] == "killed"
+        final = result(await s.call_tool("stop_sandbox", {"sandbox_id": sid}))
+        assert final["state"] == "stopped"
+        after = await s.call_tool("exec", {"sandbox_id": sid, "command": "true"})
+        assert after.isError and "has stopped" in after.content[0].text
+        with socket.socket() as probe_socket:
+            assert probe_socket.connect_ex(("127.0.0.1", port["host_port"])) != 0

@@ -31,6 +31,7 @@ class FakeContext:
         self.updated: list[str] = []
         self.client_capabilities: dict[str, Any] = {}
         self.cancel_requested = False  # True = the client sent notifications/cancelled for this request
+        self.progress_token: Any = None
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         self.progress_calls.append((progress, total, message))

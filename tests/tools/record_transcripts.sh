@@ -28,13 +28,14 @@ MASKS=""
 for f in mcp_version duration consumed_cpu consumed_memory image_size block_input block_output cost elapsed_time \
   involuntary_switches max_rss monotonic_time page_faults page_faults_io shared_memory signals swaps \
   system_cpu_time unshared_memory user_cpu_time voluntary_switches total_bytes layer_bytes reclaimable_bytes \
-  output_bytes uploads_bytes chunks_bytes other_bytes freed_bytes; do
+  output_bytes uploads_bytes chunks_bytes other_bytes freed_bytes idle_seconds host_port url pause_ms total_ms \
+  pid; do
   MASKS="$MASKS --mask $f"
 done
 # shellcheck disable=SC2086
 cat tests/tools/transcript_inputs/tools_engine.ndjson |
   PYTHONPATH=$PWD $PY -m protocol.testing.transcript record --out fixtures/transcripts/tools_engine.jsonl \
-    --description "contree-mcp on the embedded engine: all 19 tools, every resource, template and prompt, a completion" \
+    --description "contree-mcp on the embedded engine: every tool, resource, template and prompt, a completion" \
     --var "home=$HOME_DIR" --var "workdir=$WORK_DIR" --numbered-uuids --capture rsync --lockstep $MASKS \
     --cwd "$WORK_DIR" -- '{python}' -m tools --backend local --home '{home}' --allowed-root '{workdir}' \
     --sandbox-memory 512M --engine-memory 2G --sandbox-cpus 1 --engine-cpus 2 --sandbox-pids 512 \

@@ -40,7 +40,10 @@ def test_tool_names_and_order(registry: Any) -> None:
     """The reference's 19 tools, name for name and in its order; tools of our own only after them."""
     names = list(registry.tools)
     assert names[:19] == [t["name"] for t in SURFACE["tools"]]
-    assert names[19:] == ["delete_image"]
+    assert names[19:] == [
+        "delete_image", "start_sandbox", "exec", "write_stdin", "signal_process", "get_process",
+        "expose_port", "snapshot_sandbox", "stop_sandbox", "list_sandboxes",
+    ]
 
 
 @pytest.mark.parametrize("spec", SURFACE["tools"], ids=lambda s: s["name"])
@@ -96,7 +99,7 @@ def test_guide_resources(registry: Any) -> None:
 
 
 def test_prompts_and_arguments(registry: Any) -> None:
-    assert list(registry.prompts) == [p["name"] for p in SURFACE["prompts"]]
+    assert list(registry.prompts) == [p["name"] for p in SURFACE["prompts"]] + ["serve-and-test"]
     for p in SURFACE["prompts"]:
         args = [{"name": a.name, "required": a.required} for a in registry.prompts[p["name"]].arguments]
         assert args == p["arguments"], p["name"]
@@ -106,7 +109,7 @@ def test_prompts_and_arguments(registry: Any) -> None:
 def test_cost_labels(registry: Any) -> None:
     for name, tool in registry.tools.items():
         first = tool.description.split("\n", 1)[0]
-        if name in ("run", "import_image"):
+        if name in ("run", "import_image", "start_sandbox"):
             assert first.endswith("Spawns microVM.")  # the fake is a remote backend
         elif name not in ("registry_token_obtain", "registry_auth"):
             assert first.endswith("Free (no VM)."), name

@@ -65,7 +65,7 @@ async def test_delete_image_frees_disk_and_refuses_what_must_stay(engine_home: P
         result(await session.call_tool("delete_image", {"image": child}))
         assert result(await session.call_tool("delete_image", {"image": parent}))["deleted"] is True
         tools = {t.name for t in (await session.list_tools()).tools}
-        assert "delete_image" in tools and len(tools) == 20
+        assert "delete_image" in tools and len(tools) == 29
 
 
 async def test_on_the_cloud_delete_image_says_how_images_go_away(tmp_path: Path) -> None:

@@ -84,9 +84,9 @@ def test_engine_transcript_covers_the_whole_surface() -> None:
     called = {m["params"]["name"] for m in sends if m.get("method") == "tools/call"}
     read = {m["params"]["uri"] for m in sends if m.get("method") == "resources/read"}
     prompted = {m["params"]["name"] for m in sends if m.get("method") == "prompts/get"}
-    assert len(listed["tools"]) == 20 and called == listed["tools"]
+    assert len(listed["tools"]) == 29 and called == listed["tools"]
     assert listed["resources"] <= read
-    assert prompted == listed["prompts"] and len(prompted) == 10
+    assert prompted == listed["prompts"] and len(prompted) == 11
     for template in listed["resourceTemplates"]:
         prefix = template.split("{", 1)[0]
         suffix = template.rsplit("}", 1)[1]

@@ -34,5 +34,5 @@ async def test_mcp_2_client_drives_the_server(engine_home: Path, workdir: Path) 
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-2000:]
     summary = json.loads(out.decode().strip().splitlines()[-1])
-    assert len(summary["tools"]) == 20 and summary["tools"][0] == "list_images"
-    assert summary == {**summary, "guide": "state", "run": "py2\n", "prompts": 10}
+    assert len(summary["tools"]) == 29 and summary["tools"][0] == "list_images"
+    assert summary == {**summary, "guide": "state", "run": "py2\n", "prompts": 11}

@@ -171,6 +171,14 @@ async def test_every_example_runs_on_the_embedded_engine(engine_home: Path, work
                     {"source": str(workdir), "install_cmd": "sh install.sh", "test_cmd": "sh test.sh"}
                 ],
                 "debug-failure": [{"operation_id": failed["uuid"]}],
+                "serve-and-test": [
+                    {
+                        "serve_cmd": "mkdir -p /www && echo ok > /www/index.html && "
+                        "exec busybox httpd -f -p 8080 -h /www",
+                        "port": "8080",
+                        "test_cmd": "sleep 1; wget -qO- http://127.0.0.1:8080/",
+                    },
+                ],
                 "inspect-image": [{"image": "busybox:latest"}],
                 "multi-stage-build": [
                     {

@@ -82,10 +82,13 @@ def numeric_parameters(schema: dict[str, Any]) -> list[str]:
 
 
 def minimal_arguments(schema: dict[str, Any]) -> dict[str, Any]:
-    """Valid values for the required parameters (every one of them is a string or a list of strings)."""
+    """Valid values for the required parameters (strings, lists of strings, bounded integers)."""
     out: dict[str, Any] = {}
     for name in schema.get("required", []):
         prop = schema["properties"][name]
+        if prop.get("type") == "integer":
+            out[name] = prop.get("minimum", 0)
+            continue
         out[name] = ["x"] if prop.get("type") == "array" else "/x" if "path" in name else "x"
     return out
 

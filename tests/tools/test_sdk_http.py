@@ -32,7 +32,7 @@ async def test_http_mode_with_bearer_token(engine_home: Path, workdir: Path) -> 
                 session: Any = s
                 init = await session.initialize()
                 assert init.serverInfo.name == "contree-mcp"
-                assert len((await session.list_tools()).tools) == 20
+                assert len((await session.list_tools()).tools) == 29
                 done = result(
                     await session.call_tool("run", {"command": "echo over-http", "image": "busybox:latest"})
                 )

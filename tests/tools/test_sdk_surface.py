@@ -22,7 +22,7 @@ async def test_surface_guides_prompts_completion_and_errors(engine_home: Path, w
         # initialize: our own version and truthful instructions (§15.2)
         tools = (await session.list_tools()).tools
         assert [t.name for t in tools][:3] == ["list_images", "registry_token_obtain", "registry_auth"]
-        assert len(tools) == 20 and all(t.outputSchema for t in tools)
+        assert len(tools) == 29 and all(t.outputSchema for t in tools)
         run = next(t for t in tools if t.name == "run")
         assert run.description.split("\n", 1)[0].endswith("Spawns sandbox.")
         assert run.annotations is not None and run.annotations.openWorldHint is True
@@ -31,7 +31,7 @@ async def test_surface_guides_prompts_completion_and_errors(engine_home: Path, w
         assert "contree://operations/instance/{operation_id}" in templates
 
         resources = (await session.list_resources()).resources
-        assert len(resources) == 7
+        assert len(resources) == 8
         for res in resources:
             contents = (await session.read_resource(res.uri)).contents
             assert contents[0].mimeType == "text/markdown" and contents[0].text.startswith("# ")

@@ -1,6 +1,6 @@
 """What the server tells agents, rendered for the backend in use:
 
-    *.md             the seven guide sections (get_guide, contree://guide/<section>)
+    *.md             the guide sections, the reference's seven then ours (get_guide, contree://guide/<section>)
     guidance.py      Guidance: `{{VALUES}}` and `<!-- if flag -->` blocks filled in for this backend
     catalog.py       describe_images(backend) -> Catalog: what each tagged image holds (shell, python…)
     instructions.py  instructions(guidance): `initialize.instructions`
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tools.guides.guidance import Guidance
 
-GUIDES: tuple[str, ...] = ("workflow", "reference", "quickstart", "state", "async", "tagging", "errors")
+GUIDES: tuple[str, ...] = (
+    "workflow", "reference", "quickstart", "state", "async", "tagging", "errors", "sandboxes",
+)
 
 
 @cache

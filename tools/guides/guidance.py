@@ -126,4 +126,53 @@ TOOL_EXAMPLES: dict[str, str] = {
         'scratch = run(command="echo x > /x", image="{{SHELL_IMAGE}}", disposable=false)\n'
         "delete_image(image=scratch.result_image_uuid)"
     ),
+    # long-lived sandboxes: each example stops the sandbox it started
+    "start_sandbox": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}", env={"STAGE": "dev"}, ttl_seconds=600)\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "exec": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'exec(sandbox_id=sb.sandbox_id, command="echo kept > /tmp/state")\n'
+        'exec(sandbox_id=sb.sandbox_id, command="cat /tmp/state")\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "write_stdin": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'p = exec(sandbox_id=sb.sandbox_id, command="cat", shell=false, background=true)\n'
+        'write_stdin(sandbox_id=sb.sandbox_id, process_id=p.process_id, data="hello\\n", close=true)\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "signal_process": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'p = exec(sandbox_id=sb.sandbox_id, command="sleep 600", background=true)\n'
+        'signal_process(sandbox_id=sb.sandbox_id, process_id=p.process_id, signal="TERM")\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "get_process": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'p = exec(sandbox_id=sb.sandbox_id, command="sleep 1; echo done", background=true)\n'
+        "get_process(sandbox_id=sb.sandbox_id, process_id=p.process_id, wait=10)\n"
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "expose_port": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'web = exec(sandbox_id=sb.sandbox_id, command="mkdir -p /www && echo hi > /www/index.html && '
+        'exec busybox httpd -f -p 8080 -h /www", background=true)\n'
+        "expose_port(sandbox_id=sb.sandbox_id, port=8080)\n"
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "snapshot_sandbox": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'exec(sandbox_id=sb.sandbox_id, command="echo live > /state")\n'
+        "snap = snapshot_sandbox(sandbox_id=sb.sandbox_id)\n"
+        'read_file(image=snap.image, path="/state")\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id)"
+    ),
+    "stop_sandbox": (
+        'sb = start_sandbox(image="{{SHELL_IMAGE}}")\n'
+        'exec(sandbox_id=sb.sandbox_id, command="echo v2 > /version")\n'
+        "stop_sandbox(sandbox_id=sb.sandbox_id, commit=true)"
+    ),
+    "list_sandboxes": "list_sandboxes()",
 }

@@ -13,6 +13,7 @@ _GUIDE_WHEN = {
     "async": "wait=false, wait_operations, operation states",
     "tagging": "naming images for reuse",
     "errors": "a run failed, timed out or its output was cut",
+    "sandboxes": "state between commands: servers, REPLs, exec, ports, live snapshots",
 }
 
 _TEXT = """# Contree: isolated sandboxes with immutable, branchable images
@@ -71,6 +72,8 @@ This server uses a Contree API (cloud or self-hosted): each run is a microVM on 
 | Execution | `run`, `get_operation`, `list_operations`, `wait_operations`, `cancel_operation` |
 | Files | `rsync`, `upload`, `download` |
 | Inspection (free) | `list_files`, `read_file`, `grep` |
+| Long-lived sandboxes | `start_sandbox`, `exec`, `get_process`, `write_stdin`, `signal_process` |
+| Sandbox lifecycle | `list_sandboxes`, `expose_port`, `snapshot_sandbox`, `stop_sandbox` |
 | Info | `whoami`, `get_guide` |
 
 ## State and lineage
@@ -91,6 +94,11 @@ Untagged images may be garbage-collected by the service: tag what you keep.
 deadline are listed in `pending` (`timed_out: true`) and keep running; nothing is cancelled unless
 `cancel_pending=true`. Operations run in the engine, not in this session: they outlive it, and a later
 session joins them by id. States: PENDING, ASSIGNED, EXECUTING, SUCCESS, FAILED, CANCELLED.
+
+## Long-lived sandboxes
+When commands need state that lives between them (a dev server or database to test against, a REPL),
+`start_sandbox` keeps a {{SANDBOX}} running and `exec` runs commands in it; it stops after `ttl_seconds`
+idle or with `stop_sandbox`. See `get_guide(section="sandboxes")`.
 
 ## Server version
 `whoami()` reports `mcp_version` (and `mcp_upgrade`, always null here: this server never checks for updates).

@@ -223,7 +223,7 @@ class Lineage:
                 op = await self._backend.get_operation(entry.operation_id)
             except BackendError:
                 return entry
-            entry.command = command_of(op)
+            entry.command = command_of(op, image=uuid)
             meta = op.import_metadata()
             if meta is not None and meta.registry is not None:
                 entry.registry_url = meta.registry.url
@@ -288,22 +288,47 @@ class Lineage:
         self._store.close()
 
 
+class _SandboxRan(msgspec.Struct):
+    """What a long-lived sandbox's record keeps of the commands run in it (`sandbox_run._record_sandbox`)."""
+
+    commands: list[str] = msgspec.field(default_factory=list)
+    snapshot_commands: dict[str, int] = msgspec.field(default_factory=dict)  # image -> commands before it
+
+
 class _Command(msgspec.Struct):
     """What lineage reads of an instance's request echo: the command, never its env or files."""
 
     command: str | None = None
     args: list[str] = msgspec.field(default_factory=list)
+    sandbox: _SandboxRan | None = None
 
 
-def command_of(op: api.OperationResponse | None) -> str | None:
-    """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS."""
+def command_of(op: api.OperationResponse | None, image: str | None = None) -> str | None:
+    """The command an instance operation ran (never its env or files), cut to COMMAND_CHARS. For a
+    long-lived sandbox: the commands run in it before `image` (a snapshot of it) was taken."""
     if op is None or op.kind != "instance" or not op.metadata:
         return None
     try:
-        ran = msgspec.convert(op.metadata, _Command)  # reads two keys, not the whole echo
+        ran = msgspec.convert(op.metadata, _Command)  # reads a few keys, not the whole echo
     except msgspec.ValidationError:
         return None
+    if ran.sandbox is not None:
+        return sandbox_commands(ran.sandbox, image)
     if ran.command is None:
         return None
     command = " ".join([ran.command, *ran.args]) if ran.args else ran.command
+    return _cut(command)
+
+
+def sandbox_commands(sandbox: _SandboxRan, image: str | None = None) -> str:
+    """'sandbox: cmd1; cmd2; …' — what ran in a sandbox before `image` was taken from it (all so far
+    when `image` is not one of its snapshots)."""
+    commands = sandbox.commands
+    taken = sandbox.snapshot_commands.get(image or "")
+    if taken is not None:
+        commands = commands[:taken]
+    return _cut("sandbox: " + ("; ".join(commands) if commands else "(no commands)"))
+
+
+def _cut(command: str) -> str:
     return command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 1] + "…"

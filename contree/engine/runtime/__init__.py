@@ -17,5 +17,8 @@ Uses storage's mount primitives; knows nothing of images, operations or the API.
     sandbox.py     SandboxRuntime: create, stage, launch, spares, close
     recovery.py    releasing what a dead engine left (processes, cgroups, runtime state, bundles, binds)
     watchdog.py    a process per engine: kills sandboxes past their deadline, releases a dead engine
+    sandbox_init.py  contree-init (native/contree-init.c), PID 1 of a long-lived sandbox, and the
+                   engine's end of its control socket (spawn, signals, exits with rusage)
+    portfwd.py     port forwards from host loopback into a sandbox's network namespace
     rootless/      the runtime of an engine run by a non-root user (its own map: rootless/__init__.py)
 """

@@ -375,6 +375,46 @@ class CgroupManager:
                 except OSError:
                     pass
 
+    # ---- freezing (a consistent copy of a running sandbox's files) ----
+
+    def _freeze_file(self, name: str) -> tuple[Path, str, str] | None:
+        """(the file to write, the frozen value, the thawed value), or None without a freezer."""
+        if self.v2:
+            path = self._v2(name) / "cgroup.freeze"
+            return (path, "1", "0") if path.exists() else None
+        freezer = self._v1("freezer", name)
+        if freezer is None or not (freezer / "freezer.state").exists():
+            return None
+        return freezer / "freezer.state", "FROZEN", "THAWED"
+
+    def freeze(self, name: str, timeout: float = 5.0) -> bool:
+        """Freeze every process of sandbox `name` and wait until they are; False without a freezer. A
+        freeze that does not complete in `timeout` seconds is undone (CgroupError)."""
+        found = self._freeze_file(name)
+        if found is None:
+            return False
+        path, frozen, thawed = found
+        _write(path, frozen)
+        deadline = time.monotonic() + timeout
+        while not self._is_frozen(name, path):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(OSError):
+                    _write(path, thawed)
+                raise CgroupError(errno.EBUSY,
+                                  f"the processes of {name} did not freeze within {timeout:.0f} s")
+            time.sleep(0.0005)
+        return True
+
+    def _is_frozen(self, name: str, path: Path) -> bool:
+        if self.v2:
+            return _read_keyed(self._v2(name) / "cgroup.events", "frozen") == 1
+        return path.read_text().strip() == "FROZEN"
+
+    def thaw(self, name: str) -> None:
+        found = self._freeze_file(name)
+        if found is not None:
+            _write(found[0], found[2])
+
     # ---- removal ----
 
     def remove(self, name: str | None, *, timeout: float = 5.0) -> None:

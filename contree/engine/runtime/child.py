@@ -67,7 +67,7 @@ class Child:
         self.stderr: asyncio.StreamReader
 
     @classmethod
-    async def spawn(cls, argv: list[str], *, stdin: bool) -> Child:
+    async def spawn(cls, argv: list[str], *, stdin: bool, pass_fds: list[int] | None = None) -> Child:
         pipes = {}
         fds_to_close = []
         try:
@@ -84,6 +84,8 @@ class Child:
                 actions.append((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0))
             actions.append((os.POSIX_SPAWN_DUP2, pipes[1][1], 1))
             actions.append((os.POSIX_SPAWN_DUP2, pipes[2][1], 2))
+            for n, fd in enumerate(pass_fds or (), start=3):  # dup2 clears close-on-exec on the copy
+                actions.append((os.POSIX_SPAWN_DUP2, fd, n))
             # posix_spawn is vfork+exec: it returns as soon as the child execs, so it does not block.
             pid = os.posix_spawn(  # noqa: ASYNC221
                 argv[0], argv, _SPAWN_ENV, file_actions=actions, setsid=True, setsigmask=(),

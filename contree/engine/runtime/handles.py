@@ -15,7 +15,7 @@ import shutil
 import signal as _signal
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -43,6 +43,10 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
     pids_limit: int | None = 256
     cpu_quota: float | None = None  # cores
     stdin: bool = True  # a pipe; False = /dev/null. Output always goes through pipes.
+    # A long-lived sandbox's init: host descriptors its process gets as fds 3, 4, … (`--preserve-fds`),
+    # and OCI mounts beyond the standard ones (its binary, bound into the sandbox's own /dev).
+    pass_fds: list[int] = msgspec.field(default_factory=list)
+    extra_mounts: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class SandboxExit(msgspec.Struct, kw_only=True):
@@ -64,9 +68,39 @@ class SandboxExit(msgspec.Struct, kw_only=True):
     duration: float = 0.0  # seconds, spawn to exit
 
 
+class ExitUsage(msgspec.Struct, kw_only=True):
+    """The rusage of an exec'd process, where its reaper reports one (a sandbox's own init does)."""
+
+    user_time: float = 0.0  # seconds
+    system_time: float = 0.0
+    max_rss_kb: int = 0
+    minor_faults: int = 0
+    major_faults: int = 0
+    inblock: int = 0
+    oublock: int = 0
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
+
+
 class ProcessExit(msgspec.Struct, kw_only=True):
     exit_code: int | None
     signal: int | None = None
+    core_dump: bool = False
+    usage: ExitUsage | None = None  # None: the runtime's exec helper reaped it, without rusage
+
+
+class ExecdProcess(Protocol):
+    """A process exec'd into a running sandbox (spid ≥ 2): a `RunningProcess` (the runtime's `exec`), or
+    one a long-lived sandbox's own init forked (`sandbox_init.InitProcess`)."""
+
+    pid: int
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+    async def wait(self) -> ProcessExit: ...
+
+    def signal(self, sig: int) -> None: ...
 
 
 class SandboxHost(Protocol):

@@ -397,7 +397,7 @@ class SandboxRuntime:
                 # (OOM kills, refused forks), and those counters outlive the runtime's own leaf.
                 netns_path=net.netns_path, memory_bytes=None, pids_limit=None, cpu_quota=None,
                 rlimits=self.rlimits, seccomp=self.config.seccomp, seccomp_bpf_b64=self._seccomp_b64,
-                extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files),
+                extra_mounts=self._etc_binds(spec.rootfs, bundle, staged.etc_files) + spec.extra_mounts,
                 # A prepared netns comes with the user namespace that owns it (same id mapping).
                 userns_path=net.userns_path,
                 uid_mappings=None if self.idmap is None else [oci_config.IdMapping(
@@ -411,7 +411,9 @@ class SandboxRuntime:
             argv = [*self.runtime_argv()]
             if self.runtime == "runsc":
                 argv.append("--network=none")
-            child = await Child.spawn([*argv, "run", "--bundle", str(bundle), sid], stdin=spec.stdin)
+            preserve = [f"--preserve-fds={len(spec.pass_fds)}"] if spec.pass_fds else []
+            child = await Child.spawn([*argv, "run", *preserve, "--bundle", str(bundle), sid],
+                                      stdin=spec.stdin, pass_fds=spec.pass_fds)
         except BaseException:
             if bind is not None:
                 with contextlib.suppress(OSError):
