@@ -42,7 +42,7 @@ LIST_PAGE_BYTES = 56 * 1024
 LIST_MAX_LIMIT = 10000
 
 
-class ListFilesParams(msgspec.Struct, kw_only=True):
+class ListFilesParams(api.Model):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
     limit: Annotated[
@@ -52,7 +52,7 @@ class ListFilesParams(msgspec.Struct, kw_only=True):
     cursor: Annotated[str | None, Meta(description="next_cursor of the previous page.")] = None
 
 
-class ReadFileParams(msgspec.Struct, kw_only=True):
+class ReadFileParams(api.Model):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     path: Annotated[str, Meta(description="Absolute path of a regular file in the image.")]
     offset: Annotated[
@@ -64,7 +64,7 @@ class ReadFileParams(msgspec.Struct, kw_only=True):
     ] = None
 
 
-class GrepParams(msgspec.Struct, kw_only=True):
+class GrepParams(api.Model):
     image: Annotated[str, Meta(description=IMAGE_DESC)]
     pattern: Annotated[str | list[str], Meta(description="Rust regex (or a list, OR-ed).")]
     path: Annotated[

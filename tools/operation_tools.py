@@ -46,7 +46,7 @@ STATUS_ALIASES = {
 KINDS = {"instance": "instance", "image_import": "image_import", "import": "image_import", "run": "instance"}
 
 
-class GetOperationParams(msgspec.Struct, kw_only=True):
+class GetOperationParams(api.Model):
     operation_id: Annotated[str, Meta(description="Operation id from run or import_image.")]
     inflight: Annotated[
         bool, Meta(description="For a running instance: include the output produced so far.")
@@ -62,7 +62,7 @@ class GetOperationParams(msgspec.Struct, kw_only=True):
     ] = None
 
 
-class ListOperationsParams(msgspec.Struct, kw_only=True):
+class ListOperationsParams(api.Model):
     limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of operations.")] = 100
     status: Annotated[
         str | None,
@@ -81,7 +81,7 @@ class ListOperationsParams(msgspec.Struct, kw_only=True):
     until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
 
 
-class WaitOperationsParams(msgspec.Struct, kw_only=True):
+class WaitOperationsParams(api.Model):
     operation_ids: Annotated[
         list[str], Meta(description="Operation ids to wait for (duplicates are ignored).")
     ]
@@ -102,7 +102,7 @@ class WaitOperationsParams(msgspec.Struct, kw_only=True):
     ] = False
 
 
-class CancelOperationParams(msgspec.Struct, kw_only=True):
+class CancelOperationParams(api.Model):
     operation_id: Annotated[str, Meta(description="Operation to cancel.")]
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 2.0  # seconds without progress before the run's latest output is sent as progress
 
 
-class InjectedFileSpec(msgspec.Struct, kw_only=True):
+class InjectedFileSpec(api.Model):
     uuid: Annotated[str, Meta(description="File UUID from upload().")]
     mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3,4}$", description="Permission bits, e.g. '0755'.")] = (
         "0644"
@@ -39,7 +39,7 @@ class InjectedFileSpec(msgspec.Struct, kw_only=True):
     gid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
 
 
-class RunParams(msgspec.Struct, kw_only=True):
+class RunParams(api.Model):
     command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
     image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
     shell: Annotated[

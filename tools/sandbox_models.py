@@ -15,7 +15,7 @@ SandboxId = Annotated[str, Meta(description="Sandbox id from start_sandbox (also
 ProcessId = Annotated[int, Meta(ge=2, le=2**31 - 1, description="process_id from exec.")]
 
 
-class StartSandboxParams(msgspec.Struct, kw_only=True):
+class StartSandboxParams(api.Model):
     image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
     directory_state_id: Annotated[
         Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
@@ -58,7 +58,7 @@ class StartSandboxParams(msgspec.Struct, kw_only=True):
     ] = None
 
 
-class ExecParams(msgspec.Struct, kw_only=True):
+class ExecParams(api.Model):
     sandbox_id: SandboxId
     command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
     shell: Annotated[bool, Meta(description="Run through the image's shell ('sh -c').")] = True
@@ -90,7 +90,7 @@ class ExecParams(msgspec.Struct, kw_only=True):
     ] = 8000
 
 
-class WriteStdinParams(msgspec.Struct, kw_only=True):
+class WriteStdinParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     data: Annotated[str | None, Meta(description="Text to write (UTF-8).")] = None
@@ -98,7 +98,7 @@ class WriteStdinParams(msgspec.Struct, kw_only=True):
     close: Annotated[bool, Meta(description="Close stdin after writing (the process sees EOF).")] = False
 
 
-class SignalParams(msgspec.Struct, kw_only=True):
+class SignalParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     signal: Annotated[
@@ -106,7 +106,7 @@ class SignalParams(msgspec.Struct, kw_only=True):
     ] = "TERM"
 
 
-class GetProcessParams(msgspec.Struct, kw_only=True):
+class GetProcessParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     wait: Annotated[
@@ -127,31 +127,31 @@ class GetProcessParams(msgspec.Struct, kw_only=True):
     ] = 8000
 
 
-class ExposePortParams(msgspec.Struct, kw_only=True):
+class ExposePortParams(api.Model):
     sandbox_id: SandboxId
     port: Annotated[int, Meta(ge=1, le=65535, description="TCP port a server listens on in the sandbox.")]
 
 
-class SnapshotSandboxParams(msgspec.Struct, kw_only=True):
+class SnapshotSandboxParams(api.Model):
     sandbox_id: SandboxId
     tag: Annotated[str | None, Meta(description="Tag the new image, e.g. 'myproject/dev-db/debian'.")] = None
 
 
-class StopSandboxParams(msgspec.Struct, kw_only=True):
+class StopSandboxParams(api.Model):
     sandbox_id: SandboxId
     commit: Annotated[
         bool, Meta(description="Keep the sandbox's filesystem as a new image (result_image).")
     ] = False
 
 
-class ListSandboxesParams(msgspec.Struct, kw_only=True):
+class ListSandboxesParams(api.Model):
     pass
 
 
 # ---------------------------------------------------------------------- results
 
 
-class PortOutput(msgspec.Struct, kw_only=True):
+class PortOutput(api.Model):
     """An exposed port: `url` (host loopback only) reaches `port` in the sandbox."""
 
     port: int
@@ -162,7 +162,7 @@ class PortOutput(msgspec.Struct, kw_only=True):
     bytes_out: int = 0
 
 
-class SandboxOutput(msgspec.Struct, kw_only=True):
+class SandboxOutput(api.Model):
     """A long-lived sandbox. `expires_at`: when it stops if nothing happens (none while busy or stopped)."""
 
     sandbox_id: str
@@ -185,19 +185,19 @@ class SandboxOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class SandboxListOutput(msgspec.Struct, kw_only=True):
+class SandboxListOutput(api.Model):
     sandboxes: list[SandboxOutput]
     hint: str | None = None
 
 
-class WriteStdinOutput(msgspec.Struct, kw_only=True):
+class WriteStdinOutput(api.Model):
     sandbox_id: str
     process_id: int
     bytes_written: int
     closed: bool
 
 
-class ExposePortOutput(msgspec.Struct, kw_only=True):
+class ExposePortOutput(api.Model):
     sandbox_id: str
     port: int
     url: str
@@ -206,7 +206,7 @@ class ExposePortOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class SnapshotOutput(msgspec.Struct, kw_only=True):
+class SnapshotOutput(api.Model):
     """The sandbox's filesystem as an immutable image (a child of the image it started from)."""
 
     sandbox_id: str
