@@ -12,6 +12,7 @@ from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.bounds import MAX_OFFSET
 from tools.errors import backend_errors
 from tools.models import ImageListOutput, ImageOutput
+from tools.params import ImageRef
 from tools.refs import validate_tag
 from tools.state import ServerState
 
@@ -32,7 +33,7 @@ class ListImagesParams(Model):
 
 
 class GetImageParams(Model):
-    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
+    image: ImageRef
 
 
 class SetTagParams(Model):

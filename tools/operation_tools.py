@@ -14,11 +14,12 @@ from contree.errors import BackendError, BadRequest, Conflict
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
-from tools.bounds import MAX_BYTES, MAX_OFFSET, MAX_WAIT_SECONDS
+from tools.bounds import MAX_OFFSET, MAX_WAIT_SECONDS
 from tools.budget import RESULT_BUDGET, fit_bytes, keep_fitting, result_size
 from tools.convert import operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
+from tools.params import PageLimit, PageOffset, PageStream
 from tools.state import ServerState
 from tools.waiting import poll_until_terminal
 
@@ -51,15 +52,9 @@ class GetOperationParams(api.Model):
     inflight: Annotated[
         bool, Meta(description="For a running instance: include the output produced so far.")
     ] = False
-    stream: Annotated[
-        Literal["stdout", "stderr"] | None,
-        Meta(description="Page through one whole stream instead: it comes in 'stdout' (or 'stderr').")
-    ] = None
-    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset of the page in 'stream'.")] = 0
-    limit: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
-        Meta(description="Bytes per page (default about 32 KiB; at most the server's --read-max-bytes)."),
-    ] = None
+    stream: PageStream = None
+    offset: PageOffset = 0
+    limit: PageLimit = None
 
 
 class ListOperationsParams(api.Model):

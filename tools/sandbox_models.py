@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from contree import api
-from tools.bounds import MAX_BYTES, MAX_ID, MAX_OFFSET, MAX_SECONDS, MAX_STATE_ID
-from tools.run_tool import InjectedFileSpec
+from tools.bounds import MAX_SECONDS
+from tools.params import (
+    Args,
+    Command,
+    CpuCores,
+    DirectoryStateId,
+    Environment,
+    Gid,
+    ImageRef,
+    InjectedFiles,
+    PageLimit,
+    PageOffset,
+    PageStream,
+    PidCount,
+    PositiveBytes,
+    TruncateOutputAt,
+    Uid,
+)
 
 SandboxId = Annotated[str, Meta(description="Sandbox id from start_sandbox (also its operation id).")]
 ProcessId = Annotated[int, Meta(ge=2, le=2**31 - 1, description="process_id from exec.")]
 
 
 class StartSandboxParams(api.Model):
-    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
-    directory_state_id: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
-        Meta(description="Id returned by rsync: injects that synced directory."),
-    ] = None
-    files: Annotated[
-        dict[str, str | InjectedFileSpec] | None,
-        Meta(description="{absolute_path: file_uuid} (or {uuid, mode, uid, gid}) of files from upload()."),
-    ] = None
+    image: ImageRef
+    directory_state_id: DirectoryStateId = None
+    files: InjectedFiles = None
     env: Annotated[
-        dict[str, str | None] | None,
+        Environment | None,
         Meta(description="Environment of every process started in it (exec's env adds to it). Not echoed."),
     ] = None
     cwd: Annotated[
@@ -41,37 +51,35 @@ class StartSandboxParams(api.Model):
     ] = 1800
     hostname: Annotated[str | None, Meta(description="Hostname inside the sandbox.")] = None
     memory_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Memory limit in bytes (default and maximum: whoami limits)."),
     ] = None
     cpus: Annotated[
-        Annotated[float, Meta(ge=0.01, le=api.MAX_CPUS)] | None,
+        CpuCores | None,
         Meta(description="CPU limit in cores (default and maximum: whoami limits)."),
     ] = None
     pids: Annotated[
-        Annotated[int, Meta(ge=1, le=api.MAX_PIDS)] | None,
+        PidCount | None,
         Meta(description="Process/thread limit (default and maximum: whoami limits)."),
     ] = None
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Cap on bytes the sandbox may write to its filesystem."),
     ] = None
 
 
 class ExecParams(api.Model):
     sandbox_id: SandboxId
-    command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
+    command: Command
     shell: Annotated[bool, Meta(description="Run through the image's shell ('sh -c').")] = True
-    args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
-        None
-    )
+    args: Args = None
     env: Annotated[
-        dict[str, str | None] | None,
+        Environment | None,
         Meta(description="Extra environment (over the sandbox's); a null value unsets one. Not echoed."),
     ] = None
     cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the sandbox's default.")] = ""
-    uid: Annotated[int, Meta(ge=0, le=MAX_ID, description="User id of the process.")] = 0
-    gid: Annotated[int, Meta(ge=0, le=MAX_ID, description="Group id of the process.")] = 0
+    uid: Uid = 0
+    gid: Gid = 0
     stdin: Annotated[str | None, Meta(description="Text written to the process's standard input.")] = None
     keep_stdin_open: Annotated[
         bool | None,
@@ -84,10 +92,7 @@ class ExecParams(api.Model):
     background: Annotated[
         bool, Meta(description="true: return at once with process_id (servers, watchers, REPLs).")
     ] = False
-    truncate_output_at: Annotated[
-        int,
-        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
-    ] = 8000
+    truncate_output_at: TruncateOutputAt = 8000
 
 
 class WriteStdinParams(api.Model):
@@ -112,19 +117,10 @@ class GetProcessParams(api.Model):
     wait: Annotated[
         int, Meta(ge=0, le=MAX_SECONDS, description="Seconds to wait for it to exit (0: its state now).")
     ] = 0
-    stream: Annotated[
-        Literal["stdout", "stderr"] | None,
-        Meta(description="Page through one whole stream instead: it comes in 'stdout' (or 'stderr')."),
-    ] = None
-    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset of the page in 'stream'.")] = 0
-    limit: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
-        Meta(description="Bytes per page (default about 32 KiB; at most the server's --read-max-bytes)."),
-    ] = None
-    truncate_output_at: Annotated[
-        int,
-        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
-    ] = 8000
+    stream: PageStream = None
+    offset: PageOffset = 0
+    limit: PageLimit = None
+    truncate_output_at: TruncateOutputAt = 8000
 
 
 class ExposePortParams(api.Model):
