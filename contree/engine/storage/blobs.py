@@ -18,7 +18,6 @@ import errno
 import hashlib
 import os
 import re
-import sqlite3
 import stat
 import threading
 import time
@@ -34,6 +33,7 @@ from contree.backend import FileQuery
 from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from contree.sqlitedb import open_wal
 from contree.timeparse import isoformat, parse_timestamp
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -134,11 +134,7 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
         self._lock = threading.Lock()
         private_file(self.root / "files.db")
-        self._db = sqlite3.connect(self.root / "files.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(self.root / "files.db", _SCHEMA, synchronous="FULL", busy_timeout=10.0)
 
     def close(self) -> None:
         with self._lock:
