@@ -23,7 +23,6 @@ import shutil
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,7 +46,7 @@ from contree.engine.eventlog import (
 from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
 from contree.sqlitedb import open_wal
-from contree.timeparse import parse_timestamp
+from contree.timeparse import time_bounds
 
 __all__ = ["DEFAULT_OUTPUT_QUOTA", "DEFAULT_SIZE_CAP"]  # re-exported: the engine's settings name them
 
@@ -74,14 +73,6 @@ TRANSITIONS: dict[api.OperationStatus, frozenset[api.OperationStatus]] = {
 
 class IllegalTransition(RuntimeError):
     """A status move `TRANSITIONS` does not allow: an engine bug, never a client's."""
-
-
-def parse_instant(value: str, *, now: float | None = None) -> float:
-    """A `since`/`until` value as unix seconds (ISO 8601, unix seconds or an interval ago); 400 if invalid."""
-    try:
-        return parse_timestamp(value, now=None if now is None else datetime.fromtimestamp(now, UTC))
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- records
@@ -296,12 +287,9 @@ class OperationLog:
                 raise BadRequest(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
             clauses.append("kind = ?")
             args.append(kind)
-        if since:
-            clauses.append("created_at >= ?")
-            args.append(parse_instant(since))
-        if until:
-            clauses.append("created_at <= ?")
-            args.append(parse_instant(until))
+        bounds, bound_args = time_bounds("created_at", since, until)
+        clauses += bounds
+        args += bound_args
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(
             f"SELECT uuid, record FROM operations {where} ORDER BY seq DESC LIMIT ? OFFSET ?",

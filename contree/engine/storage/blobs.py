@@ -34,7 +34,7 @@ from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from contree.sqlitedb import open_wal
-from contree.timeparse import isoformat, parse_timestamp
+from contree.timeparse import isoformat, time_bounds
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _XXH128 = re.compile(r"^[0-9a-f]{32}$")
@@ -244,13 +244,9 @@ class BlobStore:
             raise BadRequest("limit must be 1..1000 and offset ≥ 0")
         where: list[str] = []
         args: list[object] = []
-        for value, op in ((q.since, ">="), (q.until, "<=")):
-            if value:
-                try:
-                    args.append(parse_timestamp(value))
-                except ValueError as exc:
-                    raise BadRequest(str(exc)) from None
-                where.append(f"updated_at {op} ?")
+        bounds, bound_args = time_bounds("updated_at", q.since, q.until)
+        where += bounds
+        args += bound_args
         sql = f"SELECT {_FILE_COLUMNS} FROM files"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -26,7 +26,7 @@ from contree.backend import ImageQuery
 from contree.engine.storage.overlay import MAX_LOWERS
 from contree.errors import BadRequest, NotFound
 from contree.sqlitedb import open_wal
-from contree.timeparse import isoformat, parse_timestamp
+from contree.timeparse import isoformat, time_bounds
 
 KIND_INSTANCE = 0
 KIND_IMPORTED = 1
@@ -141,13 +141,9 @@ class ImageDB:
         if q.uuid:
             where.append("substr(uuid, 1, ?) = ?")
             args += [len(q.uuid), q.uuid.lower()]
-        for value, op in ((q.since, ">="), (q.until, "<=")):
-            if value:
-                try:
-                    args.append(parse_timestamp(value))
-                except ValueError as exc:
-                    raise BadRequest(str(exc)) from None
-                where.append(f"created_at {op} ?")
+        bounds, bound_args = time_bounds("created_at", q.since, q.until)
+        where += bounds
+        args += bound_args
         if q.kind is not None:
             where.append("kind = ?")
             args.append(q.kind)
