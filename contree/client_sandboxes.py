@@ -1,16 +1,15 @@
 """`RemoteBackend`'s side of the embedded engine's long-lived sandboxes (beyond the Contree API): the
 `/v1/sandboxes` extension (`contree.sandbox_api.SandboxHost`) and the subprocess long poll (`?wait=`).
 
-A mixin of `contree.client.RemoteBackend`, which gives it the requests (`_Requests`).
+A base of `contree.client.RemoteBackend`, beside `OperationEvents`: both on `ApiTransport`'s requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from contree import api
+from contree.client_transport import ApiTransport
 from contree.sandbox_api import (
     PortForward,
     PortRequest,
@@ -22,45 +21,12 @@ from contree.sandbox_api import (
     process_exited,
 )
 
-if TYPE_CHECKING:
-    from yarl import URL  # aiohttp's, imported with it: not before a stdio server answered `initialize`
-
-T = TypeVar("T")
-
 WAIT_STEP = 60  # seconds one long poll of a subprocess waits at most (well inside the request timeout)
 WAIT_POLL = 0.5  # seconds between polls of a server without long polls
 
 
-class _Requests(Protocol):
-    """What the mixin uses of `RemoteBackend`."""
-
-    async def _json(
-        self,
-        kind: type[T],
-        method: str,
-        url: URL,
-        *,
-        idempotent: bool = True,
-        ok: Sequence[int] = (200,),
-        params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
-        payload: Any = None,
-    ) -> T: ...
-
-    async def _empty(
-        self, method: str, url: URL, *, ok: Sequence[int], idempotent: bool = True, params: Any = None,
-        payload: Any = None,
-    ) -> None: ...
-
-    def _url(self, *segments: str) -> URL: ...
-
-    @staticmethod
-    def _operation(uuid: str) -> str: ...
-
-
-class SandboxClient:
-    async def wait_subprocess(
-        self: _Requests, operation_id: str, spid: int, wait: float
-    ) -> api.InstanceResult:
+class SandboxClient(ApiTransport):
+    async def wait_subprocess(self, operation_id: str, spid: int, wait: float) -> api.InstanceResult:
         """`get_subprocess` once the process exited or `wait` seconds passed (`?wait=`, a long poll of the
         embedded engine; a server without it answers at once, so this polls)."""
         loop = asyncio.get_running_loop()
@@ -76,28 +42,28 @@ class SandboxClient:
             if loop.time() - started < min(step, 0.5):  # not a long poll: poll gently
                 await asyncio.sleep(min(WAIT_POLL, max(0.0, deadline - loop.time())))
 
-    async def start_sandbox(self: _Requests, request: SandboxRequest) -> SandboxInfo:
+    async def start_sandbox(self, request: SandboxRequest) -> SandboxInfo:
         return await self._json(SandboxInfo, "POST", self._url("sandboxes"), payload=request,
                                 idempotent=False, ok=(201, 200))
 
-    async def list_sandboxes(self: _Requests) -> list[SandboxInfo]:
+    async def list_sandboxes(self) -> list[SandboxInfo]:
         return (await self._json(SandboxList, "GET", self._url("sandboxes"))).sandboxes
 
-    async def get_sandbox(self: _Requests, sandbox_id: str) -> SandboxInfo:
+    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
         return await self._json(SandboxInfo, "GET", self._url("sandboxes", self._operation(sandbox_id)))
 
-    async def expose_port(self: _Requests, sandbox_id: str, port: int) -> PortForward:
+    async def expose_port(self, sandbox_id: str, port: int) -> PortForward:
         url = self._url("sandboxes", self._operation(sandbox_id), "ports")
         return await self._json(PortForward, "POST", url, payload=PortRequest(port=port), ok=(200, 201))
 
-    async def close_port(self: _Requests, sandbox_id: str, port: int) -> None:
+    async def close_port(self, sandbox_id: str, port: int) -> None:
         url = self._url("sandboxes", self._operation(sandbox_id), "ports", str(port))
         await self._empty("DELETE", url, ok=(204, 200))
 
-    async def snapshot_sandbox(self: _Requests, sandbox_id: str) -> SandboxSnapshot:
+    async def snapshot_sandbox(self, sandbox_id: str) -> SandboxSnapshot:
         url = self._url("sandboxes", self._operation(sandbox_id), "snapshot")
         return await self._json(SandboxSnapshot, "POST", url, idempotent=False, ok=(201, 200))
 
-    async def stop_sandbox(self: _Requests, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
+    async def stop_sandbox(self, sandbox_id: str, request: StopSandboxRequest) -> SandboxInfo:
         url = self._url("sandboxes", self._operation(sandbox_id), "stop")
         return await self._json(SandboxInfo, "POST", url, payload=request, idempotent=False)

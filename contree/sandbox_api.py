@@ -39,7 +39,7 @@ SandboxState = Literal["starting", "running", "stopping", "stopped"]
 LISTEN_HOST = "127.0.0.1"  # exposed ports are reachable from the engine's host only
 
 
-class PortForward(msgspec.Struct, kw_only=True):
+class PortForward(api.Model):
     """One exposed port: connections to `url` (host loopback) reach `port` inside the sandbox."""
 
     port: int  # in the sandbox
@@ -53,7 +53,7 @@ class PortForward(msgspec.Struct, kw_only=True):
     bytes_out: int = 0  # sandbox -> host
 
 
-class SandboxRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class SandboxRequest(api.RequestBody, omit_defaults=True):
     """What a sandbox starts from. `env` and `cwd` are the defaults of every process started in it."""
 
     image: str  # UUID or "tag:<tag>"
@@ -66,7 +66,7 @@ class SandboxRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, o
     resources_limits: api.InstanceResourcesLimits | None = None
 
 
-class SandboxInfo(msgspec.Struct, kw_only=True):
+class SandboxInfo(api.Model):
     """A sandbox (`uuid` = its instance operation). Times are ISO 8601; `expires_at` is when it stops if
     nothing happens (absent while a foreground process runs, and once it stopped)."""
 
@@ -91,15 +91,15 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     result_image: str | None = None  # stop with commit=true
 
 
-class SandboxList(msgspec.Struct, kw_only=True):
+class SandboxList(api.Model):
     sandboxes: list[SandboxInfo]
 
 
-class PortRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class PortRequest(api.RequestBody):
     port: Annotated[int, Meta(ge=1, le=65535)]
 
 
-class SandboxSnapshot(msgspec.Struct, kw_only=True):
+class SandboxSnapshot(api.Model):
     """The filesystem of a running sandbox as a new image (a child of the image it started from)."""
 
     image: api.Image
@@ -114,7 +114,7 @@ class SandboxSnapshot(msgspec.Struct, kw_only=True):
     commands: int = 0  # processes started in the sandbox before the snapshot
 
 
-class StopSandboxRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class StopSandboxRequest(api.RequestBody):
     commit: bool = False  # keep the filesystem as a new image (SandboxInfo.result_image)
     grace_seconds: Annotated[float, Meta(ge=0, le=60)] = 2.0  # SIGTERM, then SIGKILL after this long
 

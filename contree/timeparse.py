@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+from contree.errors import BadRequest
+
 _INTERVAL = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIX = re.compile(r"^\s*\d+(\.\d+)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -55,6 +57,26 @@ def parse_interval(value: str) -> float:
 def parse_timestamp(value: str, *, now: datetime | None = None) -> float:
     """`parse_time` as unix seconds (what the engine's SQLite columns compare against)."""
     return parse_time(value, now=now).timestamp()
+
+
+def parse_instant(value: str, *, now: float | None = None) -> float:
+    """A `since`/`until` value as unix seconds (ISO 8601, unix seconds or an interval ago); 400 if invalid."""
+    try:
+        return parse_timestamp(value, now=None if now is None else datetime.fromtimestamp(now, UTC))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def time_bounds(column: str, since: str | None, until: str | None) -> tuple[list[str], list[float]]:
+    """The SQL conditions of a listing's `since`/`until` filters on `column` (unix seconds), and their
+    arguments; 400 for an invalid value."""
+    clauses: list[str] = []
+    args: list[float] = []
+    for value, op in ((since, ">="), (until, "<=")):
+        if value:
+            args.append(parse_instant(value))
+            clauses.append(f"{column} {op} ?")
+    return clauses, args
 
 
 def isoformat(ts: float) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
+from contree.api import Model
 from contree.backend import EngineAdmin
 from contree.errors import BackendError, Conflict, NotFound
 from protocol.errors import ToolError
@@ -21,11 +21,11 @@ CLOUD_HINT = (
 )
 
 
-class DeleteImageParams(msgspec.Struct, kw_only=True):
+class DeleteImageParams(Model):
     image: Annotated[str, Meta(description="The image to delete: a UUID (or 'tag:<tag>', which is refused).")]
 
 
-class DeleteImageOutput(msgspec.Struct, kw_only=True):
+class DeleteImageOutput(Model):
     uuid: str
     deleted: bool
     freed_bytes: int

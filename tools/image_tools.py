@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
+from contree.api import Model
 from contree.backend import ImageQuery
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools.bounds import MAX_OFFSET
 from tools.errors import backend_errors
 from tools.models import ImageListOutput, ImageOutput
+from tools.params import ImageRef
 from tools.refs import validate_tag
 from tools.state import ServerState
 
 
-class ListImagesParams(msgspec.Struct, kw_only=True):
+class ListImagesParams(Model):
     limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of images to return.")] = 100
     offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Number of images to skip (paging).")] = 0
     tagged: Annotated[bool, Meta(description="Only images that carry a tag.")] = False
@@ -31,11 +32,11 @@ class ListImagesParams(msgspec.Struct, kw_only=True):
     until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
 
 
-class GetImageParams(msgspec.Struct, kw_only=True):
-    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
+class GetImageParams(Model):
+    image: ImageRef
 
 
-class SetTagParams(msgspec.Struct, kw_only=True):
+class SetTagParams(Model):
     image_uuid: Annotated[
         str, Meta(description="The image to tag: a UUID (a 'tag:<tag>' or bare tag is resolved first).")
     ]

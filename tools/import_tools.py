@@ -31,13 +31,13 @@ log = logging.getLogger(__name__)
 LOCAL_SOURCES = ("oci-archive:", "docker-archive:", "oci:")
 
 
-class TokenObtainParams(msgspec.Struct, kw_only=True):
+class TokenObtainParams(api.Model):
     registry_url: Annotated[
         str, Meta(description="Registry host or image URL, e.g. 'docker.io' or 'ghcr.io'.")
     ]
 
 
-class RegistryAuthParams(msgspec.Struct, kw_only=True):
+class RegistryAuthParams(api.Model):
     registry_url: Annotated[str, Meta(description="Registry host or image URL, e.g. 'docker.io'.")]
     username: Annotated[str, Meta(description="Registry user name.")]
     token: Annotated[
@@ -45,7 +45,7 @@ class RegistryAuthParams(msgspec.Struct, kw_only=True):
     ]
 
 
-class ImportImageParams(msgspec.Struct, kw_only=True):
+class ImportImageParams(api.Model):
     registry_url: Annotated[
         str,
         Meta(

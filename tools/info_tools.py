@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
+from contree.api import Model
 from contree.backend import EngineAdmin
 from contree.errors import BackendError, NotFound
 from protocol.errors import ToolError
@@ -21,7 +21,7 @@ from tools.version import __version__
 log = logging.getLogger(__name__)
 
 
-class GuideParams(msgspec.Struct, kw_only=True):
+class GuideParams(Model):
     section: Annotated[
         str, Meta(description="One of: workflow, reference, quickstart, state, async, tagging, errors.")
     ]

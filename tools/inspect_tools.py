@@ -14,7 +14,7 @@ from contree import api
 from contree.backend import GrepQuery
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
-from tools.bounds import MAX_BYTES, MAX_OFFSET
+from tools.bounds import MAX_OFFSET
 from tools.budget import RESULT_BUDGET, fit_prefix, json_len, keep_fitting
 from tools.errors import backend_errors
 from tools.image_files import decode_text, file_size, normalize_dir, read_bounded
@@ -27,13 +27,13 @@ from tools.models import (
     ListFilesOutput,
     ReadFileOutput,
 )
+from tools.params import ImageRef, PositiveBytes
 from tools.state import ServerState
 
 READ_OVERHEAD = 2048  # bytes of a read_file result that are not the content (fields, hint)
 GREP_OVERHEAD = 1024  # room for next_offset and the hint
 GREP_DEFAULT_TOTAL = 1000
 GREP_MAX_TOTAL = 10000  # the API's cap on max_total
-IMAGE_DESC = "Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'."
 
 
 # A page of list_files stops at this many bytes of entries: the result carries each entry twice (as
@@ -42,8 +42,8 @@ LIST_PAGE_BYTES = 56 * 1024
 LIST_MAX_LIMIT = 10000
 
 
-class ListFilesParams(msgspec.Struct, kw_only=True):
-    image: Annotated[str, Meta(description=IMAGE_DESC)]
+class ListFilesParams(api.Model):
+    image: ImageRef
     path: Annotated[str, Meta(description="Directory to list (absolute; default '/').")] = "/"
     limit: Annotated[
         Annotated[int, Meta(ge=1, le=LIST_MAX_LIMIT)] | None,
@@ -52,20 +52,20 @@ class ListFilesParams(msgspec.Struct, kw_only=True):
     cursor: Annotated[str | None, Meta(description="next_cursor of the previous page.")] = None
 
 
-class ReadFileParams(msgspec.Struct, kw_only=True):
-    image: Annotated[str, Meta(description=IMAGE_DESC)]
+class ReadFileParams(api.Model):
+    image: ImageRef
     path: Annotated[str, Meta(description="Absolute path of a regular file in the image.")]
     offset: Annotated[
         int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset to start reading at (for paging big files).")
     ] = 0
     max_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Bytes to return at most (capped by the server's limit)."),
     ] = None
 
 
-class GrepParams(msgspec.Struct, kw_only=True):
-    image: Annotated[str, Meta(description=IMAGE_DESC)]
+class GrepParams(api.Model):
+    image: ImageRef
     pattern: Annotated[str | list[str], Meta(description="Rust regex (or a list, OR-ed).")]
     path: Annotated[
         str | list[str] | None, Meta(description="Directory or file to search (default '/').")

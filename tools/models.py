@@ -268,7 +268,7 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 JsonObject = dict[str, Any]
 
 
-class ProcessOutput(msgspec.Struct, kw_only=True):
+class ProcessOutput(api.Model):
     """One process of a sandbox. `status`: running | exited | killed (by a signal) | timed_out. `stdout`/
     `stderr` are the first bytes; when a stream was longer, `*_truncated` is set and `*_tail`, `*_bytes`
     and `*_resource` say what the rest holds and where."""

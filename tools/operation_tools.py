@@ -14,11 +14,12 @@ from contree.errors import BackendError, BadRequest, Conflict
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
-from tools.bounds import MAX_BYTES, MAX_OFFSET, MAX_WAIT_SECONDS
+from tools.bounds import MAX_OFFSET, MAX_WAIT_SECONDS
 from tools.budget import RESULT_BUDGET, fit_bytes, keep_fitting, result_size
 from tools.convert import operation_output, summary_output
 from tools.errors import backend_errors
 from tools.models import CancelOutput, OperationListOutput, OperationOutput, WaitOperationsOutput
+from tools.params import PageLimit, PageOffset, PageStream
 from tools.state import ServerState
 from tools.waiting import poll_until_terminal
 
@@ -46,23 +47,17 @@ STATUS_ALIASES = {
 KINDS = {"instance": "instance", "image_import": "image_import", "import": "image_import", "run": "instance"}
 
 
-class GetOperationParams(msgspec.Struct, kw_only=True):
+class GetOperationParams(api.Model):
     operation_id: Annotated[str, Meta(description="Operation id from run or import_image.")]
     inflight: Annotated[
         bool, Meta(description="For a running instance: include the output produced so far.")
     ] = False
-    stream: Annotated[
-        Literal["stdout", "stderr"] | None,
-        Meta(description="Page through one whole stream instead: it comes in 'stdout' (or 'stderr').")
-    ] = None
-    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset of the page in 'stream'.")] = 0
-    limit: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
-        Meta(description="Bytes per page (default about 32 KiB; at most the server's --read-max-bytes)."),
-    ] = None
+    stream: PageStream = None
+    offset: PageOffset = 0
+    limit: PageLimit = None
 
 
-class ListOperationsParams(msgspec.Struct, kw_only=True):
+class ListOperationsParams(api.Model):
     limit: Annotated[int, Meta(ge=1, le=1000, description="Maximum number of operations.")] = 100
     status: Annotated[
         str | None,
@@ -81,7 +76,7 @@ class ListOperationsParams(msgspec.Struct, kw_only=True):
     until: Annotated[str | None, Meta(description="Created before: same formats as 'since'.")] = None
 
 
-class WaitOperationsParams(msgspec.Struct, kw_only=True):
+class WaitOperationsParams(api.Model):
     operation_ids: Annotated[
         list[str], Meta(description="Operation ids to wait for (duplicates are ignored).")
     ]
@@ -102,7 +97,7 @@ class WaitOperationsParams(msgspec.Struct, kw_only=True):
     ] = False
 
 
-class CancelOperationParams(msgspec.Struct, kw_only=True):
+class CancelOperationParams(api.Model):
     operation_id: Annotated[str, Meta(description="Operation to cancel.")]
 
 

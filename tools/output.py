@@ -27,7 +27,7 @@ UTF8_SLACK = 3  # bytes read beyond a page's limit to finish its last character
 DEFAULT_PAGE = 45 * 1024  # a default page (text, or base64 of binary) stays within RESULT_BUDGET
 
 
-class StreamPage(msgspec.Struct, kw_only=True):
+class StreamPage(api.Model):
     """One page of a stream. `text` is None for binary data (not UTF-8, or NUL bytes)."""
 
     data: bytes
@@ -177,7 +177,7 @@ def stream_uri(operation_id: str, stream: str) -> str:
     return f"{RESOURCE_BASE}/{operation_id}/{stream}"
 
 
-class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):
+class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):  # mypy: no frozen below non-frozen Model
     """Where a shaped result's streams are read whole: a run's (spid 1) or a sandbox process's."""
 
     operation_id: str
@@ -196,7 +196,7 @@ class StreamPlace(msgspec.Struct, kw_only=True, frozen=True):
 
 
 
-class _View(msgspec.Struct, kw_only=True):
+class _View(api.Model):
     """One stream of a result while it is being shaped: head bytes, tail bytes and what is beyond."""
 
     head: bytes

@@ -16,11 +16,25 @@ from contree.errors import BackendError, BadRequest, NotFound, Unprocessable
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
 from tools import output
-from tools.bounds import MAX_BYTES, MAX_ID, MAX_SECONDS, MAX_STATE_ID
+from tools.bounds import MAX_SECONDS
 from tools.budget import as_text
 from tools.convert import decode_stream
 from tools.errors import backend_errors
 from tools.models import OperationOutput, OperationRef
+from tools.params import (
+    Args,
+    Command,
+    CpuCores,
+    DirectoryStateId,
+    Environment,
+    Gid,
+    ImageRef,
+    InjectedFiles,
+    PidCount,
+    PositiveBytes,
+    TruncateOutputAt,
+    Uid,
+)
 from tools.refs import split_ref
 from tools.state import ServerState
 from tools.waiting import OutputTail, follow_until_terminal
@@ -30,23 +44,14 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 2.0  # seconds without progress before the run's latest output is sent as progress
 
 
-class InjectedFileSpec(msgspec.Struct, kw_only=True):
-    uuid: Annotated[str, Meta(description="File UUID from upload().")]
-    mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3,4}$", description="Permission bits, e.g. '0755'.")] = (
-        "0644"
-    )
-    uid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
-    gid: Annotated[int, Meta(ge=0, le=MAX_ID)] = 0
-
-
-class RunParams(msgspec.Struct, kw_only=True):
-    command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
-    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
+class RunParams(api.Model):
+    command: Command
+    image: ImageRef
     shell: Annotated[
         bool, Meta(description="Run through the image's shell ('sh -c'); also applies the image's ENV.")
     ] = True
     env: Annotated[
-        dict[str, str | None] | None,
+        Environment | None,
         Meta(description="Environment variables; a null value unsets a preserved one. Never echoed back."),
     ] = None
     preserve_env: Annotated[
@@ -54,8 +59,8 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(description="Merge 'env' into the image's stored environment and keep it in the result image."),
     ] = False
     cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the image default.")] = ""
-    uid: Annotated[int, Meta(ge=0, le=MAX_ID, description="User id of the process.")] = 0
-    gid: Annotated[int, Meta(ge=0, le=MAX_ID, description="Group id of the process.")] = 0
+    uid: Uid = 0
+    gid: Gid = 0
     timeout: Annotated[
         int, Meta(ge=1, le=MAX_SECONDS, description="Seconds before the command is killed.")
     ] = 30
@@ -64,40 +69,29 @@ class RunParams(msgspec.Struct, kw_only=True):
         Meta(description="true: discard filesystem changes. false: save them as a new image (result_image)."),
     ] = True
     stdin: Annotated[str | None, Meta(description="Text written to the command's standard input.")] = None
-    directory_state_id: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
-        Meta(description="Id returned by rsync: injects that synced directory."),
-    ] = None
-    files: Annotated[
-        dict[str, str | InjectedFileSpec] | None,
-        Meta(description="{absolute_path: file_uuid} (or {uuid, mode, uid, gid}) of files from upload()."),
-    ] = None
+    directory_state_id: DirectoryStateId = None
+    files: InjectedFiles = None
     wait: Annotated[
         bool, Meta(description="true: wait and return the output. false: return {operation_id} at once.")
     ] = True
-    truncate_output_at: Annotated[
-        int,
-        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
-    ] = 8000
+    truncate_output_at: TruncateOutputAt = 8000
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Cap on bytes written to the filesystem (default 12 GiB)."),
     ] = None
     memory_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Memory limit in bytes (embedded engine; default and maximum: whoami limits)."),
     ] = None
     cpus: Annotated[
-        Annotated[float, Meta(ge=0.01, le=api.MAX_CPUS)] | None,
+        CpuCores | None,
         Meta(description="CPU limit in cores, e.g. 1.5 (embedded engine; default and maximum: whoami)."),
     ] = None
     pids: Annotated[
-        Annotated[int, Meta(ge=1, le=api.MAX_PIDS)] | None,
+        PidCount | None,
         Meta(description="Process/thread limit (embedded engine; default and maximum: whoami)."),
     ] = None
-    args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
-        None
-    )
+    args: Args = None
     hostname: Annotated[str | None, Meta(description="Hostname inside the sandbox.")] = None
     networking: Annotated[
         bool | None, Meta(description="Give the sandbox network access (backend default: on).")

@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from contree import api
-from tools.bounds import MAX_BYTES, MAX_ID, MAX_OFFSET, MAX_SECONDS, MAX_STATE_ID
-from tools.run_tool import InjectedFileSpec
+from tools.bounds import MAX_SECONDS
+from tools.params import (
+    Args,
+    Command,
+    CpuCores,
+    DirectoryStateId,
+    Environment,
+    Gid,
+    ImageRef,
+    InjectedFiles,
+    PageLimit,
+    PageOffset,
+    PageStream,
+    PidCount,
+    PositiveBytes,
+    TruncateOutputAt,
+    Uid,
+)
 
 SandboxId = Annotated[str, Meta(description="Sandbox id from start_sandbox (also its operation id).")]
 ProcessId = Annotated[int, Meta(ge=2, le=2**31 - 1, description="process_id from exec.")]
 
 
-class StartSandboxParams(msgspec.Struct, kw_only=True):
-    image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag such as 'busybox:latest'.")]
-    directory_state_id: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_STATE_ID)] | str | None,
-        Meta(description="Id returned by rsync: injects that synced directory."),
-    ] = None
-    files: Annotated[
-        dict[str, str | InjectedFileSpec] | None,
-        Meta(description="{absolute_path: file_uuid} (or {uuid, mode, uid, gid}) of files from upload()."),
-    ] = None
+class StartSandboxParams(api.Model):
+    image: ImageRef
+    directory_state_id: DirectoryStateId = None
+    files: InjectedFiles = None
     env: Annotated[
-        dict[str, str | None] | None,
+        Environment | None,
         Meta(description="Environment of every process started in it (exec's env adds to it). Not echoed."),
     ] = None
     cwd: Annotated[
@@ -41,37 +51,35 @@ class StartSandboxParams(msgspec.Struct, kw_only=True):
     ] = 1800
     hostname: Annotated[str | None, Meta(description="Hostname inside the sandbox.")] = None
     memory_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Memory limit in bytes (default and maximum: whoami limits)."),
     ] = None
     cpus: Annotated[
-        Annotated[float, Meta(ge=0.01, le=api.MAX_CPUS)] | None,
+        CpuCores | None,
         Meta(description="CPU limit in cores (default and maximum: whoami limits)."),
     ] = None
     pids: Annotated[
-        Annotated[int, Meta(ge=1, le=api.MAX_PIDS)] | None,
+        PidCount | None,
         Meta(description="Process/thread limit (default and maximum: whoami limits)."),
     ] = None
     max_layer_bytes: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
+        PositiveBytes | None,
         Meta(description="Cap on bytes the sandbox may write to its filesystem."),
     ] = None
 
 
-class ExecParams(msgspec.Struct, kw_only=True):
+class ExecParams(api.Model):
     sandbox_id: SandboxId
-    command: Annotated[str, Meta(description="Shell command (shell=true) or executable path (shell=false).")]
+    command: Command
     shell: Annotated[bool, Meta(description="Run through the image's shell ('sh -c').")] = True
-    args: Annotated[list[str] | None, Meta(description="Arguments for the executable when shell=false.")] = (
-        None
-    )
+    args: Args = None
     env: Annotated[
-        dict[str, str | None] | None,
+        Environment | None,
         Meta(description="Extra environment (over the sandbox's); a null value unsets one. Not echoed."),
     ] = None
     cwd: Annotated[str, Meta(description="Working directory (absolute); '' = the sandbox's default.")] = ""
-    uid: Annotated[int, Meta(ge=0, le=MAX_ID, description="User id of the process.")] = 0
-    gid: Annotated[int, Meta(ge=0, le=MAX_ID, description="Group id of the process.")] = 0
+    uid: Uid = 0
+    gid: Gid = 0
     stdin: Annotated[str | None, Meta(description="Text written to the process's standard input.")] = None
     keep_stdin_open: Annotated[
         bool | None,
@@ -84,13 +92,10 @@ class ExecParams(msgspec.Struct, kw_only=True):
     background: Annotated[
         bool, Meta(description="true: return at once with process_id (servers, watchers, REPLs).")
     ] = False
-    truncate_output_at: Annotated[
-        int,
-        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
-    ] = 8000
+    truncate_output_at: TruncateOutputAt = 8000
 
 
-class WriteStdinParams(msgspec.Struct, kw_only=True):
+class WriteStdinParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     data: Annotated[str | None, Meta(description="Text to write (UTF-8).")] = None
@@ -98,7 +103,7 @@ class WriteStdinParams(msgspec.Struct, kw_only=True):
     close: Annotated[bool, Meta(description="Close stdin after writing (the process sees EOF).")] = False
 
 
-class SignalParams(msgspec.Struct, kw_only=True):
+class SignalParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     signal: Annotated[
@@ -106,52 +111,43 @@ class SignalParams(msgspec.Struct, kw_only=True):
     ] = "TERM"
 
 
-class GetProcessParams(msgspec.Struct, kw_only=True):
+class GetProcessParams(api.Model):
     sandbox_id: SandboxId
     process_id: ProcessId
     wait: Annotated[
         int, Meta(ge=0, le=MAX_SECONDS, description="Seconds to wait for it to exit (0: its state now).")
     ] = 0
-    stream: Annotated[
-        Literal["stdout", "stderr"] | None,
-        Meta(description="Page through one whole stream instead: it comes in 'stdout' (or 'stderr')."),
-    ] = None
-    offset: Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="Byte offset of the page in 'stream'.")] = 0
-    limit: Annotated[
-        Annotated[int, Meta(ge=1, le=MAX_BYTES)] | None,
-        Meta(description="Bytes per page (default about 32 KiB; at most the server's --read-max-bytes)."),
-    ] = None
-    truncate_output_at: Annotated[
-        int,
-        Meta(ge=0, le=api.MAX_TRUNCATE_OUTPUT_AT, description="Bytes of stdout/stderr kept in the result."),
-    ] = 8000
+    stream: PageStream = None
+    offset: PageOffset = 0
+    limit: PageLimit = None
+    truncate_output_at: TruncateOutputAt = 8000
 
 
-class ExposePortParams(msgspec.Struct, kw_only=True):
+class ExposePortParams(api.Model):
     sandbox_id: SandboxId
     port: Annotated[int, Meta(ge=1, le=65535, description="TCP port a server listens on in the sandbox.")]
 
 
-class SnapshotSandboxParams(msgspec.Struct, kw_only=True):
+class SnapshotSandboxParams(api.Model):
     sandbox_id: SandboxId
     tag: Annotated[str | None, Meta(description="Tag the new image, e.g. 'myproject/dev-db/debian'.")] = None
 
 
-class StopSandboxParams(msgspec.Struct, kw_only=True):
+class StopSandboxParams(api.Model):
     sandbox_id: SandboxId
     commit: Annotated[
         bool, Meta(description="Keep the sandbox's filesystem as a new image (result_image).")
     ] = False
 
 
-class ListSandboxesParams(msgspec.Struct, kw_only=True):
+class ListSandboxesParams(api.Model):
     pass
 
 
 # ---------------------------------------------------------------------- results
 
 
-class PortOutput(msgspec.Struct, kw_only=True):
+class PortOutput(api.Model):
     """An exposed port: `url` (host loopback only) reaches `port` in the sandbox."""
 
     port: int
@@ -162,7 +158,7 @@ class PortOutput(msgspec.Struct, kw_only=True):
     bytes_out: int = 0
 
 
-class SandboxOutput(msgspec.Struct, kw_only=True):
+class SandboxOutput(api.Model):
     """A long-lived sandbox. `expires_at`: when it stops if nothing happens (none while busy or stopped)."""
 
     sandbox_id: str
@@ -185,19 +181,19 @@ class SandboxOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class SandboxListOutput(msgspec.Struct, kw_only=True):
+class SandboxListOutput(api.Model):
     sandboxes: list[SandboxOutput]
     hint: str | None = None
 
 
-class WriteStdinOutput(msgspec.Struct, kw_only=True):
+class WriteStdinOutput(api.Model):
     sandbox_id: str
     process_id: int
     bytes_written: int
     closed: bool
 
 
-class ExposePortOutput(msgspec.Struct, kw_only=True):
+class ExposePortOutput(api.Model):
     sandbox_id: str
     port: int
     url: str
@@ -206,7 +202,7 @@ class ExposePortOutput(msgspec.Struct, kw_only=True):
     hint: str | None = None
 
 
-class SnapshotOutput(msgspec.Struct, kw_only=True):
+class SnapshotOutput(api.Model):
     """The sandbox's filesystem as an immutable image (a child of the image it started from)."""
 
     sandbox_id: str

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from contree.api import Model
 from contree.fsutil import write_private
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 PACKAGES = ("protocol", "tools", "contree")
 
 
-class _File(msgspec.Struct, kw_only=True):
+class _File(Model):
     code: str
     schemas: dict[str, dict[str, Any]]
 

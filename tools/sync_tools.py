@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 from msgspec import Meta
 
+from contree.api import Model
 from contree.sync import DEFAULT_EXCLUDES
 from protocol.errors import ToolError
 from protocol.registry import Registry, RequestContext, ToolAnnotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from contree.sync import StateCache
 
 
-class RsyncParams(msgspec.Struct, kw_only=True):
+class RsyncParams(Model):
     source: Annotated[
         str, Meta(description="Absolute host directory (or single file) to sync; '~' is expanded.")
     ]
@@ -44,7 +45,7 @@ class RsyncParams(msgspec.Struct, kw_only=True):
     ] = False
 
 
-class UploadParams(msgspec.Struct, kw_only=True):
+class UploadParams(Model):
     path: Annotated[
         str | None, Meta(description="Absolute host path of a file to upload ('~' expanded).")
     ] = None
@@ -54,7 +55,7 @@ class UploadParams(msgspec.Struct, kw_only=True):
     content_base64: Annotated[str | None, Meta(description="Base64 bytes to upload as a file.")] = None
 
 
-class DownloadParams(msgspec.Struct, kw_only=True):
+class DownloadParams(Model):
     image: Annotated[str, Meta(description="Image UUID, 'tag:<tag>' or a bare tag.")]
     path: Annotated[str, Meta(description="Absolute path of the file inside the image.")]
     destination: Annotated[str, Meta(description="Absolute host path to write ('~' expanded).")]

@@ -12,7 +12,6 @@ at worst tears the last line, which the next open (`read_events(repair=True)`) c
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import TypeVar
 import msgspec
 
 from contree import api
+from contree.engine.changes import Changes
 from contree.engine.storage.home import private_dir
 
 Event = api.OperationEvent
@@ -124,7 +124,7 @@ class EventLog:
         self.capped = any(e.type == "size_cap" for e in self.events)
         self.closed = any(e.type == "completion" for e in self.events)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._changed = asyncio.Event() if _has_loop() else None
+        self._changes = Changes()
         self._lock = threading.Lock()
 
     def append(
@@ -155,13 +155,7 @@ class EventLog:
         self.size += len(line)
         self.events.append(event)
         self.next_id = event.id + 1
-        self._notify()
-
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = asyncio.Event()
-            changed.set()
+        self._changes.notify()
 
     def close_file(self) -> None:
         if self.output is not None:
@@ -169,7 +163,7 @@ class EventLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self._notify()
+            self._changes.notify()
 
     async def follow(self, *, since: int | None, spid: int | None, follow: bool) -> AsyncIterator[Event]:
         index = 0
@@ -185,18 +179,7 @@ class EventLog:
                 yield event
             if not follow or self.closed or self._fd < 0:
                 return
-            changed = self._changed
-            if changed is None:
-                self._changed = changed = asyncio.Event()
-            await changed.wait()
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+            await self._changes.wait()
 
 
 def read_events(path: Path, *, repair: bool) -> list[Event]:

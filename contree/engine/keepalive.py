@@ -11,9 +11,10 @@ Pure bookkeeping on a monotonic clock (injectable for tests); the sandbox's supe
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
+
+from contree.engine.changes import Changes
 
 
 class IdleLease:
@@ -25,11 +26,11 @@ class IdleLease:
         self.last_active = clock()
         self._busy: dict[int, float] = {}  # token -> the foreground process's own deadline
         self._next = 1
-        self._changed = asyncio.Event() if _has_loop() else None
+        self._changes = Changes()
 
     def touch(self) -> None:
         self.last_active = self._clock()
-        self._wake()
+        self._changes.notify()
 
     def begin(self, deadline: float) -> int:
         """A foreground process started (it ends by `deadline` at the latest); returns its token."""
@@ -65,19 +66,4 @@ class IdleLease:
 
     async def changed(self) -> None:
         """Returns at the next touch/begin/end (a supervisor's wake-up to recompute its sleep)."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        await self._changed.wait()
-
-    def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = asyncio.Event()
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+        await self._changes.wait()

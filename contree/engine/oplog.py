@@ -18,14 +18,11 @@ Records and events survive a SIGKILL of the engine: SQLite commits are atomic an
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import sqlite3
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +30,7 @@ import msgspec
 
 from contree import api
 from contree.backend import MAX_OUTPUT_PAGE, OutputPage
+from contree.engine.changes import Changes
 from contree.engine.eventlog import (
     DEFAULT_OUTPUT_QUOTA,
     DEFAULT_SIZE_CAP,
@@ -47,7 +45,8 @@ from contree.engine.eventlog import (
 )
 from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound
-from contree.timeparse import parse_timestamp
+from contree.sqlitedb import open_wal
+from contree.timeparse import time_bounds
 
 __all__ = ["DEFAULT_OUTPUT_QUOTA", "DEFAULT_SIZE_CAP"]  # re-exported: the engine's settings name them
 
@@ -74,14 +73,6 @@ TRANSITIONS: dict[api.OperationStatus, frozenset[api.OperationStatus]] = {
 
 class IllegalTransition(RuntimeError):
     """A status move `TRANSITIONS` does not allow: an engine bug, never a client's."""
-
-
-def parse_instant(value: str, *, now: float | None = None) -> float:
-    """A `since`/`until` value as unix seconds (ISO 8601, unix seconds or an interval ago); 400 if invalid."""
-    try:
-        return parse_timestamp(value, now=None if now is None else datetime.fromtimestamp(now, UTC))
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- records
@@ -164,23 +155,10 @@ class OperationLog:
         self.output_quota = output_quota
         private_dir(self.dir)
         private_file(home / "operations.db")
-        self._db = sqlite3.connect(home / "operations.db", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(home / "operations.db", _SCHEMA)
         self._live: dict[str, EventLog] = {}
         self._records: dict[str, OpRecord] = {}
-        self._changed: asyncio.Event | None = None
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
-
-    async def _wait_change(self) -> None:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        await self._changed.wait()
+        self._changes = Changes()
 
     def close(self) -> None:
         for log in self._live.values():
@@ -267,7 +245,7 @@ class OperationLog:
         )
         if record.terminal:
             self._records.pop(record.uuid, None)
-            self._notify()
+            self._changes.notify()
         else:
             self._records[record.uuid] = record
 
@@ -309,12 +287,9 @@ class OperationLog:
                 raise BadRequest(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
             clauses.append("kind = ?")
             args.append(kind)
-        if since:
-            clauses.append("created_at >= ?")
-            args.append(parse_instant(since))
-        if until:
-            clauses.append("created_at <= ?")
-            args.append(parse_instant(until))
+        bounds, bound_args = time_bounds("created_at", since, until)
+        clauses += bounds
+        args += bound_args
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(
             f"SELECT uuid, record FROM operations {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
@@ -368,7 +343,7 @@ class OperationLog:
             if record is not None and record.kind == "instance":
                 spill = OutputSpill(self.output_dir / op_uuid, self.output_quota)
             log = self._live[op_uuid] = EventLog(self.log_path(op_uuid), size_cap=self.size_cap, output=spill)
-            self._notify()
+            self._changes.notify()
         return log
 
     def finish_log(self, op_uuid: str) -> None:
@@ -453,7 +428,7 @@ class OperationLog:
         if follow and not record.terminal:
             # Queued work has no log yet: wait until the executor opens it (or the op ends without one).
             while (live := self._live.get(op_uuid)) is None and not self.get(op_uuid).terminal:
-                await self._wait_change()
+                await self._changes.wait()
             if live is not None:
                 async for event in live.follow(since=since, spid=spid, follow=True):
                     yield event

@@ -311,40 +311,26 @@ def exit_event(proc: Process, info: SandboxExit | ProcessExit) -> api.EventDataE
     sig = -1 if info.signal is None or info.signal <= 0 else int(info.signal)
     if sig > 0:
         code = -1
+    usage = info if isinstance(info, SandboxExit) else info.usage
     resources = api.EventResources()
-    core_dump = oom_killed = False
-    if isinstance(info, SandboxExit):
-        resources = api.EventResources(
-            user_time_us=int(info.user_time * 1e6),
-            sys_time_us=int(info.system_time * 1e6),
-            max_rss_kb=int(info.max_rss_kb),
-            minor_faults=int(info.minor_faults),
-            major_faults=int(info.major_faults),
-            voluntary_ctx_switches=int(info.voluntary_switches),
-            involuntary_ctx_switches=int(info.involuntary_switches),
-            block_input_ops=int(info.inblock),
-            block_output_ops=int(info.oublock),
-        )
-        core_dump, oom_killed = info.core_dump, info.oom_killed
-    elif info.usage is not None:
-        usage = info.usage
+    if usage is not None:
         resources = api.EventResources(
             user_time_us=int(usage.user_time * 1e6),
             sys_time_us=int(usage.system_time * 1e6),
-            max_rss_kb=usage.max_rss_kb,
-            minor_faults=usage.minor_faults,
-            major_faults=usage.major_faults,
-            voluntary_ctx_switches=usage.voluntary_switches,
-            involuntary_ctx_switches=usage.involuntary_switches,
-            block_input_ops=usage.inblock,
-            block_output_ops=usage.oublock,
+            max_rss_kb=int(usage.max_rss_kb),
+            minor_faults=int(usage.minor_faults),
+            major_faults=int(usage.major_faults),
+            voluntary_ctx_switches=int(usage.voluntary_switches),
+            involuntary_ctx_switches=int(usage.involuntary_switches),
+            block_input_ops=int(usage.inblock),
+            block_output_ops=int(usage.oublock),
         )
-        core_dump = info.core_dump
+    oom_killed = isinstance(info, SandboxExit) and info.oom_killed
     return api.EventDataExit(
         pid=proc.pid,
         code=code,
         signal=sig,
-        core_dump=core_dump,
+        core_dump=info.core_dump,
         timed_out=proc.timed_out,
         duration_ms=int((time.monotonic() - proc.started) * 1000),
         resources=resources,

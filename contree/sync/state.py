@@ -9,7 +9,6 @@ backend call either.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from contree.sqlitedb import open_wal
 from contree.sync.chunker import Chunk, FileDigest
 
 # WITHOUT ROWID: the primary key is the table, so a cold sync's 10,000 inserts update one b-tree less
@@ -71,12 +71,8 @@ class StateCache:
         target = str(path) if path else ":memory:"
         if target != ":memory:":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        self._db = open_wal(target, _SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:

@@ -18,9 +18,9 @@ from contree.engine.oplog import (
     INTERRUPTED,
     SUCCESS,
     OperationLog,
-    parse_instant,
 )
 from contree.errors import BadRequest, NotFound
+from contree.timeparse import parse_instant
 
 
 def test_records_persist_across_reopen(tmp_path: Path) -> None:

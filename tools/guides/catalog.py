@@ -43,7 +43,7 @@ INSTALL = {
 _PYTHON_DIR = re.compile(r"^python(3\.\d+)$")
 
 
-class ImageInfo(msgspec.Struct, kw_only=True):
+class ImageInfo(api.Model):
     tag: str
     uuid: str
     os: str = ""  # PRETTY_NAME of /etc/os-release
@@ -67,7 +67,7 @@ class ImageInfo(msgspec.Struct, kw_only=True):
         return template.format(packages) if template else None
 
 
-class Catalog(msgspec.Struct, kw_only=True):
+class Catalog(api.Model):
     images: list[ImageInfo] = msgspec.field(default_factory=list)
 
     def with_shell(self) -> ImageInfo | None:
@@ -94,7 +94,7 @@ class Catalog(msgspec.Struct, kw_only=True):
         return "\n".join(rows)
 
 
-class _CacheFile(msgspec.Struct, kw_only=True):
+class _CacheFile(api.Model):
     code: str  # the description code that wrote it (`_code()`)
     images: dict[str, ImageInfo]  # by image UUID; `tag` is whichever tag the image had when described
 

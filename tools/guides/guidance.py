@@ -14,6 +14,7 @@ import re
 
 import msgspec
 
+from contree.api import Model
 from tools.guides.catalog import Catalog, ImageInfo
 
 _BLOCK = re.compile(r"<!-- if (!?[a-z]+) -->\n?(.*?)<!-- end -->\n?", re.S)
@@ -24,7 +25,7 @@ CLOUD_SHELL_IMAGE = "alpine:3.20"
 CLOUD_PYTHON_IMAGE = "python:3.12-slim"
 
 
-class Guidance(msgspec.Struct, kw_only=True):
+class Guidance(Model):
     backend_kind: str = "contree"
     catalog: Catalog = msgspec.field(default_factory=Catalog)
     root: str = "/abs/path/project"  # a host directory rsync/upload/download may use

@@ -49,27 +49,9 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
     extra_mounts: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
-class SandboxExit(msgspec.Struct, kw_only=True):
-    exit_code: int | None  # None when killed by a signal
-    signal: int | None = None
-    core_dump: bool = False
-    oom_killed: bool = False
-    user_time: float = 0.0  # seconds (rusage of the runtime process and what it reaped)
-    system_time: float = 0.0
-    max_rss_kb: int = 0
-    minor_faults: int = 0
-    major_faults: int = 0
-    inblock: int = 0
-    oublock: int = 0
-    voluntary_switches: int = 0
-    involuntary_switches: int = 0
-    memory_peak_bytes: int | None = None  # from the sandbox cgroup
-    cpu_usage_ns: int | None = None
-    duration: float = 0.0  # seconds, spawn to exit
-
-
 class ExitUsage(msgspec.Struct, kw_only=True):
-    """The rusage of an exec'd process, where its reaper reports one (a sandbox's own init does)."""
+    """The rusage of an ended process: a sandbox's runtime process (and what it reaped), or an exec'd
+    process where its reaper reports one (a sandbox's own init does)."""
 
     user_time: float = 0.0  # seconds
     system_time: float = 0.0
@@ -80,6 +62,16 @@ class ExitUsage(msgspec.Struct, kw_only=True):
     oublock: int = 0
     voluntary_switches: int = 0
     involuntary_switches: int = 0
+
+
+class SandboxExit(ExitUsage, kw_only=True):
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None = None
+    core_dump: bool = False
+    oom_killed: bool = False
+    memory_peak_bytes: int | None = None  # from the sandbox cgroup
+    cpu_usage_ns: int | None = None
+    duration: float = 0.0  # seconds, spawn to exit
 
 
 class ProcessExit(msgspec.Struct, kw_only=True):

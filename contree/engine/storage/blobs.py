@@ -18,7 +18,6 @@ import errno
 import hashlib
 import os
 import re
-import sqlite3
 import stat
 import threading
 import time
@@ -34,7 +33,8 @@ from contree.backend import FileQuery
 from contree.engine.storage.home import private_dir, private_file
 from contree.errors import BadRequest, NotFound, Unprocessable
 from contree.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
-from contree.timeparse import isoformat, parse_timestamp
+from contree.sqlitedb import open_wal
+from contree.timeparse import isoformat, time_bounds
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _XXH128 = re.compile(r"^[0-9a-f]{32}$")
@@ -134,11 +134,7 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
         self._lock = threading.Lock()
         private_file(self.root / "files.db")
-        self._db = sqlite3.connect(self.root / "files.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(self.root / "files.db", _SCHEMA, synchronous="FULL", busy_timeout=10.0)
 
     def close(self) -> None:
         with self._lock:
@@ -248,13 +244,9 @@ class BlobStore:
             raise BadRequest("limit must be 1..1000 and offset ≥ 0")
         where: list[str] = []
         args: list[object] = []
-        for value, op in ((q.since, ">="), (q.until, "<=")):
-            if value:
-                try:
-                    args.append(parse_timestamp(value))
-                except ValueError as exc:
-                    raise BadRequest(str(exc)) from None
-                where.append(f"updated_at {op} ?")
+        bounds, bound_args = time_bounds("updated_at", q.since, q.until)
+        where += bounds
+        args += bound_args
         sql = f"SELECT {_FILE_COLUMNS} FROM files"
         if where:
             sql += " WHERE " + " AND ".join(where)
