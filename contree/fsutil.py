@@ -1,6 +1,6 @@
 """Private files written atomically: readers see the old content or the new, never a torn or briefly
 world-readable file (credentials, tokens, profiles); host files opened for reading only when they are
-regular files; lock files held through `flock`."""
+regular files; lock files held through `flock`; a tree walked without following symlinks."""
 
 from __future__ import annotations
 
@@ -106,3 +106,14 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def walk_entries(root: str | os.PathLike[str]) -> Iterator[os.DirEntry[str]]:
+    """Every entry below `root` (not `root` itself), depth first, never following a symlink."""
+    stack = [os.fspath(root)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                yield entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)

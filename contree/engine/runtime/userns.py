@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from contree.fsutil import walk_entries
+
 DEFAULT_SIZE = 65536
 
 _SYS_OPEN_TREE = 428
@@ -210,13 +212,8 @@ def _entries(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """(path relative to root, lstat) for root ("") and everything below it."""
     top = os.fspath(root)
     yield "", os.lstat(top)
-    stack = [top]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                yield os.path.relpath(e.path, top), e.stat(follow_symlinks=False)
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
+    for e in walk_entries(top):
+        yield os.path.relpath(e.path, top), e.stat(follow_symlinks=False)
 
 
 _FCAPS = "security.capability"

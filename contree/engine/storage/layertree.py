@@ -12,10 +12,10 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 from contree.engine.storage.overlay import mounts_under
+from contree.fsutil import walk_entries
 from contree.layerformat import is_overlay_xattr, opaque_xattr
 
 
@@ -42,16 +42,6 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def _walk(root: Path) -> Iterator[os.DirEntry[str]]:
-    stack = [os.fspath(root)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                yield entry
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-
-
 def tree_size(root: Path) -> int:
     """Bytes of regular files below `root`, hardlinked files counted once."""
     return _measure(root, strip=False)
@@ -67,7 +57,7 @@ def _measure(root: Path, *, strip: bool) -> int:
     total = 0
     if strip:
         _strip_overlay_xattrs(os.fspath(root))
-    for entry in _walk(root):
+    for entry in walk_entries(root):
         if strip:
             _strip_overlay_xattrs(entry.path)
         st = entry.stat(follow_symlinks=False)
@@ -99,7 +89,7 @@ def _strip_overlay_xattrs(path: str) -> None:
 def clean_upper(upper: Path) -> int:
     """Strip overlay bookkeeping xattrs except `opaque` (RUNTIME §7); returns the number of entries."""
     count = 0
-    for path in [os.fspath(upper)] + [e.path for e in _walk(upper)]:
+    for path in [os.fspath(upper)] + [e.path for e in walk_entries(upper)]:
         count += 1
         _strip_overlay_xattrs(path)
     return count - 1

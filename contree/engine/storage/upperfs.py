@@ -20,12 +20,12 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 
 from contree.errors import Unprocessable
+from contree.fsutil import walk_entries
 from contree.layerformat import is_overlay_xattr, opaque_xattr
 
 ENTRY_BYTES = 4096  # an entry costs at least one block of the store's filesystem (a directory: exactly)
@@ -129,22 +129,12 @@ def _keep_xattr(name: str) -> bool:
     return not is_overlay_xattr(name) or name == opaque_xattr()
 
 
-def _walk(root: str) -> Iterator[os.DirEntry[str]]:
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                yield entry
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-
-
 def layer_size(upper: Path) -> tuple[int, int]:
     """(apparent bytes of files and links, hardlinks once; bytes the tree takes on the store's
     filesystem: allocated blocks, holes excluded, plus `ENTRY_BYTES` per directory)."""
     seen: set[tuple[int, int]] = set()
     apparent = stored = 0
-    for entry in _walk(os.fspath(upper)):
+    for entry in walk_entries(os.fspath(upper)):
         st = entry.stat(follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             stored += ENTRY_BYTES
@@ -176,7 +166,7 @@ def copy_layer(upper: Path, dest: Path, max_layer_bytes: int | None = None) -> i
     links: dict[tuple[int, int], str] = {}
     dirs: list[tuple[str, os.stat_result]] = [(dst_root, os.lstat(src_root))]
     _copy_xattrs(src_root, dst_root)
-    for entry in _walk(src_root):
+    for entry in walk_entries(src_root):
         target = dst_root + entry.path[len(src_root):]
         st = entry.stat(follow_symlinks=False)
         mode = st.st_mode
