@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -191,6 +192,23 @@ def node_env() -> dict[str, str]:
     if not (node_bin / "node").exists():
         pytest.fail(f"{node_bin}/node is missing: run `make install-validators`")
     return {**os.environ, "PATH": f"{node_bin}:{os.environ.get('PATH', '')}"}
+
+
+def inspector(target: list[str], *args: str) -> Any:
+    """One call of the Inspector CLI v1 (`--cli`) against `target` (a command or a URL); its JSON answer."""
+    cli = validators() / "insp1" / "node_modules" / ".bin" / "mcp-inspector"
+    if not cli.exists():
+        pytest.fail(f"{cli} is missing: run `make install-validators`")
+    proc = subprocess.run(
+        [str(cli), "--cli", *target, *args],
+        cwd=REPO,
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 @contextlib.contextmanager

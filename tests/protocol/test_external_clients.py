@@ -6,14 +6,13 @@ fixtures (`python -m protocol.testing.conformance`).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.protocol.httpkit import REPO, conformance_server, node_env, validators
+from tests.protocol.httpkit import REPO, conformance_server, inspector, node_env, validators
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]
 
@@ -116,34 +115,18 @@ def test_ts_sdk_over_streamable_http() -> None:
 # ---------------------------------------------------------------- Inspector CLI v1
 
 
-def _inspector(target: list[str], *args: str) -> object:
-    cli = validators() / "insp1" / "node_modules" / ".bin" / "mcp-inspector"
-    if not cli.exists():
-        pytest.fail(f"{cli} is missing: run `make install-validators`")
-    proc = subprocess.run(
-        [str(cli), "--cli", *target, *args],
-        cwd=REPO,
-        env=node_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
-
-
 def _inspect_everything(target: list[str]) -> None:
-    tools = _inspector(target, "--method", "tools/list")
+    tools = inspector(target, "--method", "tools/list")
     assert isinstance(tools, dict)
     assert "test_simple_text" in {t["name"] for t in tools["tools"]}
-    called = _inspector(target, "--method", "tools/call", "--tool-name", "test_simple_text")
+    called = inspector(target, "--method", "tools/call", "--tool-name", "test_simple_text")
     assert called == {"content": [{"type": "text", "text": "This is a simple text response for testing."}]}
-    failed = _inspector(target, "--method", "tools/call", "--tool-name", "test_error_handling")
+    failed = inspector(target, "--method", "tools/call", "--tool-name", "test_error_handling")
     assert isinstance(failed, dict) and failed["isError"] is True  # exit 0 on isError: check the JSON
-    read = _inspector(target, "--method", "resources/read", "--uri", "test://static-text")
+    read = inspector(target, "--method", "resources/read", "--uri", "test://static-text")
     assert isinstance(read, dict)
     assert read["contents"][0]["text"] == "This is the content of the static text resource."
-    prompt = _inspector(
+    prompt = inspector(
         target,
         "--method",
         "prompts/get",
@@ -155,7 +138,7 @@ def _inspect_everything(target: list[str]) -> None:
     )
     assert isinstance(prompt, dict)
     assert prompt["messages"][0]["content"]["text"] == "Prompt with arguments: arg1='x', arg2='y'"
-    level = _inspector(target, "--method", "logging/setLevel", "--log-level", "debug")
+    level = inspector(target, "--method", "logging/setLevel", "--log-level", "debug")
     assert level == {}
 
 

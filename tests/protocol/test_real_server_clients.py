@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.protocol.httpkit import REPO, http_server, node_env, validators
+from tests.protocol.httpkit import REPO, http_server, inspector, validators
 from tests.protocol.test_external_clients import run_ts_sdk
 from tests.service_util import stop_service
 from tests.tools.conftest import require_engine_host, seed_busybox, server_command
@@ -106,32 +106,16 @@ def test_ts_sdk_over_streamable_http(real_http: str) -> None:
     run_ts_sdk(["http", real_http], **TS_REAL)
 
 
-def _inspector(target: list[str], *args: str) -> Any:
-    cli = validators() / "insp1" / "node_modules" / ".bin" / "mcp-inspector"
-    if not cli.exists():
-        pytest.fail(f"{cli} is missing: run `make install-validators`")
-    proc = subprocess.run(
-        [str(cli), "--cli", *target, *args],
-        cwd=REPO,
-        env=node_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
-
-
 def _inspect(target: list[str]) -> None:
-    tools = _inspector(target, "--method", "tools/list")
+    tools = inspector(target, "--method", "tools/list")
     assert len(tools["tools"]) == 29 and tools["tools"][0]["name"] == "list_images"
-    guide = _inspector(
+    guide = inspector(
         target, "--method", "tools/call", "--tool-name", "get_guide", "--tool-arg", "section=state"
     )
     assert not guide.get("isError") and "immutable" in guide["content"][0]["text"].lower()
-    read = _inspector(target, "--method", "resources/read", "--uri", "contree://guide/workflow")
+    read = inspector(target, "--method", "resources/read", "--uri", "contree://guide/workflow")
     assert read["contents"][0]["mimeType"] == "text/markdown"
-    prompt = _inspector(
+    prompt = inspector(
         target, "--method", "prompts/get", "--prompt-name", "run-shell", "--prompt-args", "command=ls"
     )
     assert prompt["messages"]
